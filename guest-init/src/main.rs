@@ -1,0 +1,136 @@
+//! Guest side: sbx's PID 1. Sets up the guest, runs the job the VMM placed in
+//! the initramfs on the program's terminal (/dev/ttyS0), reaps every child,
+//! reports how the program ended on the kernel console (/dev/console, the
+//! VMM's log channel, never the program's terminal) and ends the VM.
+//!
+//! It never panics: every failure is printed, reported as an error frame, and
+//! the VM still ends.
+
+mod sys;
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+
+use protocol::{Frame, Job, JOB_PATH};
+
+/// The program's terminal: the first serial port. The console (second port)
+/// carries kernel messages and our frames.
+const PROGRAM_TTY: &str = "/dev/ttyS0";
+
+/// Keeps AVX off in glibc programs where the guest kernel cannot save AVX
+/// state (kvm_pvm: no XSAVE in kernel mode, but user-mode CPUID shows AVX).
+const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,\
+-AVX512CD,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
+
+fn frame(f: Frame) {
+    // The console is a serial line; one write per frame keeps it on one line.
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(format!("\n{}\n", f.to_line()).as_bytes());
+    let _ = out.flush();
+}
+
+fn main() {
+    frame(Frame::Init);
+    let outcome = run();
+    match outcome {
+        Ok(f) => {
+            shutdown_children();
+            frame(f);
+        }
+        Err(msg) => {
+            eprintln!("sbx-init: {msg}");
+            shutdown_children();
+            frame(Frame::Error(msg));
+        }
+    }
+    sys::sync();
+    sys::reboot();
+}
+
+fn run() -> Result<Frame, String> {
+    mount_filesystems()?;
+    let text = std::fs::read_to_string(JOB_PATH).map_err(|e| format!("Cannot read {JOB_PATH}: {e}"))?;
+    let job = Job::decode(&text).map_err(|e| e.to_string())?;
+    if let Err(e) = sys::sethostname(&job.hostname) {
+        eprintln!("sbx-init: cannot set hostname: {e}");
+    }
+    let tty: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(PROGRAM_TTY)
+        .map_err(|e| format!("Cannot open {PROGRAM_TTY}: {e}"))?
+        .into();
+    let mode = if job.interactive { sys::TtyMode::Interactive } else { sys::TtyMode::Passthrough };
+    sys::configure_tty(&tty, mode, job.rows, job.cols).map_err(|e| format!("Cannot set up {PROGRAM_TTY}: {e}"))?;
+
+    let argv = if job.argv.is_empty() { vec!["/bin/sh".to_string()] } else { job.argv.clone() };
+    let env = program_env(&job);
+    let exec = sys::Exec::new(&argv, &env, &job.cwd).map_err(|e| format!("Cannot run '{}': {e}", argv[0]))?;
+    sys::block_terminal_signals();
+    frame(Frame::Started);
+    let child = sys::spawn_on_tty(&exec, &tty).map_err(|e| format!("Cannot start '{}': {e}", argv[0]))?;
+
+    // Reap everything; the job ends when its first process does.
+    let result = loop {
+        match sys::wait_any() {
+            Some((pid, ended)) if pid == child => break ended,
+            Some(_) => continue,
+            None => return Err("The program vanished without being reaped".into()),
+        }
+    };
+    // Let the terminal send what the program wrote before the VM ends.
+    let _ = sys::tcdrain(&tty);
+    Ok(match result {
+        sys::Ended::Exited(code) => Frame::Exit(code),
+        sys::Ended::Signaled(sig) => Frame::Signal(sig),
+    })
+}
+
+fn program_env(job: &Job) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), "/root".into()),
+        ("TERM".into(), "linux".into()),
+        ("HOSTNAME".into(), job.hostname.clone()),
+    ];
+    if job.emulated_cpu {
+        env.push(("GLIBC_TUNABLES".into(), NO_AVX_TUNABLES.into()));
+    }
+    for (k, v) in &job.env {
+        env.retain(|(old, _)| old != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+fn mount_filesystems() -> Result<(), String> {
+    const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+    const NODEV_EXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mounts: [(&str, &str, &str, libc::c_ulong); 6] = [
+        ("proc", "/proc", "proc", NODEV_EXEC),
+        ("sysfs", "/sys", "sysfs", NODEV_EXEC),
+        ("devtmpfs", "/dev", "devtmpfs", NOSUID),
+        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC),
+        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+    ];
+    for (source, target, fstype, flags) in mounts {
+        if let Err(e) = std::fs::create_dir_all(target) {
+            return Err(format!("Cannot create {target}: {e}"));
+        }
+        sys::mount(source, target, fstype, flags).map_err(|e| format!("Cannot mount {fstype} on {target}: {e}"))?;
+    }
+    // /dev/ptmx must reach the devpts instance mounted above.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    Ok(())
+}
+
+/// Ends every process but PID 1 and reaps them.
+fn shutdown_children() {
+    sys::kill_all(libc::SIGTERM);
+    sys::reap_ended();
+    sys::kill_all(libc::SIGKILL);
+    while sys::wait_any().is_some() {}
+}

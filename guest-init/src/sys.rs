@@ -1,0 +1,227 @@
+//! Guest side: thin safe wrappers over the Linux calls PID 1 needs. The only
+//! module of guest-init with `unsafe`.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// mount(2) with no data string.
+pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the
+    // call; a null data pointer is allowed.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) })?;
+    Ok(())
+}
+
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live byte slice.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// How the program's terminal should behave.
+pub enum TtyMode {
+    /// Cooked, echoing: a person types at it.
+    Interactive,
+    /// Lines pass through unchanged (no echo, no CR/LF rewriting); ^D still
+    /// ends input so the host can signal end of file.
+    Passthrough,
+}
+
+pub fn configure_tty(fd: &OwnedFd, mode: TtyMode, rows: u16, cols: u16) -> io::Result<()> {
+    // SAFETY: termios is plain data; zeroed is a valid value to be filled.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is an open descriptor, t is a valid termios to write.
+    check(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) })?;
+    t.c_cflag |= libc::CS8 | libc::CREAD | libc::CLOCAL;
+    t.c_lflag |= libc::ICANON | libc::ISIG | libc::IEXTEN;
+    match mode {
+        TtyMode::Interactive => {
+            t.c_lflag |= libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHOCTL | libc::ECHOKE;
+            t.c_iflag |= libc::ICRNL;
+            t.c_oflag |= libc::OPOST | libc::ONLCR;
+        }
+        TtyMode::Passthrough => {
+            t.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL | libc::ECHOCTL);
+            // The host sends no signals on this path: ^C is just a byte.
+            t.c_lflag &= !libc::ISIG;
+            t.c_iflag &= !(libc::ICRNL | libc::INLCR | libc::IGNCR | libc::IXON);
+            t.c_oflag &= !libc::OPOST;
+        }
+    }
+    // SAFETY: fd is open, t is a valid termios.
+    check(unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &t) })?;
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from the valid pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// Waits until everything written to the terminal has been sent.
+pub fn tcdrain(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fd is an open descriptor.
+    check(unsafe { libc::tcdrain(fd.as_raw_fd()) })?;
+    Ok(())
+}
+
+/// A program ready to be started.
+pub struct Exec {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+}
+
+impl Exec {
+    pub fn new(argv: &[String], env: &[(String, String)], cwd: &str) -> io::Result<Exec> {
+        let argv = argv.iter().map(|a| cstr(a)).collect::<io::Result<Vec<_>>>()?;
+        let path = resolve_in_path(argv.first().map(|a| a.to_bytes()).unwrap_or_default(), env)?;
+        let envp = env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect::<io::Result<Vec<_>>>()?;
+        Ok(Exec { path, argv, envp, cwd: cstr(cwd)? })
+    }
+}
+
+fn resolve_in_path(prog: &[u8], env: &[(String, String)]) -> io::Result<CString> {
+    let not_found = || io::Error::new(io::ErrorKind::NotFound, "command not found");
+    if prog.is_empty() {
+        return Err(not_found());
+    }
+    if prog.contains(&b'/') {
+        return CString::new(prog).map_err(|_| not_found());
+    }
+    let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let mut candidate = dir.as_bytes().to_vec();
+        candidate.push(b'/');
+        candidate.extend_from_slice(prog);
+        if std::fs::metadata(OsStr::from_bytes(&candidate)).map(|m| m.is_file()).unwrap_or(false) {
+            return CString::new(candidate).map_err(|_| not_found());
+        }
+    }
+    Err(not_found())
+}
+
+/// Forks a child that becomes a session leader with `tty` as its controlling
+/// terminal and stdio, then executes `exec`. Returns the child's pid.
+/// Everything the child needs is prepared before the fork, so the child only
+/// makes async-signal-safe calls.
+pub fn spawn_on_tty(exec: &Exec, tty: &OwnedFd) -> io::Result<libc::pid_t> {
+    let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let fd = tty.as_raw_fd();
+    // SAFETY: fork in a single-threaded process; the child below calls only
+    // async-signal-safe functions on memory prepared before the fork.
+    let pid = check(unsafe { libc::fork() })?;
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls on valid descriptors and strings;
+        // the child never returns into Rust code (execve or _exit).
+        unsafe {
+            libc::setsid();
+            libc::ioctl(fd, libc::TIOCSCTTY, 0);
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+            if fd > 2 {
+                libc::close(fd);
+            }
+            let mut sigs: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut sigs);
+            libc::sigprocmask(libc::SIG_SETMASK, &sigs, std::ptr::null_mut());
+            if libc::chdir(exec.cwd.as_ptr()) != 0 {
+                libc::chdir(c"/".as_ptr());
+            }
+            libc::execve(exec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            // 127: as a shell reports a command it could not run.
+            libc::_exit(127);
+        }
+    }
+    Ok(pid)
+}
+
+/// How a reaped child ended.
+pub enum Ended {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Waits for any child; `None` when there are no children left.
+pub fn wait_any() -> Option<(libc::pid_t, Ended)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid int to write.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return None;
+        }
+        let ended = if libc::WIFEXITED(status) {
+            Ended::Exited(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            Ended::Signaled(libc::WTERMSIG(status))
+        } else {
+            continue;
+        };
+        return Some((pid, ended));
+    }
+}
+
+/// Sends a signal to every process but PID 1.
+pub fn kill_all(sig: libc::c_int) {
+    // SAFETY: kill(-1, sig) has no memory arguments.
+    unsafe { libc::kill(-1, sig) };
+}
+
+/// Reaps children that have already ended, without blocking.
+pub fn reap_ended() {
+    // SAFETY: a null status pointer is allowed.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
+
+pub fn sync() {
+    // SAFETY: no arguments.
+    unsafe { libc::sync() };
+}
+
+/// Ends the VM. The VMM sees the reset (reboot=k: keyboard controller) and
+/// exits; a plain power-off would only halt without ACPI.
+pub fn reboot() -> ! {
+    // SAFETY: no memory arguments; PID 1 holds CAP_SYS_BOOT.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Only reached if reboot failed: nothing else to do but stop here.
+    loop {
+        // SAFETY: pause has no arguments.
+        unsafe { libc::pause() };
+    }
+}
+
+/// Blocks the signals PID 1 must not die of while it waits for children.
+pub fn block_terminal_signals() {
+    // SAFETY: sigset manipulation on a local, valid set.
+    unsafe {
+        let mut sigs: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut sigs);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGTSTP, libc::SIGTTOU, libc::SIGTTIN]
+        {
+            libc::sigaddset(&mut sigs, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut());
+    }
+}

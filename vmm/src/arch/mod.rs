@@ -1,0 +1,12 @@
+//! Host side: how an x86-64 guest is laid out and started — memory map,
+//! GDT, page tables, MP table, boot parameters, CPU template, vCPU registers.
+//! Everything here writes guest memory or vCPU state; nothing reads from the
+//! guest.
+
+pub mod bootparams;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod paging;
+pub mod regs;

@@ -1,0 +1,235 @@
+//! Host side: builds a microVM ready to boot, as one readable sequence of
+//! small steps (`build_microvm_for_boot`). Inputs are the user's files
+//! (kernel, initramfs) and options; nothing here runs guest code.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_ioctls::VcpuFd;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::bootparams::{self, Initrd};
+use crate::arch::cpuid::{self, CpuTemplate};
+use crate::arch::layout::{CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, MMIO_HOLE_START};
+use crate::arch::{mptable, regs};
+use crate::control::Stop;
+use crate::devices::i8042::{self, I8042};
+use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
+use crate::devices::Bus;
+use crate::vstate::{self, Vm};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Vm(#[from] vstate::Error),
+    #[error("Cannot open kernel {0}: {1}")]
+    OpenKernel(PathBuf, std::io::Error),
+    #[error("Cannot load kernel {0}: {1} (sbx boots an uncompressed ELF vmlinux)")]
+    LoadKernel(PathBuf, linux_loader::loader::Error),
+    #[error("Initramfs of {0} MiB does not fit in guest memory above the kernel")]
+    InitrdTooLarge(u64),
+    #[error("Cannot write the initramfs to guest memory: {0}")]
+    WriteInitrd(vm_memory::GuestMemoryError),
+    #[error("Bad kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("Cannot write the kernel command line: {0}")]
+    WriteCmdline(linux_loader::loader::Error),
+    #[error(transparent)]
+    BootParams(#[from] bootparams::Error),
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    #[error("Cannot place a device on the bus: {0}")]
+    Bus(#[from] crate::devices::bus::Error),
+    #[error("Cannot set the vCPU's CPUID: {0}")]
+    Cpuid(String),
+    #[error("Guest memory must be at least 64 MiB, got {0} MiB")]
+    TooLittleMemory(u64),
+    #[error("vCPU count must be 1 to {max}, got {0}", max = mptable::MAX_CPUS)]
+    BadCpuCount(u8),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// What to boot and how.
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    /// The initramfs, already assembled (image plus job).
+    pub initrd: Vec<u8>,
+    /// Kernel command line (see `kernel_cmdline`).
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub cpus: u8,
+    pub template: CpuTemplate,
+}
+
+/// Where the guest's serial ports go.
+pub struct Sinks {
+    /// COM1: the program's terminal.
+    pub program: Box<dyn Write + Send>,
+    /// COM2: the kernel console.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// A VM ready for its first KVM_RUN.
+pub struct MicroVm {
+    pub vm: Vm,
+    pub vcpus: Vec<VcpuFd>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub stop: Arc<Stop>,
+    /// COM1, for host input.
+    pub program_tty: Arc<Mutex<SerialDevice>>,
+}
+
+/// The kernel command line for a guest; `pvm` adds the kvm_pvm switch of
+/// kernel-config/patches. `extra` is appended as is.
+pub fn kernel_cmdline(pvm: bool, kernel_log: bool, extra: &str) -> String {
+    let mut c = String::from(
+        // Console on COM2 (a log), COM1 is the program's terminal. Power-off
+        // is a reset through the keyboard controller; a panic resets at once.
+        "console=ttyS1 8250.nr_uarts=2 reboot=k panic=-1 \
+         rdinit=/init nokaslr \
+         tsc=reliable no_timer_check mitigations=off \
+         cryptomgr.notests random.trust_bootloader=on",
+    );
+    c.push_str(if kernel_log { " loglevel=8" } else { " quiet" });
+    if pvm {
+        c.push_str(" sbx_pvm");
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c
+}
+
+pub fn build_microvm_for_boot(spec: &VmSpec, sinks: Sinks) -> Result<MicroVm> {
+    check_spec(spec)?;
+    let vm = Vm::new(spec.mem_mib << 20)?;
+    vm.setup_irqchip()?;
+    let entry = load_kernel(&vm, &spec.kernel)?;
+    let initrd = load_initrd(&vm, &spec.initrd, entry)?;
+    let cmdline_size = load_kernel_cmdline(&vm, &spec.cmdline)?;
+    write_boot_params(&vm, cmdline_size, initrd)?;
+    let stop = Arc::new(Stop::default());
+    let mut pio = Bus::new();
+    let program_tty = attach_serial_ports(&vm, &mut pio, sinks)?;
+    attach_i8042(&mut pio, &stop)?;
+    let vcpus = create_vcpus(&vm, spec, entry)?;
+    Ok(MicroVm { vm, vcpus, pio, mmio: Bus::new(), stop, program_tty })
+}
+
+fn check_spec(spec: &VmSpec) -> Result<()> {
+    if spec.mem_mib < 64 {
+        return Err(Error::TooLittleMemory(spec.mem_mib));
+    }
+    if spec.cpus == 0 || spec.cpus > mptable::MAX_CPUS {
+        return Err(Error::BadCpuCount(spec.cpus));
+    }
+    Ok(())
+}
+
+/// Loads the ELF vmlinux at its physical addresses; returns its entry.
+fn load_kernel(vm: &Vm, path: &Path) -> Result<u64> {
+    let mut f = File::open(path).map_err(|e| Error::OpenKernel(path.to_path_buf(), e))?;
+    let loaded = Elf::load(&vm.memory, None, &mut f, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| Error::LoadKernel(path.to_path_buf(), e))?;
+    Ok(loaded.kernel_load.0)
+}
+
+/// Puts the initramfs at the top of low memory, page aligned, above the
+/// kernel image.
+fn load_initrd(vm: &Vm, initrd: &[u8], kernel_entry: u64) -> Result<Option<Initrd>> {
+    if initrd.is_empty() {
+        return Ok(None);
+    }
+    let too_large = || Error::InitrdTooLarge((initrd.len() as u64) >> 20);
+    let size = u32::try_from(initrd.len()).map_err(|_| too_large())?;
+    let top = vm.mem_bytes().min(MMIO_HOLE_START);
+    let addr = top.checked_sub(initrd.len() as u64).ok_or_else(too_large)? & !0xfff;
+    // The kernel image sits at its entry and takes well under 64 MiB.
+    if addr < kernel_entry + (64 << 20) {
+        return Err(too_large());
+    }
+    vm.memory.write_slice(initrd, GuestAddress(addr)).map_err(Error::WriteInitrd)?;
+    Ok(Some(Initrd { addr, size }))
+}
+
+/// Writes the command line; returns its size with the terminating NUL.
+fn load_kernel_cmdline(vm: &Vm, text: &str) -> Result<u32> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(Error::Cmdline)?;
+    cmdline.insert_str(text).map_err(Error::Cmdline)?;
+    load_cmdline(&vm.memory, GuestAddress(CMDLINE_ADDR), &cmdline).map_err(Error::WriteCmdline)?;
+    Ok(text.len() as u32 + 1)
+}
+
+fn write_boot_params(vm: &Vm, cmdline_size: u32, initrd: Option<Initrd>) -> Result<()> {
+    let params = bootparams::build(vm.mem_bytes(), cmdline_size, initrd, true)?;
+    bootparams::write(&vm.memory, &params, true)?;
+    Ok(())
+}
+
+/// COM1 (program terminal, host input) and COM2 (kernel console), each
+/// interrupting through an irqfd on its legacy IRQ.
+fn attach_serial_ports(vm: &Vm, pio: &mut Bus, sinks: Sinks) -> Result<Arc<Mutex<SerialDevice>>> {
+    let com1 = Arc::new(Mutex::new(SerialDevice::new(vm.irqfd(COM1.1)?, sinks.program)));
+    pio.insert(com1.clone(), COM1.0, PORT_LEN)?;
+    let com2 = Arc::new(Mutex::new(SerialDevice::new(vm.irqfd(COM2.1)?, sinks.console)));
+    pio.insert(com2, COM2.0, PORT_LEN)?;
+    Ok(com1)
+}
+
+fn attach_i8042(pio: &mut Bus, stop: &Arc<Stop>) -> Result<()> {
+    pio.insert(Arc::new(Mutex::new(I8042::new(stop.clone()))), i8042::BASE, i8042::LEN)?;
+    Ok(())
+}
+
+/// Creates every vCPU with the CPU template; the boot vCPU also gets the
+/// long-mode state for the kernel's entry. Writes the MP table to match.
+fn create_vcpus(vm: &Vm, spec: &VmSpec, entry: u64) -> Result<Vec<VcpuFd>> {
+    let supported = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+    for id in 0..spec.cpus {
+        let vcpu = vm.create_vcpu(id)?;
+        let mut entries: Vec<kvm_cpuid_entry2> = supported.as_slice().to_vec();
+        cpuid::apply(&mut entries, spec.template, id, spec.cpus, vstate::tsc_khz(&vcpu));
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(format!("{e:?}")))?;
+        vcpu.set_cpuid2(&cpuid).map_err(|e| Error::Cpuid(e.to_string()))?;
+        if id == 0 {
+            let leaf1 = entries.iter().find(|e| e.function == 1).copied().unwrap_or_default();
+            mptable::setup(&vm.memory, spec.cpus, leaf1.eax, leaf1.edx)?;
+        }
+        regs::setup_msrs(&vcpu)?;
+        if id == 0 {
+            regs::setup_regs(&vcpu, entry)?;
+            regs::setup_sregs(&vm.memory, &vcpu)?;
+            regs::setup_fpu(&vcpu)?;
+        }
+        regs::setup_lint(&vcpu)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_has_the_pvm_switch_only_when_asked() {
+        let plain = kernel_cmdline(false, false, "");
+        assert!(!plain.contains("sbx_pvm"));
+        assert!(plain.contains("console=ttyS1") && plain.contains("reboot=k") && plain.contains(" quiet"));
+        let pvm = kernel_cmdline(true, true, "foo=1");
+        assert!(pvm.contains(" sbx_pvm") && pvm.ends_with(" foo=1") && pvm.contains("loglevel=8"));
+        assert!(plain.len() < CMDLINE_MAX / 2);
+    }
+}

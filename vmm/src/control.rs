@@ -1,0 +1,97 @@
+//! Host side: why and when the VM stops. Devices and vCPU threads request a
+//! stop; the first reason wins and every vCPU leaves its run loop.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset the machine (guest-init's power-off, or a panic
+    /// with panic=-1).
+    GuestReset,
+    /// Triple fault.
+    TripleFault,
+    /// KVM could not run a guest instruction (on kvm_pvm: one the emulator
+    /// lacks). `symbol` is the kernel function when System.map knows it.
+    InternalError { suberror: u32, rip: u64, symbol: Option<String> },
+    /// KVM refused to enter the guest.
+    FailEntry(u64),
+    /// The vCPU stopped in a way sbx does not handle.
+    UnexpectedExit(String),
+    /// A KVM call on the host failed.
+    Kvm(String),
+    /// `--timeout` ran out.
+    Timeout(u64),
+    /// The VMM was sent this signal (`sbx stop`, Ctrl-C without a terminal).
+    HostSignal(i32),
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::GuestReset => write!(f, "Guest reset"),
+            StopReason::TripleFault => write!(f, "Guest triple fault"),
+            StopReason::InternalError { suberror, rip, symbol } => {
+                let what = if *suberror == 1 { "emulation failure" } else { "internal error" };
+                write!(f, "KVM {what} (suberror {suberror}) at RIP {rip:#x}")?;
+                if let Some(s) = symbol {
+                    write!(f, " in {s}")?;
+                }
+                Ok(())
+            }
+            StopReason::FailEntry(r) => write!(f, "KVM failed to enter the guest (reason {r:#x})"),
+            StopReason::UnexpectedExit(e) => write!(f, "Unexpected vCPU exit: {e}"),
+            StopReason::Kvm(e) => write!(f, "KVM error: {e}"),
+            StopReason::Timeout(s) => write!(f, "Timed out after {s} s"),
+            StopReason::HostSignal(s) => write!(f, "Stopped by signal {s}"),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Stop {
+    requested: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+}
+
+impl Stop {
+    /// Asks the VM to stop; the first reason given is kept.
+    pub fn request(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let s = Stop::default();
+        assert!(!s.is_requested());
+        s.request(StopReason::Timeout(3));
+        s.request(StopReason::GuestReset);
+        assert!(s.is_requested());
+        assert_eq!(s.reason(), Some(StopReason::Timeout(3)));
+    }
+
+    #[test]
+    fn messages_name_the_problem() {
+        let e =
+            StopReason::InternalError { suberror: 1, rip: 0xffffffff81000000, symbol: Some("fpu__drop+0x1a".into()) };
+        assert_eq!(e.to_string(), "KVM emulation failure (suberror 1) at RIP 0xffffffff81000000 in fpu__drop+0x1a");
+    }
+}

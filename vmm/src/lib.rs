@@ -1,0 +1,16 @@
+//! Host side: the sbx virtual machine monitor — a KVM microVM that boots an
+//! uncompressed vmlinux with guest-init as PID 1. `build_microvm_for_boot`
+//! assembles the VM, `runner::run` runs it. The guest is hostile: every
+//! access it makes to a device is bounded and checked.
+
+pub mod arch;
+pub mod builder;
+pub mod control;
+pub mod devices;
+pub mod metrics;
+pub mod runner;
+pub mod sandbox;
+pub mod signals;
+pub mod symbols;
+pub mod terminal;
+pub mod vstate;

@@ -1,0 +1,390 @@
+//! Host side: the `sbx` command line — run, list, stop, remove sandboxes and
+//! read their logs. No unsafe here; the VMM library does the machine work.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use protocol::cpio::CpioWriter;
+use protocol::{Frame, Job};
+use vmm::arch::cpuid::{self, CpuTemplate};
+use vmm::builder::{self, Sinks, VmSpec};
+use vmm::control::StopReason;
+use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
+use vmm::devices::serial::SerialDevice;
+use vmm::runner::{self, RunResult};
+use vmm::sandbox::{self, LastRun, Sandbox, Settings};
+use vmm::symbols::SystemMap;
+use vmm::terminal;
+
+/// Exit codes of sbx itself (the program's own code passes through).
+const EXIT_SBX_ERROR: u8 = 125;
+const EXIT_TIMEOUT: u8 = 124;
+
+const AGENTS: [&str; 4] = ["shell", "claude", "gemini", "codex"];
+
+#[derive(Parser)]
+#[command(name = "sbx", version, about = "MicroVM sandboxes for AI coding agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an agent (or a command) in its sandbox, creating it if needed.
+    Run(Box<RunArgs>),
+    /// List sandboxes.
+    Ls,
+    /// Stop a running sandbox.
+    Stop { name: String },
+    /// Remove a sandbox and everything it keeps.
+    Rm { name: String },
+    /// Print a sandbox's console log.
+    Log { name: String },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The agent image: shell, claude, gemini or codex.
+    agent: String,
+    /// Sandbox name (default: AGENT-FOLDER).
+    #[arg(long)]
+    name: Option<String>,
+    /// The project folder (default: the current directory).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// CPU template: host, portable, or auto (portable where the host's KVM
+    /// is kvm_pvm, host otherwise).
+    #[arg(long, default_value = "auto")]
+    cpu_template: String,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Do not treat the terminal as interactive even if there is one.
+    #[arg(long)]
+    no_tty: bool,
+    /// Copy the guest kernel console to stderr.
+    #[arg(long)]
+    console: bool,
+    /// Let the guest kernel log everything (slower boot).
+    #[arg(long)]
+    kernel_log: bool,
+    /// Kernel image (default: the one `cargo xtask kernel` built).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs image (default: the one `cargo xtask image` built for AGENT).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Extra kernel command line arguments.
+    #[arg(long, default_value = "")]
+    kernel_args: String,
+    /// Write boot figures as JSON to this file.
+    #[arg(long, hide = true)]
+    report: Option<PathBuf>,
+    /// The command to run instead of the agent.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let vmm_start = Instant::now();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args, vmm_start),
+        Command::Ls => ls().map(|_| ExitCode::SUCCESS),
+        Command::Stop { name } => stop(&name).map(|_| ExitCode::SUCCESS),
+        Command::Rm { name } => rm(&name).map(|_| ExitCode::SUCCESS),
+        Command::Log { name } => log(&name).map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("sbx: {msg}");
+            ExitCode::from(EXIT_SBX_ERROR)
+        }
+    }
+}
+
+/// Where `cargo xtask` puts kernels and images: $SBX_ASSETS, or target/sbx
+/// next to this binary's target/<profile>/ directory.
+fn assets_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SBX_ASSETS") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("sbx")))
+        .unwrap_or_else(|| PathBuf::from("target/sbx"))
+}
+
+fn existing(path: PathBuf, what: &str, hint: &str) -> Result<PathBuf, String> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{what} not found at {}: {hint}", path.display()))
+    }
+}
+
+fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
+    if !AGENTS.contains(&args.agent.as_str()) {
+        return Err(format!("Unknown agent '{}' (expected one of: {})", args.agent, AGENTS.join(", ")));
+    }
+    let template = match args.cpu_template.as_str() {
+        "auto" => cpuid::auto_template(),
+        other => other.parse::<CpuTemplate>()?,
+    };
+    let pvm = cpuid::host_is_pvm();
+    let assets = assets_dir();
+    let kernel = existing(
+        args.kernel.clone().unwrap_or_else(|| assets.join("kernel/vmlinux")),
+        "Kernel",
+        "build it with `cargo xtask kernel` or pass --kernel",
+    )?;
+    let image = existing(
+        args.image.clone().unwrap_or_else(|| assets.join("images").join(&args.agent).join("initramfs.cpio")),
+        &format!("Image '{}'", args.agent),
+        &format!("build it with `cargo xtask image {}` or pass --image", args.agent),
+    )?;
+    let workspace = match &args.workspace {
+        Some(w) => w.canonicalize().map_err(|e| format!("Workspace {}: {e}", w.display()))?,
+        None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
+    };
+    let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
+    let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
+    let sb = Sandbox::open_or_create(&sandbox::home(), settings).map_err(|e| e.to_string())?;
+    sb.mark_running().map_err(|e| e.to_string())?;
+
+    let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
+    let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
+    let mut job = Job {
+        argv: args.command.clone(),
+        hostname: sb.settings.name.clone(),
+        interactive,
+        rows,
+        cols,
+        emulated_cpu: pvm,
+        ..Job::default()
+    };
+    if interactive {
+        if let Ok(term) = std::env::var("TERM") {
+            job.env.push(("TERM".into(), term));
+        }
+    }
+    let mut initrd = std::fs::read(&image).map_err(|e| format!("Cannot read image {}: {e}", image.display()))?;
+    append_job(&mut initrd, &job).map_err(|e| format!("Cannot add the job to the initramfs: {e}"))?;
+
+    let report = SharedReport::default();
+    let console_file =
+        File::create(sb.console_log()).map_err(|e| format!("Cannot create {}: {e}", sb.console_log().display()))?;
+    let sinks = Sinks {
+        program: Box::new(ProgramOutput::new(io::stdout(), report.clone())),
+        console: Box::new(ConsoleLog::new(Some(console_file), args.console, report.clone())),
+    };
+    let spec = VmSpec {
+        kernel: kernel.clone(),
+        initrd,
+        cmdline: builder::kernel_cmdline(pvm, args.kernel_log, &args.kernel_args),
+        mem_mib: args.memory,
+        cpus: args.cpus,
+        template,
+    };
+    let outcome = (|| {
+        let mvm = builder::build_microvm_for_boot(&spec, sinks).map_err(|e| e.to_string())?;
+        let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
+        forward_stdin(mvm.program_tty.clone(), interactive);
+        let symbols = SystemMap::for_kernel(&kernel);
+        let result = runner::run(mvm, args.timeout.map(Duration::from_secs), symbols.as_ref());
+        drop(raw);
+        Ok::<RunResult, String>(result)
+    })();
+    let result = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sb.mark_stopped(&LastRun {
+                ended_unix: sandbox::now_unix(),
+                exit_code: EXIT_SBX_ERROR.into(),
+                summary: e.clone(),
+            });
+            return Err(e);
+        }
+    };
+    let guest = report.lock().unwrap_or_else(|p| p.into_inner());
+    let (code, summary, failure) = judge(&result.reason, &guest, &sb.console_log());
+    let _ =
+        sb.mark_stopped(&LastRun { ended_unix: sandbox::now_unix(), exit_code: code.into(), summary: summary.clone() });
+    if let Some(path) = &args.report {
+        let figures = figures_json(vmm_start, &result, &guest, template, pvm);
+        std::fs::write(path, figures).map_err(|e| format!("Cannot write report {}: {e}", path.display()))?;
+    }
+    if failure {
+        eprintln!("sbx: {summary}");
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Appends a second cpio archive holding the job; the kernel unpacks both.
+fn append_job(initrd: &mut Vec<u8>, job: &Job) -> io::Result<()> {
+    // Archives are concatenated on 4-byte boundaries.
+    while !initrd.len().is_multiple_of(4) {
+        initrd.push(0);
+    }
+    let mut w = CpioWriter::new(Vec::new());
+    w.dir("sbx", 0o755)?;
+    w.file(protocol::JOB_PATH, 0o600, job.encode().as_bytes())?;
+    initrd.extend_from_slice(&w.finish()?);
+    Ok(())
+}
+
+/// Copies the user's input to the guest's terminal. Without a terminal,
+/// end of input is sent as ^D (guest-init keeps ^D as end-of-file there).
+fn forward_stdin(tty: Arc<Mutex<SerialDevice>>, interactive: bool) {
+    let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut stdin = io::stdin().lock();
+        let mut buf = [0u8; 256];
+        let mut last = b'\n';
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) if interactive => return,
+                Ok(0) | Err(_) => {
+                    // ^D ends a line read; a second one is needed mid-line.
+                    let eof: &[u8] = if last == b'\n' { &[4] } else { &[4, 4] };
+                    push(&tty, eof);
+                    return;
+                }
+                Ok(n) => n,
+            };
+            last = buf[n - 1];
+            push(&tty, &buf[..n]);
+        }
+    });
+}
+
+fn push(tty: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let taken = tty.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(bytes);
+        bytes = &bytes[taken..];
+        if taken == 0 {
+            // The guest has not drained its receive FIFO yet.
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// The exit code, a one-line summary, and whether it is sbx's failure.
+fn judge(reason: &StopReason, guest: &GuestReport, log: &Path) -> (u8, String, bool) {
+    let see_log = format!("console log: {}", log.display());
+    match (reason, &guest.outcome) {
+        (StopReason::GuestReset, Some(Frame::Exit(c))) => (*c as u8, format!("Exited with status {c}"), false),
+        (StopReason::GuestReset, Some(Frame::Signal(s))) => {
+            (128u8.wrapping_add(*s as u8), format!("Killed by signal {s}"), false)
+        }
+        (StopReason::GuestReset, Some(Frame::Error(msg))) => {
+            (EXIT_SBX_ERROR, format!("guest-init failed: {msg} ({see_log})"), true)
+        }
+        (StopReason::Timeout(s), _) => (EXIT_TIMEOUT, format!("Timed out after {s} s ({see_log})"), true),
+        (StopReason::HostSignal(s), _) => (128u8.wrapping_add(*s as u8), format!("Stopped by signal {s}"), true),
+        (StopReason::GuestReset | StopReason::TripleFault, _) => {
+            let panic = guest
+                .tail
+                .iter()
+                .rev()
+                .find(|l| l.contains("Kernel panic") || l.contains("BUG:") || l.contains("Oops"));
+            let what = if matches!(reason, StopReason::TripleFault) {
+                "The guest triple-faulted"
+            } else {
+                "The guest kernel stopped"
+            };
+            let detail = panic.map(|p| format!(": {}", p.trim())).unwrap_or_default();
+            (EXIT_SBX_ERROR, format!("{what} before the program ended{detail} ({see_log})"), true)
+        }
+        (other, _) => (EXIT_SBX_ERROR, format!("{other} ({see_log})"), true),
+    }
+}
+
+fn ms_since(start: Instant, t: Option<Instant>) -> serde_json::Value {
+    t.map(|t| serde_json::json!(t.saturating_duration_since(start).as_secs_f64() * 1000.0))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn figures_json(start: Instant, result: &RunResult, guest: &GuestReport, template: CpuTemplate, pvm: bool) -> String {
+    let v = serde_json::json!({
+        "cpu_template": template.to_string(),
+        "kvm_pvm": pvm,
+        "first_kvm_run_ms": ms_since(start, result.first_run_at),
+        "init_ms": ms_since(start, guest.init_at),
+        "program_started_ms": ms_since(start, guest.started_at),
+        "first_output_ms": ms_since(start, guest.first_output_at),
+        "end_ms": ms_since(start, Some(result.ended_at)),
+        "exits": result.exits.0,
+        "exits_total": result.exits.total(),
+        "vmm_rss_outside_guest_kib": result.rss_outside_guest_kib,
+        "stop": result.reason.to_string(),
+    });
+    v.to_string()
+}
+
+fn ls() -> Result<(), String> {
+    let list = Sandbox::list(&sandbox::home()).map_err(|e| e.to_string())?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{:<24} {:<8} {:<10} {:<6} WORKSPACE", "NAME", "AGENT", "STATE", "LAST");
+    for sb in list {
+        let state = match sb.running_pid() {
+            Some(pid) => format!("running:{pid}"),
+            None => "stopped".into(),
+        };
+        let last = sb.last_run().ok().flatten().map(|l| l.exit_code.to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<10} {:<6} {}",
+            sb.settings.name,
+            sb.settings.agent,
+            state,
+            last,
+            sb.settings.workspace.display()
+        );
+    }
+    Ok(())
+}
+
+fn stop(name: &str) -> Result<(), String> {
+    let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
+    let pid = sb.running_pid().ok_or_else(|| format!("Sandbox '{name}' is not running"))?;
+    // The VMM turns SIGTERM into a VM stop and records it.
+    let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    match status {
+        Ok(s) if s.success() => {}
+        _ => return Err(format!("Cannot signal the VMM (pid {pid})")),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.running_pid().is_some() {
+        if Instant::now() > deadline {
+            return Err(format!("Sandbox '{name}' did not stop within 10 s"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn rm(name: &str) -> Result<(), String> {
+    Sandbox::open(&sandbox::home(), name).and_then(|sb| sb.remove()).map_err(|e| e.to_string())
+}
+
+fn log(name: &str) -> Result<(), String> {
+    let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
+    let path = sb.console_log();
+    let text = std::fs::read(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+    io::stdout().write_all(&text).map_err(|e| e.to_string())
+}

@@ -1,0 +1,37 @@
+//! Host side: turns SIGTERM, SIGINT and SIGHUP sent to the VMM into an
+//! orderly VM stop (state recorded, terminal restored) instead of death.
+
+use std::sync::Arc;
+use std::thread;
+
+use crate::control::{Stop, StopReason};
+
+const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn handled_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in HANDLED {
+        // SAFETY: set is a valid, initialised sigset_t and s a valid signal.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+/// Blocks the handled signals in the calling thread (threads started after
+/// inherit it) and starts a thread that turns them into `stop` requests.
+/// Call before starting vCPU threads.
+pub fn stop_on_signals(stop: Arc<Stop>) {
+    let set = handled_set();
+    // SAFETY: set is valid; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: set is a valid sigset_t, sig a valid int to write.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            stop.request(StopReason::HostSignal(sig));
+        }
+    });
+}

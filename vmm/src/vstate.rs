@@ -1,0 +1,125 @@
+//! Host side: the KVM VM and its vCPUs — creation, guest memory
+//! registration, in-kernel interrupt controllers, and reading why a vCPU
+//! stopped. The VMM's `unsafe` lives here.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::ram_regions;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("Cannot open /dev/kvm: {0} (is KVM available and readable by this user?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0}, sbx needs 12")]
+    ApiVersion(i32),
+    #[error("KVM lacks {0}, which sbx needs")]
+    MissingCap(&'static str),
+    #[error("Cannot {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("Cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+pub struct Vm {
+    kvm: Kvm,
+    pub fd: VmFd,
+    pub memory: GuestMemoryMmap,
+    mem_bytes: u64,
+}
+
+impl Vm {
+    /// Opens KVM, creates a VM and gives it `mem_bytes` of RAM.
+    pub fn new(mem_bytes: u64) -> Result<Vm> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(Error::ApiVersion(version));
+        }
+        for (cap, name) in
+            [(Cap::Irqchip, "an in-kernel irqchip"), (Cap::Irqfd, "irqfd"), (Cap::UserMemory, "user memory")]
+        {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
+        let memory = GuestMemoryMmap::from_ranges(&ram_regions(mem_bytes))
+            .map_err(|e| Error::Memory(mem_bytes >> 20, e.to_string()))?;
+        let vm = Vm { kvm, fd, memory, mem_bytes };
+        vm.register_memory()?;
+        Ok(vm)
+    }
+
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    fn register_memory(&self) -> Result<()> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let host = region.as_ptr() as u64;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: the region is a live mmap owned by self.memory, which
+            // lives as long as the VM fd (both are fields of Vm, and the VM
+            // is dropped with its memory); slots do not overlap since they
+            // come from one GuestMemoryMmap.
+            unsafe { self.fd.set_user_memory_region(mr) }.map_err(|e| Error::Kvm("register guest memory", e))?;
+        }
+        Ok(())
+    }
+
+    /// Host address ranges of guest RAM (to tell VMM memory from guest memory).
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.memory.iter().map(|r| (r.as_ptr() as u64, r.len())).collect()
+    }
+
+    /// In-kernel PIC, IO-APIC and PIT. The TSS address matters only on
+    /// Intel VMX; where KVM ignores or refuses it, nothing depends on it.
+    pub fn setup_irqchip(&self) -> Result<()> {
+        let _ = self.fd.set_tss_address(0xfffb_d000);
+        self.fd.create_irq_chip().map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+        Ok(())
+    }
+
+    /// An eventfd that raises `gsi` when written.
+    pub fn irqfd(&self, gsi: u32) -> Result<EventFd> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Kvm("create an eventfd", kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0))))?;
+        self.fd.register_irqfd(&evt, gsi).map_err(|e| Error::Kvm("register an irqfd", e))?;
+        Ok(evt)
+    }
+
+    pub fn supported_cpuid(&self) -> Result<CpuId> {
+        self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("read the supported CPUID", e))
+    }
+
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd> {
+        self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("create a vCPU", e))
+    }
+}
+
+/// The suberror of a KVM_EXIT_INTERNAL_ERROR that the vCPU just returned.
+pub fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR,
+    // so `internal` is the union member KVM filled in; it is plain data.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+/// Whether the host's KVM offers TSC frequency information.
+pub fn tsc_khz(vcpu: &VcpuFd) -> Option<u32> {
+    vcpu.get_tsc_khz().ok().filter(|k| *k > 0)
+}

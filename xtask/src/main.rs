@@ -1,0 +1,79 @@
+//! Host side (build machine): sbx's build tasks — the guest kernel, guest
+//! images, the whole test suite, and benchmarks.
+#![forbid(unsafe_code)]
+
+mod image;
+mod kernel;
+mod util;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the guest kernel (cached).
+    Kernel {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build a guest image (cached).
+    Image {
+        #[arg(default_value = "shell")]
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build everything and run every test, end-to-end ones included.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(util::root());
+    c
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
+        Task::Kernel { force } => kernel::build(force).map(|_| ()),
+        Task::Image { name, force } => image::build(&name, force).map(|_| ()),
+        Task::Test { args } => {
+            kernel::build(false)?;
+            image::build("shell", false)?;
+            util::run(cargo().args(["build", "--release", "--bin", "sbx"]))?;
+            // The end-to-end tests must run here: a missing prerequisite is a
+            // failure, not a skip.
+            util::run(
+                cargo()
+                    .args(["test", "--workspace"])
+                    .args(&args)
+                    .env("SBX_E2E_REQUIRED", "1")
+                    .env("SBX_BIN", util::root().join("target/release/sbx"))
+                    .env("SBX_ASSETS", util::assets()),
+            )
+        }
+    }
+}
