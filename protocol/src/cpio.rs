@@ -81,6 +81,20 @@ impl<W: Write> CpioWriter<W> {
     }
 }
 
+/// Appends a second archive holding `job` at [`crate::JOB_PATH`] to an
+/// initramfs; the kernel unpacks concatenated archives in order.
+pub fn append_job(initrd: &mut Vec<u8>, job: &crate::Job) -> io::Result<()> {
+    // Archives are concatenated on 4-byte boundaries.
+    while !initrd.len().is_multiple_of(4) {
+        initrd.push(0);
+    }
+    let mut w = CpioWriter::new(Vec::new());
+    w.dir("sbx", 0o755)?;
+    w.file(crate::JOB_PATH, 0o600, job.encode().as_bytes())?;
+    initrd.extend_from_slice(&w.finish()?);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +120,17 @@ mod tests {
             b = &b[next..];
             off += next;
         }
+    }
+
+    #[test]
+    fn job_archive_follows_the_image() {
+        let mut initrd = b"abcde".to_vec();
+        let job = crate::Job { argv: vec!["true".into()], ..Default::default() };
+        append_job(&mut initrd, &job).unwrap();
+        assert_eq!(&initrd[..8], b"abcde\0\0\0");
+        let entries = parse(&initrd[8..]);
+        assert_eq!(entries[1].0, "sbx/job");
+        assert_eq!(crate::Job::decode(std::str::from_utf8(&entries[1].2).unwrap()).unwrap(), job);
     }
 
     #[test]

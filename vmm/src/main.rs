@@ -11,7 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use protocol::cpio::CpioWriter;
 use protocol::{Frame, Job};
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::builder::{self, Sinks, VmSpec};
@@ -60,8 +59,9 @@ struct RunArgs {
     /// The project folder (default: the current directory).
     #[arg(long)]
     workspace: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory in MiB. Boot time grows with it (the guest kernel
+    /// initialises and frees every page), so the default is small.
+    #[arg(long, default_value_t = 128)]
     memory: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -94,6 +94,10 @@ struct RunArgs {
     /// Write boot figures as JSON to this file.
     #[arg(long, hide = true)]
     report: Option<PathBuf>,
+    /// Sample the guest's instruction pointer every 5 ms and write a
+    /// histogram by kernel function to this file (a boot profiler).
+    #[arg(long, hide = true)]
+    profile: Option<PathBuf>,
     /// The command to run instead of the agent.
     #[arg(last = true)]
     command: Vec<String>,
@@ -184,7 +188,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         }
     }
     let mut initrd = std::fs::read(&image).map_err(|e| format!("Cannot read image {}: {e}", image.display()))?;
-    append_job(&mut initrd, &job).map_err(|e| format!("Cannot add the job to the initramfs: {e}"))?;
+    protocol::cpio::append_job(&mut initrd, &job).map_err(|e| format!("Cannot add the job to the initramfs: {e}"))?;
 
     let report = SharedReport::default();
     let console_file =
@@ -204,9 +208,16 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     let outcome = (|| {
         let mvm = builder::build_microvm_for_boot(&spec, sinks).map_err(|e| e.to_string())?;
         let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
-        forward_stdin(mvm.program_tty.clone(), interactive);
+        forward_stdin(mvm.program_tty.clone(), report.clone(), interactive);
         let symbols = SystemMap::for_kernel(&kernel);
-        let result = runner::run(mvm, args.timeout.map(Duration::from_secs), symbols.as_ref());
+        let opts = runner::RunOptions {
+            timeout: args.timeout.map(Duration::from_secs),
+            profile: args.profile.as_ref().map(|_| Duration::from_millis(5)),
+        };
+        let result = runner::run(mvm, opts, symbols.as_ref());
+        if let Some(path) = &args.profile {
+            write_profile(path, &result.rip_samples, symbols.as_ref())?;
+        }
         drop(raw);
         Ok::<RunResult, String>(result)
     })();
@@ -235,23 +246,33 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     Ok(ExitCode::from(code))
 }
 
-/// Appends a second cpio archive holding the job; the kernel unpacks both.
-fn append_job(initrd: &mut Vec<u8>, job: &Job) -> io::Result<()> {
-    // Archives are concatenated on 4-byte boundaries.
-    while !initrd.len().is_multiple_of(4) {
-        initrd.push(0);
+/// Writes RIP samples as "count percent function", most frequent first.
+fn write_profile(path: &Path, samples: &[u64], symbols: Option<&SystemMap>) -> Result<(), String> {
+    let mut by_fn: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for rip in samples {
+        let name = symbols
+            .and_then(|s| s.describe(*rip))
+            .map(|d| d.split('+').next().unwrap_or_default().to_string())
+            .unwrap_or_else(|| if *rip < 0x8000_0000_0000 { "(user)".into() } else { format!("{rip:#x}") });
+        *by_fn.entry(name).or_default() += 1;
     }
-    let mut w = CpioWriter::new(Vec::new());
-    w.dir("sbx", 0o755)?;
-    w.file(protocol::JOB_PATH, 0o600, job.encode().as_bytes())?;
-    initrd.extend_from_slice(&w.finish()?);
-    Ok(())
+    let mut rows: Vec<(u64, String)> = by_fn.into_iter().map(|(k, v)| (v, k)).collect();
+    rows.sort_by(|a, b| b.cmp(a));
+    let total = samples.len().max(1) as f64;
+    let text: String = rows.iter().map(|(n, f)| format!("{n:8} {:6.2}% {f}\n", *n as f64 * 100.0 / total)).collect();
+    std::fs::write(path, format!("{} samples\n{text}", samples.len()))
+        .map_err(|e| format!("Cannot write {}: {e}", path.display()))
 }
 
-/// Copies the user's input to the guest's terminal. Without a terminal,
-/// end of input is sent as ^D (guest-init keeps ^D as end-of-file there).
-fn forward_stdin(tty: Arc<Mutex<SerialDevice>>, interactive: bool) {
+/// Copies the user's input to the guest's terminal, once guest-init says
+/// the program's terminal is set up (earlier bytes would be lost when the
+/// guest's UART driver starts, or echoed). Without a terminal, end of input
+/// is sent as ^D (guest-init keeps ^D as end-of-file there).
+fn forward_stdin(tty: Arc<Mutex<SerialDevice>>, report: SharedReport, interactive: bool) {
     let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
+        while report.lock().unwrap_or_else(|p| p.into_inner()).started_at.is_none() {
+            thread::sleep(Duration::from_millis(10));
+        }
         let mut stdin = io::stdin().lock();
         let mut buf = [0u8; 256];
         let mut last = b'\n';

@@ -41,6 +41,8 @@ impl ExitCounts {
 
 pub struct RunResult {
     pub reason: StopReason,
+    /// Guest RIPs sampled every `profile` interval (empty unless asked).
+    pub rip_samples: Vec<u64>,
     pub exits: ExitCounts,
     pub first_run_at: Option<Instant>,
     pub ended_at: Instant,
@@ -54,15 +56,24 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
+/// How to run the VM.
+#[derive(Default, Clone, Copy)]
+pub struct RunOptions {
+    pub timeout: Option<Duration>,
+    /// Sample the boot vCPU's RIP at this interval (a guest profiler).
+    pub profile: Option<Duration>,
+}
+
 /// Runs the VM to its end. `symbols` turns a failing RIP into a name.
-pub fn run(mvm: MicroVm, timeout: Option<Duration>, symbols: Option<&SystemMap>) -> RunResult {
+pub fn run(mvm: MicroVm, opts: RunOptions, symbols: Option<&SystemMap>) -> RunResult {
+    let timeout = opts.timeout;
     let MicroVm { vm, vcpus, pio, mmio, stop, .. } = mvm;
     signals::stop_on_signals(stop.clone());
     if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
         stop.request(StopReason::Kvm(format!("Cannot install the vCPU kick signal: {e}")));
     }
     let started = Instant::now();
-    let (done_tx, done_rx) = mpsc::channel::<(ExitCounts, Option<Instant>)>();
+    let (done_tx, done_rx) = mpsc::channel::<(ExitCounts, Option<Instant>, Vec<u64>)>();
     let mut handles = Vec::new();
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
@@ -70,7 +81,7 @@ pub fn run(mvm: MicroVm, timeout: Option<Duration>, symbols: Option<&SystemMap>)
         let (pio, mmio, vstop, tx) = (pio.clone(), mmio.clone(), stop.clone(), done_tx.clone());
         let handle = thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
             let mut vcpu = vcpu;
-            let out = vcpu_loop(&mut vcpu, &pio, &mmio, &vstop);
+            let out = vcpu_loop(&mut vcpu, &pio, &mmio, &vstop, id == 0 && opts.profile.is_some());
             let _ = tx.send(out);
         });
         match handle {
@@ -82,16 +93,28 @@ pub fn run(mvm: MicroVm, timeout: Option<Duration>, symbols: Option<&SystemMap>)
 
     let mut exits = ExitCounts::default();
     let mut first_run_at: Option<Instant> = None;
+    let mut rip_samples = Vec::new();
     let mut remaining = handles.len();
     while remaining > 0 {
-        let wait = match timeout {
-            Some(t) if !stop.is_requested() => t.saturating_sub(started.elapsed()),
+        let wait = match (timeout, opts.profile) {
+            // Profiling: wake up to kick the boot vCPU, which then samples.
+            (_, Some(p)) if !stop.is_requested() => {
+                if let Some(h) = handles.first().filter(|h| !h.is_finished()) {
+                    let _ = h.kill(kick_signal());
+                }
+                if timeout.is_some_and(|t| started.elapsed() >= t) {
+                    stop.request(StopReason::Timeout(timeout.unwrap_or_default().as_secs()));
+                }
+                p
+            }
+            (Some(t), _) if !stop.is_requested() => t.saturating_sub(started.elapsed()),
             // Once stopping, poll and keep kicking vCPUs out of KVM_RUN.
             _ => Duration::from_millis(5),
         };
         match done_rx.recv_timeout(wait) {
-            Ok((counts, first)) => {
+            Ok((counts, first, samples)) => {
                 exits.merge(&counts);
+                rip_samples.extend(samples);
                 first_run_at = match (first_run_at, first) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -103,7 +126,7 @@ pub fn run(mvm: MicroVm, timeout: Option<Duration>, symbols: Option<&SystemMap>)
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if !stop.is_requested() {
+                if !stop.is_requested() && opts.profile.is_none() {
                     if let Some(t) = timeout {
                         stop.request(StopReason::Timeout(t.as_secs()));
                     }
@@ -127,11 +150,18 @@ pub fn run(mvm: MicroVm, timeout: Option<Duration>, symbols: Option<&SystemMap>)
     }
     let rss_outside_guest_kib = metrics::rss_outside_guest_kib(&vm.host_ranges());
     drop(vm);
-    RunResult { reason, exits, first_run_at, ended_at, rss_outside_guest_kib }
+    RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib }
 }
 
-fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, stop: &Stop) -> (ExitCounts, Option<Instant>) {
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    stop: &Stop,
+    sample: bool,
+) -> (ExitCounts, Option<Instant>, Vec<u64>) {
     let mut counts = ExitCounts::default();
+    let mut samples = Vec::new();
     let mut first_run = None;
     while !stop.is_requested() {
         first_run = first_run.or(Some(Instant::now()));
@@ -173,9 +203,16 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, stop: &Stop) -> (ExitCoun
             Ok(VcpuExit::FailEntry(reason, _)) => stop.request(StopReason::FailEntry(reason)),
             Ok(VcpuExit::Intr) => counts.add("intr"),
             Ok(other) => stop.request(StopReason::UnexpectedExit(format!("{other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => counts.add("intr"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counts.add("intr");
+                if sample {
+                    if let Ok(r) = vcpu.get_regs() {
+                        samples.push(r.rip);
+                    }
+                }
+            }
             Err(e) => stop.request(StopReason::Kvm(format!("KVM_RUN failed: {e}"))),
         }
     }
-    (counts, first_run)
+    (counts, first_run, samples)
 }

@@ -2,6 +2,7 @@
 //! images, the whole test suite, and benchmarks.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod image;
 mod kernel;
 mod util;
@@ -32,6 +33,15 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
+    /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image).
+    Bench {
+        #[arg(value_parser = ["boot"])]
+        what: String,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+    },
     /// Build everything and run every test, end-to-end ones included.
     Test {
         /// Extra arguments for `cargo test`.
@@ -60,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Kernel { force } => kernel::build(force).map(|_| ()),
         Task::Image { name, force } => image::build(&name, force).map(|_| ()),
+        Task::Bench { what: _, runs, memory } => bench::boot(runs, memory),
         Task::Test { args } => {
             kernel::build(false)?;
             image::build("shell", false)?;

@@ -1,0 +1,83 @@
+//! Host side: helpers for sbx's end-to-end tests — finding the `sbx` binary
+//! and the built kernel and image, and running `sbx` with its own state
+//! directory. Each test boots real guests.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The sbx binary and assets directory, or why the tests cannot run.
+/// Under `cargo xtask test` (SBX_E2E_REQUIRED=1) a missing prerequisite is
+/// a failure; otherwise the test prints why it is skipped.
+pub fn prerequisites() -> Option<(PathBuf, PathBuf)> {
+    let bin = std::env::var_os("SBX_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/release/sbx"));
+    let assets = std::env::var_os("SBX_ASSETS").map(PathBuf::from).unwrap_or_else(|| root().join("target/sbx"));
+    let missing = if !bin.is_file() {
+        Some(format!("no sbx binary at {} (cargo build --release --bin sbx)", bin.display()))
+    } else if !assets.join("kernel/vmlinux").is_file() {
+        Some(format!("no kernel in {} (cargo xtask kernel)", assets.display()))
+    } else if !assets.join("images/shell/initramfs.cpio").is_file() {
+        Some(format!("no shell image in {} (cargo xtask image)", assets.display()))
+    } else if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        Some("/dev/kvm is not available".to_string())
+    } else {
+        None
+    };
+    match missing {
+        None => Some((bin, assets)),
+        Some(why) if std::env::var_os("SBX_E2E_REQUIRED").is_some() => panic!("end-to-end prerequisite missing: {why}"),
+        Some(why) => {
+            eprintln!("SKIPPED: {why}; `cargo xtask test` builds everything and runs these");
+            None
+        }
+    }
+}
+
+/// An `sbx` invocation with a private SBX_HOME.
+pub struct Sbx {
+    pub bin: PathBuf,
+    pub assets: PathBuf,
+    pub home: tempfile::TempDir,
+}
+
+impl Sbx {
+    pub fn new() -> Option<Sbx> {
+        let (bin, assets) = prerequisites()?;
+        Some(Sbx { bin, assets, home: tempfile::tempdir().expect("temp dir") })
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("SBX_HOME", self.home.path()).env("SBX_ASSETS", &self.assets).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `sbx ARGS`, feeding `input` on its standard input.
+    pub fn run(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sbx");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait for sbx");
+        let _ = feeder.join();
+        out
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

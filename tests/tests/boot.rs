@@ -1,0 +1,113 @@
+//! Host side: end-to-end tests of `sbx run` booting the real kernel and the
+//! default image. Boots are expensive where guest kernel code is emulated,
+//! so one boot checks many things.
+
+use sbx_tests::{text, Sbx};
+
+/// Everything the guest reports about itself in one boot.
+const SCRIPT: &str = r#"
+echo "hello from $(uname -r)"
+echo "comm1=$(cat /proc/1/comm)"
+echo "host=$(hostname)"
+echo "mounts=$(awk '{print $2}' /proc/mounts | sort | tr '\n' ',')"
+read line; echo "got=$line"
+read more || echo "eof=yes"
+sh -c 'sleep 1 & exit 0'; sleep 2
+echo "zombies=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == "Z"' | wc -l)"
+echo "uid=$(id -u) cwd=$(pwd)"
+exit 7
+"#;
+
+#[test]
+fn run_boots_runs_a_command_and_returns_its_status() {
+    let Some(sbx) = Sbx::new() else { return };
+    let out =
+        sbx.run(&["run", "shell", "--name", "e2e", "--timeout", "600", "--", "sh", "-c", SCRIPT], b"line-from-host\n");
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(7), "the program's exit status passes through");
+    assert!(stdout.contains("hello from 6.1."), "guest kernel is our 6.1 build");
+    assert!(stdout.contains("comm1=init\n"), "guest-init is PID 1");
+    assert!(stdout.contains("host=e2e\n"), "hostname is the sandbox name");
+    for m in ["/proc", "/sys", "/dev", "/dev/pts", "/tmp", "/run"] {
+        assert!(stdout.contains(&format!(",{m},")) || stdout.contains(&format!("={m},")), "{m} mounted");
+    }
+    assert!(stdout.contains("got=line-from-host\n"), "host stdin reaches the program");
+    assert!(stdout.contains("eof=yes\n"), "end of host stdin is end of file in the guest");
+    assert!(stdout.contains("zombies=0\n"), "PID 1 reaps orphans");
+    assert!(!stdout.contains('\r'), "no terminal rewriting of output without a terminal");
+    assert!(!stdout.contains("@@sbx:"), "status frames never reach the program's output");
+    assert!(!stdout.contains("Linux version"), "kernel messages stay in the console log");
+    assert!(stderr.is_empty(), "sbx says nothing on success");
+
+    // The sandbox persists with its log and last result until removed.
+    let ls = text(&sbx.cmd().arg("ls").output().unwrap().stdout);
+    assert!(ls.lines().any(|l| l.starts_with("e2e ") && l.contains("stopped") && l.contains(" 7 ")), "{ls}");
+    let log = text(&sbx.cmd().args(["log", "e2e"]).output().unwrap().stdout);
+    assert!(log.contains("@@sbx:exit 7@@"), "console log has init's report");
+    assert!(sbx.cmd().args(["rm", "e2e"]).status().unwrap().success());
+    let ls = text(&sbx.cmd().arg("ls").output().unwrap().stdout);
+    assert!(!ls.contains("e2e"), "{ls}");
+}
+
+#[test]
+fn a_kernel_panic_is_a_one_line_failure_with_the_log_kept() {
+    let Some(sbx) = Sbx::new() else { return };
+    // No init to run: the kernel panics ("No working init found").
+    let out = sbx.run(
+        &[
+            "run",
+            "shell",
+            "--name",
+            "panic",
+            "--timeout",
+            "600",
+            "--kernel-args",
+            "rdinit=/missing init=/missing",
+            "--",
+            "true",
+        ],
+        b"",
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("Kernel panic"), "{stderr}");
+    assert!(stderr.contains("console.log"), "{stderr}");
+    let log = text(&sbx.cmd().args(["log", "panic"]).output().unwrap().stdout);
+    assert!(log.contains("Kernel panic"), "the console log keeps the panic");
+}
+
+#[test]
+fn a_hung_guest_is_stopped_by_the_timeout() {
+    let Some(sbx) = Sbx::new() else { return };
+    // Two seconds is far too short to boot here, and on any host too short
+    // for `sleep 600`.
+    let started = std::time::Instant::now();
+    let out = sbx.run(&["run", "shell", "--name", "hang", "--timeout", "2", "--", "sleep", "600"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{stderr}");
+    assert!(stderr.contains("Timed out after 2 s"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 60, "stopped promptly");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let Some(sbx) = Sbx::new() else { return };
+    let junk = sbx.home.path().join("not-a-kernel");
+    std::fs::write(&junk, b"this is not an ELF file").unwrap();
+    let out = sbx.run(&["run", "shell", "--kernel", junk.to_str().unwrap(), "--", "true"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr.contains("Cannot load kernel") && stderr.contains("not-a-kernel"), "{stderr}");
+
+    let out = sbx.run(&["run", "nosuchagent"], b"");
+    assert!(text(&out.stderr).contains("Unknown agent 'nosuchagent'"));
+    let out = sbx.run(&["run", "shell", "--memory", "16", "--", "true"], b"");
+    assert!(text(&out.stderr).contains("at least 64 MiB"), "{}", text(&out.stderr));
+    let out = sbx.run(&["run", "shell", "--name", "../x", "--", "true"], b"");
+    assert!(text(&out.stderr).contains("Bad sandbox name"), "{}", text(&out.stderr));
+    let out = sbx.run(&["rm", "nosuch"], b"");
+    assert!(text(&out.stderr).contains("No sandbox named 'nosuch'"));
+}

@@ -1,0 +1,171 @@
+//! Host side (build machine): `cargo xtask bench boot` — boot figures for
+//! sbx, side by side with QEMU (microvm, PVH entry into the same vmlinux,
+//! the same initramfs and job) in the same run on the same machine.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use protocol::{Frame, Job};
+use serde_json::Value;
+
+use crate::util;
+
+/// One boot's figures, in milliseconds from the VMM's start.
+#[derive(Default, Clone)]
+struct Boot {
+    first_run_ms: Option<f64>,
+    init_ms: Option<f64>,
+    end_ms: Option<f64>,
+    exits: Option<Value>,
+    exits_total: Option<f64>,
+    rss_kib: Option<f64>,
+}
+
+fn sbx_boot(sbx: &Path, mem_mib: u64) -> Result<Boot> {
+    let home = tempfile::tempdir()?;
+    let report = home.path().join("report.json");
+    let status = Command::new(sbx)
+        .args(["run", "shell", "--name", "bench", "--timeout", "900", "--no-tty"])
+        .args(["--memory", &mem_mib.to_string()])
+        .arg("--report")
+        .arg(&report)
+        .args(["--", "true"])
+        .env("SBX_HOME", home.path())
+        .env("SBX_ASSETS", util::assets())
+        .stdin(Stdio::null())
+        .status()
+        .context("Cannot run sbx")?;
+    if !status.success() {
+        bail!("sbx run failed ({status})");
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    Ok(Boot {
+        first_run_ms: v["first_kvm_run_ms"].as_f64(),
+        init_ms: v["init_ms"].as_f64(),
+        end_ms: v["end_ms"].as_f64(),
+        exits: Some(v["exits"].clone()),
+        exits_total: v["exits_total"].as_f64(),
+        rss_kib: v["vmm_rss_outside_guest_kib"].as_f64(),
+    })
+}
+
+/// QEMU's microvm has one serial port: console, frames and the program
+/// share it; the figures come from when lines appear on it.
+fn qemu_boot(kernel: &Path, initrd: &Path, mem_mib: u64, pvm: bool) -> Result<Boot> {
+    let cmdline = vmm::builder::kernel_cmdline_with_console("console=ttyS0 8250.nr_uarts=1", pvm, false, "");
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off,rtc=off,x-option-roms=off", "-enable-kvm"])
+        .args(["-cpu", "qemu64,vendor=GenuineIntel,+tsc-deadline,+x2apic,-cx16"])
+        .args(["-m", &mem_mib.to_string(), "-smp", "1", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(&cmdline)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("Cannot start qemu-system-x86_64")?;
+    let mut boot = Boot::default();
+    let stdout = child.stdout.take().context("QEMU stdout")?;
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = String::from_utf8_lossy(&line?).into_owned();
+        if Frame::parse_line(&line) == Some(Frame::Init) {
+            boot.init_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let status = child.wait()?;
+    boot.end_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() || boot.init_ms.is_none() {
+        bail!("QEMU boot failed ({status}): {}", err.trim());
+    }
+    Ok(boot)
+}
+
+fn median_spread(values: &[f64]) -> Option<(f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
+fn row(label: &str, values: &[f64], unit: &str, scale: f64) -> String {
+    match median_spread(values) {
+        Some((m, lo, hi)) => format!("| {label} | {:.2} {unit} | {:.2} – {:.2} |", m / scale, lo / scale, hi / scale),
+        None => format!("| {label} | n/a | |"),
+    }
+}
+
+pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
+    let kernel = crate::kernel::build(false)?;
+    let image = crate::image::build("shell", false)?;
+    util::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "--release", "--bin", "sbx"])
+            .current_dir(util::root()),
+    )?;
+    let sbx: PathBuf = util::root().join("target/release/sbx");
+    let pvm = vmm::arch::cpuid::host_is_pvm();
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+
+    // The same image plus the same job sbx would add.
+    let dir = tempfile::tempdir()?;
+    let initrd = dir.path().join("initrd.cpio");
+    let mut bytes = std::fs::read(&image)?;
+    let job = Job { argv: vec!["true".into()], hostname: "bench".into(), emulated_cpu: pvm, ..Job::default() };
+    protocol::cpio::append_job(&mut bytes, &job)?;
+    std::fs::write(&initrd, &bytes)?;
+
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for i in 0..runs {
+        eprintln!("xtask: run {}/{runs}: sbx", i + 1);
+        ours.push(sbx_boot(&sbx, mem_mib)?);
+        if qemu {
+            eprintln!("xtask: run {}/{runs}: QEMU", i + 1);
+            theirs.push(qemu_boot(&kernel, &initrd, mem_mib, pvm)?);
+        }
+    }
+    let col = |b: &[Boot], f: fn(&Boot) -> Option<f64>| b.iter().filter_map(f).collect::<Vec<f64>>();
+    println!("Boot figures: {runs} runs, {mem_mib} MiB, 1 vCPU, kvm_pvm host: {pvm}");
+    println!("kernel {}, image {}", kernel.display(), image.display());
+    println!();
+    println!("| figure | median | spread (min – max) |");
+    println!("|---|---|---|");
+    println!("{}", row("sbx: VMM start to first KVM_RUN", &col(&ours, |b| b.first_run_ms), "ms", 1.0));
+    println!("{}", row("sbx: VMM start to PID 1", &col(&ours, |b| b.init_ms), "s", 1000.0));
+    println!("{}", row("sbx: VMM start to exit (`true`)", &col(&ours, |b| b.end_ms), "s", 1000.0));
+    println!("{}", row("sbx: VM exits", &col(&ours, |b| b.exits_total), "", 1.0));
+    println!("{}", row("sbx: VMM RSS outside guest memory", &col(&ours, |b| b.rss_kib), "MiB", 1024.0));
+    if qemu {
+        println!("{}", row("QEMU microvm: start to PID 1", &col(&theirs, |b| b.init_ms), "s", 1000.0));
+        println!("{}", row("QEMU microvm: start to exit", &col(&theirs, |b| b.end_ms), "s", 1000.0));
+        let m = |v: Vec<f64>| median_spread(&v).map(|x| x.0);
+        if let (Some(a), Some(b)) = (m(col(&ours, |b| b.init_ms)), m(col(&theirs, |b| b.init_ms))) {
+            println!();
+            println!("Time to PID 1, QEMU / sbx: {:.2}x", b / a);
+        }
+        if let (Some(a), Some(b)) = (m(col(&ours, |b| b.end_ms)), m(col(&theirs, |b| b.end_ms))) {
+            println!("Time to exit, QEMU / sbx: {:.2}x", b / a);
+        }
+    } else {
+        println!("\n(QEMU not installed: no comparison; apt-get install qemu-system-x86)");
+    }
+    if let Some(exits) = ours.last().and_then(|b| b.exits.clone()) {
+        println!("\nsbx VM exits by reason (last run): {exits}");
+    }
+    Ok(())
+}
