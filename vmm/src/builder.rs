@@ -122,19 +122,21 @@ pub fn kernel_cmdline_with_console(console: &str, pvm: bool, kernel_log: bool, e
     c
 }
 
-pub fn build_microvm_for_boot(spec: &VmSpec, sinks: Sinks) -> Result<MicroVm> {
-    check_spec(spec)?;
+/// Takes the spec by value: the initramfs buffer is freed once it is in
+/// guest memory, so it does not count against the VMM's own memory.
+pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks) -> Result<MicroVm> {
+    check_spec(&spec)?;
     let vm = Vm::new(spec.mem_mib << 20)?;
     vm.setup_irqchip()?;
     let entry = load_kernel(&vm, &spec.kernel)?;
-    let initrd = load_initrd(&vm, &spec.initrd, entry)?;
+    let initrd = load_initrd(&vm, &std::mem::take(&mut spec.initrd), entry)?;
     let cmdline_size = load_kernel_cmdline(&vm, &spec.cmdline)?;
     write_boot_params(&vm, cmdline_size, initrd)?;
     let stop = Arc::new(Stop::default());
     let mut pio = Bus::new();
     let program_tty = attach_serial_ports(&vm, &mut pio, sinks)?;
     attach_i8042(&mut pio, &stop)?;
-    let vcpus = create_vcpus(&vm, spec, entry)?;
+    let vcpus = create_vcpus(&vm, &spec, entry)?;
     Ok(MicroVm { vm, vcpus, pio, mmio: Bus::new(), stop, program_tty })
 }
 

@@ -206,15 +206,20 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         template,
     };
     let outcome = (|| {
-        let mvm = builder::build_microvm_for_boot(&spec, sinks).map_err(|e| e.to_string())?;
+        let mvm = builder::build_microvm_for_boot(spec, sinks).map_err(|e| e.to_string())?;
         let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
         forward_stdin(mvm.program_tty.clone(), report.clone(), interactive);
-        let symbols = SystemMap::for_kernel(&kernel);
         let opts = runner::RunOptions {
             timeout: args.timeout.map(Duration::from_secs),
             profile: args.profile.as_ref().map(|_| Duration::from_millis(5)),
         };
-        let result = runner::run(mvm, opts, symbols.as_ref());
+        let mut result = runner::run(mvm, opts);
+        // System.map is large: read it only when there is an address to name.
+        let needs_symbols = args.profile.is_some() || matches!(result.reason, StopReason::InternalError { .. });
+        let symbols = if needs_symbols { SystemMap::for_kernel(&kernel) } else { None };
+        if let (StopReason::InternalError { rip, symbol, .. }, Some(map)) = (&mut result.reason, &symbols) {
+            *symbol = map.describe(*rip);
+        }
         if let Some(path) = &args.profile {
             write_profile(path, &result.rip_samples, symbols.as_ref())?;
         }

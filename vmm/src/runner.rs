@@ -15,7 +15,6 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::builder::MicroVm;
 use crate::control::{Stop, StopReason};
 use crate::devices::Bus;
-use crate::symbols::SystemMap;
 use crate::vstate;
 use crate::{metrics, signals};
 
@@ -64,8 +63,8 @@ pub struct RunOptions {
     pub profile: Option<Duration>,
 }
 
-/// Runs the VM to its end. `symbols` turns a failing RIP into a name.
-pub fn run(mvm: MicroVm, opts: RunOptions, symbols: Option<&SystemMap>) -> RunResult {
+/// Runs the VM to its end.
+pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     let timeout = opts.timeout;
     let MicroVm { vm, vcpus, pio, mmio, stop, .. } = mvm;
     signals::stop_on_signals(stop.clone());
@@ -144,10 +143,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions, symbols: Option<&SystemMap>) -> RunRe
         let _ = h.join();
     }
     let ended_at = Instant::now();
-    let mut reason = stop.reason().unwrap_or(StopReason::UnexpectedExit("No reason recorded".into()));
-    if let (StopReason::InternalError { rip, symbol, .. }, Some(map)) = (&mut reason, symbols) {
-        *symbol = map.describe(*rip);
-    }
+    let reason = stop.reason().unwrap_or(StopReason::UnexpectedExit("No reason recorded".into()));
     let rss_outside_guest_kib = metrics::rss_outside_guest_kib(&vm.host_ranges());
     drop(vm);
     RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib }
