@@ -111,3 +111,33 @@ fn bad_input_gets_a_clear_error() {
     let out = sbx.run(&["rm", "nosuch"], b"");
     assert!(text(&out.stderr).contains("No sandbox named 'nosuch'"));
 }
+
+#[test]
+fn stop_ends_a_running_sandbox_and_records_it() {
+    let Some(sbx) = Sbx::new() else { return };
+    let mut run = sbx
+        .cmd()
+        .args(["run", "shell", "--name", "stopme", "--timeout", "600", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the sandbox shows as running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ls = text(&sbx.cmd().arg("ls").output().unwrap().stdout);
+        if ls.lines().any(|l| l.starts_with("stopme ") && l.contains("running:")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never running: {ls}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stop = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "the run reports SIGTERM");
+    let ls = text(&sbx.cmd().arg("ls").output().unwrap().stdout);
+    assert!(ls.lines().any(|l| l.starts_with("stopme ") && l.contains("stopped") && l.contains(" 143 ")), "{ls}");
+    let again = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
+    assert!(text(&again.stderr).contains("is not running"));
+}

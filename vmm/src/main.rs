@@ -207,6 +207,9 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     };
     let outcome = (|| {
         let mvm = builder::build_microvm_for_boot(spec, sinks).map_err(|e| e.to_string())?;
+        // Before any thread starts, so that every thread blocks them and
+        // only the signal thread receives them.
+        vmm::signals::stop_on_signals(mvm.stop.clone());
         let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
         forward_stdin(mvm.program_tty.clone(), report.clone(), interactive);
         let opts = runner::RunOptions {
@@ -264,7 +267,20 @@ fn write_profile(path: &Path, samples: &[u64], symbols: Option<&SystemMap>) -> R
     let mut rows: Vec<(u64, String)> = by_fn.into_iter().map(|(k, v)| (v, k)).collect();
     rows.sort_by(|a, b| b.cmp(a));
     let total = samples.len().max(1) as f64;
-    let text: String = rows.iter().map(|(n, f)| format!("{n:8} {:6.2}% {f}\n", *n as f64 * 100.0 / total)).collect();
+    let mut text: String =
+        rows.iter().map(|(n, f)| format!("{n:8} {:6.2}% {f}\n", *n as f64 * 100.0 / total)).collect();
+    // Then the hottest exact addresses, to find the instructions in objdump.
+    let mut by_rip: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for rip in samples {
+        *by_rip.entry(*rip).or_default() += 1;
+    }
+    let mut hot: Vec<(u64, u64)> = by_rip.into_iter().map(|(r, n)| (n, r)).collect();
+    hot.sort_by(|a, b| b.cmp(a));
+    text.push_str("\nhottest addresses:\n");
+    for (n, rip) in hot.iter().take(30) {
+        let name = symbols.and_then(|s| s.describe(*rip)).unwrap_or_default();
+        text.push_str(&format!("{n:8} {rip:#x} {name}\n"));
+    }
     std::fs::write(path, format!("{} samples\n{text}", samples.len()))
         .map_err(|e| format!("Cannot write {}: {e}", path.display()))
 }

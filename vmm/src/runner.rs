@@ -15,8 +15,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::builder::MicroVm;
 use crate::control::{Stop, StopReason};
 use crate::devices::Bus;
+use crate::metrics;
 use crate::vstate;
-use crate::{metrics, signals};
 
 /// Counts of vCPU exits by reason (summed over vCPUs).
 #[derive(Debug, Default, Clone)]
@@ -67,7 +67,6 @@ pub struct RunOptions {
 pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     let timeout = opts.timeout;
     let MicroVm { vm, vcpus, pio, mmio, stop, .. } = mvm;
-    signals::stop_on_signals(stop.clone());
     if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
         stop.request(StopReason::Kvm(format!("Cannot install the vCPU kick signal: {e}")));
     }

@@ -22,7 +22,8 @@ fn handled_set() -> libc::sigset_t {
 
 /// Blocks the handled signals in the calling thread (threads started after
 /// inherit it) and starts a thread that turns them into `stop` requests.
-/// Call before starting vCPU threads.
+/// Call before starting any other thread: a thread that does not block them
+/// could receive one and the process would die without stopping the VM.
 pub fn stop_on_signals(stop: Arc<Stop>) {
     let set = handled_set();
     // SAFETY: set is valid; a null old-set pointer is allowed.

@@ -119,6 +119,9 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
     )?;
     let sbx: PathBuf = util::root().join("target/release/sbx");
     let pvm = vmm::arch::cpuid::host_is_pvm();
+    if let Err(e) = util::ensure_packages(&[("qemu-system-x86", "/usr/bin/qemu-system-x86_64")]) {
+        eprintln!("xtask: no QEMU for the comparison: {e:#}");
+    }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
 
     // The same image plus the same job sbx would add.

@@ -14,7 +14,10 @@ use crate::util::{self, Fingerprint};
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Bump when the recipe below changes in a way that changes the output.
-const RECIPE: &str = "kernel-recipe-1";
+const RECIPE: &str = "kernel-recipe-2";
+/// Extra compiler flags: call memset/memcpy instead of expanding them
+/// inline as "rep stosb"/"rep movsb" (see kernel-config/README.md).
+const KCFLAGS: &str = "-mmemset-strategy=libcall:-1:noalign -mmemcpy-strategy=libcall:-1:noalign";
 
 /// Debian packages the build needs, with a file that shows each is there.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
@@ -84,7 +87,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let fragment_path = config_dir.join("sbx.config");
     let version = util::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
     let mut fp = Fingerprint::default();
-    fp.add("recipe", RECIPE.as_bytes()).add("source", version.as_bytes());
+    fp.add("recipe", RECIPE.as_bytes()).add("source", version.as_bytes()).add("kcflags", KCFLAGS.as_bytes());
     fp.add_file(&fragment_path)?;
     let patch_list = patches(&config_dir)?;
     for p in &patch_list {
@@ -126,7 +129,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     }
     let jobs = std::thread::available_parallelism().map(|n| n.get() + 1).unwrap_or(2);
     eprintln!("xtask: building vmlinux with {jobs} jobs");
-    make(&["-s", &format!("-j{jobs}"), "vmlinux"])?;
+    make(&["-s", &format!("-j{jobs}"), &format!("KCFLAGS={KCFLAGS}"), "vmlinux"])?;
 
     std::fs::create_dir_all(&out)?;
     for f in ["vmlinux", "System.map", ".config"] {
