@@ -1,5 +1,11 @@
 //! Host side: sbx's userspace network stack, the guest's only network
 //! (deny by default, HTTP by Host, HTTPS by SNI, every decision logged).
-//! Not built yet: see the netstack issue. Nothing in sbx uses it so far,
-//! and the guest has no network device until it exists.
+//!
+//! So far: validated host names ([`host`]) and the policy ([`policy`]),
+//! pure functions tested without a VM. The frame interface, DNS, TCP
+//! termination and the audit log are the rest of the netstack issue; the
+//! guest has no network device until they exist.
 #![forbid(unsafe_code)]
+
+pub mod host;
+pub mod policy;

@@ -47,6 +47,26 @@ enum Command {
     Rm { name: String },
     /// Print a sandbox's console log.
     Log { name: String },
+    /// Network policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Explain whether a URL is allowed: every matching rule, in order.
+    Explain {
+        url: String,
+        /// A policy file (TOML, see netstack/src/policy.rs).
+        #[arg(long, conflicts_with = "preset")]
+        policy: Option<PathBuf>,
+        /// A preset: locked, balanced, open.
+        #[arg(long, default_value = "balanced")]
+        preset: String,
+        /// The HTTP method (plain HTTP only).
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -112,6 +132,9 @@ fn main() -> ExitCode {
         Command::Stop { name } => stop(&name).map(|_| ExitCode::SUCCESS),
         Command::Rm { name } => rm(&name).map(|_| ExitCode::SUCCESS),
         Command::Log { name } => log(&name).map(|_| ExitCode::SUCCESS),
+        Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
+            policy_explain(&url, policy.as_deref(), &preset, &method)
+        }
     };
     match result {
         Ok(code) => code,
@@ -418,6 +441,33 @@ fn stop(name: &str) -> Result<(), String> {
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Prints the rules that match `url` and the decision; exit 0 if allowed,
+/// 1 if denied.
+fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str) -> Result<ExitCode, String> {
+    use netstack::policy::{Action, Policy, Request, Target};
+    let policy = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+            Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => Policy::preset(preset).map_err(|e| e.to_string())?,
+    };
+    let target = Target::parse_url(url)?;
+    let http = (!target.https).then_some((method, target.path.as_str()));
+    let req = Request { host: &target.host, port: target.port, http };
+    let mut out = io::stdout().lock();
+    let matched = policy.explain(&req);
+    if matched.is_empty() {
+        let _ = writeln!(out, "no rule matches {}:{}", target.host, target.port);
+    }
+    for rule in matched {
+        let _ = writeln!(out, "matches {rule}");
+    }
+    let decision = policy.decide(&req);
+    let _ = writeln!(out, "{decision}");
+    Ok(if decision.action == Action::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn rm(name: &str) -> Result<(), String> {

@@ -1,0 +1,486 @@
+//! Host side: the network policy — which hosts the guest may reach, and
+//! why each request was allowed or refused. Pure functions of validated
+//! inputs ([`HostName`]); the guest's bytes never reach this module raw.
+//!
+//! # Format (TOML)
+//!
+//! ```toml
+//! version = 1
+//! preset = "balanced"          # optional: locked (default), balanced, open
+//!
+//! [[rule]]
+//! allow = "api.example.com"    # exactly one of allow / deny
+//!
+//! [[rule]]
+//! allow = "*.example.org"      # subdomains only, NOT example.org itself
+//! ports = [443]                # default: 80 and 443
+//!
+//! [[rule]]
+//! allow = "files.example.net"
+//! methods = ["GET", "HEAD"]    # plain HTTP only, see below
+//! path_prefix = "/public/"
+//!
+//! [[rule]]
+//! deny = "upload.example.org"
+//! ```
+//!
+//! Semantics: rules from the preset come first, then the file's, in order.
+//! A request is denied if any deny rule matches, else allowed if any allow
+//! rule matches, else denied (default deny). `*.example.org` matches names
+//! strictly below example.org; list `example.org` too for the apex. `*`
+//! alone matches every name. `methods` and `path_prefix` can only be
+//! checked on plain HTTP: an allow rule that has them never allows HTTPS
+//! (whose requests netstack cannot see), and a deny rule that has them
+//! denies HTTPS to that host outright — both fail closed.
+
+use std::fmt;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::host::{self, HostName};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("Bad policy file: {0}")]
+    Toml(String),
+    #[error("Policy version {0} is not supported (expected 1)")]
+    Version(u32),
+    #[error("Unknown preset '{0}' (expected locked, balanced or open)")]
+    Preset(String),
+    #[error("Rule {0}: give exactly one of 'allow' or 'deny'")]
+    RuleAction(usize),
+    #[error("Rule {0}: bad host pattern '{1}': {2}")]
+    Pattern(usize, String, String),
+    #[error("Rule {0}: bad method '{1}'")]
+    Method(usize, String),
+    #[error("Rule {0}: path_prefix must start with '/'")]
+    PathPrefix(usize),
+    #[error("Rule {0}: port 0 is not a port")]
+    Port(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    /// `*`: every name.
+    Any,
+    Exact(HostName),
+    /// `*.parent`: names strictly below parent.
+    Below(HostName),
+}
+
+impl Pattern {
+    pub fn parse(raw: &str) -> Result<Pattern, host::Error> {
+        if raw == "*" {
+            return Ok(Pattern::Any);
+        }
+        match raw.strip_prefix("*.") {
+            Some(parent) => Ok(Pattern::Below(HostName::parse(parent)?)),
+            None => Ok(Pattern::Exact(HostName::parse(raw)?)),
+        }
+    }
+
+    pub fn matches(&self, host: &HostName) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(h) => h == host,
+            Pattern::Below(parent) => host.is_strictly_below(parent),
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Exact(h) => write!(f, "{h}"),
+            Pattern::Below(h) => write!(f, "*.{h}"),
+        }
+    }
+}
+
+/// Where a rule came from, for explanations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Preset(&'static str),
+    File(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub pattern: Pattern,
+    pub ports: Vec<u16>,
+    pub methods: Vec<String>,
+    pub path_prefix: Option<String>,
+    pub origin: Origin,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.action == Action::Allow { "allow" } else { "deny" };
+        match &self.origin {
+            Origin::Preset(p) => write!(f, "preset {p}: ")?,
+            Origin::File(i) => write!(f, "rule {i}: ")?,
+        }
+        write!(f, "{verb} {}", self.pattern)?;
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        write!(f, " ports {}", ports.join(","))?;
+        if !self.methods.is_empty() {
+            write!(f, " methods {}", self.methods.join(","))?;
+        }
+        if let Some(p) = &self.path_prefix {
+            write!(f, " path {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What is being asked: a validated name, a port, and for plain HTTP the
+/// method and path of the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub host: &'a HostName,
+    pub port: u16,
+    /// `None` for HTTPS (SNI only: method and path are not visible).
+    pub http: Option<(&'a str, &'a str)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that decided, or None for the default deny.
+    pub rule: Option<Rule>,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.action, &self.rule) {
+            (Action::Allow, Some(r)) => write!(f, "allowed by {r}"),
+            (Action::Deny, Some(r)) => write!(f, "denied by {r}"),
+            (_, None) => write!(f, "denied: no rule allows it (default deny)"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    allow: Option<String>,
+    deny: Option<String>,
+    ports: Option<Vec<u16>>,
+    methods: Option<Vec<String>>,
+    path_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    version: u32,
+    preset: Option<String>,
+    #[serde(default)]
+    rule: Vec<FileRule>,
+}
+
+const DEFAULT_PORTS: [u16; 2] = [80, 443];
+
+/// The balanced preset: the agents' APIs and the common package registries.
+const BALANCED: &[&str] = &[
+    "api.anthropic.com",
+    "statsig.anthropic.com",
+    "api.openai.com",
+    "chatgpt.com",
+    "generativelanguage.googleapis.com",
+    "oauth2.googleapis.com",
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "crates.io",
+    "index.crates.io",
+    "static.crates.io",
+    "proxy.golang.org",
+    "sum.golang.org",
+    "github.com",
+    "api.github.com",
+    "codeload.github.com",
+    "objects.githubusercontent.com",
+    "raw.githubusercontent.com",
+    "deb.debian.org",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+}
+
+fn preset_rules(name: &'static str) -> Vec<Rule> {
+    let names: Vec<&str> = match name {
+        "balanced" => BALANCED.to_vec(),
+        "open" => vec!["*"],
+        _ => vec![],
+    };
+    names
+        .into_iter()
+        .filter_map(|n| Pattern::parse(n).ok())
+        .map(|pattern| Rule {
+            action: Action::Allow,
+            pattern,
+            ports: DEFAULT_PORTS.to_vec(),
+            methods: vec![],
+            path_prefix: None,
+            origin: Origin::Preset(name),
+        })
+        .collect()
+}
+
+fn preset_name(name: &str) -> Result<&'static str, Error> {
+    ["locked", "balanced", "open"].into_iter().find(|p| *p == name).ok_or_else(|| Error::Preset(name.to_string()))
+}
+
+impl Policy {
+    /// A preset alone.
+    pub fn preset(name: &str) -> Result<Policy, Error> {
+        Ok(Policy { rules: preset_rules(preset_name(name)?) })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Policy, Error> {
+        let file: File = toml::from_str(text).map_err(|e| Error::Toml(e.to_string()))?;
+        if file.version != 1 {
+            return Err(Error::Version(file.version));
+        }
+        let mut rules = preset_rules(preset_name(file.preset.as_deref().unwrap_or("locked"))?);
+        for (i, r) in file.rule.into_iter().enumerate() {
+            let n = i + 1;
+            let (action, raw) = match (r.allow, r.deny) {
+                (Some(a), None) => (Action::Allow, a),
+                (None, Some(d)) => (Action::Deny, d),
+                _ => return Err(Error::RuleAction(n)),
+            };
+            let pattern = Pattern::parse(&raw).map_err(|e| Error::Pattern(n, raw.clone(), e.to_string()))?;
+            let ports = r.ports.unwrap_or_else(|| DEFAULT_PORTS.to_vec());
+            if ports.contains(&0) {
+                return Err(Error::Port(n));
+            }
+            let methods = r.methods.unwrap_or_default();
+            for m in &methods {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(Error::Method(n, m.clone()));
+                }
+            }
+            if r.path_prefix.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                return Err(Error::PathPrefix(n));
+            }
+            rules.push(Rule { action, pattern, ports, methods, path_prefix: r.path_prefix, origin: Origin::File(n) });
+        }
+        Ok(Policy { rules })
+    }
+
+    /// Every rule that matches `req`, in order.
+    pub fn explain(&self, req: &Request<'_>) -> Vec<&Rule> {
+        self.rules.iter().filter(|r| rule_matches(r, req)).collect()
+    }
+
+    pub fn decide(&self, req: &Request<'_>) -> Decision {
+        let matched = self.explain(req);
+        let pick = |a: Action| matched.iter().find(|r| r.action == a).map(|r| (*r).clone());
+        match (pick(Action::Deny), pick(Action::Allow)) {
+            (Some(rule), _) => Decision { action: Action::Deny, rule: Some(rule) },
+            (None, Some(rule)) => Decision { action: Action::Allow, rule: Some(rule) },
+            (None, None) => Decision { action: Action::Deny, rule: None },
+        }
+    }
+}
+
+fn rule_matches(rule: &Rule, req: &Request<'_>) -> bool {
+    if !rule.pattern.matches(req.host) || !rule.ports.contains(&req.port) {
+        return false;
+    }
+    let narrowed = !rule.methods.is_empty() || rule.path_prefix.is_some();
+    match req.http {
+        Some((method, path)) => {
+            (rule.methods.is_empty() || rule.methods.iter().any(|m| m == method))
+                && rule.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+        }
+        // HTTPS: a narrowed allow cannot be checked (never allows); a
+        // narrowed deny cannot be checked either (always denies).
+        None => !narrowed || rule.action == Action::Deny,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(s: &str) -> HostName {
+        HostName::parse(s).unwrap()
+    }
+
+    fn https(p: &Policy, h: &str) -> Action {
+        p.decide(&Request { host: &host(h), port: 443, http: None }).action
+    }
+
+    fn http(p: &Policy, h: &str, method: &str, path: &str) -> Action {
+        p.decide(&Request { host: &host(h), port: 80, http: Some((method, path)) }).action
+    }
+
+    const FILE: &str = r#"
+        version = 1
+        [[rule]]
+        allow = "*.example.com"
+        [[rule]]
+        allow = "exact.org"
+        ports = [443]
+        [[rule]]
+        deny = "bad.example.com"
+        [[rule]]
+        allow = "files.net"
+        methods = ["GET", "HEAD"]
+        path_prefix = "/public/"
+        [[rule]]
+        allow = "api.io"
+        [[rule]]
+        deny = "api.io"
+        methods = ["POST"]
+    "#;
+
+    #[test]
+    fn wildcards_match_subdomains_only_on_label_boundaries() {
+        let p = Policy::from_toml(FILE).unwrap();
+        assert_eq!(https(&p, "a.example.com"), Action::Allow);
+        assert_eq!(https(&p, "a.b.example.com"), Action::Allow);
+        assert_eq!(https(&p, "A.Example.COM."), Action::Allow, "case and trailing dot are normalised");
+        assert_eq!(https(&p, "example.com"), Action::Deny, "the apex is not below itself");
+        assert_eq!(https(&p, "evilexample.com"), Action::Deny);
+        assert_eq!(https(&p, "example.com.evil.com"), Action::Deny);
+    }
+
+    #[test]
+    fn deny_beats_allow_and_default_is_deny() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let d = p.decide(&Request { host: &host("bad.example.com"), port: 443, http: None });
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(d.rule.as_ref().unwrap().origin, Origin::File(3));
+        assert!(d.to_string().contains("denied by rule 3: deny bad.example.com"), "{d}");
+        let none = p.decide(&Request { host: &host("other.net"), port: 443, http: None });
+        assert_eq!(none, Decision { action: Action::Deny, rule: None });
+        assert!(none.to_string().contains("default deny"));
+    }
+
+    #[test]
+    fn ports_narrow_rules() {
+        let p = Policy::from_toml(FILE).unwrap();
+        assert_eq!(https(&p, "exact.org"), Action::Allow);
+        assert_eq!(http(&p, "exact.org", "GET", "/"), Action::Deny, "port 80 not listed");
+        let odd = p.decide(&Request { host: &host("a.example.com"), port: 8080, http: None });
+        assert_eq!(odd.action, Action::Deny);
+    }
+
+    #[test]
+    fn methods_and_paths_narrow_http_and_fail_closed_for_https() {
+        let p = Policy::from_toml(FILE).unwrap();
+        assert_eq!(http(&p, "files.net", "GET", "/public/a"), Action::Allow);
+        assert_eq!(http(&p, "files.net", "POST", "/public/a"), Action::Deny);
+        assert_eq!(http(&p, "files.net", "GET", "/private"), Action::Deny);
+        assert_eq!(https(&p, "files.net"), Action::Deny, "a narrowed allow cannot allow HTTPS");
+        assert_eq!(http(&p, "api.io", "GET", "/"), Action::Allow);
+        assert_eq!(http(&p, "api.io", "POST", "/"), Action::Deny);
+        assert_eq!(https(&p, "api.io"), Action::Deny, "a narrowed deny denies HTTPS outright");
+    }
+
+    #[test]
+    fn explain_lists_every_matching_rule_in_order() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let h = host("bad.example.com");
+        let why: Vec<String> =
+            p.explain(&Request { host: &h, port: 443, http: None }).iter().map(|r| r.to_string()).collect();
+        assert_eq!(why, vec!["rule 1: allow *.example.com ports 80,443", "rule 3: deny bad.example.com ports 80,443"]);
+    }
+
+    #[test]
+    fn urls_parse_strictly() {
+        let t = Target::parse_url("https://API.example.com/v1/x").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.https, t.path.as_str()), ("api.example.com", 443, true, "/v1/x"));
+        let t = Target::parse_url("http://example.com:8080").unwrap();
+        assert_eq!((t.port, t.path.as_str()), (8080, "/"));
+        for bad in [
+            "ftp://x.com",
+            "http://127.1/",
+            "http://[::1]/",
+            "http://user@x.com/",
+            "http://x.com:0/",
+            "http://x.com:99999",
+        ] {
+            assert!(Target::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn presets() {
+        assert_eq!(https(&Policy::preset("locked").unwrap(), "api.anthropic.com"), Action::Deny);
+        let balanced = Policy::preset("balanced").unwrap();
+        assert_eq!(https(&balanced, "api.anthropic.com"), Action::Allow);
+        assert_eq!(https(&balanced, "registry.npmjs.org"), Action::Allow);
+        assert_eq!(https(&balanced, "evil.com"), Action::Deny);
+        assert_eq!(https(&Policy::preset("open").unwrap(), "evil.com"), Action::Allow);
+        assert!(matches!(Policy::preset("loose"), Err(Error::Preset(_))));
+        let with_file = Policy::from_toml("version = 1\npreset = \"open\"\n[[rule]]\ndeny = \"evil.com\"\n").unwrap();
+        assert_eq!(https(&with_file, "evil.com"), Action::Deny);
+        assert_eq!(https(&with_file, "good.com"), Action::Allow);
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let err = |t: &str| Policy::from_toml(t).unwrap_err().to_string();
+        assert!(err("version = 2").contains("version 2"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\ndeny = \"b.com\"").contains("Rule 1: give exactly one"));
+        assert!(err("version = 1\n[[rule]]\nports = [80]").contains("Rule 1"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"127.0.0.1\"").contains("IP address"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\nmethods = [\"get\"]").contains("bad method"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\npath_prefix = \"x\"").contains("path_prefix"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\nports = [0]").contains("port 0"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\ncolour = 1").contains("Bad policy file"));
+        assert!(err("version = 1\npreset = \"x\"").contains("Unknown preset"));
+    }
+}
+
+/// A URL as `sbx policy explain` takes it: http(s)://host[:port][/path].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: HostName,
+    pub port: u16,
+    pub https: bool,
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse_url(url: &str) -> Result<Target, String> {
+        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("URL '{url}' must start with http:// or https://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        if authority.contains('@') {
+            return Err("URLs with user information are not accepted".into());
+        }
+        let (name, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') && !h.starts_with('[') => {
+                (h, p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("Bad port '{p}'"))?)
+            }
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        let host = HostName::parse(name).map_err(|e| e.to_string())?;
+        Ok(Target { host, port, https, path })
+    }
+}

@@ -1,0 +1,55 @@
+//! Host side: `sbx` commands that need no guest, run as a user would.
+
+use std::process::Command;
+
+fn sbx(args: &[&str]) -> (Option<i32>, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sbx")).args(args).env("SBX_HOME", home.path()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn policy_explain_shows_matching_rules_and_the_decision() {
+    let (code, out, _) = sbx(&["policy", "explain", "https://api.anthropic.com/v1/messages"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("matches preset balanced: allow api.anthropic.com"), "{out}");
+    assert!(out.contains("allowed by preset balanced"), "{out}");
+
+    let (code, out, _) = sbx(&["policy", "explain", "--preset", "locked", "https://api.anthropic.com/"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("default deny"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "version = 1\n[[rule]]\nallow = \"*.example.com\"\n[[rule]]\ndeny = \"bad.example.com\"\n")
+        .unwrap();
+    let f = file.to_str().unwrap();
+    let (code, out, _) = sbx(&["policy", "explain", "--policy", f, "http://bad.example.com/x"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("matches rule 1: allow *.example.com") && out.contains("denied by rule 2"), "{out}");
+    let (code, _, _) = sbx(&["policy", "explain", "--policy", f, "https://ok.example.com/"]);
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn policy_explain_refuses_ip_literals_and_bad_files() {
+    let (code, _, err) = sbx(&["policy", "explain", "http://2130706433/"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("is an IP address"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "version = 1\n[[rule]]\nallow = \"a.com\"\ndeny = \"b.com\"\n").unwrap();
+    let (code, _, err) = sbx(&["policy", "explain", "--policy", file.to_str().unwrap(), "http://a.com/"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("Rule 1: give exactly one of 'allow' or 'deny'"), "{err}");
+}
+
+#[test]
+fn commands_on_missing_sandboxes_fail_clearly() {
+    let (code, _, err) = sbx(&["log", "nope"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("No sandbox named 'nope'"), "{err}");
+    let (code, out, _) = sbx(&["ls"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("NAME"), "{out}");
+}
