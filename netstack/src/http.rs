@@ -1,0 +1,366 @@
+//! Host side: a strict, bounded parser for HTTP/1.x request heads sent by
+//! the guest (untrusted). It accepts only what it can police unambiguously:
+//! CRLF line endings, one Host that is a name (not an address), origin-form
+//! targets, one clear body framing. Everything else is refused with a
+//! reason, never guessed at: request smuggling lives in the ambiguities.
+
+use thiserror::Error;
+
+use crate::host::{self, HostName};
+
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most header fields accepted in one head.
+pub const MAX_HEADERS: usize = 100;
+/// Largest Content-Length accepted (bodies are streamed, not buffered).
+pub const MAX_CONTENT_LENGTH: u64 = 1 << 40;
+
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("Request head is larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("Request has more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("Request head has a line not ended by CRLF")]
+    BadLineEnding,
+    #[error("Malformed request line")]
+    BadRequestLine,
+    #[error("Malformed method")]
+    BadMethod,
+    #[error("Request target must be a path starting with '/'")]
+    BadTarget,
+    #[error("Only HTTP/1.1 and HTTP/1.0 are accepted")]
+    BadVersion,
+    #[error("Malformed header field name")]
+    BadHeaderName,
+    #[error("Malformed header field value")]
+    BadHeaderValue,
+    #[error("Folded header lines (obs-fold) are refused")]
+    ObsFold,
+    #[error("Request has no Host header")]
+    MissingHost,
+    #[error("Request has more than one Host header")]
+    DuplicateHost,
+    #[error("Bad Host: {0}")]
+    BadHost(String),
+    #[error("Both Content-Length and Transfer-Encoding: ambiguous framing")]
+    ConflictingFraming,
+    #[error("More than one Content-Length")]
+    DuplicateContentLength,
+    #[error("Malformed Content-Length")]
+    BadContentLength,
+    #[error("Transfer-Encoding other than a single 'chunked'")]
+    UnsupportedTransferEncoding,
+    #[error("CONNECT is refused: no tunnels")]
+    Connect,
+    #[error("Protocol upgrades (e.g. WebSocket) are refused")]
+    Upgrade,
+    #[error("HTTP/2 is refused on port 80")]
+    Http2Preface,
+}
+
+/// How the request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// The path and query, as sent (origin-form).
+    pub target: String,
+    pub http10: bool,
+    pub host: HostName,
+    /// The port in the Host header, if any.
+    pub host_port: Option<u16>,
+    pub body: Body,
+    pub keep_alive: bool,
+    /// All fields in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed (and may still fit).
+    Incomplete,
+    /// A whole head of `len` bytes; the body (if any) follows it.
+    Complete(RequestHead, usize),
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Parses the head at the start of `buf`.
+pub fn parse_request_head(buf: &[u8]) -> Result<Parsed, Error> {
+    if buf.starts_with(HTTP2_PREFACE) || (buf.len() < HTTP2_PREFACE.len() && HTTP2_PREFACE.starts_with(buf)) {
+        return if buf.len() >= HTTP2_PREFACE.len() { Err(Error::Http2Preface) } else { Ok(Parsed::Incomplete) };
+    }
+    let window = &buf[..buf.len().min(MAX_HEAD)];
+    let end = match window.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => i + 4,
+        None if buf.len() >= MAX_HEAD => return Err(Error::TooLarge),
+        None => {
+            // Refuse bad line endings as soon as they are visible.
+            check_line_endings(window, false)?;
+            return Ok(Parsed::Incomplete);
+        }
+    };
+    let head = &buf[..end];
+    check_line_endings(head, true)?;
+    let text = std::str::from_utf8(&head[..end - 4]).map_err(|_| Error::BadHeaderValue)?;
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().ok_or(Error::BadRequestLine)?;
+    let (method, target, http10) = parse_request_line(request_line)?;
+
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        if headers.len() == MAX_HEADERS {
+            return Err(Error::TooManyHeaders);
+        }
+        if line.starts_with([' ', '\t']) {
+            return Err(Error::ObsFold);
+        }
+        let (name, value) = line.split_once(':').ok_or(Error::BadHeaderName)?;
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            return Err(Error::BadHeaderName);
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(Error::BadHeaderValue);
+        }
+        headers.push((name.to_ascii_lowercase(), value.to_string()));
+    }
+
+    let values = |n: &'static str| headers.iter().filter(move |(k, _)| k == n).map(|(_, v)| v.as_str());
+    if values("upgrade").next().is_some() {
+        return Err(Error::Upgrade);
+    }
+    let (host, host_port) = match values("host").collect::<Vec<_>>()[..] {
+        [] => return Err(Error::MissingHost),
+        [h] => parse_authority(h)?,
+        _ => return Err(Error::DuplicateHost),
+    };
+    let lengths: Vec<&str> = values("content-length").collect();
+    let encodings: Vec<&str> = values("transfer-encoding").collect();
+    let body = match (&lengths[..], &encodings[..]) {
+        ([], []) => Body::None,
+        ([_, ..], [_, ..]) => return Err(Error::ConflictingFraming),
+        ([l], []) => {
+            if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) || l.len() > 15 {
+                return Err(Error::BadContentLength);
+            }
+            let n: u64 = l.parse().map_err(|_| Error::BadContentLength)?;
+            if n > MAX_CONTENT_LENGTH {
+                return Err(Error::BadContentLength);
+            }
+            if n == 0 {
+                Body::None
+            } else {
+                Body::Length(n)
+            }
+        }
+        ([_, _, ..], []) => return Err(Error::DuplicateContentLength),
+        ([], [te]) if te.eq_ignore_ascii_case("chunked") => Body::Chunked,
+        ([], _) => return Err(Error::UnsupportedTransferEncoding),
+    };
+    let connection: Vec<String> =
+        values("connection").flat_map(|v| v.split(',')).map(|t| t.trim().to_ascii_lowercase()).collect();
+    let keep_alive =
+        if http10 { connection.iter().any(|t| t == "keep-alive") } else { !connection.iter().any(|t| t == "close") };
+    let head = RequestHead { method, target, http10, host, host_port, body, keep_alive, headers };
+    Ok(Parsed::Complete(head, end))
+}
+
+/// Every CR must be followed by LF and every LF preceded by CR. With
+/// `complete`, a trailing lone CR is an error too.
+fn check_line_endings(bytes: &[u8], complete: bool) -> Result<(), Error> {
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\r' => match bytes.get(i + 1) {
+                Some(b'\n') => {}
+                None if !complete => {}
+                _ => return Err(Error::BadLineEnding),
+            },
+            b'\n' if i == 0 || bytes[i - 1] != b'\r' => return Err(Error::BadLineEnding),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_request_line(line: &str) -> Result<(String, String, bool), Error> {
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Error::BadRequestLine);
+    };
+    if method.is_empty() || method.len() > 32 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(Error::BadMethod);
+    }
+    if method == "CONNECT" {
+        return Err(Error::Connect);
+    }
+    if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::BadTarget);
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        _ => return Err(Error::BadVersion),
+    };
+    Ok((method.to_string(), target.to_string(), http10))
+}
+
+fn parse_authority(value: &str) -> Result<(HostName, Option<u16>), Error> {
+    let bad = |e: host::Error| Error::BadHost(e.to_string());
+    if value.starts_with('[') {
+        return Err(bad(host::Error::IpLiteral(value.chars().take(80).collect())));
+    }
+    match value.rsplit_once(':') {
+        Some((name, port)) => {
+            let port: u16 =
+                port.parse().ok().filter(|p| *p > 0).ok_or_else(|| Error::BadHost(format!("bad port in '{value}'")))?;
+            Ok((HostName::parse(name).map_err(bad)?, Some(port)))
+        }
+        None => Ok((HostName::parse(value).map_err(bad)?, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(raw: &str) -> (RequestHead, usize) {
+        match parse_request_head(raw.as_bytes()) {
+            Ok(Parsed::Complete(h, n)) => (h, n),
+            other => panic!("{raw:?}: {other:?}"),
+        }
+    }
+
+    fn err(raw: &str) -> Error {
+        match parse_request_head(raw.as_bytes()) {
+            Err(e) => e,
+            other => panic!("{raw:?} was accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_get() {
+        let raw = "GET /a/b?c=d HTTP/1.1\r\nHost: Example.COM\r\nAccept: */*\r\n\r\nBODY";
+        let (h, n) = ok(raw);
+        assert_eq!(n, raw.len() - 4);
+        assert_eq!((h.method.as_str(), h.target.as_str()), ("GET", "/a/b?c=d"));
+        assert_eq!(h.host.as_str(), "example.com");
+        assert_eq!((h.host_port, h.body, h.keep_alive, h.http10), (None, Body::None, true, false));
+        assert_eq!(h.headers[1], ("accept".to_string(), "*/*".to_string()));
+    }
+
+    #[test]
+    fn bodies_and_connection_handling() {
+        let (h, _) = ok("POST / HTTP/1.1\r\nHost: a.com:8080\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
+        assert_eq!((h.body, h.host_port, h.keep_alive), (Body::Length(12), Some(8080), false));
+        let (h, _) = ok("POST / HTTP/1.1\r\nHost: a.com\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(h.body, Body::Chunked);
+        let (h, _) = ok("GET / HTTP/1.0\r\nHost: a.com\r\n\r\n");
+        assert!(!h.keep_alive && h.http10);
+        let (h, _) = ok("GET / HTTP/1.0\r\nHost: a.com\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn incomplete_heads_wait_for_more() {
+        for part in ["", "GET / HT", "GET / HTTP/1.1\r\nHost: a.com\r\n", "GET / HTTP/1.1\r", "PRI * HTTP/2"] {
+            assert_eq!(parse_request_head(part.as_bytes()), Ok(Parsed::Incomplete), "{part:?}");
+        }
+    }
+
+    #[test]
+    fn smuggling_framings_are_refused() {
+        let h = "POST / HTTP/1.1\r\nHost: a.com\r\n";
+        assert_eq!(
+            err(&format!("{h}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            Error::ConflictingFraming
+        );
+        assert_eq!(err(&format!("{h}Content-Length: 5\r\nContent-Length: 5\r\n\r\n")), Error::DuplicateContentLength);
+        assert_eq!(err(&format!("{h}Content-Length: 5, 5\r\n\r\n")), Error::BadContentLength);
+        assert_eq!(err(&format!("{h}Content-Length: +5\r\n\r\n")), Error::BadContentLength);
+        assert_eq!(err(&format!("{h}Content-Length: 99999999999999999999\r\n\r\n")), Error::BadContentLength);
+        assert_eq!(err(&format!("{h}Transfer-Encoding: gzip, chunked\r\n\r\n")), Error::UnsupportedTransferEncoding);
+        assert_eq!(
+            err(&format!("{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            Error::UnsupportedTransferEncoding
+        );
+        assert_eq!(err(&format!("{h}Transfer-Encoding : chunked\r\n\r\n")), Error::BadHeaderName);
+        assert_eq!(err(&format!("{h}X: a\r\n folded\r\n\r\n")), Error::ObsFold);
+        assert_eq!(err("GET / HTTP/1.1\nHost: a.com\n\n"), Error::BadLineEnding);
+        assert_eq!(err("GET / HTTP/1.1\r\nHost: a.com\rX: y\r\n\r\n"), Error::BadLineEnding);
+        assert_eq!(err("GET / HTTP/1.1\r\nX: a\0b\r\nHost: a.com\r\n\r\n"), Error::BadHeaderValue);
+    }
+
+    #[test]
+    fn hosts_must_be_one_valid_name() {
+        assert_eq!(err("GET / HTTP/1.1\r\n\r\n"), Error::MissingHost);
+        assert_eq!(err("GET / HTTP/1.1\r\nHost: a.com\r\nHost: b.com\r\n\r\n"), Error::DuplicateHost);
+        for bad in ["127.0.0.1", "127.1", "2130706433", "0x7f.1", "[::ffff:127.0.0.1]", "a.com:0", "a.com:x", "a b"] {
+            assert!(matches!(err(&format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n")), Error::BadHost(_)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tunnels_upgrades_and_other_protocols_are_refused() {
+        assert_eq!(err("CONNECT a.com:443 HTTP/1.1\r\nHost: a.com\r\n\r\n"), Error::Connect);
+        assert_eq!(
+            err("GET /ws HTTP/1.1\r\nHost: a.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            Error::Upgrade
+        );
+        assert_eq!(err("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Error::Http2Preface);
+        assert_eq!(err("GET http://a.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n"), Error::BadTarget);
+        assert_eq!(err("GET * HTTP/1.1\r\nHost: a.com\r\n\r\n"), Error::BadTarget);
+        assert_eq!(err("GET / HTTP/2\r\nHost: a.com\r\n\r\n"), Error::BadVersion);
+        assert_eq!(err("get / HTTP/1.1\r\nHost: a.com\r\n\r\n"), Error::BadMethod);
+        assert_eq!(err("GET  / HTTP/1.1\r\nHost: a.com\r\n\r\n"), Error::BadRequestLine);
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        let big = format!("GET / HTTP/1.1\r\nHost: a.com\r\nX: {}\r\n\r\n", "a".repeat(100 * 1024));
+        assert_eq!(err(&big), Error::TooLarge);
+        let endless = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(err(&endless), Error::TooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: v\r\n")).collect();
+        assert_eq!(err(&format!("GET / HTTP/1.1\r\nHost: a.com\r\n{many}\r\n")), Error::TooManyHeaders);
+    }
+
+    #[test]
+    fn a_pipelined_second_request_is_left_for_the_next_parse() {
+        let first = "GET /1 HTTP/1.1\r\nHost: a.com\r\n\r\n";
+        let both = format!("{first}GET /2 HTTP/1.1\r\nHost: evil.com\r\n\r\n");
+        let (h, n) = ok(&both);
+        assert_eq!((h.target.as_str(), n), ("/1", first.len()));
+        let (h2, _) = ok(&both[n..]);
+        assert_eq!((h2.target.as_str(), h2.host.as_str()), ("/2", "evil.com"));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic stand-in for the fuzzer: every prefix and
+        // every single-byte corruption of a valid head.
+        let base = b"POST /x HTTP/1.1\r\nHost: a.com\r\nContent-Length: 3\r\n\r\nabc".to_vec();
+        for i in 0..=base.len() {
+            let _ = parse_request_head(&base[..i]);
+        }
+        for i in 0..base.len() {
+            for b in [0u8, b'\r', b'\n', b' ', b':', 0xff, b'A'] {
+                let mut m = base.clone();
+                m[i] = b;
+                let _ = parse_request_head(&m);
+            }
+        }
+    }
+}
