@@ -1,14 +1,15 @@
 //! Host side: sbx's userspace network stack, the guest's only network
 //! (deny by default, HTTP by Host, HTTPS by SNI, every decision logged).
 //!
-//! So far: validated host names ([`host`]), the policy ([`policy`]), and
+//! So far: validated host names ([`host`]), the policy ([`policy`]),
 //! strict parsers for what the guest sends first on ports 80 and 443
-//! ([`http`] request heads, [`tls`] ClientHello SNI): all
-//! pure functions, tested without a VM. The frame interface, DNS, TCP
-//! termination and the audit log are the rest of the netstack issue; the
-//! guest has no network device until they exist.
+//! ([`http`] request heads, [`tls`] ClientHello SNI), and the hash-chained
+//! audit log ([`audit`]): all pure, tested without a VM. The frame
+//! interface, DNS serving, TCP termination and forwarding are the rest of
+//! the netstack issue; the guest has no network device until they exist.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod host;
 pub mod http;
 pub mod policy;
