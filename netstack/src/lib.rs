@@ -3,13 +3,15 @@
 //!
 //! So far: validated host names ([`host`]), the policy ([`policy`]),
 //! strict parsers for what the guest sends first on ports 80 and 443
-//! ([`http`] request heads, [`tls`] ClientHello SNI), and the hash-chained
-//! audit log ([`audit`]): all pure, tested without a VM. The frame
-//! interface, DNS serving, TCP termination and forwarding are the rest of
-//! the netstack issue; the guest has no network device until they exist.
+//! ([`http`] request heads, [`tls`] ClientHello SNI), DNS queries and
+//! answers with names bound to synthetic addresses ([`dns`]), and the
+//! hash-chained audit log ([`audit`]): all pure, tested without a VM. The
+//! frame interface on smoltcp, TCP termination and forwarding are the rest
+//! of the netstack issue; the guest has no network device until they exist.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod dns;
 pub mod host;
 pub mod http;
 pub mod policy;
