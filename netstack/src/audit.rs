@@ -49,6 +49,11 @@ impl<W: Write> AuditLog<W> {
         AuditLog { out, prev: last.last_hash.clone(), seq: last.lines }
     }
 
+    /// The sink the log writes to.
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
     /// Appends one event (any serialisable struct or map) with its sequence
     /// number, time and the previous line's hash. Keys `seq`, `ts` and
     /// `prev` are the log's own.

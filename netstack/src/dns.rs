@@ -181,9 +181,10 @@ impl NameTable {
     }
 }
 
+/// Test helpers shared with the stack's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod tests_support {
+    use super::CLASS_IN;
 
     /// A query as a resolver would send it.
     pub(crate) fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
@@ -198,6 +199,12 @@ mod tests {
         m.extend_from_slice(&CLASS_IN.to_be_bytes());
         m
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::query;
+    use super::*;
 
     #[test]
     fn parses_a_query_and_answers_it() {

@@ -286,6 +286,26 @@ impl Policy {
         self.rules.iter().filter(|r| rule_matches(r, req)).collect()
     }
 
+    /// Whether DNS should resolve `host`: some request to it could be
+    /// allowed (an allow rule matches the name) and no deny rule refuses
+    /// the name on every port without narrowing.
+    pub fn resolvable(&self, host: &HostName) -> Decision {
+        let blanket_deny = self.rules.iter().find(|r| {
+            r.action == Action::Deny
+                && r.pattern.matches(host)
+                && r.methods.is_empty()
+                && r.path_prefix.is_none()
+                && DEFAULT_PORTS.iter().all(|p| r.ports.contains(p))
+        });
+        if let Some(rule) = blanket_deny {
+            return Decision { action: Action::Deny, rule: Some(rule.clone()) };
+        }
+        match self.rules.iter().find(|r| r.action == Action::Allow && r.pattern.matches(host)) {
+            Some(rule) => Decision { action: Action::Allow, rule: Some(rule.clone()) },
+            None => Decision { action: Action::Deny, rule: None },
+        }
+    }
+
     pub fn decide(&self, req: &Request<'_>) -> Decision {
         let matched = self.explain(req);
         let pick = |a: Action| matched.iter().find(|r| r.action == a).map(|r| (*r).clone());
@@ -400,6 +420,17 @@ mod tests {
         let why: Vec<String> =
             p.explain(&Request { host: &h, port: 443, http: None }).iter().map(|r| r.to_string()).collect();
         assert_eq!(why, vec!["rule 1: allow *.example.com ports 80,443", "rule 3: deny bad.example.com ports 80,443"]);
+    }
+
+    #[test]
+    fn names_resolve_when_some_request_could_be_allowed() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let r = |h: &str| p.resolvable(&host(h)).action;
+        assert_eq!(r("a.example.com"), Action::Allow);
+        assert_eq!(r("files.net"), Action::Allow, "a narrowed allow still needs the name");
+        assert_eq!(r("bad.example.com"), Action::Deny, "blanket deny");
+        assert_eq!(r("api.io"), Action::Allow, "a narrowed deny does not hide the name");
+        assert_eq!(r("nowhere.org"), Action::Deny);
     }
 
     #[test]
