@@ -59,6 +59,8 @@ pub enum Error {
     Upgrade,
     #[error("HTTP/2 is refused on port 80")]
     Http2Preface,
+    #[error("Malformed chunked body")]
+    BadChunk,
 }
 
 /// How the request's body is delimited.
@@ -232,6 +234,114 @@ fn parse_authority(value: &str) -> Result<(HostName, Option<u16>), Error> {
     }
 }
 
+/// Longest chunk-size or trailer line accepted in a chunked body.
+pub const MAX_CHUNK_LINE: usize = 1024;
+
+/// Finds where a request body ends as its bytes pass by, so that the next
+/// request on the connection is parsed (and checked) from its first byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyScanner {
+    Length(u64),
+    /// Reading a chunk-size line.
+    ChunkSize(Vec<u8>),
+    /// Inside chunk data, bytes left (then CRLF).
+    ChunkData(u64),
+    /// The CRLF after chunk data; how many of its bytes were seen.
+    ChunkEnd(u8),
+    /// Trailer lines after the last chunk, until an empty one.
+    Trailer(Vec<u8>),
+    Done,
+}
+
+impl BodyScanner {
+    pub fn new(body: Body) -> BodyScanner {
+        match body {
+            Body::None | Body::Length(0) => BodyScanner::Done,
+            Body::Length(n) => BodyScanner::Length(n),
+            Body::Chunked => BodyScanner::ChunkSize(Vec::new()),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self == BodyScanner::Done
+    }
+
+    /// Consumes body bytes from the front of `data`; returns how many
+    /// belong to the body (the rest is the next request).
+    pub fn feed(&mut self, data: &[u8]) -> Result<usize, Error> {
+        let mut used = 0;
+        while used < data.len() && !self.is_done() {
+            let rest = &data[used..];
+            let trailer = matches!(self, BodyScanner::Trailer(_));
+            match self {
+                BodyScanner::Length(n) => {
+                    let take = (*n).min(rest.len() as u64);
+                    *n -= take;
+                    used += take as usize;
+                    if *n == 0 {
+                        *self = BodyScanner::Done;
+                    }
+                }
+                BodyScanner::ChunkData(n) => {
+                    let take = (*n).min(rest.len() as u64);
+                    *n -= take;
+                    used += take as usize;
+                    if *n == 0 {
+                        *self = BodyScanner::ChunkEnd(0);
+                    }
+                }
+                BodyScanner::ChunkEnd(seen) => {
+                    let want = if *seen == 0 { b'\r' } else { b'\n' };
+                    if rest[0] != want {
+                        return Err(Error::BadChunk);
+                    }
+                    used += 1;
+                    *seen += 1;
+                    if *seen == 2 {
+                        *self = BodyScanner::ChunkSize(Vec::new());
+                    }
+                }
+                BodyScanner::ChunkSize(line) | BodyScanner::Trailer(line) => {
+                    let in_trailer = trailer;
+                    let b = rest[0];
+                    used += 1;
+                    line.push(b);
+                    if line.len() > MAX_CHUNK_LINE {
+                        return Err(Error::BadChunk);
+                    }
+                    if b != b'\n' {
+                        continue;
+                    }
+                    if !line.ends_with(b"\r\n") {
+                        return Err(Error::BadChunk);
+                    }
+                    let text = &line[..line.len() - 2];
+                    let next = if in_trailer {
+                        if text.is_empty() {
+                            BodyScanner::Done
+                        } else {
+                            BodyScanner::Trailer(Vec::new())
+                        }
+                    } else {
+                        let digits = text.split(|c| *c == b';').next().unwrap_or_default();
+                        let digits = std::str::from_utf8(digits).map_err(|_| Error::BadChunk)?;
+                        if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
+                            return Err(Error::BadChunk);
+                        }
+                        match u64::from_str_radix(digits, 16).map_err(|_| Error::BadChunk)? {
+                            0 => BodyScanner::Trailer(Vec::new()),
+                            n => BodyScanner::ChunkData(n),
+                        }
+                    };
+                    *self = next;
+                }
+                BodyScanner::Done => {}
+            }
+        }
+        Ok(used)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +455,36 @@ mod tests {
         assert_eq!((h.target.as_str(), n), ("/1", first.len()));
         let (h2, _) = ok(&both[n..]);
         assert_eq!((h2.target.as_str(), h2.host.as_str()), ("/2", "evil.com"));
+    }
+
+    #[test]
+    fn body_scanner_finds_the_end_of_bodies() {
+        let mut s = BodyScanner::new(Body::Length(5));
+        assert_eq!(s.feed(b"abc"), Ok(3));
+        assert_eq!(s.feed(b"deGET /"), Ok(2));
+        assert!(s.is_done());
+
+        let chunked = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET /next";
+        let body_len = chunked.len() - b"GET /next".len();
+        let mut s = BodyScanner::new(Body::Chunked);
+        assert_eq!(s.feed(chunked), Ok(body_len));
+        assert!(s.is_done());
+        // The same, a byte at a time.
+        let mut s = BodyScanner::new(Body::Chunked);
+        let used: usize = chunked[..body_len].iter().map(|b| s.feed(&[*b]).unwrap()).sum();
+        assert_eq!(used, body_len);
+        assert!(s.is_done());
+        assert!(BodyScanner::new(Body::None).is_done());
+    }
+
+    #[test]
+    fn bad_chunked_bodies_are_refused() {
+        for bad in [&b"x\r\n"[..], b"4\nWiki", b"4\r\nWikiX\r\n", b"-1\r\n", b"4 \r\n", b"fffffffffffffffff\r\n"] {
+            let mut s = BodyScanner::new(Body::Chunked);
+            assert_eq!(s.feed(bad), Err(Error::BadChunk), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let mut s = BodyScanner::new(Body::Chunked);
+        assert_eq!(s.feed(&[b'1'; MAX_CHUNK_LINE + 1]), Err(Error::BadChunk));
     }
 
     #[test]

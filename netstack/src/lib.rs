@@ -1,19 +1,26 @@
 //! Host side: sbx's userspace network stack, the guest's only network
 //! (deny by default, HTTP by Host, HTTPS by SNI, every decision logged).
 //!
-//! So far: validated host names ([`host`]), the policy ([`policy`]),
-//! strict parsers for what the guest sends first on ports 80 and 443
-//! ([`http`] request heads, [`tls`] ClientHello SNI), DNS queries and
-//! answers with names bound to synthetic addresses ([`dns`]), and the
-//! hash-chained audit log ([`audit`]): all pure, tested without a VM; and
-//! [`stack`], the frame interface on smoltcp that plays gateway (ARP,
-//! ping) and DNS server and drops (and logs) everything it does not serve.
-//! Still to come: TCP termination on 80/443 with Host/SNI checks and
-//! forwarding to upstream sockets. The guest has no network device until
-//! virtio-net exists.
+//! What works, tested in-process against a smoltcp guest and real upstream
+//! servers on 127.0.0.1 (no VM):
+//! - [`stack`]: Ethernet frames in and out; gateway (ARP, ping); DNS served
+//!   through the policy, allowed names bound to synthetic addresses
+//!   ([`dns`]); TCP to ports 80/443 of those addresses terminated; every
+//!   other frame dropped and logged, with no host socket opened;
+//! - [`conn`]: per connection, every HTTP request head checked ([`http`]:
+//!   strict, bounded; Host must be the name bound to the address; policy by
+//!   method and path; 403 naming the rule) and forwarded with its body
+//!   framing tracked; TLS allowed by SNI ([`tls`]) and spliced;
+//! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
+//!   never IP literals); the hash-chained [`audit`] log and its verifier.
+//!
+//! Not yet: the virtio-net device that feeds it guest frames, TLS
+//! termination for credential injection, response-status logging, the
+//! throughput benchmark and fuzz targets.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod conn;
 pub mod dns;
 pub mod host;
 pub mod http;

@@ -7,24 +7,33 @@
 //! of addresses netstack handed out go further; everything else is dropped
 //! and logged. No host socket is ever opened for a dropped frame.
 //!
+//! TCP to ports 80 and 443 of those addresses is terminated here and
+//! handled per connection by [`crate::conn`].
+//!
 //! Limits: at most [`MAX_QUEUED_FRAMES`] frames wait in each direction
-//! (more are dropped, as a full NIC would), frames are at most the MTU.
+//! (more are dropped, as a full NIC would), frames are at most the MTU;
+//! at most [`MAX_CONNS`] TCP connections (further SYNs find no listener
+//! and are reset), each with 64 KiB socket buffers and the buffers of
+//! [`crate::conn::MAX_BUFFERED`]; a connection idle for [`IDLE_MS`] is
+//! reset.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, Route, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
-use smoltcp::socket::udp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr, IpProtocol, Ipv4Cidr, Ipv4Packet,
-    TcpPacket, UdpPacket,
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Cidr,
+    Ipv4Packet, TcpPacket, UdpPacket,
 };
 
 use crate::audit::AuditLog;
+use crate::conn::{Conn, Resolve};
 use crate::dns::{self, NameTable};
+use crate::host::HostName;
 use crate::policy::{Action, Policy};
 
 /// Frames waiting in one direction before more are dropped.
@@ -33,6 +42,34 @@ pub const MAX_QUEUED_FRAMES: usize = 1024;
 pub const MAX_NAMES: usize = 4096;
 const DNS_PORT: u16 = 53;
 const DNS_TTL: u32 = 60;
+/// Most guest TCP connections at once (listeners included).
+pub const MAX_CONNS: usize = 256;
+/// A connection with no bytes either way for this long is reset.
+pub const IDLE_MS: u64 = 10 * 60 * 1000;
+const LISTENERS_PER_PORT: usize = 4;
+const TCP_BUFFER: usize = 64 * 1024;
+const POLICED_PORTS: [u16; 2] = [80, 443];
+
+/// Upstream addresses: an override table (like curl's --resolve, for tests
+/// and local services), then, if enabled, the host's resolver. Host
+/// resolution blocks the poll loop for its duration.
+#[derive(Default)]
+pub struct Resolver {
+    pub overrides: HashMap<(HostName, u16), SocketAddr>,
+    pub system: bool,
+}
+
+impl Resolve for Resolver {
+    fn resolve(&self, name: &HostName, port: u16) -> Option<SocketAddr> {
+        if let Some(a) = self.overrides.get(&(name.clone(), port)) {
+            return Some(*a);
+        }
+        if !self.system {
+            return None;
+        }
+        (name.as_str(), port).to_socket_addrs().ok()?.find(|a| a.is_ipv4())
+    }
+}
 
 /// The guest's network as netstack sets it up.
 #[derive(Debug, Clone)]
@@ -118,12 +155,15 @@ pub struct NetStack<W: Write> {
     dns: SocketHandle,
     names: NameTable,
     policy: Policy,
+    resolver: Resolver,
     audit: AuditLog<W>,
+    listeners: Vec<(SocketHandle, u16)>,
+    conns: Vec<(SocketHandle, Conn, u64)>,
     now_ms: u64,
 }
 
 impl<W: Write> NetStack<W> {
-    pub fn new(cfg: Config, policy: Policy, audit: AuditLog<W>) -> NetStack<W> {
+    pub fn new(cfg: Config, policy: Policy, resolver: Resolver, audit: AuditLog<W>) -> NetStack<W> {
         let mut frames = Frames { rx: VecDeque::new(), tx: VecDeque::new(), mtu: cfg.mtu };
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac));
         let mut iface = Interface::new(IfaceConfig::new(hw), &mut frames, Instant::ZERO);
@@ -148,7 +188,27 @@ impl<W: Write> NetStack<W> {
         // Binding a fresh socket to a fixed port cannot fail.
         let _ = dns_socket.bind((cfg.gateway, DNS_PORT));
         let dns = sockets.add(dns_socket);
-        NetStack { cfg, iface, frames, sockets, dns, names: NameTable::new(MAX_NAMES), policy, audit, now_ms: 0 }
+        let mut net = NetStack {
+            cfg,
+            iface,
+            frames,
+            sockets,
+            dns,
+            names: NameTable::new(MAX_NAMES),
+            policy,
+            resolver,
+            audit,
+            listeners: Vec::new(),
+            conns: Vec::new(),
+            now_ms: 0,
+        };
+        net.replenish_listeners();
+        net
+    }
+
+    /// Open guest TCP connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
     }
 
     /// A frame from the guest. Frames beyond the queue limit are dropped.
@@ -177,7 +237,97 @@ impl<W: Write> NetStack<W> {
         let now = Instant::from_millis(now_ms as i64);
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
         self.serve_dns();
+        self.accept();
+        self.serve_tcp();
+        self.replenish_listeners();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
+    }
+
+    fn replenish_listeners(&mut self) {
+        for port in POLICED_PORTS {
+            while self.listeners.iter().filter(|(_, p)| *p == port).count() < LISTENERS_PER_PORT
+                && self.listeners.len() + self.conns.len() < MAX_CONNS
+            {
+                let buf = || tcp::SocketBuffer::new(vec![0; TCP_BUFFER]);
+                let mut socket = tcp::Socket::new(buf(), buf());
+                // Listening on a fixed, non-zero port cannot fail.
+                let _ = socket.listen(port);
+                let h = self.sockets.add(socket);
+                self.listeners.push((h, port));
+            }
+        }
+    }
+
+    /// Turns listeners that got a connection into connections.
+    fn accept(&mut self) {
+        let mut i = 0;
+        while i < self.listeners.len() {
+            let (h, port) = self.listeners[i];
+            let socket = self.sockets.get_mut::<tcp::Socket>(h);
+            if socket.is_listening() {
+                i += 1;
+                continue;
+            }
+            self.listeners.swap_remove(i);
+            match socket.local_endpoint().map(|e| e.addr) {
+                Some(IpAddress::Ipv4(dst)) => {
+                    let name = self.names.name_of(dst).cloned();
+                    self.conns.push((h, Conn::new(port, dst, name), self.now_ms));
+                }
+                _ => {
+                    self.sockets.remove(h);
+                }
+            }
+        }
+    }
+
+    fn serve_tcp(&mut self) {
+        let mut events = Vec::new();
+        let mut finished = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        for (idx, (h, conn, last_active)) in self.conns.iter_mut().enumerate() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(*h);
+            let before = (conn.bytes_up, conn.bytes_down);
+            while conn.wants_guest_bytes() && socket.can_recv() {
+                match socket.recv_slice(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        *last_active = self.now_ms;
+                        conn.from_guest(&buf[..n], &self.policy, &self.resolver);
+                    }
+                }
+            }
+            conn.pump_upstream(!socket.may_recv());
+            let out = conn.to_guest();
+            while !out.is_empty() && socket.can_send() {
+                match socket.send_slice(out) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        out.drain(..n);
+                    }
+                }
+            }
+            if (conn.bytes_up, conn.bytes_down) != before {
+                *last_active = self.now_ms;
+            }
+            events.append(&mut conn.events);
+            if conn.is_reset() || self.now_ms.saturating_sub(*last_active) > IDLE_MS {
+                socket.abort();
+            } else if conn.finished() {
+                socket.close();
+            }
+            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                finished.push(idx);
+            }
+        }
+        for idx in finished.into_iter().rev() {
+            let (h, conn, _) = self.conns.swap_remove(idx);
+            events.push(conn.end_event());
+            self.sockets.remove(h);
+        }
+        for e in events {
+            self.log(e);
+        }
     }
 
     fn log(&mut self, event: serde_json::Value) {
@@ -312,7 +462,12 @@ mod tests {
     type Net = NetStack<Vec<u8>>;
 
     fn net(policy: &str) -> Net {
-        NetStack::new(Config::default(), Policy::from_toml(policy).unwrap(), AuditLog::new(Vec::new()))
+        NetStack::new(
+            Config::default(),
+            Policy::from_toml(policy).unwrap(),
+            Resolver::default(),
+            AuditLog::new(Vec::new()),
+        )
     }
 
     /// Moves frames both ways and polls both sides until nothing moves.
@@ -420,5 +575,282 @@ mod tests {
         assert!(log.contains("UDP to 8.8.8.8:53"), "{log}");
         assert!(log.contains("malformed Ethernet frame") && log.contains("\"IPv6\"") && log.contains("malformed IPv4"));
         assert!(net.frames.rx.is_empty());
+    }
+
+    // ---- TCP: real upstream servers on 127.0.0.1, started by the tests ----
+
+    use std::io::{BufRead, BufReader, Read as _};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// An HTTP/1.1 upstream: answers "echo METHOD PATH BODYLEN", or 2 MiB
+    /// for /big; keeps connections alive. Counts requests.
+    fn http_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(stream.try_clone().unwrap());
+                    let mut w = stream;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let (method, path) =
+                            (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h == "\r\n" || h.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let reply = if path == "/big" {
+                            vec![b'x'; 2 << 20]
+                        } else {
+                            format!("echo {method} {path} {len}").into_bytes()
+                        };
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", reply.len());
+                        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(&reply)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    /// A TCP upstream that echoes everything back; counts connections.
+    fn echo_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    fn net_with(policy: &str, routes: &[(&str, u16, SocketAddr)]) -> Net {
+        let mut resolver = Resolver::default();
+        for (name, port, addr) in routes {
+            resolver.overrides.insert((HostName::parse(name).unwrap(), *port), *addr);
+        }
+        NetStack::new(Config::default(), Policy::from_toml(policy).unwrap(), resolver, AuditLog::new(Vec::new()))
+    }
+
+    fn a_record(reply: &[u8]) -> Ipv4Addr {
+        let n = reply.len();
+        Ipv4Addr::new(reply[n - 4], reply[n - 3], reply[n - 2], reply[n - 1])
+    }
+
+    /// Connects from the guest, sends `data`, and collects what comes back
+    /// until `done` says so, the connection ends, or 10 s pass.
+    fn exchange(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        to: (Ipv4Addr, u16),
+        data: &[u8],
+        done: impl Fn(&[u8]) -> bool,
+    ) -> (Vec<u8>, tcp::State) {
+        exchange_for(net, guest, now, to, data, done, std::time::Duration::from_secs(10))
+    }
+
+    /// As `exchange`, waiting at most `limit` (for connections expected to
+    /// get nothing).
+    fn exchange_for(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        to: (Ipv4Addr, u16),
+        data: &[u8],
+        done: impl Fn(&[u8]) -> bool,
+        limit: std::time::Duration,
+    ) -> (Vec<u8>, tcp::State) {
+        let buf = || tcp::SocketBuffer::new(vec![0; 256 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        static PORT: AtomicUsize = AtomicUsize::new(49152);
+        let local = PORT.fetch_add(1, Ordering::SeqCst) as u16;
+        socket.connect(guest.iface.context(), to, local).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + limit;
+        let mut rx = vec![0u8; 64 * 1024];
+        loop {
+            pump(net, guest, now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).unwrap_or(0);
+            }
+            while s.can_recv() {
+                let n = s.recv_slice(&mut rx).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&rx[..n]);
+            }
+            let state = s.state();
+            if done(&got) || (state == tcp::State::Closed && sent > 0) || std::time::Instant::now() > deadline {
+                if state != tcp::State::Closed {
+                    s.close();
+                    pump(net, guest, now);
+                }
+                return (got, state);
+            }
+            if matches!(state, tcp::State::CloseWait) {
+                s.close();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    const HTTP_POLICY: &str = "version = 1\n[[rule]]\nallow = \"*.example.com\"\n[[rule]]\ndeny = \"api.example.com\"\nmethods = [\"DELETE\"]\n";
+
+    fn contains(hay: &[u8], needle: &str) -> bool {
+        String::from_utf8_lossy(hay).contains(needle)
+    }
+
+    #[test]
+    fn http_requests_are_checked_one_by_one_and_forwarded() {
+        let (up, count) = http_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        // Keep-alive: GET, then a POST with a body, then a denied DELETE
+        // pipelined behind them.
+        let reqs = b"GET /a HTTP/1.1\r\nHost: api.example.com\r\n\r\n\
+POST /b HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5\r\n\r\nhello\
+DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), reqs, |g| {
+            contains(g, "403 Forbidden") && contains(g, "\n\n") || contains(g, "rule 2")
+        });
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("echo GET /a 0") && text.contains("echo POST /b 5"), "{text}");
+        assert!(text.contains("403 Forbidden") && text.contains("denied by rule 2: deny api.example.com"), "{text}");
+        assert_eq!(count.load(Ordering::SeqCst), 2, "the denied request never went upstream");
+        let log = audit(&net);
+        assert!(log.contains("\"method\":\"DELETE\"") && log.contains("\"decision\":\"deny\""), "{log}");
+        assert!(crate::audit::verify(log.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn large_bodies_stream_both_ways() {
+        let (up, count) = http_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let mut req =
+            format!("POST /up HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: {}\r\n\r\n", 1 << 20).into_bytes();
+        req.extend(vec![b'u'; 1 << 20]);
+        req.extend_from_slice(b"GET /big HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n");
+        let big = 2usize << 20;
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &req, |g| g.len() >= big + 60);
+        let text = String::from_utf8_lossy(&got[..got.len().min(200)]).to_string();
+        assert!(text.contains("echo POST /up 1048576"), "{text}");
+        assert!(got.len() > big && got.ends_with(b"xxxx"), "got {} bytes", got.len());
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_host_other_than_the_resolved_name_is_refused_before_any_upstream() {
+        let (up, count) = http_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up), ("other.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        for head in [
+            "GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: api.example.com\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            let (got, _) =
+                exchange(&mut net, &mut guest, &mut now, (addr, 80), head.as_bytes(), |g| contains(g, "refused"));
+            assert!(contains(&got, "403 Forbidden"), "{head:?}: {}", String::from_utf8_lossy(&got));
+        }
+        let mut huge = b"GET / HTTP/1.1\r\nHost: api.example.com\r\nX: ".to_vec();
+        huge.extend(vec![b'a'; 100 * 1024]);
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &huge, |g| contains(g, "refused"));
+        assert!(contains(&got, "larger than"), "{}", String::from_utf8_lossy(&got));
+        assert_eq!(count.load(Ordering::SeqCst), 0, "no upstream request for a refused one");
+    }
+
+    #[test]
+    fn tls_is_spliced_only_for_the_resolved_allowed_sni() {
+        let (up, count) = echo_upstream();
+        let policy = "version = 1\n[[rule]]\nallow = \"*.example.com\"\n";
+        let mut net = net_with(policy, &[("api.example.com", 443, up), ("www.example.com", 443, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["api.example.com"])]);
+        hello.extend_from_slice(b"opaque application data");
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &hello, |g| g.len() >= hello.len());
+        assert_eq!(got, hello, "bytes pass through untouched");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+
+        let wrong = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["www.example.com"])]);
+        let missing = crate::tls::tests::hello(&[]);
+        for (what, bytes) in
+            [("wrong SNI", wrong), ("no SNI", missing), ("not TLS", b"GET / HTTP/1.1\r\n\r\n".to_vec())]
+        {
+            let (got, state) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &bytes, |_| false);
+            assert!(got.is_empty() && state == tcp::State::Closed, "{what}: reset");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "no upstream for refused handshakes");
+        let log = audit(&net);
+        assert!(log.contains("SNI is not the name") && log.contains("no SNI"), "{log}");
+    }
+
+    #[test]
+    fn other_ports_and_unresolved_addresses_get_nothing() {
+        let (up, count) = echo_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 22, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        for to in [(addr, 22), (addr, 8080), (Ipv4Addr::new(198, 18, 9, 9), 80), (Ipv4Addr::new(127, 0, 0, 1), 80)] {
+            let quick = std::time::Duration::from_millis(300);
+            let (got, state) = exchange_for(&mut net, &mut guest, &mut now, to, b"x", |_| false, quick);
+            assert!(got.is_empty() && state != tcp::State::Established, "{to:?}: {state}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        let log = audit(&net);
+        for what in [
+            format!("TCP to {addr}:22"),
+            format!("TCP to {addr}:8080"),
+            "TCP to 198.18.9.9:80".into(),
+            "TCP to 127.0.0.1:80".into(),
+        ] {
+            assert!(log.contains(&what), "{what} not logged");
+        }
+        assert_eq!(net.connections(), 0);
     }
 }

@@ -1,0 +1,339 @@
+//! Host side: one guest TCP connection to port 80 or 443 of an address
+//! netstack handed out, terminated here. Port 80: every request head is
+//! parsed and checked (Host must be the name bound to the address, then the
+//! policy by method and path) before a byte goes upstream; bodies are
+//! tracked so that the next request on a kept-alive connection is checked
+//! too. Port 443: the ClientHello's SNI must be that name and allowed, then
+//! bytes are spliced without decrypting. Refused: HTTP 403 naming the rule,
+//! or a reset for TLS; no upstream socket is opened for a refused request.
+//!
+//! Bounds: [`MAX_BUFFERED`] bytes wait in each direction; reading stops
+//! until they drain (backpressure on both sides).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::host::HostName;
+use crate::http::{self, BodyScanner, Parsed};
+use crate::policy::{Action, Policy, Request};
+use crate::tls;
+
+/// Bytes buffered in each direction before reading pauses.
+pub const MAX_BUFFERED: usize = 256 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where upstream connections go: name and port to a socket address.
+pub trait Resolve {
+    fn resolve(&self, name: &HostName, port: u16) -> Option<SocketAddr>;
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for (the rest of) a request head / ClientHello.
+    Head,
+    /// Passing a request body upstream.
+    Body(BodyScanner),
+    /// TLS allowed: bytes pass both ways untouched.
+    Splice,
+    /// A refusal is being written; then the connection closes.
+    Refusing,
+    /// Reset: nothing more passes.
+    Reset,
+}
+
+pub struct Conn {
+    pub port: u16,
+    pub dst: Ipv4Addr,
+    name: Option<HostName>,
+    phase: Phase,
+    inbox: Vec<u8>,
+    upstream: Option<TcpStream>,
+    to_upstream: Vec<u8>,
+    to_guest: Vec<u8>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    upstream_eof: bool,
+    upstream_shut: bool,
+    /// A 403 waiting for the responses to earlier, allowed requests.
+    refusal: Option<Vec<u8>>,
+    pub events: Vec<Value>,
+}
+
+fn forbidden(reason: &str) -> Vec<u8> {
+    let body = format!("sbx: request refused: {reason}\n");
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn bad_gateway(reason: &str) -> Vec<u8> {
+    let body = format!("sbx: upstream unreachable: {reason}\n");
+    format!(
+        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl Conn {
+    pub fn new(port: u16, dst: Ipv4Addr, name: Option<HostName>) -> Conn {
+        Conn {
+            port,
+            dst,
+            name,
+            phase: Phase::Head,
+            inbox: Vec::new(),
+            upstream: None,
+            to_upstream: Vec::new(),
+            to_guest: Vec::new(),
+            bytes_up: 0,
+            bytes_down: 0,
+            upstream_eof: false,
+            upstream_shut: false,
+            refusal: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// Room for more bytes from the guest.
+    pub fn wants_guest_bytes(&self) -> bool {
+        matches!(self.phase, Phase::Head | Phase::Body(_) | Phase::Splice)
+            && self.inbox.len() < MAX_BUFFERED
+            && self.to_upstream.len() < MAX_BUFFERED
+    }
+
+    pub fn from_guest(&mut self, data: &[u8], policy: &Policy, resolver: &dyn Resolve) {
+        self.inbox.extend_from_slice(data);
+        self.process(policy, resolver);
+    }
+
+    /// Bytes waiting for the guest.
+    pub fn to_guest(&mut self) -> &mut Vec<u8> {
+        &mut self.to_guest
+    }
+
+    pub fn is_reset(&self) -> bool {
+        matches!(self.phase, Phase::Reset)
+    }
+
+    /// True when everything for the guest is written and nothing more will
+    /// come: the guest socket can be closed.
+    pub fn finished(&self) -> bool {
+        self.to_guest.is_empty()
+            && self.refusal.is_none()
+            && (matches!(self.phase, Phase::Refusing) || self.upstream_eof)
+    }
+
+    /// Refuses the current request. HTTP: a 403 naming the reason, sent
+    /// after the responses to requests already allowed on this connection
+    /// (their bytes still go upstream, which is then half-closed; the 403
+    /// follows its last byte). TLS: a reset.
+    fn refuse(&mut self, reason: String) {
+        self.inbox.clear();
+        if self.port == 80 {
+            self.refusal = Some(forbidden(&reason));
+            self.phase = Phase::Refusing;
+            self.release_refusal();
+        } else {
+            self.to_upstream.clear();
+            self.phase = Phase::Reset;
+        }
+    }
+
+    /// Queues the 403 once nothing more can come from upstream.
+    fn release_refusal(&mut self) {
+        if self.upstream.is_none() || self.upstream_eof {
+            if let Some(r) = self.refusal.take() {
+                self.to_guest.extend_from_slice(&r);
+            }
+        }
+    }
+
+    fn process(&mut self, policy: &Policy, resolver: &dyn Resolve) {
+        loop {
+            match &mut self.phase {
+                Phase::Refusing | Phase::Reset => return,
+                Phase::Splice => {
+                    self.to_upstream.append(&mut self.inbox);
+                    return;
+                }
+                Phase::Body(scanner) => match scanner.feed(&self.inbox) {
+                    Ok(n) => {
+                        self.to_upstream.extend(self.inbox.drain(..n));
+                        if scanner.is_done() {
+                            self.phase = Phase::Head;
+                        } else {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
+                        self.refuse(e.to_string());
+                        return;
+                    }
+                },
+                Phase::Head if self.inbox.is_empty() => return,
+                Phase::Head if self.port == 80 => {
+                    if !self.http_head(policy, resolver) {
+                        return;
+                    }
+                }
+                Phase::Head => {
+                    self.tls_hello(policy, resolver);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one request head; false when no progress can be made.
+    fn http_head(&mut self, policy: &Policy, resolver: &dyn Resolve) -> bool {
+        let (head, len) = match http::parse_request_head(&self.inbox) {
+            Ok(Parsed::Incomplete) => return false,
+            Ok(Parsed::Complete(head, len)) => (head, len),
+            Err(e) => {
+                self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
+                self.refuse(e.to_string());
+                return false;
+            }
+        };
+        let mut event = json!({"event": "http", "method": head.method, "host": head.host.as_str(),
+            "path": head.target, "dst": self.dst.to_string()});
+        let refusal = if self.name.as_ref() != Some(&head.host) {
+            Some(format!(
+                "Host '{}' is not the name this address was resolved for ({})",
+                head.host,
+                self.name.as_ref().map(|n| n.as_str()).unwrap_or("none")
+            ))
+        } else if head.host_port.is_some_and(|p| p != self.port) {
+            Some("Host names another port".into())
+        } else {
+            let decision =
+                policy.decide(&Request { host: &head.host, port: self.port, http: Some((&head.method, &head.target)) });
+            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
+            (decision.action == Action::Deny).then(|| decision.to_string())
+        };
+        if let Some(reason) = refusal {
+            event["decision"] = json!("deny");
+            event["reason"] = json!(reason);
+            self.events.push(event);
+            self.refuse(reason);
+            return false;
+        }
+        if let Err(e) = self.connect(&head.host, resolver) {
+            event["decision"] = json!("allow");
+            event["error"] = json!(e);
+            self.events.push(event);
+            self.to_guest.extend_from_slice(&bad_gateway(&e));
+            self.phase = Phase::Refusing;
+            return false;
+        }
+        event["decision"] = json!("allow");
+        self.events.push(event);
+        self.to_upstream.extend(self.inbox.drain(..len));
+        self.phase = Phase::Body(BodyScanner::new(head.body));
+        true
+    }
+
+    fn tls_hello(&mut self, policy: &Policy, resolver: &dyn Resolve) {
+        let sni = match tls::parse_client_hello(&self.inbox) {
+            Ok(tls::Parsed::Incomplete) => return,
+            Ok(tls::Parsed::ServerName(name, _)) => name,
+            Err(e) => {
+                self.events.push(
+                    json!({"event": "tls", "dst": self.dst.to_string(), "decision": "deny", "reason": e.to_string()}),
+                );
+                self.refuse(e.to_string());
+                return;
+            }
+        };
+        let mut event = json!({"event": "tls", "sni": sni.as_str(), "dst": self.dst.to_string()});
+        let refusal = if self.name.as_ref() != Some(&sni) {
+            Some("SNI is not the name this address was resolved for".to_string())
+        } else {
+            let decision = policy.decide(&Request { host: &sni, port: self.port, http: None });
+            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
+            (decision.action == Action::Deny).then(|| decision.to_string())
+        };
+        if let Some(reason) = refusal {
+            event["decision"] = json!("deny");
+            event["reason"] = json!(reason);
+            self.events.push(event);
+            self.refuse(reason);
+            return;
+        }
+        if let Err(e) = self.connect(&sni, resolver) {
+            event["decision"] = json!("allow");
+            event["error"] = json!(e);
+            self.events.push(event);
+            self.phase = Phase::Reset;
+            return;
+        }
+        event["decision"] = json!("allow");
+        self.events.push(event);
+        self.phase = Phase::Splice;
+        self.to_upstream.append(&mut self.inbox);
+    }
+
+    fn connect(&mut self, name: &HostName, resolver: &dyn Resolve) -> Result<(), String> {
+        if self.upstream.is_some() {
+            return Ok(());
+        }
+        let addr = resolver.resolve(name, self.port).ok_or_else(|| format!("cannot resolve {name}"))?;
+        let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        self.upstream = Some(stream);
+        Ok(())
+    }
+
+    /// Moves bytes to and from the upstream socket without blocking.
+    pub fn pump_upstream(&mut self, guest_closed: bool) {
+        let Some(up) = self.upstream.as_mut() else { return };
+        while !self.to_upstream.is_empty() {
+            match up.write(&self.to_upstream) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.bytes_up += n as u64;
+                    self.to_upstream.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.phase = Phase::Reset;
+                    return;
+                }
+            }
+        }
+        let done_sending = guest_closed || matches!(self.phase, Phase::Refusing);
+        if done_sending && self.to_upstream.is_empty() && self.inbox.is_empty() && !self.upstream_shut {
+            let _ = up.shutdown(Shutdown::Write);
+            self.upstream_shut = true;
+        }
+        let mut buf = [0u8; 16 * 1024];
+        while self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof {
+            match up.read(&mut buf) {
+                Ok(0) => self.upstream_eof = true,
+                Ok(n) => {
+                    self.bytes_down += n as u64;
+                    self.to_guest.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.upstream_eof = true;
+                }
+            }
+        }
+        self.release_refusal();
+    }
+
+    /// The line logged when the connection ends.
+    pub fn end_event(&self) -> Value {
+        json!({"event": "conn_end", "dst": self.dst.to_string(), "port": self.port,
+            "name": self.name.as_ref().map(|n| n.as_str()), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down})
+    }
+}
