@@ -12,6 +12,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -26,7 +28,8 @@ pub const MAX_BUFFERED: usize = 256 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where upstream connections go: name and port to a socket address.
-pub trait Resolve {
+/// Called on a connection's own thread: it may block.
+pub trait Resolve: Send + Sync {
     fn resolve(&self, name: &HostName, port: u16) -> Option<SocketAddr>;
 }
 
@@ -38,6 +41,10 @@ enum Phase {
     Body(BodyScanner),
     /// TLS allowed: bytes pass both ways untouched.
     Splice,
+    /// Resolving and connecting upstream on a helper thread (so that a
+    /// slow upstream never stalls other connections); what the guest sends
+    /// meanwhile waits in the buffers.
+    Connecting(Receiver<Result<TcpStream, String>>, Box<Phase>),
     /// A refusal is being written; then the connection closes.
     Refusing,
     /// Reset: nothing more passes.
@@ -80,6 +87,29 @@ fn bad_gateway(reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Resolves and connects on a helper thread; the result arrives on the
+/// returned channel.
+fn connect(name: &HostName, port: u16, resolver: &Arc<dyn Resolve>) -> Receiver<Result<TcpStream, String>> {
+    let (tx, rx) = mpsc::channel();
+    let (name, resolver) = (name.clone(), resolver.clone());
+    let spawned = std::thread::Builder::new().name("netstack-connect".into()).spawn(move || {
+        let result = (|| {
+            let addr = resolver.resolve(&name, port).ok_or_else(|| format!("cannot resolve {name}"))?;
+            let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
+            stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        })();
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        let (tx, rx) = mpsc::channel();
+        let _ = tx.send(Err(format!("cannot start a connect thread: {e}")));
+        return rx;
+    }
+    rx
+}
+
 impl Conn {
     pub fn new(port: u16, dst: Ipv4Addr, name: Option<HostName>) -> Conn {
         Conn {
@@ -102,12 +132,12 @@ impl Conn {
 
     /// Room for more bytes from the guest.
     pub fn wants_guest_bytes(&self) -> bool {
-        matches!(self.phase, Phase::Head | Phase::Body(_) | Phase::Splice)
+        matches!(self.phase, Phase::Head | Phase::Body(_) | Phase::Splice | Phase::Connecting(..))
             && self.inbox.len() < MAX_BUFFERED
             && self.to_upstream.len() < MAX_BUFFERED
     }
 
-    pub fn from_guest(&mut self, data: &[u8], policy: &Policy, resolver: &dyn Resolve) {
+    pub fn from_guest(&mut self, data: &[u8], policy: &Policy, resolver: &Arc<dyn Resolve>) {
         self.inbox.extend_from_slice(data);
         self.process(policy, resolver);
     }
@@ -154,10 +184,10 @@ impl Conn {
         }
     }
 
-    fn process(&mut self, policy: &Policy, resolver: &dyn Resolve) {
+    fn process(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         loop {
             match &mut self.phase {
-                Phase::Refusing | Phase::Reset => return,
+                Phase::Refusing | Phase::Reset | Phase::Connecting(..) => return,
                 Phase::Splice => {
                     self.to_upstream.append(&mut self.inbox);
                     return;
@@ -192,7 +222,7 @@ impl Conn {
     }
 
     /// Handles one request head; false when no progress can be made.
-    fn http_head(&mut self, policy: &Policy, resolver: &dyn Resolve) -> bool {
+    fn http_head(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) -> bool {
         let (head, len) = match http::parse_request_head(&self.inbox) {
             Ok(Parsed::Incomplete) => return false,
             Ok(Parsed::Complete(head, len)) => (head, len),
@@ -225,22 +255,19 @@ impl Conn {
             self.refuse(reason);
             return false;
         }
-        if let Err(e) = self.connect(&head.host, resolver) {
-            event["decision"] = json!("allow");
-            event["error"] = json!(e);
-            self.events.push(event);
-            self.to_guest.extend_from_slice(&bad_gateway(&e));
-            self.phase = Phase::Refusing;
-            return false;
-        }
         event["decision"] = json!("allow");
         self.events.push(event);
         self.to_upstream.extend(self.inbox.drain(..len));
-        self.phase = Phase::Body(BodyScanner::new(head.body));
+        let next = Phase::Body(BodyScanner::new(head.body));
+        if self.upstream.is_none() {
+            self.phase = Phase::Connecting(connect(&head.host, self.port, resolver), Box::new(next));
+            return false;
+        }
+        self.phase = next;
         true
     }
 
-    fn tls_hello(&mut self, policy: &Policy, resolver: &dyn Resolve) {
+    fn tls_hello(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         let sni = match tls::parse_client_hello(&self.inbox) {
             Ok(tls::Parsed::Incomplete) => return,
             Ok(tls::Parsed::ServerName(name, _)) => name,
@@ -267,29 +294,43 @@ impl Conn {
             self.refuse(reason);
             return;
         }
-        if let Err(e) = self.connect(&sni, resolver) {
-            event["decision"] = json!("allow");
-            event["error"] = json!(e);
-            self.events.push(event);
-            self.phase = Phase::Reset;
-            return;
-        }
         event["decision"] = json!("allow");
         self.events.push(event);
-        self.phase = Phase::Splice;
         self.to_upstream.append(&mut self.inbox);
+        self.phase = Phase::Connecting(connect(&sni, self.port, resolver), Box::new(Phase::Splice));
     }
 
-    fn connect(&mut self, name: &HostName, resolver: &dyn Resolve) -> Result<(), String> {
-        if self.upstream.is_some() {
-            return Ok(());
+    /// Takes the result of a pending upstream connect, if it is there.
+    pub fn poll_connect(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
+        let Phase::Connecting(rx, _) = &self.phase else { return };
+        let result = match rx.try_recv() {
+            Err(TryRecvError::Empty) => return,
+            Ok(r) => r,
+            Err(TryRecvError::Disconnected) => Err("connect thread ended".into()),
+        };
+        let next = match std::mem::replace(&mut self.phase, Phase::Reset) {
+            Phase::Connecting(_, next) => *next,
+            other => other,
+        };
+        match result {
+            Ok(stream) => {
+                self.upstream = Some(stream);
+                self.phase = next;
+                self.process(policy, resolver);
+            }
+            Err(e) => {
+                self.events.push(json!({"event": "upstream", "dst": self.dst.to_string(),
+                    "name": self.name.as_ref().map(|n| n.as_str()), "error": e}));
+                self.to_upstream.clear();
+                self.inbox.clear();
+                if self.port == 80 {
+                    self.to_guest.extend_from_slice(&bad_gateway(&e));
+                    self.phase = Phase::Refusing;
+                } else {
+                    self.phase = Phase::Reset;
+                }
+            }
         }
-        let addr = resolver.resolve(name, self.port).ok_or_else(|| format!("cannot resolve {name}"))?;
-        let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
-        self.upstream = Some(stream);
-        Ok(())
     }
 
     /// Moves bytes to and from the upstream socket without blocking.

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, Route, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
@@ -51,8 +52,8 @@ const TCP_BUFFER: usize = 64 * 1024;
 const POLICED_PORTS: [u16; 2] = [80, 443];
 
 /// Upstream addresses: an override table (like curl's --resolve, for tests
-/// and local services), then, if enabled, the host's resolver. Host
-/// resolution blocks the poll loop for its duration.
+/// and local services), then, if enabled, the host's resolver (run on the
+/// connection's connect thread, never in the poll loop).
 #[derive(Default)]
 pub struct Resolver {
     pub overrides: HashMap<(HostName, u16), SocketAddr>,
@@ -155,7 +156,7 @@ pub struct NetStack<W: Write> {
     dns: SocketHandle,
     names: NameTable,
     policy: Policy,
-    resolver: Resolver,
+    resolver: Arc<dyn Resolve>,
     audit: AuditLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
     conns: Vec<(SocketHandle, Conn, u64)>,
@@ -196,7 +197,7 @@ impl<W: Write> NetStack<W> {
             dns,
             names: NameTable::new(MAX_NAMES),
             policy,
-            resolver,
+            resolver: Arc::new(resolver),
             audit,
             listeners: Vec::new(),
             conns: Vec::new(),
@@ -288,6 +289,7 @@ impl<W: Write> NetStack<W> {
         for (idx, (h, conn, last_active)) in self.conns.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket>(*h);
             let before = (conn.bytes_up, conn.bytes_down);
+            conn.poll_connect(&self.policy, &self.resolver);
             while conn.wants_guest_bytes() && socket.can_recv() {
                 match socket.recv_slice(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -578,6 +580,38 @@ mod tests {
     }
 
     // ---- TCP: real upstream servers on 127.0.0.1, started by the tests ----
+
+    #[test]
+    fn an_unreachable_upstream_is_a_502_and_other_connections_go_on() {
+        let (up, count) = http_upstream();
+        // A loopback port nobody listens on (tests only talk to loopback):
+        // the connect thread reports the refusal, the guest gets a 502.
+        let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let policy = "version = 1\n[[rule]]\nallow = \"*.example.com\"\n";
+        let mut net = net_with(policy, &[("api.example.com", 80, up), ("dead.example.com", 80, dead)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let live = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let gone = a_record(&resolve(&mut net, &mut guest, "dead.example.com", &mut now));
+        let (got, _) = exchange(
+            &mut net,
+            &mut guest,
+            &mut now,
+            (gone, 80),
+            b"GET / HTTP/1.1\r\nHost: dead.example.com\r\n\r\n",
+            |g| contains(g, "unreachable"),
+        );
+        assert!(contains(&got, "502 Bad Gateway"), "{}", String::from_utf8_lossy(&got));
+        let (got, _) = exchange(
+            &mut net,
+            &mut guest,
+            &mut now,
+            (live, 80),
+            b"GET /ok HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            |g| contains(g, "echo GET /ok"),
+        );
+        assert!(contains(&got, "echo GET /ok 0"));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
 
     use std::io::{BufRead, BufReader, Read as _};
     use std::net::TcpListener;
