@@ -887,4 +887,106 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         }
         assert_eq!(net.connections(), 0);
     }
+
+    /// A real TLS handshake and request, end to end through the splice:
+    /// a rustls client in the guest, a rustls server upstream on loopback
+    /// with a certificate made for this test.
+    #[test]
+    fn a_real_tls_session_passes_through_the_splice() {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        use std::io::Write as _;
+
+        let key = rcgen::generate_simple_self_signed(vec!["api.example.com".to_string()]).unwrap();
+        let cert = key.cert.der().clone();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der())),
+                )
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(server_cfg).unwrap();
+            let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&req).starts_with("GET /secret HTTP/1.1"));
+            tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello secure").unwrap();
+            tls.flush().unwrap();
+        });
+
+        let policy = "version = 1\n[[rule]]\nallow = \"api.example.com\"\nports = [443]\n";
+        let mut net = net_with(policy, &[("api.example.com", 443, up)]);
+        let (mut guest, mut now) = (Guest::new(), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_cfg = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut client =
+            rustls::ClientConnection::new(client_cfg, ServerName::try_from("api.example.com").unwrap()).unwrap();
+        client.writer().write_all(b"GET /secret HTTP/1.1\r\nHost: api.example.com\r\n\r\n").unwrap();
+
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 443), 40443).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut outgoing: Vec<u8> = Vec::new();
+        let mut plain = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !String::from_utf8_lossy(&plain).contains("hello secure") {
+            assert!(std::time::Instant::now() < deadline, "no TLS response; audit: {}", audit(&net));
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            while client.wants_write() {
+                client.write_tls(&mut outgoing).unwrap();
+            }
+            if s.can_send() && !outgoing.is_empty() {
+                let n = s.send_slice(&outgoing).unwrap();
+                outgoing.drain(..n);
+            }
+            let mut rx = vec![0u8; 64 * 1024];
+            while s.can_recv() {
+                let n = s.recv_slice(&mut rx).unwrap();
+                let mut data = &rx[..n];
+                while !data.is_empty() {
+                    client.read_tls(&mut data).unwrap();
+                    client.process_new_packets().unwrap();
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = client.reader().read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&chunk[..n]);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(String::from_utf8_lossy(&plain).starts_with("HTTP/1.1 200 OK"));
+        let log = audit(&net);
+        assert!(
+            log.contains("\"event\":\"tls\"")
+                && log.contains("\"sni\":\"api.example.com\"")
+                && log.contains("\"decision\":\"allow\"")
+        );
+    }
 }
