@@ -25,5 +25,6 @@ pub mod dns;
 pub mod host;
 pub mod http;
 pub mod policy;
+pub mod sim;
 pub mod stack;
 pub mod tls;

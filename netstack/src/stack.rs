@@ -93,14 +93,20 @@ impl Default for Config {
 }
 
 /// The frame queues smoltcp reads from and writes to.
-struct Frames {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-    mtu: usize,
+pub(crate) struct Frames {
+    pub(crate) rx: VecDeque<Vec<u8>>,
+    pub(crate) tx: VecDeque<Vec<u8>>,
+    pub(crate) mtu: usize,
 }
 
-struct RxToken(Vec<u8>);
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+impl Frames {
+    pub(crate) fn new(mtu: usize) -> Frames {
+        Frames { rx: VecDeque::new(), tx: VecDeque::new(), mtu }
+    }
+}
+
+pub(crate) struct RxToken(Vec<u8>);
+pub(crate) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -165,7 +171,7 @@ pub struct NetStack<W: Write> {
 
 impl<W: Write> NetStack<W> {
     pub fn new(cfg: Config, policy: Policy, resolver: Resolver, audit: AuditLog<W>) -> NetStack<W> {
-        let mut frames = Frames { rx: VecDeque::new(), tx: VecDeque::new(), mtu: cfg.mtu };
+        let mut frames = Frames::new(cfg.mtu);
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac));
         let mut iface = Interface::new(IfaceConfig::new(hw), &mut frames, Instant::ZERO);
         iface.update_ip_addrs(|addrs| {
@@ -435,31 +441,9 @@ fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::{pump, Guest, GUEST_IP};
     use smoltcp::socket::icmp;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress};
-
-    const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x15];
-    const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-
-    /// A guest made of smoltcp on the other side of the frame queues.
-    struct Guest {
-        iface: Interface,
-        frames: Frames,
-        sockets: SocketSet<'static>,
-    }
-
-    impl Guest {
-        fn new() -> Guest {
-            let mut frames = Frames { rx: VecDeque::new(), tx: VecDeque::new(), mtu: 1500 };
-            let hw = HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC));
-            let mut iface = Interface::new(IfaceConfig::new(hw), &mut frames, Instant::ZERO);
-            iface.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::Ipv4(Ipv4Cidr::new(GUEST_IP, 24)));
-            });
-            iface.routes_mut().add_default_ipv4_route(Ipv4Addr::new(10, 0, 2, 2)).unwrap();
-            Guest { iface, frames, sockets: SocketSet::new(Vec::new()) }
-        }
-    }
 
     type Net = NetStack<Vec<u8>>;
 
@@ -470,27 +454,6 @@ mod tests {
             Resolver::default(),
             AuditLog::new(Vec::new()),
         )
-    }
-
-    /// Moves frames both ways and polls both sides until nothing moves.
-    fn pump(net: &mut Net, guest: &mut Guest, now: &mut u64) {
-        for _ in 0..200 {
-            *now += 1;
-            guest.iface.poll(Instant::from_millis(*now as i64), &mut guest.frames, &mut guest.sockets);
-            let mut moved = false;
-            while let Some(f) = guest.frames.tx.pop_front() {
-                net.push_frame(f);
-                moved = true;
-            }
-            net.poll(*now);
-            while let Some(f) = net.pop_frame() {
-                guest.frames.rx.push_back(f);
-                moved = true;
-            }
-            if !moved {
-                return;
-            }
-        }
     }
 
     fn audit(net: &Net) -> String {
@@ -515,7 +478,7 @@ mod tests {
 
     #[test]
     fn dns_answers_allowed_names_with_bound_synthetic_addresses_and_refuses_others() {
-        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(), 0);
+        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(1500), 0);
         let ok = resolve(&mut net, &mut guest, "api.example.com", &mut now);
         assert_eq!(ok[3] & 0xf, 0, "NOERROR");
         let addr = Ipv4Addr::new(ok[ok.len() - 4], ok[ok.len() - 3], ok[ok.len() - 2], ok[ok.len() - 1]);
@@ -533,7 +496,7 @@ mod tests {
 
     #[test]
     fn the_gateway_answers_ping() {
-        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(), 0);
+        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(1500), 0);
         let buf = || icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0; 512]);
         let mut s = icmp::Socket::new(buf(), buf());
         s.bind(icmp::Endpoint::Ident(0x1234)).unwrap();
@@ -554,7 +517,7 @@ mod tests {
 
     #[test]
     fn everything_else_is_dropped_and_logged() {
-        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(), 0);
+        let (mut net, mut guest, mut now) = (net(POLICY), Guest::new(1500), 0);
         // UDP to an outside resolver.
         let buf = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 2048]);
         let mut s = udp::Socket::new(buf(), buf());
@@ -589,7 +552,7 @@ mod tests {
         let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let policy = "version = 1\n[[rule]]\nallow = \"*.example.com\"\n";
         let mut net = net_with(policy, &[("api.example.com", 80, up), ("dead.example.com", 80, dead)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let live = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         let gone = a_record(&resolve(&mut net, &mut guest, "dead.example.com", &mut now));
         let (got, _) = exchange(
@@ -776,7 +739,7 @@ mod tests {
     fn http_requests_are_checked_one_by_one_and_forwarded() {
         let (up, count) = http_upstream();
         let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         // Keep-alive: GET, then a POST with a body, then a denied DELETE
         // pipelined behind them.
@@ -799,7 +762,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     fn large_bodies_stream_both_ways() {
         let (up, count) = http_upstream();
         let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         let mut req =
             format!("POST /up HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: {}\r\n\r\n", 1 << 20).into_bytes();
@@ -817,7 +780,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     fn a_host_other_than_the_resolved_name_is_refused_before_any_upstream() {
         let (up, count) = http_upstream();
         let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up), ("other.example.com", 80, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         for head in [
             "GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n",
@@ -843,7 +806,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         let (up, count) = echo_upstream();
         let policy = "version = 1\n[[rule]]\nallow = \"*.example.com\"\n";
         let mut net = net_with(policy, &[("api.example.com", 443, up), ("www.example.com", 443, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["api.example.com"])]);
         hello.extend_from_slice(b"opaque application data");
@@ -868,7 +831,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     fn other_ports_and_unresolved_addresses_get_nothing() {
         let (up, count) = echo_upstream();
         let mut net = net_with(HTTP_POLICY, &[("api.example.com", 22, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         for to in [(addr, 22), (addr, 8080), (Ipv4Addr::new(198, 18, 9, 9), 80), (Ipv4Addr::new(127, 0, 0, 1), 80)] {
             let quick = std::time::Duration::from_millis(300);
@@ -929,7 +892,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
 
         let policy = "version = 1\n[[rule]]\nallow = \"api.example.com\"\nports = [443]\n";
         let mut net = net_with(policy, &[("api.example.com", 443, up)]);
-        let (mut guest, mut now) = (Guest::new(), 0);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
 
         let mut roots = rustls::RootCertStore::empty();

@@ -33,9 +33,10 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image).
+    /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image),
+    /// `net` (netstack throughput and latency, in process).
     Bench {
-        #[arg(value_parser = ["boot"])]
+        #[arg(value_parser = ["boot", "net"])]
         what: String,
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -70,7 +71,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Kernel { force } => kernel::build(force).map(|_| ()),
         Task::Image { name, force } => image::build(&name, force).map(|_| ()),
-        Task::Bench { what: _, runs, memory } => bench::boot(runs, memory),
+        Task::Bench { what, runs, memory } if what == "boot" => bench::boot(runs, memory),
+        Task::Bench { .. } => util::run(cargo().args(["bench", "-p", "netstack", "--bench", "net"])),
         Task::Test { args } => {
             kernel::build(false)?;
             image::build("shell", false)?;
