@@ -10,6 +10,7 @@
 //! Bounds: [`MAX_BUFFERED`] bytes wait in each direction; reading stops
 //! until they drain (backpressure on both sides).
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::host::HostName;
-use crate::http::{self, BodyScanner, Parsed};
+use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
 use crate::policy::{Action, Policy, Request};
 use crate::tls;
 
@@ -66,6 +67,9 @@ pub struct Conn {
     upstream_shut: bool,
     /// A 403 waiting for the responses to earlier, allowed requests.
     refusal: Option<Vec<u8>>,
+    /// Allowed requests awaiting their response: audit line, HEAD?, bytes up.
+    pending: VecDeque<(Value, bool, u64)>,
+    responses: ResponseTracker,
     pub events: Vec<Value>,
 }
 
@@ -126,6 +130,8 @@ impl Conn {
             upstream_eof: false,
             upstream_shut: false,
             refusal: None,
+            pending: VecDeque::new(),
+            responses: ResponseTracker::default(),
             events: Vec::new(),
         }
     }
@@ -195,6 +201,9 @@ impl Conn {
                 Phase::Body(scanner) => match scanner.feed(&self.inbox) {
                     Ok(n) => {
                         self.to_upstream.extend(self.inbox.drain(..n));
+                        if let Some(p) = self.pending.back_mut() {
+                            p.2 += n as u64;
+                        }
                         if scanner.is_done() {
                             self.phase = Phase::Head;
                         } else {
@@ -256,7 +265,8 @@ impl Conn {
             return false;
         }
         event["decision"] = json!("allow");
-        self.events.push(event);
+        // Logged when its response ends, with status and sizes.
+        self.pending.push_back((event, head.method == "HEAD", len as u64));
         self.to_upstream.extend(self.inbox.drain(..len));
         let next = Phase::Body(BodyScanner::new(head.body));
         if self.upstream.is_none() {
@@ -356,12 +366,14 @@ impl Conn {
             self.upstream_shut = true;
         }
         let mut buf = [0u8; 16 * 1024];
+        let mut fresh = Vec::new();
         while self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof {
             match up.read(&mut buf) {
                 Ok(0) => self.upstream_eof = true,
                 Ok(n) => {
                     self.bytes_down += n as u64;
                     self.to_guest.extend_from_slice(&buf[..n]);
+                    fresh.extend_from_slice(&buf[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -369,12 +381,57 @@ impl Conn {
                 }
             }
         }
+        self.track_responses(&fresh);
+        if self.upstream_eof {
+            if let Some(r) = self.responses.close() {
+                self.response_done(r);
+            }
+        }
         self.release_refusal();
     }
 
-    /// The line logged when the connection ends.
-    pub fn end_event(&self) -> Value {
-        json!({"event": "conn_end", "dst": self.dst.to_string(), "port": self.port,
-            "name": self.name.as_ref().map(|n| n.as_str()), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down})
+    /// Matches responses from upstream to the requests they answer.
+    fn track_responses(&mut self, data: &[u8]) {
+        if self.port != 80 {
+            return;
+        }
+        // The next response head answers the first pending request, or the
+        // second if the first one's response is still under way.
+        let mut index = usize::from(self.responses.in_response());
+        let pending = &self.pending;
+        let done = self.responses.feed(data, || {
+            let head = pending.get(index).is_some_and(|p| p.1);
+            index += 1;
+            head
+        });
+        for r in done {
+            self.response_done(r);
+        }
+    }
+
+    fn response_done(&mut self, r: http::Response) {
+        if let Some((mut event, _, up)) = self.pending.pop_front() {
+            event["status"] = json!(r.status);
+            event["bytes_up"] = json!(up);
+            event["bytes_down"] = json!(r.bytes);
+            self.events.push(event);
+        }
+    }
+
+    /// The lines logged when the connection ends: requests that got no
+    /// (complete) response, then the connection's totals.
+    pub fn end_events(&mut self) -> Vec<Value> {
+        let mut out: Vec<Value> = self
+            .pending
+            .drain(..)
+            .map(|(mut e, _, up)| {
+                e["status"] = Value::Null;
+                e["bytes_up"] = json!(up);
+                e
+            })
+            .collect();
+        out.push(json!({"event": "conn_end", "dst": self.dst.to_string(), "port": self.port,
+            "name": self.name.as_ref().map(|n| n.as_str()), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}));
+        out
     }
 }

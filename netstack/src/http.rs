@@ -342,6 +342,128 @@ impl BodyScanner {
     }
 }
 
+/// Longest response head tracked; past it the response is passed on
+/// untracked (its status logged as unknown).
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Watches the upstream's byte stream (never changing it) to find where
+/// each response ends and what its status was, so that each request's
+/// audit line gets its status and size.
+#[derive(Debug, Default)]
+pub struct ResponseTracker {
+    head: Vec<u8>,
+    body: Option<(u16, BodyScanner, u64)>,
+    until_close: Option<(u16, u64)>,
+    lost: bool,
+}
+
+/// A response that ended: status (None if it could not be read) and the
+/// bytes it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: Option<u16>,
+    pub bytes: u64,
+}
+
+impl ResponseTracker {
+    /// Feeds bytes from upstream; `head_request` says, for each response
+    /// that starts, whether it answers a HEAD (no body). Returns the
+    /// responses that completed.
+    pub fn feed(&mut self, mut data: &[u8], mut head_request: impl FnMut() -> bool) -> Vec<Response> {
+        let mut done = Vec::new();
+        while !data.is_empty() && !self.lost {
+            if let Some((_, n)) = self.until_close.as_mut() {
+                *n += data.len() as u64;
+                return done;
+            }
+            if let Some((status, scanner, n)) = self.body.as_mut() {
+                match scanner.feed(data) {
+                    Ok(used) => {
+                        *n += used as u64;
+                        data = &data[used..];
+                        if scanner.is_done() {
+                            done.push(Response { status: Some(*status), bytes: *n });
+                            self.body = None;
+                        }
+                    }
+                    Err(_) => self.lost = true,
+                }
+                continue;
+            }
+            // Reading a response head.
+            let start = self.head.len().saturating_sub(3);
+            let take = data.len().min(MAX_RESPONSE_HEAD + 4 - self.head.len().min(MAX_RESPONSE_HEAD));
+            self.head.extend_from_slice(&data[..take]);
+            match self.head[start..].windows(4).position(|w| w == b"\r\n\r\n") {
+                None if self.head.len() >= MAX_RESPONSE_HEAD => {
+                    self.lost = true;
+                }
+                None => return done,
+                Some(i) => {
+                    let head_len = start + i + 4;
+                    let consumed = take - (self.head.len() - head_len);
+                    data = &data[consumed..];
+                    let head = std::mem::take(&mut self.head);
+                    let Some((status, body)) = parse_response_head(&head[..head_len]) else {
+                        self.lost = true;
+                        break;
+                    };
+                    let informational = (100..200).contains(&status) && status != 101;
+                    if informational {
+                        continue;
+                    }
+                    let no_body = head_request() || status == 204 || status == 304;
+                    match (no_body, body) {
+                        (true, _) | (false, Some(Body::None)) => {
+                            done.push(Response { status: Some(status), bytes: head_len as u64 })
+                        }
+                        (false, Some(b)) => self.body = Some((status, BodyScanner::new(b), head_len as u64)),
+                        (false, None) => self.until_close = Some((status, head_len as u64)),
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// True while a response's body is passing.
+    pub fn in_response(&self) -> bool {
+        self.body.is_some() || self.until_close.is_some()
+    }
+
+    /// The upstream closed: a response that ran until close ends here.
+    pub fn close(&mut self) -> Option<Response> {
+        self.until_close.take().map(|(status, bytes)| Response { status: Some(status), bytes })
+    }
+}
+
+/// Status and framing of a response head (None for the framing: until close).
+fn parse_response_head(head: &[u8]) -> Option<(u16, Option<Body>)> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next()?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status: u16 = parts.next()?.parse().ok().filter(|s| (100..600).contains(s))?;
+    let mut length = None;
+    let mut chunked = false;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let k = k.trim().to_ascii_lowercase();
+        if k == "content-length" {
+            length = v.trim().parse::<u64>().ok();
+        } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+            chunked = true;
+        }
+    }
+    let body =
+        if chunked { Some(Body::Chunked) } else { length.map(|n| if n == 0 { Body::None } else { Body::Length(n) }) };
+    Some((status, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,6 +607,37 @@ mod tests {
         }
         let mut s = BodyScanner::new(Body::Chunked);
         assert_eq!(s.feed(&[b'1'; MAX_CHUNK_LINE + 1]), Err(Error::BadChunk));
+    }
+
+    #[test]
+    fn responses_are_delimited_and_their_status_read() {
+        let stream = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc\
+HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n\
+HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
+        let mut t = ResponseTracker::default();
+        let all = t.feed(stream, || false);
+        let statuses: Vec<Option<u16>> = all.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, vec![Some(200), Some(404), Some(204)], "the last one still awaits its body");
+        assert_eq!(t.feed(b"123456789", || false), vec![Response { status: Some(200), bytes: 47 }]);
+        // The same, a byte at a time; HEAD answers carry no body.
+        let mut t = ResponseTracker::default();
+        let mut seen = Vec::new();
+        for b in stream.iter() {
+            seen.extend(t.feed(&[*b], || false));
+        }
+        assert_eq!(seen, all);
+        assert_eq!(all[0].bytes, 41);
+        let mut t = ResponseTracker::default();
+        let head_only = t.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 201 Created\r\n\r\n", || true);
+        assert_eq!(head_only.iter().map(|r| r.status).collect::<Vec<_>>(), vec![Some(200), Some(201)]);
+        // Until-close bodies end at close.
+        let mut t = ResponseTracker::default();
+        assert!(t.feed(b"HTTP/1.0 200 OK\r\n\r\nsome body", || false).is_empty());
+        assert_eq!(t.close(), Some(Response { status: Some(200), bytes: 28 }));
+        // Garbage stops tracking without panicking.
+        let mut t = ResponseTracker::default();
+        assert!(t.feed(b"SSH-2.0-x\r\n\r\nmore", || false).is_empty());
+        assert!(t.feed(&vec![b'a'; 2 * MAX_RESPONSE_HEAD], || false).is_empty());
     }
 
     #[test]

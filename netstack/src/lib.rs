@@ -10,13 +10,17 @@
 //! - [`conn`]: per connection, every HTTP request head checked ([`http`]:
 //!   strict, bounded; Host must be the name bound to the address; policy by
 //!   method and path; 403 naming the rule) and forwarded with its body
-//!   framing tracked; TLS allowed by SNI ([`tls`]) and spliced;
+//!   framing tracked, each response's status and size read (never changed)
+//!   for the request's audit line; TLS allowed by SNI ([`tls`]) and spliced;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
+//! - [`sim`]: the in-process simulated guest used by the tests and by
+//!   `cargo bench -p netstack --bench net`.
+//!
 //! Not yet: the virtio-net device that feeds it guest frames, TLS
-//! termination for credential injection, response-status logging, the
-//! throughput benchmark and fuzz targets.
+//! termination for credential injection, cargo-fuzz targets (the parsers
+//! are tested on every prefix and single-byte corruption instead).
 #![forbid(unsafe_code)]
 
 pub mod audit;

@@ -329,8 +329,8 @@ impl<W: Write> NetStack<W> {
             }
         }
         for idx in finished.into_iter().rev() {
-            let (h, conn, _) = self.conns.swap_remove(idx);
-            events.push(conn.end_event());
+            let (h, mut conn, _) = self.conns.swap_remove(idx);
+            events.extend(conn.end_events());
             self.sockets.remove(h);
         }
         for e in events {
@@ -755,6 +755,12 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(count.load(Ordering::SeqCst), 2, "the denied request never went upstream");
         let log = audit(&net);
         assert!(log.contains("\"method\":\"DELETE\"") && log.contains("\"decision\":\"deny\""), "{log}");
+        let post = log.lines().find(|l| l.contains("\"method\":\"POST\"")).expect("POST logged");
+        let post_request = "POST /b HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5\r\n\r\nhello";
+        let post_response = "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\necho POST /b 5";
+        assert!(post.contains("\"status\":200"), "{post}");
+        assert!(post.contains(&format!("\"bytes_up\":{},", post_request.len())), "{post}");
+        assert!(post.contains(&format!("\"bytes_down\":{},", post_response.len())), "{post}");
         assert!(crate::audit::verify(log.as_bytes()).is_ok());
     }
 
