@@ -18,9 +18,10 @@
 //! - [`sim`]: the in-process simulated guest used by the tests and by
 //!   `cargo bench -p netstack --bench net`.
 //!
-//! Not yet: the virtio-net device that feeds it guest frames, TLS
-//! termination for credential injection, cargo-fuzz targets (the parsers
-//! are tested on every prefix and single-byte corruption instead).
+//! Fuzz targets for the parsers: `fuzz/` (cargo-fuzz, built in CI).
+//!
+//! Not yet: the virtio-net device that feeds it guest frames, and TLS
+//! termination for credential injection (the seam is `conn::Phase`).
 #![forbid(unsafe_code)]
 
 pub mod audit;
