@@ -252,16 +252,10 @@ impl Conn {
         } else if head.host_port.is_some_and(|p| p != self.port) {
             Some("Host names another port".into())
         } else {
-            let decision =
-                policy.decide(&Request { host: &head.host, port: self.port, http: Some((&head.method, &head.target)) });
-            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
-            (decision.action == Action::Deny).then(|| decision.to_string())
+            self.judge(policy, &head.host, Some((&head.method, &head.target)), &mut event)
         };
         if let Some(reason) = refusal {
-            event["decision"] = json!("deny");
-            event["reason"] = json!(reason);
-            self.events.push(event);
-            self.refuse(reason);
+            self.deny(event, reason);
             return false;
         }
         event["decision"] = json!("allow");
@@ -275,6 +269,22 @@ impl Conn {
         }
         self.phase = next;
         true
+    }
+
+    /// The policy's decision for this request, noted in `event`; the
+    /// refusal text if it is denied.
+    fn judge(&self, policy: &Policy, host: &HostName, http: Option<(&str, &str)>, event: &mut Value) -> Option<String> {
+        let decision = policy.decide(&Request { host, port: self.port, http });
+        event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
+        (decision.action == Action::Deny).then(|| decision.to_string())
+    }
+
+    /// Logs a refused request and refuses it.
+    fn deny(&mut self, mut event: Value, reason: String) {
+        event["decision"] = json!("deny");
+        event["reason"] = json!(reason);
+        self.events.push(event);
+        self.refuse(reason);
     }
 
     fn tls_hello(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
@@ -293,15 +303,10 @@ impl Conn {
         let refusal = if self.name.as_ref() != Some(&sni) {
             Some("SNI is not the name this address was resolved for".to_string())
         } else {
-            let decision = policy.decide(&Request { host: &sni, port: self.port, http: None });
-            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
-            (decision.action == Action::Deny).then(|| decision.to_string())
+            self.judge(policy, &sni, None, &mut event)
         };
         if let Some(reason) = refusal {
-            event["decision"] = json!("deny");
-            event["reason"] = json!(reason);
-            self.events.push(event);
-            self.refuse(reason);
+            self.deny(event, reason);
             return;
         }
         event["decision"] = json!("allow");
