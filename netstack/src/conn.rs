@@ -73,22 +73,20 @@ pub struct Conn {
     pub events: Vec<Value>,
 }
 
+/// A short plain-text response that closes the connection.
+fn plain_response(status: &str, text: &str) -> Vec<u8> {
+    let body = format!("sbx: {text}\n");
+    let len = body.len();
+    format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}")
+        .into_bytes()
+}
+
 fn forbidden(reason: &str) -> Vec<u8> {
-    let body = format!("sbx: request refused: {reason}\n");
-    format!(
-        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    plain_response("403 Forbidden", &format!("request refused: {reason}"))
 }
 
 fn bad_gateway(reason: &str) -> Vec<u8> {
-    let body = format!("sbx: upstream unreachable: {reason}\n");
-    format!(
-        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    plain_response("502 Bad Gateway", &format!("upstream unreachable: {reason}"))
 }
 
 /// Resolves and connects on a helper thread; the result arrives on the

@@ -428,11 +428,7 @@ fn stop(name: &str) -> Result<(), String> {
     let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
     let pid = sb.running_pid().ok_or_else(|| format!("Sandbox '{name}' is not running"))?;
     // The VMM turns SIGTERM into a VM stop and records it.
-    let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-    match status {
-        Ok(s) if s.success() => {}
-        _ => return Err(format!("Cannot signal the VMM (pid {pid})")),
-    }
+    vmm::signals::terminate(pid).map_err(|e| format!("Cannot signal the VMM (pid {pid}): {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while sb.running_pid().is_some() {
         if Instant::now() > deadline {

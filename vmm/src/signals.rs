@@ -36,3 +36,15 @@ pub fn stop_on_signals(stop: Arc<Stop>) {
         }
     });
 }
+
+/// Asks process `pid` to stop (SIGTERM), as `sbx stop` does to a VMM.
+pub fn terminate(pid: i32) -> std::io::Result<()> {
+    if pid <= 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a process id"));
+    }
+    // SAFETY: kill(2) takes no pointers; pid > 0 names exactly one process.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
