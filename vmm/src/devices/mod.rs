@@ -6,5 +6,6 @@ pub mod bus;
 pub mod console;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -1,0 +1,57 @@
+//! Host side: virtio devices. A device (what it does with its queues) is
+//! kept apart from the transport the guest reaches it through
+//! ([`mmio::MmioTransport`]); a device knows nothing of MMIO. Queues are
+//! `virtio-queue`'s, so descriptor chains from the guest (untrusted) are
+//! walked with its bounds checks.
+
+pub mod mmio;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Feature bit every device must offer and the driver must accept: the
+/// modern (virtio 1.x) interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ActivateError {
+    #[error("Device {0} needs {1} queues ready, got {2}")]
+    QueueCount(&'static str, usize, usize),
+    #[error("Device {0} cannot start: {1}")]
+    Failed(&'static str, String),
+}
+
+/// How a device tells the guest it has used buffers or changed its config.
+pub trait Interrupt: Send + Sync {
+    fn signal_used_queue(&self);
+    fn signal_config_change(&self);
+}
+
+pub trait VirtioDevice: Send {
+    /// Short name for errors and logs.
+    fn name(&self) -> &'static str;
+    /// Virtio device ID (2 block, 1 net, 19 vsock, 26 fs...).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; their number is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Features the driver accepted (a subset of `features()`).
+    fn ack_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with its ready queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// The guest notified queue `index`.
+    fn queue_notify(&mut self, index: u16);
+    /// Back to the state before activation.
+    fn reset(&mut self);
+}
