@@ -6,6 +6,7 @@
 //! It never panics: every failure is printed, reported as an error frame, and
 //! the VM still ends.
 
+mod root;
 mod sys;
 
 use std::fs::OpenOptions;
@@ -32,26 +33,37 @@ fn frame(f: Frame) {
 
 fn main() {
     frame(Frame::Init);
-    let outcome = run();
-    match outcome {
-        Ok(f) => {
-            shutdown_children();
-            frame(f);
+    let mut disk = None;
+    let outcome = run(&mut disk);
+    shutdown_children();
+    // Before the final frame: the VMM may end the VM as soon as it sees it.
+    sys::sync();
+    if let Some(d) = &disk {
+        if let Err(e) = d.close_for_power_off() {
+            eprintln!("sbx-init: cannot leave the sandbox disk clean: {e}");
         }
+    }
+    match outcome {
+        Ok(f) => frame(f),
         Err(msg) => {
             eprintln!("sbx-init: {msg}");
-            shutdown_children();
             frame(Frame::Error(msg));
         }
     }
-    sys::sync();
     sys::reboot();
 }
 
-fn run() -> Result<Frame, String> {
-    mount_filesystems()?;
+fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     let text = std::fs::read_to_string(JOB_PATH).map_err(|e| format!("Cannot read {JOB_PATH}: {e}"))?;
     let job = Job::decode(&text).map_err(|e| e.to_string())?;
+    mount_filesystems(EARLY_MOUNTS)?;
+    if job.overlay_root {
+        *disk = Some(root::switch_to_disks()?);
+    }
+    mount_filesystems(LATE_MOUNTS)?;
+    // /dev/ptmx must reach the devpts instance mounted above.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     if let Err(e) = sys::sethostname(&job.hostname) {
         eprintln!("sbx-init: cannot set hostname: {e}");
     }
@@ -104,26 +116,29 @@ fn program_env(job: &Job) -> Vec<(String, String)> {
     env
 }
 
-fn mount_filesystems() -> Result<(), String> {
-    const NOSUID: libc::c_ulong = libc::MS_NOSUID;
-    const NODEV_EXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    let mounts: [(&str, &str, &str, libc::c_ulong); 6] = [
-        ("proc", "/proc", "proc", NODEV_EXEC),
-        ("sysfs", "/sys", "sysfs", NODEV_EXEC),
-        ("devtmpfs", "/dev", "devtmpfs", NOSUID),
-        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC),
-        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
-        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
-    ];
-    for (source, target, fstype, flags) in mounts {
+type Mount = (&'static str, &'static str, &'static str, libc::c_ulong);
+const NODEV_EXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+/// Mounted first: finding the disks needs /sys and /dev. They move with
+/// the root when it switches to the disks.
+const EARLY_MOUNTS: &[Mount] = &[
+    ("proc", "/proc", "proc", NODEV_EXEC),
+    ("sysfs", "/sys", "sysfs", NODEV_EXEC),
+    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
+];
+/// Mounted on the final root.
+const LATE_MOUNTS: &[Mount] = &[
+    ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC),
+    ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+    ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+];
+
+fn mount_filesystems(mounts: &[Mount]) -> Result<(), String> {
+    for &(source, target, fstype, flags) in mounts {
         if let Err(e) = std::fs::create_dir_all(target) {
             return Err(format!("Cannot create {target}: {e}"));
         }
         sys::mount(source, target, fstype, flags).map_err(|e| format!("Cannot mount {fstype} on {target}: {e}"))?;
     }
-    // /dev/ptmx must reach the devpts instance mounted above.
-    let _ = std::fs::remove_file("/dev/ptmx");
-    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     Ok(())
 }
 

@@ -20,10 +20,40 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// mount(2) with no data string.
 pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+    mount_with_data(source, target, fstype, flags, None)
+}
+
+/// mount(2) with an optional data (options) string.
+pub fn mount_with_data(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
     let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the
-    // call; a null data pointer is allowed.
-    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) })?;
+    let d = data.map(cstr).transpose()?;
+    let dp = d.as_ref().map(|d| d.as_ptr().cast::<libc::c_void>()).unwrap_or(std::ptr::null());
+    // SAFETY: all pointers are valid NUL-terminated strings (or null for
+    // the data) that outlive the call.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) })?;
+    Ok(())
+}
+
+/// Moves the mount at `from` to `to` (mount --move).
+pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: valid NUL-terminated strings; fstype and data may be null
+    // for MS_MOVE.
+    check(unsafe { libc::mount(f.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) })?;
+    Ok(())
+}
+
+/// chroot(2).
+pub fn chroot(path: &str) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: p is a valid NUL-terminated string.
+    check(unsafe { libc::chroot(p.as_ptr()) })?;
     Ok(())
 }
 
@@ -198,6 +228,17 @@ pub fn reap_ended() {
 pub fn sync() {
     // SAFETY: no arguments.
     unsafe { libc::sync() };
+}
+
+/// FIFREEZE, _IOWR('X', 119, int): not in the libc crate for this target.
+const FIFREEZE: libc::c_ulong = 0xc004_5877;
+
+/// Freezes the filesystem `fd` is on: everything written reaches the disk
+/// and, for ext4, the journal is emptied and the disk marked clean.
+pub fn freeze(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: FIFREEZE takes no pointer argument; fd is open.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), FIFREEZE, 0) })?;
+    Ok(())
 }
 
 /// Ends the VM. The VMM sees the reset (reboot=k: keyboard controller) and

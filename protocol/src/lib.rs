@@ -8,6 +8,11 @@ use std::fmt;
 /// Where the VMM places the job in the guest's initramfs.
 pub const JOB_PATH: &str = "/sbx/job";
 
+/// Serial numbers (virtio-blk GET_ID) by which guest-init finds the disks:
+/// the image's read-only base and the sandbox's own writable disk.
+pub const BASE_DISK_SERIAL: &str = "sbx-base";
+pub const DATA_DISK_SERIAL: &str = "sbx-data";
+
 /// First line of an encoded job; bump the number on incompatible changes.
 const JOB_MAGIC: &str = "sbx-job 1";
 
@@ -36,6 +41,9 @@ pub struct Job {
     /// The guest kernel runs emulated (kvm_pvm): guest programs must keep
     /// AVX off (the kernel cannot save its state there).
     pub emulated_cpu: bool,
+    /// The root filesystem is the image's base disk under the sandbox's
+    /// own disk (overlayfs), not the initramfs.
+    pub overlay_root: bool,
 }
 
 impl Default for Job {
@@ -49,6 +57,7 @@ impl Default for Job {
             rows: 24,
             cols: 80,
             emulated_cpu: false,
+            overlay_root: false,
         }
     }
 }
@@ -127,6 +136,7 @@ impl Job {
         field("rows", &self.rows.to_string());
         field("cols", &self.cols.to_string());
         field("emulated_cpu", if self.emulated_cpu { "1" } else { "0" });
+        field("overlay_root", if self.overlay_root { "1" } else { "0" });
         for (k, v) in &self.env {
             field("env", &format!("{k}={v}"));
         }
@@ -161,6 +171,7 @@ impl Job {
                 "hostname" => job.hostname = value,
                 "interactive" => job.interactive = flag(&value)?,
                 "emulated_cpu" => job.emulated_cpu = flag(&value)?,
+                "overlay_root" => job.overlay_root = flag(&value)?,
                 "rows" => job.rows = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "cols" => job.cols = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "env" => {
@@ -264,9 +275,10 @@ mod tests {
             rows: 50,
             cols: 132,
             emulated_cpu: true,
+            overlay_root: true,
         };
         let text = job.encode();
-        assert_eq!(text.lines().count(), 1 + 6 + 1 + 4);
+        assert_eq!(text.lines().count(), 1 + 7 + 1 + 4);
         assert_eq!(Job::decode(&text).unwrap(), job);
     }
 

@@ -20,7 +20,7 @@ pub fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         Some(format!("no sbx binary at {} (cargo build --release --bin sbx)", bin.display()))
     } else if !assets.join("kernel/vmlinux").is_file() {
         Some(format!("no kernel in {} (cargo xtask kernel)", assets.display()))
-    } else if !assets.join("images/shell/initramfs.cpio").is_file() {
+    } else if !assets.join("images/shell/init.cpio").is_file() || !assets.join("images/shell/rootfs.ext4").is_file() {
         Some(format!("no shell image in {} (cargo xtask image)", assets.display()))
     } else if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         Some("/dev/kvm is not available".to_string())

@@ -141,3 +141,65 @@ fn stop_ends_a_running_sandbox_and_records_it() {
     let again = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
     assert!(text(&again.stderr).contains("is not running"));
 }
+
+/// The sandbox's disk keeps what the guest writes outside the workspace
+/// from one run to the next; a VMM killed mid-write leaves it mountable and
+/// the image's shared base untouched; `sbx rm` removes it.
+#[test]
+fn the_sandbox_disk_persists_and_survives_a_killed_vmm() {
+    use std::io::{BufRead, BufReader};
+    let Some(sbx) = Sbx::new() else { return };
+    let rootfs = sbx.assets.join("images/shell/rootfs.ext4");
+    let base_before = std::fs::read(&rootfs).unwrap();
+    // Run 1: a file written and synced, then writes in flight when the VMM
+    // is killed with SIGKILL (no chance to stop the guest in order).
+    let script = "echo kept > /root/marker; sync; echo synced; \
+                  i=0; while true; do i=$((i+1)); echo $i > /root/counter; \
+                  dd if=/dev/zero of=/root/big bs=64k count=16 2>/dev/null; done";
+    let mut run = sbx
+        .cmd()
+        .args(["run", "shell", "--name", "disk", "--timeout", "600", "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.trim() == "synced")), "the guest never synced");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    // Run 2: the synced file is there, the half-written ones are readable.
+    let out = sbx.run(
+        &[
+            "run",
+            "shell",
+            "--name",
+            "disk",
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            "cat /root/marker; ls /root >/dev/null && echo readable; touch /bin/x 2>&1; ls /bin/x",
+        ],
+        b"",
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("kept\n"), "the synced file survived: {stdout}");
+    assert!(stdout.contains("readable\n"), "the disk mounts and reads after the kill: {stdout}");
+    assert!(stdout.contains("/bin/x"), "the overlay takes writes over the base: {stdout}");
+    assert!(std::fs::read(&rootfs).unwrap() == base_before, "the shared base image is unchanged");
+    // guest-init left the disk clean at power-off: a full check finds
+    // nothing to fix (and no journal to replay).
+    let disk = sbx.home.path().join("sandboxes/disk/disk.img");
+    let fsck = std::process::Command::new("e2fsck").arg("-fn").arg(&disk).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}{}", text(&fsck.stdout), text(&fsck.stderr));
+    // Another sandbox starts from the clean base.
+    let out = sbx
+        .run(&["run", "shell", "--name", "other", "--timeout", "600", "--", "sh", "-c", "ls /root/marker /bin/x"], b"");
+    assert_ne!(out.status.code(), Some(0), "another sandbox does not see this one's files");
+    assert!(disk.is_file());
+    assert!(sbx.cmd().args(["rm", "disk"]).status().unwrap().success());
+    assert!(!disk.exists(), "sbx rm removes the sandbox's disk");
+}

@@ -16,11 +16,16 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::bootparams::{self, Initrd};
 use crate::arch::cpuid::{self, CpuTemplate};
-use crate::arch::layout::{CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, MMIO_HOLE_START};
+use crate::arch::layout::{
+    CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, MMIO_HOLE_START, VIRTIO_IRQ_BASE, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE,
+};
 use crate::arch::{mptable, regs};
 use crate::control::Stop;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::vstate::{self, Vm};
 
@@ -54,6 +59,10 @@ pub enum Error {
     TooLittleMemory(u64),
     #[error("vCPU count must be 1 to {max}, got {0}", max = mptable::MAX_CPUS)]
     BadCpuCount(u8),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::Error),
+    #[error("Too many virtio devices: at most {VIRTIO_MAX_DEVICES}")]
+    TooManyDevices,
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -68,6 +77,17 @@ pub struct VmSpec {
     pub mem_mib: u64,
     pub cpus: u8,
     pub template: CpuTemplate,
+    /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb...
+    pub disks: Vec<Disk>,
+}
+
+/// A host file the guest sees as a virtio-blk disk.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The disk's serial number in the guest (GET_ID), at most 20 bytes.
+    pub id: String,
 }
 
 /// Where the guest's serial ports go.
@@ -125,21 +145,57 @@ pub fn kernel_cmdline_with_console(console: &str, pvm: bool, kernel_log: bool, e
 }
 
 /// Takes the spec by value: the initramfs buffer is freed once it is in
-/// guest memory, so it does not count against the VMM's own memory.
-pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks) -> Result<MicroVm> {
+/// guest memory, so it does not count against the VMM's own memory. `stop`
+/// is the VM's stop switch, made by the caller so that a stop requested
+/// while the VM is being built (a signal) is not lost.
+pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -> Result<MicroVm> {
     check_spec(&spec)?;
     let vm = Vm::new(spec.mem_mib << 20)?;
     vm.setup_irqchip()?;
     let entry = load_kernel(&vm, &spec.kernel)?;
     let initrd = load_initrd(&vm, &std::mem::take(&mut spec.initrd), entry)?;
-    let cmdline_size = load_kernel_cmdline(&vm, &spec.cmdline)?;
-    write_boot_params(&vm, cmdline_size, initrd)?;
-    let stop = Arc::new(Stop::default());
     let mut pio = Bus::new();
     let program_tty = attach_serial_ports(&vm, &mut pio, sinks)?;
     attach_i8042(&mut pio, &stop)?;
+    let mut mmio = VirtioMmio::default();
+    attach_block_devices(&vm, &mut mmio, &spec.disks)?;
+    let cmdline_size = load_kernel_cmdline(&vm, &format!("{}{}", spec.cmdline, mmio.cmdline))?;
+    write_boot_params(&vm, cmdline_size, initrd)?;
     let vcpus = create_vcpus(&vm, &spec, entry)?;
-    Ok(MicroVm { vm, vcpus, pio, mmio: Bus::new(), stop, program_tty })
+    Ok(MicroVm { vm, vcpus, pio, mmio: mmio.bus, stop, program_tty })
+}
+
+/// The MMIO bus with its virtio devices, and how the kernel command line
+/// declares them (`virtio_mmio.device=4K@ADDR:IRQ`, in order).
+#[derive(Default)]
+struct VirtioMmio {
+    bus: Bus,
+    count: u32,
+    cmdline: String,
+}
+
+/// Puts `device` behind a virtio-mmio transport at the next free window
+/// and interrupt line.
+fn attach_virtio_device(vm: &Vm, mmio: &mut VirtioMmio, device: Box<dyn VirtioDevice>) -> Result<()> {
+    if mmio.count >= VIRTIO_MAX_DEVICES {
+        return Err(Error::TooManyDevices);
+    }
+    let base = VIRTIO_MMIO_BASE + u64::from(mmio.count) * MMIO_LEN;
+    let irq = VIRTIO_IRQ_BASE + mmio.count;
+    let transport = MmioTransport::new(device, vm.memory.clone(), vm.irqfd(irq)?);
+    mmio.bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+    mmio.cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    mmio.count += 1;
+    Ok(())
+}
+
+/// The disks, in order (/dev/vda first).
+fn attach_block_devices(vm: &Vm, mmio: &mut VirtioMmio, disks: &[Disk]) -> Result<()> {
+    for disk in disks {
+        let block = Block::open(&disk.path, disk.read_only, &disk.id)?;
+        attach_virtio_device(vm, mmio, Box::new(block))?;
+    }
+    Ok(())
 }
 
 fn check_spec(spec: &VmSpec) -> Result<()> {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use protocol::{Frame, Job};
 use vmm::arch::cpuid::{self, CpuTemplate};
-use vmm::builder::{self, Sinks, VmSpec};
-use vmm::control::StopReason;
+use vmm::builder::{self, Disk, Sinks, VmSpec};
+use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
 use vmm::devices::serial::SerialDevice;
 use vmm::runner::{self, RunResult};
@@ -105,9 +105,14 @@ struct RunArgs {
     /// Kernel image (default: the one `cargo xtask kernel` built).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Initramfs image (default: the one `cargo xtask image` built for AGENT).
+    /// Image directory with init.cpio and rootfs.ext4 (default: the one
+    /// `cargo xtask image` built for AGENT).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Size in GiB of the sandbox's own disk (sparse; used when the
+    /// sandbox is created).
+    #[arg(long, default_value_t = 16)]
+    disk_size: u64,
     /// Extra kernel command line arguments.
     #[arg(long, default_value = "")]
     kernel_args: String,
@@ -166,6 +171,11 @@ fn existing(path: PathBuf, what: &str, hint: &str) -> Result<PathBuf, String> {
 }
 
 fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
+    // First, before any thread exists and before the sandbox shows as
+    // running: from then on `sbx stop` (SIGTERM) must stop the VM in order,
+    // even while it is still being built.
+    let stop = Arc::new(Stop::default());
+    vmm::signals::stop_on_signals(stop.clone());
     if !AGENTS.contains(&args.agent.as_str()) {
         return Err(format!("Unknown agent '{}' (expected one of: {})", args.agent, AGENTS.join(", ")));
     }
@@ -180,11 +190,13 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         "Kernel",
         "build it with `cargo xtask kernel` or pass --kernel",
     )?;
-    let image = existing(
-        args.image.clone().unwrap_or_else(|| assets.join("images").join(&args.agent).join("initramfs.cpio")),
-        &format!("Image '{}'", args.agent),
-        &format!("build it with `cargo xtask image {}` or pass --image", args.agent),
-    )?;
+    let image_dir = args.image.clone().unwrap_or_else(|| assets.join("images").join(&args.agent));
+    let image_hint = format!("build it with `cargo xtask image {}` or pass --image", args.agent);
+    let image = existing(image_dir.join("init.cpio"), &format!("Image '{}'", args.agent), &image_hint)?;
+    let rootfs = existing(image_dir.join("rootfs.ext4"), &format!("Image '{}'", args.agent), &image_hint)?;
+    if args.disk_size == 0 || args.disk_size > 1 << 14 {
+        return Err(format!("Disk size must be 1 to 16384 GiB, got {}", args.disk_size));
+    }
     let workspace = match &args.workspace {
         Some(w) => w.canonicalize().map_err(|e| format!("Workspace {}: {e}", w.display()))?,
         None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
@@ -192,7 +204,8 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
     let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
     let sb = Sandbox::open_or_create(&sandbox::home(), settings).map_err(|e| e.to_string())?;
-    sb.mark_running().map_err(|e| e.to_string())?;
+    let _running = sb.mark_running().map_err(|e| e.to_string())?;
+    let data_disk = sb.data_disk(args.disk_size).map_err(|e| e.to_string())?;
 
     let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
     let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
@@ -203,6 +216,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         rows,
         cols,
         emulated_cpu: pvm,
+        overlay_root: true,
         ..Job::default()
     };
     if interactive {
@@ -227,12 +241,13 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         mem_mib: args.memory,
         cpus: args.cpus,
         template,
+        disks: vec![
+            Disk { path: rootfs, read_only: true, id: protocol::BASE_DISK_SERIAL.into() },
+            Disk { path: data_disk, read_only: false, id: protocol::DATA_DISK_SERIAL.into() },
+        ],
     };
     let outcome = (|| {
-        let mvm = builder::build_microvm_for_boot(spec, sinks).map_err(|e| e.to_string())?;
-        // Before any thread starts, so that every thread blocks them and
-        // only the signal thread receives them.
-        vmm::signals::stop_on_signals(mvm.stop.clone());
+        let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(|e| e.to_string())?;
         let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
         forward_stdin(mvm.program_tty.clone(), report.clone(), interactive);
         let opts = runner::RunOptions {
@@ -426,7 +441,16 @@ fn ls() -> Result<(), String> {
 
 fn stop(name: &str) -> Result<(), String> {
     let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
-    let pid = sb.running_pid().ok_or_else(|| format!("Sandbox '{name}' is not running"))?;
+    let mut pid = sb.running_pid().ok_or_else(|| format!("Sandbox '{name}' is not running"))?;
+    // Pid 0: the VMM holds the lock but has not written its pid yet.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pid == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        pid = sb.running_pid().unwrap_or(0);
+    }
+    if pid == 0 {
+        return Err(format!("Sandbox '{name}' is starting or stopping; try again"));
+    }
     // The VMM turns SIGTERM into a VM stop and records it.
     vmm::signals::terminate(pid).map_err(|e| format!("Cannot signal the VMM (pid {pid}): {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);

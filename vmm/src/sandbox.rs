@@ -1,7 +1,9 @@
 //! Host side: a sandbox's persistent state — a directory per sandbox under
 //! the sbx home holding its settings, its console log and the result of its
 //! last run. Written atomically (temp file + rename) so a crash never leaves
-//! half a file.
+//! half a file. A running VMM holds an exclusive lock on `vmm.lock`: the
+//! kernel drops it when the process dies, however it dies, so a stale pid
+//! file (or a dead VMM not yet reaped) never reads as running.
 
 use std::fs;
 use std::io::Write;
@@ -22,6 +24,8 @@ pub enum Error {
     Io(PathBuf, std::io::Error),
     #[error("Sandbox state in {0} is corrupt: {1}")]
     Corrupt(PathBuf, String),
+    #[error("Cannot format the sandbox disk {0}: {1}")]
+    Format(PathBuf, String),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -94,6 +98,23 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     }
 }
 
+const LOCK_FILE: &str = "vmm.lock";
+const DISK_FILE: &str = "disk.img";
+
+fn find_mkfs() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join("mkfs.ext4"))
+        .find(|p| p.is_file())
+}
+const PID_FILE: &str = "vmm.pid";
+
+/// Held by the VMM process while it runs the sandbox.
+pub struct RunningGuard {
+    _lock: fs::File,
+}
+
 pub struct Sandbox {
     pub dir: PathBuf,
     pub settings: Settings,
@@ -150,23 +171,78 @@ impl Sandbox {
         self.dir.join("console.log")
     }
 
+    /// The sandbox's own writable disk (ext4, sparse): what the guest
+    /// changes outside the workspace lives here, until `sbx rm`. Made on
+    /// first use with `size_gib` of room; formatted under a temporary name
+    /// and renamed, so a crash never leaves half a disk behind.
+    pub fn data_disk(&self, size_gib: u64) -> Result<PathBuf> {
+        let path = self.dir.join(DISK_FILE);
+        if path.exists() {
+            return Ok(path);
+        }
+        let tmp = self.dir.join("disk.img.tmp");
+        let fail = |why: String| Error::Format(path.clone(), why);
+        let f = fs::File::create(&tmp).map_err(|e| Error::Io(tmp.clone(), e))?;
+        f.set_len(size_gib << 30).map_err(|e| Error::Io(tmp.clone(), e))?;
+        drop(f);
+        let mkfs = find_mkfs().ok_or_else(|| fail("mkfs.ext4 not found (install e2fsprogs)".into()))?;
+        // Lazy init on a sparse file: mke2fs punches holes and marks every
+        // inode table zeroed, so neither it nor the guest kernel writes
+        // them. A small journal: crash safety without 128 MiB of it.
+        let out = std::process::Command::new(mkfs)
+            .args(["-q", "-F", "-L", "sbx-data", "-m", "0", "-J", "size=32"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"])
+            .arg(&tmp)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            let _ = fs::remove_file(&tmp);
+            return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        fs::rename(&tmp, &path).map_err(|e| Error::Io(path.clone(), e))?;
+        Ok(path)
+    }
+
     /// The pid of the VMM running this sandbox, if one is alive.
     pub fn running_pid(&self) -> Option<i32> {
-        let pid: i32 = fs::read_to_string(self.dir.join("vmm.pid")).ok()?.trim().parse().ok()?;
-        std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-    }
-
-    pub fn mark_running(&self) -> Result<()> {
-        if let Some(pid) = self.running_pid() {
-            return Err(Error::Running(self.settings.name.clone(), pid));
+        let lock = fs::File::open(self.dir.join(LOCK_FILE)).ok()?;
+        match lock.try_lock_shared() {
+            // Nobody holds the lock: nothing runs (the shared lock is
+            // dropped with `lock`).
+            Ok(()) => None,
+            Err(fs::TryLockError::WouldBlock) => {
+                // Locked but the pid not yet written: report it as running
+                // anyway, with pid 0 meaning "starting".
+                Some(fs::read_to_string(self.dir.join(PID_FILE)).ok()?.trim().parse().unwrap_or(0))
+            }
+            Err(fs::TryLockError::Error(_)) => None,
         }
-        write_atomic(&self.dir.join("vmm.pid"), std::process::id().to_string().as_bytes())
     }
 
+    /// Marks the sandbox as run by this process until the returned guard
+    /// is dropped or the process ends.
+    pub fn mark_running(&self) -> Result<RunningGuard> {
+        let path = self.dir.join(LOCK_FILE);
+        let io = |e| Error::Io(path.clone(), e);
+        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::Running(self.settings.name.clone(), self.running_pid().unwrap_or(0)))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        write_atomic(&self.dir.join(PID_FILE), std::process::id().to_string().as_bytes())?;
+        Ok(RunningGuard { _lock: lock })
+    }
+
+    /// Records how the run ended. Call while still holding the guard, so
+    /// that nobody sees the sandbox stopped before its result is written.
     pub fn mark_stopped(&self, last: &LastRun) -> Result<()> {
         let json = serde_json::to_vec_pretty(last).map_err(|e| Error::Corrupt(self.dir.clone(), e.to_string()))?;
         write_atomic(&self.dir.join("last-run.json"), &json)?;
-        let _ = fs::remove_file(self.dir.join("vmm.pid"));
+        let _ = fs::remove_file(self.dir.join(PID_FILE));
         Ok(())
     }
 
@@ -210,17 +286,58 @@ mod tests {
         let mut other = settings("one");
         other.agent = "claude".into();
         assert_eq!(Sandbox::open_or_create(home.path(), other).unwrap().settings.agent, "shell");
-        sb.mark_running().unwrap();
+        let guard = sb.mark_running().unwrap();
         assert_eq!(sb.running_pid(), Some(std::process::id() as i32));
+        assert!(matches!(sb.mark_running(), Err(Error::Running(..))), "one VMM per sandbox");
         assert!(matches!(Sandbox::open(home.path(), "one").unwrap().remove(), Err(Error::Running(..))));
         let last = LastRun { ended_unix: 2, exit_code: 7, summary: "exit 7".into() };
         sb.mark_stopped(&last).unwrap();
+        drop(guard);
         assert_eq!(sb.running_pid(), None);
         assert_eq!(sb.last_run().unwrap(), Some(last));
         assert_eq!(Sandbox::list(home.path()).unwrap().len(), 1);
         Sandbox::open(home.path(), "one").unwrap().remove().unwrap();
         assert!(matches!(Sandbox::open(home.path(), "one"), Err(Error::NotFound(_))));
         assert!(matches!(Sandbox::open(home.path(), "../etc"), Err(Error::BadName(_))));
+    }
+
+    #[test]
+    fn a_stale_pid_file_is_not_a_running_sandbox() {
+        // A VMM that died without cleaning up (or is a zombie not yet
+        // reaped) leaves vmm.pid naming a process that may still exist.
+        let home = tempfile::tempdir().unwrap();
+        let sb = Sandbox::open_or_create(home.path(), settings("stale")).unwrap();
+        fs::write(sb.dir.join(PID_FILE), std::process::id().to_string()).unwrap();
+        assert_eq!(sb.running_pid(), None);
+        fs::write(sb.dir.join(LOCK_FILE), b"").unwrap();
+        assert_eq!(sb.running_pid(), None);
+        let _guard = sb.mark_running().unwrap();
+        assert!(sb.running_pid().is_some());
+    }
+
+    #[test]
+    fn the_data_disk_is_made_once_sparse_and_kept() {
+        let home = tempfile::tempdir().unwrap();
+        let sb = Sandbox::open_or_create(home.path(), settings("disk")).unwrap();
+        if find_mkfs().is_none() {
+            eprintln!("SKIPPED: mkfs.ext4 not installed (e2fsprogs)");
+            return;
+        }
+        let disk = sb.data_disk(4).unwrap();
+        let meta = fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 4 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 64 << 20, "sparse: {} bytes used", meta.blocks() * 512);
+        let magic = {
+            let mut b = [0u8; 2];
+            use std::os::unix::fs::FileExt;
+            fs::File::open(&disk).unwrap().read_exact_at(&mut b, 1024 + 0x38).unwrap();
+            u16::from_le_bytes(b)
+        };
+        assert_eq!(magic, 0xef53, "an ext4 superblock");
+        fs::write(sb.dir.join("marker"), b"x").unwrap();
+        assert_eq!(sb.data_disk(4).unwrap(), disk, "made once");
+        assert!(!sb.dir.join("disk.img.tmp").exists());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Host side (build machine): `cargo xtask bench boot` — boot figures for
 //! sbx, side by side with QEMU (microvm, PVH entry into the same vmlinux,
-//! the same initramfs and job) in the same run on the same machine.
+//! the same initramfs, job and disks) in the same run on the same machine.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -53,8 +53,18 @@ fn sbx_boot(sbx: &Path, mem_mib: u64) -> Result<Boot> {
 }
 
 /// QEMU's microvm has one serial port: console, frames and the program
-/// share it; the figures come from when lines appear on it.
-fn qemu_boot(kernel: &Path, initrd: &Path, mem_mib: u64, pvm: bool) -> Result<Boot> {
+/// share it; the figures come from when lines appear on it. It gets the
+/// same disks as sbx gives a guest (the image's base, read-only, and a
+/// fresh sandbox disk), found by guest-init by their serial numbers.
+fn qemu_boot(kernel: &Path, initrd: &Path, disks: &[(&Path, bool, &str)], mem_mib: u64, pvm: bool) -> Result<Boot> {
+    let mut disk_args: Vec<String> = Vec::new();
+    for (i, (path, ro, serial)) in disks.iter().enumerate() {
+        let ro = if *ro { ",readonly=on" } else { "" };
+        disk_args.push("-drive".into());
+        disk_args.push(format!("file={},if=none,id=d{i},format=raw{ro}", path.display()));
+        disk_args.push("-device".into());
+        disk_args.push(format!("virtio-blk-device,drive=d{i},serial={serial}"));
+    }
     let cmdline = vmm::builder::kernel_cmdline_with_console("console=ttyS0 8250.nr_uarts=1", pvm, false, "");
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
@@ -66,6 +76,7 @@ fn qemu_boot(kernel: &Path, initrd: &Path, mem_mib: u64, pvm: bool) -> Result<Bo
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
+        .args(&disk_args)
         .arg("-append")
         .arg(&cmdline)
         .stdin(Stdio::null())
@@ -124,13 +135,28 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
     }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
 
-    // The same image plus the same job sbx would add.
+    // The same image plus the same job sbx would add, and a sandbox disk
+    // made the way sbx makes one.
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("initrd.cpio");
-    let mut bytes = std::fs::read(&image)?;
-    let job = Job { argv: vec!["true".into()], hostname: "bench".into(), emulated_cpu: pvm, ..Job::default() };
+    let mut bytes = std::fs::read(image.join(crate::image::INIT_CPIO))?;
+    let job = Job {
+        argv: vec!["true".into()],
+        hostname: "bench".into(),
+        emulated_cpu: pvm,
+        overlay_root: true,
+        ..Job::default()
+    };
     protocol::cpio::append_job(&mut bytes, &job)?;
     std::fs::write(&initrd, &bytes)?;
+    let settings = vmm::sandbox::Settings {
+        name: "qemu".into(),
+        agent: "shell".into(),
+        workspace: dir.path().into(),
+        created_unix: 0,
+    };
+    let qemu_sandbox = vmm::sandbox::Sandbox::open_or_create(dir.path(), settings)?;
+    let rootfs = image.join(crate::image::ROOTFS);
 
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
@@ -139,7 +165,14 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
         ours.push(sbx_boot(&sbx, mem_mib)?);
         if qemu {
             eprintln!("xtask: run {}/{runs}: QEMU", i + 1);
-            theirs.push(qemu_boot(&kernel, &initrd, mem_mib, pvm)?);
+            // A fresh sandbox disk each run, as sbx's runs get.
+            let _ = std::fs::remove_file(qemu_sandbox.dir.join("disk.img"));
+            let data = qemu_sandbox.data_disk(16)?;
+            let disks = [
+                (rootfs.as_path(), true, protocol::BASE_DISK_SERIAL),
+                (data.as_path(), false, protocol::DATA_DISK_SERIAL),
+            ];
+            theirs.push(qemu_boot(&kernel, &initrd, &disks, mem_mib, pvm)?);
         }
     }
     let col = |b: &[Boot], f: fn(&Boot) -> Option<f64>| b.iter().filter_map(f).collect::<Vec<f64>>();

@@ -1,10 +1,14 @@
-//! Host side (build machine): `cargo xtask image` — the guest's initramfs:
-//! guest-init as /init (a static executable) and busybox (Debian's
-//! busybox-static) as the userland. Written with our own cpio writer, so no
-//! root rights or device nodes are needed. Cached by a fingerprint of its
-//! inputs.
+//! Host side (build machine): `cargo xtask image` — a guest image in two
+//! files: `init.cpio`, a tiny initramfs holding only guest-init as /init
+//! (a static executable), and `rootfs.ext4`, the read-only root filesystem
+//! every sandbox of this image shares, with busybox (Debian's
+//! busybox-static) as the userland. guest-init lays each sandbox's own disk
+//! over it. The cpio comes from our own writer and the ext4 from
+//! `mkfs.ext4 -d`, so no root rights, loop mounts or device nodes are
+//! needed. Cached by a fingerprint of its inputs.
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +17,10 @@ use protocol::cpio::CpioWriter;
 use crate::util::{self, Fingerprint};
 
 const BUSYBOX: &str = "/bin/busybox";
-const RECIPE: &str = "image-recipe-3";
+const RECIPE: &str = "image-recipe-4";
+const MKFS: &str = "/sbin/mkfs.ext4";
+pub const INIT_CPIO: &str = "init.cpio";
+pub const ROOTFS: &str = "rootfs.ext4";
 /// The Rust target guest-init is built for: the gnu target with a static
 /// C runtime (there is no musl target on our machines).
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -151,45 +158,110 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
     if !IMAGES.contains(&image) {
         bail!("No recipe for image '{image}' yet (available: {})", IMAGES.join(", "));
     }
-    util::ensure_packages(&[("busybox-static", BUSYBOX), ("file", "/usr/bin/file")])?;
+    util::ensure_packages(&[("busybox-static", BUSYBOX), ("file", "/usr/bin/file"), ("e2fsprogs", MKFS)])?;
     let init = build_guest_init()?;
     let mut fp = Fingerprint::default();
     fp.add("recipe", RECIPE.as_bytes()).add("image", image.as_bytes());
-    fp.add_file(&init)?.add_file(std::path::Path::new(BUSYBOX))?;
+    fp.add_file(&init)?.add_file(Path::new(BUSYBOX))?;
     let key = fp.hex();
     let out = out_dir(image);
-    if !force && util::up_to_date(&out, &key, &["initramfs.cpio"]) {
-        eprintln!("xtask: image '{image}' up to date ({})", out.join("initramfs.cpio").display());
-        return Ok(out.join("initramfs.cpio"));
+    if !force && util::up_to_date(&out, &key, &[INIT_CPIO, ROOTFS]) {
+        eprintln!("xtask: image '{image}' up to date ({})", out.display());
+        return Ok(out);
     }
     std::fs::create_dir_all(&out)?;
+    let cpio = write_init_cpio(&init, &out.join(INIT_CPIO))?;
+    let rootfs = write_rootfs(&out)?;
+    util::stamp(&out, &key)?;
+    eprintln!(
+        "xtask: image '{image}' ready in {}: {INIT_CPIO} {} KiB, {ROOTFS} {} KiB",
+        out.display(),
+        cpio / 1024,
+        rootfs / 1024
+    );
+    Ok(out)
+}
 
+/// The initramfs: guest-init and the mount points it needs before the
+/// disks are up. Returns its size.
+fn write_init_cpio(init: &Path, path: &Path) -> Result<u64> {
     let mut w = CpioWriter::new(Vec::new());
-    for d in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "home", "var",
-        "var/tmp",
-    ] {
-        w.dir(d, if d.ends_with("tmp") { 0o1777 } else { 0o755 })?;
+    for d in ["dev", "proc", "sys", "sbx"] {
+        w.dir(d, 0o755)?;
     }
     // The kernel opens /dev/console for PID 1 before anything is mounted.
     w.char_dev("dev/console", 0o600, 5, 1)?;
-    w.file("init", 0o755, &std::fs::read(&init).context("Cannot read guest-init")?)?;
-    w.file("bin/busybox", 0o755, &std::fs::read(BUSYBOX).context("Cannot read busybox")?)?;
+    w.file("init", 0o755, &std::fs::read(init).context("Cannot read guest-init")?)?;
+    let bytes = w.finish()?;
+    std::fs::write(path, &bytes).with_context(|| format!("Cannot write {}", path.display()))?;
+    Ok(bytes.len() as u64)
+}
+
+/// The root filesystem, staged in a directory and turned into a read-only
+/// ext4 image (no journal: nothing ever writes to it). Returns its size.
+fn write_rootfs(out: &Path) -> Result<u64> {
+    let stage = out.join("rootfs.stage");
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage)?;
+    }
+    let dirs = [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "root",
+        "etc",
+        "home",
+        "home/agent",
+        "var",
+        "var/tmp",
+        "sbx",
+    ];
+    for d in dirs {
+        let p = stage.join(d);
+        std::fs::create_dir_all(&p)?;
+        let mode = if d.ends_with("tmp") { 0o1777 } else { 0o755 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    }
+    let busybox = stage.join("bin/busybox");
+    std::fs::copy(BUSYBOX, &busybox).context("Cannot copy busybox")?;
+    std::fs::set_permissions(&busybox, std::fs::Permissions::from_mode(0o755))?;
     for (dir, name) in busybox_applets()? {
         if name == "busybox" {
             continue;
         }
-        let depth = dir.trim_start_matches('/').split('/').filter(|c| !c.is_empty()).count();
+        let rel = dir.trim_start_matches('/');
+        let depth = rel.split('/').filter(|c| !c.is_empty()).count();
         let target = format!("{}bin/busybox", "../".repeat(depth));
-        w.symlink(&format!("{}/{name}", dir.trim_start_matches('/')), &target)?;
+        std::os::unix::fs::symlink(target, stage.join(rel).join(&name))?;
     }
-    w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n")?;
-    w.file("etc/group", 0o644, b"root:x:0:\nagent:x:1000:\n")?;
-    w.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n")?;
-    let bytes = w.finish()?;
-    let path = out.join("initramfs.cpio");
-    std::fs::write(&path, &bytes).with_context(|| format!("Cannot write {}", path.display()))?;
-    util::stamp(&out, &key)?;
-    eprintln!("xtask: image '{image}' ready: {} ({} KiB)", path.display(), bytes.len() / 1024);
-    Ok(path)
+    let files: [(&str, &[u8]); 3] = [
+        ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n"),
+        ("etc/group", b"root:x:0:\nagent:x:1000:\n"),
+        ("etc/hosts", b"127.0.0.1 localhost\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(stage.join(name), text)?;
+    }
+    // Staged size plus room for ext4's own structures.
+    let used = util::output(Command::new("du").args(["-s", "-B1"]).arg(&stage))?;
+    let used: u64 = used.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let size_mib = (used / (1 << 20)) * 5 / 4 + 16;
+    let path = out.join(ROOTFS);
+    let _ = std::fs::remove_file(&path);
+    util::run(
+        Command::new(MKFS)
+            .args(["-q", "-F", "-L", "sbx-base", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0", "-d"])
+            .arg(&stage)
+            .arg(&path)
+            .arg(format!("{size_mib}M")),
+    )?;
+    std::fs::remove_dir_all(&stage)?;
+    Ok(std::fs::metadata(&path)?.len())
 }

@@ -33,6 +33,12 @@ pub const APIC_ADDR: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Legacy interrupt lines the IO-APIC routes (KVM's in-kernel IO-APIC).
 pub const IOAPIC_PINS: u8 = 24;
+/// virtio-mmio windows, 4 KiB each, from here up in the MMIO hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Their interrupt lines, from here up (1, 3, 4 are the i8042 and UARTs).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Most virtio devices: the IRQ lines left up to the last IO-APIC pin.
+pub const VIRTIO_MAX_DEVICES: u32 = IOAPIC_PINS as u32 - VIRTIO_IRQ_BASE;
 
 /// The guest RAM regions for `mem_bytes` of memory: below the MMIO hole,
 /// and the rest above 4 GiB.

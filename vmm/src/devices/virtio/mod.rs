@@ -4,6 +4,7 @@
 //! `virtio-queue`'s, so descriptor chains from the guest (untrusted) are
 //! walked with its bounds checks.
 
+pub mod block;
 pub mod mmio;
 
 use std::sync::Arc;
