@@ -6,6 +6,7 @@
 //! It never panics: every failure is printed, reported as an error frame, and
 //! the VM still ends.
 
+mod net;
 mod root;
 mod sys;
 
@@ -61,6 +62,9 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
         *disk = Some(root::switch_to_disks()?);
     }
     mount_filesystems(LATE_MOUNTS)?;
+    if let Some(net) = &job.net {
+        net::configure(net)?;
+    }
     // /dev/ptmx must reach the devpts instance mounted above.
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");

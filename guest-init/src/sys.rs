@@ -266,3 +266,106 @@ pub fn block_terminal_signals() {
         libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut());
     }
 }
+
+/// A socket to configure network interfaces with.
+pub fn config_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data;
+    // the kernel reads an AF_INET sockaddr as a sockaddr_in.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+    }
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+/// Interface ioctl that takes an address.
+fn if_ioctl_addr(sock: &OwnedFd, name: &str, req: libc::c_ulong, addr: std::net::Ipv4Addr) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    r.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    // SAFETY: r is a valid ifreq for this request; sock is open.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), req, &mut r) })?;
+    Ok(())
+}
+
+pub fn if_set_addr(sock: &OwnedFd, name: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
+    if_ioctl_addr(sock, name, libc::SIOCSIFADDR, addr)
+}
+
+pub fn if_set_netmask(sock: &OwnedFd, name: &str, mask: std::net::Ipv4Addr) -> io::Result<()> {
+    if_ioctl_addr(sock, name, libc::SIOCSIFNETMASK, mask)
+}
+
+/// Brings an interface up.
+pub fn if_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    // SAFETY: r is a valid ifreq; SIOCGIFFLAGS fills ifru_flags.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut r) })?;
+    // SAFETY: SIOCGIFFLAGS just set the flags member of the union.
+    unsafe { r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: r is a valid ifreq with the flags to set.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r) })?;
+    Ok(())
+}
+
+/// struct rtentry as the x86-64 kernel lays it out (not in the libc crate
+/// for glibc targets).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Adds the default route through `gateway`.
+pub fn add_default_route(sock: &OwnedFd, gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let any = std::net::Ipv4Addr::UNSPECIFIED;
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr_v4(any),
+        rt_gateway: sockaddr_v4(gateway),
+        rt_genmask: sockaddr_v4(any),
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: rt is a valid rtentry with no device name pointer; sock is open.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &mut rt) })?;
+    Ok(())
+}

@@ -58,6 +58,8 @@ pub enum Error {
     PathPrefix(usize),
     #[error("Rule {0}: port 0 is not a port")]
     Port(usize),
+    #[error("Unknown agent '{0}'")]
+    Agent(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +112,10 @@ impl fmt::Display for Pattern {
 pub enum Origin {
     Preset(&'static str),
     File(usize),
+    /// What an agent needs to work (`sbx run claude` reaches its API).
+    Agent(&'static str),
+    /// `sbx run --allow HOST`.
+    CommandLine,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +134,8 @@ impl fmt::Display for Rule {
         match &self.origin {
             Origin::Preset(p) => write!(f, "preset {p}: ")?,
             Origin::File(i) => write!(f, "rule {i}: ")?,
+            Origin::Agent(a) => write!(f, "agent {a}: ")?,
+            Origin::CommandLine => write!(f, "--allow: ")?,
         }
         write!(f, "{verb} {}", self.pattern)?;
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
@@ -228,14 +236,7 @@ fn preset_rules(name: &'static str) -> Vec<Rule> {
     names
         .into_iter()
         .filter_map(|n| Pattern::parse(n).ok())
-        .map(|pattern| Rule {
-            action: Action::Allow,
-            pattern,
-            ports: DEFAULT_PORTS.to_vec(),
-            methods: vec![],
-            path_prefix: None,
-            origin: Origin::Preset(name),
-        })
+        .map(|pattern| allow_rule(pattern, Origin::Preset(name)))
         .collect()
 }
 
@@ -243,7 +244,43 @@ fn preset_name(name: &str) -> Result<&'static str, Error> {
     ["locked", "balanced", "open"].into_iter().find(|p| *p == name).ok_or_else(|| Error::Preset(name.to_string()))
 }
 
+/// The hosts each agent needs to work at all (its own API and sign-in).
+const AGENTS: &[(&str, &[&str])] = &[
+    ("shell", &[]),
+    ("claude", &["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com"]),
+    ("codex", &["api.openai.com", "chatgpt.com", "auth.openai.com"]),
+    ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
+];
+
+fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
+    Rule { action: Action::Allow, pattern, ports: DEFAULT_PORTS.to_vec(), methods: vec![], path_prefix: None, origin }
+}
+
 impl Policy {
+    /// The default for an agent: deny everything but what the agent needs.
+    pub fn for_agent(agent: &str) -> Result<Policy, Error> {
+        let (name, hosts) = AGENTS.iter().find(|(a, _)| *a == agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
+        let rules =
+            hosts.iter().filter_map(|h| Pattern::parse(h).ok()).map(|p| allow_rule(p, Origin::Agent(name))).collect();
+        Ok(Policy { rules })
+    }
+
+    /// Adds what an agent needs, after the rules already there (a deny
+    /// rule of the file still wins: deny beats allow).
+    pub fn add_agent(&mut self, agent: &str) -> Result<(), Error> {
+        let extra = Policy::for_agent(agent)?;
+        self.rules.extend(extra.rules);
+        Ok(())
+    }
+
+    /// Adds an allow rule for `pattern` on ports 80 and 443
+    /// (`sbx run --allow`).
+    pub fn allow(&mut self, pattern: &str) -> Result<(), Error> {
+        let p = Pattern::parse(pattern).map_err(|e| Error::Pattern(0, pattern.to_string(), e.to_string()))?;
+        self.rules.push(allow_rule(p, Origin::CommandLine));
+        Ok(())
+    }
+
     /// A preset alone.
     pub fn preset(name: &str) -> Result<Policy, Error> {
         Ok(Policy { rules: preset_rules(preset_name(name)?) })
@@ -330,6 +367,42 @@ fn rule_matches(rule: &Rule, req: &Request<'_>) -> bool {
         // HTTPS: a narrowed allow cannot be checked (never allows); a
         // narrowed deny cannot be checked either (always denies).
         None => !narrowed || rule.action == Action::Deny,
+    }
+}
+
+#[cfg(test)]
+mod agent_tests {
+    use super::*;
+
+    fn req(host: &str, port: u16) -> (HostName, u16) {
+        (HostName::parse(host).unwrap(), port)
+    }
+
+    #[test]
+    fn an_agent_reaches_its_api_and_nothing_else() {
+        let p = Policy::for_agent("claude").unwrap();
+        let (h, port) = req("api.anthropic.com", 443);
+        let d = p.decide(&Request { host: &h, port, http: None });
+        assert_eq!(d.action, Action::Allow);
+        assert_eq!(d.to_string(), "allowed by agent claude: allow api.anthropic.com ports 80,443");
+        let (h, port) = req("api.openai.com", 443);
+        assert_eq!(p.decide(&Request { host: &h, port, http: None }).action, Action::Deny);
+        assert!(Policy::for_agent("shell").unwrap().rules.is_empty(), "shell: deny everything");
+        assert!(matches!(Policy::for_agent("nope"), Err(Error::Agent(_))));
+    }
+
+    #[test]
+    fn allow_flags_add_rules_but_file_denies_still_win() {
+        let mut p = Policy::from_toml("version = 1\n[[rule]]\ndeny = \"bad.example.com\"\n").unwrap();
+        p.allow("*.example.com").unwrap();
+        p.allow("example.com").unwrap();
+        let (h, port) = req("x.example.com", 80);
+        let d = p.decide(&Request { host: &h, port, http: Some(("GET", "/")) });
+        assert_eq!(d.to_string(), "allowed by --allow: allow *.example.com ports 80,443");
+        let (h, port) = req("bad.example.com", 443);
+        assert_eq!(p.decide(&Request { host: &h, port, http: None }).action, Action::Deny);
+        assert!(p.allow("127.0.0.1").is_err(), "no IP literals");
+        assert!(p.allow("").is_err());
     }
 }
 

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// Where the VMM places the job in the guest's initramfs.
 pub const JOB_PATH: &str = "/sbx/job";
@@ -44,6 +45,42 @@ pub struct Job {
     /// The root filesystem is the image's base disk under the sandbox's
     /// own disk (overlayfs), not the initramfs.
     pub overlay_root: bool,
+    /// The guest's network (its NIC is netstack's), if it has one.
+    pub net: Option<NetConfig>,
+}
+
+/// How guest-init configures the guest's NIC: a static address, the
+/// default route and the DNS server, all netstack's (no DHCP round-trips).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Ipv4Addr,
+}
+
+impl NetConfig {
+    fn encode(&self) -> String {
+        format!("{}/{},{},{}", self.addr, self.prefix_len, self.gateway, self.dns)
+    }
+
+    fn decode(s: &str) -> Option<NetConfig> {
+        let mut parts = s.split(',');
+        let (addr, prefix) = parts.next()?.split_once('/')?;
+        let prefix_len: u8 = prefix.parse().ok().filter(|p| (1..=30).contains(p))?;
+        let config = NetConfig {
+            addr: addr.parse().ok()?,
+            prefix_len,
+            gateway: parts.next()?.parse().ok()?,
+            dns: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(config)
+    }
+
+    /// The netmask for `prefix_len`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix_len.min(32))))
+    }
 }
 
 impl Default for Job {
@@ -58,6 +95,7 @@ impl Default for Job {
             cols: 80,
             emulated_cpu: false,
             overlay_root: false,
+            net: None,
         }
     }
 }
@@ -137,6 +175,9 @@ impl Job {
         field("cols", &self.cols.to_string());
         field("emulated_cpu", if self.emulated_cpu { "1" } else { "0" });
         field("overlay_root", if self.overlay_root { "1" } else { "0" });
+        if let Some(net) = &self.net {
+            field("net", &net.encode());
+        }
         for (k, v) in &self.env {
             field("env", &format!("{k}={v}"));
         }
@@ -172,6 +213,7 @@ impl Job {
                 "interactive" => job.interactive = flag(&value)?,
                 "emulated_cpu" => job.emulated_cpu = flag(&value)?,
                 "overlay_root" => job.overlay_root = flag(&value)?,
+                "net" => job.net = Some(NetConfig::decode(&value).ok_or(DecodeError::BadNumber(n))?),
                 "rows" => job.rows = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "cols" => job.cols = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "env" => {
@@ -276,9 +318,16 @@ mod tests {
             cols: 132,
             emulated_cpu: true,
             overlay_root: true,
+            net: Some(NetConfig {
+                addr: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                dns: Ipv4Addr::new(10, 0, 2, 3),
+            }),
         };
         let text = job.encode();
-        assert_eq!(text.lines().count(), 1 + 7 + 1 + 4);
+        assert_eq!(text.lines().count(), 1 + 8 + 1 + 4);
+        assert_eq!(job.net.unwrap().netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(Job::decode(&text).unwrap(), job);
     }
 
@@ -291,6 +340,15 @@ mod tests {
         assert_eq!(Job::decode("sbx-job 1\narg %4\n"), Err(DecodeError::BadEscape(2)));
         assert_eq!(Job::decode("sbx-job 1\nrows 70000\n"), Err(DecodeError::BadNumber(2)));
         assert_eq!(Job::decode("sbx-job 1\ninteractive 2\n"), Err(DecodeError::BadNumber(2)));
+        for bad in [
+            "10.0.2.15/24,10.0.2.2",
+            "10.0.2.15/0,1.1.1.1,1.1.1.1",
+            "10.0.2.15/24,x,1.1.1.1",
+            "a,b,c,d,e",
+            "10.0.2.15/24,1.1.1.1,1.1.1.1,9",
+        ] {
+            assert_eq!(Job::decode(&format!("sbx-job 1\nnet {bad}\n")), Err(DecodeError::BadNumber(2)), "{bad}");
+        }
         assert_eq!(Job::decode("sbx-job 1\nenv =x\n"), Err(DecodeError::BadLine(2)));
         assert!(matches!(Job::decode("sbx-job 1\nfoo 1\n"), Err(DecodeError::UnknownKey(2, _))));
         let big = format!("sbx-job 1\n{}", "arg x\n".repeat(MAX_ARGS + 1));

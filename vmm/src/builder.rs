@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::VcpuFd;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
+use netstack::stack::NetStack;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -25,6 +26,7 @@ use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::vstate::{self, Vm};
@@ -63,6 +65,8 @@ pub enum Error {
     Disk(#[from] crate::devices::virtio::block::Error),
     #[error("Too many virtio devices: at most {VIRTIO_MAX_DEVICES}")]
     TooManyDevices,
+    #[error("Cannot start the network device: {0}")]
+    Net(std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -79,6 +83,15 @@ pub struct VmSpec {
     pub template: CpuTemplate,
     /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb...
     pub disks: Vec<Disk>,
+    /// The guest's network: a virtio-net NIC whose peer is this netstack.
+    pub net: Option<GuestNet>,
+}
+
+/// The guest's NIC and the netstack behind it.
+pub struct GuestNet {
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub stack: NetStack<Box<dyn Write + Send>>,
 }
 
 /// A host file the guest sees as a virtio-blk disk.
@@ -159,6 +172,9 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     attach_i8042(&mut pio, &stop)?;
     let mut mmio = VirtioMmio::default();
     attach_block_devices(&vm, &mut mmio, &spec.disks)?;
+    if let Some(net) = spec.net.take() {
+        attach_net_device(&vm, &mut mmio, net)?;
+    }
     let cmdline_size = load_kernel_cmdline(&vm, &format!("{}{}", spec.cmdline, mmio.cmdline))?;
     write_boot_params(&vm, cmdline_size, initrd)?;
     let vcpus = create_vcpus(&vm, &spec, entry)?;
@@ -187,6 +203,12 @@ fn attach_virtio_device(vm: &Vm, mmio: &mut VirtioMmio, device: Box<dyn VirtioDe
     mmio.cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     mmio.count += 1;
     Ok(())
+}
+
+/// The guest's only NIC, backed by netstack.
+fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()> {
+    let device = Net::new(net.mac, net.mtu, net.stack).map_err(Error::Net)?;
+    attach_virtio_device(vm, mmio, Box::new(device))
 }
 
 /// The disks, in order (/dev/vda first).

@@ -11,9 +11,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use netstack::audit::AuditLog;
+use netstack::host::HostName;
+use netstack::policy::Policy;
+use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::{Frame, Job};
 use vmm::arch::cpuid::{self, CpuTemplate};
-use vmm::builder::{self, Disk, Sinks, VmSpec};
+use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
 use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
 use vmm::devices::serial::SerialDevice;
@@ -45,8 +49,13 @@ enum Command {
     Stop { name: String },
     /// Remove a sandbox and everything it keeps.
     Rm { name: String },
-    /// Print a sandbox's console log.
-    Log { name: String },
+    /// Print a sandbox's console log, or with --network its network audit
+    /// log (after checking its hash chain).
+    Log {
+        name: String,
+        #[arg(long)]
+        network: bool,
+    },
     /// Network policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -123,6 +132,21 @@ struct RunArgs {
     /// histogram by kernel function to this file (a boot profiler).
     #[arg(long, hide = true)]
     profile: Option<PathBuf>,
+    /// Network policy file (TOML, see netstack/src/policy.rs). Default:
+    /// deny everything but what the agent needs.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Also allow HOST (or *.DOMAIN) on ports 80 and 443. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    allow: Vec<String>,
+    /// Send connections to NAME:PORT to the host address ADDR:APORT instead
+    /// of what the host's resolver says, like curl's --resolve (for local
+    /// services and tests). The policy still decides. Repeatable.
+    #[arg(long, value_name = "NAME:PORT:ADDR:APORT")]
+    resolve: Vec<String>,
+    /// No network device at all.
+    #[arg(long)]
+    no_network: bool,
     /// The command to run instead of the agent.
     #[arg(last = true)]
     command: Vec<String>,
@@ -136,7 +160,7 @@ fn main() -> ExitCode {
         Command::Ls => ls().map(|_| ExitCode::SUCCESS),
         Command::Stop { name } => stop(&name).map(|_| ExitCode::SUCCESS),
         Command::Rm { name } => rm(&name).map(|_| ExitCode::SUCCESS),
-        Command::Log { name } => log(&name).map(|_| ExitCode::SUCCESS),
+        Command::Log { name, network } => log(&name, network).map(|_| ExitCode::SUCCESS),
         Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
             policy_explain(&url, policy.as_deref(), &preset, &method)
         }
@@ -160,6 +184,76 @@ fn assets_dir() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent()?.parent().map(|t| t.join("sbx")))
         .unwrap_or_else(|| PathBuf::from("target/sbx"))
+}
+
+/// The guest's address on netstack's subnet, and its NIC's MAC address
+/// (locally administered).
+const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
+const GUEST_MAC: [u8; 6] = [0x02, 0x73, 0x62, 0x78, 0, 2];
+
+/// The sandbox's network: the policy (file, agent defaults, --allow), the
+/// upstream overrides (--resolve) and the sandbox's audit log, continued
+/// from earlier runs when its hash chain checks out.
+fn guest_network(args: &RunArgs, sb: &Sandbox) -> Result<GuestNet, String> {
+    let mut policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+            Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => Policy::preset("locked").map_err(|e| e.to_string())?,
+    };
+    policy.add_agent(&args.agent).map_err(|e| e.to_string())?;
+    for host in &args.allow {
+        policy.allow(host).map_err(|e| format!("--allow {host}: {e}"))?;
+    }
+    let mut resolver = Resolver { system: true, ..Resolver::default() };
+    for r in &args.resolve {
+        let (key, addr) = parse_resolve(r).map_err(|e| format!("--resolve {r}: {e}"))?;
+        resolver.overrides.insert(key, addr);
+    }
+    let audit = open_audit_log(&sb.audit_log())?;
+    let cfg = NetConfig::default();
+    let mtu = cfg.mtu as u16;
+    Ok(GuestNet { mac: GUEST_MAC, mtu, stack: NetStack::new(cfg, policy, resolver, audit) })
+}
+
+/// NAME:PORT:ADDR:APORT -> ((name, port), address).
+fn parse_resolve(text: &str) -> Result<((HostName, u16), std::net::SocketAddr), String> {
+    let mut parts = text.splitn(3, ':');
+    let (Some(name), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("expected NAME:PORT:ADDR:APORT".into());
+    };
+    let name = HostName::parse(name).map_err(|e| e.to_string())?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or("bad port")?;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| format!("bad address '{addr}' (expected IP:PORT)"))?;
+    Ok(((name, port), addr))
+}
+
+/// Opens the sandbox's audit log for appending, continuing its chain. A
+/// log whose chain does not verify is kept aside, never overwritten.
+fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, String> {
+    let last = match File::open(path) {
+        Ok(f) => match netstack::audit::verify(io::BufReader::new(f)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let aside = path.with_extension(format!("broken-{}", sandbox::now_unix()));
+                std::fs::rename(path, &aside).map_err(|e| format!("Cannot move {} aside: {e}", path.display()))?;
+                eprintln!("sbx: {}: {e}; kept as {} and started a new log", path.display(), aside.display());
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("Cannot open {}: {e}", path.display()))?;
+    let out: Box<dyn Write + Send> = Box::new(file);
+    Ok(match last {
+        Some(v) => AuditLog::resume(out, &v),
+        None => AuditLog::new(out),
+    })
 }
 
 fn existing(path: PathBuf, what: &str, hint: &str) -> Result<PathBuf, String> {
@@ -224,6 +318,16 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
             job.env.push(("TERM".into(), term));
         }
     }
+    let net = if args.no_network { None } else { Some(guest_network(&args, &sb)?) };
+    if net.is_some() {
+        let cfg = NetConfig::default();
+        job.net = Some(protocol::NetConfig {
+            addr: GUEST_IP,
+            prefix_len: cfg.prefix_len,
+            gateway: cfg.gateway,
+            dns: cfg.gateway,
+        });
+    }
     let mut initrd = std::fs::read(&image).map_err(|e| format!("Cannot read image {}: {e}", image.display()))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| format!("Cannot add the job to the initramfs: {e}"))?;
 
@@ -245,6 +349,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
             Disk { path: rootfs, read_only: true, id: protocol::BASE_DISK_SERIAL.into() },
             Disk { path: data_disk, read_only: false, id: protocol::DATA_DISK_SERIAL.into() },
         ],
+        net,
     };
     let outcome = (|| {
         let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(|e| e.to_string())?;
@@ -494,9 +599,13 @@ fn rm(name: &str) -> Result<(), String> {
     Sandbox::open(&sandbox::home(), name).and_then(|sb| sb.remove()).map_err(|e| e.to_string())
 }
 
-fn log(name: &str) -> Result<(), String> {
+fn log(name: &str, network: bool) -> Result<(), String> {
     let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
-    let path = sb.console_log();
+    let path = if network { sb.audit_log() } else { sb.console_log() };
+    if network {
+        let f = File::open(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+        netstack::audit::verify(io::BufReader::new(f)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     let text = std::fs::read(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
     io::stdout().write_all(&text).map_err(|e| e.to_string())
 }

@@ -171,6 +171,11 @@ impl Sandbox {
         self.dir.join("console.log")
     }
 
+    /// The network audit log (hash-chained JSON lines, kept across runs).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
     /// The sandbox's own writable disk (ext4, sparse): what the guest
     /// changes outside the workspace lives here, until `sbx rm`. Made on
     /// first use with `size_gib` of room; formatted under a temporary name
