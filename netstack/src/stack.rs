@@ -27,8 +27,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Cidr,
-    Ipv4Packet, TcpPacket, UdpPacket,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpProtocol,
+    Ipv4Cidr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
 };
 
 use crate::audit::AuditLog;
@@ -152,6 +152,10 @@ impl Device for Frames {
 enum Verdict {
     Pass,
     Drop(String),
+    /// Dropped, and this TCP reset goes back so that the guest's connect
+    /// fails at once ("connection refused") instead of retrying for
+    /// minutes. Only ever one reset per SYN: no amplification.
+    Refuse(String, Vec<u8>),
 }
 
 pub struct NetStack<W: Write> {
@@ -224,6 +228,12 @@ impl<W: Write> NetStack<W> {
             Verdict::Pass if self.frames.rx.len() < MAX_QUEUED_FRAMES => self.frames.rx.push_back(frame),
             Verdict::Pass => {}
             Verdict::Drop(what) => self.log(serde_json::json!({"event": "refused", "what": what})),
+            Verdict::Refuse(what, reset) => {
+                if self.frames.tx.len() < MAX_QUEUED_FRAMES {
+                    self.frames.tx.push_back(reset);
+                }
+                self.log(serde_json::json!({"event": "refused", "what": what, "reset": true}));
+            }
         }
     }
 
@@ -355,13 +365,13 @@ impl<W: Write> NetStack<W> {
         }
         match eth.ethertype() {
             EthernetProtocol::Arp => Verdict::Pass,
-            EthernetProtocol::Ipv4 => self.classify_ipv4(eth.payload()),
+            EthernetProtocol::Ipv4 => self.classify_ipv4(eth.src_addr(), eth.payload()),
             EthernetProtocol::Ipv6 => Verdict::Drop("IPv6".into()),
             other => Verdict::Drop(format!("ethertype {other}")),
         }
     }
 
-    fn classify_ipv4(&self, packet: &[u8]) -> Verdict {
+    fn classify_ipv4(&self, guest_mac: EthernetAddress, packet: &[u8]) -> Verdict {
         let Ok(ip) = Ipv4Packet::new_checked(packet) else {
             return Verdict::Drop("malformed IPv4 packet".into());
         };
@@ -377,11 +387,61 @@ impl<W: Write> NetStack<W> {
             },
             IpProtocol::Tcp => match TcpPacket::new_checked(ip.payload()) {
                 Ok(tcp) if matches!(tcp.dst_port(), 80 | 443) && self.names.name_of(dst).is_some() => Verdict::Pass,
-                Ok(tcp) => Verdict::Drop(format!("TCP to {dst}:{}", tcp.dst_port())),
+                Ok(tcp) => {
+                    let what = format!("TCP to {dst}:{}", tcp.dst_port());
+                    match self.reset_for(guest_mac, &ip, &tcp) {
+                        Some(reset) => Verdict::Refuse(what, reset),
+                        None => Verdict::Drop(what),
+                    }
+                }
                 Err(_) => Verdict::Drop("malformed TCP".into()),
             },
             other => Verdict::Drop(format!("IP protocol {other}")),
         }
+    }
+
+    /// The RST+ACK answering a SYN (and only a SYN) from the guest, as if
+    /// from the address and port it tried.
+    fn reset_for(&self, guest_mac: EthernetAddress, ip: &Ipv4Packet<&[u8]>, tcp: &TcpPacket<&[u8]>) -> Option<Vec<u8>> {
+        if !tcp.syn() || tcp.ack() || tcp.rst() {
+            return None;
+        }
+        let (from, to) = (IpAddress::Ipv4(ip.dst_addr()), IpAddress::Ipv4(ip.src_addr()));
+        let rst = TcpRepr {
+            src_port: tcp.dst_port(),
+            dst_port: tcp.src_port(),
+            control: TcpControl::Rst,
+            seq_number: TcpSeqNumber(0),
+            // The SYN takes one sequence number, its payload (if any) more.
+            ack_number: Some(tcp.seq_number() + 1 + tcp.payload().len()),
+            window_len: 0,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip_repr = Ipv4Repr {
+            src_addr: ip.dst_addr(),
+            dst_addr: ip.src_addr(),
+            next_header: IpProtocol::Tcp,
+            payload_len: rst.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth_repr = EthernetRepr {
+            src_addr: EthernetAddress(self.cfg.gateway_mac),
+            dst_addr: guest_mac,
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut frame = vec![0u8; eth_repr.buffer_len() + ip_repr.buffer_len() + rst.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth_repr.emit(&mut eth);
+        let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+        ip_repr.emit(&mut ipp, &caps);
+        rst.emit(&mut TcpPacket::new_unchecked(ipp.payload_mut()), &from, &to, &caps);
+        Some(frame)
     }
 
     fn serve_dns(&mut self) {
@@ -834,7 +894,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     }
 
     #[test]
-    fn other_ports_and_unresolved_addresses_get_nothing() {
+    fn other_ports_and_unresolved_addresses_are_refused_with_a_reset() {
         let (up, count) = echo_upstream();
         let mut net = net_with(HTTP_POLICY, &[("api.example.com", 22, up)]);
         let (mut guest, mut now) = (Guest::new(1500), 0);
@@ -842,9 +902,11 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         for to in [(addr, 22), (addr, 8080), (Ipv4Addr::new(198, 18, 9, 9), 80), (Ipv4Addr::new(127, 0, 0, 1), 80)] {
             let quick = std::time::Duration::from_millis(300);
             let (got, state) = exchange_for(&mut net, &mut guest, &mut now, to, b"x", |_| false, quick);
-            assert!(got.is_empty() && state != tcp::State::Established, "{to:?}: {state}");
+            // Refused at once with a reset, not left to time out.
+            assert!(got.is_empty() && state == tcp::State::Closed, "{to:?}: {state}");
         }
         assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert!(audit(&net).contains("\"reset\":true"));
         let log = audit(&net);
         for what in [
             format!("TCP to {addr}:22"),
