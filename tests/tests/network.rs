@@ -1,0 +1,121 @@
+//! Host side: end-to-end test of the guest's network — a real guest whose
+//! only NIC is netstack, fetching from a test server on the host's
+//! loopback through a name the test maps (`--resolve`), and failing to
+//! reach everything the policy does not allow. One boot, many checks.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sbx_tests::{text, Sbx};
+
+/// An HTTP server on 127.0.0.1 that answers every request with `body` and
+/// counts the requests; it stops by itself after `for_how_long`.
+fn upstream(body: &'static str, for_how_long: Duration) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + for_how_long;
+        while Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            // Read the request head.
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ =
+                write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = conn.flush();
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
+    let Some(sbx) = Sbx::new() else { return };
+    let (port, requests) = upstream("sbx-upstream-says-hi", Duration::from_secs(900));
+    let script = "
+        echo \"resolv=$(cat /etc/resolv.conf)\"
+        echo \"allowed=$(wget -qO- http://allowed.test/page)\"
+        wget -qO- http://denied.test/page; echo \"denied_rc=$?\"
+        wget -qO- http://allowed.test:8080/ 2>&1; echo \"port8080_rc=$?\"
+        wget -qO- http://10.0.2.2:22/ 2>&1; echo \"port22_rc=$?\"
+        busybox nslookup example.com 1.1.1.1 >/dev/null 2>&1; echo \"outside_dns_rc=$?\"
+        exit 0
+    ";
+    let map = |name: &str| format!("{name}:80:127.0.0.1:{port}");
+    let out = sbx.run(
+        &[
+            "run",
+            "shell",
+            "--name",
+            "net",
+            "--timeout",
+            "600",
+            "--allow",
+            "allowed.test",
+            "--resolve",
+            &map("allowed.test"),
+            "--resolve",
+            &map("denied.test"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
+    let stdout = text(&out.stdout);
+    eprintln!("stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout.contains("resolv=nameserver 10.0.2.2"), "netstack is the guest's DNS server");
+    assert!(stdout.contains("allowed=sbx-upstream-says-hi\n"), "the allowed name reaches the loopback server");
+    assert!(stdout.contains("denied_rc=1\n"), "the denied name does not");
+    assert!(stdout.contains("Connection refused") && stdout.contains("port8080_rc=1\n"), "port 8080 is refused");
+    assert!(stdout.contains("port22_rc=1\n"), "port 22 of the gateway is refused");
+    assert!(stdout.contains("outside_dns_rc=1\n"), "an outside resolver is unreachable");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "only the allowed request reached the upstream");
+
+    // The audit log (hash chain verified by `sbx log --network`) shows
+    // each decision.
+    let log = sbx.cmd().args(["log", "net", "--network"]).output().unwrap();
+    assert!(log.status.success(), "{}", text(&log.stderr));
+    let log = text(&log.stdout);
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().any(f);
+    assert!(
+        has(&|v| v["event"] == "http"
+            && v["host"] == "allowed.test"
+            && v["path"] == "/page"
+            && v["status"] == 200
+            && v["decision"] == "allow"),
+        "{log}"
+    );
+    assert!(has(&|v| v["event"] == "dns" && v["name"] == "denied.test" && v["decision"] == "deny"), "{log}");
+    assert!(has(&|v| v["event"] == "refused" && v["what"].as_str().is_some_and(|w| w.ends_with(":8080"))), "{log}");
+    assert!(has(&|v| v["event"] == "refused" && v["what"] == "TCP to 10.0.2.2:22"), "{log}");
+    assert!(has(&|v| v["event"] == "refused" && v["what"] == "UDP to 1.1.1.1:53"), "{log}");
+
+    // An edited line breaks the chain, and sbx says where.
+    let path = sbx.home.path().join("sandboxes/net/audit.log");
+    let edited = std::fs::read_to_string(&path).unwrap().replacen("denied.test", "allowed.test", 1);
+    std::fs::write(&path, edited).unwrap();
+    let log = sbx.cmd().args(["log", "net", "--network"]).output().unwrap();
+    assert!(!log.status.success());
+    assert!(text(&log.stderr).contains("Audit log line"), "{}", text(&log.stderr));
+}
