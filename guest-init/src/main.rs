@@ -6,6 +6,7 @@
 //! It never panics: every failure is printed, reported as an error frame, and
 //! the VM still ends.
 
+mod control;
 mod net;
 mod root;
 mod sys;
@@ -65,6 +66,11 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     if let Some(net) = &job.net {
         net::configure(net)?;
     }
+    // Sessions from the host (sbx exec); a guest without the vsock device
+    // still runs its program.
+    if let Err(e) = control::start(program_env(&job)) {
+        eprintln!("sbx-init: {e}");
+    }
     // /dev/ptmx must reach the devpts instance mounted above.
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
@@ -91,7 +97,7 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     let result = loop {
         match sys::wait_any() {
             Some((pid, ended)) if pid == child => break ended,
-            Some(_) => continue,
+            Some((pid, ended)) => control::deliver(pid, ended),
             None => return Err("The program vanished without being reaped".into()),
         }
     };

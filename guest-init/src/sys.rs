@@ -114,6 +114,8 @@ pub struct Exec {
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: CString,
+    /// Run as this (uid, gid) instead of root.
+    ids: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 impl Exec {
@@ -121,7 +123,13 @@ impl Exec {
         let argv = argv.iter().map(|a| cstr(a)).collect::<io::Result<Vec<_>>>()?;
         let path = resolve_in_path(argv.first().map(|a| a.to_bytes()).unwrap_or_default(), env)?;
         let envp = env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect::<io::Result<Vec<_>>>()?;
-        Ok(Exec { path, argv, envp, cwd: cstr(cwd)? })
+        Ok(Exec { path, argv, envp, cwd: cstr(cwd)?, ids: None })
+    }
+
+    /// Runs the program as `uid`/`gid` with no supplementary groups.
+    pub fn run_as(mut self, uid: libc::uid_t, gid: libc::gid_t) -> Exec {
+        self.ids = (uid != 0 || gid != 0).then_some((uid, gid));
+        self
     }
 }
 
@@ -147,41 +155,148 @@ fn resolve_in_path(prog: &[u8], env: &[(String, String)]) -> io::Result<CString>
 
 /// Forks a child that becomes a session leader with `tty` as its controlling
 /// terminal and stdio, then executes `exec`. Returns the child's pid.
-/// Everything the child needs is prepared before the fork, so the child only
-/// makes async-signal-safe calls.
 pub fn spawn_on_tty(exec: &Exec, tty: &OwnedFd) -> io::Result<libc::pid_t> {
+    let fd = tty.as_raw_fd();
+    spawn(exec, [fd, fd, fd], true)
+}
+
+/// Forks a child that becomes a session (and process group) leader with
+/// `stdio` as its standard input, output and error (the first also as its
+/// controlling terminal if `ctty`), drops to the Exec's user, then
+/// executes it. Returns the child's pid. Everything the child needs is
+/// prepared before the fork, so the child only makes async-signal-safe
+/// calls: safe in a process with other threads.
+pub fn spawn(exec: &Exec, stdio: [libc::c_int; 3], ctty: bool) -> io::Result<libc::pid_t> {
     let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let fd = tty.as_raw_fd();
-    // SAFETY: fork in a single-threaded process; the child below calls only
-    // async-signal-safe functions on memory prepared before the fork.
+    // SAFETY: the child below calls only async-signal-safe functions on
+    // memory prepared before the fork.
     let pid = check(unsafe { libc::fork() })?;
     if pid == 0 {
         // SAFETY: async-signal-safe calls on valid descriptors and strings;
         // the child never returns into Rust code (execve or _exit).
         unsafe {
             libc::setsid();
-            libc::ioctl(fd, libc::TIOCSCTTY, 0);
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            libc::dup2(fd, 2);
-            if fd > 2 {
+            if ctty {
+                libc::ioctl(stdio[0], libc::TIOCSCTTY, 0);
+            }
+            // Move the descriptors above 2 first so that dup2 cannot
+            // clobber one still needed.
+            let high: [libc::c_int; 3] = stdio.map(|fd| libc::fcntl(fd, libc::F_DUPFD, 3));
+            for (i, fd) in high.iter().enumerate() {
+                libc::dup2(*fd, i as libc::c_int);
+            }
+            for fd in high {
                 libc::close(fd);
             }
             let mut sigs: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut sigs);
             libc::sigprocmask(libc::SIG_SETMASK, &sigs, std::ptr::null_mut());
+            if let Some((uid, gid)) = exec.ids {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    libc::_exit(126);
+                }
+            }
             if libc::chdir(exec.cwd.as_ptr()) != 0 {
                 libc::chdir(c"/".as_ptr());
             }
+            // Every other descriptor was opened close-on-exec.
             libc::execve(exec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             // 127: as a shell reports a command it could not run.
             libc::_exit(127);
         }
     }
     Ok(pid)
+}
+
+fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = check(fd)?;
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// A new pseudo-terminal of `rows` x `cols`: (master, slave).
+pub fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: a valid NUL-terminated path.
+    let master = owned(unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the valid pointer.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let slave = owned(unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?;
+    set_winsize(&master, rows, cols)?;
+    Ok((master, slave))
+}
+
+pub fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from the valid pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds has room for the two descriptors.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((owned(fds[0])?, owned(fds[1])?))
+}
+
+pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an open descriptor with integer arguments.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// A vsock stream socket listening on `port` for the host.
+pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers.
+    let fd = owned(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let addr = libc::sockaddr_vm {
+        svm_family: libc::AF_VSOCK as libc::sa_family_t,
+        svm_reserved1: 0,
+        svm_port: port,
+        svm_cid: libc::VMADDR_CID_ANY,
+        svm_zero: [0; 4],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_vm of `len` bytes.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len) })?;
+    // SAFETY: listen(2) takes no pointers.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 16) })?;
+    Ok(fd)
+}
+
+/// Accepts one connection (close-on-exec).
+pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed.
+    owned(unsafe {
+        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+    })
+}
+
+/// Sends `sig` to the process group `pgid`.
+pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
+    if pgid > 1 {
+        // SAFETY: kill(2) takes no pointers; a negative pid names a group.
+        unsafe { libc::kill(-pgid, sig) };
+    }
+}
+
+/// Waits until one of `fds` is ready for `events` (or `timeout_ms`);
+/// returns the revents of each.
+pub fn poll(fds: &[(libc::c_int, libc::c_short)], timeout_ms: i32) -> Vec<libc::c_short> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 }).collect();
+    // SAFETY: p is a valid array of p.len() pollfd structures.
+    unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    p.iter().map(|x| x.revents).collect()
 }
 
 /// How a reaped child ended.

@@ -392,3 +392,4 @@ mod tests {
 }
 
 pub mod cpio;
+pub mod session;

@@ -78,6 +78,21 @@ impl Sbx {
     }
 }
 
+impl Sbx {
+    /// Waits (up to 60 s) until `sbx ls` shows sandbox `name` running.
+    pub fn wait_running(&self, name: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ls = text(&self.cmd().arg("ls").output().expect("sbx ls").stdout);
+            if ls.lines().any(|l| l.starts_with(&format!("{name} ")) && l.contains("running:")) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{name} never ran: {ls}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

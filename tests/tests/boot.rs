@@ -122,16 +122,7 @@ fn stop_ends_a_running_sandbox_and_records_it() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the sandbox shows as running.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let ls = text(&sbx.cmd().arg("ls").output().unwrap().stdout);
-        if ls.lines().any(|l| l.starts_with("stopme ") && l.contains("running:")) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never running: {ls}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    sbx.wait_running("stopme");
     let stop = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
     assert!(stop.status.success(), "{}", text(&stop.stderr));
     let status = run.wait().unwrap();

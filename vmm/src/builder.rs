@@ -27,6 +27,7 @@ use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::vstate::{self, Vm};
@@ -67,6 +68,8 @@ pub enum Error {
     TooManyDevices,
     #[error("Cannot start the network device: {0}")]
     Net(std::io::Error),
+    #[error("Cannot start the control channel: {0}")]
+    Vsock(std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -85,6 +88,9 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// The guest's network: a virtio-net NIC whose peer is this netstack.
     pub net: Option<GuestNet>,
+    /// The control channel: a vsock device whose host end is this
+    /// listening Unix socket (each client a session with guest-init).
+    pub control: Option<std::os::unix::net::UnixListener>,
 }
 
 /// The guest's NIC and the netstack behind it.
@@ -175,6 +181,9 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     if let Some(net) = spec.net.take() {
         attach_net_device(&vm, &mut mmio, net)?;
     }
+    if let Some(listener) = spec.control.take() {
+        attach_vsock_device(&vm, &mut mmio, listener)?;
+    }
     let cmdline_size = load_kernel_cmdline(&vm, &format!("{}{}", spec.cmdline, mmio.cmdline))?;
     write_boot_params(&vm, cmdline_size, initrd)?;
     let vcpus = create_vcpus(&vm, &spec, entry)?;
@@ -208,6 +217,12 @@ fn attach_virtio_device(vm: &Vm, mmio: &mut VirtioMmio, device: Box<dyn VirtioDe
 /// The guest's only NIC, backed by netstack.
 fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()> {
     let device = Net::new(net.mac, net.mtu, net.stack).map_err(Error::Net)?;
+    attach_virtio_device(vm, mmio, Box::new(device))
+}
+
+/// The control channel to guest-init.
+fn attach_vsock_device(vm: &Vm, mmio: &mut VirtioMmio, listener: std::os::unix::net::UnixListener) -> Result<()> {
+    let device = Vsock::new(listener).map_err(Error::Vsock)?;
     attach_virtio_device(vm, mmio, Box::new(device))
 }
 

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod client;
 pub mod control;
 pub mod devices;
 pub mod metrics;

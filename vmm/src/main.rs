@@ -43,6 +43,8 @@ struct Cli {
 enum Command {
     /// Run an agent (or a command) in its sandbox, creating it if needed.
     Run(Box<RunArgs>),
+    /// Run a command in a running sandbox, beside its first session.
+    Exec(ExecArgs),
     /// List sandboxes.
     Ls,
     /// Stop a running sandbox.
@@ -76,6 +78,33 @@ enum PolicyCommand {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// The sandbox (see `sbx ls`).
+    name: String,
+    /// Give the command a terminal (default: when stdin and stdout are one).
+    #[arg(short = 't', long, conflicts_with = "no_tty")]
+    tty: bool,
+    /// Separate stdin/stdout/stderr pipes even on a terminal.
+    #[arg(short = 'T', long)]
+    no_tty: bool,
+    /// Guest user: a name or UID[:GID] (default: root).
+    #[arg(short, long, default_value = "")]
+    user: String,
+    /// Working directory in the guest (default: the user's home).
+    #[arg(short = 'w', long, default_value = "")]
+    cwd: String,
+    /// Extra environment, KEY=VALUE. Repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// How long to wait for a sandbox that is still booting, in seconds.
+    #[arg(long, default_value_t = 300)]
+    wait: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +186,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args, vmm_start),
+        Command::Exec(args) => exec(args),
         Command::Ls => ls().map(|_| ExitCode::SUCCESS),
         Command::Stop { name } => stop(&name).map(|_| ExitCode::SUCCESS),
         Command::Rm { name } => rm(&name).map(|_| ExitCode::SUCCESS),
@@ -350,6 +380,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
             Disk { path: data_disk, read_only: false, id: protocol::DATA_DISK_SERIAL.into() },
         ],
         net,
+        control: Some(sb.listen_control().map_err(|e| e.to_string())?),
     };
     let outcome = (|| {
         let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(|e| e.to_string())?;
@@ -542,6 +573,34 @@ fn ls() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+fn exec(args: ExecArgs) -> Result<ExitCode, String> {
+    use protocol::session::Open;
+    use vmm::client::Outcome;
+    let sb = Sandbox::open(&sandbox::home(), &args.name).map_err(|e| e.to_string())?;
+    if sb.running_pid().is_none() {
+        return Err(format!("Sandbox '{}' is not running (start it with `sbx run`)", args.name));
+    }
+    let mut env = Vec::new();
+    for kv in &args.env {
+        let (k, v) =
+            kv.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or(format!("Bad --env '{kv}': use KEY=VALUE"))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let interactive = args.tty || (!args.no_tty && terminal::is_tty(0) && terminal::is_tty(1));
+    if interactive {
+        if let Ok(term) = std::env::var("TERM") {
+            env.push(("TERM".into(), term));
+        }
+    }
+    let open = Open { argv: args.command, env, cwd: args.cwd, user: args.user, tty: None };
+    let outcome = vmm::client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
+    Ok(match outcome {
+        Outcome::Exited(c) => ExitCode::from(c as u8),
+        Outcome::Killed(s) => ExitCode::from(128u8.wrapping_add(s as u8)),
+        Outcome::Failed(m) => return Err(m),
+    })
 }
 
 fn stop(name: &str) -> Result<(), String> {

@@ -132,6 +132,9 @@ impl Sandbox {
     pub fn open_or_create(home: &Path, settings: Settings) -> Result<Sandbox> {
         let dir = Sandbox::dir_for(home, &settings.name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::Io(dir.clone(), e))?;
+        // Private: it holds the disk, the logs and the control socket.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::Io(dir.clone(), e))?;
         let path = dir.join("sandbox.json");
         let settings = match read_json::<Settings>(&path)? {
             Some(existing) => existing,
@@ -169,6 +172,23 @@ impl Sandbox {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// Where a running VMM listens for `sbx exec` (a Unix socket, in the
+    /// sandbox's own directory).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Listens on the control socket. Call while holding the running
+    /// guard: any socket file already there is a dead VMM's.
+    pub fn listen_control(&self) -> Result<std::os::unix::net::UnixListener> {
+        let path = self.control_socket();
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| Error::Io(path.clone(), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|e| Error::Io(path.clone(), e))?;
+        Ok(listener)
     }
 
     /// The network audit log (hash-chained JSON lines, kept across runs).
@@ -248,6 +268,7 @@ impl Sandbox {
         let json = serde_json::to_vec_pretty(last).map_err(|e| Error::Corrupt(self.dir.clone(), e.to_string()))?;
         write_atomic(&self.dir.join("last-run.json"), &json)?;
         let _ = fs::remove_file(self.dir.join(PID_FILE));
+        let _ = fs::remove_file(self.control_socket());
         Ok(())
     }
 

@@ -8,12 +8,12 @@ use crate::control::{Stop, StopReason};
 
 const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-fn handled_set() -> libc::sigset_t {
+fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: set is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for s in HANDLED {
+    for &s in signals {
         // SAFETY: set is a valid, initialised sigset_t and s a valid signal.
         unsafe { libc::sigaddset(&mut set, s) };
     }
@@ -25,14 +25,21 @@ fn handled_set() -> libc::sigset_t {
 /// Call before starting any other thread: a thread that does not block them
 /// could receive one and the process would die without stopping the VM.
 pub fn stop_on_signals(stop: Arc<Stop>) {
-    let set = handled_set();
+    forward(&HANDLED, move |sig| stop.request(StopReason::HostSignal(sig)));
+}
+
+/// Blocks `signals` in the calling thread (and threads started after) and
+/// calls `on_signal` on a thread of its own for each one that arrives.
+/// Call before starting other threads.
+pub fn forward(signals: &[libc::c_int], mut on_signal: impl FnMut(libc::c_int) + Send + 'static) {
+    let set = set_of(signals);
     // SAFETY: set is valid; a null old-set pointer is allowed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: set is a valid sigset_t, sig a valid int to write.
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            stop.request(StopReason::HostSignal(sig));
+            on_signal(sig);
         }
     });
 }

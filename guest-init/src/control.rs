@@ -1,0 +1,346 @@
+//! Guest side: the control channel's server. guest-init listens on vsock
+//! port [`CONTROL_PORT`] (the host's VMM is the only peer a vsock can
+//! have: this is not the guest's network) and runs one session per
+//! connection, on its own thread: a program with argv, env, cwd and user,
+//! on a new pseudo-terminal (size, resizes, signals to its process group)
+//! or on pipes, its output streamed back, then how it ended.
+//!
+//! PID 1's main loop reaps every child; a session's child is handed to
+//! its session through [`deliver`]. Frames from the host are parsed with
+//! the bounded reader of `protocol::session`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use protocol::session::{Frame, Open, Reader, MAX_DATA};
+
+use crate::sys::{self, Ended};
+
+pub const CONTROL_PORT: u32 = 1024;
+/// How long a session waits, after its program ended, for output still
+/// buffered or held open by the program's own children.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Exits of unknown children kept for a session that registers late.
+const MAX_UNCLAIMED: usize = 1024;
+
+#[derive(Default)]
+struct Registry {
+    waiting: HashMap<libc::pid_t, Sender<Ended>>,
+    unclaimed: HashMap<libc::pid_t, Ended>,
+}
+
+fn registry() -> &'static Mutex<Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// Tells the session that started `pid` how it ended (called by the main
+/// loop for every reaped child that is not the main program).
+pub fn deliver(pid: libc::pid_t, ended: Ended) {
+    let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
+    match r.waiting.remove(&pid) {
+        Some(tx) => {
+            let _ = tx.send(ended);
+        }
+        None if r.unclaimed.len() < MAX_UNCLAIMED => {
+            r.unclaimed.insert(pid, ended);
+        }
+        None => {}
+    }
+}
+
+fn watch(pid: libc::pid_t) -> Receiver<Ended> {
+    let (tx, rx) = mpsc::channel();
+    let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
+    match r.unclaimed.remove(&pid) {
+        Some(e) => {
+            let _ = tx.send(e);
+        }
+        None => {
+            r.waiting.insert(pid, tx);
+        }
+    }
+    rx
+}
+
+/// Starts listening; sessions get `base_env` (then their own).
+pub fn start(base_env: Vec<(String, String)>) -> Result<(), String> {
+    let listener =
+        sys::vsock_listen(CONTROL_PORT).map_err(|e| format!("Cannot listen on vsock port {CONTROL_PORT}: {e}"))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || loop {
+            match sys::accept(&listener) {
+                Ok(conn) => {
+                    let env = base_env.clone();
+                    let _ = std::thread::Builder::new().name("session".into()).spawn(move || session(conn, env));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        })
+        .map_err(|e| format!("Cannot start the control thread: {e}"))?;
+    Ok(())
+}
+
+struct User {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    home: String,
+    name: String,
+}
+
+/// "" (root), a name from /etc/passwd, or "UID[:GID]".
+fn lookup_user(spec: &str) -> Result<User, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entries: Vec<User> = passwd
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some(User {
+                name: f.first()?.to_string(),
+                uid: f.get(2)?.parse().ok()?,
+                gid: f.get(3)?.parse().ok()?,
+                home: f.get(5)?.to_string(),
+            })
+        })
+        .collect();
+    let spec = if spec.is_empty() { "root" } else { spec };
+    if let Some(u) = entries.into_iter().find(|u| u.name == spec || u.uid.to_string() == spec) {
+        return Ok(u);
+    }
+    let (uid, gid) = spec.split_once(':').unwrap_or((spec, spec));
+    match (uid.parse(), gid.parse()) {
+        (Ok(uid), Ok(gid)) => Ok(User { uid, gid, home: "/".into(), name: spec.into() }),
+        _ => Err(format!("No user '{spec}' in the guest")),
+    }
+}
+
+/// A started program and the descriptors its session relays.
+struct Running {
+    pid: libc::pid_t,
+    /// Where the host's input goes (pty master or stdin pipe).
+    input: Option<File>,
+    /// (descriptor, is stderr) for each output still open.
+    outputs: Vec<(File, bool)>,
+    /// The pty master, for resizes.
+    pty: Option<OwnedFd>,
+}
+
+fn start_program(open: &Open, base_env: &[(String, String)]) -> Result<Running, String> {
+    if open.argv.is_empty() {
+        return Err("No command given".into());
+    }
+    let user = lookup_user(&open.user)?;
+    let mut env = base_env.to_vec();
+    env.retain(|(k, _)| k != "HOME" && k != "USER");
+    env.push(("HOME".into(), user.home.clone()));
+    env.push(("USER".into(), user.name.clone()));
+    for (k, v) in &open.env {
+        env.retain(|(old, _)| old != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let cwd = if open.cwd.is_empty() { user.home.clone() } else { open.cwd.clone() };
+    let exec = sys::Exec::new(&open.argv, &env, &cwd)
+        .map_err(|e| format!("Cannot run '{}': {e}", open.argv[0]))?
+        .run_as(user.uid, user.gid);
+    let start_err = |e: io::Error| format!("Cannot start '{}': {e}", open.argv[0]);
+    match open.tty {
+        Some((rows, cols)) => {
+            let (master, slave) = sys::open_pty(rows, cols).map_err(|e| format!("Cannot open a terminal: {e}"))?;
+            let pid = sys::spawn_on_tty(&exec, &slave).map_err(start_err)?;
+            drop(slave);
+            sys::set_nonblocking(&master).map_err(|e| e.to_string())?;
+            let output = File::from(master.try_clone().map_err(|e| e.to_string())?);
+            let input = File::from(master.try_clone().map_err(|e| e.to_string())?);
+            Ok(Running { pid, input: Some(input), outputs: vec![(output, false)], pty: Some(master) })
+        }
+        None => {
+            let pipe = || sys::pipe().map_err(|e| format!("Cannot make a pipe: {e}"));
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let pid = sys::spawn(&exec, [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()], false)
+                .map_err(start_err)?;
+            for fd in [&out_r, &err_r] {
+                sys::set_nonblocking(fd).map_err(|e| e.to_string())?;
+            }
+            Ok(Running {
+                pid,
+                input: Some(File::from(in_w)),
+                outputs: vec![(File::from(out_r), false), (File::from(err_r), true)],
+                pty: None,
+            })
+        }
+    }
+}
+
+fn send(sock: &mut File, f: &Frame) -> bool {
+    sock.write_all(&f.encode()).is_ok()
+}
+
+/// Reads until the client's Open frame.
+fn read_open(sock: &mut File, reader: &mut Reader) -> Result<Option<Open>, String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.next_frame() {
+            Ok(Some(Frame::Open(o))) => return Ok(Some(o)),
+            Ok(Some(_)) => return Err("The first frame must open a session".into()),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => reader.feed(&buf[..n]),
+        }
+    }
+}
+
+fn session(conn: OwnedFd, base_env: Vec<(String, String)>) {
+    let mut sock = File::from(conn);
+    let mut reader = Reader::default();
+    let open = match read_open(&mut sock, &mut reader) {
+        Ok(Some(o)) => o,
+        Ok(None) => return,
+        Err(msg) => {
+            send(&mut sock, &Frame::Error(msg));
+            return;
+        }
+    };
+    let mut run = match start_program(&open, &base_env) {
+        Ok(r) => r,
+        Err(msg) => {
+            send(&mut sock, &Frame::Error(msg));
+            return;
+        }
+    };
+    let exited = watch(run.pid);
+    if !send(&mut sock, &Frame::Started { pid: run.pid as u32 }) {
+        sys::kill_group(run.pid, libc::SIGHUP);
+    }
+    let end = relay(&mut sock, &mut reader, &mut run, &exited);
+    let last = match end {
+        Ended::Exited(c) => Frame::Exit(c),
+        Ended::Signaled(s) => Frame::Killed(s),
+    };
+    send(&mut sock, &last);
+}
+
+/// Moves bytes between the host and the program until it has ended and
+/// its output is drained; returns how it ended.
+fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Receiver<Ended>) -> Ended {
+    let mut buf = vec![0u8; MAX_DATA];
+    let mut client_gone = false;
+    let mut ended: Option<(Ended, Instant)> = None;
+    loop {
+        if ended.is_none() {
+            ended = exited.try_recv().ok().map(|e| (e, Instant::now()));
+        }
+        if let Some((_, at)) = &ended {
+            if run.outputs.is_empty() || at.elapsed() > DRAIN_GRACE {
+                break;
+            }
+        }
+        let mut fds = vec![(sock.as_raw_fd(), if client_gone { 0 } else { libc::POLLIN })];
+        fds.extend(run.outputs.iter().map(|(f, _)| (f.as_raw_fd(), libc::POLLIN)));
+        let revents = sys::poll(&fds, 50);
+        if !client_gone && revents[0] != 0 {
+            match sock.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    reader.feed(&buf[..n]);
+                    if !handle_input(reader, run) {
+                        client_gone = true;
+                    }
+                }
+                _ => client_gone = true,
+            }
+            if client_gone {
+                // Nobody to report to: end the program as a hangup would.
+                sys::kill_group(run.pid, libc::SIGHUP);
+            }
+        }
+        let mut closed = Vec::new();
+        for (i, (f, is_err)) in run.outputs.iter_mut().enumerate() {
+            if revents.get(i + 1).copied().unwrap_or(0) == 0 && ended.is_none() {
+                continue;
+            }
+            match f.read(&mut buf) {
+                Ok(0) => closed.push(i),
+                Ok(n) => {
+                    let data = buf[..n].to_vec();
+                    let frame = if *is_err { Frame::Stderr(data) } else { Frame::Stdout(data) };
+                    if !client_gone && !send(sock, &frame) {
+                        client_gone = true;
+                        sys::kill_group(run.pid, libc::SIGHUP);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                // EIO: the terminal's last user is gone.
+                Err(_) => closed.push(i),
+            }
+        }
+        for i in closed.into_iter().rev() {
+            run.outputs.remove(i);
+        }
+    }
+    ended.map(|(e, _)| e).unwrap_or(Ended::Signaled(libc::SIGKILL))
+}
+
+/// Writes all of `data` to a descriptor that may be non-blocking (a pty
+/// master), waiting up to 10 s for the program to read.
+fn write_patiently(f: &mut File, mut data: &[u8]) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.is_empty() {
+        match f.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Applies the host's frames; false if the host broke the protocol.
+fn handle_input(reader: &mut Reader, run: &mut Running) -> bool {
+    loop {
+        match reader.next_frame() {
+            Ok(None) => return true,
+            Err(_) => return false,
+            Ok(Some(f)) => match f {
+                Frame::Stdin(data) => {
+                    if let Some(input) = run.input.as_mut() {
+                        if write_patiently(input, &data).is_err() {
+                            run.input = None;
+                        }
+                    }
+                }
+                Frame::StdinEof => {
+                    if run.pty.is_some() {
+                        // The terminal's end-of-file character (VEOF, ^D).
+                        if let Some(input) = run.input.as_mut() {
+                            let _ = write_patiently(input, &[4]);
+                        }
+                    } else {
+                        run.input = None;
+                    }
+                }
+                Frame::Resize { rows, cols } => {
+                    if let Some(pty) = &run.pty {
+                        // The kernel sends SIGWINCH to the foreground group.
+                        let _ = sys::set_winsize(pty, rows, cols);
+                    }
+                }
+                Frame::Signal(sig) if (1..=64).contains(&sig) => sys::kill_group(run.pid, sig),
+                _ => return false,
+            },
+        }
+    }
+}

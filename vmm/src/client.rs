@@ -1,0 +1,140 @@
+//! Host side: the client end of the control channel — what `sbx exec`
+//! does. It connects to a running VMM's control socket (the VMM relays it
+//! to guest-init over vsock), opens a session, relays the user's terminal
+//! or pipes and signals, and returns how the program ended. Frames from
+//! the guest are parsed with protocol::session's bounded reader.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use protocol::session::{Frame, Open, Reader, MAX_DATA};
+
+use crate::terminal;
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(i32),
+    Killed(i32),
+    /// guest-init could not run it; the message says why.
+    Failed(String),
+}
+
+/// Connects and opens a session, retrying while guest-init is not
+/// listening yet (the guest still booting) for up to `wait`.
+fn open_session(socket: &Path, open: &Open, wait: Duration) -> Result<(UnixStream, Reader), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let attempt = (|| -> io::Result<Option<(UnixStream, Reader)>> {
+            let mut s = UnixStream::connect(socket)?;
+            s.write_all(&Frame::Open(open.clone()).encode())?;
+            // The first frame tells whether guest-init took the session; a
+            // close before it means nobody was listening in the guest.
+            let mut reader = Reader::default();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            reader.feed(&buf[..n]);
+            Ok(Some((s, reader)))
+        })();
+        match attempt {
+            Ok(Some(session)) => return Ok(session),
+            Ok(None) | Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(250)),
+            Ok(None) => return Err("The guest did not accept the session (is it still booting?)".into()),
+            Err(e) => return Err(format!("Cannot reach the sandbox's control socket {}: {e}", socket.display())),
+        }
+    }
+}
+
+fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
+    w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f.encode()).is_ok()
+}
+
+/// Runs a session to its end. With `interactive`, the user's terminal is
+/// put in raw mode (restored on return) and its size follows the user's.
+pub fn exec(socket: &Path, mut open: Open, interactive: bool, wait: Duration) -> Result<Outcome, String> {
+    if interactive {
+        open.tty = Some(terminal::size(1).unwrap_or((24, 80)));
+    }
+    // Signals go to the session (before any thread exists, so that they
+    // all block them).
+    let writer: Arc<Mutex<Option<Arc<Mutex<UnixStream>>>>> = Arc::default();
+    let for_signals = writer.clone();
+    crate::signals::forward(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
+        let Some(w) = for_signals.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let frame = if sig == libc::SIGWINCH {
+            match terminal::size(1) {
+                Some((rows, cols)) => Frame::Resize { rows, cols },
+                None => return,
+            }
+        } else {
+            Frame::Signal(sig)
+        };
+        send(&w, &frame);
+    });
+    let (stream, mut reader) = open_session(socket, &open, wait)?;
+    let w = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
+    *writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+    let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
+    forward_stdin(w);
+    let outcome = read_output(stream, &mut reader);
+    drop(raw);
+    outcome
+}
+
+/// Copies the user's input into Stdin frames; end of input is StdinEof.
+fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
+    let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut stdin = io::stdin().lock();
+        let mut buf = vec![0u8; MAX_DATA];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    send(&w, &Frame::StdinEof);
+                    return;
+                }
+                Ok(n) => {
+                    if !send(&w, &Frame::Stdin(buf[..n].to_vec())) {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn read_output(mut stream: UnixStream, reader: &mut Reader) -> Result<Outcome, String> {
+    let mut out = io::stdout().lock();
+    let mut err = io::stderr();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(f) = reader.next_frame().map_err(|e| format!("From the guest: {e}"))? {
+            match f {
+                Frame::Started { .. } => {}
+                Frame::Stdout(d) => {
+                    let _ = out.write_all(&d);
+                    let _ = out.flush();
+                }
+                Frame::Stderr(d) => {
+                    let _ = err.write_all(&d);
+                }
+                Frame::Exit(c) => return Ok(Outcome::Exited(c)),
+                Frame::Killed(s) => return Ok(Outcome::Killed(s)),
+                Frame::Error(m) => return Ok(Outcome::Failed(m)),
+                other => return Err(format!("Unexpected frame from the guest: {other:?}")),
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err("The sandbox closed the session before the program ended (was it stopped?)".into()),
+            Ok(n) => reader.feed(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("Lost the session: {e}")),
+        }
+    }
+}
