@@ -68,23 +68,43 @@ fn watch(pid: libc::pid_t) -> Receiver<Ended> {
     rx
 }
 
+/// How PID 1 follows the main session (`sbx run`'s program).
+pub struct Main {
+    /// The main program's pid once started, or why it could not start.
+    pub started: Receiver<Result<libc::pid_t, String>>,
+    /// The main session has sent its last frame.
+    pub done: Receiver<()>,
+}
+
+#[derive(Clone)]
+struct MainSenders {
+    started: Sender<Result<libc::pid_t, String>>,
+    done: Sender<()>,
+}
+
+/// Only one session per boot may be the main one.
+static MAIN_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Starts listening; sessions get `base_env` (then their own).
-pub fn start(base_env: Vec<(String, String)>) -> Result<(), String> {
+pub fn start(base_env: Vec<(String, String)>) -> Result<Main, String> {
     let listener =
         sys::vsock_listen(CONTROL_PORT).map_err(|e| format!("Cannot listen on vsock port {CONTROL_PORT}: {e}"))?;
+    let (started_tx, started) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel();
+    let senders = MainSenders { started: started_tx, done: done_tx };
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || loop {
             match sys::accept(&listener) {
                 Ok(conn) => {
-                    let env = base_env.clone();
-                    let _ = std::thread::Builder::new().name("session".into()).spawn(move || session(conn, env));
+                    let (env, main) = (base_env.clone(), senders.clone());
+                    let _ = std::thread::Builder::new().name("session".into()).spawn(move || session(conn, env, main));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         })
         .map_err(|e| format!("Cannot start the control thread: {e}"))?;
-    Ok(())
+    Ok(Main { started, done })
 }
 
 struct User {
@@ -200,7 +220,7 @@ fn read_open(sock: &mut File, reader: &mut Reader) -> Result<Option<Open>, Strin
     }
 }
 
-fn session(conn: OwnedFd, base_env: Vec<(String, String)>) {
+fn session(conn: OwnedFd, base_env: Vec<(String, String)>, main: MainSenders) {
     let mut sock = File::from(conn);
     let mut reader = Reader::default();
     let open = match read_open(&mut sock, &mut reader) {
@@ -211,14 +231,25 @@ fn session(conn: OwnedFd, base_env: Vec<(String, String)>) {
             return;
         }
     };
+    if open.main && MAIN_TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        send(&mut sock, &Frame::Error("This sandbox's main program is already running".into()));
+        return;
+    }
     let mut run = match start_program(&open, &base_env) {
         Ok(r) => r,
         Err(msg) => {
-            send(&mut sock, &Frame::Error(msg));
+            send(&mut sock, &Frame::Error(msg.clone()));
+            if open.main {
+                let _ = main.started.send(Err(msg));
+            }
             return;
         }
     };
+    // Watch before PID 1 can reap it as the main program.
     let exited = watch(run.pid);
+    if open.main {
+        let _ = main.started.send(Ok(run.pid));
+    }
     if !send(&mut sock, &Frame::Started { pid: run.pid as u32 }) {
         sys::kill_group(run.pid, libc::SIGHUP);
     }
@@ -228,6 +259,9 @@ fn session(conn: OwnedFd, base_env: Vec<(String, String)>) {
         Ended::Signaled(s) => Frame::Killed(s),
     };
     send(&mut sock, &last);
+    if open.main {
+        let _ = main.done.send(());
+    }
 }
 
 /// Moves bytes between the host and the program until it has ended and

@@ -66,16 +66,21 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     if let Some(net) = &job.net {
         net::configure(net)?;
     }
-    // Sessions from the host (sbx exec); a guest without the vsock device
-    // still runs its program.
-    if let Err(e) = control::start(program_env(&job)) {
-        eprintln!("sbx-init: {e}");
-    }
+    // Sessions from the host (sbx run's program, sbx exec). Without the
+    // vsock device a guest can still run a program given in the job.
+    let control = control::start(program_env(&job));
     // /dev/ptmx must reach the devpts instance mounted above.
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     if let Err(e) = sys::sethostname(&job.hostname) {
         eprintln!("sbx-init: cannot set hostname: {e}");
+    }
+    sys::block_terminal_signals();
+    match control {
+        Ok(main) if job.main_session => return run_main_session(main),
+        Ok(_) => {}
+        Err(e) if job.main_session => return Err(e),
+        Err(e) => eprintln!("sbx-init: {e}"),
     }
     let tty: OwnedFd = OpenOptions::new()
         .read(true)
@@ -89,7 +94,6 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     let argv = if job.argv.is_empty() { vec!["/bin/sh".to_string()] } else { job.argv.clone() };
     let env = program_env(&job);
     let exec = sys::Exec::new(&argv, &env, &job.cwd).map_err(|e| format!("Cannot run '{}': {e}", argv[0]))?;
-    sys::block_terminal_signals();
     frame(Frame::Started);
     let child = sys::spawn_on_tty(&exec, &tty).map_err(|e| format!("Cannot start '{}': {e}", argv[0]))?;
 
@@ -103,6 +107,27 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     };
     // Let the terminal send what the program wrote before the VM ends.
     let _ = sys::tcdrain(&tty);
+    Ok(match result {
+        sys::Ended::Exited(code) => Frame::Exit(code),
+        sys::Ended::Signaled(sig) => Frame::Signal(sig),
+    })
+}
+
+/// The program came as the main session: wait for it to start, reap
+/// everything until it ends, let its session report, and end with it.
+fn run_main_session(main: control::Main) -> Result<Frame, String> {
+    let child = main.started.recv().map_err(|_| "The control channel ended".to_string())??;
+    frame(Frame::Started);
+    let result = loop {
+        match sys::wait_any() {
+            Some((pid, ended)) if pid == child => break ended,
+            Some((pid, ended)) => control::deliver(pid, ended),
+            None => return Err("The program vanished without being reaped".into()),
+        }
+    };
+    control::deliver(child, result);
+    // Its session sends the rest of its output and how it ended.
+    let _ = main.done.recv_timeout(std::time::Duration::from_secs(5));
     Ok(match result {
         sys::Ended::Exited(code) => Frame::Exit(code),
         sys::Ended::Signaled(sig) => Frame::Signal(sig),

@@ -300,6 +300,7 @@ pub fn poll(fds: &[(libc::c_int, libc::c_short)], timeout_ms: i32) -> Vec<libc::
 }
 
 /// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
     Exited(i32),
     Signaled(i32),

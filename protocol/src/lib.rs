@@ -47,6 +47,10 @@ pub struct Job {
     pub overlay_root: bool,
     /// The guest's network (its NIC is netstack's), if it has one.
     pub net: Option<NetConfig>,
+    /// The program arrives over the control channel as the main session
+    /// (its own terminal or pipes) instead of running from `argv` on the
+    /// serial port.
+    pub main_session: bool,
 }
 
 /// How guest-init configures the guest's NIC: a static address, the
@@ -96,6 +100,7 @@ impl Default for Job {
             emulated_cpu: false,
             overlay_root: false,
             net: None,
+            main_session: false,
         }
     }
 }
@@ -175,6 +180,7 @@ impl Job {
         field("cols", &self.cols.to_string());
         field("emulated_cpu", if self.emulated_cpu { "1" } else { "0" });
         field("overlay_root", if self.overlay_root { "1" } else { "0" });
+        field("main_session", if self.main_session { "1" } else { "0" });
         if let Some(net) = &self.net {
             field("net", &net.encode());
         }
@@ -213,6 +219,7 @@ impl Job {
                 "interactive" => job.interactive = flag(&value)?,
                 "emulated_cpu" => job.emulated_cpu = flag(&value)?,
                 "overlay_root" => job.overlay_root = flag(&value)?,
+                "main_session" => job.main_session = flag(&value)?,
                 "net" => job.net = Some(NetConfig::decode(&value).ok_or(DecodeError::BadNumber(n))?),
                 "rows" => job.rows = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "cols" => job.cols = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
@@ -318,6 +325,7 @@ mod tests {
             cols: 132,
             emulated_cpu: true,
             overlay_root: true,
+            main_session: true,
             net: Some(NetConfig {
                 addr: Ipv4Addr::new(10, 0, 2, 15),
                 prefix_len: 24,
@@ -326,7 +334,7 @@ mod tests {
             }),
         };
         let text = job.encode();
-        assert_eq!(text.lines().count(), 1 + 8 + 1 + 4);
+        assert_eq!(text.lines().count(), 1 + 9 + 1 + 4);
         assert_eq!(job.net.unwrap().netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(Job::decode(&text).unwrap(), job);
     }

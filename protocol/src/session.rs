@@ -29,6 +29,9 @@ pub struct Open {
     pub user: String,
     /// A terminal of this size (rows, cols), or separate pipes if None.
     pub tty: Option<(u16, u16)>,
+    /// The sandbox's main program (`sbx run`'s): when it ends, the VM
+    /// powers off. Only one per boot.
+    pub main: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +152,7 @@ impl Frame {
                     }
                     None => b.push(0),
                 }
+                b.push(u8::from(o.main));
                 (T_OPEN, b)
             }
             Frame::Stdin(d) => (T_STDIN, d.clone()),
@@ -190,7 +194,12 @@ impl Frame {
                     1 => Some((c.u16()?, c.u16()?)),
                     _ => return Err(Error::Malformed("tty flag")),
                 };
-                Frame::Open(Open { argv, env, cwd, user, tty })
+                let main = match c.take(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Error::Malformed("main flag")),
+                };
+                Frame::Open(Open { argv, env, cwd, user, tty, main })
             }
             T_STDIN => return Ok(Frame::Stdin(body.to_vec())),
             T_STDOUT => return Ok(Frame::Stdout(body.to_vec())),
@@ -252,6 +261,7 @@ mod tests {
                 cwd: "/work dir".into(),
                 user: "agent".into(),
                 tty: Some((50, 132)),
+                main: true,
             }),
             Frame::Open(Open::default()),
             Frame::Stdin(b"abc\x04".to_vec()),

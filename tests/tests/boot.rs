@@ -36,6 +36,7 @@ fn run_boots_runs_a_command_and_returns_its_status() {
     assert!(stdout.contains("got=line-from-host\n"), "host stdin reaches the program");
     assert!(stdout.contains("eof=yes\n"), "end of host stdin is end of file in the guest");
     assert!(stdout.contains("zombies=0\n"), "PID 1 reaps orphans");
+    assert!(stdout.contains("uid=1000 cwd=/home/agent\n"), "the program runs as the agent user, in its home");
     assert!(!stdout.contains('\r'), "no terminal rewriting of output without a terminal");
     assert!(!stdout.contains("@@sbx:"), "status frames never reach the program's output");
     assert!(!stdout.contains("Linux version"), "kernel messages stay in the console log");
@@ -114,15 +115,21 @@ fn bad_input_gets_a_clear_error() {
 
 #[test]
 fn stop_ends_a_running_sandbox_and_records_it() {
+    use std::io::{BufRead, BufReader};
     let Some(sbx) = Sbx::new() else { return };
     let mut run = sbx
         .cmd()
-        .args(["run", "shell", "--name", "stopme", "--timeout", "600", "--", "sleep", "600"])
-        .stdout(std::process::Stdio::null())
+        .args(["run", "shell", "--name", "stopme", "--timeout", "600", "--", "sh", "-c", "echo started; sleep 600"])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     sbx.wait_running("stopme");
+    // Stop a guest that is idle in its program (no VM exits at all), not
+    // one still busy booting.
+    let mut lines = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l == "started")), "the program never started");
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let stop = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
     assert!(stop.status.success(), "{}", text(&stop.stderr));
     let status = run.wait().unwrap();
@@ -149,7 +156,7 @@ fn the_sandbox_disk_persists_and_survives_a_killed_vmm() {
                   dd if=/dev/zero of=/root/big bs=64k count=16 2>/dev/null; done";
     let mut run = sbx
         .cmd()
-        .args(["run", "shell", "--name", "disk", "--timeout", "600", "--", "sh", "-c", script])
+        .args(["run", "shell", "--name", "disk", "--user", "root", "--timeout", "600", "--", "sh", "-c", script])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -166,6 +173,8 @@ fn the_sandbox_disk_persists_and_survives_a_killed_vmm() {
             "shell",
             "--name",
             "disk",
+            "--user",
+            "root",
             "--timeout",
             "600",
             "--",

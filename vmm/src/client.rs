@@ -24,11 +24,37 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Where signal handlers find the session to send to (None until it is
+/// open).
+pub type Writer = Arc<Mutex<Option<Arc<Mutex<UnixStream>>>>>;
+
+/// Sends a frame to the session in `w`, if there is one.
+pub fn send_to(w: &Writer, f: &Frame) -> bool {
+    let session = w.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    session.is_some_and(|s| send(&s, f))
+}
+
+/// A resize frame for the user's terminal now.
+pub fn resize_frame() -> Option<Frame> {
+    terminal::size(1).map(|(rows, cols)| Frame::Resize { rows, cols })
+}
+
 /// Connects and opens a session, retrying while guest-init is not
-/// listening yet (the guest still booting) for up to `wait`.
-fn open_session(socket: &Path, open: &Open, wait: Duration) -> Result<(UnixStream, Reader), String> {
-    let deadline = Instant::now() + wait;
+/// listening yet (the guest still booting) for up to `wait`, unless
+/// `give_up` says the guest is gone.
+fn open_session(
+    socket: &Path,
+    open: &Open,
+    wait: Duration,
+    give_up: &dyn Fn() -> bool,
+) -> Result<(UnixStream, Reader), String> {
+    // A wait too long to represent is no deadline at all.
+    let deadline = Instant::now().checked_add(wait);
+    let in_time = || deadline.is_none_or(|d| Instant::now() < d);
     loop {
+        if give_up() {
+            return Err("The sandbox stopped before the session opened".into());
+        }
         let attempt = (|| -> io::Result<Option<(UnixStream, Reader)>> {
             let mut s = UnixStream::connect(socket)?;
             s.write_all(&Frame::Open(open.clone()).encode())?;
@@ -45,7 +71,7 @@ fn open_session(socket: &Path, open: &Open, wait: Duration) -> Result<(UnixStrea
         })();
         match attempt {
             Ok(Some(session)) => return Ok(session),
-            Ok(None) | Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(250)),
+            Ok(None) | Err(_) if in_time() => thread::sleep(Duration::from_millis(250)),
             Ok(None) => return Err("The guest did not accept the session (is it still booting?)".into()),
             Err(e) => return Err(format!("Cannot reach the sandbox's control socket {}: {e}", socket.display())),
         }
@@ -56,36 +82,44 @@ fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
     w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f.encode()).is_ok()
 }
 
-/// Runs a session to its end. With `interactive`, the user's terminal is
-/// put in raw mode (restored on return) and its size follows the user's.
-pub fn exec(socket: &Path, mut open: Open, interactive: bool, wait: Duration) -> Result<Outcome, String> {
+/// `sbx exec`: runs a session to its end, signals to this process going
+/// to the program (SIGWINCH as a resize). Call before starting threads.
+pub fn exec(socket: &Path, open: Open, interactive: bool, wait: Duration) -> Result<Outcome, String> {
+    let writer = Writer::default();
+    let for_signals = writer.clone();
+    crate::signals::forward(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
+        let frame = if sig == libc::SIGWINCH { resize_frame() } else { Some(Frame::Signal(sig)) };
+        if let Some(f) = frame {
+            send_to(&for_signals, &f);
+        }
+    });
+    run_session(socket, open, interactive, wait, &writer, &|| false).map(|(o, _)| o)
+}
+
+/// Runs a session to its end; `writer` is filled in once it is open, for
+/// the caller's signal handling. With `interactive`, the user's terminal
+/// is put in raw mode (restored on return) and gives the session its
+/// size. Returns how it ended and when its first output arrived.
+pub fn run_session(
+    socket: &Path,
+    mut open: Open,
+    interactive: bool,
+    wait: Duration,
+    writer: &Writer,
+    give_up: &dyn Fn() -> bool,
+) -> Result<(Outcome, Option<Instant>), String> {
     if interactive {
         open.tty = Some(terminal::size(1).unwrap_or((24, 80)));
     }
-    // Signals go to the session (before any thread exists, so that they
-    // all block them).
-    let writer: Arc<Mutex<Option<Arc<Mutex<UnixStream>>>>> = Arc::default();
-    let for_signals = writer.clone();
-    crate::signals::forward(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
-        let Some(w) = for_signals.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-        let frame = if sig == libc::SIGWINCH {
-            match terminal::size(1) {
-                Some((rows, cols)) => Frame::Resize { rows, cols },
-                None => return,
-            }
-        } else {
-            Frame::Signal(sig)
-        };
-        send(&w, &frame);
-    });
-    let (stream, mut reader) = open_session(socket, &open, wait)?;
+    let (stream, mut reader) = open_session(socket, &open, wait, give_up)?;
     let w = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
     *writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
     let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
     forward_stdin(w);
-    let outcome = read_output(stream, &mut reader);
+    let mut first_output = None;
+    let outcome = read_output(stream, &mut reader, &mut first_output);
     drop(raw);
-    outcome
+    outcome.map(|o| (o, first_output))
 }
 
 /// Copies the user's input into Stdin frames; end of input is StdinEof.
@@ -109,7 +143,11 @@ fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
     });
 }
 
-fn read_output(mut stream: UnixStream, reader: &mut Reader) -> Result<Outcome, String> {
+fn read_output(
+    mut stream: UnixStream,
+    reader: &mut Reader,
+    first_output: &mut Option<Instant>,
+) -> Result<Outcome, String> {
     let mut out = io::stdout().lock();
     let mut err = io::stderr();
     let mut buf = vec![0u8; 64 * 1024];
@@ -118,10 +156,12 @@ fn read_output(mut stream: UnixStream, reader: &mut Reader) -> Result<Outcome, S
             match f {
                 Frame::Started { .. } => {}
                 Frame::Stdout(d) => {
+                    first_output.get_or_insert_with(Instant::now);
                     let _ = out.write_all(&d);
                     let _ = out.flush();
                 }
                 Frame::Stderr(d) => {
+                    first_output.get_or_insert_with(Instant::now);
                     let _ = err.write_all(&d);
                 }
                 Frame::Exit(c) => return Ok(Outcome::Exited(c)),

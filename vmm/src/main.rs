@@ -3,10 +3,10 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,12 @@ use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::{Frame, Job};
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
+use vmm::client;
 use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
-use vmm::devices::serial::SerialDevice;
 use vmm::runner::{self, RunResult};
 use vmm::sandbox::{self, LastRun, Sandbox, Settings};
+use vmm::signals::names as libc_sig;
 use vmm::symbols::SystemMap;
 use vmm::terminal;
 
@@ -134,6 +135,9 @@ struct RunArgs {
     /// Do not treat the terminal as interactive even if there is one.
     #[arg(long)]
     no_tty: bool,
+    /// Guest user to run as: a name or UID[:GID].
+    #[arg(short, long, default_value = "agent")]
+    user: String,
     /// Copy the guest kernel console to stderr.
     #[arg(long)]
     console: bool,
@@ -298,8 +302,21 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     // First, before any thread exists and before the sandbox shows as
     // running: from then on `sbx stop` (SIGTERM) must stop the VM in order,
     // even while it is still being built.
+    // SIGTERM and SIGHUP stop the VM; SIGINT goes to the program once its
+    // session is open (without a terminal; with one, ^C is just a key),
+    // SIGWINCH becomes a resize.
     let stop = Arc::new(Stop::default());
-    vmm::signals::stop_on_signals(stop.clone());
+    let session = client::Writer::default();
+    let (for_signals, stop_for_signals) = (session.clone(), stop.clone());
+    vmm::signals::forward(&[libc_sig::TERM, libc_sig::INT, libc_sig::HUP, libc_sig::WINCH], move |sig| match sig {
+        libc_sig::WINCH => {
+            if let Some(f) = client::resize_frame() {
+                client::send_to(&for_signals, &f);
+            }
+        }
+        libc_sig::INT if client::send_to(&for_signals, &protocol::session::Frame::Signal(sig)) => {}
+        _ => stop_for_signals.request(StopReason::HostSignal(sig)),
+    });
     if !AGENTS.contains(&args.agent.as_str()) {
         return Err(format!("Unknown agent '{}' (expected one of: {})", args.agent, AGENTS.join(", ")));
     }
@@ -334,18 +351,24 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
     let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
     let mut job = Job {
-        argv: args.command.clone(),
         hostname: sb.settings.name.clone(),
         interactive,
         rows,
         cols,
         emulated_cpu: pvm,
         overlay_root: true,
+        main_session: true,
         ..Job::default()
+    };
+    let mut open = protocol::session::Open {
+        argv: if args.command.is_empty() { vec!["/bin/sh".into()] } else { args.command.clone() },
+        user: args.user.clone(),
+        main: true,
+        ..Default::default()
     };
     if interactive {
         if let Ok(term) = std::env::var("TERM") {
-            job.env.push(("TERM".into(), term));
+            open.env.push(("TERM".into(), term));
         }
     }
     let net = if args.no_network { None } else { Some(guest_network(&args, &sb)?) };
@@ -382,15 +405,25 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         net,
         control: Some(sb.listen_control().map_err(|e| e.to_string())?),
     };
+    let socket = sb.control_socket();
     let outcome = (|| {
         let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(|e| e.to_string())?;
-        let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
-        forward_stdin(mvm.program_tty.clone(), report.clone(), interactive);
         let opts = runner::RunOptions {
             timeout: args.timeout.map(Duration::from_secs),
             profile: args.profile.as_ref().map(|_| Duration::from_millis(5)),
         };
-        let mut result = runner::run(mvm, opts);
+        let vm = thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || runner::run(mvm, opts))
+            .map_err(|e| format!("Cannot start the VM thread: {e}"))?;
+        // The program: the main session over the control channel, as
+        // long as the VM lives.
+        let ended = || vm.is_finished();
+        let session = client::run_session(&socket, open, interactive, Duration::MAX, &session, &ended);
+        let mut result = vm.join().map_err(|_| "The VM thread failed".to_string())?;
+        if let Ok((_, Some(t))) = &session {
+            result.first_output_at = Some(*t);
+        }
         // System.map is large: read it only when there is an address to name.
         let needs_symbols = args.profile.is_some() || matches!(result.reason, StopReason::InternalError { .. });
         let symbols = if needs_symbols { SystemMap::for_kernel(&kernel) } else { None };
@@ -400,7 +433,6 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         if let Some(path) = &args.profile {
             write_profile(path, &result.rip_samples, symbols.as_ref())?;
         }
-        drop(raw);
         Ok::<RunResult, String>(result)
     })();
     let result = match outcome {
@@ -459,46 +491,6 @@ fn write_profile(path: &Path, samples: &[u64], symbols: Option<&SystemMap>) -> R
         .map_err(|e| format!("Cannot write {}: {e}", path.display()))
 }
 
-/// Copies the user's input to the guest's terminal, once guest-init says
-/// the program's terminal is set up (earlier bytes would be lost when the
-/// guest's UART driver starts, or echoed). Without a terminal, end of input
-/// is sent as ^D (guest-init keeps ^D as end-of-file there).
-fn forward_stdin(tty: Arc<Mutex<SerialDevice>>, report: SharedReport, interactive: bool) {
-    let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
-        while report.lock().unwrap_or_else(|p| p.into_inner()).started_at.is_none() {
-            thread::sleep(Duration::from_millis(10));
-        }
-        let mut stdin = io::stdin().lock();
-        let mut buf = [0u8; 256];
-        let mut last = b'\n';
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) if interactive => return,
-                Ok(0) | Err(_) => {
-                    // ^D ends a line read; a second one is needed mid-line.
-                    let eof: &[u8] = if last == b'\n' { &[4] } else { &[4, 4] };
-                    push(&tty, eof);
-                    return;
-                }
-                Ok(n) => n,
-            };
-            last = buf[n - 1];
-            push(&tty, &buf[..n]);
-        }
-    });
-}
-
-fn push(tty: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        let taken = tty.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(bytes);
-        bytes = &bytes[taken..];
-        if taken == 0 {
-            // The guest has not drained its receive FIFO yet.
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
 /// The exit code, a one-line summary, and whether it is sbx's failure.
 fn judge(reason: &StopReason, guest: &GuestReport, log: &Path) -> (u8, String, bool) {
     let see_log = format!("console log: {}", log.display());
@@ -542,7 +534,7 @@ fn figures_json(start: Instant, result: &RunResult, guest: &GuestReport, templat
         "first_kvm_run_ms": ms_since(start, result.first_run_at),
         "init_ms": ms_since(start, guest.init_at),
         "program_started_ms": ms_since(start, guest.started_at),
-        "first_output_ms": ms_since(start, guest.first_output_at),
+        "first_output_ms": ms_since(start, result.first_output_at),
         "end_ms": ms_since(start, Some(result.ended_at)),
         "exits": result.exits.0,
         "exits_total": result.exits.total(),
@@ -594,7 +586,7 @@ fn exec(args: ExecArgs) -> Result<ExitCode, String> {
             env.push(("TERM".into(), term));
         }
     }
-    let open = Open { argv: args.command, env, cwd: args.cwd, user: args.user, tty: None };
+    let open = Open { argv: args.command, env, cwd: args.cwd, user: args.user, tty: None, main: false };
     let outcome = vmm::client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
     Ok(match outcome {
         Outcome::Exited(c) => ExitCode::from(c as u8),

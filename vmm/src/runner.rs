@@ -47,7 +47,13 @@ pub struct RunResult {
     pub ended_at: Instant,
     /// VMM resident memory outside guest RAM, at the end of the run.
     pub rss_outside_guest_kib: Option<u64>,
+    /// When the program's first output reached the host (set by the
+    /// caller, which relays the program's session).
+    pub first_output_at: Option<Instant>,
 }
+
+/// How often the run loop looks for a stop request.
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -105,7 +111,12 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
                 }
                 p
             }
-            (Some(t), _) if !stop.is_requested() => t.saturating_sub(started.elapsed()),
+            // A stop can be requested from anywhere (a signal, a device)
+            // while every vCPU sits in KVM_RUN without exiting (an idle
+            // guest halts inside the in-kernel irqchip): look every
+            // STOP_POLL, not only when the timeout runs out.
+            (Some(t), _) if !stop.is_requested() => t.saturating_sub(started.elapsed()).min(STOP_POLL),
+            (None, _) if !stop.is_requested() => STOP_POLL,
             // Once stopping, poll and keep kicking vCPUs out of KVM_RUN.
             _ => Duration::from_millis(5),
         };
@@ -125,7 +136,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if !stop.is_requested() && opts.profile.is_none() {
-                    if let Some(t) = timeout {
+                    if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
                         stop.request(StopReason::Timeout(t.as_secs()));
                     }
                 }
@@ -145,7 +156,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     let reason = stop.reason().unwrap_or(StopReason::UnexpectedExit("No reason recorded".into()));
     let rss_outside_guest_kib = metrics::rss_outside_guest_kib(&vm.host_ranges());
     drop(vm);
-    RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib }
+    RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib, first_output_at: None }
 }
 
 fn vcpu_loop(

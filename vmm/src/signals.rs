@@ -6,6 +6,14 @@ use std::thread;
 
 use crate::control::{Stop, StopReason};
 
+/// Signal numbers, for code that has no libc of its own (the CLI).
+pub mod names {
+    pub const TERM: i32 = libc::SIGTERM;
+    pub const INT: i32 = libc::SIGINT;
+    pub const HUP: i32 = libc::SIGHUP;
+    pub const WINCH: i32 = libc::SIGWINCH;
+}
+
 const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {

@@ -17,7 +17,7 @@ use protocol::cpio::CpioWriter;
 use crate::util::{self, Fingerprint};
 
 const BUSYBOX: &str = "/bin/busybox";
-const RECIPE: &str = "image-recipe-4";
+const RECIPE: &str = "image-recipe-5";
 const MKFS: &str = "/sbin/mkfs.ext4";
 pub const INIT_CPIO: &str = "init.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
@@ -228,6 +228,10 @@ fn write_rootfs(out: &Path) -> Result<u64> {
         std::fs::create_dir_all(&p)?;
         let mode = if d.ends_with("tmp") { 0o1777 } else { 0o755 };
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    }
+    // The agent's home is the agent's (mkfs.ext4 -d keeps owners).
+    if let Err(e) = std::os::unix::fs::chown(stage.join("home/agent"), Some(1000), Some(1000)) {
+        eprintln!("xtask: /home/agent stays root's in the image (not building as root?): {e}");
     }
     let busybox = stage.join("bin/busybox");
     std::fs::copy(BUSYBOX, &busybox).context("Cannot copy busybox")?;

@@ -270,6 +270,8 @@ impl Worker {
         loop {
             self.wait();
             if !self.drain_ctl() {
+                // The VM is over: pass on what the guest sent last.
+                self.step();
                 return;
             }
             self.step();
