@@ -25,7 +25,7 @@ use crate::control::Stop;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -207,11 +207,26 @@ fn attach_virtio_device(vm: &Vm, mmio: &mut VirtioMmio, device: Box<dyn VirtioDe
     }
     let base = VIRTIO_MMIO_BASE + u64::from(mmio.count) * MMIO_LEN;
     let irq = VIRTIO_IRQ_BASE + mmio.count;
+    register_queue_notify(vm, device.as_ref(), base);
     let transport = MmioTransport::new(device, vm.memory.clone(), vm.irqfd(irq)?);
     mmio.bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
     mmio.cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     mmio.count += 1;
     Ok(())
+}
+
+/// Lets KVM turn the device's queue notifications into writes to its
+/// eventfd (ioeventfd, one per queue index), where the device has one and
+/// the host's KVM takes it. Otherwise (or for queues where registering
+/// failed) notifications stay MMIO exits, handled by the transport.
+fn register_queue_notify(vm: &Vm, device: &dyn VirtioDevice, base: u64) {
+    let Some(event) = device.notify_event() else { return };
+    let addr = kvm_ioctls::IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+    for index in 0..device.queue_max_sizes().len() as u32 {
+        if vm.fd.register_ioevent(&event, &addr, index).is_err() {
+            return;
+        }
+    }
 }
 
 /// The guest's only NIC, backed by netstack.

@@ -34,10 +34,14 @@ enum Task {
         force: bool,
     },
     /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image),
-    /// `net` (netstack throughput and latency, in process).
+    /// `net` (netstack throughput and latency, in process), `guest-net`
+    /// (a real guest's HTTP download through netstack).
     Bench {
-        #[arg(value_parser = ["boot", "net"])]
+        #[arg(value_parser = ["boot", "net", "guest-net"])]
         what: String,
+        /// Size of the guest-net download.
+        #[arg(long, default_value_t = 32)]
+        mib: u64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
         #[arg(long, default_value_t = 128)]
@@ -71,7 +75,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Kernel { force } => kernel::build(force).map(|_| ()),
         Task::Image { name, force } => image::build(&name, force).map(|_| ()),
-        Task::Bench { what, runs, memory } if what == "boot" => bench::boot(runs, memory),
+        Task::Bench { what, runs, memory, .. } if what == "boot" => bench::boot(runs, memory),
+        Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib),
         Task::Bench { .. } => util::run(cargo().args(["bench", "-p", "netstack", "--bench", "net"])),
         Task::Test { args } => {
             kernel::build(false)?;

@@ -15,7 +15,7 @@ use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const DEVICE_TYPE_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -268,10 +268,7 @@ impl VirtioDevice for Block {
         self.acked = features & self.features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // Nothing in the block config is writable (no WCE feature offered).
@@ -304,20 +301,11 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::devices::virtio::test_utils::CountingInterrupt as Count;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Address;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Interrupt for Count {
-        fn signal_used_queue(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-        fn signal_config_change(&self) {}
-    }
 
     const HDR: u64 = 0x10_000;
     const DATA: u64 = 0x20_000;
@@ -367,7 +355,7 @@ mod tests {
         b.queue_notify(0);
         let used_len: u32 = m.read_obj(mock.used_addr().unchecked_add(8)).unwrap();
         let status: u8 = m.read_obj(GuestAddress(STATUS)).unwrap();
-        (status, used_len, irq.0.load(Ordering::SeqCst))
+        (status, used_len, irq.count())
     }
 
     #[test]

@@ -14,9 +14,8 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use netstack::stack::NetStack;
@@ -24,7 +23,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, Ctl, Interrupt, VirtioDevice, Worker, VIRTIO_F_VERSION_1};
 
 pub const DEVICE_TYPE_NET: u32 = 1;
 
@@ -54,39 +53,32 @@ pub struct NetCounters {
     pub rx_dropped: AtomicU64,
 }
 
-enum Ctl {
-    Activate { mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt> },
-    Reset,
-    Shutdown,
-}
-
 pub struct Net {
     mac: [u8; 6],
     mtu: u16,
     acked: u64,
-    kick: Arc<EventFd>,
-    ctl: Sender<Ctl>,
-    worker: Option<JoinHandle<()>>,
+    worker: Worker,
     pub counters: Arc<NetCounters>,
 }
 
 impl Net {
     /// A NIC with address `mac` whose peer is `stack` (MTU `mtu`).
     pub fn new<W: Write + Send + 'static>(mac: [u8; 6], mtu: u16, stack: NetStack<W>) -> std::io::Result<Net> {
-        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let (ctl, rx) = mpsc::channel();
         let counters = Arc::new(NetCounters::default());
-        let mut worker = Worker {
-            stack,
-            active: None,
-            pending: None,
-            kick: kick.clone(),
-            ctl: rx,
-            counters: counters.clone(),
-            max_frame: usize::from(mtu) + 14,
-        };
-        let handle = thread::Builder::new().name("virtio-net".into()).spawn(move || worker.run())?;
-        Ok(Net { mac, mtu, acked: 0, kick, ctl, worker: Some(handle), counters })
+        let for_thread = counters.clone();
+        let worker = Worker::spawn("virtio-net", move |kick, ctl| {
+            let mut w = NetWorker {
+                stack,
+                active: None,
+                pending: None,
+                kick,
+                ctl,
+                counters: for_thread,
+                max_frame: usize::from(mtu) + 14,
+            };
+            w.run();
+        })?;
+        Ok(Net { mac, mtu, acked: 0, worker, counters })
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -96,20 +88,6 @@ impl Net {
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         c
-    }
-
-    fn send(&self, c: Ctl) {
-        let _ = self.ctl.send(c);
-        let _ = self.kick.write(1);
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.send(Ctl::Shutdown);
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -130,10 +108,7 @@ impl VirtioDevice for Net {
         self.acked = features & self.features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // The MAC is ours to choose (no VIRTIO_NET_F_CTRL_MAC_ADDR).
@@ -147,15 +122,18 @@ impl VirtioDevice for Net {
         if queues.len() != 2 {
             return Err(ActivateError::QueueCount("net", 2, queues.len()));
         }
-        self.send(Ctl::Activate { mem, queues, interrupt });
+        self.worker.send(Ctl::Activate { mem, queues, interrupt });
         Ok(())
     }
     fn queue_notify(&mut self, _index: u16) {
-        let _ = self.kick.write(1);
+        self.worker.kick();
+    }
+    fn notify_event(&self) -> Option<EventFd> {
+        self.worker.notify_event()
     }
     fn reset(&mut self) {
         self.acked = 0;
-        self.send(Ctl::Reset);
+        self.worker.send(Ctl::Reset);
     }
 }
 
@@ -165,7 +143,7 @@ struct Active {
     interrupt: Arc<dyn Interrupt>,
 }
 
-struct Worker<W: Write> {
+struct NetWorker<W: Write> {
     stack: NetStack<W>,
     active: Option<Active>,
     /// A frame for the guest that found no receive buffer yet.
@@ -180,7 +158,7 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-impl<W: Write> Worker<W> {
+impl<W: Write> NetWorker<W> {
     fn run(&mut self) {
         loop {
             let busy = self.pending.is_some() || self.stack.connections() > 0;
@@ -334,24 +312,15 @@ fn write_frame(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::CountingInterrupt as Count;
     use netstack::audit::AuditLog;
     use netstack::policy::Policy;
     use netstack::stack::{Config, Resolver};
-    use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Interrupt for Count {
-        fn signal_used_queue(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-        fn signal_config_change(&self) {}
-    }
 
     const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x15];
 
@@ -385,7 +354,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !f() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -421,7 +390,7 @@ mod tests {
         assert_eq!(&eth[0..6], &GUEST_MAC, "sent to the guest");
         assert_eq!(&eth[12..14], &[0x08, 0x06], "ARP");
         assert_eq!(&eth[28..32], &[10, 0, 2, 2], "the gateway's address");
-        assert!(irq.0.load(Ordering::SeqCst) >= 1);
+        assert!(irq.count() >= 1);
         assert_eq!(net.counters.tx_frames.load(Ordering::SeqCst), 1);
     }
 

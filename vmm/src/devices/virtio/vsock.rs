@@ -15,15 +15,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, Ctl, Interrupt, VirtioDevice, Worker, VIRTIO_F_VERSION_1};
 
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
 pub const HOST_CID: u64 = 2;
@@ -107,43 +106,18 @@ impl Hdr {
     }
 }
 
-enum Ctl {
-    Activate { mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt> },
-    Reset,
-    Shutdown,
-}
-
 /// The device: a front for the worker thread that does the work.
 pub struct Vsock {
     acked: u64,
-    kick: Arc<EventFd>,
-    ctl: Sender<Ctl>,
-    worker: Option<JoinHandle<()>>,
+    worker: Worker,
 }
 
 impl Vsock {
     /// A vsock device whose host end is `listener` (non-blocking).
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
-        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let (ctl, rx) = mpsc::channel();
-        let mut worker = Worker::new(listener, kick.clone(), rx);
-        let handle = thread::Builder::new().name("virtio-vsock".into()).spawn(move || worker.run())?;
-        Ok(Vsock { acked: 0, kick, ctl, worker: Some(handle) })
-    }
-
-    fn send(&self, c: Ctl) {
-        let _ = self.ctl.send(c);
-        let _ = self.kick.write(1);
-    }
-}
-
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        self.send(Ctl::Shutdown);
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
-        }
+        let worker = Worker::spawn("virtio-vsock", move |kick, ctl| VsockWorker::new(listener, kick, ctl).run())?;
+        Ok(Vsock { acked: 0, worker })
     }
 }
 
@@ -166,10 +140,7 @@ impl VirtioDevice for Vsock {
         self.acked = features & self.features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = GUEST_CID.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&GUEST_CID.to_le_bytes(), offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(
@@ -181,15 +152,18 @@ impl VirtioDevice for Vsock {
         if queues.len() < 2 {
             return Err(ActivateError::QueueCount("vsock", 3, queues.len()));
         }
-        self.send(Ctl::Activate { mem, queues, interrupt });
+        self.worker.send(Ctl::Activate { mem, queues, interrupt });
         Ok(())
     }
     fn queue_notify(&mut self, _index: u16) {
-        let _ = self.kick.write(1);
+        self.worker.kick();
+    }
+    fn notify_event(&self) -> Option<EventFd> {
+        self.worker.notify_event()
     }
     fn reset(&mut self) {
         self.acked = 0;
-        self.send(Ctl::Reset);
+        self.worker.send(Ctl::Reset);
     }
 }
 
@@ -236,7 +210,7 @@ struct Active {
     interrupt: Arc<dyn Interrupt>,
 }
 
-struct Worker {
+struct VsockWorker {
     listener: UnixListener,
     kick: Arc<EventFd>,
     ctl: Receiver<Ctl>,
@@ -251,9 +225,9 @@ struct Worker {
     buf: Vec<u8>,
 }
 
-impl Worker {
-    fn new(listener: UnixListener, kick: Arc<EventFd>, ctl: Receiver<Ctl>) -> Worker {
-        Worker {
+impl VsockWorker {
+    fn new(listener: UnixListener, kick: Arc<EventFd>, ctl: Receiver<Ctl>) -> VsockWorker {
+        VsockWorker {
             listener,
             kick,
             ctl,
@@ -668,20 +642,12 @@ fn write_chain(mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)], hdr: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::devices::virtio::test_utils::CountingInterrupt as Count;
+    use std::sync::mpsc;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Address;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Interrupt for Count {
-        fn signal_used_queue(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-        fn signal_config_change(&self) {}
-    }
 
     /// The guest's side of the device, driven by hand: receive buffers it
     /// posts, packets it sends.
@@ -754,13 +720,13 @@ mod tests {
         }
     }
 
-    fn setup(mem: &GuestMemoryMmap) -> (Worker, Guest<'_>, std::path::PathBuf, tempfile::TempDir) {
+    fn setup(mem: &GuestMemoryMmap) -> (VsockWorker, Guest<'_>, std::path::PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let listener = UnixListener::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();
         let (_tx, rx) = mpsc::channel();
-        let mut w = Worker::new(listener, Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()), rx);
+        let mut w = VsockWorker::new(listener, Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()), rx);
         let g = Guest::new(mem);
         let queues = vec![g.rxq.create_queue().unwrap(), g.txq.create_queue().unwrap()];
         w.active = Some(Active { mem: mem.clone(), queues, interrupt: Arc::new(Count::default()) });
