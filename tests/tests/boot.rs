@@ -119,7 +119,18 @@ fn stop_ends_a_running_sandbox_and_records_it() {
     let Some(sbx) = Sbx::new() else { return };
     let mut run = sbx
         .cmd()
-        .args(["run", "shell", "--name", "stopme", "--timeout", "600", "--", "sh", "-c", "echo started; sleep 600"])
+        .args([
+            "run",
+            "shell",
+            "--name",
+            "stopme",
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            "echo before-stop > ~/kept; echo started; sleep 600",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -138,6 +149,9 @@ fn stop_ends_a_running_sandbox_and_records_it() {
     assert!(ls.lines().any(|l| l.starts_with("stopme ") && l.contains("stopped") && l.contains(" 143 ")), "{ls}");
     let again = sbx.cmd().args(["stop", "stopme"]).output().unwrap();
     assert!(text(&again.stderr).contains("is not running"));
+    // Started again, the sandbox still has what was written before the stop.
+    let out = sbx.run(&["run", "shell", "--name", "stopme", "--timeout", "600", "--", "cat", "/home/agent/kept"], b"");
+    assert_eq!(text(&out.stdout), "before-stop\n", "{}", text(&out.stderr));
 }
 
 /// The sandbox's disk keeps what the guest writes outside the workspace

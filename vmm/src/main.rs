@@ -27,6 +27,10 @@ use vmm::signals::names as libc_sig;
 use vmm::symbols::SystemMap;
 use vmm::terminal;
 
+/// How long `sbx stop` lets the guest end its program and power off in
+/// order before the VM is stopped hard.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
 /// Exit codes of sbx itself (the program's own code passes through).
 const EXIT_SBX_ERROR: u8 = 125;
 const EXIT_TIMEOUT: u8 = 124;
@@ -306,20 +310,35 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     // First, before any thread exists and before the sandbox shows as
     // running: from then on `sbx stop` (SIGTERM) must stop the VM in order,
     // even while it is still being built.
-    // SIGTERM and SIGHUP stop the VM; SIGINT goes to the program once its
-    // session is open (without a terminal; with one, ^C is just a key),
-    // SIGWINCH becomes a resize.
+    // SIGTERM and SIGHUP (`sbx stop`) end the program through its session
+    // so that guest-init powers off in order (disk synced and clean); the
+    // VM is stopped hard after STOP_GRACE, at once on a second signal, or
+    // at once if the session is not open yet. SIGINT goes to the program
+    // (without a terminal; with one, ^C is just a key). SIGWINCH resizes.
     let stop = Arc::new(Stop::default());
     let session = client::Writer::default();
     let (for_signals, stop_for_signals) = (session.clone(), stop.clone());
-    vmm::signals::forward(&[libc_sig::TERM, libc_sig::INT, libc_sig::HUP, libc_sig::WINCH], move |sig| match sig {
-        libc_sig::WINCH => {
-            if let Some(f) = client::resize_frame() {
-                client::send_to(&for_signals, &f);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    vmm::signals::forward(&[libc_sig::TERM, libc_sig::INT, libc_sig::HUP, libc_sig::WINCH], move |sig| {
+        use protocol::session::Frame;
+        match sig {
+            libc_sig::WINCH => {
+                if let Some(f) = client::resize_frame() {
+                    client::send_to(&for_signals, &f);
+                }
             }
+            libc_sig::INT if client::send_to(&for_signals, &Frame::Signal(sig)) => {}
+            _ if !stopping.swap(true, std::sync::atomic::Ordering::SeqCst)
+                && client::send_to(&for_signals, &Frame::Signal(sig)) =>
+            {
+                let stop = stop_for_signals.clone();
+                let _ = thread::Builder::new().name("stop-grace".into()).spawn(move || {
+                    thread::sleep(STOP_GRACE);
+                    stop.request(StopReason::HostSignal(sig));
+                });
+            }
+            _ => stop_for_signals.request(StopReason::HostSignal(sig)),
         }
-        libc_sig::INT if client::send_to(&for_signals, &protocol::session::Frame::Signal(sig)) => {}
-        _ => stop_for_signals.request(StopReason::HostSignal(sig)),
     });
     if !AGENTS.contains(&args.agent.as_str()) {
         return Err(format!("Unknown agent '{}' (expected one of: {})", args.agent, AGENTS.join(", ")));
@@ -613,10 +632,12 @@ fn stop(name: &str) -> Result<(), String> {
     }
     // The VMM turns SIGTERM into a VM stop and records it.
     vmm::signals::terminate(pid).map_err(|e| format!("Cannot signal the VMM (pid {pid}): {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The guest powers off in order, or is stopped hard after STOP_GRACE.
+    let limit = STOP_GRACE + Duration::from_secs(10);
+    let deadline = Instant::now() + limit;
     while sb.running_pid().is_some() {
         if Instant::now() > deadline {
-            return Err(format!("Sandbox '{name}' did not stop within 10 s"));
+            return Err(format!("Sandbox '{name}' did not stop within {} s", limit.as_secs()));
         }
         thread::sleep(Duration::from_millis(50));
     }
