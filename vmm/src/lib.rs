@@ -8,6 +8,7 @@ pub mod builder;
 pub mod client;
 pub mod control;
 pub mod devices;
+pub mod fs;
 pub mod metrics;
 pub mod runner;
 pub mod sandbox;

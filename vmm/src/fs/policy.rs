@@ -1,0 +1,313 @@
+//! Host side: the filesystem policy of a shared folder — which paths the
+//! guest cannot see at all (hidden) and which it may read but not change
+//! (read-only). Pure functions of a path relative to the share's root, as
+//! the file server tracks it; the guest's names are validated before they
+//! get here (see `share`).
+//!
+//! # Patterns
+//!
+//! - A pattern without `/` (`.env`, `*.pem`, `.env.*`) matches a single
+//!   name at any depth; a directory it matches is covered with all that is
+//!   below it.
+//! - A pattern ending in `/` (`.ssh/`) matches a directory of that name at
+//!   any depth, with all that is below it.
+//! - A pattern with `/` inside (`.git/config`, `.git/hooks/**`) is anchored
+//!   at the share's root; `**` stands for any number of names (none too).
+//! - In a name, `*` matches any run of characters and `?` one character.
+//!
+//! Hidden beats read-only; everything else is read-write.
+
+use std::path::{Component, Path};
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("Bad file pattern '{0}': {1}")]
+    Pattern(String, &'static str),
+}
+
+/// What the guest may do with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Not listed, not openable, not creatable: as if it did not exist.
+    Hidden,
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Secrets a coding agent has no business reading.
+pub const DEFAULT_HIDDEN: &[&str] = &[
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    ".ssh/",
+    ".aws/",
+    ".gnupg/",
+    ".netrc",
+    ".git-credentials",
+    ".npmrc",
+    ".pypirc",
+];
+
+/// Files the user's own tools run on the host: an agent that could change
+/// them could plant code the user later runs outside the sandbox.
+pub const DEFAULT_READ_ONLY: &[&str] = &[".git/hooks/**", ".git/config", ".envrc"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    /// Matches one name at any depth (and what is below it).
+    Name(String),
+    /// Matches a directory name at any depth (and what is below it).
+    Dir(String),
+    /// Anchored at the root, component by component; "**" spans any
+    /// number of components.
+    Anchored(Vec<String>),
+}
+
+/// `*` and `?` matching without recursion: on a mismatch, go back to the
+/// last `*` and let it take one more character. O(pattern x name) at
+/// worst, whatever the guest names a file.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Anchored components against path names; true if the pattern matches
+/// the path or one of its ancestors (what is below a match is covered).
+fn anchored(pattern: &[String], names: &[&str]) -> bool {
+    match pattern.first().map(String::as_str) {
+        None => true,
+        Some("**") => (0..=names.len()).any(|skip| anchored(&pattern[1..], &names[skip..])),
+        Some(p) => {
+            names.first().is_some_and(|n| glob(p.as_bytes(), n.as_bytes()) && anchored(&pattern[1..], &names[1..]))
+        }
+    }
+}
+
+/// Could an anchored pattern match `names` or something below it?
+fn anchored_at_or_below(pattern: &[String], names: &[&str]) -> bool {
+    match (pattern.first().map(String::as_str), names.first()) {
+        (None, _) | (Some("**"), _) | (Some(_), None) => true,
+        (Some(p), Some(n)) => glob(p.as_bytes(), n.as_bytes()) && anchored_at_or_below(&pattern[1..], &names[1..]),
+    }
+}
+
+impl Pattern {
+    fn parse(raw: &str) -> Result<Pattern, Error> {
+        let bad = |why| Error::Pattern(raw.to_string(), why);
+        if raw.is_empty() || raw.len() > 256 {
+            return Err(bad("empty or too long"));
+        }
+        if raw.starts_with('/') {
+            return Err(bad("patterns are relative to the shared folder; drop the leading '/'"));
+        }
+        if let Some(dir) = raw.strip_suffix('/') {
+            if dir.contains('/') || dir.is_empty() {
+                return Err(bad("a directory pattern is one name followed by '/'"));
+            }
+            return Ok(Pattern::Dir(dir.to_string()));
+        }
+        if !raw.contains('/') {
+            return Ok(Pattern::Name(raw.to_string()));
+        }
+        let parts: Vec<String> = raw.split('/').map(str::to_string).collect();
+        if parts.iter().any(|p| p.is_empty() || p == "." || p == "..") {
+            return Err(bad("empty, '.' or '..' component"));
+        }
+        Ok(Pattern::Anchored(parts))
+    }
+
+    /// `names`: the path's components from the root; `is_dir`: the last
+    /// one is a directory.
+    fn matches(&self, names: &[&str], is_dir: bool) -> bool {
+        match self {
+            Pattern::Name(p) => names.iter().any(|n| glob(p.as_bytes(), n.as_bytes())),
+            Pattern::Dir(p) => {
+                let dirs = if is_dir { names.len() } else { names.len().saturating_sub(1) };
+                names[..dirs].iter().any(|n| glob(p.as_bytes(), n.as_bytes()))
+            }
+            Pattern::Anchored(parts) => anchored(parts, names),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsPolicy {
+    hidden: Vec<Pattern>,
+    read_only: Vec<Pattern>,
+}
+
+impl Default for FsPolicy {
+    fn default() -> Self {
+        let parse = |list: &[&str]| list.iter().filter_map(|p| Pattern::parse(p).ok()).collect();
+        FsPolicy { hidden: parse(DEFAULT_HIDDEN), read_only: parse(DEFAULT_READ_ONLY) }
+    }
+}
+
+impl FsPolicy {
+    /// The defaults plus these patterns.
+    pub fn with(hidden: &[String], read_only: &[String]) -> Result<FsPolicy, Error> {
+        let mut p = FsPolicy::default();
+        for h in hidden {
+            p.hidden.push(Pattern::parse(h)?);
+        }
+        for r in read_only {
+            p.read_only.push(Pattern::parse(r)?);
+        }
+        Ok(p)
+    }
+
+    /// True if moving the directory `rel` (to or from there) would change
+    /// what a root-anchored pattern protects: `.git` holds `.git/config`,
+    /// so `.git` may be neither renamed away nor made by a rename.
+    pub fn protects_below(&self, rel: &Path) -> bool {
+        let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
+        self.hidden.iter().chain(&self.read_only).any(|p| match p {
+            Pattern::Anchored(parts) => anchored_at_or_below(parts, &names),
+            _ => false,
+        })
+    }
+
+    /// What the guest may do with `rel` (relative to the share's root; the
+    /// root itself is the empty path). Anything but plain names (`..`, a
+    /// root, a prefix) is hidden: such a path never comes from the share.
+    pub fn access(&self, rel: &Path, is_dir: bool) -> Access {
+        let mut names = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => match n.to_str() {
+                    Some(s) => names.push(s),
+                    None => return Access::Hidden,
+                },
+                Component::CurDir => {}
+                _ => return Access::Hidden,
+            }
+        }
+        if self.hidden.iter().any(|p| p.matches(&names, is_dir)) {
+            Access::Hidden
+        } else if self.read_only.iter().any(|p| p.matches(&names, is_dir)) {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(p: &FsPolicy, path: &str, is_dir: bool) -> Access {
+        p.access(Path::new(path), is_dir)
+    }
+
+    #[test]
+    fn default_secrets_are_hidden_at_any_depth() {
+        let p = FsPolicy::default();
+        for path in [".env", ".env.local", "app/.env", "certs/server.pem", "a/b/c.key", ".netrc", ".npmrc"] {
+            assert_eq!(access(&p, path, false), Access::Hidden, "{path}");
+        }
+        for path in [".ssh", "home/.ssh", ".aws"] {
+            assert_eq!(access(&p, path, true), Access::Hidden, "{path}");
+        }
+        assert_eq!(access(&p, ".ssh/id_ed25519", false), Access::Hidden, "below a hidden directory");
+        assert_eq!(access(&p, "x/.aws/credentials", false), Access::Hidden);
+        for path in ["src/main.rs", "environment.md", "keys.rs", "my.env", "pem", ".envelope"] {
+            assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
+        }
+        // A file named like a directory pattern is not a directory.
+        assert_eq!(access(&p, "docs/.ssh", false), Access::ReadWrite);
+        assert_eq!(access(&p, "", true), Access::ReadWrite, "the root itself");
+    }
+
+    #[test]
+    fn git_hooks_and_config_are_read_only_but_the_rest_of_git_is_not() {
+        let p = FsPolicy::default();
+        for (path, dir) in [
+            (".git/hooks", true),
+            (".git/hooks/pre-commit", false),
+            (".git/hooks/a/b", false),
+            (".git/config", false),
+            (".envrc", false),
+        ] {
+            assert_eq!(access(&p, path, dir), Access::ReadOnly, "{path}");
+        }
+        for path in [".git/HEAD", ".git/objects/ab/cdef", "sub/.git/config", ".git/configs", "hooks/x"] {
+            assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
+        }
+    }
+
+    #[test]
+    fn hidden_beats_read_only_and_extra_patterns_apply() {
+        let p =
+            FsPolicy::with(&["secrets/".into(), ".git/config".into()], &["vendor/**".into(), "*.lock".into()]).unwrap();
+        assert_eq!(access(&p, ".git/config", false), Access::Hidden);
+        assert_eq!(access(&p, "secrets/db.txt", false), Access::Hidden);
+        assert_eq!(access(&p, "vendor/x/y.c", false), Access::ReadOnly);
+        assert_eq!(access(&p, "vendor", true), Access::ReadOnly);
+        assert_eq!(access(&p, "Cargo.lock", false), Access::ReadOnly);
+    }
+
+    #[test]
+    fn directories_holding_anchored_paths_are_known() {
+        let p = FsPolicy::default();
+        assert!(p.protects_below(Path::new(".git")));
+        assert!(p.protects_below(Path::new(".git/hooks")));
+        assert!(!p.protects_below(Path::new("src")));
+        assert!(!p.protects_below(Path::new("sub/.git")), "anchored at the root only");
+    }
+
+    #[test]
+    fn paths_that_are_not_plain_names_are_hidden() {
+        let p = FsPolicy::default();
+        for path in ["../etc/passwd", "/etc/passwd", "a/../../b"] {
+            assert_eq!(access(&p, path, false), Access::Hidden, "{path}");
+        }
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_a_reason() {
+        for bad in ["", "/abs", "a//b", "a/../b", "x/y/", "/"] {
+            assert!(FsPolicy::with(&[bad.into()], &[]).is_err(), "{bad}");
+        }
+        let e = FsPolicy::with(&["/etc".into()], &[]).unwrap_err();
+        assert!(e.to_string().contains("relative to the shared folder"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"*.pem", b"a.pem") && glob(b"*.pem", b".pem") && !glob(b"*.pem", b"a.pem.txt"));
+        assert!(glob(b".env.*", b".env.prod") && !glob(b".env.*", b".env"));
+        assert!(glob(b"?x", b"ax") && !glob(b"?x", b"x"));
+        assert!(glob(b"**", b"anything") && glob(b"a*b*c", b"aXbYc") && !glob(b"a*b*c", b"aXbY"));
+        assert!(glob(b"", b"") && !glob(b"", b"a") && glob(b"*", b""));
+        // A hostile name against a star-heavy pattern stays quick.
+        let name = [b"a".repeat(250), b"b".to_vec()].concat();
+        let started = std::time::Instant::now();
+        assert!(!glob(b"*a*a*a*a*a*a*a*a*a*a*c", &name));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+}
