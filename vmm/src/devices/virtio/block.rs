@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -38,6 +38,8 @@ const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest data transfer of one request (bounds the bounce buffer).
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+/// The bounce buffer between the disk file and guest memory.
+const BOUNCE_BYTES: usize = 64 * 1024;
 /// Length of the GET_ID answer.
 const ID_BYTES: usize = 20;
 
@@ -103,7 +105,7 @@ impl Block {
             mem: None,
             queue: None,
             interrupt: None,
-            buf: Vec::new(),
+            buf: vec![0u8; BOUNCE_BYTES],
             refusals: Vec::new(),
         })
     }
@@ -224,21 +226,25 @@ impl Block {
         if end > self.sectors * SECTOR_SIZE {
             return Err(Refusal::OutOfRange);
         }
+        // Through a fixed bounce buffer, a chunk at a time: the VMM's own
+        // memory does not grow with the guest's request sizes.
         let mut offset = start;
         for &(addr, len, _) in data {
-            self.buf.resize(len as usize, 0);
-            if to_guest {
-                self.file.read_exact_at(&mut self.buf, offset).map_err(|_| Refusal::HostIo)?;
-                mem.write_slice(&self.buf, addr).map_err(|_| Refusal::GuestMemory)?;
-            } else {
-                mem.read_slice(&mut self.buf, addr).map_err(|_| Refusal::GuestMemory)?;
-                self.file.write_all_at(&self.buf, offset).map_err(|_| Refusal::HostIo)?;
+            let mut done = 0u64;
+            while done < u64::from(len) {
+                let n = (u64::from(len) - done).min(BOUNCE_BYTES as u64) as usize;
+                let chunk = &mut self.buf[..n];
+                let at = addr.checked_add(done).ok_or(Refusal::GuestMemory)?;
+                if to_guest {
+                    self.file.read_exact_at(chunk, offset).map_err(|_| Refusal::HostIo)?;
+                    mem.write_slice(chunk, at).map_err(|_| Refusal::GuestMemory)?;
+                } else {
+                    mem.read_slice(chunk, at).map_err(|_| Refusal::GuestMemory)?;
+                    self.file.write_all_at(chunk, offset).map_err(|_| Refusal::HostIo)?;
+                }
+                done += n as u64;
+                offset += n as u64;
             }
-            offset += u64::from(len);
-        }
-        // Keep the bounce buffer from pinning a large allocation.
-        if self.buf.capacity() > (1 << 20) {
-            self.buf = Vec::new();
         }
         Ok(if to_guest { total as u32 } else { 0 })
     }
@@ -305,7 +311,6 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Address;
 
     const HDR: u64 = 0x10_000;
     const DATA: u64 = 0x20_000;
