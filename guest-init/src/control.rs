@@ -25,6 +25,9 @@ pub const CONTROL_PORT: u32 = 1024;
 /// How long a session waits, after its program ended, for output still
 /// buffered or held open by the program's own children.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Input from the host held for a program that is not reading it; past
+/// this the session stops reading from the host.
+const MAX_PENDING_INPUT: usize = 1 << 20;
 /// Exits of unknown children kept for a session that registers late.
 const MAX_UNCLAIMED: usize = 1024;
 
@@ -149,6 +152,11 @@ struct Running {
     outputs: Vec<(File, bool)>,
     /// The pty master, for resizes.
     pty: Option<OwnedFd>,
+    /// Input from the host not yet taken by the program.
+    pending: Vec<u8>,
+    /// The host's input has ended: once `pending` is written, close the
+    /// input (pipes) or send the terminal's end-of-file character.
+    input_eof: bool,
 }
 
 fn start_program(open: &Open, base_env: &[(String, String)]) -> Result<Running, String> {
@@ -177,7 +185,14 @@ fn start_program(open: &Open, base_env: &[(String, String)]) -> Result<Running, 
             sys::set_nonblocking(&master).map_err(|e| e.to_string())?;
             let output = File::from(master.try_clone().map_err(|e| e.to_string())?);
             let input = File::from(master.try_clone().map_err(|e| e.to_string())?);
-            Ok(Running { pid, input: Some(input), outputs: vec![(output, false)], pty: Some(master) })
+            Ok(Running {
+                pid,
+                input: Some(input),
+                outputs: vec![(output, false)],
+                pty: Some(master),
+                pending: Vec::new(),
+                input_eof: false,
+            })
         }
         None => {
             let pipe = || sys::pipe().map_err(|e| format!("Cannot make a pipe: {e}"));
@@ -186,7 +201,7 @@ fn start_program(open: &Open, base_env: &[(String, String)]) -> Result<Running, 
             let (err_r, err_w) = pipe()?;
             let pid = sys::spawn(&exec, [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()], false)
                 .map_err(start_err)?;
-            for fd in [&out_r, &err_r] {
+            for fd in [&out_r, &err_r, &in_w] {
                 sys::set_nonblocking(fd).map_err(|e| e.to_string())?;
             }
             Ok(Running {
@@ -194,6 +209,8 @@ fn start_program(open: &Open, base_env: &[(String, String)]) -> Result<Running, 
                 input: Some(File::from(in_w)),
                 outputs: vec![(File::from(out_r), false), (File::from(err_r), true)],
                 pty: None,
+                pending: Vec::new(),
+                input_eof: false,
             })
         }
     }
@@ -279,10 +296,19 @@ fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Recei
                 break;
             }
         }
-        let mut fds = vec![(sock.as_raw_fd(), if client_gone { 0 } else { libc::POLLIN })];
+        // Input the program has not taken yet bounds what is read from the
+        // host (whose further sends then wait on vsock credit), so neither
+        // side can block the other: every descriptor here is non-blocking.
+        let take_input = !client_gone && run.pending.len() < MAX_PENDING_INPUT;
+        let mut fds = vec![(sock.as_raw_fd(), if take_input { libc::POLLIN } else { 0 })];
+        let input_fd = run.input.as_ref().filter(|_| !run.pending.is_empty()).map(|f| f.as_raw_fd()).unwrap_or(-1);
+        fds.push((input_fd, libc::POLLOUT));
         fds.extend(run.outputs.iter().map(|(f, _)| (f.as_raw_fd(), libc::POLLIN)));
         let revents = sys::poll(&fds, 50);
-        if !client_gone && revents[0] != 0 {
+        if revents[1] != 0 {
+            feed_program(run);
+        }
+        if take_input && revents[0] != 0 {
             match sock.read(&mut buf) {
                 Ok(n) if n > 0 => {
                     reader.feed(&buf[..n]);
@@ -299,7 +325,7 @@ fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Recei
         }
         let mut closed = Vec::new();
         for (i, (f, is_err)) in run.outputs.iter_mut().enumerate() {
-            if revents.get(i + 1).copied().unwrap_or(0) == 0 && ended.is_none() {
+            if revents.get(i + 2).copied().unwrap_or(0) == 0 && ended.is_none() {
                 continue;
             }
             match f.read(&mut buf) {
@@ -324,22 +350,40 @@ fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Recei
     ended.map(|(e, _)| e).unwrap_or(Ended::Signaled(libc::SIGKILL))
 }
 
-/// Writes all of `data` to a descriptor that may be non-blocking (a pty
-/// master), waiting up to 10 s for the program to read.
-fn write_patiently(f: &mut File, mut data: &[u8]) -> io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !data.is_empty() {
-        match f.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
+/// Writes what the program's input takes now; at the host's end of
+/// input, once everything is written, closes it (pipes) or types the
+/// terminal's end-of-file character (VEOF, ^D).
+fn feed_program(run: &mut Running) {
+    let Some(input) = run.input.as_mut() else {
+        run.pending.clear();
+        return;
+    };
+    while !run.pending.is_empty() {
+        match input.write(&run.pending) {
+            Ok(0) => break,
+            Ok(n) => {
+                run.pending.drain(..n);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            // The program closed its input: what is left goes nowhere.
+            Err(_) => {
+                run.input = None;
+                run.pending.clear();
+                return;
+            }
         }
     }
-    Ok(())
+    if run.input_eof && run.pending.is_empty() {
+        if run.pty.is_some() {
+            run.pending.push(4);
+            run.input_eof = false;
+            feed_program(run);
+            // One ^D is enough; later input is still for the terminal.
+        } else {
+            run.input = None;
+        }
+    }
 }
 
 /// Applies the host's frames; false if the host broke the protocol.
@@ -349,22 +393,15 @@ fn handle_input(reader: &mut Reader, run: &mut Running) -> bool {
             Ok(None) => return true,
             Err(_) => return false,
             Ok(Some(f)) => match f {
-                Frame::Stdin(data) => {
-                    if let Some(input) = run.input.as_mut() {
-                        if write_patiently(input, &data).is_err() {
-                            run.input = None;
-                        }
+                Frame::Stdin(data) if !run.input_eof => {
+                    if run.input.is_some() {
+                        run.pending.extend_from_slice(&data);
+                        feed_program(run);
                     }
                 }
                 Frame::StdinEof => {
-                    if run.pty.is_some() {
-                        // The terminal's end-of-file character (VEOF, ^D).
-                        if let Some(input) = run.input.as_mut() {
-                            let _ = write_patiently(input, &[4]);
-                        }
-                    } else {
-                        run.input = None;
-                    }
+                    run.input_eof = true;
+                    feed_program(run);
                 }
                 Frame::Resize { rows, cols } => {
                     if let Some(pty) = &run.pty {

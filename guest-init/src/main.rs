@@ -21,11 +21,6 @@ use protocol::{Frame, Job, JOB_PATH};
 /// carries kernel messages and our frames.
 const PROGRAM_TTY: &str = "/dev/ttyS0";
 
-/// Keeps AVX off in glibc programs where the guest kernel cannot save AVX
-/// state (kvm_pvm: no XSAVE in kernel mode, but user-mode CPUID shows AVX).
-const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,\
--AVX512CD,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
-
 fn frame(f: Frame) {
     // The console is a serial line; one write per frame keeps it on one line.
     let mut out = io::stdout().lock();
@@ -142,7 +137,7 @@ fn program_env(job: &Job) -> Vec<(String, String)> {
         ("HOSTNAME".into(), job.hostname.clone()),
     ];
     if job.emulated_cpu {
-        env.push(("GLIBC_TUNABLES".into(), NO_AVX_TUNABLES.into()));
+        env.push(("GLIBC_TUNABLES".into(), protocol::NO_AVX_TUNABLES.into()));
     }
     for (k, v) in &job.env {
         env.retain(|(old, _)| old != k);

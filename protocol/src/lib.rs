@@ -9,6 +9,14 @@ use std::net::Ipv4Addr;
 /// Where the VMM places the job in the guest's initramfs.
 pub const JOB_PATH: &str = "/sbx/job";
 
+/// glibc tunables that keep AVX off, for every guest program where the
+/// guest kernel cannot save AVX state (kvm_pvm: no XSAVE in kernel mode,
+/// yet user-mode CPUID shows AVX). Without them, threads or processes
+/// that copy memory through YMM registers lose the registers' upper
+/// halves at context switches: 16-byte holes in copied data.
+pub const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,\
+-AVX512CD,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
+
 /// Serial numbers (virtio-blk GET_ID) by which guest-init finds the disks:
 /// the image's read-only base and the sandbox's own writable disk.
 pub const BASE_DISK_SERIAL: &str = "sbx-base";

@@ -62,6 +62,13 @@ fn exec_runs_sessions_beside_the_first_program() {
     let out = sbx.run(&["exec", "ex", "--", "sh", "-c", "cat; echo done"], b"line one\nline two\n");
     assert_eq!(text(&out.stdout), "line one\nline two\ndone\n", "stdin reaches the program, then end of file");
 
+    // A mebibyte of every byte value goes in and comes back out intact
+    // (input and output flow at once, neither side blocking the other).
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let out = sbx.run(&["exec", "ex", "--", "cat"], &data);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stdout == data, "cat returned {} bytes, not the same {} bytes", out.stdout.len(), data.len());
+
     let out = sbx.run(
         &["exec", "ex", "--user", "agent", "-e", "GREETING=hi there", "--", "sh", "-c", "id -u; pwd; echo $GREETING"],
         b"",

@@ -155,6 +155,11 @@ pub fn kernel_cmdline_with_console(console: &str, pvm: bool, kernel_log: bool, e
         // every LOCK prefix through runtime text patching, seconds of
         // emulated work there (boot profile); the prefixes cost nothing.
         c.push_str(" sbx_pvm noreplace-smp");
+        // An unknown NAME=value goes to PID 1's environment: guest-init (a
+        // static glibc program with threads) must keep AVX off too, or its
+        // copies get 16-byte holes (protocol::NO_AVX_TUNABLES).
+        c.push_str(" GLIBC_TUNABLES=");
+        c.push_str(protocol::NO_AVX_TUNABLES);
     }
     if !extra.is_empty() {
         c.push(' ');
@@ -353,6 +358,7 @@ mod tests {
         assert!(plain.contains("console=ttyS1") && plain.contains("reboot=k") && plain.contains(" quiet"));
         let pvm = kernel_cmdline(true, true, "foo=1");
         assert!(pvm.contains(" sbx_pvm") && pvm.ends_with(" foo=1") && pvm.contains("loglevel=8"));
+        assert!(pvm.contains(" GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,") && !plain.contains("GLIBC_TUNABLES"));
         assert!(plain.len() < CMDLINE_MAX / 2);
     }
 }
