@@ -124,8 +124,6 @@ pub struct MicroVm {
     pub pio: Bus,
     pub mmio: Bus,
     pub stop: Arc<Stop>,
-    /// COM1, for host input.
-    pub program_tty: Arc<Mutex<SerialDevice>>,
 }
 
 /// Console on COM2 (a log); COM1 is the program's terminal.
@@ -179,7 +177,7 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     let entry = load_kernel(&vm, &spec.kernel)?;
     let initrd = load_initrd(&vm, &std::mem::take(&mut spec.initrd), entry)?;
     let mut pio = Bus::new();
-    let program_tty = attach_serial_ports(&vm, &mut pio, sinks)?;
+    attach_serial_ports(&vm, &mut pio, sinks)?;
     attach_i8042(&mut pio, &stop)?;
     let mut mmio = VirtioMmio::default();
     attach_block_devices(&vm, &mut mmio, &spec.disks)?;
@@ -192,7 +190,7 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     let cmdline_size = load_kernel_cmdline(&vm, &format!("{}{}", spec.cmdline, mmio.cmdline))?;
     write_boot_params(&vm, cmdline_size, initrd)?;
     let vcpus = create_vcpus(&vm, &spec, entry)?;
-    Ok(MicroVm { vm, vcpus, pio, mmio: mmio.bus, stop, program_tty })
+    Ok(MicroVm { vm, vcpus, pio, mmio: mmio.bus, stop })
 }
 
 /// The MMIO bus with its virtio devices, and how the kernel command line
@@ -305,14 +303,15 @@ fn write_boot_params(vm: &Vm, cmdline_size: u32, initrd: Option<Initrd>) -> Resu
     Ok(())
 }
 
-/// COM1 (program terminal, host input) and COM2 (kernel console), each
-/// interrupting through an irqfd on its legacy IRQ.
-fn attach_serial_ports(vm: &Vm, pio: &mut Bus, sinks: Sinks) -> Result<Arc<Mutex<SerialDevice>>> {
+/// COM1 (a program run on the serial port, for guests without the control
+/// channel) and COM2 (kernel console), each interrupting through an irqfd
+/// on its legacy IRQ.
+fn attach_serial_ports(vm: &Vm, pio: &mut Bus, sinks: Sinks) -> Result<()> {
     let com1 = Arc::new(Mutex::new(SerialDevice::new(vm.irqfd(COM1.1)?, sinks.program)));
-    pio.insert(com1.clone(), COM1.0, PORT_LEN)?;
+    pio.insert(com1, COM1.0, PORT_LEN)?;
     let com2 = Arc::new(Mutex::new(SerialDevice::new(vm.irqfd(COM2.1)?, sinks.console)));
     pio.insert(com2, COM2.0, PORT_LEN)?;
-    Ok(com1)
+    Ok(())
 }
 
 fn attach_i8042(pio: &mut Bus, stop: &Arc<Stop>) -> Result<()> {

@@ -1,10 +1,9 @@
-//! Host side: turns SIGTERM, SIGINT and SIGHUP sent to the VMM into an
-//! orderly VM stop (state recorded, terminal restored) instead of death.
+//! Host side: signals to the sbx process handled on a thread of their own
+//! (`sbx run` turns them into an orderly stop or passes them to the
+//! program; `sbx exec` passes them to its program), and `sbx stop`'s
+//! SIGTERM to a VMM.
 
-use std::sync::Arc;
 use std::thread;
-
-use crate::control::{Stop, StopReason};
 
 /// Signal numbers, for code that has no libc of its own (the CLI).
 pub mod names {
@@ -13,8 +12,6 @@ pub mod names {
     pub const HUP: i32 = libc::SIGHUP;
     pub const WINCH: i32 = libc::SIGWINCH;
 }
-
-const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
@@ -26,14 +23,6 @@ fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {
         unsafe { libc::sigaddset(&mut set, s) };
     }
     set
-}
-
-/// Blocks the handled signals in the calling thread (threads started after
-/// inherit it) and starts a thread that turns them into `stop` requests.
-/// Call before starting any other thread: a thread that does not block them
-/// could receive one and the process would die without stopping the VM.
-pub fn stop_on_signals(stop: Arc<Stop>) {
-    forward(&HANDLED, move |sig| stop.request(StopReason::HostSignal(sig)));
 }
 
 /// Blocks `signals` in the calling thread (and threads started after) and
