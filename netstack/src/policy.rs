@@ -22,7 +22,15 @@
 //!
 //! [[rule]]
 //! deny = "upload.example.org"
+//!
+//! [files]                      # the shared folder's rules (vmm::fs::policy)
+//! hidden = ["secrets/", "*.p12"]       # added to the defaults
+//! read_only = ["Makefile", "ci/**"]    # added to the defaults
 //! ```
+//!
+//! The `[files]` table is carried here unparsed (lists of patterns) and
+//! interpreted by the VMM's file policy, so that one file holds a sandbox's
+//! whole policy.
 //!
 //! Semantics: rules from the preset come first, then the file's, in order.
 //! A request is denied if any deny rule matches, else allowed if any allow
@@ -194,6 +202,19 @@ struct File {
     preset: Option<String>,
     #[serde(default)]
     rule: Vec<FileRule>,
+    #[serde(default)]
+    files: FileRules,
+}
+
+/// The policy file's `[files]` table: patterns for the shared folder,
+/// added to the defaults (see `vmm::fs::policy` for their meaning).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRules {
+    #[serde(default)]
+    pub hidden: Vec<String>,
+    #[serde(default)]
+    pub read_only: Vec<String>,
 }
 
 const DEFAULT_PORTS: [u16; 2] = [80, 443];
@@ -225,6 +246,8 @@ const BALANCED: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub rules: Vec<Rule>,
+    /// The shared folder's rules from the same file.
+    pub files: FileRules,
 }
 
 fn preset_rules(name: &'static str) -> Vec<Rule> {
@@ -262,7 +285,7 @@ impl Policy {
         let (name, hosts) = AGENTS.iter().find(|(a, _)| *a == agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
         let rules =
             hosts.iter().filter_map(|h| Pattern::parse(h).ok()).map(|p| allow_rule(p, Origin::Agent(name))).collect();
-        Ok(Policy { rules })
+        Ok(Policy { rules, files: FileRules::default() })
     }
 
     /// Adds what an agent needs, after the rules already there (a deny
@@ -283,7 +306,7 @@ impl Policy {
 
     /// A preset alone.
     pub fn preset(name: &str) -> Result<Policy, Error> {
-        Ok(Policy { rules: preset_rules(preset_name(name)?) })
+        Ok(Policy { rules: preset_rules(preset_name(name)?), files: FileRules::default() })
     }
 
     pub fn from_toml(text: &str) -> Result<Policy, Error> {
@@ -315,7 +338,7 @@ impl Policy {
             }
             rules.push(Rule { action, pattern, ports, methods, path_prefix: r.path_prefix, origin: Origin::File(n) });
         }
-        Ok(Policy { rules })
+        Ok(Policy { rules, files: file.files })
     }
 
     /// Every rule that matches `req`, in order.
@@ -367,6 +390,21 @@ fn rule_matches(rule: &Rule, req: &Request<'_>) -> bool {
         // HTTPS: a narrowed allow cannot be checked (never allows); a
         // narrowed deny cannot be checked either (always denies).
         None => !narrowed || rule.action == Action::Deny,
+    }
+}
+
+#[cfg(test)]
+mod file_rule_tests {
+    use super::*;
+
+    #[test]
+    fn the_files_table_is_carried_and_checked_for_unknown_keys() {
+        let p = Policy::from_toml("version = 1\n[files]\nhidden = [\"secrets/\"]\nread_only = [\"ci/**\"]\n").unwrap();
+        assert_eq!(p.files.hidden, vec!["secrets/".to_string()]);
+        assert_eq!(p.files.read_only, vec!["ci/**".to_string()]);
+        assert_eq!(Policy::from_toml("version = 1\n").unwrap().files, FileRules::default());
+        let e = Policy::from_toml("version = 1\n[files]\nhiden = []\n").unwrap_err();
+        assert!(e.to_string().contains("hiden"), "{e}");
     }
 }
 

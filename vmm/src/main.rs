@@ -21,6 +21,7 @@ use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
 use vmm::client;
 use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
+use vmm::fs::policy::FsPolicy;
 use vmm::runner::{self, RunResult};
 use vmm::sandbox::{self, LastRun, Sandbox, Settings};
 use vmm::signals::names as libc_sig;
@@ -82,6 +83,14 @@ enum PolicyCommand {
         /// The HTTP method (plain HTTP only).
         #[arg(long, default_value = "GET")]
         method: String,
+    },
+    /// What the guest may do with PATH (relative to the shared folder; a
+    /// trailing '/' for a directory): hidden, read-only or read-write.
+    ExplainFile {
+        path: String,
+        /// A policy file whose [files] table adds to the defaults.
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -202,6 +211,9 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
             policy_explain(&url, policy.as_deref(), &preset, &method)
         }
+        Command::Policy(PolicyCommand::ExplainFile { path, policy }) => {
+            explain_file(&path, policy.as_deref()).map(|_| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -236,14 +248,7 @@ const GUEST_MTU: usize = 65520;
 /// The sandbox's network: the policy (file, agent defaults, --allow), the
 /// upstream overrides (--resolve) and the sandbox's audit log, continued
 /// from earlier runs when its hash chain checks out.
-fn guest_network(args: &RunArgs, sb: &Sandbox) -> Result<GuestNet, String> {
-    let mut policy = match &args.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
-            Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => Policy::preset("locked").map_err(|e| e.to_string())?,
-    };
+fn guest_network(args: &RunArgs, sb: &Sandbox, mut policy: Policy) -> Result<GuestNet, String> {
     policy.add_agent(&args.agent).map_err(|e| e.to_string())?;
     for host in &args.allow {
         policy.allow(host).map_err(|e| format!("--allow {host}: {e}"))?;
@@ -257,6 +262,20 @@ fn guest_network(args: &RunArgs, sb: &Sandbox) -> Result<GuestNet, String> {
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
     Ok(GuestNet { mac: GUEST_MAC, mtu, stack: NetStack::new(cfg, policy, resolver, audit) })
+}
+
+/// A policy file, network rules and file rules both checked, errors
+/// naming the file.
+fn read_policy_file(path: &Path) -> Result<Policy, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+    let policy = Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    file_policy(&policy).map_err(|e| format!("{}: [files]: {e}", path.display()))?;
+    Ok(policy)
+}
+
+/// The shared folder's policy: the defaults plus the file's `[files]`.
+fn file_policy(policy: &Policy) -> Result<FsPolicy, vmm::fs::policy::Error> {
+    FsPolicy::with(&policy.files.hidden, &policy.files.read_only)
 }
 
 /// NAME:PORT:ADDR:APORT -> ((name, port), address).
@@ -361,6 +380,11 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     if args.disk_size == 0 || args.disk_size > 1 << 14 {
         return Err(format!("Disk size must be 1 to 16384 GiB, got {}", args.disk_size));
     }
+    // Checked before anything starts: a bad rule is the user's to fix now.
+    let policy = match &args.policy {
+        Some(path) => read_policy_file(path)?,
+        None => Policy::preset("locked").map_err(|e| e.to_string())?,
+    };
     let workspace = match &args.workspace {
         Some(w) => w.canonicalize().map_err(|e| format!("Workspace {}: {e}", w.display()))?,
         None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
@@ -394,7 +418,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
             open.env.push(("TERM".into(), term));
         }
     }
-    let net = if args.no_network { None } else { Some(guest_network(&args, &sb)?) };
+    let net = if args.no_network { None } else { Some(guest_network(&args, &sb, policy)?) };
     if net.is_some() {
         let cfg = NetConfig::default();
         job.net = Some(protocol::NetConfig {
@@ -649,10 +673,7 @@ fn stop(name: &str) -> Result<(), String> {
 fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str) -> Result<ExitCode, String> {
     use netstack::policy::{Action, Policy, Request, Target};
     let policy = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
-            Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
+        Some(path) => read_policy_file(path)?,
         None => Policy::preset(preset).map_err(|e| e.to_string())?,
     };
     let target = Target::parse_url(url)?;
@@ -669,6 +690,23 @@ fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str) ->
     let decision = policy.decide(&req);
     let _ = writeln!(out, "{decision}");
     Ok(if decision.action == Action::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn explain_file(path: &str, file: Option<&Path>) -> Result<(), String> {
+    use vmm::fs::policy::Access;
+    let policy = match file {
+        Some(f) => read_policy_file(f)?,
+        None => Policy::preset("locked").map_err(|e| e.to_string())?,
+    };
+    let fs = file_policy(&policy).map_err(|e| e.to_string())?;
+    let is_dir = path.ends_with('/');
+    let access = match fs.access(Path::new(path.trim_end_matches('/')), is_dir) {
+        Access::Hidden => "hidden",
+        Access::ReadOnly => "read-only",
+        Access::ReadWrite => "read-write",
+    };
+    let _ = writeln!(io::stdout().lock(), "{path}: {access}");
+    Ok(())
 }
 
 fn rm(name: &str) -> Result<(), String> {

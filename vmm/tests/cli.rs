@@ -53,3 +53,26 @@ fn commands_on_missing_sandboxes_fail_clearly() {
     assert_eq!(code, Some(0));
     assert!(out.starts_with("NAME"), "{out}");
 }
+
+#[test]
+fn policy_explain_file_shows_the_shared_folder_rules() {
+    for (path, want) in
+        [(".env", "hidden"), ("app/.ssh/", "hidden"), (".git/config", "read-only"), ("src/main.rs", "read-write")]
+    {
+        let (code, out, err) = sbx(&["policy", "explain-file", path]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out, format!("{path}: {want}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "version = 1\n[files]\nread_only = [\"Makefile\"]\nhidden = [\"secrets/\"]\n").unwrap();
+    let (_, out, _) = sbx(&["policy", "explain-file", "Makefile", "--policy", good.to_str().unwrap()]);
+    assert_eq!(out, "Makefile: read-only\n");
+    let (_, out, _) = sbx(&["policy", "explain-file", "secrets/db.txt", "--policy", good.to_str().unwrap()]);
+    assert_eq!(out, "secrets/db.txt: hidden\n");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "version = 1\n[files]\nhidden = [\"/etc\"]\n").unwrap();
+    let (code, _, err) = sbx(&["policy", "explain-file", "x", "--policy", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("[files]") && err.contains("relative to the shared folder"), "{err}");
+}
