@@ -71,7 +71,6 @@ pub struct Block {
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
-    acked: u64,
     mem: Option<GuestMemoryMmap>,
     queue: Option<Queue>,
     interrupt: Option<Arc<dyn Interrupt>>,
@@ -101,7 +100,6 @@ impl Block {
             sectors: len / SECTOR_SIZE,
             read_only,
             id: idb,
-            acked: 0,
             mem: None,
             queue: None,
             interrupt: None,
@@ -270,9 +268,6 @@ impl VirtioDevice for Block {
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1 | F_SEG_MAX | F_FLUSH | if self.read_only { F_RO } else { 0 }
     }
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.features();
-    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
@@ -300,7 +295,6 @@ impl VirtioDevice for Block {
         self.queue = None;
         self.mem = None;
         self.interrupt = None;
-        self.acked = 0;
     }
 }
 

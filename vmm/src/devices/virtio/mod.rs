@@ -45,8 +45,9 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered (must include [`VIRTIO_F_VERSION_1`]).
     fn features(&self) -> u64;
-    /// Features the driver accepted (a subset of `features()`).
-    fn ack_features(&mut self, features: u64);
+    /// Features the driver accepted (a subset of `features()`, checked
+    /// by the transport). Ours behave the same whatever is accepted.
+    fn ack_features(&mut self, _features: u64) {}
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device with its ready queues.

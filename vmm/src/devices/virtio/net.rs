@@ -56,7 +56,6 @@ pub struct NetCounters {
 pub struct Net {
     mac: [u8; 6],
     mtu: u16,
-    acked: u64,
     worker: Worker,
     pub counters: Arc<NetCounters>,
 }
@@ -78,7 +77,7 @@ impl Net {
             };
             w.run();
         })?;
-        Ok(Net { mac, mtu, acked: 0, worker, counters })
+        Ok(Net { mac, mtu, worker, counters })
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -103,9 +102,6 @@ impl VirtioDevice for Net {
     }
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_MTU
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);
@@ -132,7 +128,6 @@ impl VirtioDevice for Net {
         self.worker.notify_event()
     }
     fn reset(&mut self) {
-        self.acked = 0;
         self.worker.send(Ctl::Reset);
     }
 }

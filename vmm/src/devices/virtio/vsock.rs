@@ -108,7 +108,6 @@ impl Hdr {
 
 /// The device: a front for the worker thread that does the work.
 pub struct Vsock {
-    acked: u64,
     worker: Worker,
 }
 
@@ -117,7 +116,7 @@ impl Vsock {
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
         let worker = Worker::spawn("virtio-vsock", move |kick, ctl| VsockWorker::new(listener, kick, ctl).run())?;
-        Ok(Vsock { acked: 0, worker })
+        Ok(Vsock { worker })
     }
 }
 
@@ -136,9 +135,6 @@ impl VirtioDevice for Vsock {
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.features();
-    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&GUEST_CID.to_le_bytes(), offset, data);
     }
@@ -149,8 +145,9 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
+        // rx and tx are needed; the event queue is never used.
         if queues.len() < 2 {
-            return Err(ActivateError::QueueCount("vsock", 3, queues.len()));
+            return Err(ActivateError::QueueCount("vsock", 2, queues.len()));
         }
         self.worker.send(Ctl::Activate { mem, queues, interrupt });
         Ok(())
@@ -162,7 +159,6 @@ impl VirtioDevice for Vsock {
         self.worker.notify_event()
     }
     fn reset(&mut self) {
-        self.acked = 0;
         self.worker.send(Ctl::Reset);
     }
 }
