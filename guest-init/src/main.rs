@@ -58,6 +58,9 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
         *disk = Some(root::switch_to_disks()?);
     }
     mount_filesystems(LATE_MOUNTS)?;
+    for share in &job.shares {
+        mount_share(share)?;
+    }
     if let Some(net) = &job.net {
         net::configure(net)?;
     }
@@ -170,6 +173,28 @@ fn mount_filesystems(mounts: &[Mount]) -> Result<(), String> {
         sys::mount(source, target, fstype, flags).map_err(|e| format!("Cannot mount {fstype} on {target}: {e}"))?;
     }
     Ok(())
+}
+
+/// Mounts a shared folder (virtio-fs) at its host path. Every directory
+/// on the way is made traversable, so that the agent user reaches it
+/// wherever it is on the host (/root/project too).
+fn mount_share(share: &protocol::Share) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(&share.path).map_err(|e| format!("Cannot create {}: {e}", share.path))?;
+    for dir in std::path::Path::new(&share.path).ancestors() {
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode();
+            if mode & 0o111 != 0o111 {
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode | 0o111) & 0o7777));
+            }
+        }
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if share.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    sys::mount(&share.tag, &share.path, "virtiofs", flags)
+        .map_err(|e| format!("Cannot mount the shared folder {} ({}): {e}", share.path, share.tag))
 }
 
 /// Ends every process but PID 1 and reaps them.

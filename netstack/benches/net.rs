@@ -70,7 +70,7 @@ fn netstack(mtu: usize, upstream: SocketAddr) -> Net {
     let mut resolver = Resolver::default();
     resolver.overrides.insert((HostName::parse(NAME).unwrap(), 80), upstream);
     let policy = Policy::from_toml(&format!("version = 1\n[[rule]]\nallow = \"{NAME}\"\n")).unwrap();
-    NetStack::new(Config { mtu, ..Config::default() }, policy, resolver, AuditLog::new(std::io::sink()))
+    NetStack::new(Config { mtu, ..Config::default() }, policy, resolver, AuditLog::new(std::io::sink()).shared())
 }
 
 fn ms(start: Instant) -> u64 {

@@ -5,6 +5,7 @@
 //! it for that purpose.
 
 use std::io::{self, BufRead, Write};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -31,6 +32,10 @@ pub enum Error {
     Broken { line: u64, reason: String },
 }
 
+/// One log, one chain, written from several threads (the network and
+/// each shared folder).
+pub type SharedLog<W> = Arc<Mutex<AuditLog<W>>>;
+
 /// Appends chained lines to `out`.
 pub struct AuditLog<W: Write> {
     out: W,
@@ -47,6 +52,11 @@ impl<W: Write> AuditLog<W> {
     /// Continues a log whose verified last line hash and count are known.
     pub fn resume(out: W, last: &Verified) -> Self {
         AuditLog { out, prev: last.last_hash.clone(), seq: last.lines }
+    }
+
+    /// The log made shareable between threads.
+    pub fn shared(self) -> SharedLog<W> {
+        Arc::new(Mutex::new(self))
     }
 
     /// The sink the log writes to.

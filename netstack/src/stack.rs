@@ -31,7 +31,7 @@ use smoltcp::wire::{
     Ipv4Cidr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
 };
 
-use crate::audit::AuditLog;
+use crate::audit::SharedLog;
 use crate::conn::{Conn, Resolve};
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
@@ -167,14 +167,14 @@ pub struct NetStack<W: Write> {
     names: NameTable,
     policy: Policy,
     resolver: Arc<dyn Resolve>,
-    audit: AuditLog<W>,
+    audit: SharedLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
     conns: Vec<(SocketHandle, Conn, u64)>,
     now_ms: u64,
 }
 
 impl<W: Write> NetStack<W> {
-    pub fn new(cfg: Config, policy: Policy, resolver: Resolver, audit: AuditLog<W>) -> NetStack<W> {
+    pub fn new(cfg: Config, policy: Policy, resolver: Resolver, audit: SharedLog<W>) -> NetStack<W> {
         let mut frames = Frames::new(cfg.mtu);
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac));
         let mut iface = Interface::new(IfaceConfig::new(hw), &mut frames, Instant::ZERO);
@@ -351,7 +351,8 @@ impl<W: Write> NetStack<W> {
     fn log(&mut self, event: serde_json::Value) {
         // Losing the audit trail must not be silent, but must not stop the
         // guest's network either: the error goes to the VMM's stderr.
-        if let Err(e) = self.audit.record(&event, self.now_ms) {
+        let mut log = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = log.record(&event, self.now_ms) {
             eprintln!("netstack: {e}");
         }
     }
@@ -501,6 +502,7 @@ fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::AuditLog;
     use crate::sim::{pump, Guest, GUEST_IP};
     use smoltcp::socket::icmp;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress};
@@ -512,12 +514,12 @@ mod tests {
             Config::default(),
             Policy::from_toml(policy).unwrap(),
             Resolver::default(),
-            AuditLog::new(Vec::new()),
+            AuditLog::new(Vec::new()).shared(),
         )
     }
 
     fn audit(net: &Net) -> String {
-        String::from_utf8(net.audit.get_ref().clone()).unwrap()
+        String::from_utf8(net.audit.lock().unwrap().get_ref().clone()).unwrap()
     }
 
     /// Asks `name` (type A) over UDP from the guest; returns the reply.
@@ -719,7 +721,12 @@ mod tests {
         for (name, port, addr) in routes {
             resolver.overrides.insert((HostName::parse(name).unwrap(), *port), *addr);
         }
-        NetStack::new(Config::default(), Policy::from_toml(policy).unwrap(), resolver, AuditLog::new(Vec::new()))
+        NetStack::new(
+            Config::default(),
+            Policy::from_toml(policy).unwrap(),
+            resolver,
+            AuditLog::new(Vec::new()).shared(),
+        )
     }
 
     fn a_record(reply: &[u8]) -> Ipv4Addr {

@@ -55,10 +55,43 @@ pub struct Job {
     pub overlay_root: bool,
     /// The guest's network (its NIC is netstack's), if it has one.
     pub net: Option<NetConfig>,
+    /// Host folders shared with the guest (virtio-fs), each mounted at
+    /// its host path.
+    pub shares: Vec<Share>,
     /// The program arrives over the control channel as the main session
     /// (its own terminal or pipes) instead of running from `argv` on the
     /// serial port.
     pub main_session: bool,
+}
+
+/// A shared folder: the virtio-fs tag to mount, where, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    /// Absolute path in the guest (the same as on the host).
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// Most shared folders a job may name.
+pub const MAX_SHARES: usize = 16;
+
+impl Share {
+    fn encode(&self) -> String {
+        format!("{},{},{}", self.tag, if self.read_only { "ro" } else { "rw" }, self.path)
+    }
+
+    fn decode(s: &str) -> Option<Share> {
+        let mut parts = s.splitn(3, ',');
+        let tag = parts.next().filter(|t| !t.is_empty() && t.len() <= 36)?;
+        let read_only = match parts.next()? {
+            "ro" => true,
+            "rw" => false,
+            _ => return None,
+        };
+        let path = parts.next().filter(|p| p.starts_with('/') && !p.split('/').any(|c| c == ".." || c == "."))?;
+        Some(Share { tag: tag.into(), path: path.into(), read_only })
+    }
 }
 
 /// How guest-init configures the guest's NIC: a static address, the
@@ -108,6 +141,7 @@ impl Default for Job {
             emulated_cpu: false,
             overlay_root: false,
             net: None,
+            shares: Vec::new(),
             main_session: false,
         }
     }
@@ -192,6 +226,9 @@ impl Job {
         if let Some(net) = &self.net {
             field("net", &net.encode());
         }
+        for share in &self.shares {
+            field("share", &share.encode());
+        }
         for (k, v) in &self.env {
             field("env", &format!("{k}={v}"));
         }
@@ -229,6 +266,12 @@ impl Job {
                 "overlay_root" => job.overlay_root = flag(&value)?,
                 "main_session" => job.main_session = flag(&value)?,
                 "net" => job.net = Some(NetConfig::decode(&value).ok_or(DecodeError::BadNumber(n))?),
+                "share" => {
+                    if job.shares.len() >= MAX_SHARES {
+                        return Err(DecodeError::TooMany("shared folders"));
+                    }
+                    job.shares.push(Share::decode(&value).ok_or(DecodeError::BadLine(n))?);
+                }
                 "rows" => job.rows = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "cols" => job.cols = value.parse().map_err(|_| DecodeError::BadNumber(n))?,
                 "env" => {
@@ -340,9 +383,13 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 dns: Ipv4Addr::new(10, 0, 2, 3),
             }),
+            shares: vec![
+                Share { tag: "sbx0".into(), path: "/home/u/my project".into(), read_only: false },
+                Share { tag: "sbx1".into(), path: "/opt/a,b".into(), read_only: true },
+            ],
         };
         let text = job.encode();
-        assert_eq!(text.lines().count(), 1 + 9 + 1 + 4);
+        assert_eq!(text.lines().count(), 1 + 9 + 2 + 1 + 4);
         assert_eq!(job.net.unwrap().netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(Job::decode(&text).unwrap(), job);
     }
@@ -350,6 +397,10 @@ mod tests {
     #[test]
     fn job_decode_refuses_malformed_input() {
         assert_eq!(Job::decode("nope\n"), Err(DecodeError::BadMagic));
+        for bad in ["sbx0,rw,relative", "sbx0,xx,/a", ",rw,/a", "sbx0,rw,/a/../etc", "sbx0,rw"] {
+            let text = format!("{JOB_MAGIC}\nshare {bad}\n");
+            assert_eq!(Job::decode(&text), Err(DecodeError::BadLine(1)), "{bad}");
+        }
         assert_eq!(Job::decode(""), Err(DecodeError::BadMagic));
         assert_eq!(Job::decode("sbx-job 1\nargnospace\n"), Err(DecodeError::BadLine(2)));
         assert_eq!(Job::decode("sbx-job 1\narg %G1\n"), Err(DecodeError::BadEscape(2)));

@@ -37,22 +37,26 @@ pub fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// An `sbx` invocation with a private SBX_HOME.
+/// An `sbx` invocation with a private SBX_HOME, run in a folder of its
+/// own (the workspace its sandboxes share, unless told otherwise).
 pub struct Sbx {
     pub bin: PathBuf,
     pub assets: PathBuf,
     pub home: tempfile::TempDir,
+    pub work: tempfile::TempDir,
 }
 
 impl Sbx {
     pub fn new() -> Option<Sbx> {
         let (bin, assets) = prerequisites()?;
-        Some(Sbx { bin, assets, home: tempfile::tempdir().expect("temp dir") })
+        let (home, work) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        Some(Sbx { bin, assets, home, work })
     }
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.env("SBX_HOME", self.home.path()).env("SBX_ASSETS", &self.assets).stdin(Stdio::null());
+        c.current_dir(self.work.path());
         c
     }
 

@@ -36,7 +36,9 @@ fn run_boots_runs_a_command_and_returns_its_status() {
     assert!(stdout.contains("got=line-from-host\n"), "host stdin reaches the program");
     assert!(stdout.contains("eof=yes\n"), "end of host stdin is end of file in the guest");
     assert!(stdout.contains("zombies=0\n"), "PID 1 reaps orphans");
-    assert!(stdout.contains("uid=1000 cwd=/home/agent\n"), "the program runs as the agent user, in its home");
+    let work = sbx.work.path().canonicalize().unwrap();
+    let want = format!("uid=1000 cwd={}\n", work.display());
+    assert!(stdout.contains(&want), "the program runs as the agent user, in the workspace");
     assert!(!stdout.contains('\r'), "no terminal rewriting of output without a terminal");
     assert!(!stdout.contains("@@sbx:"), "status frames never reach the program's output");
     assert!(!stdout.contains("Linux version"), "kernel messages stay in the console log");

@@ -73,7 +73,8 @@ fn exec_runs_sessions_beside_the_first_program() {
         &["exec", "ex", "--user", "agent", "-e", "GREETING=hi there", "--", "sh", "-c", "id -u; pwd; echo $GREETING"],
         b"",
     );
-    assert_eq!(text(&out.stdout), "1000\n/home/agent\nhi there\n", "{}", text(&out.stderr));
+    let work = sbx.work.path().canonicalize().unwrap();
+    assert_eq!(text(&out.stdout), format!("1000\n{}\nhi there\n", work.display()), "{}", text(&out.stderr));
 
     let out = sbx.run(&["exec", "ex", "--", "no-such-program"], b"");
     assert_eq!(out.status.code(), Some(125));

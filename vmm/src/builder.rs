@@ -25,6 +25,7 @@ use crate::control::Stop;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
@@ -91,6 +92,8 @@ pub struct VmSpec {
     /// The control channel: a vsock device whose host end is this
     /// listening Unix socket (each client a session with guest-init).
     pub control: Option<std::os::unix::net::UnixListener>,
+    /// Shared folders: virtio-fs devices, each with its file server.
+    pub shares: Vec<Fs>,
 }
 
 /// The guest's NIC and the netstack behind it.
@@ -187,6 +190,7 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     if let Some(listener) = spec.control.take() {
         attach_vsock_device(&vm, &mut mmio, listener)?;
     }
+    attach_fs_devices(&vm, &mut mmio, std::mem::take(&mut spec.shares))?;
     let cmdline_size = load_kernel_cmdline(&vm, &format!("{}{}", spec.cmdline, mmio.cmdline))?;
     write_boot_params(&vm, cmdline_size, initrd)?;
     let vcpus = create_vcpus(&vm, &spec, entry)?;
@@ -242,6 +246,14 @@ fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()
 fn attach_vsock_device(vm: &Vm, mmio: &mut VirtioMmio, listener: std::os::unix::net::UnixListener) -> Result<()> {
     let device = Vsock::new(listener).map_err(Error::Vsock)?;
     attach_virtio_device(vm, mmio, Box::new(device))
+}
+
+/// The shared folders, each its own virtio-fs device (mounted by tag).
+fn attach_fs_devices(vm: &Vm, mmio: &mut VirtioMmio, shares: Vec<Fs>) -> Result<()> {
+    for fs in shares {
+        attach_virtio_device(vm, mmio, Box::new(fs))?;
+    }
+    Ok(())
 }
 
 /// The disks, in order (/dev/vda first).

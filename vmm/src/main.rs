@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use netstack::audit::AuditLog;
+use netstack::audit::{AuditLog, SharedLog};
 use netstack::host::HostName;
 use netstack::policy::Policy;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
@@ -21,7 +21,10 @@ use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
 use vmm::client;
 use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
+use vmm::devices::virtio::fs::Fs;
 use vmm::fs::policy::FsPolicy;
+use vmm::fs::server::{AuditSink, FileServer};
+use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
 use vmm::sandbox::{self, LastRun, Sandbox, Settings};
 use vmm::signals::names as libc_sig;
@@ -57,12 +60,13 @@ enum Command {
     Stop { name: String },
     /// Remove a sandbox and everything it keeps.
     Rm { name: String },
-    /// Print a sandbox's console log, or with --network its network audit
-    /// log (after checking its hash chain).
+    /// Print a sandbox's console log, or with --audit its audit log: every
+    /// network request and every file change or refusal, after checking
+    /// its hash chain.
     Log {
         name: String,
-        #[arg(long)]
-        network: bool,
+        #[arg(long, visible_alias = "network")]
+        audit: bool,
     },
     /// Network policy tools.
     #[command(subcommand)]
@@ -107,7 +111,7 @@ struct ExecArgs {
     /// Guest user: a name or UID[:GID] (default: root).
     #[arg(short, long, default_value = "")]
     user: String,
-    /// Working directory in the guest (default: the user's home).
+    /// Working directory in the guest (default: the workspace).
     #[arg(short = 'w', long, default_value = "")]
     cwd: String,
     /// Extra environment, KEY=VALUE. Repeatable.
@@ -193,6 +197,11 @@ struct RunArgs {
     /// No network device at all.
     #[arg(long)]
     no_network: bool,
+    /// Also share the host folder DIR at the same path, read-only (`:ro`,
+    /// the default) or read-write (`:rw`), under the same file policy.
+    /// Repeatable.
+    #[arg(long, value_name = "DIR[:ro|:rw]")]
+    mount: Vec<String>,
     /// The command to run instead of the agent.
     #[arg(last = true)]
     command: Vec<String>,
@@ -207,7 +216,7 @@ fn main() -> ExitCode {
         Command::Ls => ls().map(|_| ExitCode::SUCCESS),
         Command::Stop { name } => stop(&name).map(|_| ExitCode::SUCCESS),
         Command::Rm { name } => rm(&name).map(|_| ExitCode::SUCCESS),
-        Command::Log { name, network } => log(&name, network).map(|_| ExitCode::SUCCESS),
+        Command::Log { name, audit } => log(&name, audit).map(|_| ExitCode::SUCCESS),
         Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
             policy_explain(&url, policy.as_deref(), &preset, &method)
         }
@@ -248,7 +257,11 @@ const GUEST_MTU: usize = 65520;
 /// The sandbox's network: the policy (file, agent defaults, --allow), the
 /// upstream overrides (--resolve) and the sandbox's audit log, continued
 /// from earlier runs when its hash chain checks out.
-fn guest_network(args: &RunArgs, sb: &Sandbox, mut policy: Policy) -> Result<GuestNet, String> {
+fn guest_network(
+    args: &RunArgs,
+    audit: SharedLog<Box<dyn Write + Send>>,
+    mut policy: Policy,
+) -> Result<GuestNet, String> {
     policy.add_agent(&args.agent).map_err(|e| e.to_string())?;
     for host in &args.allow {
         policy.allow(host).map_err(|e| format!("--allow {host}: {e}"))?;
@@ -258,7 +271,6 @@ fn guest_network(args: &RunArgs, sb: &Sandbox, mut policy: Policy) -> Result<Gue
         let (key, addr) = parse_resolve(r).map_err(|e| format!("--resolve {r}: {e}"))?;
         resolver.overrides.insert(key, addr);
     }
-    let audit = open_audit_log(&sb.audit_log())?;
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
     Ok(GuestNet { mac: GUEST_MAC, mtu, stack: NetStack::new(cfg, policy, resolver, audit) })
@@ -276,6 +288,52 @@ fn read_policy_file(path: &Path) -> Result<Policy, String> {
 /// The shared folder's policy: the defaults plus the file's `[files]`.
 fn file_policy(policy: &Policy) -> Result<FsPolicy, vmm::fs::policy::Error> {
     FsPolicy::with(&policy.files.hidden, &policy.files.read_only)
+}
+
+/// The virtio-fs tag of the `i`th shared folder (0: the workspace).
+fn share_tag(i: usize) -> String {
+    format!("sbx{i}")
+}
+
+/// `DIR[:ro|:rw]` -> (absolute folder, read-only).
+fn parse_mount(text: &str) -> Result<(PathBuf, bool), String> {
+    let (dir, read_only) = match text.rsplit_once(':') {
+        Some((d, "ro")) => (d, true),
+        Some((d, "rw")) => (d, false),
+        _ => (text, true),
+    };
+    let path = Path::new(dir).canonicalize().map_err(|e| format!("--mount {text}: {dir}: {e}"))?;
+    if !path.is_dir() {
+        return Err(format!("--mount {text}: {} is not a directory", path.display()));
+    }
+    Ok((path, read_only))
+}
+
+/// A virtio-fs device for each folder, its file server writing to the
+/// sandbox's audit log. Also returns each device's request counters.
+fn shared_folders(
+    shares: &[(PathBuf, bool)],
+    policy: &FsPolicy,
+    audit: &SharedLog<Box<dyn Write + Send>>,
+) -> Result<(Vec<Fs>, Vec<vmm::devices::virtio::fs::Counts>), String> {
+    let mut devices = Vec::new();
+    let mut counts = Vec::new();
+    for (i, (dir, read_only)) in shares.iter().enumerate() {
+        let share =
+            Share::open(dir, policy.clone(), *read_only).map_err(|e| format!("Cannot share {}: {e}", dir.display()))?;
+        let log = audit.clone();
+        let sink: AuditSink = Box::new(move |event| {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = log.record(&event, sandbox::now_unix_ms()) {
+                eprintln!("sbx: {e}");
+            }
+        });
+        let server = FileServer::new(share, dir.clone(), sink);
+        let fs = Fs::new(&share_tag(i), server).map_err(|e| format!("Cannot share {}: {e}", dir.display()))?;
+        counts.push(fs.counts.clone());
+        devices.push(fs);
+    }
+    Ok((devices, counts))
 }
 
 /// NAME:PORT:ADDR:APORT -> ((name, port), address).
@@ -386,12 +444,25 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         None => Policy::preset("locked").map_err(|e| e.to_string())?,
     };
     let workspace = match &args.workspace {
-        Some(w) => w.canonicalize().map_err(|e| format!("Workspace {}: {e}", w.display()))?,
+        Some(w) => w.clone(),
         None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
     };
+    let workspace = workspace.canonicalize().map_err(|e| format!("Workspace {}: {e}", workspace.display()))?;
+    if !workspace.is_dir() {
+        return Err(format!("Workspace {} is not a directory", workspace.display()));
+    }
     let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
     let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
+    let asked = args.workspace.is_some().then(|| settings.workspace.clone());
     let sb = Sandbox::open_or_create(&sandbox::home(), settings).map_err(|e| e.to_string())?;
+    if let Some(w) = asked.filter(|w| *w != sb.settings.workspace) {
+        return Err(format!(
+            "Sandbox '{}' shares {}, not {}: a sandbox keeps its workspace (use another --name)",
+            sb.settings.name,
+            sb.settings.workspace.display(),
+            w.display()
+        ));
+    }
     let _running = sb.mark_running().map_err(|e| e.to_string())?;
     let data_disk = sb.data_disk(args.disk_size).map_err(|e| e.to_string())?;
 
@@ -418,7 +489,18 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
             open.env.push(("TERM".into(), term));
         }
     }
-    let net = if args.no_network { None } else { Some(guest_network(&args, &sb, policy)?) };
+    let audit = open_audit_log(&sb.audit_log())?.shared();
+    let mut shares = vec![(sb.settings.workspace.clone(), false)];
+    for m in &args.mount {
+        shares.push(parse_mount(m)?);
+    }
+    let (fs_devices, fs_counts) = shared_folders(&shares, &file_policy(&policy).map_err(|e| e.to_string())?, &audit)?;
+    for (i, (dir, read_only)) in shares.iter().enumerate() {
+        let path = dir.to_str().ok_or_else(|| format!("Cannot share {}: the path is not UTF-8", dir.display()))?;
+        job.shares.push(protocol::Share { tag: share_tag(i), path: path.into(), read_only: *read_only });
+    }
+    open.cwd = job.shares[0].path.clone();
+    let net = if args.no_network { None } else { Some(guest_network(&args, audit, policy)?) };
     if net.is_some() {
         let cfg = NetConfig::default();
         job.net = Some(protocol::NetConfig {
@@ -451,6 +533,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         ],
         net,
         control: Some(sb.listen_control().map_err(|e| e.to_string())?),
+        shares: fs_devices,
     };
     let socket = sb.control_socket();
     let outcome = (|| {
@@ -498,7 +581,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     let _ =
         sb.mark_stopped(&LastRun { ended_unix: sandbox::now_unix(), exit_code: code.into(), summary: summary.clone() });
     if let Some(path) = &args.report {
-        let figures = figures_json(vmm_start, &result, &guest, template, pvm);
+        let figures = figures_json(vmm_start, &result, &guest, template, pvm, &fs_counts);
         std::fs::write(path, figures).map_err(|e| format!("Cannot write report {}: {e}", path.display()))?;
     }
     if failure {
@@ -574,8 +657,18 @@ fn ms_since(start: Instant, t: Option<Instant>) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn figures_json(start: Instant, result: &RunResult, guest: &GuestReport, template: CpuTemplate, pvm: bool) -> String {
+fn figures_json(
+    start: Instant,
+    result: &RunResult,
+    guest: &GuestReport,
+    template: CpuTemplate,
+    pvm: bool,
+    fs_counts: &[vmm::devices::virtio::fs::Counts],
+) -> String {
+    let fs_requests: Vec<serde_json::Value> =
+        fs_counts.iter().map(|c| serde_json::json!(*c.lock().unwrap_or_else(|p| p.into_inner()))).collect();
     let v = serde_json::json!({
+        "fs_requests": fs_requests,
         "cpu_template": template.to_string(),
         "kvm_pvm": pvm,
         "first_kvm_run_ms": ms_since(start, result.first_run_at),
@@ -633,7 +726,8 @@ fn exec(args: ExecArgs) -> Result<ExitCode, String> {
             env.push(("TERM".into(), term));
         }
     }
-    let open = Open { argv: args.command, env, cwd: args.cwd, user: args.user, tty: None, main: false };
+    let cwd = if args.cwd.is_empty() { sb.settings.workspace.to_string_lossy().into_owned() } else { args.cwd };
+    let open = Open { argv: args.command, env, cwd, user: args.user, tty: None, main: false };
     let outcome = vmm::client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
     Ok(match outcome {
         Outcome::Exited(c) => ExitCode::from(c as u8),

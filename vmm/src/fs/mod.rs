@@ -1,7 +1,10 @@
-//! Host side: sharing a host folder with the guest (issue 5, in progress):
-//! the filesystem policy and the resolver that keeps every access inside
-//! the shared folder. The virtio file-sharing device that will serve the
-//! guest through them is not written yet.
+//! Host side: sharing host folders with the guest. The policy decides what
+//! the guest may see and change, the share resolves every access inside
+//! the folder, the FUSE protocol is parsed from the guest's bytes and the
+//! server answers it (behind the virtio-fs device,
+//! `devices::virtio::fs`).
 
+pub mod fuse;
 pub mod policy;
+pub mod server;
 pub mod share;

@@ -5,6 +5,7 @@
 //! walked with its bounds checks.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;

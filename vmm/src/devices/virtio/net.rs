@@ -324,7 +324,7 @@ mod tests {
             Config::default(),
             Policy::preset("locked").unwrap(),
             Resolver::default(),
-            AuditLog::new(Vec::new()),
+            AuditLog::new(Vec::new()).shared(),
         )
     }
 

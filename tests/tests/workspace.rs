@@ -1,0 +1,161 @@
+//! Host side: end-to-end test of workspace sharing (virtio-fs served by the
+//! VMM under the file policy). One boot: reads and writes that reach the
+//! host at once, each way out tried from inside the guest, hidden and
+//! read-only paths, an extra read-only folder, and the audit log.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::process::Stdio;
+
+use sbx_tests::{text, Sbx};
+
+/// Runs a shell snippet in the sandbox as the agent; (status, stdout+stderr).
+fn sh(sbx: &Sbx, script: &str) -> (i32, String) {
+    let out = sbx.run(&["exec", "ws", "--user", "agent", "--", "sh", "-c", script], b"");
+    (out.status.code().unwrap_or(-1), format!("{}{}", text(&out.stdout), text(&out.stderr)))
+}
+
+/// Asserts the snippet fails and prints nothing of `secret` (if any).
+fn fails(sbx: &Sbx, script: &str, secret: &str) {
+    let (code, out) = sh(sbx, script);
+    assert_ne!(code, 0, "`{script}` should fail: {out}");
+    assert!(secret.is_empty() || !out.contains(secret), "`{script}` leaked: {out}");
+}
+
+#[test]
+fn the_workspace_is_shared_under_the_policy() {
+    let Some(sbx) = Sbx::new() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let top_path = top.path().canonicalize().unwrap();
+    let ws = top_path.join("project");
+    let outside = top_path.join("outside");
+    let extra = top_path.join("extra");
+    for d in [ws.join("src"), ws.join(".git/hooks"), ws.join(".ssh"), outside.clone(), extra.clone()] {
+        fs::create_dir_all(d).unwrap();
+    }
+    fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
+    fs::write(ws.join(".env"), "TOKEN=env-secret-1\n").unwrap();
+    fs::write(ws.join(".ssh/id_ed25519"), "ssh-secret-2\n").unwrap();
+    fs::write(ws.join("server.pem"), "pem-secret-3\n").unwrap();
+    fs::write(ws.join(".git/config"), "[core]\n").unwrap();
+    fs::write(ws.join(".git/hooks/pre-commit"), "#!/bin/sh\n").unwrap();
+    fs::write(outside.join("secret"), "outside-secret-4\n").unwrap();
+    fs::write(extra.join("README"), "extra docs\n").unwrap();
+    // Ways out already on the host: links, absolute and relative, to a
+    // file and to a directory outside.
+    symlink(outside.join("secret"), ws.join("abs-link")).unwrap();
+    symlink("../outside/secret", ws.join("rel-link")).unwrap();
+    symlink(&outside, ws.join("dir-link")).unwrap();
+
+    let ws_s = ws.display().to_string();
+    let extra_arg = format!("{}:ro", extra.display());
+    let mut run = sbx
+        .cmd()
+        .args(["run", "shell", "--name", "ws", "--workspace", &ws_s, "--mount", &extra_arg, "--no-network"])
+        .args(["--timeout", "1200", "--", "sh", "-c", "echo up; sleep 1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sbx.wait_running("ws");
+
+    // Same path, the agent's cwd, the host's files.
+    let (code, out) = sh(&sbx, "pwd; id -u; cat src/main.rs; ls -a");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with(&format!("{ws_s}\n1000\nfn main() {{}}\n")), "{out}");
+    for absent in [".env", ".ssh", "server.pem"] {
+        assert!(!out.lines().any(|l| l.trim() == absent), "{absent} listed: {out}");
+    }
+
+    // Writes reach the host at once, as the folder's owner.
+    let (code, out) =
+        sh(&sbx, "echo written > out.txt && mkdir -p a/b && echo deep > a/b/c && mv a/b/c a/d && rm -r a/b");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(fs::read_to_string(ws.join("out.txt")).unwrap(), "written\n");
+    assert_eq!(fs::read_to_string(ws.join("a/d")).unwrap(), "deep\n");
+    assert!(!ws.join("a/b").exists());
+    let owner = fs::metadata(&ws).unwrap().uid();
+    assert_eq!(fs::metadata(ws.join("out.txt")).unwrap().uid(), owner, "files belong to the folder's owner");
+    let out = sbx.run(&["exec", "ws", "--user", "root", "--", "sh", "-c", "echo by-root > root.txt"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::metadata(ws.join("root.txt")).unwrap().uid(), owner, "even when the guest's root writes");
+    // And the host's changes reach the guest.
+    fs::write(ws.join("from-host.txt"), "host edit\n").unwrap();
+    let (_, out) = sh(&sbx, "cat from-host.txt");
+    assert_eq!(out, "host edit\n");
+
+    // Every way out fails, and nothing of the outside shows.
+    fails(&sbx, "cat abs-link", "outside-secret");
+    fails(&sbx, "cat rel-link", "outside-secret");
+    fails(&sbx, "ls dir-link/ && cat dir-link/secret", "outside-secret");
+    fails(&sbx, "cat ../outside/secret", "outside-secret");
+    fails(&sbx, &format!("cat {}/secret", outside.display()), "outside-secret");
+    fails(&sbx, "ln -s ../outside/secret planted && cat planted", "outside-secret");
+    fails(&sbx, &format!("ln -s {}/secret planted2", outside.display()), "outside-secret");
+    fails(&sbx, "ln src/main.rs hard", "");
+    fails(&sbx, "mkfifo fifo", "");
+    for planted in ["planted", "planted2", "hard", "fifo"] {
+        assert!(fs::symlink_metadata(ws.join(planted)).is_err(), "{planted} was made on the host");
+    }
+    // Links inside, to writable paths, are fine.
+    let (code, out) = sh(&sbx, "ln -s src/main.rs ok-link && cat ok-link");
+    assert_eq!((code, out.as_str()), (0, "fn main() {}\n"));
+
+    // Hidden: not readable, not creatable, whatever the spelling.
+    fails(&sbx, "cat .env", "env-secret");
+    fails(&sbx, "cat .ssh/id_ed25519", "ssh-secret");
+    fails(&sbx, "cat server.pem", "pem-secret");
+    fails(&sbx, "echo x > .env.local", "");
+    fails(&sbx, "mkdir .aws", "");
+    assert!(!ws.join(".env.local").exists() && !ws.join(".aws").exists());
+
+    // Read-only: git's config and hooks; the rest of .git is writable.
+    fails(&sbx, "echo '[alias] x = !evil' >> .git/config", "");
+    fails(&sbx, "echo evil > .git/hooks/post-checkout", "");
+    fails(&sbx, "rm .git/hooks/pre-commit", "");
+    fails(&sbx, "mv .git git-moved", "");
+    fails(&sbx, "mkdir decoy && mv decoy .git/hooks2 && echo x > .git/hooks2/y && mv .git/hooks2 .git/hooks", "");
+    let out = sbx.run(&["exec", "ws", "--user", "root", "--", "sh", "-c", "echo evil >> .git/config"], b"");
+    assert!(!out.status.success(), "the guest's root is refused too");
+    let (code, out) = sh(&sbx, "echo ref > .git/FETCH_HEAD");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(fs::read_to_string(ws.join(".git/config")).unwrap(), "[core]\n");
+    assert_eq!(fs::read_to_string(ws.join(".git/hooks/pre-commit")).unwrap(), "#!/bin/sh\n");
+    assert!(!ws.join(".git/hooks/post-checkout").exists());
+
+    // The extra folder: readable at its own path, never writable.
+    let (code, out) = sh(&sbx, &format!("cat {}/README", extra.display()));
+    assert_eq!((code, out.as_str()), (0, "extra docs\n"));
+    fails(&sbx, &format!("touch {}/new", extra.display()), "");
+    assert!(!extra.join("new").exists());
+
+    assert!(sbx.cmd().args(["stop", "ws"]).status().unwrap().success());
+    let status = run.wait().unwrap();
+    assert!(status.code().is_some(), "sbx run ended by itself after stop");
+    let _ = run.stdout.take();
+
+    // The audit log: its chain verifies, and it has each change and each
+    // refusal, with host paths.
+    let log = sbx.cmd().args(["log", "ws", "--audit"]).output().unwrap();
+    assert!(log.status.success(), "{}", text(&log.stderr));
+    let log = text(&log.stdout);
+    let has = |op: &str, decision: &str, path: &str| {
+        log.lines().any(|l| {
+            l.contains("\"event\":\"file\"")
+                && l.contains(&format!("\"op\":\"{op}\""))
+                && l.contains(&format!("\"decision\":\"{decision}\""))
+                && l.contains(&format!("{ws_s}/{path}\""))
+        })
+    };
+    assert!(has("create", "allow", "out.txt"), "{log}");
+    assert!(has("write", "allow", "out.txt"), "{log}");
+    assert!(has("rename", "allow", "a/b/c"), "{log}");
+    assert!(has("delete", "allow", "a/b"), "{log}");
+    assert!(has("lookup", "deny", ".env"), "{log}");
+    assert!(has("symlink", "deny", "planted"), "{log}");
+    assert!(has("link", "deny", "hard"), "{log}");
+    assert!(has("mknod", "deny", "fifo"), "{log}");
+    assert!(has("create", "deny", ".env.local"), "{log}");
+    assert!(has("open", "deny", ".git/config"), "{log}");
+    assert!(!log.contains("env-secret"), "file contents never go to the log");
+}

@@ -1,0 +1,579 @@
+//! Host side: the FUSE wire protocol (as carried by virtio-fs), parsed from
+//! the guest's bytes (untrusted) into typed requests, and replies encoded.
+//! Only what the file server answers is modelled; every length is checked
+//! and nothing here panics on any input. Layouts follow the kernel's
+//! `include/uapi/linux/fuse.h` (7.31 and later), little-endian.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+pub const KERNEL_VERSION: u32 = 7;
+/// The protocol minor version we speak.
+pub const KERNEL_MINOR: u32 = 31;
+pub const ROOT_ID: u64 = 1;
+
+pub const IN_HEADER_LEN: usize = 40;
+pub const OUT_HEADER_LEN: usize = 16;
+pub const ATTR_LEN: usize = 88;
+pub const ENTRY_OUT_LEN: usize = 40 + ATTR_LEN;
+
+// INIT flags.
+pub const ASYNC_READ: u32 = 1 << 0;
+pub const ATOMIC_O_TRUNC: u32 = 1 << 3;
+pub const BIG_WRITES: u32 = 1 << 5;
+pub const AUTO_INVAL_DATA: u32 = 1 << 12;
+pub const DO_READDIRPLUS: u32 = 1 << 13;
+pub const READDIRPLUS_AUTO: u32 = 1 << 14;
+pub const PARALLEL_DIROPS: u32 = 1 << 18;
+pub const MAX_PAGES: u32 = 1 << 22;
+pub const CACHE_SYMLINKS: u32 = 1 << 23;
+
+// SETATTR valid bits.
+pub const FATTR_MODE: u32 = 1 << 0;
+pub const FATTR_UID: u32 = 1 << 1;
+pub const FATTR_GID: u32 = 1 << 2;
+pub const FATTR_SIZE: u32 = 1 << 3;
+pub const FATTR_ATIME: u32 = 1 << 4;
+pub const FATTR_MTIME: u32 = 1 << 5;
+pub const FATTR_FH: u32 = 1 << 6;
+pub const FATTR_ATIME_NOW: u32 = 1 << 7;
+pub const FATTR_MTIME_NOW: u32 = 1 << 8;
+
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const GETATTR_FH: u32 = 1;
+
+/// The fixed header of every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InHeader {
+    pub len: u32,
+    pub opcode: u32,
+    pub unique: u64,
+    pub nodeid: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SetAttr {
+    pub valid: u32,
+    pub fh: u64,
+    pub size: u64,
+    pub atime: (u64, u32),
+    pub mtime: (u64, u32),
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A request, its arguments checked for shape (names are plain bytes
+/// here; the share checks what they may name).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Op<'a> {
+    Init {
+        major: u32,
+        minor: u32,
+        max_readahead: u32,
+        flags: u32,
+    },
+    Destroy,
+    Lookup {
+        name: &'a OsStr,
+    },
+    Forget {
+        nlookup: u64,
+    },
+    BatchForget(Vec<(u64, u64)>),
+    /// With the handle of an open file, when asked through one.
+    GetAttr {
+        fh: Option<u64>,
+    },
+    SetAttr(SetAttr),
+    ReadLink,
+    Symlink {
+        name: &'a OsStr,
+        target: &'a OsStr,
+    },
+    MkNod {
+        name: &'a OsStr,
+    },
+    MkDir {
+        name: &'a OsStr,
+        mode: u32,
+    },
+    Unlink {
+        name: &'a OsStr,
+    },
+    RmDir {
+        name: &'a OsStr,
+    },
+    Rename {
+        new_dir: u64,
+        old: &'a OsStr,
+        new: &'a OsStr,
+        flags: u32,
+    },
+    Link {
+        old_node: u64,
+        name: &'a OsStr,
+    },
+    Open {
+        flags: u32,
+    },
+    Read {
+        fh: u64,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        fh: u64,
+        offset: u64,
+        data: &'a [u8],
+    },
+    StatFs,
+    Release {
+        fh: u64,
+    },
+    Fsync {
+        fh: u64,
+    },
+    Flush {
+        fh: u64,
+    },
+    OpenDir,
+    ReadDir {
+        fh: u64,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    },
+    ReleaseDir {
+        fh: u64,
+    },
+    FsyncDir {
+        fh: u64,
+    },
+    Access {
+        mask: u32,
+    },
+    Create {
+        name: &'a OsStr,
+        flags: u32,
+        mode: u32,
+    },
+    Interrupt,
+    Lseek {
+        fh: u64,
+        offset: u64,
+        whence: u32,
+    },
+    Fallocate {
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    },
+    /// Extended attributes are not offered.
+    Xattr,
+    SyncFs,
+    /// Anything else: answered ENOSYS.
+    Unknown(u32),
+}
+
+impl Op<'_> {
+    /// Requests the kernel expects no reply to.
+    pub fn no_reply(&self) -> bool {
+        matches!(self, Op::Forget { .. } | Op::BatchForget(_) | Op::Interrupt)
+    }
+
+    /// A short name, for counters and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Init { .. } => "init",
+            Op::Destroy => "destroy",
+            Op::Lookup { .. } => "lookup",
+            Op::Forget { .. } | Op::BatchForget(_) => "forget",
+            Op::GetAttr { .. } => "getattr",
+            Op::SetAttr(_) => "setattr",
+            Op::ReadLink => "readlink",
+            Op::Symlink { .. } => "symlink",
+            Op::MkNod { .. } => "mknod",
+            Op::MkDir { .. } => "mkdir",
+            Op::Unlink { .. } => "unlink",
+            Op::RmDir { .. } => "rmdir",
+            Op::Rename { .. } => "rename",
+            Op::Link { .. } => "link",
+            Op::Open { .. } => "open",
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::StatFs => "statfs",
+            Op::Release { .. } => "release",
+            Op::Fsync { .. } => "fsync",
+            Op::Flush { .. } => "flush",
+            Op::OpenDir => "opendir",
+            Op::ReadDir { plus: false, .. } => "readdir",
+            Op::ReadDir { plus: true, .. } => "readdirplus",
+            Op::ReleaseDir { .. } => "releasedir",
+            Op::FsyncDir { .. } => "fsyncdir",
+            Op::Access { .. } => "access",
+            Op::Create { .. } => "create",
+            Op::Interrupt => "interrupt",
+            Op::Lseek { .. } => "lseek",
+            Op::Fallocate { .. } => "fallocate",
+            Op::Xattr => "xattr",
+            Op::SyncFs => "syncfs",
+            Op::Unknown(_) => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Shorter than a header, or the header's length disagrees: there is
+    /// no request to answer.
+    BadHeader,
+    /// The header is sound but the arguments are not: answer EINVAL.
+    BadArgs(InHeader),
+}
+
+/// Bounded reading of little-endian fields and NUL-terminated names.
+struct Args<'a>(&'a [u8]);
+
+impl<'a> Args<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Some(u64::from_le_bytes(a))
+    }
+    /// A NUL-terminated, non-empty name.
+    fn name(&mut self) -> Option<&'a OsStr> {
+        let end = self.0.iter().position(|&b| b == 0)?;
+        let name = self.take(end)?;
+        self.take(1)?;
+        (!name.is_empty()).then(|| OsStr::from_bytes(name))
+    }
+}
+
+/// Parses one request (header and arguments) from the bytes the guest
+/// made readable.
+pub fn parse(bytes: &[u8]) -> Result<(InHeader, Op<'_>), ParseError> {
+    let mut a = Args(bytes);
+    let (Some(len), Some(opcode), Some(unique), Some(nodeid), Some(uid), Some(gid), Some(pid)) =
+        (a.u32(), a.u32(), a.u64(), a.u64(), a.u32(), a.u32(), a.u32())
+    else {
+        return Err(ParseError::BadHeader);
+    };
+    a.take(4).ok_or(ParseError::BadHeader)?;
+    if len as usize != bytes.len() {
+        return Err(ParseError::BadHeader);
+    }
+    let h = InHeader { len, opcode, unique, nodeid, uid, gid, pid };
+    let op = parse_op(opcode, &mut a).ok_or(ParseError::BadArgs(h))?;
+    Ok((h, op))
+}
+
+fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
+    Some(match opcode {
+        1 => Op::Lookup { name: a.name()? },
+        2 => Op::Forget { nlookup: a.u64()? },
+        3 => {
+            let flags = a.u32()?;
+            a.u32()?;
+            let fh = a.u64()?;
+            Op::GetAttr { fh: (flags & GETATTR_FH != 0).then_some(fh) }
+        }
+        4 => {
+            let valid = a.u32()?;
+            a.u32()?;
+            let fh = a.u64()?;
+            let size = a.u64()?;
+            a.u64()?; // lock_owner
+            let (atime, mtime, _ctime) = (a.u64()?, a.u64()?, a.u64()?);
+            let (atimensec, mtimensec, _ctimensec) = (a.u32()?, a.u32()?, a.u32()?);
+            let mode = a.u32()?;
+            a.u32()?;
+            let (uid, gid) = (a.u32()?, a.u32()?);
+            Op::SetAttr(SetAttr {
+                valid,
+                fh,
+                size,
+                atime: (atime, atimensec),
+                mtime: (mtime, mtimensec),
+                mode,
+                uid,
+                gid,
+            })
+        }
+        5 => Op::ReadLink,
+        6 => Op::Symlink { name: a.name()?, target: a.name()? },
+        8 => {
+            a.take(16)?;
+            Op::MkNod { name: a.name()? }
+        }
+        9 => {
+            let mode = a.u32()?;
+            a.u32()?; // umask: the kernel applied it already
+            Op::MkDir { name: a.name()?, mode }
+        }
+        10 => Op::Unlink { name: a.name()? },
+        11 => Op::RmDir { name: a.name()? },
+        12 => Op::Rename { new_dir: a.u64()?, old: a.name()?, new: a.name()?, flags: 0 },
+        45 => {
+            let new_dir = a.u64()?;
+            let flags = a.u32()?;
+            a.u32()?;
+            Op::Rename { new_dir, old: a.name()?, new: a.name()?, flags }
+        }
+        13 => Op::Link { old_node: a.u64()?, name: a.name()? },
+        14 => Op::Open { flags: a.u32()? },
+        15 | 28 | 44 => {
+            let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
+            match opcode {
+                15 => Op::Read { fh, offset, size },
+                _ => Op::ReadDir { fh, offset, size, plus: opcode == 44 },
+            }
+        }
+        16 => {
+            let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
+            a.take(20)?; // write_flags, lock_owner, flags, padding
+            let data = a.take(size as usize)?;
+            Op::Write { fh, offset, data }
+        }
+        17 => Op::StatFs,
+        18 => Op::Release { fh: a.u64()? },
+        20 => Op::Fsync { fh: a.u64()? },
+        25 => Op::Flush { fh: a.u64()? },
+        26 => Op::Init { major: a.u32()?, minor: a.u32()?, max_readahead: a.u32()?, flags: a.u32()? },
+        27 => Op::OpenDir,
+        29 => Op::ReleaseDir { fh: a.u64()? },
+        30 => Op::FsyncDir { fh: a.u64()? },
+        34 => Op::Access { mask: a.u32()? },
+        35 => {
+            let (flags, mode) = (a.u32()?, a.u32()?);
+            a.u32()?; // umask, applied by the kernel
+            a.u32()?;
+            Op::Create { name: a.name()?, flags, mode }
+        }
+        36 => Op::Interrupt,
+        38 => Op::Destroy,
+        42 => {
+            let count = a.u32()?;
+            a.u32()?;
+            // Each entry is 16 bytes; the count cannot claim more than
+            // the request holds.
+            if count as usize > a.0.len() / 16 {
+                return None;
+            }
+            let mut v = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                v.push((a.u64()?, a.u64()?));
+            }
+            Op::BatchForget(v)
+        }
+        43 => {
+            let (fh, offset, length, mode) = (a.u64()?, a.u64()?, a.u64()?, a.u32()?);
+            Op::Fallocate { fh, offset, length, mode }
+        }
+        46 => {
+            let (fh, offset, whence) = (a.u64()?, a.u64()?, a.u32()?);
+            Op::Lseek { fh, offset, whence }
+        }
+        21..=24 => Op::Xattr,
+        50 => Op::SyncFs,
+        other => Op::Unknown(other),
+    })
+}
+
+/// Little-endian output.
+#[derive(Default)]
+pub struct Out(pub Vec<u8>);
+
+impl Out {
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    pub fn zeros(&mut self, n: usize) -> &mut Self {
+        self.0.resize(self.0.len() + n, 0);
+        self
+    }
+}
+
+/// The attributes the guest sees of an entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: (u64, u32),
+    pub mtime: (u64, u32),
+    pub ctime: (u64, u32),
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub blksize: u32,
+}
+
+impl Attr {
+    pub fn encode(&self, o: &mut Out) {
+        o.u64(self.ino).u64(self.size).u64(self.blocks);
+        o.u64(self.atime.0).u64(self.mtime.0).u64(self.ctime.0);
+        o.u32(self.atime.1).u32(self.mtime.1).u32(self.ctime.1);
+        o.u32(self.mode).u32(self.nlink).u32(self.uid).u32(self.gid);
+        o.u32(0).u32(self.blksize).u32(0); // rdev, blksize, flags
+    }
+}
+
+/// fuse_entry_out.
+pub fn entry_out(o: &mut Out, nodeid: u64, attr: &Attr, valid_secs: u64) {
+    o.u64(nodeid).u64(0).u64(valid_secs).u64(valid_secs).u32(0).u32(0);
+    attr.encode(o);
+}
+
+/// fuse_attr_out.
+pub fn attr_out(o: &mut Out, attr: &Attr, valid_secs: u64) {
+    o.u64(valid_secs).u32(0).u32(0);
+    attr.encode(o);
+}
+
+/// fuse_open_out.
+pub fn open_out(o: &mut Out, fh: u64) {
+    o.u64(fh).u32(0).u32(0);
+}
+
+/// Space one directory entry takes (fuse_dirent, name padded to 8).
+pub fn dirent_len(name_len: usize, plus: bool) -> usize {
+    let base = 24 + name_len;
+    let padded = (base + 7) & !7;
+    if plus {
+        ENTRY_OUT_LEN + padded
+    } else {
+        padded
+    }
+}
+
+/// fuse_dirent: the guest's d_type is the mode's type bits >> 12.
+pub fn dirent(o: &mut Out, ino: u64, next_offset: u64, name: &[u8], mode: u32) {
+    let start = o.0.len();
+    o.u64(ino).u64(next_offset).u32(name.len() as u32).u32((mode & libc::S_IFMT) >> 12);
+    o.bytes(name);
+    let pad = ((o.0.len() - start + 7) & !7) - (o.0.len() - start);
+    o.zeros(pad);
+}
+
+/// A reply: header (with `error` as a negative errno) and body.
+pub fn reply(unique: u64, error: i32, body: &[u8]) -> Vec<u8> {
+    let mut o = Out(Vec::with_capacity(OUT_HEADER_LEN + body.len()));
+    o.u32((OUT_HEADER_LEN + body.len()) as u32).u32(error as u32).u64(unique);
+    o.bytes(body);
+    o.0
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// A request as the guest's kernel lays it out.
+    pub fn request(opcode: u32, unique: u64, nodeid: u64, args: &[u8]) -> Vec<u8> {
+        let mut o = Out::default();
+        o.u32((IN_HEADER_LEN + args.len()) as u32).u32(opcode).u64(unique).u64(nodeid);
+        o.u32(1000).u32(1000).u32(42).u32(0);
+        o.bytes(args);
+        o.0
+    }
+
+    #[test]
+    fn requests_parse_into_typed_ops() {
+        let r = request(1, 7, 1, b"src\0");
+        let (h, op) = parse(&r).unwrap();
+        assert_eq!((h.unique, h.nodeid, h.opcode), (7, 1, 1));
+        assert_eq!(op, Op::Lookup { name: OsStr::new("src") });
+        let mut args = Out::default();
+        args.u64(3).u64(4096).u32(5).u32(0).u64(0).u32(0).u32(0).bytes(b"hello");
+        let r = request(16, 8, 9, &args.0);
+        assert_eq!(parse(&r).unwrap().1, Op::Write { fh: 3, offset: 4096, data: b"hello" });
+        let mut args = Out::default();
+        args.u64(5).bytes(b"a\0b\0");
+        assert_eq!(
+            parse(&request(12, 9, 1, &args.0)).unwrap().1,
+            Op::Rename { new_dir: 5, old: OsStr::new("a"), new: OsStr::new("b"), flags: 0 }
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_not_trusted() {
+        // Too short for a header, or a header whose length lies.
+        assert_eq!(parse(&[0u8; 10]), Err(ParseError::BadHeader));
+        let mut r = request(1, 1, 1, b"x\0");
+        r[0] = 200;
+        assert_eq!(parse(&r), Err(ParseError::BadHeader));
+        // Names without NUL, empty names, writes claiming more data than
+        // sent, batch forgets claiming more entries than sent.
+        for (op, args) in [(1u32, b"noterm".to_vec()), (1, b"\0".to_vec()), (6, b"a\0".to_vec())] {
+            assert!(matches!(parse(&request(op, 1, 1, &args)), Err(ParseError::BadArgs(_))), "{op}");
+        }
+        let mut args = Out::default();
+        args.u64(3).u64(0).u32(1 << 30).u32(0).u64(0).u32(0).u32(0).bytes(b"short");
+        assert!(matches!(parse(&request(16, 1, 1, &args.0)), Err(ParseError::BadArgs(_))));
+        let mut args = Out::default();
+        args.u32(u32::MAX).u32(0).u64(1).u64(1);
+        assert!(matches!(parse(&request(42, 1, 1, &args.0)), Err(ParseError::BadArgs(_))));
+        // Random bytes never panic.
+        let mut x: u32 = 12345;
+        for len in 0..400 {
+            let mut r: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            if len >= 40 {
+                r[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+                r[4..8].copy_from_slice(&(x % 52).to_le_bytes());
+            }
+            let _ = parse(&r);
+        }
+    }
+
+    #[test]
+    fn dirents_are_padded_to_eight_bytes() {
+        let mut o = Out::default();
+        dirent(&mut o, 5, 1, b"abc", libc::S_IFREG);
+        assert_eq!(o.0.len(), dirent_len(3, false));
+        assert_eq!(o.0.len() % 8, 0);
+        assert_eq!(u32::from_le_bytes(o.0[20..24].try_into().unwrap()), libc::DT_REG as u32);
+        let mut o = Out::default();
+        entry_out(&mut o, 2, &Attr::default(), 1);
+        assert_eq!(o.0.len(), ENTRY_OUT_LEN);
+        let mut o = Out::default();
+        attr_out(&mut o, &Attr::default(), 1);
+        assert_eq!(o.0.len(), 16 + ATTR_LEN);
+    }
+}

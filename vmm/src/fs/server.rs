@@ -1,0 +1,803 @@
+//! Host side: the file server behind the virtio-fs device. It answers the
+//! guest's FUSE requests (untrusted bytes, parsed by [`super::fuse`]) from
+//! one [`Share`], which resolves and checks every access; this module keeps
+//! the guest's node and handle numbers, maps owners, and writes one audit
+//! line for every change (create, write, delete, rename, chmod, truncate)
+//! and every access the policy refuses.
+//!
+//! Node and handle tables are bounded by what the guest's kernel keeps
+//! (nodes are forgotten when it drops them); a request naming a node or
+//! handle that does not exist gets an error, never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::fuse::{self, Attr, Op, Out, ParseError, SetAttr};
+use super::policy::Access;
+use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
+
+/// Where audit events go (the sandbox's hash-chained log).
+pub type AuditSink = Box<dyn FnMut(Value) + Send>;
+
+/// Largest write the guest may send and largest read it gets back.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// How long the guest may cache names and attributes (seconds): files the
+/// user changes on the host show within this time.
+const CACHE_SECS: u64 = 1;
+/// The guest's agent user, which stands for the folder's owner.
+pub const GUEST_UID: u32 = 1000;
+pub const GUEST_GID: u32 = 1000;
+const NOBODY: u32 = 65534;
+/// Open handles the guest may hold at once.
+const MAX_HANDLES: usize = 65536;
+
+struct Node {
+    entry: Entry,
+    lookups: u64,
+}
+
+enum Handle {
+    File { file: File, node: u64, writable: bool, wrote: bool },
+    Dir { listing: Vec<Listed> },
+}
+
+pub struct FileServer {
+    share: Share,
+    /// The folder's path on the host (and in the guest), for audit lines.
+    host_root: PathBuf,
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<PathBuf, u64>,
+    next_node: u64,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    audit: AuditSink,
+    /// Requests served, by kind (for figures).
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl FileServer {
+    pub fn new(share: Share, host_root: PathBuf, audit: AuditSink) -> FileServer {
+        let root = share.root().clone();
+        let mut nodes = HashMap::new();
+        nodes.insert(fuse::ROOT_ID, Node { entry: root, lookups: 1 });
+        let mut by_path = HashMap::new();
+        by_path.insert(PathBuf::new(), fuse::ROOT_ID);
+        FileServer {
+            share,
+            host_root,
+            nodes,
+            by_path,
+            next_node: fuse::ROOT_ID + 1,
+            handles: HashMap::new(),
+            next_fh: 1,
+            audit,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// Answers one request; None when it needs no reply (or has no
+    /// readable header to reply to). `room`: bytes the guest gave for the
+    /// reply.
+    pub fn handle(&mut self, request: &[u8], room: usize) -> Option<Vec<u8>> {
+        let (h, op) = match fuse::parse(request) {
+            Ok(r) => r,
+            Err(ParseError::BadHeader) => return None,
+            Err(ParseError::BadArgs(h)) => return Some(fuse::reply(h.unique, -libc::EINVAL, &[])),
+        };
+        *self.counts.entry(op.name()).or_default() += 1;
+        let no_reply = op.no_reply();
+        let room = room.saturating_sub(fuse::OUT_HEADER_LEN);
+        let result = self.serve(h.nodeid, op, room);
+        if no_reply {
+            return None;
+        }
+        Some(match result {
+            Ok(body) if body.len() <= room => fuse::reply(h.unique, 0, &body),
+            Ok(_) => fuse::reply(h.unique, -libc::ERANGE, &[]),
+            Err(errno) => fuse::reply(h.unique, -errno, &[]),
+        })
+    }
+
+    fn record(&mut self, mut event: Value) {
+        if let Value::Object(m) = &mut event {
+            m.insert("event".into(), Value::from("file"));
+            m.entry("decision").or_insert_with(|| Value::from("allow"));
+        }
+        (self.audit)(event);
+    }
+
+    fn path_of(&self, rel: &Path) -> String {
+        self.host_root.join(rel).display().to_string()
+    }
+
+    /// The errno for a refusal, logging it if the policy refused.
+    fn refused(&mut self, op: &str, r: Refused) -> i32 {
+        if r.is_policy() {
+            let path = r.path().map(|p| self.path_of(p));
+            let event = json!({ "op": op, "path": path, "decision": "deny", "reason": r.to_string() });
+            self.record(event);
+        }
+        r.errno()
+    }
+
+    /// Like `refused`, for requests that make a name: a hidden name is
+    /// refused outright (EACCES), which tells nothing of whether it exists.
+    fn refused_create(&mut self, op: &str, r: Refused) -> i32 {
+        let hidden = matches!(r, Refused::Hidden(_));
+        let errno = self.refused(op, r);
+        if hidden {
+            libc::EACCES
+        } else {
+            errno
+        }
+    }
+
+    fn node(&self, id: u64) -> Result<&Entry, i32> {
+        self.nodes.get(&id).map(|n| &n.entry).ok_or(libc::ENOENT)
+    }
+
+    fn attr(&self, st: &libc::stat) -> Attr {
+        let (owner_uid, owner_gid) = self.share.owner();
+        let map = |id: u32, owner: u32, guest: u32| match id {
+            _ if id == owner => guest,
+            0 => 0,
+            _ => NOBODY,
+        };
+        // The mode is the host's, write bits and all, even on read-only
+        // paths: every attempt then reaches the policy here, is refused
+        // (EROFS) and is logged, instead of being turned away unseen by
+        // the guest's kernel.
+        let mode = st.st_mode;
+        Attr {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: (st.st_atime as u64, st.st_atime_nsec as u32),
+            mtime: (st.st_mtime as u64, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime as u64, st.st_ctime_nsec as u32),
+            mode,
+            nlink: st.st_nlink as u32,
+            uid: map(st.st_uid, owner_uid, GUEST_UID),
+            gid: map(st.st_gid, owner_gid, GUEST_GID),
+            blksize: st.st_blksize as u32,
+        }
+    }
+
+    /// Gives the guest a node for `entry` (one more lookup of it) and its
+    /// fuse_entry_out.
+    fn remember(&mut self, entry: Entry, out: &mut Out) -> Result<(), i32> {
+        let st = self.share.stat(&entry).map_err(|r| r.errno())?;
+        let attr = self.attr(&st);
+        let id = match self.by_path.get(&entry.rel).copied() {
+            Some(id) if self.nodes.get(&id).is_some_and(|n| n.entry.ino() == entry.ino()) => {
+                let n = self.nodes.get_mut(&id).ok_or(libc::ENOENT)?;
+                n.lookups += 1;
+                n.entry = entry;
+                id
+            }
+            _ => {
+                let id = self.next_node;
+                self.next_node += 1;
+                self.by_path.insert(entry.rel.clone(), id);
+                self.nodes.insert(id, Node { entry, lookups: 1 });
+                id
+            }
+        };
+        fuse::entry_out(out, id, &attr, CACHE_SECS);
+        Ok(())
+    }
+
+    fn forget(&mut self, id: u64, n: u64) {
+        if id == fuse::ROOT_ID {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups == 0 {
+            let rel = node.entry.rel.clone();
+            self.nodes.remove(&id);
+            if self.by_path.get(&rel) == Some(&id) {
+                self.by_path.remove(&rel);
+            }
+        }
+    }
+
+    fn new_handle(&mut self, h: Handle) -> Result<u64, i32> {
+        if self.handles.len() >= MAX_HANDLES {
+            return Err(libc::ENFILE);
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(fh, h);
+        Ok(fh)
+    }
+
+    fn serve(&mut self, nodeid: u64, op: Op<'_>, room: usize) -> Result<Vec<u8>, i32> {
+        let mut out = Out::default();
+        match op {
+            Op::Init { major, minor, max_readahead, flags } => {
+                if major != fuse::KERNEL_VERSION {
+                    return Err(libc::EPROTO);
+                }
+                let wanted = fuse::ASYNC_READ
+                    | fuse::BIG_WRITES
+                    | fuse::AUTO_INVAL_DATA
+                    | fuse::DO_READDIRPLUS
+                    | fuse::READDIRPLUS_AUTO
+                    | fuse::PARALLEL_DIROPS
+                    | fuse::MAX_PAGES
+                    | fuse::CACHE_SYMLINKS;
+                out.u32(fuse::KERNEL_VERSION).u32(minor.min(fuse::KERNEL_MINOR));
+                out.u32(max_readahead.min(MAX_WRITE)).u32(flags & wanted);
+                out.u16(16).u16(12); // max_background, congestion_threshold
+                out.u32(MAX_WRITE).u32(1); // max_write, time_gran (ns)
+                out.u16((MAX_WRITE / 4096) as u16).u16(0).u32(0).zeros(28);
+            }
+            Op::Destroy => {
+                self.handles.clear();
+                self.nodes.retain(|&id, _| id == fuse::ROOT_ID);
+                self.by_path.retain(|p, _| p.as_os_str().is_empty());
+            }
+            Op::Lookup { name } => {
+                let dir = self.node(nodeid)?.clone();
+                let entry = self.share.lookup(&dir, name).map_err(|r| self.refused("lookup", r))?;
+                self.remember(entry, &mut out)?;
+            }
+            Op::Forget { nlookup } => self.forget(nodeid, nlookup),
+            Op::BatchForget(list) => {
+                for (id, n) in list {
+                    self.forget(id, n);
+                }
+            }
+            Op::GetAttr { fh } => {
+                let st = match fh.and_then(|fh| self.handles.get(&fh)) {
+                    Some(Handle::File { file, .. }) => fstat_file(file)?,
+                    _ => self.share.stat(self.node(nodeid)?).map_err(|r| r.errno())?,
+                };
+                let attr = self.attr(&st);
+                fuse::attr_out(&mut out, &attr, CACHE_SECS);
+            }
+            Op::SetAttr(s) => {
+                self.setattr(nodeid, &s)?;
+                let entry = self.node(nodeid)?;
+                let st = self.share.stat(entry).map_err(|r| r.errno())?;
+                let attr = self.attr(&st);
+                fuse::attr_out(&mut out, &attr, CACHE_SECS);
+            }
+            Op::ReadLink => {
+                let entry = self.node(nodeid)?.clone();
+                let target = self.share.readlink(&entry).map_err(|r| self.refused("readlink", r))?;
+                out.bytes(target.as_bytes());
+            }
+            Op::Symlink { name, target } => {
+                let dir = self.node(nodeid)?.clone();
+                let entry = self.share.symlink(&dir, name, target).map_err(|r| self.refused_create("symlink", r))?;
+                let event =
+                    json!({ "op": "symlink", "path": self.path_of(&entry.rel), "target": target.to_string_lossy() });
+                self.record(event);
+                self.remember(entry, &mut out)?;
+            }
+            Op::MkNod { name } => {
+                let dir = self.node(nodeid)?;
+                let r = Refused::Special(dir.rel.join(name));
+                self.refused("mknod", r);
+                return Err(libc::EPERM);
+            }
+            Op::MkDir { name, mode } => {
+                let dir = self.node(nodeid)?.clone();
+                let entry = self.share.mkdir(&dir, name, mode).map_err(|r| self.refused_create("mkdir", r))?;
+                let event = json!({ "op": "mkdir", "path": self.path_of(&entry.rel) });
+                self.record(event);
+                self.remember(entry, &mut out)?;
+            }
+            Op::Unlink { name } | Op::RmDir { name } => {
+                let is_dir = matches!(op, Op::RmDir { .. });
+                let dir = self.node(nodeid)?.clone();
+                let gone = self.share.remove(&dir, name, is_dir).map_err(|r| self.refused("delete", r))?;
+                let event = json!({ "op": "delete", "path": self.path_of(&gone.rel) });
+                self.record(event);
+                if let Some(id) = self.by_path.remove(&gone.rel) {
+                    self.drop_paths_below(&gone.rel, id);
+                }
+            }
+            Op::Rename { new_dir, old, new, flags } => self.rename(nodeid, new_dir, old, new, flags)?,
+            Op::Link { old_node, name } => {
+                let (target, dir) = (self.node(old_node)?.clone(), self.node(nodeid)?.clone());
+                return match self.share.link(&target, &dir, name) {
+                    Err(r) => Err(self.refused("link", r)),
+                    Ok(()) => Err(libc::EPERM),
+                };
+            }
+            Op::Open { flags } => {
+                let entry = self.node(nodeid)?.clone();
+                let writable = flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
+                let fd = self.share.open_file(&entry, writable).map_err(|r| self.refused("open", r))?;
+                let fh =
+                    self.new_handle(Handle::File { file: File::from(fd), node: nodeid, writable, wrote: false })?;
+                fuse::open_out(&mut out, fh);
+            }
+            Op::Read { fh, offset, size } => {
+                let Some(Handle::File { file, .. }) = self.handles.get(&fh) else { return Err(libc::EBADF) };
+                let n = (size as usize).min(room).min(MAX_WRITE as usize);
+                let mut buf = vec![0u8; n];
+                let mut done = 0;
+                while done < n {
+                    match file.read_at(&mut buf[done..], offset.saturating_add(done as u64)) {
+                        Ok(0) => break,
+                        Ok(k) => done += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(errno_of(&e)),
+                    }
+                }
+                buf.truncate(done);
+                return Ok(buf);
+            }
+            Op::Write { fh, offset, data } => {
+                let Some(Handle::File { file, node, writable, wrote }) = self.handles.get_mut(&fh) else {
+                    return Err(libc::EBADF);
+                };
+                if !*writable {
+                    return Err(libc::EBADF);
+                }
+                file.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
+                let first = !*wrote;
+                *wrote = true;
+                let node = *node;
+                if first {
+                    let path = self.nodes.get(&node).map(|n| self.path_of(&n.entry.rel)).unwrap_or_default();
+                    self.record(json!({ "op": "write", "path": path }));
+                }
+                out.u32(data.len() as u32).u32(0);
+            }
+            Op::StatFs => {
+                let st = self.share.statfs().map_err(|r| r.errno())?;
+                out.u64(st.f_blocks).u64(st.f_bfree).u64(st.f_bavail).u64(st.f_files).u64(st.f_ffree);
+                out.u32(st.f_bsize as u32).u32(super::share::MAX_NAME as u32).u32(st.f_frsize as u32).u32(0);
+                out.zeros(24);
+            }
+            Op::Release { fh } | Op::ReleaseDir { fh } => {
+                self.handles.remove(&fh);
+            }
+            Op::Fsync { fh } => match self.handles.get(&fh) {
+                Some(Handle::File { file, .. }) => file.sync_all().map_err(|e| errno_of(&e))?,
+                _ => return Err(libc::EBADF),
+            },
+            Op::Flush { .. } | Op::FsyncDir { .. } => {}
+            Op::OpenDir => {
+                let dir = self.node(nodeid)?.clone();
+                let listing = self.share.list(&dir).map_err(|r| self.refused("opendir", r))?;
+                let fh = self.new_handle(Handle::Dir { listing })?;
+                fuse::open_out(&mut out, fh);
+            }
+            Op::ReadDir { fh, offset, size, plus } => {
+                let room = (size as usize).min(room);
+                return self.readdir(nodeid, fh, offset, room, plus);
+            }
+            Op::Access { mask } => {
+                let entry = self.node(nodeid)?;
+                if mask as i32 & libc::W_OK != 0 && entry.access != Access::ReadWrite {
+                    return Err(libc::EROFS);
+                }
+            }
+            Op::Create { name, mode, .. } => {
+                let dir = self.node(nodeid)?.clone();
+                let (entry, fd) = self.share.create(&dir, name, mode).map_err(|r| self.refused_create("create", r))?;
+                let event = json!({ "op": "create", "path": self.path_of(&entry.rel) });
+                self.record(event);
+                let rel = entry.rel.clone();
+                self.remember(entry, &mut out)?;
+                let node = self.by_path.get(&rel).copied().unwrap_or(0);
+                // Opened read-write whatever the guest asked (its kernel
+                // keeps to its own open mode); its creation is logged, and
+                // its first write too.
+                let fh = self.new_handle(Handle::File { file: File::from(fd), node, writable: true, wrote: false })?;
+                fuse::open_out(&mut out, fh);
+            }
+            Op::SyncFs => {
+                let fd = self.share.open_dir(self.share.root()).map_err(|r| r.errno())?;
+                // SAFETY: fd is an open descriptor.
+                unsafe { libc::syncfs(fd.as_raw_fd()) };
+            }
+            Op::Interrupt => {}
+            Op::Lseek { .. } | Op::Fallocate { .. } | Op::Xattr | Op::Unknown(_) => return Err(libc::ENOSYS),
+        }
+        Ok(out.0)
+    }
+
+    fn setattr(&mut self, nodeid: u64, s: &SetAttr) -> Result<(), i32> {
+        let entry = self.node(nodeid)?.clone();
+        let st = self.share.stat(&entry).map_err(|r| r.errno())?;
+        let current = self.attr(&st);
+        if (s.valid & fuse::FATTR_UID != 0 && s.uid != current.uid)
+            || (s.valid & fuse::FATTR_GID != 0 && s.gid != current.gid)
+        {
+            return Err(libc::EPERM);
+        }
+        let path = self.path_of(&entry.rel);
+        if s.valid & fuse::FATTR_MODE != 0 && (s.mode & 0o7777) != (st.st_mode & 0o7777) {
+            self.share.chmod(&entry, s.mode).map_err(|r| self.refused("chmod", r))?;
+            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", s.mode & 0o1777) }));
+        }
+        if s.valid & fuse::FATTR_SIZE != 0 {
+            let via_handle = match (s.valid & fuse::FATTR_FH != 0, self.handles.get(&s.fh)) {
+                (true, Some(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
+                _ => None,
+            };
+            let file = match via_handle {
+                Some(f) => f.map_err(|e| errno_of(&e))?,
+                None => File::from(self.share.open_file(&entry, true).map_err(|r| self.refused("truncate", r))?),
+            };
+            file.set_len(s.size).map_err(|e| errno_of(&e))?;
+            self.record(json!({ "op": "truncate", "path": path, "size": s.size }));
+        }
+        let time = |set: bool, now: bool, (secs, nsec): (u64, u32)| match (set, now) {
+            (false, _) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            (true, true) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            (true, false) => libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: i64::from(nsec.min(999_999_999)) },
+        };
+        let a = time(s.valid & fuse::FATTR_ATIME != 0, s.valid & fuse::FATTR_ATIME_NOW != 0, s.atime);
+        let m = time(s.valid & fuse::FATTR_MTIME != 0, s.valid & fuse::FATTR_MTIME_NOW != 0, s.mtime);
+        if s.valid & (fuse::FATTR_ATIME | fuse::FATTR_MTIME) != 0 {
+            self.share.set_times(&entry, [a, m]).map_err(|r| self.refused("touch", r))?;
+        }
+        Ok(())
+    }
+
+    fn rename(&mut self, from: u64, to: u64, old: &OsStr, new: &OsStr, flags: u32) -> Result<(), i32> {
+        let mode = match flags {
+            0 => RenameMode::Replace,
+            fuse::RENAME_NOREPLACE => RenameMode::NoReplace,
+            _ => return Err(libc::EINVAL),
+        };
+        let (from_dir, to_dir) = (self.node(from)?.clone(), self.node(to)?.clone());
+        let old_rel = from_dir.rel.join(old);
+        let moved =
+            self.share.rename(&from_dir, old, &to_dir, new, mode).map_err(|r| self.refused_create("rename", r))?;
+        let event = json!({ "op": "rename", "path": self.path_of(&old_rel), "to": self.path_of(&moved.rel) });
+        self.record(event);
+        // What the new name replaced is gone; what was under the old name
+        // now lives under the new one.
+        if let Some(id) = self.by_path.remove(&moved.rel) {
+            self.drop_paths_below(&moved.rel, id);
+        }
+        let new_rel = moved.rel.clone();
+        let mut renamed = Vec::new();
+        for (&id, n) in &self.nodes {
+            if let Ok(rest) = n.entry.rel.strip_prefix(&old_rel) {
+                renamed.push((id, rest.to_path_buf()));
+            }
+        }
+        for (id, rest) in renamed {
+            let Some(n) = self.nodes.get(&id) else { continue };
+            let old_path = n.entry.rel.clone();
+            let entry = if rest.as_os_str().is_empty() {
+                moved.clone()
+            } else {
+                self.share.relocated(&n.entry, new_rel.join(&rest))
+            };
+            if self.by_path.get(&old_path) == Some(&id) {
+                self.by_path.remove(&old_path);
+                self.by_path.insert(entry.rel.clone(), id);
+            }
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.entry = entry;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `rel` (node `id`) is removed or replaced: paths below it no
+    /// longer lead to their nodes.
+    fn drop_paths_below(&mut self, rel: &Path, id: u64) {
+        let is_dir = self.nodes.get(&id).is_some_and(|n| n.entry.kind == Kind::Dir);
+        if is_dir {
+            self.by_path.retain(|p, _| !p.starts_with(rel));
+        }
+    }
+
+    fn readdir(&mut self, dir: u64, fh: u64, offset: u64, room: usize, plus: bool) -> Result<Vec<u8>, i32> {
+        let Some(Handle::Dir { listing }) = self.handles.get(&fh) else { return Err(libc::EBADF) };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let batch: Vec<Listed> = listing.iter().skip(start).take(room / 32 + 1).cloned().collect();
+        let parent = self.node(dir)?.clone();
+        let mut out = Out::default();
+        for (i, item) in batch.into_iter().enumerate() {
+            let next = (start + i + 1) as u64;
+            let name = item.name.as_bytes();
+            if out.0.len() + fuse::dirent_len(name.len(), plus) > room {
+                break;
+            }
+            let type_bits = match item.kind {
+                Kind::Dir => libc::S_IFDIR,
+                Kind::File => libc::S_IFREG,
+                Kind::Symlink => libc::S_IFLNK,
+            };
+            if plus {
+                // An entry gone since the listing is skipped, not an error.
+                let Ok(entry) = self.share.lookup(&parent, &item.name) else { continue };
+                if self.remember(entry, &mut out).is_err() {
+                    continue;
+                }
+            }
+            fuse::dirent(&mut out, item.ino, next, name, type_bits);
+        }
+        Ok(out.0)
+    }
+}
+
+fn fstat_file(file: &File) -> Result<libc::stat, i32> {
+    // SAFETY: stat is plain data; zeroed is a valid value to be filled.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the file is open; st is a valid stat to write.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(errno_of(&std::io::Error::last_os_error()));
+    }
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::fuse::tests::request;
+    use crate::fs::policy::FsPolicy;
+    use std::fs;
+    use std::sync::{Arc, Mutex};
+
+    /// A guest kernel's side of the conversation, on a host tree.
+    struct Guest {
+        server: FileServer,
+        unique: u64,
+        log: Arc<Mutex<Vec<Value>>>,
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+    }
+
+    impl Guest {
+        fn new() -> Guest {
+            let t = tempfile::tempdir().unwrap();
+            let w = t.path().join("work");
+            fs::create_dir_all(w.join("src")).unwrap();
+            fs::create_dir_all(w.join(".git/hooks")).unwrap();
+            fs::write(w.join("src/main.rs"), "fn main() {}").unwrap();
+            fs::write(w.join(".env"), "TOKEN=secret").unwrap();
+            fs::write(w.join(".git/config"), "[core]").unwrap();
+            fs::write(t.path().join("outside"), "host secret").unwrap();
+            std::os::unix::fs::symlink(t.path().join("outside"), w.join("abs-link")).unwrap();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let sink_log = log.clone();
+            let share = Share::open(&w, FsPolicy::default(), false).unwrap();
+            let server = FileServer::new(share, w.clone(), Box::new(move |e| sink_log.lock().unwrap().push(e)));
+            let mut g = Guest { server, unique: 0, log, _dir: t, root: w };
+            let mut init = Out::default();
+            init.u32(7).u32(37).u32(1 << 20).u32(fuse::DO_READDIRPLUS | fuse::MAX_PAGES).zeros(48);
+            let body = g.call(26, 0, &init.0).unwrap();
+            assert_eq!(body.len(), 64);
+            assert_eq!(u32::from_le_bytes(body[4..8].try_into().unwrap()), fuse::KERNEL_MINOR);
+            g
+        }
+
+        /// Sends a request; the reply body or the errno.
+        fn call(&mut self, opcode: u32, node: u64, args: &[u8]) -> Result<Vec<u8>, i32> {
+            self.unique += 1;
+            let reply = self.server.handle(&request(opcode, self.unique, node, args), 2 << 20).expect("a reply");
+            assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()) as usize, reply.len());
+            assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), self.unique);
+            match i32::from_le_bytes(reply[4..8].try_into().unwrap()) {
+                0 => Ok(reply[16..].to_vec()),
+                e => Err(-e),
+            }
+        }
+
+        fn name(name: &str) -> Vec<u8> {
+            let mut v = name.as_bytes().to_vec();
+            v.push(0);
+            v
+        }
+
+        /// LOOKUP: (node, mode, uid) or errno.
+        fn lookup(&mut self, dir: u64, name: &str) -> Result<(u64, u32, u32), i32> {
+            let b = self.call(1, dir, &Self::name(name))?;
+            Ok(entry_fields(&b))
+        }
+
+        fn open(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+            let mut a = Out::default();
+            a.u32(flags as u32).u32(0);
+            let b = self.call(14, node, &a.0)?;
+            Ok(u64::from_le_bytes(b[0..8].try_into().unwrap()))
+        }
+
+        fn read(&mut self, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+            let mut a = Out::default();
+            a.u64(fh).u64(0).u32(size).u32(0).u64(0).u32(0).u32(0);
+            self.call(15, 0, &a.0)
+        }
+
+        fn write(&mut self, fh: u64, offset: u64, data: &[u8]) -> Result<Vec<u8>, i32> {
+            let mut a = Out::default();
+            a.u64(fh).u64(offset).u32(data.len() as u32).u32(0).u64(0).u32(0).u32(0).bytes(data);
+            self.call(16, 0, &a.0)
+        }
+
+        fn create(&mut self, dir: u64, name: &str) -> Result<(u64, u64), i32> {
+            let mut a = Out::default();
+            a.u32(libc::O_WRONLY as u32).u32(libc::S_IFREG | 0o644).u32(0o022).u32(0).bytes(&Self::name(name));
+            let b = self.call(35, dir, &a.0)?;
+            let node = entry_fields(&b).0;
+            Ok((node, u64::from_le_bytes(b[fuse::ENTRY_OUT_LEN..fuse::ENTRY_OUT_LEN + 8].try_into().unwrap())))
+        }
+
+        fn listing(&mut self, dir: u64, plus: bool) -> Vec<String> {
+            let fh = u64::from_le_bytes(self.call(27, dir, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+            let mut a = Out::default();
+            a.u64(fh).u64(0).u32(65536).u32(0).u64(0).u32(0).u32(0);
+            let b = self.call(if plus { 44 } else { 28 }, dir, &a.0).unwrap();
+            let mut names = Vec::new();
+            let mut i = 0;
+            while i < b.len() {
+                let d = if plus { i + fuse::ENTRY_OUT_LEN } else { i };
+                let len = u32::from_le_bytes(b[d + 16..d + 20].try_into().unwrap()) as usize;
+                names.push(String::from_utf8(b[d + 24..d + 24 + len].to_vec()).unwrap());
+                i = d + ((24 + len + 7) & !7);
+            }
+            names.sort();
+            names
+        }
+
+        fn events(&self) -> Vec<String> {
+            self.log.lock().unwrap().iter().map(|v| v.to_string()).collect()
+        }
+    }
+
+    fn entry_fields(b: &[u8]) -> (u64, u32, u32) {
+        let node = u64::from_le_bytes(b[0..8].try_into().unwrap());
+        let attr = &b[40..];
+        let mode = u32::from_le_bytes(attr[60..64].try_into().unwrap());
+        let uid = u32::from_le_bytes(attr[68..72].try_into().unwrap());
+        (node, mode, uid)
+    }
+
+    #[test]
+    fn reads_and_writes_reach_the_host_at_once_and_are_logged() {
+        let mut g = Guest::new();
+        let (src, mode, uid) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        assert_eq!((mode & libc::S_IFMT, uid), (libc::S_IFDIR, GUEST_UID), "the owner is the agent");
+        let (main, _, _) = g.lookup(src, "main.rs").unwrap();
+        let fh = g.open(main, libc::O_RDONLY).unwrap();
+        assert_eq!(g.read(fh, 4096).unwrap(), b"fn main() {}");
+        assert_eq!(g.write(fh, 0, b"x"), Err(libc::EBADF), "opened read-only");
+        let (_, fh) = g.create(src, "new.rs").unwrap();
+        g.write(fh, 0, b"hello ").unwrap();
+        g.write(fh, 6, b"world").unwrap();
+        assert_eq!(fs::read_to_string(g.root.join("src/new.rs")).unwrap(), "hello world");
+        let ev = g.events();
+        assert_eq!(ev.iter().filter(|e| e.contains("\"op\":\"create\"")).count(), 1, "{ev:?}");
+        assert_eq!(ev.iter().filter(|e| e.contains("\"op\":\"write\"")).count(), 1, "one line per file written");
+        assert!(ev.iter().all(|e| e.contains("\"event\":\"file\"")));
+        assert!(ev[0].contains(&format!("{}/src/new.rs", g.root.display())), "{ev:?}");
+        // Host files belong to the folder's owner (us, or given to it).
+        use std::os::unix::fs::MetadataExt;
+        let owner = fs::metadata(&g.root).unwrap().uid();
+        assert_eq!(fs::metadata(g.root.join("src/new.rs")).unwrap().uid(), owner);
+    }
+
+    #[test]
+    fn hidden_files_are_absent_and_refusals_logged() {
+        let mut g = Guest::new();
+        assert_eq!(g.lookup(fuse::ROOT_ID, ".env"), Err(libc::ENOENT));
+        assert!(!g.listing(fuse::ROOT_ID, false).contains(&".env".to_string()));
+        assert!(!g.listing(fuse::ROOT_ID, true).contains(&".env".to_string()));
+        assert_eq!(g.create(fuse::ROOT_ID, ".env.local"), Err(libc::EACCES));
+        assert_eq!(g.create(fuse::ROOT_ID, "cert.pem"), Err(libc::EACCES));
+        let refused = g.events().into_iter().filter(|e| e.contains("\"decision\":\"deny\"")).count();
+        assert_eq!(refused, 3, "{:?}", g.events());
+        assert_eq!(fs::read_to_string(g.root.join(".env")).unwrap(), "TOKEN=secret");
+        assert!(!g.root.join(".env.local").exists());
+    }
+
+    #[test]
+    fn read_only_paths_refuse_changes() {
+        let mut g = Guest::new();
+        let (git, _, _) = g.lookup(fuse::ROOT_ID, ".git").unwrap();
+        let (config, _, _) = g.lookup(git, "config").unwrap();
+        assert_eq!(g.open(config, libc::O_RDWR), Err(libc::EROFS));
+        let mut a = Out::default();
+        a.u32(fuse::FATTR_SIZE).u32(0).u64(0).u64(0).zeros(8 * 4 + 4 * 8);
+        assert_eq!(g.call(4, config, &a.0).map(|_| ()), Err(libc::EROFS));
+        let (hooks, _, _) = g.lookup(git, "hooks").unwrap();
+        assert_eq!(g.create(hooks, "pre-commit"), Err(libc::EROFS));
+        assert_eq!(fs::read_to_string(g.root.join(".git/config")).unwrap(), "[core]");
+        assert!(g.events().iter().any(|e| e.contains("Read-only by policy")));
+    }
+
+    #[test]
+    fn no_request_leads_outside() {
+        let mut g = Guest::new();
+        for bad in ["..", ".", "a/b", "../outside"] {
+            assert_eq!(g.lookup(fuse::ROOT_ID, bad).map(|_| ()), Err(libc::EINVAL), "{bad}");
+        }
+        // A host link is a link: its target is text, resolved in the
+        // guest, never followed here.
+        let (link, mode, _) = g.lookup(fuse::ROOT_ID, "abs-link").unwrap();
+        assert_eq!(mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(g.open(link, libc::O_RDONLY), Err(libc::EACCES));
+        // No new links out, no hard links, no device nodes.
+        let mut a = Out::default();
+        a.bytes(b"out\0").bytes(b"../outside\0");
+        assert_eq!(g.call(6, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let mut a = Out::default();
+        a.u64(src).bytes(b"hard\0");
+        assert_eq!(g.call(13, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
+        let mut a = Out::default();
+        a.u32(libc::S_IFCHR | 0o666).u32(0x0103).u32(0).u32(0).bytes(b"null\0");
+        assert_eq!(g.call(8, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
+        // Nodes and handles the guest made up.
+        assert_eq!(g.call(3, 999, &[0u8; 16]).map(|_| ()), Err(libc::ENOENT));
+        assert_eq!(g.read(12345, 10).map(|_| ()), Err(libc::EBADF));
+        assert!(!g.root.join("out").exists() && !g.root.join("null").exists());
+    }
+
+    #[test]
+    fn renamed_directories_keep_their_nodes_and_policy_follows_paths() {
+        let mut g = Guest::new();
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (main, _, _) = g.lookup(src, "main.rs").unwrap();
+        let mut a = Out::default();
+        a.u64(fuse::ROOT_ID).bytes(b"src\0lib\0");
+        g.call(12, fuse::ROOT_ID, &a.0).unwrap();
+        assert!(g.root.join("lib/main.rs").exists());
+        let fh = g.open(main, libc::O_RDONLY).unwrap();
+        assert_eq!(g.read(fh, 100).unwrap(), b"fn main() {}");
+        assert_eq!(g.lookup(fuse::ROOT_ID, "src"), Err(libc::ENOENT));
+        // A decoy cannot become .git, nor can a file be moved onto hooks.
+        let mut a = Out::default();
+        a.u64(fuse::ROOT_ID).bytes(b"lib\0.git\0");
+        assert_eq!(g.call(12, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EROFS));
+        let ev = g.events();
+        assert!(ev.iter().any(|e| e.contains("\"op\":\"rename\"") && e.contains("/lib\"")), "{ev:?}");
+    }
+
+    #[test]
+    fn forgotten_nodes_are_dropped() {
+        let mut g = Guest::new();
+        let before = g.server.nodes.len();
+        let names = g.listing(fuse::ROOT_ID, true);
+        assert!(names.contains(&"src".to_string()));
+        assert_eq!(g.server.nodes.len(), before + names.len());
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let mut a = Out::default();
+        a.u32(1).u32(0).u64(src).u64(2);
+        assert!(g.server.handle(&request(42, 99, 0, &a.0), 4096).is_none(), "forget has no reply");
+        assert!(!g.server.nodes.contains_key(&src));
+    }
+
+    #[test]
+    fn garbage_requests_never_panic() {
+        let mut g = Guest::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 200) as usize;
+            let args: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
+            let op = (x % 52) as u32;
+            let node = if i % 3 == 0 { fuse::ROOT_ID } else { x % 8 };
+            let _ = g.server.handle(&request(op, i, node, &args), (x % 8192) as usize);
+        }
+        // The host tree outside is untouched.
+        assert_eq!(fs::read_to_string(g.root.parent().unwrap().join("outside")).unwrap(), "host secret");
+    }
+}
