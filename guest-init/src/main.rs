@@ -194,7 +194,16 @@ fn mount_share(share: &protocol::Share) -> Result<(), String> {
         flags |= libc::MS_RDONLY;
     }
     sys::mount(&share.tag, &share.path, "virtiofs", flags)
-        .map_err(|e| format!("Cannot mount the shared folder {} ({}): {e}", share.path, share.tag))
+        .map_err(|e| format!("Cannot mount the shared folder {} ({}): {e}", share.path, share.tag))?;
+    // Sequential reads in 1 MiB requests instead of the default 128 KiB
+    // readahead: eight times fewer round trips to the file server.
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(&share.path) {
+        let dev = meta.dev();
+        let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+        let _ = std::fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), "1024");
+    }
+    Ok(())
 }
 
 /// Ends every process but PID 1 and reaps them.

@@ -81,8 +81,12 @@ impl<W: Write> AuditLog<W> {
             }
         }
         let line = Value::Object(obj).to_string();
-        self.out.write_all(line.as_bytes())?;
-        self.out.write_all(b"\n")?;
+        // One write for the line and its end: a process killed in between
+        // cannot leave half a line that breaks the chain.
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.out.write_all(&bytes)?;
         self.out.flush()?;
         self.prev = line_hash(&line);
         self.seq += 1;

@@ -290,6 +290,26 @@ fn file_policy(policy: &Policy) -> Result<FsPolicy, vmm::fs::policy::Error> {
     FsPolicy::with(&policy.files.hidden, &policy.files.read_only)
 }
 
+/// Keeps `path` up to date (every 250 ms, when changed) with the file
+/// servers' request counts, for benchmarks to read while the sandbox runs.
+fn publish_fs_stats(path: PathBuf, counts: Vec<vmm::devices::virtio::fs::Counts>) {
+    let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
+        let mut last = String::new();
+        loop {
+            let now: Vec<serde_json::Value> =
+                counts.iter().map(|c| serde_json::json!(*c.lock().unwrap_or_else(|p| p.into_inner()))).collect();
+            let text = serde_json::Value::from(now).to_string();
+            if text != last {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).is_ok() {
+                    last = text;
+                }
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    });
+}
+
 /// The virtio-fs tag of the `i`th shared folder (0: the workspace).
 fn share_tag(i: usize) -> String {
     format!("sbx{i}")
@@ -420,6 +440,25 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     if !AGENTS.contains(&args.agent.as_str()) {
         return Err(format!("Unknown agent '{}' (expected one of: {})", args.agent, AGENTS.join(", ")));
     }
+    let workspace = match &args.workspace {
+        Some(w) => w.clone(),
+        None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
+    };
+    let workspace = workspace.canonicalize().map_err(|e| format!("Workspace {}: {e}", workspace.display()))?;
+    if !workspace.is_dir() {
+        return Err(format!("Workspace {} is not a directory", workspace.display()));
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).and_then(|h| h.canonicalize().ok());
+    if workspace == Path::new("/") || Some(&workspace) == home.as_ref() {
+        return Err(format!(
+            "Refusing to share {} with the agent: run sbx in a project folder or pass --workspace DIR",
+            workspace.display()
+        ));
+    }
+    let mut extra_shares = Vec::new();
+    for m in &args.mount {
+        extra_shares.push(parse_mount(m)?);
+    }
     let template = match args.cpu_template.as_str() {
         "auto" => cpuid::auto_template(),
         other => other.parse::<CpuTemplate>()?,
@@ -443,14 +482,6 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         Some(path) => read_policy_file(path)?,
         None => Policy::preset("locked").map_err(|e| e.to_string())?,
     };
-    let workspace = match &args.workspace {
-        Some(w) => w.clone(),
-        None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
-    };
-    let workspace = workspace.canonicalize().map_err(|e| format!("Workspace {}: {e}", workspace.display()))?;
-    if !workspace.is_dir() {
-        return Err(format!("Workspace {} is not a directory", workspace.display()));
-    }
     let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
     let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
     let asked = args.workspace.is_some().then(|| settings.workspace.clone());
@@ -491,15 +522,14 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     }
     let audit = open_audit_log(&sb.audit_log())?.shared();
     let mut shares = vec![(sb.settings.workspace.clone(), false)];
-    for m in &args.mount {
-        shares.push(parse_mount(m)?);
-    }
+    shares.extend(extra_shares);
     let (fs_devices, fs_counts) = shared_folders(&shares, &file_policy(&policy).map_err(|e| e.to_string())?, &audit)?;
     for (i, (dir, read_only)) in shares.iter().enumerate() {
         let path = dir.to_str().ok_or_else(|| format!("Cannot share {}: the path is not UTF-8", dir.display()))?;
         job.shares.push(protocol::Share { tag: share_tag(i), path: path.into(), read_only: *read_only });
     }
     open.cwd = job.shares[0].path.clone();
+    publish_fs_stats(sb.fs_stats(), fs_counts.clone());
     let net = if args.no_network { None } else { Some(guest_network(&args, audit, policy)?) };
     if net.is_some() {
         let cfg = NetConfig::default();

@@ -200,6 +200,12 @@ impl Sandbox {
         self.dir.join("audit.log")
     }
 
+    /// Requests served by each shared folder's file server so far (JSON,
+    /// rewritten while the sandbox runs; for figures).
+    pub fn fs_stats(&self) -> PathBuf {
+        self.dir.join("fs-stats.json")
+    }
+
     /// The sandbox's own writable disk (ext4, sparse): what the guest
     /// changes outside the workspace lives here, until `sbx rm`. Made on
     /// first use with `size_gib` of room; formatted under a temporary name

@@ -76,3 +76,23 @@ fn policy_explain_file_shows_the_shared_folder_rules() {
     assert_eq!(code, Some(125));
     assert!(err.contains("[files]") && err.contains("relative to the shared folder"), "{err}");
 }
+
+#[test]
+fn run_refuses_bad_folders_before_anything_starts() {
+    let (code, _, err) = sbx(&["run", "shell", "--workspace", "/", "--", "true"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("Refusing to share / with the agent"), "{err}");
+    let (code, _, err) = sbx(&["run", "shell", "--workspace", "/no/such/dir", "--", "true"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("Workspace /no/such/dir"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().to_str().unwrap();
+    let (code, _, err) = sbx(&["run", "shell", "--workspace", ws, "--mount", "/no/such/extra:ro", "--", "true"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("--mount /no/such/extra:ro"), "{err}");
+    let file = dir.path().join("f");
+    std::fs::write(&file, "").unwrap();
+    let (code, _, err) = sbx(&["run", "shell", "--workspace", file.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("is not a directory"), "{err}");
+}

@@ -58,11 +58,19 @@ fn sbx_boot(sbx: &Path, mem_mib: u64) -> Result<Boot> {
     })
 }
 
-/// QEMU's microvm has one serial port: console, frames and the program
-/// share it; the figures come from when lines appear on it. It gets the
-/// same disks as sbx gives a guest (the image's base, read-only, and a
+/// QEMU's microvm (PVH entry into the same vmlinux) with `initrd` and
+/// `disks` (path, read-only, serial) and `extra` arguments. It has one
+/// serial port, piped: console, frames and the program share it. Its
+/// disks are those sbx gives a guest (the image's base, read-only, and a
 /// fresh sandbox disk), found by guest-init by their serial numbers.
-fn qemu_boot(kernel: &Path, initrd: &Path, disks: &[(&Path, bool, &str)], mem_mib: u64, pvm: bool) -> Result<Boot> {
+pub(crate) fn spawn_qemu(
+    kernel: &Path,
+    initrd: &Path,
+    disks: &[(&Path, bool, &str)],
+    mem_mib: u64,
+    pvm: bool,
+    extra: &[String],
+) -> Result<std::process::Child> {
     let mut disk_args: Vec<String> = Vec::new();
     for (i, (path, ro, serial)) in disks.iter().enumerate() {
         let ro = if *ro { ",readonly=on" } else { "" };
@@ -72,8 +80,7 @@ fn qemu_boot(kernel: &Path, initrd: &Path, disks: &[(&Path, bool, &str)], mem_mi
         disk_args.push(format!("virtio-blk-device,drive=d{i},serial={serial}"));
     }
     let cmdline = vmm::builder::kernel_cmdline_with_console("console=ttyS0 8250.nr_uarts=1", pvm, false, "");
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=off,rtc=off,x-option-roms=off", "-enable-kvm"])
         .args(["-cpu", "qemu64,vendor=GenuineIntel,+tsc-deadline,+x2apic,-cx16"])
         .args(["-m", &mem_mib.to_string(), "-smp", "1", "-nodefaults", "-no-user-config"])
@@ -83,13 +90,20 @@ fn qemu_boot(kernel: &Path, initrd: &Path, disks: &[(&Path, bool, &str)], mem_mi
         .arg("-initrd")
         .arg(initrd)
         .args(&disk_args)
+        .args(extra)
         .arg("-append")
         .arg(&cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("Cannot start qemu-system-x86_64")?;
+        .context("Cannot start qemu-system-x86_64")
+}
+
+/// The figures come from when lines appear on QEMU's serial port.
+fn qemu_boot(kernel: &Path, initrd: &Path, disks: &[(&Path, bool, &str)], mem_mib: u64, pvm: bool) -> Result<Boot> {
+    let start = Instant::now();
+    let mut child = spawn_qemu(kernel, initrd, disks, mem_mib, pvm, &[])?;
     let mut boot = Boot::default();
     let stdout = child.stdout.take().context("QEMU stdout")?;
     // SBX_BENCH_QEMU_LOG=FILE keeps QEMU's console, to see why a run failed.
@@ -227,7 +241,7 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
 }
 
 /// Builds what a benchmark boots: kernel, image and the sbx binary.
-fn build_all() -> Result<(PathBuf, PathBuf, PathBuf)> {
+pub(crate) fn build_all() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let kernel = crate::kernel::build(false)?;
     let image = crate::image::build("shell", false)?;
     util::run(

@@ -17,7 +17,7 @@ use protocol::cpio::CpioWriter;
 use crate::util::{self, Fingerprint};
 
 const BUSYBOX: &str = "/bin/busybox";
-const RECIPE: &str = "image-recipe-5";
+const RECIPE: &str = "image-recipe-6";
 const MKFS: &str = "/sbin/mkfs.ext4";
 pub const INIT_CPIO: &str = "init.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
@@ -160,9 +160,13 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
     }
     util::ensure_packages(&[("busybox-static", BUSYBOX), ("file", "/usr/bin/file"), ("e2fsprogs", MKFS)])?;
     let init = build_guest_init()?;
+    let git = find_git()?;
     let mut fp = Fingerprint::default();
     fp.add("recipe", RECIPE.as_bytes()).add("image", image.as_bytes());
     fp.add_file(&init)?.add_file(Path::new(BUSYBOX))?;
+    for f in &git {
+        fp.add_file(f)?;
+    }
     let key = fp.hex();
     let out = out_dir(image);
     if !force && util::up_to_date(&out, &key, &[INIT_CPIO, ROOTFS]) {
@@ -171,7 +175,7 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&out)?;
     let cpio = write_init_cpio(&init, &out.join(INIT_CPIO))?;
-    let rootfs = write_rootfs(&out)?;
+    let rootfs = write_rootfs(&out, &git)?;
     util::stamp(&out, &key)?;
     eprintln!(
         "xtask: image '{image}' ready in {}: {INIT_CPIO} {} KiB, {ROOTFS} {} KiB",
@@ -197,9 +201,33 @@ fn write_init_cpio(init: &Path, path: &Path) -> Result<u64> {
     Ok(bytes.len() as u64)
 }
 
+/// git (agents work in repositories) and the shared libraries it loads,
+/// as found on the build machine (Debian's package installed if there is
+/// none): the binary first.
+fn find_git() -> Result<Vec<PathBuf>> {
+    let found = util::output(Command::new("sh").args(["-c", "command -v git"])).unwrap_or_default();
+    let git = match found.trim() {
+        "" => {
+            util::ensure_packages(&[("git", "/usr/bin/git")])?;
+            PathBuf::from("/usr/bin/git")
+        }
+        path => PathBuf::from(path),
+    };
+    let mut files = vec![git.clone()];
+    // "libz.so.1 => /lib/.../libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)".
+    for line in util::output(Command::new("ldd").arg(&git))?.lines() {
+        let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            files.push(PathBuf::from(path));
+        }
+    }
+    Ok(files)
+}
+
 /// The root filesystem, staged in a directory and turned into a read-only
 /// ext4 image (no journal: nothing ever writes to it). Returns its size.
-fn write_rootfs(out: &Path) -> Result<u64> {
+/// `git`: the git binary (to /usr/bin) and its libraries (where they are).
+fn write_rootfs(out: &Path, git: &[PathBuf]) -> Result<u64> {
     let stage = out.join("rootfs.stage");
     if stage.exists() {
         std::fs::remove_dir_all(&stage)?;
@@ -244,6 +272,13 @@ fn write_rootfs(out: &Path) -> Result<u64> {
         let depth = rel.split('/').filter(|c| !c.is_empty()).count();
         let target = format!("{}bin/busybox", "../".repeat(depth));
         std::os::unix::fs::symlink(target, stage.join(rel).join(&name))?;
+    }
+    for (i, f) in git.iter().enumerate() {
+        let to = if i == 0 { stage.join("usr/bin/git") } else { stage.join(f.strip_prefix("/")?) };
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(f, &to).with_context(|| format!("Cannot copy {}", f.display()))?;
     }
     let files: [(&str, &[u8]); 3] = [
         ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n"),

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_fs;
 mod image;
 mod kernel;
 mod util;
@@ -35,13 +36,18 @@ enum Task {
     },
     /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image),
     /// `net` (netstack throughput and latency, in process), `guest-net`
-    /// (a real guest's HTTP download through netstack).
+    /// (a real guest's HTTP download through netstack), `fs` (the shared
+    /// folder: host vs sbx's virtio-fs vs QEMU's 9p).
     Bench {
-        #[arg(value_parser = ["boot", "net", "guest-net"])]
+        #[arg(value_parser = ["boot", "net", "guest-net", "fs"])]
         what: String,
-        /// Size of the guest-net download.
-        #[arg(long, default_value_t = 32)]
-        mib: u64,
+        /// Size of the guest-net download (default 32) or of fs's big
+        /// file (default 256), in MiB.
+        #[arg(long)]
+        mib: Option<u64>,
+        /// Number of small files (fs).
+        #[arg(long, default_value_t = 10000)]
+        files: u64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
         #[arg(long, default_value_t = 128)]
@@ -76,7 +82,8 @@ fn run(cli: Cli) -> Result<()> {
         Task::Kernel { force } => kernel::build(force).map(|_| ()),
         Task::Image { name, force } => image::build(&name, force).map(|_| ()),
         Task::Bench { what, runs, memory, .. } if what == "boot" => bench::boot(runs, memory),
-        Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib),
+        Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib.unwrap_or(32)),
+        Task::Bench { what, mib, files, memory, .. } if what == "fs" => bench_fs::fs(mib.unwrap_or(256), files, memory),
         Task::Bench { .. } => util::run(cargo().args(["bench", "-p", "netstack", "--bench", "net"])),
         Task::Test { args } => {
             kernel::build(false)?;

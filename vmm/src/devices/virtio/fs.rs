@@ -182,10 +182,7 @@ type Buf = (GuestAddress, u32);
 
 /// The request bytes (readable part) and the reply buffers (writable
 /// part) of a chain; None if it is malformed or over the bounds.
-fn split_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> Option<(Vec<u8>, Vec<Buf>)> {
+fn split_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<(Vec<u8>, Vec<Buf>)> {
     let mut request = Vec::new();
     let mut reply = Vec::new();
     let mut room = 0usize;
@@ -224,4 +221,115 @@ fn write_reply(mem: &GuestMemoryMmap, bufs: &[Buf], reply: &[u8]) -> Option<u32>
         done += n;
     }
     (done == reply.len()).then_some(done as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::CountingInterrupt as Count;
+    use crate::fs::fuse::tests::request;
+    use crate::fs::policy::FsPolicy;
+    use crate::fs::share::Share;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Address;
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    fn device(dir: &std::path::Path) -> Fs {
+        let share = Share::open(dir, FsPolicy::default(), false).unwrap();
+        Fs::new("sbx0", FileServer::new(share, dir.to_path_buf(), Box::new(|_| {}))).unwrap()
+    }
+
+    fn init_request(unique: u64) -> Vec<u8> {
+        let mut args = vec![];
+        for v in [7u32, 37, 1 << 20, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        args.resize(64, 0);
+        request(26, unique, 0, &args)
+    }
+
+    fn wait_used(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while mem.read_obj::<u16>(q.used_addr().unchecked_add(2)).unwrap() != n {
+            assert!(Instant::now() < deadline, "timed out waiting for {n} used chains");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// (id, len) of used ring entry `i`.
+    fn used(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> (u32, u32) {
+        let at = q.used_addr().unchecked_add(4 + 8 * i);
+        (mem.read_obj(at).unwrap(), mem.read_obj(at.unchecked_add(4)).unwrap())
+    }
+
+    #[test]
+    fn requests_on_the_queue_are_answered_and_bad_chains_returned_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x10_000), 16);
+        let req = MockSplitQueue::create(&mem, GuestAddress(0x20_000), 16);
+        let init = init_request(77);
+        mem.write_slice(&init, GuestAddress(0x40_000)).unwrap();
+        req.add_desc_chains(
+            &[
+                // A good request: readable request, then writable room.
+                desc(0x40_000, init.len() as u32, VRING_DESC_F_NEXT, 1),
+                desc(0x50_000, 256, VRING_DESC_F_WRITE, 0),
+                // Readable after writable.
+                desc(0x50_000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3),
+                desc(0x40_000, init.len() as u32, 0, 0),
+                // Room far over the bound.
+                desc(0x40_000, init.len() as u32, VRING_DESC_F_NEXT, 5),
+                desc(0x60_000, u32::MAX, VRING_DESC_F_WRITE, 0),
+                // Outside guest memory.
+                desc((1 << 20) - 8, 64, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut fs = device(dir.path());
+        let irq = Arc::new(Count::default());
+        fs.activate(mem.clone(), vec![hiprio.create_queue().unwrap(), req.create_queue().unwrap()], irq.clone())
+            .unwrap();
+        fs.queue_notify(1);
+        wait_used(&mem, &req, 4);
+        let (id, len) = used(&mem, &req, 0);
+        assert_eq!((id, len), (0, 16 + 64), "out header and fuse_init_out");
+        let mut reply = vec![0u8; len as usize];
+        mem.read_slice(&mut reply, GuestAddress(0x50_000)).unwrap();
+        assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 77, "the request's unique id");
+        assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), 0);
+        for i in 1..4 {
+            assert_eq!(used(&mem, &req, i).1, 0, "bad chain {i} is returned with nothing written");
+        }
+        assert!(irq.count() >= 1);
+        assert_eq!(
+            fs.counts.lock().unwrap().get("init"),
+            Some(&1),
+            "{:?}",
+            (0..4).map(|i| used(&mem, &req, i)).collect::<Vec<_>>()
+        );
+        fs.reset();
+    }
+
+    #[test]
+    fn config_space_has_the_tag_and_one_request_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = device(dir.path());
+        let mut c = [0xffu8; TAG_LEN + 4];
+        fs.read_config(0, &mut c);
+        assert_eq!(&c[..5], b"sbx0\0");
+        assert_eq!(u32::from_le_bytes(c[TAG_LEN..].try_into().unwrap()), 1);
+        assert!(Fs::new(&"x".repeat(37), {
+            let share = Share::open(dir.path(), FsPolicy::default(), false).unwrap();
+            FileServer::new(share, dir.path().to_path_buf(), Box::new(|_| {}))
+        })
+        .is_err());
+    }
 }
