@@ -178,13 +178,7 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
     };
     protocol::cpio::append_job(&mut bytes, &job)?;
     std::fs::write(&initrd, &bytes)?;
-    let settings = vmm::sandbox::Settings {
-        name: "qemu".into(),
-        agent: "shell".into(),
-        workspace: dir.path().into(),
-        created_unix: 0,
-    };
-    let qemu_sandbox = vmm::sandbox::Sandbox::open_or_create(dir.path(), settings)?;
+    let qemu_sandbox = qemu_sandbox(dir.path())?;
     let rootfs = image.join(crate::image::ROOTFS);
 
     let mut ours = Vec::new();
@@ -238,6 +232,14 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
         println!("\nsbx VM exits by reason (last run): {exits}");
     }
     Ok(())
+}
+
+/// A sandbox (in `dir`) whose disk a QEMU guest gets, made the way sbx
+/// makes one.
+pub(crate) fn qemu_sandbox(dir: &Path) -> Result<vmm::sandbox::Sandbox> {
+    let settings =
+        vmm::sandbox::Settings { name: "qemu".into(), agent: "shell".into(), workspace: dir.into(), created_unix: 0 };
+    Ok(vmm::sandbox::Sandbox::open_or_create(dir, settings)?)
 }
 
 /// Builds what a benchmark boots: kernel, image and the sbx binary.

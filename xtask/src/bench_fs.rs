@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use protocol::{Frame, Job};
 use serde_json::Value;
 
-use crate::bench::{build_all, spawn_qemu};
+use crate::bench::{build_all, qemu_sandbox, spawn_qemu};
 use crate::util;
 
 const MARK: &str = "@sbx-bench ";
@@ -217,13 +217,7 @@ fn qemu_run(kernel: &Path, image: &Path, ws: &Path, mib: u64, files: u64, mem_mi
     protocol::cpio::append_job(&mut bytes, &job)?;
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, &bytes)?;
-    let settings = vmm::sandbox::Settings {
-        name: "qemu".into(),
-        agent: "shell".into(),
-        workspace: dir.path().into(),
-        created_unix: 0,
-    };
-    let data = vmm::sandbox::Sandbox::open_or_create(dir.path(), settings)?.data_disk(16)?;
+    let data = qemu_sandbox(dir.path())?.data_disk(16)?;
     let rootfs = image.join(crate::image::ROOTFS);
     let disks =
         [(rootfs.as_path(), true, protocol::BASE_DISK_SERIAL), (data.as_path(), false, protocol::DATA_DISK_SERIAL)];

@@ -134,6 +134,8 @@ impl Entry {
 
 pub struct Share {
     root: Entry,
+    /// The folder's absolute path (the same in the guest).
+    path: PathBuf,
     policy: FsPolicy,
     read_only: bool,
     /// New entries are given to this owner (uid, gid) when the server runs
@@ -266,7 +268,7 @@ impl Share {
         let euid = unsafe { libc::geteuid() };
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
-        Ok(Share { root, policy, read_only, chown_to, owner })
+        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner })
     }
 
     pub fn root(&self) -> &Entry {
@@ -589,17 +591,24 @@ impl Share {
         Err(Refused::HardLink(dir.rel.join(name)))
     }
 
-    /// Creates a symbolic link whose target, read from where the link is,
-    /// stays inside the folder on a path the guest may write: the host
-    /// user's own tools follow links, so a link must not lead them out.
+    /// Creates a symbolic link whose target, read from where the link is
+    /// (or an absolute path into the folder), stays inside the folder on a
+    /// path the guest may write: the host user's own tools follow links,
+    /// so a link must not lead them out.
     pub fn symlink(&self, dir: &Entry, name: &OsStr, target: &OsStr) -> Result<Entry, Refused> {
         let rel = self.writable_name(dir, name, false)?;
         let refused = || Refused::LinkTarget(rel.clone(), target.to_os_string());
         if target.is_empty() || target.len() > MAX_LINK {
             return Err(refused());
         }
-        let mut resolved: Vec<&OsStr> = dir.rel.iter().collect();
-        for c in Path::new(target).components() {
+        // The folder has the same path in the guest: an absolute target
+        // inside it is read from its root.
+        let (start, rest): (Vec<&OsStr>, &Path) = match Path::new(target).strip_prefix(&self.path) {
+            Ok(inside) if Path::new(target).is_absolute() => (Vec::new(), inside),
+            _ => (dir.rel.iter().collect(), Path::new(target)),
+        };
+        let mut resolved = start;
+        for c in rest.components() {
             match c {
                 Component::Normal(n) => resolved.push(n),
                 Component::CurDir => {}
@@ -794,8 +803,12 @@ mod tests {
         // Symlinks: inside and writable only.
         assert!(s.symlink(&src, os("ok-link"), os("new.rs")).is_ok());
         assert!(s.symlink(s.root(), os("ok-up"), os("src/../src/main.rs")).is_ok());
+        let abs_inside = w.join("src/main.rs");
+        assert!(s.symlink(s.root(), os("ok-abs"), abs_inside.as_os_str()).is_ok(), "absolute, into the folder");
         for target in [
             "/etc/passwd",
+            &format!("{}/../outside-secret", w.display()),
+            &format!("{}/.env", w.display()),
             "../outside-secret",
             "../../x",
             "src/../../outside-secret",
@@ -813,6 +826,30 @@ mod tests {
         assert!(w.join("moved.rs").exists());
         s.remove(s.root(), os("moved.rs"), false).unwrap();
         assert!(!w.join("moved.rs").exists());
+    }
+
+    #[test]
+    fn files_the_host_links_elsewhere_are_read_only() {
+        let (t, s) = tree();
+        fs::hard_link(t.path().join("outside-secret"), t.path().join("work/linked")).unwrap();
+        let e = s.lookup(s.root(), os("linked")).unwrap();
+        assert_eq!(e.access, Access::ReadOnly);
+        assert!(matches!(s.open_file(&e, true), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.remove(s.root(), os("linked"), false), Err(Refused::ReadOnly(_))));
+        assert_eq!(fs::read_to_string(t.path().join("outside-secret")).unwrap(), "do not read");
+    }
+
+    #[test]
+    fn a_rename_may_refuse_to_replace() {
+        let (t, s) = tree();
+        let src = s.lookup(s.root(), os("src")).unwrap();
+        s.create(&src, os("a.rs"), 0o644).unwrap();
+        let r = s.rename(&src, os("a.rs"), &src, os("main.rs"), RenameMode::NoReplace);
+        assert_eq!(r.unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(fs::read_to_string(t.path().join("work/src/main.rs")).unwrap(), "fn main() {}");
+        let moved = s.rename(&src, os("a.rs"), s.root(), os("b.rs"), RenameMode::NoReplace).unwrap();
+        assert_eq!(moved.rel, Path::new("b.rs"));
+        assert_eq!(s.stat(&moved).unwrap().st_size, 0, "the moved entry is reachable by its new name");
     }
 
     #[test]

@@ -91,11 +91,7 @@ impl VirtioDevice for Fs {
         queues: Vec<Queue>,
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount("fs", 2, queues.len()));
-        }
-        self.worker.send(Ctl::Activate { mem, queues, interrupt });
-        Ok(())
+        self.worker.activate("fs", 2, mem, queues, interrupt)
     }
     fn queue_notify(&mut self, _index: u16) {
         self.worker.kick();

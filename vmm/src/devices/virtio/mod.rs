@@ -109,6 +109,23 @@ impl Worker {
         Ok(Worker { kick, ctl, thread: Some(thread) })
     }
 
+    /// Hands the device's ready queues to the thread, if there are at
+    /// least the `needed` ones.
+    pub fn activate(
+        &self,
+        device: &'static str,
+        needed: usize,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() < needed {
+            return Err(ActivateError::QueueCount(device, needed, queues.len()));
+        }
+        self.send(Ctl::Activate { mem, queues, interrupt });
+        Ok(())
+    }
+
     pub fn send(&self, c: Ctl) {
         let _ = self.ctl.send(c);
         self.kick();

@@ -115,11 +115,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount("net", 2, queues.len()));
-        }
-        self.worker.send(Ctl::Activate { mem, queues, interrupt });
-        Ok(())
+        self.worker.activate("net", 2, mem, queues, interrupt)
     }
     fn queue_notify(&mut self, _index: u16) {
         self.worker.kick();

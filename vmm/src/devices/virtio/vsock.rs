@@ -146,11 +146,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
         // rx and tx are needed; the event queue is never used.
-        if queues.len() < 2 {
-            return Err(ActivateError::QueueCount("vsock", 2, queues.len()));
-        }
-        self.worker.send(Ctl::Activate { mem, queues, interrupt });
-        Ok(())
+        self.worker.activate("vsock", 2, mem, queues, interrupt)
     }
     fn queue_notify(&mut self, _index: u16) {
         self.worker.kick();
