@@ -461,9 +461,13 @@ pub fn attr_out(o: &mut Out, attr: &Attr, valid_secs: u64) {
     attr.encode(o);
 }
 
+/// FOPEN_DIRECT_IO: the guest's kernel sends this handle's reads and
+/// writes straight from the caller's buffers, bypassing its page cache.
+pub const FOPEN_DIRECT_IO: u32 = 1;
+
 /// fuse_open_out.
-pub fn open_out(o: &mut Out, fh: u64) {
-    o.u64(fh).u32(0).u32(0);
+pub fn open_out(o: &mut Out, fh: u64, open_flags: u32) {
+    o.u64(fh).u32(open_flags).u32(0);
 }
 
 /// Space one directory entry takes (fuse_dirent, name padded to 8).
@@ -572,6 +576,9 @@ pub mod tests {
         let mut o = Out::default();
         entry_out(&mut o, 2, &Attr::default(), 1);
         assert_eq!(o.0.len(), ENTRY_OUT_LEN);
+        let mut o = Out::default();
+        open_out(&mut o, 1, FOPEN_DIRECT_IO);
+        assert_eq!(o.0.len(), 16);
         let mut o = Out::default();
         attr_out(&mut o, &Attr::default(), 1);
         assert_eq!(o.0.len(), 16 + ATTR_LEN);

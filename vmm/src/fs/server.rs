@@ -329,7 +329,7 @@ impl FileServer {
                 let fd = self.share.open_file(&entry, writable).map_err(|r| self.refused("open", r))?;
                 let fh =
                     self.new_handle(Handle::File { file: File::from(fd), node: nodeid, writable, wrote: false })?;
-                fuse::open_out(&mut out, fh);
+                fuse::open_out(&mut out, fh, open_flags(flags));
             }
             Op::Read { fh, offset, size } => {
                 let Some(Handle::File { file, .. }) = self.handles.get(&fh) else { return Err(libc::EBADF) };
@@ -386,7 +386,7 @@ impl FileServer {
                 let dir = self.node(nodeid)?.clone();
                 let listing = self.share.list(&dir).map_err(|r| self.refused("opendir", r))?;
                 let fh = self.new_handle(Handle::Dir { listing })?;
-                fuse::open_out(&mut out, fh);
+                fuse::open_out(&mut out, fh, 0);
             }
             Op::ReadDir { fh, offset, size, plus } => {
                 let room = (size as usize).min(room);
@@ -398,7 +398,7 @@ impl FileServer {
                     return Err(libc::EROFS);
                 }
             }
-            Op::Create { name, mode, .. } => {
+            Op::Create { name, mode, flags } => {
                 let dir = self.node(nodeid)?.clone();
                 let (entry, fd) = self.share.create(&dir, name, mode).map_err(|r| self.refused_create("create", r))?;
                 let event = json!({ "op": "create", "path": self.path_of(&entry.rel) });
@@ -410,7 +410,7 @@ impl FileServer {
                 // keeps to its own open mode); its creation is logged, and
                 // its first write too.
                 let fh = self.new_handle(Handle::File { file: File::from(fd), node, writable: true, wrote: false })?;
-                fuse::open_out(&mut out, fh);
+                fuse::open_out(&mut out, fh, open_flags(flags));
             }
             Op::SyncFs => {
                 let fd = self.share.open_dir(self.share.root()).map_err(|r| r.errno())?;
@@ -541,6 +541,20 @@ impl FileServer {
             fuse::dirent(&mut out, item.ino, next, name, type_bits);
         }
         Ok(out.0)
+    }
+}
+
+/// How the guest's kernel should treat an opened file: a write-only
+/// handle (what `>` redirections, `dd of=`, compilers' outputs get) skips
+/// the guest's page cache, so its writes go from the caller's buffer to
+/// the host without being copied into cache pages first. No one can map
+/// a write-only handle, so nothing is lost; other handles keep the cache
+/// (mmap and exec need it).
+fn open_flags(flags: u32) -> u32 {
+    if flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
+        fuse::FOPEN_DIRECT_IO
+    } else {
+        0
     }
 }
 
