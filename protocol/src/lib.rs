@@ -399,7 +399,7 @@ mod tests {
         assert_eq!(Job::decode("nope\n"), Err(DecodeError::BadMagic));
         for bad in ["sbx0,rw,relative", "sbx0,xx,/a", ",rw,/a", "sbx0,rw,/a/../etc", "sbx0,rw"] {
             let text = format!("{JOB_MAGIC}\nshare {bad}\n");
-            assert_eq!(Job::decode(&text), Err(DecodeError::BadLine(1)), "{bad}");
+            assert_eq!(Job::decode(&text), Err(DecodeError::BadLine(2)), "{bad}");
         }
         assert_eq!(Job::decode(""), Err(DecodeError::BadMagic));
         assert_eq!(Job::decode("sbx-job 1\nargnospace\n"), Err(DecodeError::BadLine(2)));
