@@ -338,6 +338,7 @@ fn shared_folders(
 ) -> Result<(Vec<Fs>, Vec<vmm::devices::virtio::fs::Counts>), String> {
     let mut devices = Vec::new();
     let mut counts = Vec::new();
+    vmm::fs::server::raise_open_file_limit();
     for (i, (dir, read_only)) in shares.iter().enumerate() {
         let share =
             Share::open(dir, policy.clone(), *read_only).map_err(|e| format!("Cannot share {}: {e}", dir.display()))?;

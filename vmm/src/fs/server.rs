@@ -62,6 +62,27 @@ pub struct FileServer {
     pub counts: BTreeMap<&'static str, u64>,
 }
 
+/// Raises this process's open-file limit to its hard limit: the server
+/// holds a descriptor for each directory the guest's kernel remembers.
+/// Returns the limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    // SAFETY: rlimit is plain data, filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: lim is a valid rlimit to write.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: raised is a valid rlimit; raising the soft limit up to
+        // the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    lim.rlim_cur
+}
+
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -803,6 +824,16 @@ mod tests {
         a.u32(1).u32(0).u64(src).u64(2);
         assert!(g.server.handle(&request(42, 99, 0, &a.0), 4096).is_none(), "forget has no reply");
         assert!(!g.server.nodes.contains_key(&src));
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let now = raise_open_file_limit();
+        // SAFETY: rlimit is plain data, filled by getrlimit.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: lim is a valid rlimit to write.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!((now, lim.rlim_cur), (lim.rlim_max, lim.rlim_max));
     }
 
     #[test]
