@@ -37,6 +37,9 @@ pub const GUEST_GID: u32 = 1000;
 const NOBODY: u32 = 65534;
 /// Open handles the guest may hold at once.
 const MAX_HANDLES: usize = 65536;
+/// Nodes the guest may hold at once (a guest that never forgets cannot
+/// grow the VMM's memory without bound).
+const MAX_NODES: usize = 1 << 20;
 
 struct Node {
     entry: Entry,
@@ -211,6 +214,7 @@ impl FileServer {
                 n.entry = entry;
                 id
             }
+            _ if self.nodes.len() >= MAX_NODES => return Err(libc::ENFILE),
             _ => {
                 let id = self.next_node;
                 self.next_node += 1;
