@@ -5,6 +5,7 @@
 //! `devices::virtio::fs`).
 
 pub mod fuse;
+pub mod gitconfig;
 pub mod policy;
 pub mod server;
 pub mod share;

@@ -16,6 +16,20 @@
 //! - In a name, `*` matches any run of characters and `?` one character.
 //!
 //! Hidden beats read-only; everything else is read-write.
+//!
+//! # Git directories
+//!
+//! The user's own git, and the shell prompt that runs it on `cd`, read a
+//! repository's configuration and hooks from its git directory and run
+//! what they name (`core.fsmonitor`, filters, hooks, `include.path`). So
+//! inside any directory named `.git`, at any depth, the guest may write
+//! only what git itself writes while it commits, fetches, merges or
+//! rebases ([`GIT_WRITABLE_DIRS`], [`GIT_WRITABLE_FILES`]); everything else
+//! there (`config`, `config.worktree`, `commondir`, `hooks/`, `info/`,
+//! `modules/`, `worktrees/`, `objects/info/alternates`, ...) is read-only,
+//! and a `.git` directory can be neither moved nor replaced. New git
+//! directories the guest makes are the share's business (see
+//! `share::Share::with_git_shadow`), not this policy's.
 
 use std::path::{Component, Path};
 
@@ -36,24 +50,119 @@ pub enum Access {
     ReadWrite,
 }
 
-/// Secrets a coding agent has no business reading.
+/// Secrets a coding agent has no business reading: environment files,
+/// private keys and certificates with keys, cloud and cluster
+/// credentials, registry tokens, Terraform state (which holds secrets in
+/// the clear).
 pub const DEFAULT_HIDDEN: &[&str] = &[
     ".env",
     ".env.*",
     "*.pem",
     "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "id_rsa",
+    "id_dsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "id_ecdsa_sk",
+    "id_ed25519_sk",
     ".ssh/",
     ".aws/",
+    ".azure/",
     ".gnupg/",
+    ".docker/",
+    ".kube/",
     ".netrc",
     ".git-credentials",
     ".npmrc",
     ".pypirc",
+    ".pgpass",
+    ".vault-token",
+    "credentials*.json",
+    "*.tfstate",
+    "*.tfstate.*",
 ];
 
 /// Files the user's own tools run on the host: an agent that could change
-/// them could plant code the user later runs outside the sandbox.
-pub const DEFAULT_READ_ONLY: &[&str] = &[".git/hooks/**", ".git/config", ".envrc"];
+/// them could plant code the user later runs outside the sandbox. (Git's
+/// own files are covered at any depth by the git rules.)
+pub const DEFAULT_READ_ONLY: &[&str] = &[".envrc"];
+
+/// Directories inside a git directory that git writes during ordinary
+/// work, with all that is below them (the object store, refs and their
+/// logs, the state of a rebase, merge or cherry-pick in progress, recorded
+/// resolutions, git-lfs's object store). Nothing in them names a command.
+pub const GIT_WRITABLE_DIRS: &[&str] =
+    &["objects", "refs", "logs", "rebase-merge", "rebase-apply", "sequencer", "rr-cache", "lfs"];
+
+/// Files directly in a git directory that git writes during ordinary work
+/// (its lock files included: git writes `X.lock`, then renames it onto
+/// `X`). None of them is configuration: git reads them as refs, the
+/// index, messages or state.
+pub const GIT_WRITABLE_FILES: &[&str] = &[
+    "index",
+    "HEAD",
+    "ORIG_HEAD",
+    "FETCH_HEAD",
+    "MERGE_HEAD",
+    "MERGE_MSG",
+    "MERGE_MODE",
+    "MERGE_RR",
+    "MERGE_AUTOSTASH",
+    "AUTO_MERGE",
+    "CHERRY_PICK_HEAD",
+    "REVERT_HEAD",
+    "REBASE_HEAD",
+    "BISECT_*",
+    "COMMIT_EDITMSG",
+    "TAG_EDITMSG",
+    "SQUASH_MSG",
+    "packed-refs",
+    "shallow",
+    "gc.pid",
+    "gc.log",
+];
+
+/// Inside the writable directories, files that make git read objects
+/// from elsewhere: the user's git would follow them to any host path.
+const GIT_OBJECT_REDIRECTS: &[&str] = &["info/alternates", "info/http-alternates"];
+
+/// What the guest may do at `rest`, the path below a git directory (empty:
+/// the git directory itself, which stays writable so that git can create
+/// its lock files in it).
+fn git_internal(rest: &[&str]) -> Access {
+    let Some((first, below)) = rest.split_first() else { return Access::ReadWrite };
+    if GIT_WRITABLE_DIRS.contains(first) {
+        let redirect =
+            *first == "objects" && GIT_OBJECT_REDIRECTS.iter().any(|r| r.split('/').eq(below.iter().copied()));
+        return if redirect { Access::ReadOnly } else { Access::ReadWrite };
+    }
+    let name = first.strip_suffix(".lock").unwrap_or(first);
+    if below.is_empty() && GIT_WRITABLE_FILES.iter().any(|f| glob(f.as_bytes(), name.as_bytes())) {
+        Access::ReadWrite
+    } else {
+        Access::ReadOnly
+    }
+}
+
+/// The name git gives its directory.
+pub const GIT_DIR: &str = ".git";
+
+/// True if `rel` is a configuration file of a git directory (the
+/// repository's own, a worktree's or a submodule's): the guest reads it
+/// with its secrets taken out (see `gitconfig`).
+pub fn is_git_config(rel: &Path) -> bool {
+    let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
+    below_git(&names).is_some_and(|rest| matches!(rest.last(), Some(&("config" | "config.worktree"))))
+}
+
+/// The components below the first `.git` of `names`, if there is one.
+fn below_git<'a, 'b>(names: &'a [&'b str]) -> Option<&'a [&'b str]> {
+    names.iter().position(|n| *n == GIT_DIR).map(|i| &names[i + 1..])
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
@@ -183,12 +292,16 @@ impl FsPolicy {
     /// True if moving the directory `rel` (to or from there) would change
     /// what a root-anchored pattern protects: `.git` holds `.git/config`,
     /// so `.git` may be neither renamed away nor made by a rename.
+    /// A git directory, or a directory in it that git does not write,
+    /// holds read-only paths too.
     pub fn protects_below(&self, rel: &Path) -> bool {
         let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
-        self.hidden.iter().chain(&self.read_only).any(|p| match p {
-            Pattern::Anchored(parts) => anchored_at_or_below(parts, &names),
-            _ => false,
-        })
+        let in_git = below_git(&names).is_some_and(|rest| rest.is_empty() || git_internal(rest) == Access::ReadOnly);
+        in_git
+            || self.hidden.iter().chain(&self.read_only).any(|p| match p {
+                Pattern::Anchored(parts) => anchored_at_or_below(parts, &names),
+                _ => false,
+            })
     }
 
     /// What the guest may do with `rel` (relative to the share's root; the
@@ -210,8 +323,25 @@ impl FsPolicy {
             Access::Hidden
         } else if self.read_only.iter().any(|p| p.matches(&names, is_dir)) {
             Access::ReadOnly
+        } else if let Some(rest) = below_git(&names) {
+            // A `.git` file names the git directory the host's git uses.
+            if rest.is_empty() && !is_dir {
+                Access::ReadOnly
+            } else {
+                git_internal(rest)
+            }
         } else {
             Access::ReadWrite
+        }
+    }
+
+    /// Like [`FsPolicy::access`] for a path in a git directory the guest
+    /// made itself, kept where the host's git never looks (see
+    /// `share::Share::with_git_shadow`): only hidden patterns apply.
+    pub fn access_in_shadow(&self, rel: &Path, is_dir: bool) -> Access {
+        match self.access(rel, is_dir) {
+            Access::Hidden => Access::Hidden,
+            _ => Access::ReadWrite,
         }
     }
 }
@@ -244,18 +374,83 @@ mod tests {
     }
 
     #[test]
-    fn git_hooks_and_config_are_read_only_but_the_rest_of_git_is_not() {
+    fn in_git_directories_only_what_git_writes_is_writable() {
         let p = FsPolicy::default();
         for (path, dir) in [
             (".git/hooks", true),
             (".git/hooks/pre-commit", false),
             (".git/hooks/a/b", false),
             (".git/config", false),
+            (".git/config.lock", false),
+            (".git/config.worktree", false),
+            (".git/commondir", false),
+            (".git/worktrees/w/config.worktree", false),
+            (".git/worktrees/w/commondir", false),
+            (".git/modules/sub/config", false),
+            (".git/modules/sub/hooks/post-checkout", false),
+            (".git/info/attributes", false),
+            (".git/info", true),
+            (".git/objects/info/alternates", false),
+            (".git/objects/info/http-alternates", false),
+            (".git/description", false),
+            ("sub/.git/config", false),
+            ("a/b/.git/hooks/pre-commit", false),
             (".envrc", false),
         ] {
             assert_eq!(access(&p, path, dir), Access::ReadOnly, "{path}");
         }
-        for path in [".git/HEAD", ".git/objects/ab/cdef", "sub/.git/config", ".git/configs", "hooks/x"] {
+        for path in [
+            ".git/HEAD",
+            ".git/HEAD.lock",
+            ".git/index",
+            ".git/index.lock",
+            ".git/ORIG_HEAD",
+            ".git/COMMIT_EDITMSG",
+            ".git/BISECT_LOG",
+            ".git/packed-refs.lock",
+            ".git/objects/ab/cdef",
+            ".git/objects/pack/pack-1.pack",
+            ".git/objects/info/commit-graph",
+            ".git/refs/heads/main.lock",
+            ".git/logs/refs/heads/main",
+            ".git/rebase-merge/done",
+            "sub/.git/refs/heads/x",
+            ".gitconfig-notes",
+            "git/config",
+            "hooks/x",
+        ] {
+            assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
+        }
+        assert_eq!(access(&p, ".git", true), Access::ReadWrite, "git makes its lock files in it");
+        assert_eq!(access(&p, "sub/.git", false), Access::ReadOnly, "a .git file names a git directory");
+        assert_eq!(p.access_in_shadow(Path::new(".git/config"), false), Access::ReadWrite);
+        for (path, yes) in
+            [(".git/config", true), ("a/.git/modules/m/config", true), ("config", false), (".git/configs", false)]
+        {
+            assert_eq!(is_git_config(Path::new(path)), yes, "{path}");
+        }
+        assert_eq!(p.access_in_shadow(Path::new(".git/.env"), false), Access::Hidden);
+    }
+
+    #[test]
+    fn more_secrets_are_hidden_by_default() {
+        let p = FsPolicy::default();
+        for path in [
+            "id_rsa",
+            "home/me/id_ed25519",
+            "cert.p12",
+            "a.pfx",
+            ".docker/config.json",
+            ".kube/config",
+            "infra/terraform.tfstate",
+            "infra/terraform.tfstate.backup",
+            "credentials.json",
+            "credentials-prod.json",
+            ".pgpass",
+        ] {
+            assert_eq!(access(&p, path, false), Access::Hidden, "{path}");
+        }
+        for path in ["id_rsa.pub", "credentials.md", "docker/compose.yml"] {
             assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
         }
     }
@@ -277,7 +472,10 @@ mod tests {
         assert!(p.protects_below(Path::new(".git")));
         assert!(p.protects_below(Path::new(".git/hooks")));
         assert!(!p.protects_below(Path::new("src")));
-        assert!(!p.protects_below(Path::new("sub/.git")), "anchored at the root only");
+        assert!(p.protects_below(Path::new("sub/.git")), "any git directory");
+        assert!(p.protects_below(Path::new("sub/.git/modules/x")));
+        assert!(!p.protects_below(Path::new(".git/refs/heads")), "git's own directories may move");
+        assert!(!p.protects_below(Path::new("sub")));
     }
 
     #[test]

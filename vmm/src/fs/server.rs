@@ -6,8 +6,11 @@
 //! and every access the policy refuses.
 //!
 //! Node and handle tables are bounded by what the guest's kernel keeps
-//! (nodes are forgotten when it drops them); a request naming a node or
-//! handle that does not exist gets an error, never a panic.
+//! (nodes are forgotten when it drops them) and by named limits in count
+//! and in bytes ([`MAX_NODES`], [`MAX_NODE_PATH_BYTES`], [`MAX_HANDLES`],
+//! [`MAX_LISTING_BYTES`]); a request naming a node or handle that does not
+//! exist, or a handle with another node than its own, gets an error, never
+//! a panic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -36,10 +39,19 @@ pub const GUEST_UID: u32 = 1000;
 pub const GUEST_GID: u32 = 1000;
 const NOBODY: u32 = 65534;
 /// Open handles the guest may hold at once.
-const MAX_HANDLES: usize = 65536;
+pub const MAX_HANDLES: usize = 65536;
 /// Nodes the guest may hold at once (a guest that never forgets cannot
 /// grow the VMM's memory without bound).
-const MAX_NODES: usize = 1 << 20;
+pub const MAX_NODES: usize = 1 << 20;
+/// Bytes of paths the node table may hold at once (each path is at most
+/// `share::MAX_PATH`): what a guest that remembers deep paths costs.
+pub const MAX_NODE_PATH_BYTES: usize = 64 << 20;
+/// Bytes that open directory handles' listings may hold at once, all
+/// together: a guest opening huge directories again and again gets
+/// ENOMEM, the VMM does not grow.
+pub const MAX_LISTING_BYTES: usize = 64 << 20;
+/// What one listed name costs besides its bytes.
+const LISTED_OVERHEAD: usize = std::mem::size_of::<Listed>();
 
 struct Node {
     entry: Entry,
@@ -48,7 +60,15 @@ struct Node {
 
 enum Handle {
     File { file: File, node: u64, writable: bool, wrote: bool },
-    Dir { listing: Vec<Listed> },
+    Dir { listing: Vec<Listed>, node: u64, bytes: usize },
+}
+
+impl Handle {
+    fn node(&self) -> u64 {
+        match self {
+            Handle::File { node, .. } | Handle::Dir { node, .. } => *node,
+        }
+    }
 }
 
 pub struct FileServer {
@@ -60,6 +80,9 @@ pub struct FileServer {
     next_node: u64,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
+    /// Bytes of the paths in `nodes` and of the listings in `handles`.
+    path_bytes: usize,
+    listing_bytes: usize,
     audit: AuditSink,
     /// Requests served, by kind (for figures).
     pub counts: BTreeMap<&'static str, u64>,
@@ -105,6 +128,8 @@ impl FileServer {
             next_node: fuse::ROOT_ID + 1,
             handles: HashMap::new(),
             next_fh: 1,
+            path_bytes: 0,
+            listing_bytes: 0,
             audit,
             counts: BTreeMap::new(),
         }
@@ -175,6 +200,13 @@ impl FileServer {
         self.nodes.get(&id).map(|n| &n.entry).ok_or(libc::ENOENT)
     }
 
+    /// The handle `fh`, if it is one of node `nodeid`'s: a handle sent
+    /// with another node is refused (EBADF), so that what is done and
+    /// what is logged concern the same file.
+    fn handle_of(&self, fh: u64, nodeid: u64) -> Result<&Handle, i32> {
+        self.handles.get(&fh).filter(|h| h.node() == nodeid).ok_or(libc::EBADF)
+    }
+
     fn attr(&self, st: &libc::stat) -> Attr {
         let (owner_uid, owner_gid) = self.share.owner();
         let map = |id: u32, owner: u32, guest: u32| match id {
@@ -211,14 +243,17 @@ impl FileServer {
             Some(id) if self.nodes.get(&id).is_some_and(|n| n.entry.ino() == entry.ino()) => {
                 let n = self.nodes.get_mut(&id).ok_or(libc::ENOENT)?;
                 n.lookups += 1;
+                self.path_bytes = self.path_bytes + entry.rel.as_os_str().len() - n.entry.rel.as_os_str().len();
                 n.entry = entry;
                 id
             }
             _ if self.nodes.len() >= MAX_NODES => return Err(libc::ENFILE),
+            _ if self.path_bytes + entry.rel.as_os_str().len() > MAX_NODE_PATH_BYTES => return Err(libc::ENFILE),
             _ => {
                 let id = self.next_node;
                 self.next_node += 1;
                 self.by_path.insert(entry.rel.clone(), id);
+                self.path_bytes += entry.rel.as_os_str().len();
                 self.nodes.insert(id, Node { entry, lookups: 1 });
                 id
             }
@@ -235,6 +270,7 @@ impl FileServer {
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 {
             let rel = node.entry.rel.clone();
+            self.path_bytes -= rel.as_os_str().len();
             self.nodes.remove(&id);
             if self.by_path.get(&rel) == Some(&id) {
                 self.by_path.remove(&rel);
@@ -275,8 +311,10 @@ impl FileServer {
             }
             Op::Destroy => {
                 self.handles.clear();
+                self.listing_bytes = 0;
                 self.nodes.retain(|&id, _| id == fuse::ROOT_ID);
                 self.by_path.retain(|p, _| p.as_os_str().is_empty());
+                self.path_bytes = 0;
             }
             Op::Lookup { name } => {
                 let dir = self.node(nodeid)?.clone();
@@ -290,7 +328,8 @@ impl FileServer {
                 }
             }
             Op::GetAttr { fh } => {
-                let st = match fh.and_then(|fh| self.handles.get(&fh)) {
+                let handle = fh.map(|fh| self.handle_of(fh, nodeid)).transpose()?;
+                let st = match handle {
                     Some(Handle::File { file, .. }) => fstat_file(file)?,
                     _ => self.share.stat(self.node(nodeid)?).map_err(|r| r.errno())?,
                 };
@@ -357,7 +396,7 @@ impl FileServer {
                 fuse::open_out(&mut out, fh, open_flags(flags));
             }
             Op::Read { fh, offset, size } => {
-                let Some(Handle::File { file, .. }) = self.handles.get(&fh) else { return Err(libc::EBADF) };
+                let Handle::File { file, .. } = self.handle_of(fh, nodeid)? else { return Err(libc::EBADF) };
                 let n = (size as usize).min(room).min(MAX_WRITE as usize);
                 let mut buf = vec![0u8; n];
                 let mut done = 0;
@@ -373,6 +412,7 @@ impl FileServer {
                 return Ok(buf);
             }
             Op::Write { fh, offset, data } => {
+                self.handle_of(fh, nodeid)?;
                 let Some(Handle::File { file, node, writable, wrote }) = self.handles.get_mut(&fh) else {
                     return Err(libc::EBADF);
                 };
@@ -396,10 +436,13 @@ impl FileServer {
                 out.zeros(24);
             }
             Op::Release { fh } | Op::ReleaseDir { fh } => {
-                self.handles.remove(&fh);
+                self.handle_of(fh, nodeid)?;
+                if let Some(Handle::Dir { bytes, .. }) = self.handles.remove(&fh) {
+                    self.listing_bytes -= bytes;
+                }
             }
-            Op::Fsync { fh } => match self.handles.get(&fh) {
-                Some(Handle::File { file, .. }) => file.sync_all().map_err(|e| errno_of(&e))?,
+            Op::Fsync { fh } => match self.handle_of(fh, nodeid)? {
+                Handle::File { file, .. } => file.sync_all().map_err(|e| errno_of(&e))?,
                 _ => return Err(libc::EBADF),
             },
             // No locks to drop at close, and writes are never held back:
@@ -410,7 +453,12 @@ impl FileServer {
             Op::OpenDir => {
                 let dir = self.node(nodeid)?.clone();
                 let listing = self.share.list(&dir).map_err(|r| self.refused("opendir", r))?;
-                let fh = self.new_handle(Handle::Dir { listing })?;
+                let bytes = listing.iter().map(|l| l.name.len() + LISTED_OVERHEAD).sum::<usize>();
+                if self.listing_bytes + bytes > MAX_LISTING_BYTES {
+                    return Err(libc::ENOMEM);
+                }
+                let fh = self.new_handle(Handle::Dir { listing, node: nodeid, bytes })?;
+                self.listing_bytes += bytes;
                 fuse::open_out(&mut out, fh, 0);
             }
             Op::ReadDir { fh, offset, size, plus } => {
@@ -463,8 +511,9 @@ impl FileServer {
             self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", s.mode & 0o1777) }));
         }
         if s.valid & fuse::FATTR_SIZE != 0 {
-            let via_handle = match (s.valid & fuse::FATTR_FH != 0, self.handles.get(&s.fh)) {
-                (true, Some(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
+            let via_handle = match (s.valid & fuse::FATTR_FH != 0, self.handle_of(s.fh, nodeid)) {
+                (true, Ok(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
+                (true, Err(e)) => return Err(e),
                 _ => None,
             };
             let file = match via_handle {
@@ -495,6 +544,13 @@ impl FileServer {
         };
         let (from_dir, to_dir) = (self.node(from)?.clone(), self.node(to)?.clone());
         let old_rel = from_dir.rel.join(old);
+        // The nodes below move with it: their paths may not grow past the
+        // table's byte limit.
+        let grows = to_dir.rel.join(new).as_os_str().len().saturating_sub(old_rel.as_os_str().len());
+        let below = self.nodes.values().filter(|n| n.entry.rel.starts_with(&old_rel)).count();
+        if self.path_bytes + grows * below > MAX_NODE_PATH_BYTES {
+            return Err(libc::ENOMEM);
+        }
         let moved =
             self.share.rename(&from_dir, old, &to_dir, new, mode).map_err(|r| self.refused_create("rename", r))?;
         let event = json!({ "op": "rename", "path": self.path_of(&old_rel), "to": self.path_of(&moved.rel) });
@@ -524,6 +580,7 @@ impl FileServer {
                 self.by_path.insert(entry.rel.clone(), id);
             }
             if let Some(n) = self.nodes.get_mut(&id) {
+                self.path_bytes = self.path_bytes + entry.rel.as_os_str().len() - n.entry.rel.as_os_str().len();
                 n.entry = entry;
             }
         }
@@ -540,7 +597,7 @@ impl FileServer {
     }
 
     fn readdir(&mut self, dir: u64, fh: u64, offset: u64, room: usize, plus: bool) -> Result<Vec<u8>, i32> {
-        let Some(Handle::Dir { listing }) = self.handles.get(&fh) else { return Err(libc::EBADF) };
+        let Handle::Dir { listing, .. } = self.handle_of(fh, dir)? else { return Err(libc::EBADF) };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let batch: Vec<Listed> = listing.iter().skip(start).take(room / 32 + 1).cloned().collect();
         let parent = self.node(dir)?.clone();
@@ -665,16 +722,16 @@ mod tests {
             Ok(u64::from_le_bytes(b[0..8].try_into().unwrap()))
         }
 
-        fn read(&mut self, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+        fn read(&mut self, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
             let mut a = Out::default();
             a.u64(fh).u64(0).u32(size).u32(0).u64(0).u32(0).u32(0);
-            self.call(15, 0, &a.0)
+            self.call(15, node, &a.0)
         }
 
-        fn write(&mut self, fh: u64, offset: u64, data: &[u8]) -> Result<Vec<u8>, i32> {
+        fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<Vec<u8>, i32> {
             let mut a = Out::default();
             a.u64(fh).u64(offset).u32(data.len() as u32).u32(0).u64(0).u32(0).u32(0).bytes(data);
-            self.call(16, 0, &a.0)
+            self.call(16, node, &a.0)
         }
 
         fn create(&mut self, dir: u64, name: &str) -> Result<(u64, u64), i32> {
@@ -722,11 +779,11 @@ mod tests {
         assert_eq!((mode & libc::S_IFMT, uid), (libc::S_IFDIR, GUEST_UID), "the owner is the agent");
         let (main, _, _) = g.lookup(src, "main.rs").unwrap();
         let fh = g.open(main, libc::O_RDONLY).unwrap();
-        assert_eq!(g.read(fh, 4096).unwrap(), b"fn main() {}");
-        assert_eq!(g.write(fh, 0, b"x"), Err(libc::EBADF), "opened read-only");
-        let (_, fh) = g.create(src, "new.rs").unwrap();
-        g.write(fh, 0, b"hello ").unwrap();
-        g.write(fh, 6, b"world").unwrap();
+        assert_eq!(g.read(main, fh, 4096).unwrap(), b"fn main() {}");
+        assert_eq!(g.write(main, fh, 0, b"x"), Err(libc::EBADF), "opened read-only");
+        let (new, fh) = g.create(src, "new.rs").unwrap();
+        g.write(new, fh, 0, b"hello ").unwrap();
+        g.write(new, fh, 6, b"world").unwrap();
         assert_eq!(fs::read_to_string(g.root.join("src/new.rs")).unwrap(), "hello world");
         let ev = g.events();
         assert_eq!(ev.iter().filter(|e| e.contains("\"op\":\"create\"")).count(), 1, "{ev:?}");
@@ -792,7 +849,7 @@ mod tests {
         assert_eq!(g.call(8, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
         // Nodes and handles the guest made up.
         assert_eq!(g.call(3, 999, &[0u8; 16]).map(|_| ()), Err(libc::ENOENT));
-        assert_eq!(g.read(12345, 10).map(|_| ()), Err(libc::EBADF));
+        assert_eq!(g.read(fuse::ROOT_ID, 12345, 10).map(|_| ()), Err(libc::EBADF));
         assert!(!g.root.join("out").exists() && !g.root.join("null").exists());
     }
 
@@ -806,12 +863,12 @@ mod tests {
         g.call(12, fuse::ROOT_ID, &a.0).unwrap();
         assert!(g.root.join("lib/main.rs").exists());
         let fh = g.open(main, libc::O_RDONLY).unwrap();
-        assert_eq!(g.read(fh, 100).unwrap(), b"fn main() {}");
+        assert_eq!(g.read(main, fh, 100).unwrap(), b"fn main() {}");
         assert_eq!(g.lookup(fuse::ROOT_ID, "src"), Err(libc::ENOENT));
         // A decoy cannot become .git, nor can a file be moved onto hooks.
         let mut a = Out::default();
         a.u64(fuse::ROOT_ID).bytes(b"lib\0.git\0");
-        assert_eq!(g.call(12, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EROFS));
+        assert_eq!(g.call(12, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
         let ev = g.events();
         assert!(ev.iter().any(|e| e.contains("\"op\":\"rename\"") && e.contains("/lib\"")), "{ev:?}");
     }
@@ -856,5 +913,70 @@ mod tests {
         }
         // The host tree outside is untouched.
         assert_eq!(fs::read_to_string(g.root.parent().unwrap().join("outside")).unwrap(), "host secret");
+    }
+
+    #[test]
+    fn a_handle_sent_with_another_node_is_refused() {
+        let mut g = Guest::new();
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (main, _, _) = g.lookup(src, "main.rs").unwrap();
+        let (new, fh) = g.create(src, "new.rs").unwrap();
+        // The handle is new.rs's; main.rs's node with it is no way in.
+        assert_eq!(g.write(main, fh, 0, b"x"), Err(libc::EBADF));
+        assert_eq!(g.read(main, fh, 10), Err(libc::EBADF));
+        let mut a = Out::default();
+        a.u32(fuse::FATTR_SIZE | fuse::FATTR_FH).u32(0).u64(fh).u64(0).zeros(8 * 4 + 4 * 8);
+        assert_eq!(g.call(4, main, &a.0).map(|_| ()), Err(libc::EBADF), "truncate through another's handle");
+        assert_eq!(fs::read_to_string(g.root.join("src/main.rs")).unwrap(), "fn main() {}");
+        g.write(new, fh, 0, b"ok").unwrap();
+        let ev = g.events();
+        let writes: Vec<&String> = ev.iter().filter(|e| e.contains("\"op\":\"write\"")).collect();
+        assert!(writes.len() == 1 && writes[0].contains("src/new.rs"), "{ev:?}");
+        // A directory handle is its directory's only.
+        let dh = u64::from_le_bytes(g.call(27, src, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+        let mut a = Out::default();
+        a.u64(dh).u64(0).u32(4096).u32(0).u64(0).u32(0).u32(0);
+        assert_eq!(g.call(28, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EBADF));
+        assert!(g.call(28, src, &a.0).is_ok());
+    }
+
+    #[test]
+    fn node_paths_and_listings_are_bounded_in_bytes() {
+        let mut g = Guest::new();
+        // Deep paths: each node costs its path, the table stops at its
+        // byte limit (ENFILE), whatever the depth.
+        let mut dir = fuse::ROOT_ID;
+        let name = "d".repeat(200);
+        let mut made = 0;
+        for _ in 0..40 {
+            let mut a = Out::default();
+            a.u32(0o755).u32(0o022).bytes(&Guest::name(&name));
+            match g.call(9, dir, &a.0) {
+                Ok(b) => dir = entry_fields(&b).0,
+                Err(e) => {
+                    assert_eq!(e, libc::ENAMETOOLONG, "past the longest path");
+                    break;
+                }
+            }
+            made += 1;
+        }
+        assert!(made > 10 && made < 40, "{made}");
+        let bytes: usize = g.server.nodes.values().map(|n| n.entry.rel.as_os_str().len()).sum();
+        assert_eq!(g.server.path_bytes, bytes, "the count is kept right");
+        g.server.path_bytes = MAX_NODE_PATH_BYTES - 2;
+        assert_eq!(g.lookup(fuse::ROOT_ID, "src").map(|_| ()), Err(libc::ENFILE));
+        g.server.path_bytes = bytes;
+        // Listings held open count against one byte limit for all.
+        let before = g.server.listing_bytes;
+        let fh = u64::from_le_bytes(g.call(27, fuse::ROOT_ID, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+        let held = g.server.listing_bytes - before;
+        assert!(held > 0);
+        g.server.listing_bytes = MAX_LISTING_BYTES - 1;
+        assert_eq!(g.call(27, fuse::ROOT_ID, &[0u8; 8]).map(|_| ()), Err(libc::ENOMEM));
+        g.server.listing_bytes = before + held;
+        let mut a = Out::default();
+        a.u64(fh).u32(0).u32(0).u64(0);
+        g.call(29, fuse::ROOT_ID, &a.0).unwrap();
+        assert_eq!(g.server.listing_bytes, before, "released listings give their bytes back");
     }
 }

@@ -22,24 +22,55 @@
 //!   read-only: writing it would change a path the policy cannot see;
 //! - the policy ([`FsPolicy`]) is applied to the path of every entry:
 //!   hidden ones do not exist for the guest, read-only ones refuse writes,
-//!   creation, removal and renames.
+//!   creation, removal and renames; inside any `.git` only what git writes
+//!   while it works is writable;
+//! - git directories the guest makes (`git init`, `git clone`) are kept
+//!   out of the folder, in a shadow directory of the sandbox's own
+//!   ([`Share::with_git_shadow`]): the guest sees `sub/.git` as usual, the
+//!   host's git never finds it and never runs its configuration or hooks;
+//!   and no directory of the folder may hold both a `HEAD` and a git
+//!   `config` (a bare repository the host's git would also obey);
+//! - a symbolic link the guest makes is followed, on the host, through the
+//!   links already there, as the user's tools would follow it: it must
+//!   end inside the folder on a path the guest may write, and its target
+//!   may climb (`..`) only before its first name, so no link made later
+//!   can turn it outward;
+//! - permission bits the guest sets never give group or others write
+//!   access, nor set-id bits;
+//! - a host repository's git configuration is read with its secrets
+//!   (tokens in URLs, extra headers) taken out ([`gitconfig`]); it is
+//!   read-only, so the guest never writes the view back.
 //!
 //! Every refusal is a [`Refused`] whose text goes to the sandbox's audit log.
 
+use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::policy::{Access, FsPolicy};
+use super::gitconfig;
+use super::policy::{self, Access, FsPolicy, GIT_DIR};
 
 pub const MAX_NAME: usize = 255;
 /// Longest symbolic link target accepted or returned.
 pub const MAX_LINK: usize = 4095;
+/// Longest path from the folder's root the guest may reach (as Linux's
+/// PATH_MAX): what the server keeps per entry is bounded by it.
+pub const MAX_PATH: usize = 4096;
+/// Most links followed while checking where a new link leads (as the
+/// kernel's own limit).
+const MAX_LINK_HOPS: usize = 40;
+/// Names that make a directory holding `HEAD` a git directory whose
+/// configuration or hooks git would read.
+const GIT_CONFIG_NAMES: &[&str] = &["config", "commondir", "config.worktree", "hooks"];
+/// The file that marks a git directory.
+const GIT_HEAD: &str = "HEAD";
 
 /// Why an access was refused, and what the guest is told (an errno).
 #[derive(Debug, Error)]
@@ -58,6 +89,17 @@ pub enum Refused {
     HardLink(PathBuf),
     #[error("Symbolic link {0} -> {1:?} would lead outside the folder or to a path it may not write")]
     LinkTarget(PathBuf, OsString),
+    #[error(
+        "A new git directory {0} would be read by the host's git (which runs what its config names); \
+         sbx keeps guest-made repositories outside the folder, and this share has no place for them"
+    )]
+    GitDir(PathBuf),
+    #[error(
+        "{0} would make its directory a bare git repository (HEAD beside a git config), which the host's git obeys"
+    )]
+    BareRepo(PathBuf),
+    #[error("Path too long: {0}")]
+    TooLong(PathBuf),
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
 }
@@ -70,7 +112,12 @@ impl Refused {
             Refused::BadName(_) => libc::EINVAL,
             Refused::Hidden(_) => libc::ENOENT,
             Refused::ReadOnly(_) => libc::EROFS,
-            Refused::Escape(_) | Refused::Special(_) | Refused::LinkTarget(..) => libc::EACCES,
+            Refused::Escape(_)
+            | Refused::Special(_)
+            | Refused::LinkTarget(..)
+            | Refused::GitDir(_)
+            | Refused::BareRepo(_) => libc::EACCES,
+            Refused::TooLong(_) => libc::ENAMETOOLONG,
             Refused::HardLink(_) => libc::EPERM,
             Refused::Io(_, e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -92,6 +139,9 @@ impl Refused {
             | Refused::Special(p)
             | Refused::HardLink(p)
             | Refused::LinkTarget(p, _)
+            | Refused::GitDir(p)
+            | Refused::BareRepo(p)
+            | Refused::TooLong(p)
             | Refused::Io(p, _) => Some(p),
         }
     }
@@ -119,6 +169,18 @@ pub struct Entry {
     parent: Option<Arc<OwnedFd>>,
     dir: Option<Arc<OwnedFd>>,
     dev_ino: (u64, u64),
+    /// In a guest-made git directory, kept in the shadow (see
+    /// [`Share::with_git_shadow`]).
+    shadow: bool,
+}
+
+/// Where a name of a directory lives on the host: in the directory itself,
+/// or, for a `.git` the guest makes where the host has none, in that
+/// directory's shadow container.
+struct Place {
+    fd: Arc<OwnedFd>,
+    dev: u64,
+    shadow: bool,
 }
 
 impl Entry {
@@ -142,6 +204,8 @@ pub struct Share {
     /// as root: they belong to the folder's owner, never to root.
     chown_to: Option<(u32, u32)>,
     owner: (u32, u32),
+    /// Where guest-made git directories are kept (outside the folder).
+    shadow: Option<PathBuf>,
 }
 
 const RESOLVE: u64 =
@@ -200,6 +264,36 @@ fn stat_at(dir: RawFd, name: &OsStr) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// The target of the link `name` in directory `dir` (at most [`MAX_LINK`]
+/// bytes).
+fn read_link_at(dir: RawFd, name: &OsStr) -> io::Result<OsString> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; MAX_LINK + 1];
+    // SAFETY: c is a valid string and buf a writable buffer of the length
+    // given.
+    let n = unsafe { libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(OsString::from_vec(buf))
+}
+
+/// An anonymous in-memory file holding `bytes`, positioned at its start.
+fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    // SAFETY: the name is a valid NUL-terminated string.
+    let fd = unsafe { libc::memfd_create(c"sbx-view".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(bytes)?;
+    std::io::Seek::rewind(&mut file)?;
+    Ok(OwnedFd::from(file))
+}
+
 fn kind_of(st: &libc::stat) -> Option<Kind> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => Some(Kind::Dir),
@@ -236,6 +330,11 @@ pub struct Listed {
     pub ino: u64,
 }
 
+/// The permission bits the guest may give: no set-id or sticky bits, no
+/// write access for group or others (the host user's other tools, and
+/// other users, must not find a file the guest made writable to all).
+pub const GUEST_MODE_BITS: u32 = 0o755;
+
 /// How a rename treats an existing target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenameMode {
@@ -263,12 +362,54 @@ impl Share {
             parent: None,
             dir: Some(Arc::new(fd)),
             dev_ino: (st.st_dev, st.st_ino),
+            shadow: false,
         };
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
-        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner })
+        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner, shadow: None })
+    }
+
+    /// Keeps the git directories the guest makes in `dir` (which must be
+    /// outside every shared folder: the sandbox's own state), one
+    /// container per folder directory, named by its device and inode, so
+    /// that it follows the directory through renames and across runs. A
+    /// `.git` the host already has stays the one the guest sees. Without
+    /// this, the guest cannot make a `.git` at all.
+    pub fn with_git_shadow(mut self, dir: PathBuf) -> Share {
+        self.shadow = Some(dir);
+        self
+    }
+
+    /// Where `name` in `dir` lives (see [`Place`]); `create`: make the
+    /// shadow container if it is needed and not there yet.
+    fn place(&self, dir: &Entry, name: &OsStr, create: bool) -> Result<Place, Refused> {
+        let fd = match (&dir.dir, dir.kind) {
+            (Some(fd), Kind::Dir) => fd.clone(),
+            _ => return Err(Refused::errno_at(&dir.rel, libc::ENOTDIR)),
+        };
+        let here = Place { fd, dev: dir.dev_ino.0, shadow: dir.shadow };
+        let Some(root) = self.shadow.as_ref().filter(|_| !dir.shadow && name == GIT_DIR) else { return Ok(here) };
+        match stat_at(here.fd.as_raw_fd(), name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            _ => return Ok(here),
+        }
+        let container = root.join(format!("{}-{}", dir.dev_ino.0, dir.dev_ino.1));
+        if create {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&container)
+                .map_err(|e| Refused::Io(dir.rel.join(name), e))?;
+        }
+        let fd = match std::fs::File::open(&container) {
+            Ok(f) => OwnedFd::from(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(here),
+            Err(e) => return Err(Refused::Io(dir.rel.join(name), e)),
+        };
+        let st = fstat(fd.as_raw_fd()).map_err(|e| Refused::Io(dir.rel.join(name), e))?;
+        Ok(Place { fd: Arc::new(fd), dev: st.st_dev, shadow: true })
     }
 
     pub fn root(&self) -> &Entry {
@@ -288,14 +429,24 @@ impl Share {
         }
     }
 
+    /// True if `name` exists in the host directory `fd`.
+    fn has(fd: RawFd, name: &str) -> bool {
+        stat_at(fd, OsStr::new(name)).is_ok()
+    }
+
     fn parent_fd(entry: &Entry) -> Result<RawFd, Refused> {
         entry.parent.as_ref().map(|p| p.as_raw_fd()).ok_or_else(|| Refused::errno_at(&entry.rel, libc::EBUSY))
     }
 
     /// What the guest may do with `rel`, of `kind`, with host link count
     /// `nlink`.
-    fn access_of(&self, rel: &Path, kind: Kind, nlink: u64) -> Access {
-        match self.policy.access(rel, kind == Kind::Dir) {
+    fn access_of(&self, rel: &Path, kind: Kind, nlink: u64, shadow: bool) -> Access {
+        let policy = if shadow {
+            self.policy.access_in_shadow(rel, kind == Kind::Dir)
+        } else {
+            self.policy.access(rel, kind == Kind::Dir)
+        };
+        match policy {
             Access::Hidden => Access::Hidden,
             _ if self.read_only => Access::ReadOnly,
             Access::ReadWrite if kind == Kind::File && nlink > 1 => Access::ReadOnly,
@@ -307,13 +458,17 @@ impl Share {
     pub fn lookup(&self, dir: &Entry, name: &OsStr) -> Result<Entry, Refused> {
         check_name(name)?;
         let rel = dir.rel.join(name);
-        let dfd = Self::dir_fd(dir)?;
+        if rel.as_os_str().len() > MAX_PATH {
+            return Err(Refused::TooLong(rel));
+        }
+        let place = self.place(dir, name, false)?;
+        let dfd = place.fd.as_raw_fd();
         let st = stat_at(dfd, name).map_err(|e| Refused::Io(rel.clone(), e))?;
-        if st.st_dev != self.root.dev_ino.0 {
+        if st.st_dev != place.dev {
             return Err(Refused::Escape(rel));
         }
         let kind = kind_of(&st).ok_or_else(|| Refused::Special(rel.clone()))?;
-        let access = self.access_of(&rel, kind, st.st_nlink);
+        let access = self.access_of(&rel, kind, st.st_nlink, place.shadow);
         if access == Access::Hidden {
             return Err(Refused::Hidden(rel));
         }
@@ -327,7 +482,8 @@ impl Share {
         } else {
             None
         };
-        Ok(Entry { rel, kind, access, parent: dir.dir.clone(), dir: own, dev_ino: (st.st_dev, st.st_ino) })
+        let dev_ino = (st.st_dev, st.st_ino);
+        Ok(Entry { rel, kind, access, parent: Some(place.fd), dir: own, dev_ino, shadow: place.shadow })
     }
 
     /// The entry's attributes now; an entry replaced on the host since it
@@ -342,14 +498,38 @@ impl Share {
         if (st.st_dev, st.st_ino) != entry.dev_ino {
             return Err(Refused::errno_at(&entry.rel, libc::ENOENT));
         }
+        let mut st = st;
+        if self.redacted(entry) {
+            st.st_size = self.redacted_view(entry)?.len() as libc::off_t;
+        }
         Ok(st)
+    }
+
+    /// True if the guest reads `entry` with secrets taken out.
+    fn redacted(&self, entry: &Entry) -> bool {
+        entry.kind == Kind::File && !entry.shadow && policy::is_git_config(&entry.rel)
+    }
+
+    /// A git config file as the guest reads it (see [`gitconfig`]).
+    fn redacted_view(&self, entry: &Entry) -> Result<Vec<u8>, Refused> {
+        use std::io::Read;
+        let fd = self.open_real(entry, false)?;
+        let mut text = Vec::new();
+        std::fs::File::from(fd)
+            .take(gitconfig::MAX_CONFIG as u64 + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| Refused::Io(entry.rel.clone(), e))?;
+        if text.len() > gitconfig::MAX_CONFIG {
+            return Err(Refused::errno_at(&entry.rel, libc::EFBIG));
+        }
+        Ok(gitconfig::redact(&text))
     }
 
     /// The same entry known under a new path (after a rename): its policy
     /// is that of the new path.
     pub fn relocated(&self, entry: &Entry, rel: PathBuf) -> Entry {
         let nlink = self.stat(entry).map(|s| s.st_nlink).unwrap_or(1);
-        let access = self.access_of(&rel, entry.kind, nlink);
+        let access = self.access_of(&rel, entry.kind, nlink, entry.shadow);
         Entry { rel, access, ..entry.clone() }
     }
 
@@ -393,6 +573,11 @@ impl Share {
         }
         // SAFETY: d is an open DIR stream, closed once.
         unsafe { libc::closedir(d) };
+        if !dir.shadow && self.shadow.is_some() && !out.iter().any(|l| l.name == GIT_DIR) {
+            if let Ok(e) = self.lookup(dir, OsStr::new(GIT_DIR)) {
+                out.push(Listed { name: GIT_DIR.into(), kind: e.kind, ino: e.ino() });
+            }
+        }
         Ok(out)
     }
 
@@ -411,6 +596,15 @@ impl Share {
         if write {
             self.check_writable(entry)?;
         }
+        if !write && self.redacted(entry) {
+            let view = self.redacted_view(entry)?;
+            return memfd_with(&view).map_err(|e| Refused::Io(entry.rel.clone(), e));
+        }
+        self.open_real(entry, write)
+    }
+
+    /// The file itself, opened again by name under its directory.
+    fn open_real(&self, entry: &Entry, write: bool) -> Result<OwnedFd, Refused> {
         let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
         let fd = openat2(Self::parent_fd(entry)?, entry.name(), flags, 0).map_err(|e| self.io(&entry.rel, e))?;
         let st = fstat(fd.as_raw_fd()).map_err(|e| Refused::Io(entry.rel.clone(), e))?;
@@ -426,17 +620,7 @@ impl Share {
             return Err(Refused::errno_at(&entry.rel, libc::EINVAL));
         }
         self.stat(entry)?;
-        let pfd = Self::parent_fd(entry)?;
-        let mut buf = vec![0u8; MAX_LINK + 1];
-        let c = cstr(entry.name()).map_err(|e| Refused::Io(entry.rel.clone(), e))?;
-        // SAFETY: c is a valid string and buf a writable buffer of the
-        // length given.
-        let n = unsafe { libc::readlinkat(pfd, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(Refused::Io(entry.rel.clone(), io::Error::last_os_error()));
-        }
-        buf.truncate(n as usize);
-        Ok(OsString::from_vec(buf))
+        read_link_at(Self::parent_fd(entry)?, entry.name()).map_err(|e| Refused::Io(entry.rel.clone(), e))
     }
 
     /// Refuses changes to an entry the guest may only read.
@@ -472,7 +656,8 @@ impl Share {
         }
     }
 
-    /// Changes permission bits; set-id bits are never given.
+    /// Changes permission bits; set-id bits and write access for group or
+    /// others are never given.
     pub fn chmod(&self, entry: &Entry, mode: u32) -> Result<(), Refused> {
         self.check_writable(entry)?;
         let fd = match entry.kind {
@@ -481,22 +666,45 @@ impl Share {
             Kind::Symlink => return Err(Refused::errno_at(&entry.rel, libc::EOPNOTSUPP)),
         };
         // SAFETY: fd is open.
-        if unsafe { libc::fchmod(fd.as_raw_fd(), (mode & 0o1777) as libc::mode_t) } != 0 {
+        if unsafe { libc::fchmod(fd.as_raw_fd(), (mode & GUEST_MODE_BITS) as libc::mode_t) } != 0 {
             return Err(Refused::Io(entry.rel.clone(), io::Error::last_os_error()));
         }
         Ok(())
     }
 
-    /// The path a new name in `dir` would have, if the guest may create it.
-    fn writable_name(&self, dir: &Entry, name: &OsStr, is_dir: bool) -> Result<PathBuf, Refused> {
+    /// The path a new name in `dir` would have, if the guest may create it
+    /// there, in `place` (from [`Share::place`]).
+    fn writable_name(&self, dir: &Entry, name: &OsStr, is_dir: bool, place: &Place) -> Result<PathBuf, Refused> {
         check_name(name)?;
         let rel = dir.rel.join(name);
-        match self.access_of(&rel, if is_dir { Kind::Dir } else { Kind::File }, 1) {
-            Access::Hidden => Err(Refused::Hidden(rel)),
-            Access::ReadOnly => Err(Refused::ReadOnly(rel)),
-            Access::ReadWrite if dir.access != Access::ReadWrite => Err(Refused::ReadOnly(rel)),
-            Access::ReadWrite => Ok(rel),
+        if rel.as_os_str().len() > MAX_PATH {
+            return Err(Refused::TooLong(rel));
         }
+        if name == GIT_DIR && !place.shadow {
+            return Err(Refused::GitDir(rel));
+        }
+        match self.access_of(&rel, if is_dir { Kind::Dir } else { Kind::File }, 1, place.shadow) {
+            Access::Hidden => return Err(Refused::Hidden(rel)),
+            Access::ReadOnly => return Err(Refused::ReadOnly(rel)),
+            Access::ReadWrite if dir.access != Access::ReadWrite => return Err(Refused::ReadOnly(rel)),
+            Access::ReadWrite => {}
+        }
+        if place.shadow {
+            return Ok(rel);
+        }
+        // Outside git directories, a directory may not come to hold both
+        // HEAD and a git config: git would take it for a bare repository.
+        let in_git = dir.rel.iter().any(|n| n == GIT_DIR);
+        let fd = place.fd.as_raw_fd();
+        let bare = if name == GIT_HEAD {
+            GIT_CONFIG_NAMES.iter().any(|n| Self::has(fd, n))
+        } else {
+            GIT_CONFIG_NAMES.iter().any(|n| name == *n) && Self::has(fd, GIT_HEAD)
+        };
+        if bare && !in_git {
+            return Err(Refused::BareRepo(rel));
+        }
+        Ok(rel)
     }
 
     /// Gives a new entry to the folder's owner when running as root.
@@ -509,9 +717,10 @@ impl Share {
     /// Creates a new file (it must not exist); returns it open for writing.
     /// Set-id bits are never given.
     pub fn create(&self, dir: &Entry, name: &OsStr, mode: u32) -> Result<(Entry, OwnedFd), Refused> {
-        let rel = self.writable_name(dir, name, false)?;
-        let dfd = Self::dir_fd(dir)?;
-        let fd = openat2(dfd, name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, mode & 0o777)
+        let place = self.place(dir, name, true)?;
+        let rel = self.writable_name(dir, name, false, &place)?;
+        let dfd = place.fd.as_raw_fd();
+        let fd = openat2(dfd, name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, mode & GUEST_MODE_BITS)
             .map_err(|e| self.io(&rel, e))?;
         self.give_to_owner(dfd, &rel)?;
         let entry = self.lookup(dir, name)?;
@@ -519,10 +728,11 @@ impl Share {
     }
 
     pub fn mkdir(&self, dir: &Entry, name: &OsStr, mode: u32) -> Result<Entry, Refused> {
-        let rel = self.writable_name(dir, name, true)?;
-        let dfd = Self::dir_fd(dir)?;
+        let place = self.place(dir, name, true)?;
+        let rel = self.writable_name(dir, name, true, &place)?;
+        let dfd = place.fd.as_raw_fd();
         // SAFETY: dfd is an open directory, the name a valid C string.
-        at(&rel, |c| unsafe { libc::mkdirat(dfd, c.as_ptr(), (mode & 0o1777) as libc::mode_t) })?;
+        at(&rel, |c| unsafe { libc::mkdirat(dfd, c.as_ptr(), (mode & GUEST_MODE_BITS) as libc::mode_t) })?;
         self.give_to_owner(dfd, &rel)?;
         self.lookup(dir, name)
     }
@@ -534,8 +744,11 @@ impl Share {
         if entry.access != Access::ReadWrite || dir.access != Access::ReadWrite {
             return Err(Refused::ReadOnly(entry.rel));
         }
+        if entry.kind == Kind::Dir && self.policy.protects_below(&entry.rel) && !entry.shadow {
+            return Err(Refused::ReadOnly(entry.rel));
+        }
         let flags = if dir_expected { libc::AT_REMOVEDIR } else { 0 };
-        let dfd = Self::dir_fd(dir)?;
+        let dfd = Self::parent_fd(&entry)?;
         // SAFETY: dfd is an open directory, the name a valid C string.
         at(&entry.rel, |c| unsafe { libc::unlinkat(dfd, c.as_ptr(), flags) })?;
         Ok(entry)
@@ -556,7 +769,13 @@ impl Share {
         if entry.access != Access::ReadWrite || from_dir.access != Access::ReadWrite {
             return Err(Refused::ReadOnly(entry.rel));
         }
-        let new_rel = self.writable_name(to_dir, to, entry.kind == Kind::Dir)?;
+        let place = self.place(to_dir, to, true)?;
+        let new_rel = self.writable_name(to_dir, to, entry.kind == Kind::Dir, &place)?;
+        // Nothing moves between the folder and the shadow: a guest-made
+        // git directory would bring its config into the folder.
+        if place.shadow != entry.shadow {
+            return Err(Refused::errno_at(&entry.rel, libc::EXDEV));
+        }
         // What the new name replaces must be writable too.
         match self.lookup(to_dir, to) {
             Ok(old) if old.access != Access::ReadWrite => return Err(Refused::ReadOnly(old.rel)),
@@ -568,7 +787,7 @@ impl Share {
         if entry.kind == Kind::Dir && (self.policy.protects_below(&entry.rel) || self.policy.protects_below(&new_rel)) {
             return Err(Refused::ReadOnly(entry.rel));
         }
-        let (ffd, tfd) = (Self::dir_fd(from_dir)?, Self::dir_fd(to_dir)?);
+        let (ffd, tfd) = (Self::parent_fd(&entry)?, place.fd.as_raw_fd());
         let to_c = CString::new(to.as_bytes()).map_err(|_| Refused::BadName(to.to_os_string()))?;
         let flags = match mode {
             RenameMode::Replace => 0,
@@ -582,7 +801,7 @@ impl Share {
                 other => other,
             },
         )?;
-        Ok(Entry { parent: to_dir.dir.clone(), ..self.relocated(&entry, new_rel) })
+        Ok(Entry { parent: Some(place.fd), ..self.relocated(&entry, new_rel) })
     }
 
     /// Hard links are never made: one would let a path the policy protects
@@ -596,38 +815,116 @@ impl Share {
     /// path the guest may write: the host user's own tools follow links,
     /// so a link must not lead them out.
     pub fn symlink(&self, dir: &Entry, name: &OsStr, target: &OsStr) -> Result<Entry, Refused> {
-        let rel = self.writable_name(dir, name, false)?;
+        let place = self.place(dir, name, true)?;
+        let rel = self.writable_name(dir, name, false, &place)?;
         let refused = || Refused::LinkTarget(rel.clone(), target.to_os_string());
         if target.is_empty() || target.len() > MAX_LINK {
             return Err(refused());
         }
-        // The folder has the same path in the guest: an absolute target
-        // inside it is read from its root.
-        let (start, rest): (Vec<&OsStr>, &Path) = match Path::new(target).strip_prefix(&self.path) {
-            Ok(inside) if Path::new(target).is_absolute() => (Vec::new(), inside),
-            _ => (dir.rel.iter().collect(), Path::new(target)),
-        };
-        let mut resolved = start;
-        for c in rest.components() {
-            match c {
-                Component::Normal(n) => resolved.push(n),
-                Component::CurDir => {}
-                Component::ParentDir => {
-                    resolved.pop().ok_or_else(refused)?;
-                }
-                Component::RootDir | Component::Prefix(_) => return Err(refused()),
-            }
-        }
-        let resolved: PathBuf = resolved.iter().collect();
-        if self.access_of(&resolved, Kind::File, 1) != Access::ReadWrite {
+        let dest = self.link_destination(&dir.rel, Path::new(target)).ok_or_else(refused)?;
+        let writable = [Kind::File, Kind::Dir].iter().all(|&k| self.access_of(&dest, k, 1, false) == Access::ReadWrite);
+        if !writable || self.policy.protects_below(&dest) {
             return Err(refused());
         }
         let t = CString::new(target.as_bytes()).map_err(|_| refused())?;
-        let dfd = Self::dir_fd(dir)?;
+        let dfd = place.fd.as_raw_fd();
         // SAFETY: dfd is an open directory; both strings are valid.
         at(&rel, |c| unsafe { libc::symlinkat(t.as_ptr(), dfd, c.as_ptr()) })?;
         self.give_to_owner(dfd, &rel)?;
         self.lookup(dir, name)
+    }
+
+    /// Where a new link in `dir` (from the root) to `target` leads on the
+    /// host, as the user's tools would follow it through the links already
+    /// there; None if it leads outside the folder (or across a mount
+    /// point), climbs (`..`) after a name, or follows too many links. Past
+    /// a name that does not exist (yet), the rest is taken as written:
+    /// whatever is made there later is checked when it is made.
+    fn link_destination(&self, dir: &Path, target: &Path) -> Option<PathBuf> {
+        let mut named = false;
+        for c in target.components() {
+            match c {
+                Component::Normal(_) => named = true,
+                Component::ParentDir if named => return None,
+                _ => {}
+            }
+        }
+        let mut cur: Vec<OsString> = Vec::new();
+        let mut todo: VecDeque<OsString> = VecDeque::new();
+        self.follow(dir, target, &mut cur, &mut todo)?;
+        let (mut hops, mut real) = (0, true);
+        while let Some(name) = todo.pop_front() {
+            if name == ".." {
+                cur.pop()?;
+                continue;
+            }
+            if real {
+                match self.stat_below(&cur, &name) {
+                    Some(st) if kind_of(&st) == Some(Kind::Symlink) => {
+                        hops += 1;
+                        if hops > MAX_LINK_HOPS {
+                            return None;
+                        }
+                        let there: PathBuf = cur.iter().collect();
+                        let link = self.read_link_below(&cur, &name)?;
+                        self.follow(&there, Path::new(&link), &mut cur, &mut todo)?;
+                        continue;
+                    }
+                    Some(st) => real = kind_of(&st) == Some(Kind::Dir),
+                    None => real = false,
+                }
+            }
+            cur.push(name);
+        }
+        Some(cur.iter().collect())
+    }
+
+    /// Starts following `target` from `dir`: `cur` becomes where it starts
+    /// (the root for an absolute target into the folder, which has the
+    /// same path in the guest), and its names go first in `todo`. None for
+    /// an absolute target elsewhere.
+    fn follow(&self, dir: &Path, target: &Path, cur: &mut Vec<OsString>, todo: &mut VecDeque<OsString>) -> Option<()> {
+        let rest = if target.is_absolute() {
+            cur.clear();
+            target.strip_prefix(&self.path).ok()?
+        } else {
+            *cur = dir.iter().map(OsStr::to_os_string).collect();
+            target
+        };
+        let mut names = Vec::new();
+        for c in rest.components() {
+            match c {
+                Component::Normal(n) => names.push(n.to_os_string()),
+                Component::ParentDir => names.push("..".into()),
+                Component::CurDir => {}
+                Component::RootDir | Component::Prefix(_) => return None,
+            }
+        }
+        for n in names.into_iter().rev() {
+            todo.push_front(n);
+        }
+        Some(())
+    }
+
+    /// The directory at `names` from the root (no links followed), if it
+    /// is there.
+    fn open_below(&self, names: &[OsString]) -> Option<OwnedFd> {
+        let root = Self::dir_fd(&self.root).ok()?;
+        let path: PathBuf = names.iter().collect();
+        let path = if names.is_empty() { OsStr::new(".") } else { path.as_os_str() };
+        openat2(root, path, libc::O_PATH | libc::O_DIRECTORY, 0).ok()
+    }
+
+    /// The entry `name` in the directory at `names`, on the folder's
+    /// filesystem.
+    fn stat_below(&self, names: &[OsString], name: &OsStr) -> Option<libc::stat> {
+        let fd = self.open_below(names)?;
+        stat_at(fd.as_raw_fd(), name).ok().filter(|st| st.st_dev == self.root.dev_ino.0)
+    }
+
+    fn read_link_below(&self, names: &[OsString], name: &OsStr) -> Option<OsString> {
+        let fd = self.open_below(names)?;
+        read_link_at(fd.as_raw_fd(), name).ok()
     }
 
     /// Filesystem figures of the folder's host filesystem.
@@ -777,7 +1074,7 @@ mod tests {
         fs::rename(t.path().join("work/.git"), t.path().join("real-git")).unwrap();
         assert!(matches!(
             s.rename(s.root(), os("decoy"), s.root(), os(".git"), RenameMode::Replace),
-            Err(Refused::ReadOnly(_))
+            Err(Refused::GitDir(_))
         ));
         fs::rename(t.path().join("real-git"), t.path().join("work/.git")).unwrap();
         let w = t.path().join("work");
@@ -802,7 +1099,7 @@ mod tests {
         assert!(matches!(s.link(&e, s.root(), os("hard")), Err(Refused::HardLink(_))));
         // Symlinks: inside and writable only.
         assert!(s.symlink(&src, os("ok-link"), os("new.rs")).is_ok());
-        assert!(s.symlink(s.root(), os("ok-up"), os("src/../src/main.rs")).is_ok());
+        assert!(s.symlink(&src, os("ok-up"), os("../src/main.rs")).is_ok());
         let abs_inside = w.join("src/main.rs");
         assert!(s.symlink(s.root(), os("ok-abs"), abs_inside.as_os_str()).is_ok(), "absolute, into the folder");
         for target in [
@@ -812,6 +1109,7 @@ mod tests {
             "../outside-secret",
             "../../x",
             "src/../../outside-secret",
+            "src/../src/main.rs",
             ".env",
             ".git/config",
             ".git/hooks/pre-commit",
@@ -861,5 +1159,204 @@ mod tests {
         let e = s.lookup(s.root(), os("pipe")).unwrap_err();
         assert!(matches!(e, Refused::Special(_)), "{e}");
         assert!(!s.list(s.root()).unwrap().iter().any(|l| l.name == "pipe"));
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn in_the_hosts_git_directory_only_what_git_writes_is_writable() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        let git = s.lookup(s.root(), os(".git")).unwrap();
+        // What git writes while it works.
+        for name in ["index.lock", "HEAD.lock", "COMMIT_EDITMSG", "ORIG_HEAD"] {
+            s.create(&git, os(name), 0o644).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        s.rename(&git, os("index.lock"), &git, os("index"), RenameMode::Replace).unwrap();
+        let objects = s.mkdir(&git, os("objects"), 0o755).unwrap();
+        let ab = s.mkdir(&objects, os("ab"), 0o755).unwrap();
+        s.create(&ab, os("cdef"), 0o444).unwrap();
+        let refs = s.mkdir(&git, os("refs"), 0o755).unwrap();
+        s.mkdir(&refs, os("heads"), 0o755).unwrap();
+        // What would make the host's git run or read something else.
+        for name in ["config.worktree", "commondir", "config.lock", "description"] {
+            assert!(matches!(s.create(&git, os(name), 0o644), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        for name in ["worktrees", "modules", "info", "branches"] {
+            assert!(matches!(s.mkdir(&git, os(name), 0o755), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        let info = s.mkdir(&objects, os("info"), 0o755).unwrap();
+        assert!(matches!(s.create(&info, os("alternates"), 0o644), Err(Refused::ReadOnly(_))));
+        s.create(&info, os("commit-graph"), 0o644).unwrap();
+        // A file made elsewhere cannot be moved in as config either.
+        s.create(s.root(), os("evil"), 0o644).unwrap();
+        assert!(matches!(
+            s.rename(s.root(), os("evil"), &git, os("commondir"), RenameMode::Replace),
+            Err(Refused::ReadOnly(_))
+        ));
+        // The git directory stays where it is; its read-only parts too.
+        assert!(matches!(s.remove(s.root(), os(".git"), true), Err(Refused::ReadOnly(_))));
+        assert!(!w.join(".git/commondir").exists() && !w.join(".git/worktrees").exists());
+        // The same rules hold in a nested repository the host has.
+        fs::create_dir_all(w.join("sub/.git")).unwrap();
+        let sub = s.lookup(s.root(), os("sub")).unwrap();
+        let subgit = s.lookup(&sub, os(".git")).unwrap();
+        assert!(matches!(s.create(&subgit, os("config"), 0o644), Err(Refused::ReadOnly(_))));
+        assert!(matches!(
+            s.rename(&sub, os(".git"), s.root(), os("moved"), RenameMode::Replace),
+            Err(Refused::ReadOnly(_))
+        ));
+        // A .git file (a link to a git directory) is read-only too.
+        fs::write(w.join("sub2.git"), "").unwrap();
+        fs::create_dir_all(w.join("wt")).unwrap();
+        fs::write(w.join("wt/.git"), "gitdir: /somewhere\n").unwrap();
+        let wt = s.lookup(s.root(), os("wt")).unwrap();
+        let gitfile = s.lookup(&wt, os(".git")).unwrap();
+        assert!(matches!(s.open_file(&gitfile, true), Err(Refused::ReadOnly(_))));
+    }
+
+    #[test]
+    fn guest_made_git_directories_live_in_the_shadow() {
+        let (t, s) = tree();
+        let shadow = t.path().join("state/gitdirs");
+        let s = s.with_git_shadow(shadow.clone());
+        let w = t.path().join("work");
+        // `git init` in a folder the host has no repository in.
+        let proj = s.mkdir(s.root(), os("proj"), 0o755).unwrap();
+        let git = s.mkdir(&proj, os(".git"), 0o755).unwrap();
+        let (config, _) = s.create(&git, os("config"), 0o644).unwrap();
+        assert_eq!(config.access, Access::ReadWrite, "the guest's own repository is all its own");
+        let hooks = s.mkdir(&git, os("hooks"), 0o755).unwrap();
+        s.create(&hooks, os("pre-commit"), 0o755).unwrap();
+        s.create(&git, os("HEAD"), 0o644).unwrap();
+        assert!(!w.join("proj/.git").exists(), "the host's git finds no repository here");
+        let names: Vec<OsString> = s.list(&proj).unwrap().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec![OsString::from(".git")], "the guest sees it");
+        let again = s.lookup(&proj, os(".git")).unwrap();
+        assert!(again.shadow && s.lookup(&again, os("config")).is_ok());
+        // It stays across runs (a new share on the same folder and shadow).
+        let s2 = Share::open(&w, FsPolicy::default(), false).unwrap().with_git_shadow(shadow.clone());
+        let proj2 = s2.lookup(s2.root(), os("proj")).unwrap();
+        assert!(s2.lookup(&proj2, os(".git")).is_ok());
+        // And follows its folder through a rename.
+        s.rename(s.root(), os("proj"), s.root(), os("renamed"), RenameMode::Replace).unwrap();
+        let renamed = s.lookup(s.root(), os("renamed")).unwrap();
+        let git = s.lookup(&renamed, os(".git")).unwrap();
+        // Nothing moves between the shadow and the folder.
+        let e = s.rename(&renamed, os(".git"), s.root(), os("bare"), RenameMode::Replace).unwrap_err();
+        assert_eq!(e.errno(), libc::EXDEV);
+        let e = s.rename(&git, os("config"), s.root(), os("config"), RenameMode::Replace).unwrap_err();
+        assert_eq!(e.errno(), libc::EXDEV);
+        // The host's own .git is still the one seen where there is one.
+        let host_git = s.lookup(s.root(), os(".git")).unwrap();
+        assert!(!host_git.shadow && matches!(s.create(&host_git, os("commondir"), 0o644), Err(Refused::ReadOnly(_))));
+        // rm -rf of the guest's repository.
+        s.remove(&git, os("config"), false).unwrap();
+        let hooks = s.lookup(&git, os("hooks")).unwrap();
+        s.remove(&hooks, os("pre-commit"), false).unwrap();
+        s.remove(&git, os("hooks"), true).unwrap();
+        s.remove(&git, os("HEAD"), false).unwrap();
+        s.remove(&renamed, os(".git"), true).unwrap();
+        assert!(s.lookup(&renamed, os(".git")).is_err());
+        // Without a shadow, a new .git is refused with a reason.
+        let (t2, plain) = tree();
+        let d = plain.mkdir(plain.root(), os("d"), 0o755).unwrap();
+        let e = plain.mkdir(&d, os(".git"), 0o755).unwrap_err();
+        assert!(matches!(e, Refused::GitDir(_)) && e.errno() == libc::EACCES, "{e}");
+        assert!(matches!(plain.create(&d, os(".git"), 0o644), Err(Refused::GitDir(_))));
+        assert!(!t2.path().join("work/d/.git").exists());
+    }
+
+    #[test]
+    fn no_directory_becomes_a_bare_repository() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        let a = s.mkdir(s.root(), os("a"), 0o755).unwrap();
+        s.mkdir(&a, os("objects"), 0o755).unwrap();
+        s.mkdir(&a, os("refs"), 0o755).unwrap();
+        s.create(&a, os("HEAD"), 0o644).unwrap();
+        for name in ["config", "commondir"] {
+            assert!(matches!(s.create(&a, os(name), 0o644), Err(Refused::BareRepo(_))), "{name}");
+        }
+        assert!(matches!(s.mkdir(&a, os("hooks"), 0o755), Err(Refused::BareRepo(_))));
+        assert!(matches!(s.symlink(&a, os("config"), os("../src/main.rs")), Err(Refused::BareRepo(_))));
+        // The other order: config first, then HEAD (made or moved in).
+        let b = s.mkdir(s.root(), os("b"), 0o755).unwrap();
+        s.create(&b, os("config"), 0o644).unwrap();
+        assert!(matches!(s.create(&b, os("HEAD"), 0o644), Err(Refused::BareRepo(_))));
+        assert!(matches!(s.rename(&a, os("HEAD"), &b, os("HEAD"), RenameMode::Replace), Err(Refused::BareRepo(_))));
+        assert!(!w.join("a/config").exists() && !w.join("b/HEAD").exists());
+        // Ordinary projects are not touched: a config folder, hooks in src.
+        s.mkdir(s.root(), os("config"), 0o755).unwrap();
+        let src = s.lookup(s.root(), os("src")).unwrap();
+        s.mkdir(&src, os("hooks"), 0o755).unwrap();
+    }
+
+    #[test]
+    fn new_links_are_followed_through_the_links_already_there() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        fs::create_dir_all(t.path().join("outside-dir")).unwrap();
+        symlink("../outside-dir", w.join("out")).unwrap();
+        symlink("src", w.join("in")).unwrap();
+        symlink("loop2", w.join("loop1")).unwrap();
+        symlink("loop1", w.join("loop2")).unwrap();
+        symlink(".git", w.join("gitlink")).unwrap();
+        // Through a host link that leads outside: refused, though the text
+        // looks inside.
+        for target in ["out/x", "out", "./out/../x", "loop1", "loop1/x", "gitlink/config", "in/../.env"] {
+            let r = s.symlink(s.root(), os("bad"), os(target));
+            assert!(matches!(r, Err(Refused::LinkTarget(..))), "{target:?}: {r:?}");
+        }
+        // Through a host link that stays inside: fine.
+        s.symlink(s.root(), os("ok1"), os("in/main.rs")).unwrap();
+        // A chain the guest builds: `d/b -> ..` is the root, so `x -> d/b/..`
+        // would be the folder's parent; a `..` after a name is refused.
+        let d = s.mkdir(s.root(), os("d"), 0o755).unwrap();
+        s.symlink(&d, os("b"), os("..")).unwrap();
+        let r = s.symlink(s.root(), os("x"), os("d/b/.."));
+        assert!(matches!(r, Err(Refused::LinkTarget(..))), "{r:?}");
+        s.symlink(s.root(), os("ok2"), os("d/b/src/main.rs")).unwrap();
+        // An absolute target into the folder is followed the same way.
+        let abs = w.join("out/x");
+        assert!(matches!(s.symlink(s.root(), os("bad"), abs.as_os_str()), Err(Refused::LinkTarget(..))));
+        assert!(!w.join("bad").exists() && !w.join("x").exists());
+    }
+
+    #[test]
+    fn the_guest_never_makes_host_files_writable_to_others() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        let (f, _) = s.create(s.root(), os("f"), 0o666).unwrap();
+        assert_eq!(mode_of(&w.join("f")) & 0o022, 0);
+        s.chmod(&f, 0o6777).unwrap();
+        assert_eq!(mode_of(&w.join("f")), 0o755);
+        let d = s.mkdir(s.root(), os("d"), 0o1777).unwrap();
+        assert_eq!(mode_of(&w.join("d")) & 0o7022, 0);
+        s.chmod(&d, 0o777).unwrap();
+        assert_eq!(mode_of(&w.join("d")), 0o755);
+    }
+
+    #[test]
+    fn the_guest_reads_git_config_without_its_secrets() {
+        let (t, s) = tree();
+        let conf = "[remote \"origin\"]\n\turl = https://me:tok-SECRET@example.com/r.git\n[http]\n\textraheader = Authorization: Basic SECRET2\n";
+        fs::write(t.path().join("work/.git/config"), conf).unwrap();
+        let git = s.lookup(s.root(), os(".git")).unwrap();
+        let config = s.lookup(&git, os("config")).unwrap();
+        let mut seen = String::new();
+        use std::io::Read;
+        fs::File::from(s.open_file(&config, false).unwrap()).read_to_string(&mut seen).unwrap();
+        assert!(!seen.contains("SECRET") && seen.contains("url = https://example.com/r.git"), "{seen}");
+        assert_eq!(s.stat(&config).unwrap().st_size as usize, seen.len(), "the size the guest sees is the view's");
+        assert_eq!(
+            fs::read_to_string(t.path().join("work/.git/config")).unwrap(),
+            conf,
+            "the host's file is untouched"
+        );
+        assert!(matches!(s.open_file(&config, true), Err(Refused::ReadOnly(_))));
     }
 }
