@@ -1,37 +1,211 @@
 //! Host side: one guest TCP connection to port 80 or 443 of an address
 //! netstack handed out, terminated here. Port 80: every request head is
 //! parsed and checked (Host must be the name bound to the address, then the
-//! policy by method and path) before a byte goes upstream; bodies are
-//! tracked so that the next request on a kept-alive connection is checked
-//! too. Port 443: the ClientHello's SNI must be that name and allowed, then
-//! bytes are spliced without decrypting. Refused: HTTP 403 naming the rule,
-//! or a reset for TLS; no upstream socket is opened for a refused request.
+//! policy by method and normalised path) before a byte goes upstream;
+//! bodies are tracked so that the next request on a kept-alive connection
+//! is checked too. Port 443: the ClientHello's SNI must be that name and
+//! allowed, then bytes are spliced without decrypting. Refused: HTTP 403
+//! naming the rule, or a reset for TLS; no upstream socket is opened for a
+//! refused request.
+//!
+//! Upstream: the name is resolved once per connection on a connect thread
+//! ([`Resolve::lookup`]) and [`choose_upstream`] picks the address: an
+//! override as configured, else the first global unicast address
+//! ([`crate::stack::classify_ip`]) or one an allow rule lists in
+//! `addresses`; that very address is connected to (no second resolution,
+//! so no DNS rebinding). None acceptable: a 502 (a reset for TLS) and an
+//! audit line naming each refused address and why.
 //!
 //! Bounds: [`MAX_BUFFERED`] bytes wait in each direction; reading stops
-//! until they drain (backpressure on both sides).
+//! until they drain (backpressure on both sides). At most
+//! [`MAX_IN_FLIGHT`] requests per connection await their responses: past
+//! that, or once the upstream's responses cannot be delimited, nothing more
+//! is read from the guest (its bytes stay in the guest socket's buffer). At
+//! most [`MAX_CONNECT_THREADS`] connect threads run at once per stack
+//! ([`ConnectSlots`]); a connection waits for a slot up to
+//! [`MAX_CONNECT_WAIT`], then gets a 502. A connect thread whose connection
+//! went away does not connect; one that already did drops its socket.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
 use crate::policy::{Action, Policy, Request};
+use crate::stack::{classify_ip, AddrClass};
 use crate::tls;
 
 /// Bytes buffered in each direction before reading pauses.
 pub const MAX_BUFFERED: usize = 256 * 1024;
+/// Requests on one connection that may await their responses at once
+/// (pipelining); the next one waits, unread, in the guest's socket.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Connect threads (resolution and TCP connect) running at once per stack.
+pub const MAX_CONNECT_THREADS: usize = 16;
+/// How long a connection waits for a connect thread before a 502.
+pub const MAX_CONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Addresses of one name considered; the rest of the answer is ignored.
+pub const MAX_CANDIDATES: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where upstream connections go: name and port to a socket address.
+/// Where a name's upstream addresses came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// An explicit override (`sbx run --resolve`): used as it is, whatever
+    /// the address.
+    Override(SocketAddr),
+    /// The resolver's answer, in its order: each address is checked
+    /// ([`choose_upstream`]) before one is used.
+    Resolved(Vec<SocketAddr>),
+    /// No address.
+    NotFound,
+}
+
+/// Where upstream connections go: name and port to socket addresses.
 /// Called on a connection's own thread: it may block.
 pub trait Resolve: Send + Sync {
+    /// One address for the name (kept for compatibility; netstack itself
+    /// uses [`Resolve::lookup`]).
     fn resolve(&self, name: &HostName, port: u16) -> Option<SocketAddr>;
+
+    /// Every candidate and where it came from. The default treats
+    /// [`Resolve::resolve`]'s answer as resolved, so it is checked.
+    fn lookup(&self, name: &HostName, port: u16) -> Lookup {
+        match self.resolve(name, port) {
+            Some(a) => Lookup::Resolved(vec![a]),
+            None => Lookup::NotFound,
+        }
+    }
+}
+
+/// Why no upstream connection was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// The resolver has no address for the name.
+    Unresolved(String),
+    /// Every address is non-global and none is permitted by the policy.
+    NotGlobal { name: String, refused: Vec<(IpAddr, AddrClass)> },
+    /// The TCP connect to the chosen address failed.
+    Connect(SocketAddr, String),
+    /// No connect thread became free within [`MAX_CONNECT_WAIT`].
+    Busy,
+    /// The connect thread could not be started.
+    Thread(String),
+    /// The connect thread ended without an answer.
+    ThreadEnded,
+    /// The connection went away first (never reported to it).
+    Cancelled,
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Unresolved(name) => write!(f, "cannot resolve {name}"),
+            UpstreamError::NotGlobal { name, refused } => {
+                write!(f, "{name} resolves to no global unicast address (")?;
+                for (i, (addr, class)) in refused.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{addr}: {class}")?;
+                }
+                write!(f, "); a policy rule's `addresses` can permit one")
+            }
+            UpstreamError::Connect(addr, e) => write!(f, "{addr}: {e}"),
+            UpstreamError::Busy => write!(
+                f,
+                "no connect thread free for {}s (at most {MAX_CONNECT_THREADS} run at once)",
+                MAX_CONNECT_WAIT.as_secs()
+            ),
+            UpstreamError::Thread(e) => write!(f, "cannot start a connect thread: {e}"),
+            UpstreamError::ThreadEnded => write!(f, "connect thread ended"),
+            UpstreamError::Cancelled => write!(f, "connection closed while connecting"),
+        }
+    }
+}
+
+/// Picks the one address to connect to: an override as it is; else the
+/// first resolved address (of at most [`MAX_CANDIDATES`]) that is global
+/// unicast or listed in `permitted` (compared in canonical form, so
+/// `::ffff:10.0.0.5` is `10.0.0.5`). The port is the resolver's.
+pub fn choose_upstream(name: &HostName, lookup: Lookup, permitted: &[IpAddr]) -> Result<SocketAddr, UpstreamError> {
+    let candidates = match lookup {
+        Lookup::Override(addr) => return Ok(addr),
+        Lookup::NotFound => return Err(UpstreamError::Unresolved(name.to_string())),
+        Lookup::Resolved(c) if c.is_empty() => return Err(UpstreamError::Unresolved(name.to_string())),
+        Lookup::Resolved(c) => c,
+    };
+    let mut refused = Vec::new();
+    for addr in candidates.into_iter().take(MAX_CANDIDATES) {
+        let ip = addr.ip().to_canonical();
+        let class = classify_ip(ip);
+        if class == AddrClass::Global || permitted.iter().any(|p| p.to_canonical() == ip) {
+            return Ok(SocketAddr::new(ip, addr.port()));
+        }
+        refused.push((ip, class));
+    }
+    Err(UpstreamError::NotGlobal { name: name.to_string(), refused })
+}
+
+/// The stack-wide count of running connect threads, capped.
+#[derive(Debug)]
+pub struct ConnectSlots {
+    running: AtomicUsize,
+    cap: usize,
+}
+
+/// One running connect thread's place; given back when dropped.
+struct Slot(Arc<ConnectSlots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectSlots {
+    /// Room for `cap` connect threads at once.
+    pub fn new(cap: usize) -> Arc<ConnectSlots> {
+        Arc::new(ConnectSlots { running: AtomicUsize::new(0), cap })
+    }
+
+    /// Connect threads running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.running.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.cap).then_some(n + 1)).ok()?;
+        Some(Slot(self.clone()))
+    }
+}
+
+/// Set when the connection stops waiting for its connect thread (the
+/// connection ended, or was refused or reset meanwhile).
+#[derive(Debug)]
+struct Cancel(Arc<AtomicBool>);
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+type Dialled = Result<(TcpStream, SocketAddr), UpstreamError>;
+
+/// An upstream connection being set up.
+#[derive(Debug)]
+enum Dial {
+    /// Waiting for a connect slot since the instant given.
+    Queued { name: HostName, permitted: Vec<IpAddr>, since: Instant },
+    /// On a connect thread; dropping the dial cancels it.
+    Running { rx: Receiver<Dialled>, _cancel: Cancel },
 }
 
 #[derive(Debug)]
@@ -45,7 +219,10 @@ enum Phase {
     /// Resolving and connecting upstream on a helper thread (so that a
     /// slow upstream never stalls other connections); what the guest sends
     /// meanwhile waits in the buffers.
-    Connecting(Receiver<Result<TcpStream, String>>, Box<Phase>),
+    Connecting(Dial, Box<Phase>),
+    /// The upstream's responses cannot be delimited any more: no further
+    /// request is read; the connection closes when the upstream does.
+    Draining,
     /// A refusal is being written; then the connection closes.
     Refusing,
     /// Reset: nothing more passes.
@@ -59,6 +236,9 @@ pub struct Conn {
     phase: Phase,
     inbox: Vec<u8>,
     upstream: Option<TcpStream>,
+    /// The address connected to, for the audit.
+    upstream_addr: Option<SocketAddr>,
+    slots: Arc<ConnectSlots>,
     to_upstream: Vec<u8>,
     to_guest: Vec<u8>,
     pub bytes_up: u64,
@@ -67,8 +247,11 @@ pub struct Conn {
     upstream_shut: bool,
     /// A 403 waiting for the responses to earlier, allowed requests.
     refusal: Option<Vec<u8>>,
-    /// Allowed requests awaiting their response: audit line, HEAD?, bytes up.
+    /// Allowed requests awaiting their response (at most
+    /// [`MAX_IN_FLIGHT`]): audit line, HEAD?, bytes up.
     pending: VecDeque<(Value, bool, u64)>,
+    /// A request head waits in `inbox` for a free in-flight place.
+    stalled: bool,
     responses: ResponseTracker,
     pub events: Vec<Value>,
 }
@@ -85,35 +268,60 @@ fn forbidden(reason: &str) -> Vec<u8> {
     plain_response("403 Forbidden", &format!("request refused: {reason}"))
 }
 
-fn bad_gateway(reason: &str) -> Vec<u8> {
-    plain_response("502 Bad Gateway", &format!("upstream unreachable: {reason}"))
+fn bad_gateway(e: &UpstreamError) -> Vec<u8> {
+    let what = match e {
+        UpstreamError::NotGlobal { .. } | UpstreamError::Busy => "upstream refused",
+        _ => "upstream unreachable",
+    };
+    plain_response("502 Bad Gateway", &format!("{what}: {e}"))
 }
 
-/// Resolves and connects on a helper thread; the result arrives on the
-/// returned channel.
-fn connect(name: &HostName, port: u16, resolver: &Arc<dyn Resolve>) -> Receiver<Result<TcpStream, String>> {
+/// Resolves, picks the address and connects on a helper thread holding
+/// `slot`; the result arrives on the returned channel. The thread checks
+/// the returned cancel flag before connecting.
+fn connect(name: HostName, port: u16, permitted: Vec<IpAddr>, resolver: &Arc<dyn Resolve>, slot: Slot) -> Dial {
     let (tx, rx) = mpsc::channel();
-    let (name, resolver) = (name.clone(), resolver.clone());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (cancelled, resolver) = (cancel.clone(), resolver.clone());
     let spawned = std::thread::Builder::new().name("netstack-connect".into()).spawn(move || {
+        let _slot = slot;
         let result = (|| {
-            let addr = resolver.resolve(&name, port).ok_or_else(|| format!("cannot resolve {name}"))?;
-            let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-            stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let addr = choose_upstream(&name, resolver.lookup(&name, port), &permitted)?;
+            if cancelled.load(Ordering::Acquire) {
+                return Err(UpstreamError::Cancelled);
+            }
+            let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+                .map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
+            stream.set_nonblocking(true).map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            Ok((stream, addr))
         })();
+        // The connection may be gone: the stream is then dropped (closed).
         let _ = tx.send(result);
     });
-    if let Err(e) = spawned {
-        let (tx, rx) = mpsc::channel();
-        let _ = tx.send(Err(format!("cannot start a connect thread: {e}")));
-        return rx;
+    match spawned {
+        Ok(_) => Dial::Running { rx, _cancel: Cancel(cancel) },
+        Err(e) => failed(UpstreamError::Thread(e.to_string())),
     }
-    rx
+}
+
+/// A dial that failed before any thread ran.
+fn failed(e: UpstreamError) -> Dial {
+    let (tx, rx) = mpsc::channel();
+    let _ = tx.send(Err(e));
+    Dial::Running { rx, _cancel: Cancel(Arc::new(AtomicBool::new(true))) }
 }
 
 impl Conn {
+    /// A connection with its own connect slots (at most
+    /// [`MAX_CONNECT_THREADS`]); the stack shares one set between all its
+    /// connections ([`Conn::with_slots`]).
     pub fn new(port: u16, dst: Ipv4Addr, name: Option<HostName>) -> Conn {
+        Conn::with_slots(port, dst, name, ConnectSlots::new(MAX_CONNECT_THREADS))
+    }
+
+    /// A connection whose connect threads count against `slots`.
+    pub fn with_slots(port: u16, dst: Ipv4Addr, name: Option<HostName>, slots: Arc<ConnectSlots>) -> Conn {
         Conn {
             port,
             dst,
@@ -121,6 +329,8 @@ impl Conn {
             phase: Phase::Head,
             inbox: Vec::new(),
             upstream: None,
+            upstream_addr: None,
+            slots,
             to_upstream: Vec::new(),
             to_guest: Vec::new(),
             bytes_up: 0,
@@ -129,16 +339,21 @@ impl Conn {
             upstream_shut: false,
             refusal: None,
             pending: VecDeque::new(),
+            stalled: false,
             responses: ResponseTracker::default(),
             events: Vec::new(),
         }
     }
 
-    /// Room for more bytes from the guest.
+    /// Room for more bytes from the guest: the buffers have room, and the
+    /// guest's next request head would not exceed [`MAX_IN_FLIGHT`].
     pub fn wants_guest_bytes(&self) -> bool {
-        matches!(self.phase, Phase::Head | Phase::Body(_) | Phase::Splice | Phase::Connecting(..))
-            && self.inbox.len() < MAX_BUFFERED
-            && self.to_upstream.len() < MAX_BUFFERED
+        let phase_reads = match self.phase {
+            Phase::Head => !self.stalled,
+            Phase::Body(_) | Phase::Splice | Phase::Connecting(..) => true,
+            Phase::Draining | Phase::Refusing | Phase::Reset => false,
+        };
+        phase_reads && self.inbox.len() < MAX_BUFFERED && self.to_upstream.len() < MAX_BUFFERED
     }
 
     pub fn from_guest(&mut self, data: &[u8], policy: &Policy, resolver: &Arc<dyn Resolve>) {
@@ -155,6 +370,11 @@ impl Conn {
         matches!(self.phase, Phase::Reset)
     }
 
+    /// Requests awaiting their responses.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
     /// True when everything for the guest is written and nothing more will
     /// come: the guest socket can be closed.
     pub fn finished(&self) -> bool {
@@ -169,6 +389,7 @@ impl Conn {
     /// follows its last byte). TLS: a reset.
     fn refuse(&mut self, reason: String) {
         self.inbox.clear();
+        self.stalled = false;
         if self.port == 80 {
             self.refusal = Some(forbidden(&reason));
             self.phase = Phase::Refusing;
@@ -191,7 +412,7 @@ impl Conn {
     fn process(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         loop {
             match &mut self.phase {
-                Phase::Refusing | Phase::Reset | Phase::Connecting(..) => return,
+                Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) => return,
                 Phase::Splice => {
                     self.to_upstream.append(&mut self.inbox);
                     return;
@@ -215,6 +436,16 @@ impl Conn {
                     }
                 },
                 Phase::Head if self.inbox.is_empty() => return,
+                Phase::Head if self.port == 80 && self.responses.is_lost() => {
+                    self.drain();
+                    return;
+                }
+                Phase::Head if self.port == 80 && self.pending.len() >= MAX_IN_FLIGHT => {
+                    // Backpressure: this head waits, and nothing more is
+                    // read, until a response completes.
+                    self.stalled = true;
+                    return;
+                }
                 Phase::Head if self.port == 80 => {
                     if !self.http_head(policy, resolver) {
                         return;
@@ -226,6 +457,26 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Takes up a request head that waited for an in-flight place (or
+    /// drains, if responses cannot be tracked any more). Called each poll.
+    pub fn resume(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
+        if self.stalled && (self.pending.len() < MAX_IN_FLIGHT || self.responses.is_lost()) {
+            self.stalled = false;
+            self.process(policy, resolver);
+        }
+    }
+
+    /// The upstream's responses can no longer be matched to requests: the
+    /// requests already sent get their responses, no further one is read,
+    /// and the connection closes after the upstream's last byte.
+    fn drain(&mut self) {
+        self.events.push(json!({"event": "http", "dst": self.dst.to_string(), "decision": "deny",
+            "reason": "upstream responses could not be delimited: no further requests on this connection"}));
+        self.inbox.clear();
+        self.stalled = false;
+        self.phase = Phase::Draining;
     }
 
     /// Handles one request head; false when no progress can be made.
@@ -241,6 +492,12 @@ impl Conn {
         };
         let mut event = json!({"event": "http", "method": head.method, "host": head.host.as_str(),
             "path": head.target, "dst": self.dst.to_string()});
+        let path = http::normalize_path(&head.target);
+        if let Ok(p) = &path {
+            if *p != head.target {
+                event["normalized_path"] = json!(p);
+            }
+        }
         let refusal = if self.name.as_ref() != Some(&head.host) {
             Some(format!(
                 "Host '{}' is not the name this address was resolved for ({})",
@@ -249,8 +506,11 @@ impl Conn {
             ))
         } else if head.host_port.is_some_and(|p| p != self.port) {
             Some("Host names another port".into())
+        } else if let (true, Err(e)) = (policy.has_path_rules(&head.host, self.port), &path) {
+            Some(format!("path rules apply to {} and {e}", head.host))
         } else {
-            self.judge(policy, &head.host, Some((&head.method, &head.target)), &mut event)
+            let checked = path.as_deref().unwrap_or(&head.target);
+            self.judge(policy, &head.host, Some((&head.method, checked)), &mut event)
         };
         if let Some(reason) = refusal {
             self.deny(event, reason);
@@ -262,11 +522,19 @@ impl Conn {
         self.to_upstream.extend(self.inbox.drain(..len));
         let next = Phase::Body(BodyScanner::new(head.body));
         if self.upstream.is_none() {
-            self.phase = Phase::Connecting(connect(&head.host, self.port, resolver), Box::new(next));
+            self.start_connect(head.host, policy, resolver, next);
             return false;
         }
         self.phase = next;
         true
+    }
+
+    /// Sets off the upstream connection for `name`, then `next`.
+    fn start_connect(&mut self, name: HostName, policy: &Policy, resolver: &Arc<dyn Resolve>, next: Phase) {
+        let permitted = policy.permitted_addresses(&name, self.port);
+        let dial = Dial::Queued { name, permitted, since: Instant::now() };
+        self.phase = Phase::Connecting(dial, Box::new(next));
+        self.poll_connect(policy, resolver);
     }
 
     /// The policy's decision for this request, noted in `event`; the
@@ -310,32 +578,68 @@ impl Conn {
         event["decision"] = json!("allow");
         self.events.push(event);
         self.to_upstream.append(&mut self.inbox);
-        self.phase = Phase::Connecting(connect(&sni, self.port, resolver), Box::new(Phase::Splice));
+        self.start_connect(sni, policy, resolver, Phase::Splice);
     }
 
-    /// Takes the result of a pending upstream connect, if it is there.
+    /// Moves a pending upstream connect along: starts its thread when a
+    /// slot is free, takes its result when it is there; then takes up a
+    /// request that waited for an in-flight place.
     pub fn poll_connect(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
-        let Phase::Connecting(rx, _) = &self.phase else { return };
-        let result = match rx.try_recv() {
-            Err(TryRecvError::Empty) => return,
-            Ok(r) => r,
-            Err(TryRecvError::Disconnected) => Err("connect thread ended".into()),
+        let result = match &mut self.phase {
+            Phase::Connecting(dial, _) => {
+                if let Dial::Queued { name, permitted, since } = dial {
+                    match self.slots.try_acquire() {
+                        Some(slot) => {
+                            let (name, permitted) = (name.clone(), std::mem::take(permitted));
+                            *dial = connect(name, self.port, permitted, resolver, slot);
+                        }
+                        None if since.elapsed() >= MAX_CONNECT_WAIT => *dial = failed(UpstreamError::Busy),
+                        None => return,
+                    }
+                }
+                match dial {
+                    Dial::Running { rx, .. } => match rx.try_recv() {
+                        Err(TryRecvError::Empty) => return,
+                        Ok(r) => Some(r),
+                        Err(TryRecvError::Disconnected) => Some(Err(UpstreamError::ThreadEnded)),
+                    },
+                    Dial::Queued { .. } => return,
+                }
+            }
+            _ => None,
         };
+        if let Some(result) = result {
+            self.connected(result, policy, resolver);
+        }
+        self.resume(policy, resolver);
+    }
+
+    fn connected(&mut self, result: Dialled, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         let next = match std::mem::replace(&mut self.phase, Phase::Reset) {
             Phase::Connecting(_, next) => *next,
             other => other,
         };
         match result {
-            Ok(stream) => {
+            Ok((stream, addr)) => {
                 self.upstream = Some(stream);
+                self.upstream_addr = Some(addr);
                 self.phase = next;
                 self.process(policy, resolver);
             }
             Err(e) => {
-                self.events.push(json!({"event": "upstream", "dst": self.dst.to_string(),
-                    "name": self.name.as_ref().map(|n| n.as_str()), "error": e}));
+                let mut event = json!({"event": "upstream", "dst": self.dst.to_string(), "port": self.port,
+                    "name": self.name.as_ref().map(|n| n.as_str()), "error": e.to_string()});
+                if let UpstreamError::NotGlobal { refused, .. } = &e {
+                    event["decision"] = json!("deny");
+                    event["refused"] = refused
+                        .iter()
+                        .map(|(addr, class)| json!({"addr": addr.to_string(), "class": class.to_string()}))
+                        .collect();
+                }
+                self.events.push(event);
                 self.to_upstream.clear();
                 self.inbox.clear();
+                self.stalled = false;
                 if self.port == 80 {
                     self.to_guest.extend_from_slice(&bad_gateway(&e));
                     self.phase = Phase::Refusing;
@@ -363,7 +667,7 @@ impl Conn {
                 }
             }
         }
-        let done_sending = guest_closed || matches!(self.phase, Phase::Refusing);
+        let done_sending = guest_closed || matches!(self.phase, Phase::Refusing | Phase::Draining);
         if done_sending && self.to_upstream.is_empty() && self.inbox.is_empty() && !self.upstream_shut {
             let _ = up.shutdown(Shutdown::Write);
             self.upstream_shut = true;
@@ -385,6 +689,9 @@ impl Conn {
             }
         }
         self.track_responses(&fresh);
+        if self.port == 80 && self.responses.is_lost() && matches!(self.phase, Phase::Head) {
+            self.drain();
+        }
         if self.upstream_eof {
             if let Some(r) = self.responses.close() {
                 self.response_done(r);
@@ -434,7 +741,205 @@ impl Conn {
             })
             .collect();
         out.push(json!({"event": "conn_end", "dst": self.dst.to_string(), "port": self.port,
-            "name": self.name.as_ref().map(|n| n.as_str()), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}));
+            "name": self.name.as_ref().map(|n| n.as_str()), "upstream": self.upstream_addr.map(|a| a.to_string()),
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}));
         out
+    }
+}
+
+/// A resolver for tests: a fixed answer, optionally held back until
+/// released; counts its calls.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use std::sync::{Condvar, Mutex};
+
+    pub(crate) struct TestResolver {
+        pub(crate) answer: Lookup,
+        open: Mutex<bool>,
+        opened: Condvar,
+        pub(crate) lookups: AtomicUsize,
+        pub(crate) resolves: AtomicUsize,
+    }
+
+    impl TestResolver {
+        /// Answers at once if `open`, else when [`TestResolver::release`]d.
+        pub(crate) fn new(answer: Lookup, open: bool) -> Arc<TestResolver> {
+            Arc::new(TestResolver {
+                answer,
+                open: Mutex::new(open),
+                opened: Condvar::new(),
+                lookups: AtomicUsize::new(0),
+                resolves: AtomicUsize::new(0),
+            })
+        }
+
+        pub(crate) fn release(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl Resolve for TestResolver {
+        fn resolve(&self, _: &HostName, _: u16) -> Option<SocketAddr> {
+            self.resolves.fetch_add(1, Ordering::SeqCst);
+            None
+        }
+
+        fn lookup(&self, _: &HostName, _: u16) -> Lookup {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            self.answer.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::TestResolver;
+    use super::*;
+    use std::net::TcpListener;
+
+    fn name() -> HostName {
+        HostName::parse("api.example.com").unwrap()
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    // Pure: nothing here is connected to.
+    #[test]
+    fn only_global_or_permitted_resolved_addresses_are_chosen() {
+        let n = name();
+        let resolved = |v: &[&str]| Lookup::Resolved(v.iter().map(|a| sa(a)).collect());
+        // An override is used as it is, loopback included.
+        assert_eq!(choose_upstream(&n, Lookup::Override(sa("127.0.0.1:8080")), &[]), Ok(sa("127.0.0.1:8080")));
+        // The first acceptable address of the answer, not the first one.
+        assert_eq!(
+            choose_upstream(&n, resolved(&["10.0.0.5:80", "[fe80::1]:80", "93.184.216.34:80", "1.1.1.1:80"]), &[]),
+            Ok(sa("93.184.216.34:80"))
+        );
+        // None acceptable: each refused address and why.
+        let e = choose_upstream(
+            &n,
+            resolved(&["127.0.0.1:80", "169.254.169.254:80", "[::ffff:10.0.0.1]:80", "[fd00::1]:80", "0.0.0.0:80"]),
+            &[],
+        )
+        .unwrap_err();
+        let UpstreamError::NotGlobal { refused, .. } = &e else { panic!("{e:?}") };
+        let classes: Vec<AddrClass> = refused.iter().map(|r| r.1).collect();
+        use AddrClass::*;
+        assert_eq!(classes, vec![Loopback, LinkLocal, Private, UniqueLocal, Unspecified]);
+        assert_eq!(refused[2].0, ip("10.0.0.1"), "mapped forms are named canonically");
+        let text = e.to_string();
+        assert!(text.contains("169.254.169.254: link-local") && text.contains("addresses"), "{text}");
+        // A policy rule's addresses permit exactly those, in any spelling.
+        let permitted = [ip("10.0.0.5"), ip("::ffff:192.168.1.9")];
+        assert_eq!(choose_upstream(&n, resolved(&["127.0.0.1:80", "10.0.0.5:80"]), &permitted), Ok(sa("10.0.0.5:80")));
+        assert_eq!(choose_upstream(&n, resolved(&["[::ffff:10.0.0.5]:80"]), &permitted), Ok(sa("10.0.0.5:80")));
+        assert_eq!(choose_upstream(&n, resolved(&["192.168.1.9:80"]), &permitted), Ok(sa("192.168.1.9:80")));
+        assert!(choose_upstream(&n, resolved(&["10.0.0.6:80"]), &permitted).is_err());
+        // Nothing found; and only the first MAX_CANDIDATES count.
+        assert_eq!(choose_upstream(&n, Lookup::NotFound, &[]), Err(UpstreamError::Unresolved(n.to_string())));
+        assert_eq!(choose_upstream(&n, Lookup::Resolved(vec![]), &[]), Err(UpstreamError::Unresolved(n.to_string())));
+        let mut many = vec![sa("10.0.0.1:80"); MAX_CANDIDATES];
+        many.push(sa("1.1.1.1:80"));
+        assert!(matches!(choose_upstream(&n, Lookup::Resolved(many), &[]), Err(UpstreamError::NotGlobal { .. })));
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+
+    fn conn(slots: &Arc<ConnectSlots>) -> Conn {
+        Conn::with_slots(80, Ipv4Addr::new(198, 18, 0, 1), Some(name()), slots.clone())
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn connect_threads_are_capped_and_the_rest_wait_for_a_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let held = TestResolver::new(Lookup::Override(listener.local_addr().unwrap()), false);
+        let resolver: Arc<dyn Resolve> = held.clone();
+        let policy = Policy::from_toml("version = 1\n[[rule]]\nallow = \"api.example.com\"\n").unwrap();
+        let slots = ConnectSlots::new(2);
+        let mut conns: Vec<Conn> = (0..3).map(|_| conn(&slots)).collect();
+        for c in &mut conns {
+            c.from_guest(GET, &policy, &resolver);
+        }
+        wait_until("two lookups", || held.lookups.load(Ordering::SeqCst) == 2);
+        for _ in 0..20 {
+            for c in &mut conns {
+                c.poll_connect(&policy, &resolver);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(slots.running(), 2, "the cap holds");
+        assert_eq!(held.lookups.load(Ordering::SeqCst), 2, "the third connection has no thread yet");
+        assert!(conns.iter().all(|c| c.to_guest.is_empty()), "waiting is not failing");
+        held.release();
+        wait_until("every connection connected", || {
+            conns.iter_mut().for_each(|c| c.poll_connect(&policy, &resolver));
+            conns.iter().all(|c| c.upstream.is_some())
+        });
+        assert_eq!(held.lookups.load(Ordering::SeqCst), 3);
+        assert_eq!(held.resolves.load(Ordering::SeqCst), 0, "one lookup per connection, nothing else");
+        wait_until("slots given back", || slots.running() == 0);
+    }
+
+    #[test]
+    fn a_connection_that_goes_away_cancels_its_connect() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let held = TestResolver::new(Lookup::Override(listener.local_addr().unwrap()), false);
+        let resolver: Arc<dyn Resolve> = held.clone();
+        let policy = Policy::from_toml("version = 1\n[[rule]]\nallow = \"api.example.com\"\n").unwrap();
+        let slots = ConnectSlots::new(1);
+        let mut c = conn(&slots);
+        c.from_guest(GET, &policy, &resolver);
+        wait_until("the lookup", || held.lookups.load(Ordering::SeqCst) == 1);
+        assert_eq!(slots.running(), 1);
+        drop(c);
+        held.release();
+        wait_until("the slot given back", || slots.running() == 0);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(listener.accept().is_err(), "no upstream connection for a connection that went away");
+    }
+
+    #[test]
+    fn a_connection_waits_for_a_slot_and_then_gets_a_502() {
+        let held = TestResolver::new(Lookup::NotFound, true);
+        let resolver: Arc<dyn Resolve> = held.clone();
+        let policy = Policy::from_toml("version = 1\n[[rule]]\nallow = \"api.example.com\"\n").unwrap();
+        let slots = ConnectSlots::new(1);
+        let taken = slots.try_acquire().unwrap();
+        let mut c = conn(&slots);
+        c.from_guest(GET, &policy, &resolver);
+        // Pretend the wait has run out.
+        if let Phase::Connecting(Dial::Queued { since, .. }, _) = &mut c.phase {
+            *since = Instant::now() - MAX_CONNECT_WAIT;
+        } else {
+            panic!("not queued: {:?}", c.phase);
+        }
+        c.poll_connect(&policy, &resolver);
+        let text = String::from_utf8_lossy(&c.to_guest).to_string();
+        assert!(text.starts_with("HTTP/1.1 502") && text.contains("no connect thread free"), "{text}");
+        assert_eq!(held.lookups.load(Ordering::SeqCst), 0);
+        assert!(c.events.iter().any(|e| e["event"] == "upstream"));
+        drop(taken);
+        assert_eq!(slots.running(), 0);
     }
 }

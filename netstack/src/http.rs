@@ -3,6 +3,17 @@
 //! CRLF line endings, one Host that is a name (not an address), origin-form
 //! targets, one clear body framing. Everything else is refused with a
 //! reason, never guessed at: request smuggling lives in the ambiguities.
+//!
+//! Framing rules (where an upstream might read the bytes differently):
+//! Transfer-Encoding only as one exact lower-case `chunked`, never on an
+//! HTTP/1.0 request and never with Content-Length; no body on GET or HEAD;
+//! no header whose name only differs from Host, Content-Length or
+//! Transfer-Encoding by `_` for `-`. Chunked bodies are checked as they pass
+//! ([`BodyScanner`]): strict hex sizes, extensions of token characters only,
+//! bounded well-formed trailers without framing or routing fields.
+//!
+//! Paths: [`normalize_path`] gives the form path rules are matched against,
+//! or refuses targets that cannot be normalised safely.
 
 use thiserror::Error;
 
@@ -61,6 +72,20 @@ pub enum Error {
     Http2Preface,
     #[error("Malformed chunked body")]
     BadChunk,
+    #[error("Transfer-Encoding on an HTTP/1.0 request")]
+    TransferEncodingHttp10,
+    #[error("A body on a GET or HEAD request")]
+    BodyOnGetOrHead,
+    #[error("Header name that reads as Host, Content-Length or Transfer-Encoding with '_' for '-'")]
+    UnderscoreHeader,
+    #[error("Malformed chunk extension")]
+    BadChunkExtension,
+    #[error("Malformed trailer field")]
+    BadTrailer,
+    #[error("Trailer section larger than {MAX_TRAILERS} fields or {MAX_TRAILER_BYTES} bytes")]
+    TrailersTooLarge,
+    #[error("Framing or routing field (Host, Content-Length, Transfer-Encoding) in a trailer")]
+    ForbiddenTrailer,
 }
 
 /// How the request's body is delimited.
@@ -139,6 +164,9 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Parsed, Error> {
         headers.push((name.to_ascii_lowercase(), value.to_string()));
     }
 
+    if headers.iter().any(|(k, _)| k.contains('_') && is_framing_field(k)) {
+        return Err(Error::UnderscoreHeader);
+    }
     let values = |n: &'static str| headers.iter().filter(move |(k, _)| k == n).map(|(_, v)| v.as_str());
     if values("upgrade").next().is_some() {
         return Err(Error::Upgrade);
@@ -168,15 +196,30 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Parsed, Error> {
             }
         }
         ([_, _, ..], []) => return Err(Error::DuplicateContentLength),
-        ([], [te]) if te.eq_ignore_ascii_case("chunked") => Body::Chunked,
+        // HTTP/1.0 has no chunked coding: an HTTP/1.0 upstream would read
+        // the chunks as the next request.
+        ([], [_, ..]) if http10 => return Err(Error::TransferEncodingHttp10),
+        // Exactly `chunked`: an upstream comparing case-sensitively would
+        // not see `Chunked` and would read the body as the next request.
+        ([], [te]) if *te == "chunked" => Body::Chunked,
         ([], _) => return Err(Error::UnsupportedTransferEncoding),
     };
+    if body != Body::None && (method == "GET" || method == "HEAD") {
+        return Err(Error::BodyOnGetOrHead);
+    }
     let connection: Vec<String> =
         values("connection").flat_map(|v| v.split(',')).map(|t| t.trim().to_ascii_lowercase()).collect();
     let keep_alive =
         if http10 { connection.iter().any(|t| t == "keep-alive") } else { !connection.iter().any(|t| t == "close") };
     let head = RequestHead { method, target, http10, host, host_port, body, keep_alive, headers };
     Ok(Parsed::Complete(head, end))
+}
+
+/// True for Host, Content-Length and Transfer-Encoding, also when spelt
+/// with `_` for `-` (which some gateways, CGI among them, equate).
+fn is_framing_field(lower_name: &str) -> bool {
+    let dashed = lower_name.replace('_', "-");
+    matches!(dashed.as_str(), "host" | "content-length" | "transfer-encoding")
 }
 
 /// Every CR must be followed by LF and every LF preceded by CR. With
@@ -234,11 +277,149 @@ fn parse_authority(value: &str) -> Result<(HostName, Option<u16>), Error> {
     }
 }
 
-/// Longest chunk-size or trailer line accepted in a chunked body.
+/// Why a request target cannot be matched against path rules: each is a
+/// spelling that upstreams are known to read differently, so a host with
+/// path rules refuses it.
+#[derive(Debug, Clone, Copy, Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("the target is not a path starting with '/' (origin-form)")]
+    NotOriginForm,
+    #[error("the target has a character that is not printable ASCII")]
+    BadCharacter,
+    #[error("the target has a backslash")]
+    Backslash,
+    #[error("the target has a malformed percent escape")]
+    BadEscape,
+    #[error("the target has an encoded '/' (%2F)")]
+    EncodedSlash,
+    #[error("the target has an encoded backslash (%5C)")]
+    EncodedBackslash,
+    #[error("the target has an encoded control character (e.g. %00)")]
+    EncodedControl,
+    #[error("the target has a double-encoded escape (%25 then two hex digits)")]
+    DoubleEncoded,
+    #[error("the target has a dot segment with parameters (e.g. '..;')")]
+    DotSegmentParams,
+    #[error("the target climbs above the root with '..'")]
+    AboveRoot,
+}
+
+/// RFC 3986 unreserved characters: escaping them changes nothing.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// One path segment with escapes of unreserved characters decoded and
+/// every other escape kept, in upper case.
+fn decode_segment(raw: &[u8]) -> Result<String, PathError> {
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        match b {
+            b'%' => {
+                let hex = |j: usize| raw.get(j).copied().and_then(hex_value);
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                    return Err(PathError::BadEscape);
+                };
+                let v = hi << 4 | lo;
+                match v {
+                    b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::EncodedBackslash),
+                    0..0x20 | 0x7f => return Err(PathError::EncodedControl),
+                    b'%' if hex(i + 3).is_some() && hex(i + 4).is_some() => return Err(PathError::DoubleEncoded),
+                    v if is_unreserved(v) => out.push(v as char),
+                    v => out.push_str(&format!("%{v:02X}")),
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b if b.is_ascii_graphic() => {
+                out.push(b as char);
+                i += 1;
+            }
+            _ => return Err(PathError::BadCharacter),
+        }
+    }
+    Ok(out)
+}
+
+/// The path that path rules are matched against, from a request target:
+/// the query and fragment dropped, escapes of unreserved characters
+/// (`%41` is `A`, `%2e` is `.`) decoded, other escapes kept in upper case
+/// (`%3f` is `%3F`), empty segments collapsed (`//` is `/`), dot segments
+/// (`.`, `..`, also escaped) resolved. A trailing `/` is kept, and a path
+/// ending in a dot segment ends in `/` (`/a/b/..` is `/a/`).
+///
+/// Case: the path itself is case-sensitive (`/Public` is not `/public`);
+/// the hex digits of an escape are not (`%2e` is `%2E`).
+///
+/// Refused ([`PathError`]): anything but a path starting with `/`,
+/// characters that are not printable ASCII, backslashes (raw or `%5C`),
+/// an encoded `/` (`%2F`), encoded control characters (`%00`), malformed
+/// escapes, double escapes (`%252e`), dot segments with parameters
+/// (`..;x`, which some servers strip to `..`) and `..` above the root.
+pub fn normalize_path(target: &str) -> Result<String, PathError> {
+    let end = target.find(['?', '#']).unwrap_or(target.len());
+    let Some(path) = target.as_bytes()[..end].strip_prefix(b"/") else {
+        return Err(PathError::NotOriginForm);
+    };
+    let mut segments: Vec<String> = Vec::new();
+    let mut ends_in_slash = true;
+    for raw in path.split(|b| *b == b'/') {
+        let segment = decode_segment(raw)?;
+        let bare = segment.split(';').next().unwrap_or_default().split("%3B").next().unwrap_or_default();
+        if matches!(bare, "." | "..") && bare.len() != segment.len() {
+            return Err(PathError::DotSegmentParams);
+        }
+        match segment.as_str() {
+            "" | "." => ends_in_slash = true,
+            ".." => {
+                segments.pop().ok_or(PathError::AboveRoot)?;
+                ends_in_slash = true;
+            }
+            _ => {
+                segments.push(segment);
+                ends_in_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if ends_in_slash || segments.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Longest chunk-size line (size and extensions) or trailer line accepted
+/// in a chunked body, CRLF included.
 pub const MAX_CHUNK_LINE: usize = 1024;
+/// Most hex digits in a chunk size (60 bits: far past any real chunk, and
+/// no upstream's integer overflows on it).
+pub const MAX_CHUNK_DIGITS: usize = 15;
+/// Most trailer fields after the last chunk.
+pub const MAX_TRAILERS: usize = 32;
+/// Most bytes in the trailer section (its lines, CRLFs included).
+pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
 
 /// Finds where a request body ends as its bytes pass by, so that the next
 /// request on the connection is parsed (and checked) from its first byte.
+/// Chunked bodies are checked strictly on the way (they pass unchanged, so
+/// every upstream must read them the same way): a chunk-size line is 1 to
+/// [`MAX_CHUNK_DIGITS`] hex digits, then optional `;name` or `;name=value`
+/// extensions of token characters only (no whitespace, no quoted strings),
+/// then CRLF; chunk data is followed by exactly CRLF; trailers are at most
+/// [`MAX_TRAILERS`] well-formed `name: value` fields in
+/// [`MAX_TRAILER_BYTES`], none of them Host, Content-Length or
+/// Transfer-Encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyScanner {
     Length(u64),
@@ -248,9 +429,57 @@ pub enum BodyScanner {
     ChunkData(u64),
     /// The CRLF after chunk data; how many of its bytes were seen.
     ChunkEnd(u8),
-    /// Trailer lines after the last chunk, until an empty one.
-    Trailer(Vec<u8>),
+    /// Trailer lines after the last chunk, until an empty one: the line so
+    /// far, the fields and bytes seen before it.
+    Trailer {
+        line: Vec<u8>,
+        fields: usize,
+        bytes: usize,
+    },
     Done,
+}
+
+/// Checks a chunk-size line without its CRLF; returns the chunk's size.
+fn chunk_size_line(text: &[u8]) -> Result<u64, Error> {
+    let mut parts = text.split(|c| *c == b';');
+    let digits = parts.next().unwrap_or_default();
+    if digits.is_empty() || digits.len() > MAX_CHUNK_DIGITS || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(Error::BadChunk);
+    }
+    for ext in parts {
+        let (name, value) = match ext.iter().position(|c| *c == b'=') {
+            Some(i) => (&ext[..i], Some(&ext[i + 1..])),
+            None => (ext, None),
+        };
+        let token = |t: &[u8]| !t.is_empty() && t.iter().all(|c| is_tchar(*c));
+        if !token(name) || value.is_some_and(|v| !token(v)) {
+            return Err(Error::BadChunkExtension);
+        }
+    }
+    // At most 15 hex digits: always fits.
+    let digits = std::str::from_utf8(digits).map_err(|_| Error::BadChunk)?;
+    u64::from_str_radix(digits, 16).map_err(|_| Error::BadChunk)
+}
+
+/// Checks a non-empty trailer line without its CRLF.
+fn trailer_line(text: &[u8]) -> Result<(), Error> {
+    if text.starts_with(b" ") || text.starts_with(b"\t") {
+        return Err(Error::BadTrailer);
+    }
+    let colon = text.iter().position(|c| *c == b':').ok_or(Error::BadTrailer)?;
+    let (name, value) = (&text[..colon], &text[colon + 1..]);
+    if name.is_empty() || !name.iter().all(|c| is_tchar(*c)) {
+        return Err(Error::BadTrailer);
+    }
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(Error::BadTrailer);
+    }
+    // Token characters are ASCII.
+    let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+    if is_framing_field(&name) {
+        return Err(Error::ForbiddenTrailer);
+    }
+    Ok(())
 }
 
 impl BodyScanner {
@@ -272,22 +501,16 @@ impl BodyScanner {
         let mut used = 0;
         while used < data.len() && !self.is_done() {
             let rest = &data[used..];
-            let trailer = matches!(self, BodyScanner::Trailer(_));
             match self {
-                BodyScanner::Length(n) => {
+                BodyScanner::Length(n) | BodyScanner::ChunkData(n) => {
                     let take = (*n).min(rest.len() as u64);
                     *n -= take;
                     used += take as usize;
                     if *n == 0 {
-                        *self = BodyScanner::Done;
-                    }
-                }
-                BodyScanner::ChunkData(n) => {
-                    let take = (*n).min(rest.len() as u64);
-                    *n -= take;
-                    used += take as usize;
-                    if *n == 0 {
-                        *self = BodyScanner::ChunkEnd(0);
+                        *self = match self {
+                            BodyScanner::Length(_) => BodyScanner::Done,
+                            _ => BodyScanner::ChunkEnd(0),
+                        };
                     }
                 }
                 BodyScanner::ChunkEnd(seen) => {
@@ -301,45 +524,46 @@ impl BodyScanner {
                         *self = BodyScanner::ChunkSize(Vec::new());
                     }
                 }
-                BodyScanner::ChunkSize(line) | BodyScanner::Trailer(line) => {
-                    let in_trailer = trailer;
-                    let b = rest[0];
-                    used += 1;
-                    line.push(b);
-                    if line.len() > MAX_CHUNK_LINE {
-                        return Err(Error::BadChunk);
-                    }
-                    if b != b'\n' {
+                BodyScanner::ChunkSize(line) => {
+                    let Some(text) = take_line(line, rest, &mut used, Error::BadChunk)? else { continue };
+                    *self = match chunk_size_line(text)? {
+                        0 => BodyScanner::Trailer { line: Vec::new(), fields: 0, bytes: 0 },
+                        n => BodyScanner::ChunkData(n),
+                    };
+                }
+                BodyScanner::Trailer { line, fields, bytes } => {
+                    let Some(text) = take_line(line, rest, &mut used, Error::BadTrailer)? else { continue };
+                    if text.is_empty() {
+                        *self = BodyScanner::Done;
                         continue;
                     }
-                    if !line.ends_with(b"\r\n") {
-                        return Err(Error::BadChunk);
+                    trailer_line(text)?;
+                    *fields += 1;
+                    *bytes += text.len() + 2;
+                    if *fields > MAX_TRAILERS || *bytes > MAX_TRAILER_BYTES {
+                        return Err(Error::TrailersTooLarge);
                     }
-                    let text = &line[..line.len() - 2];
-                    let next = if in_trailer {
-                        if text.is_empty() {
-                            BodyScanner::Done
-                        } else {
-                            BodyScanner::Trailer(Vec::new())
-                        }
-                    } else {
-                        let digits = text.split(|c| *c == b';').next().unwrap_or_default();
-                        let digits = std::str::from_utf8(digits).map_err(|_| Error::BadChunk)?;
-                        if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
-                            return Err(Error::BadChunk);
-                        }
-                        match u64::from_str_radix(digits, 16).map_err(|_| Error::BadChunk)? {
-                            0 => BodyScanner::Trailer(Vec::new()),
-                            n => BodyScanner::ChunkData(n),
-                        }
-                    };
-                    *self = next;
+                    line.clear();
                 }
                 BodyScanner::Done => {}
             }
         }
         Ok(used)
     }
+}
+
+/// Moves one byte of `rest` into `line` (at most [`MAX_CHUNK_LINE`]);
+/// returns the line without its CRLF once it is complete. A bare CR or LF
+/// is `bad`.
+fn take_line<'l>(line: &'l mut Vec<u8>, rest: &[u8], used: &mut usize, bad: Error) -> Result<Option<&'l [u8]>, Error> {
+    let b = rest[0];
+    *used += 1;
+    let after_cr = line.last() == Some(&b'\r');
+    line.push(b);
+    if line.len() > MAX_CHUNK_LINE || (after_cr && b != b'\n') || (b == b'\n' && !after_cr) {
+        return Err(bad);
+    }
+    Ok((b == b'\n').then(|| &line[..line.len() - 2]))
 }
 
 /// Longest response head tracked; past it the response is passed on
@@ -426,6 +650,13 @@ impl ResponseTracker {
         done
     }
 
+    /// True once the upstream's bytes could not be read as responses
+    /// (garbage, a head over [`MAX_RESPONSE_HEAD`], a malformed chunked
+    /// body): nothing more is tracked.
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
     /// True while a response's body is passing.
     pub fn in_response(&self) -> bool {
         self.body.is_some() || self.until_close.is_some()
@@ -497,7 +728,7 @@ mod tests {
     fn bodies_and_connection_handling() {
         let (h, _) = ok("POST / HTTP/1.1\r\nHost: a.com:8080\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
         assert_eq!((h.body, h.host_port, h.keep_alive), (Body::Length(12), Some(8080), false));
-        let (h, _) = ok("POST / HTTP/1.1\r\nHost: a.com\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        let (h, _) = ok("POST / HTTP/1.1\r\nHost: a.com\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(h.body, Body::Chunked);
         let (h, _) = ok("GET / HTTP/1.0\r\nHost: a.com\r\n\r\n");
         assert!(!h.keep_alive && h.http10);
@@ -533,6 +764,114 @@ mod tests {
         assert_eq!(err("GET / HTTP/1.1\nHost: a.com\n\n"), Error::BadLineEnding);
         assert_eq!(err("GET / HTTP/1.1\r\nHost: a.com\rX: y\r\n\r\n"), Error::BadLineEnding);
         assert_eq!(err("GET / HTTP/1.1\r\nX: a\0b\r\nHost: a.com\r\n\r\n"), Error::BadHeaderValue);
+    }
+
+    #[test]
+    fn framings_upstreams_may_read_differently_are_refused() {
+        let post = "POST / HTTP/1.1\r\nHost: a.com\r\n";
+        // Only one exact, lower-case `chunked`.
+        for te in ["Chunked", "CHUNKED", "chunked, chunked", "identity", "chunked;q=1", "\"chunked\"", "x-chunked"] {
+            let raw = format!("{post}Transfer-Encoding: {te}\r\n\r\n");
+            assert_eq!(err(&raw), Error::UnsupportedTransferEncoding, "{te}");
+        }
+        // HTTP/1.0 has no chunked coding.
+        assert_eq!(
+            err("POST / HTTP/1.0\r\nHost: a.com\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Error::TransferEncodingHttp10
+        );
+        let (h, _) = ok("POST / HTTP/1.0\r\nHost: a.com\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(h.body, Body::Length(3), "HTTP/1.0 with a length is fine");
+        // Both framings, in either order.
+        assert_eq!(
+            err(&format!("{post}Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")),
+            Error::ConflictingFraming
+        );
+        // No bodies on GET or HEAD; an explicit zero length is no body.
+        for method in ["GET", "HEAD"] {
+            for framing in ["Content-Length: 1", "Transfer-Encoding: chunked"] {
+                let raw = format!("{method} / HTTP/1.1\r\nHost: a.com\r\n{framing}\r\n\r\n");
+                assert_eq!(err(&raw), Error::BodyOnGetOrHead, "{raw:?}");
+            }
+            let (h, _) = ok(&format!("{method} / HTTP/1.1\r\nHost: a.com\r\nContent-Length: 0\r\n\r\n"));
+            assert_eq!(h.body, Body::None);
+        }
+        let (h, _) = ok("DELETE / HTTP/1.1\r\nHost: a.com\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(h.body, Body::Length(2));
+        // Underscore spellings that CGI-style gateways equate with the real one.
+        for name in ["Content_Length", "Transfer_Encoding", "HOST_"] {
+            let raw = format!("{post}Content-Length: 1\r\n{name}: 5\r\n\r\n");
+            let want = if name == "HOST_" { None } else { Some(Error::UnderscoreHeader) };
+            assert_eq!(parse_request_head(raw.as_bytes()).err(), want, "{name}");
+        }
+        assert!(ok(&format!("{post}X_Custom: 1\r\n\r\n")).0.body == Body::None);
+    }
+
+    #[test]
+    fn paths_are_normalised_for_matching() {
+        for (target, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("/a/b?x=/../c#f", "/a/b"),
+            ("/a?", "/a"),
+            ("/public/../private", "/private"),
+            ("/public/./x", "/public/x"),
+            ("/public/x/..", "/public/"),
+            ("/public/x/.", "/public/x/"),
+            ("/public//x", "/public/x"),
+            ("//public", "/public"),
+            ("/public/%2e%2e/private", "/private"),
+            ("/public/%2E%2e/private", "/private"),
+            ("/public/.%2e/private", "/private"),
+            ("/public/%2e/x", "/public/x"),
+            ("/%41%62%7e%2D%5f", "/Ab~-_"),
+            ("/a%3fb", "/a%3Fb"),
+            ("/a%3Fb", "/a%3Fb"),
+            ("/a%20b", "/a%20b"),
+            ("/%C3%A9", "/%C3%A9"),
+            ("/...", "/..."),
+            ("/a/..b", "/a/..b"),
+            ("/a;b/c", "/a;b/c"),
+            ("/100%25", "/100%25"),
+            ("/Public", "/Public"),
+        ] {
+            assert_eq!(normalize_path(target).as_deref(), Ok(want), "{target}");
+        }
+        // Normalising is idempotent.
+        for t in ["/a/./b/../c//d/", "/%7e%2e%2F"] {
+            if let Ok(once) = normalize_path(t) {
+                assert_eq!(normalize_path(&once), Ok(once.clone()), "{t}");
+            }
+        }
+        for (target, want) in [
+            ("*", PathError::NotOriginForm),
+            ("http://a.com/", PathError::NotOriginForm),
+            ("", PathError::NotOriginForm),
+            ("?/public/", PathError::NotOriginForm),
+            ("/a b", PathError::BadCharacter),
+            ("/a\u{e9}", PathError::BadCharacter),
+            ("/public\\..\\private", PathError::Backslash),
+            ("/public/%5c../private", PathError::EncodedBackslash),
+            ("/public%2F..%2Fprivate", PathError::EncodedSlash),
+            ("/public/%2f", PathError::EncodedSlash),
+            ("/a%00", PathError::EncodedControl),
+            ("/a%0d%0a", PathError::EncodedControl),
+            ("/a%7F", PathError::EncodedControl),
+            ("/a%", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("/a%zz", PathError::BadEscape),
+            ("/a%+1", PathError::BadEscape),
+            ("/public/%252e%252e/private", PathError::DoubleEncoded),
+            ("/public/..;/private", PathError::DotSegmentParams),
+            ("/public/.;x/y", PathError::DotSegmentParams),
+            ("/public/..%3b/private", PathError::DotSegmentParams),
+            ("/..", PathError::AboveRoot),
+            ("/a/../..", PathError::AboveRoot),
+            ("/%2e%2e/etc", PathError::AboveRoot),
+            ("/public/../../private", PathError::AboveRoot),
+        ] {
+            assert_eq!(normalize_path(target), Err(want), "{target}");
+        }
     }
 
     #[test]
@@ -607,6 +946,67 @@ mod tests {
         }
         let mut s = BodyScanner::new(Body::Chunked);
         assert_eq!(s.feed(&[b'1'; MAX_CHUNK_LINE + 1]), Err(Error::BadChunk));
+        let mut s = BodyScanner::new(Body::Chunked);
+        assert_eq!(s.feed(&[b'1'; MAX_CHUNK_DIGITS + 1]), Ok(MAX_CHUNK_DIGITS + 1), "waits for the line end");
+        assert_eq!(s.feed(b"\r\n"), Err(Error::BadChunk), "too many digits");
+        for bad in [&b"0x5\r\n"[..], b"\r\n", b" 5\r\n", b"5\r\r\n", b"5\rX\n", b"+5\r\n"] {
+            let mut s = BodyScanner::new(Body::Chunked);
+            assert_eq!(s.feed(bad), Err(Error::BadChunk), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn chunk_extensions_are_token_characters_only() {
+        let body = |line: &str| {
+            let mut s = BodyScanner::new(Body::Chunked);
+            s.feed(format!("{line}\r\nabc\r\n0\r\n\r\n").as_bytes()).map(|_| s.is_done())
+        };
+        for good in ["3", "3;a", "3;a=b", "3;a=b;c", "3;name=val!#$%&'*+-.^_`|~"] {
+            assert_eq!(body(good), Ok(true), "{good}");
+        }
+        for bad in
+            ["3;", "3;;a", "3; a", "3;a =b", "3;a= b", "3;a=", "3;=b", "3;a=\"b\"", "3;a=b c", "3;a\tb", "3;a=b;"]
+        {
+            assert_eq!(body(bad), Err(Error::BadChunkExtension), "{bad:?}");
+        }
+        // Whitespace after the size, a bare CR inside an extension (a line
+        // end for lax parsers).
+        assert_eq!(body("3 ;a"), Err(Error::BadChunk));
+        assert_eq!(body("3;a\rb"), Err(Error::BadChunk));
+        // The whole line is bounded too.
+        let long = format!("3;{}", "a".repeat(MAX_CHUNK_LINE));
+        assert_eq!(body(&long), Err(Error::BadChunk));
+    }
+
+    #[test]
+    fn trailers_are_bounded_and_well_formed() {
+        let body = |trailers: &str| {
+            let mut s = BodyScanner::new(Body::Chunked);
+            s.feed(format!("1\r\nx\r\n0\r\n{trailers}\r\nNEXT").as_bytes()).map(|n| (n, s.is_done()))
+        };
+        let ok_trailers = "X-Sum: abc\r\nX-Empty:\r\nX-Tab:\tv\r\n";
+        let (n, done) = body(ok_trailers).unwrap();
+        assert!(done);
+        assert_eq!(n, "1\r\nx\r\n0\r\n".len() + ok_trailers.len() + 2, "stops before the next request");
+        for (bad, want) in [
+            ("Content-Length: 5\r\n", Error::ForbiddenTrailer),
+            ("transfer-encoding: chunked\r\n", Error::ForbiddenTrailer),
+            ("Host: evil.com\r\n", Error::ForbiddenTrailer),
+            ("Content_Length: 5\r\n", Error::ForbiddenTrailer),
+            ("no colon\r\n", Error::BadTrailer),
+            (": v\r\n", Error::BadTrailer),
+            ("X Y: v\r\n", Error::BadTrailer),
+            (" X: folded\r\n", Error::BadTrailer),
+            ("X: a\x00b\r\n", Error::BadTrailer),
+            ("X: a\rb\r\n", Error::BadTrailer),
+            ("X: a\nb\r\n", Error::BadTrailer),
+        ] {
+            assert_eq!(body(bad), Err(want), "{bad:?}");
+        }
+        let many: String = (0..=MAX_TRAILERS).map(|i| format!("X{i}: v\r\n")).collect();
+        assert_eq!(body(&many), Err(Error::TrailersTooLarge));
+        let big: String = (0..10).map(|i| format!("X{i}: {}\r\n", "v".repeat(MAX_CHUNK_LINE - 10))).collect();
+        assert_eq!(body(&big), Err(Error::TrailersTooLarge));
     }
 
     #[test]

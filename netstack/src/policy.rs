@@ -23,6 +23,10 @@
 //! [[rule]]
 //! deny = "upload.example.org"
 //!
+//! [[rule]]
+//! allow = "wiki.corp.example"
+//! addresses = ["10.0.0.5"]     # allow rules only: non-public upstreams
+//!
 //! [files]                      # the shared folder's rules (vmm::fs::policy)
 //! hidden = ["secrets/", "*.p12"]       # added to the defaults
 //! read_only = ["Makefile", "ci/**"]    # added to the defaults
@@ -40,13 +44,39 @@
 //! checked on plain HTTP: an allow rule that has them never allows HTTPS
 //! (whose requests netstack cannot see), and a deny rule that has them
 //! denies HTTPS to that host outright — both fail closed.
+//!
+//! Paths: `path_prefix` is compared, as a plain string prefix, with the
+//! request's normalised path ([`crate::http::normalize_path`]): query and
+//! fragment dropped, `%XX` escapes of unreserved characters decoded, dot
+//! segments (`.`, `..`, `%2e%2e`) resolved, `//` collapsed; so
+//! `/public/../private` is `/private` and does not match `/public/`. The
+//! path is case-sensitive (`/Public/` is not `/public/`; an upstream that
+//! ignores case may need deny rules for each spelling); the hex digits of
+//! escapes are not. The prefix itself is normalised when the file is read
+//! and must not contain `?` or `#`. `/public` also matches `/publicity`:
+//! end the prefix with `/` for a directory. A request to a host and port
+//! that any path rule names is refused outright if its target cannot be
+//! normalised safely (an encoded `/` or `\`, `%00`, a bad or double
+//! escape, `..` above the root, a backslash, `..;`).
+//!
+//! Upstream addresses: an allowed name is resolved on the host when the
+//! guest connects, and netstack connects only to a global unicast address
+//! (the first one in the answer; never loopback, private, link-local
+//! including cloud metadata at 169.254.169.254, CGNAT, unique-local,
+//! multicast, documentation, benchmarking or other reserved ranges, nor
+//! the IPv4-mapped forms of those) — unless an allow rule whose name and
+//! port match lists the address in `addresses`, or `sbx run --resolve`
+//! maps the name to it. The address checked is the address connected to
+//! (one resolution per connection).
 
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::host::{self, HostName};
+use crate::http::{self, PathError};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -64,6 +94,14 @@ pub enum Error {
     Method(usize, String),
     #[error("Rule {0}: path_prefix must start with '/'")]
     PathPrefix(usize),
+    #[error("Rule {0}: path_prefix must not contain '?' or '#' (only the path is matched)")]
+    PathPrefixQuery(usize),
+    #[error("Rule {0}: path_prefix '{1}' cannot be normalised: {2}")]
+    PathPrefixForm(usize, String, PathError),
+    #[error("Rule {0}: bad address '{1}' (expected an IP address such as 10.0.0.5 or fd00::5)")]
+    Address(usize, String),
+    #[error("Rule {0}: 'addresses' can only be given on an allow rule")]
+    AddressOnDeny(usize),
     #[error("Rule {0}: port 0 is not a port")]
     Port(usize),
     #[error("Unknown agent '{0}'")]
@@ -132,7 +170,11 @@ pub struct Rule {
     pub pattern: Pattern,
     pub ports: Vec<u16>,
     pub methods: Vec<String>,
+    /// The path prefix, normalised ([`http::normalize_path`]).
     pub path_prefix: Option<String>,
+    /// Allow rules only: non-global upstream addresses this rule's names
+    /// may connect to (canonical: no IPv4-mapped IPv6 forms).
+    pub addresses: Vec<IpAddr>,
     pub origin: Origin,
 }
 
@@ -154,17 +196,23 @@ impl fmt::Display for Rule {
         if let Some(p) = &self.path_prefix {
             write!(f, " path {p}")?;
         }
+        if !self.addresses.is_empty() {
+            let addrs: Vec<String> = self.addresses.iter().map(IpAddr::to_string).collect();
+            write!(f, " addresses {}", addrs.join(","))?;
+        }
         Ok(())
     }
 }
 
 /// What is being asked: a validated name, a port, and for plain HTTP the
-/// method and path of the request.
+/// method and request target (path rules see it normalised).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
     pub host: &'a HostName,
     pub port: u16,
     /// `None` for HTTPS (SNI only: method and path are not visible).
+    /// The target as sent, or already normalised: it is normalised (again,
+    /// idempotently) before path rules are compared with it.
     pub http: Option<(&'a str, &'a str)>,
 }
 
@@ -193,6 +241,7 @@ struct FileRule {
     ports: Option<Vec<u16>>,
     methods: Option<Vec<String>>,
     path_prefix: Option<String>,
+    addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,7 +325,15 @@ const AGENTS: &[(&str, &[&str])] = &[
 ];
 
 fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
-    Rule { action: Action::Allow, pattern, ports: DEFAULT_PORTS.to_vec(), methods: vec![], path_prefix: None, origin }
+    Rule {
+        action: Action::Allow,
+        pattern,
+        ports: DEFAULT_PORTS.to_vec(),
+        methods: vec![],
+        path_prefix: None,
+        addresses: vec![],
+        origin,
+    }
 }
 
 impl Policy {
@@ -333,17 +390,42 @@ impl Policy {
                     return Err(Error::Method(n, m.clone()));
                 }
             }
-            if r.path_prefix.as_deref().is_some_and(|p| !p.starts_with('/')) {
-                return Err(Error::PathPrefix(n));
+            let path_prefix = r.path_prefix.map(|p| normal_prefix(n, &p)).transpose()?;
+            let mut addresses = Vec::new();
+            for raw in r.addresses.unwrap_or_default() {
+                let addr: IpAddr = raw.parse().map_err(|_| Error::Address(n, raw.clone()))?;
+                addresses.push(addr.to_canonical());
             }
-            rules.push(Rule { action, pattern, ports, methods, path_prefix: r.path_prefix, origin: Origin::File(n) });
+            if action == Action::Deny && !addresses.is_empty() {
+                return Err(Error::AddressOnDeny(n));
+            }
+            rules.push(Rule { action, pattern, ports, methods, path_prefix, addresses, origin: Origin::File(n) });
         }
         Ok(Policy { rules, files: file.files })
     }
 
     /// Every rule that matches `req`, in order.
     pub fn explain(&self, req: &Request<'_>) -> Vec<&Rule> {
-        self.rules.iter().filter(|r| rule_matches(r, req)).collect()
+        let path = req.http.map(|(_, target)| http::normalize_path(target));
+        self.rules.iter().filter(|r| rule_matches(r, req, path.as_ref())).collect()
+    }
+
+    /// Whether any rule for `host` on `port` has a path prefix: requests
+    /// there must have a target that normalises ([`http::normalize_path`]),
+    /// or they are refused before the policy decides.
+    pub fn has_path_rules(&self, host: &HostName, port: u16) -> bool {
+        self.rules.iter().any(|r| r.path_prefix.is_some() && r.pattern.matches(host) && r.ports.contains(&port))
+    }
+
+    /// The non-global upstream addresses that `host` on `port` may connect
+    /// to: the `addresses` of every allow rule whose name and ports match
+    /// (canonical forms, in rule order).
+    pub fn permitted_addresses(&self, host: &HostName, port: u16) -> Vec<IpAddr> {
+        self.rules
+            .iter()
+            .filter(|r| r.action == Action::Allow && r.pattern.matches(host) && r.ports.contains(&port))
+            .flat_map(|r| r.addresses.iter().copied())
+            .collect()
     }
 
     /// Whether DNS should resolve `host`: some request to it could be
@@ -377,15 +459,33 @@ impl Policy {
     }
 }
 
-fn rule_matches(rule: &Rule, req: &Request<'_>) -> bool {
+/// A rule's path prefix, normalised like request paths.
+fn normal_prefix(n: usize, raw: &str) -> Result<String, Error> {
+    if !raw.starts_with('/') {
+        return Err(Error::PathPrefix(n));
+    }
+    if raw.contains(['?', '#']) {
+        return Err(Error::PathPrefixQuery(n));
+    }
+    http::normalize_path(raw).map_err(|e| Error::PathPrefixForm(n, raw.to_string(), e))
+}
+
+/// `path`: the request's normalised path (HTTP only).
+fn rule_matches(rule: &Rule, req: &Request<'_>, path: Option<&Result<String, PathError>>) -> bool {
     if !rule.pattern.matches(req.host) || !rule.ports.contains(&req.port) {
         return false;
     }
     let narrowed = !rule.methods.is_empty() || rule.path_prefix.is_some();
     match req.http {
-        Some((method, path)) => {
-            (rule.methods.is_empty() || rule.methods.iter().any(|m| m == method))
-                && rule.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+        Some((method, _)) => {
+            let path_matches = match (rule.path_prefix.as_deref(), path) {
+                (None, _) => true,
+                (Some(prefix), Some(Ok(path))) => path.starts_with(prefix),
+                // A path that cannot be normalised: an allow with a path
+                // never allows it, a deny with a path always denies it.
+                (Some(_), _) => rule.action == Action::Deny,
+            };
+            (rule.methods.is_empty() || rule.methods.iter().any(|m| m == method)) && path_matches
         }
         // HTTPS: a narrowed allow cannot be checked (never allows); a
         // narrowed deny cannot be checked either (always denies).
@@ -522,6 +622,85 @@ mod tests {
         assert_eq!(http(&p, "api.io", "GET", "/"), Action::Allow);
         assert_eq!(http(&p, "api.io", "POST", "/"), Action::Deny);
         assert_eq!(https(&p, "api.io"), Action::Deny, "a narrowed deny denies HTTPS outright");
+    }
+
+    #[test]
+    fn path_rules_match_the_normalised_path() {
+        let p = Policy::from_toml(FILE).unwrap();
+        for allowed in ["/public/a", "/public/./a", "/public//a", "/public/x/../a", "/%70ublic/a", "/public/a?x=../.."]
+        {
+            assert_eq!(http(&p, "files.net", "GET", allowed), Action::Allow, "{allowed}");
+        }
+        for denied in [
+            "/public/../private",
+            "/public/%2e%2e/private",
+            "/public/.%2E/private",
+            "/public/..%2Fprivate",
+            "/public/%2F../private",
+            "/public/..;/private",
+            "/public\\..\\private",
+            "/public/../../private",
+            "/public/%00",
+            "/PUBLIC/a",
+            "/private?/public/",
+        ] {
+            assert_eq!(http(&p, "files.net", "GET", denied), Action::Deny, "{denied}");
+        }
+        let deny_admin = Policy::from_toml(
+            "version = 1\n[[rule]]\nallow = \"a.com\"\n[[rule]]\ndeny = \"a.com\"\npath_prefix = \"/admin/\"\n",
+        )
+        .unwrap();
+        for denied in [
+            "/admin/x",
+            "/x/../admin/x",
+            "/%61dmin/x",
+            "//admin/x",
+            "/./admin/x",
+            "/admin%2Fx",
+            "/a/%2e%2e/%2e%2e/admin/",
+        ] {
+            assert_eq!(http(&deny_admin, "a.com", "GET", denied), Action::Deny, "{denied}");
+        }
+        assert_eq!(http(&deny_admin, "a.com", "GET", "/administrator"), Action::Allow);
+        assert!(deny_admin.has_path_rules(&host("a.com"), 80));
+        assert!(!deny_admin.has_path_rules(&host("b.com"), 80));
+        assert!(p.has_path_rules(&host("files.net"), 443) && !p.has_path_rules(&host("api.io"), 80));
+    }
+
+    #[test]
+    fn path_prefixes_are_normalised_when_read() {
+        let p = |prefix: &str| {
+            Policy::from_toml(&format!("version = 1\n[[rule]]\nallow = \"a.com\"\npath_prefix = \"{prefix}\"\n"))
+        };
+        assert_eq!(p("/a/./b/%7e/").unwrap().rules[0].path_prefix.as_deref(), Some("/a/b/~/"));
+        assert!(matches!(p("/a?b"), Err(Error::PathPrefixQuery(1))));
+        assert!(matches!(p("/a%2fb"), Err(Error::PathPrefixForm(1, _, PathError::EncodedSlash))));
+        assert!(matches!(p("/.."), Err(Error::PathPrefixForm(1, _, PathError::AboveRoot))));
+        assert!(matches!(p("a"), Err(Error::PathPrefix(1))));
+    }
+
+    #[test]
+    fn addresses_widen_allow_rules_only() {
+        let text = "version = 1\n[[rule]]\nallow = \"wiki.corp\"\nports = [80]\naddresses = [\"10.0.0.5\", \"::ffff:192.168.1.1\", \"fd00::5\"]\n[[rule]]\nallow = \"*.corp\"\n";
+        let p = Policy::from_toml(text).unwrap();
+        let want: Vec<IpAddr> = ["10.0.0.5", "192.168.1.1", "fd00::5"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(p.permitted_addresses(&host("wiki.corp"), 80), want, "mapped forms are canonical");
+        assert!(p.permitted_addresses(&host("wiki.corp"), 443).is_empty(), "port not listed");
+        assert!(p.permitted_addresses(&host("other.corp"), 80).is_empty());
+        assert!(p.rules[0].to_string().ends_with("addresses 10.0.0.5,192.168.1.1,fd00::5"), "{}", p.rules[0]);
+        let err = |t: &str| Policy::from_toml(t).unwrap_err();
+        assert!(matches!(
+            err("version = 1\n[[rule]]\nallow = \"a.com\"\naddresses = [\"10.0.0\"]\n"),
+            Error::Address(1, _)
+        ));
+        assert!(matches!(
+            err("version = 1\n[[rule]]\nallow = \"a.com\"\naddresses = [\"a.com\"]\n"),
+            Error::Address(1, _)
+        ));
+        assert!(matches!(
+            err("version = 1\n[[rule]]\ndeny = \"a.com\"\naddresses = [\"10.0.0.5\"]\n"),
+            Error::AddressOnDeny(1)
+        ));
     }
 
     #[test]

@@ -10,16 +10,27 @@
 //! TCP to ports 80 and 443 of those addresses is terminated here and
 //! handled per connection by [`crate::conn`].
 //!
+//! Upstream connections never reach the host's own network by accident:
+//! a name resolved on the host is connected to only at a global unicast
+//! address ([`classify_ip`]), unless `--resolve` ([`Resolver::overrides`])
+//! or a policy rule's `addresses` names the address (see [`crate::conn`]).
+//!
 //! Limits: at most [`MAX_QUEUED_FRAMES`] frames wait in each direction
 //! (more are dropped, as a full NIC would), frames are at most the MTU;
 //! at most [`MAX_CONNS`] TCP connections (further SYNs find no listener
-//! and are reset), each with 64 KiB socket buffers and the buffers of
-//! [`crate::conn::MAX_BUFFERED`]; a connection idle for [`IDLE_MS`] is
-//! reset.
+//! and are reset), each with 64 KiB socket buffers, the buffers of
+//! [`crate::conn::MAX_BUFFERED`] and at most [`crate::conn::MAX_IN_FLIGHT`]
+//! requests awaiting responses; at most [`crate::conn::MAX_CONNECT_THREADS`]
+//! connect threads at once; a connection idle for [`IDLE_MS`] is reset.
+//! Everything else that grows with guest input is bounded where it is
+//! parsed: [`MAX_NAMES`] bound names, the DNS socket's [`DNS_QUEUE`] messages,
+//! heads and chunk lines in [`crate::http`], the ClientHello record in
+//! [`crate::tls`]; audit events are written out every poll.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, Route, SocketHandle, SocketSet};
@@ -32,7 +43,7 @@ use smoltcp::wire::{
 };
 
 use crate::audit::SharedLog;
-use crate::conn::{Conn, Resolve};
+use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
 use crate::policy::{Action, Policy};
@@ -49,11 +60,18 @@ pub const MAX_CONNS: usize = 256;
 pub const IDLE_MS: u64 = 10 * 60 * 1000;
 const LISTENERS_PER_PORT: usize = 4;
 const TCP_BUFFER: usize = 64 * 1024;
+/// DNS messages queued in each direction on the DNS socket.
+const DNS_QUEUE: usize = 64;
+/// Bytes taken from a guest socket at a time: a connection's inbox holds
+/// at most [`crate::conn::MAX_BUFFERED`] plus this.
+const READ_CHUNK: usize = 16 * 1024;
 const POLICED_PORTS: [u16; 2] = [80, 443];
 
 /// Upstream addresses: an override table (like curl's --resolve, for tests
-/// and local services), then, if enabled, the host's resolver (run on the
-/// connection's connect thread, never in the poll loop).
+/// and local services; used as given, whatever the address), then, if
+/// enabled, the host's resolver (run on the connection's connect thread,
+/// never in the poll loop; its answers are checked, see
+/// [`crate::conn::choose_upstream`]).
 #[derive(Default)]
 pub struct Resolver {
     pub overrides: HashMap<(HostName, u16), SocketAddr>,
@@ -61,15 +79,171 @@ pub struct Resolver {
 }
 
 impl Resolve for Resolver {
+    /// The override, else the first global unicast address.
     fn resolve(&self, name: &HostName, port: u16) -> Option<SocketAddr> {
+        match self.lookup(name, port) {
+            Lookup::Override(a) => Some(a),
+            Lookup::Resolved(all) => all.into_iter().find(|a| is_global_unicast(a.ip())),
+            Lookup::NotFound => None,
+        }
+    }
+
+    /// The override, else every address the host's resolver gives (IPv4
+    /// first, at most [`MAX_CANDIDATES`]).
+    fn lookup(&self, name: &HostName, port: u16) -> Lookup {
         if let Some(a) = self.overrides.get(&(name.clone(), port)) {
-            return Some(*a);
+            return Lookup::Override(*a);
         }
         if !self.system {
-            return None;
+            return Lookup::NotFound;
         }
-        (name.as_str(), port).to_socket_addrs().ok()?.find(|a| a.is_ipv4())
+        let Ok(found) = (name.as_str(), port).to_socket_addrs() else { return Lookup::NotFound };
+        let mut all: Vec<SocketAddr> = found.take(MAX_CANDIDATES).collect();
+        all.sort_by_key(|a| !a.is_ipv4());
+        Lookup::Resolved(all)
     }
+}
+
+/// What kind of address an upstream address is. Only [`AddrClass::Global`]
+/// is connected to unless the address is explicitly permitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrClass {
+    /// Global unicast: the public Internet.
+    Global,
+    /// 0.0.0.0/8 ("this network"), `::`.
+    Unspecified,
+    /// 127.0.0.0/8, `::1`.
+    Loopback,
+    /// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16.
+    Private,
+    /// 100.64.0.0/10 (carrier-grade NAT).
+    SharedCgnat,
+    /// 169.254.0.0/16 (cloud metadata lives at 169.254.169.254), fe80::/10.
+    LinkLocal,
+    /// fc00::/7, and the deprecated site-local fec0::/10.
+    UniqueLocal,
+    /// 224.0.0.0/4, ff00::/8.
+    Multicast,
+    /// 255.255.255.255.
+    Broadcast,
+    /// 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32,
+    /// 3fff::/20.
+    Documentation,
+    /// 198.18.0.0/15 (netstack's own synthetic addresses), 2001:2::/48.
+    Benchmarking,
+    /// Everything else that is not global unicast: 192.0.0.0/24,
+    /// 192.88.99.0/24, 240.0.0.0/4, IPv4-compatible `::a.b.c.d`,
+    /// 64:ff9b:1::/48, 2001::/23, 6to4 2002::/16, and all IPv6 outside
+    /// 2000::/3.
+    Reserved,
+}
+
+impl fmt::Display for AddrClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AddrClass::Global => "global unicast",
+            AddrClass::Unspecified => "unspecified",
+            AddrClass::Loopback => "loopback",
+            AddrClass::Private => "private",
+            AddrClass::SharedCgnat => "shared (CGNAT)",
+            AddrClass::LinkLocal => "link-local",
+            AddrClass::UniqueLocal => "unique local",
+            AddrClass::Multicast => "multicast",
+            AddrClass::Broadcast => "broadcast",
+            AddrClass::Documentation => "documentation",
+            AddrClass::Benchmarking => "benchmarking",
+            AddrClass::Reserved => "reserved",
+        })
+    }
+}
+
+/// Whether `a` is in `base/len`.
+fn in_v4(a: Ipv4Addr, base: [u8; 4], len: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(a) & mask == u32::from_be_bytes(base) & mask
+}
+
+fn in_v6(a: Ipv6Addr, base: [u16; 8], len: u32) -> bool {
+    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+    u128::from(a) & mask == u128::from(Ipv6Addr::from(base)) & mask
+}
+
+fn classify_v4(a: Ipv4Addr) -> AddrClass {
+    const TABLE: &[([u8; 4], u32, AddrClass)] = &[
+        ([0, 0, 0, 0], 8, AddrClass::Unspecified),
+        ([10, 0, 0, 0], 8, AddrClass::Private),
+        ([100, 64, 0, 0], 10, AddrClass::SharedCgnat),
+        ([127, 0, 0, 0], 8, AddrClass::Loopback),
+        ([169, 254, 0, 0], 16, AddrClass::LinkLocal),
+        ([172, 16, 0, 0], 12, AddrClass::Private),
+        ([192, 0, 0, 0], 24, AddrClass::Reserved),
+        ([192, 0, 2, 0], 24, AddrClass::Documentation),
+        ([192, 88, 99, 0], 24, AddrClass::Reserved),
+        ([192, 168, 0, 0], 16, AddrClass::Private),
+        ([198, 18, 0, 0], 15, AddrClass::Benchmarking),
+        ([198, 51, 100, 0], 24, AddrClass::Documentation),
+        ([203, 0, 113, 0], 24, AddrClass::Documentation),
+        ([224, 0, 0, 0], 4, AddrClass::Multicast),
+        ([255, 255, 255, 255], 32, AddrClass::Broadcast),
+        ([240, 0, 0, 0], 4, AddrClass::Reserved),
+    ];
+    TABLE.iter().find(|(base, len, _)| in_v4(a, *base, *len)).map_or(AddrClass::Global, |(_, _, c)| *c)
+}
+
+fn classify_v6(a: Ipv6Addr) -> AddrClass {
+    if a.is_unspecified() {
+        return AddrClass::Unspecified;
+    }
+    if a.is_loopback() {
+        return AddrClass::Loopback;
+    }
+    // IPv4-mapped ::ffff:a.b.c.d and NAT64 64:ff9b::a.b.c.d reach the IPv4
+    // address inside: judged as that address.
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return classify_v4(v4);
+    }
+    if in_v6(a, [0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96) {
+        return classify_v4(Ipv4Addr::from(u128::from(a) as u32));
+    }
+    const TABLE: &[([u16; 8], u32, AddrClass)] = &[
+        // IPv4-compatible ::a.b.c.d (deprecated).
+        ([0, 0, 0, 0, 0, 0, 0, 0], 96, AddrClass::Reserved),
+        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, AddrClass::Multicast),
+        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, AddrClass::LinkLocal),
+        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, AddrClass::UniqueLocal),
+        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, AddrClass::UniqueLocal),
+        ([0x2001, 0x0db8, 0, 0, 0, 0, 0, 0], 32, AddrClass::Documentation),
+        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, AddrClass::Documentation),
+        ([0x2001, 0x0002, 0, 0, 0, 0, 0, 0], 48, AddrClass::Benchmarking),
+        // IETF protocol assignments, Teredo, ORCHID.
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 23, AddrClass::Reserved),
+        // 6to4: reaches whatever IPv4 address is inside through a relay.
+        ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16, AddrClass::Reserved),
+    ];
+    if let Some((_, _, c)) = TABLE.iter().find(|(base, len, _)| in_v6(a, *base, *len)) {
+        return *c;
+    }
+    // Global unicast is 2000::/3; the rest (64:ff9b:1::/48, 100::/64,
+    // 5f00::/16 are outside it) is not assigned for it.
+    if in_v6(a, [0x2000, 0, 0, 0, 0, 0, 0, 0], 3) {
+        AddrClass::Global
+    } else {
+        AddrClass::Reserved
+    }
+}
+
+/// What kind of address `ip` is (IPv4-mapped and NAT64 forms judged by the
+/// IPv4 address inside).
+pub fn classify_ip(ip: IpAddr) -> AddrClass {
+    match ip {
+        IpAddr::V4(a) => classify_v4(a),
+        IpAddr::V6(a) => classify_v6(a),
+    }
+}
+
+/// True if netstack may connect to `ip` without an explicit permission.
+pub fn is_global_unicast(ip: IpAddr) -> bool {
+    classify_ip(ip) == AddrClass::Global
 }
 
 /// The guest's network as netstack sets it up.
@@ -170,11 +344,19 @@ pub struct NetStack<W: Write> {
     audit: SharedLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
     conns: Vec<(SocketHandle, Conn, u64)>,
+    /// Connect threads running for this stack's connections.
+    connect_slots: Arc<ConnectSlots>,
     now_ms: u64,
 }
 
 impl<W: Write> NetStack<W> {
     pub fn new(cfg: Config, policy: Policy, resolver: Resolver, audit: SharedLog<W>) -> NetStack<W> {
+        NetStack::with_resolver(cfg, policy, Arc::new(resolver), audit)
+    }
+
+    /// As [`NetStack::new`], with any resolver (its `Override` answers are
+    /// used as given, its `Resolved` ones checked).
+    pub fn with_resolver(cfg: Config, policy: Policy, resolver: Arc<dyn Resolve>, audit: SharedLog<W>) -> NetStack<W> {
         let mut frames = Frames::new(cfg.mtu);
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac));
         let mut iface = Interface::new(IfaceConfig::new(hw), &mut frames, Instant::ZERO);
@@ -193,8 +375,12 @@ impl<W: Write> NetStack<W> {
             });
         });
         let mut sockets = SocketSet::new(Vec::new());
-        let udp_buffer =
-            || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * dns::MAX_UDP_MESSAGE]);
+        let udp_buffer = || {
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; DNS_QUEUE],
+                vec![0; DNS_QUEUE * dns::MAX_UDP_MESSAGE],
+            )
+        };
         let mut dns_socket = udp::Socket::new(udp_buffer(), udp_buffer());
         // Binding a fresh socket to a fixed port cannot fail.
         let _ = dns_socket.bind((cfg.gateway, DNS_PORT));
@@ -207,10 +393,11 @@ impl<W: Write> NetStack<W> {
             dns,
             names: NameTable::new(MAX_NAMES),
             policy,
-            resolver: Arc::new(resolver),
+            resolver,
             audit,
             listeners: Vec::new(),
             conns: Vec::new(),
+            connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
             now_ms: 0,
         };
         net.replenish_listeners();
@@ -220,6 +407,11 @@ impl<W: Write> NetStack<W> {
     /// Open guest TCP connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Connect threads running now (at most [`MAX_CONNECT_THREADS`]).
+    pub fn connect_threads(&self) -> usize {
+        self.connect_slots.running()
     }
 
     /// A frame from the guest. Frames beyond the queue limit are dropped.
@@ -289,7 +481,8 @@ impl<W: Write> NetStack<W> {
             match socket.local_endpoint().map(|e| e.addr) {
                 Some(IpAddress::Ipv4(dst)) => {
                     let name = self.names.name_of(dst).cloned();
-                    self.conns.push((h, Conn::new(port, dst, name), self.now_ms));
+                    let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone());
+                    self.conns.push((h, conn, self.now_ms));
                 }
                 _ => {
                     self.sockets.remove(h);
@@ -301,7 +494,7 @@ impl<W: Write> NetStack<W> {
     fn serve_tcp(&mut self) {
         let mut events = Vec::new();
         let mut finished = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; READ_CHUNK];
         for (idx, (h, conn, last_active)) in self.conns.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket>(*h);
             let before = (conn.bytes_up, conn.bytes_down);
@@ -316,6 +509,8 @@ impl<W: Write> NetStack<W> {
                 }
             }
             conn.pump_upstream(!socket.may_recv());
+            // A response may have freed an in-flight place.
+            conn.resume(&self.policy, &self.resolver);
             let out = conn.to_guest();
             while !out.is_empty() && socket.can_send() {
                 match socket.send_slice(out) {
@@ -1026,5 +1221,458 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
                 && log.contains("\"sni\":\"api.example.com\"")
                 && log.contains("\"decision\":\"allow\"")
         );
+    }
+
+    // ---- Boundaries: addresses, paths, framing, bounds ----
+
+    #[test]
+    fn addresses_are_classified() {
+        use AddrClass::*;
+        for (addr, want) in [
+            ("0.0.0.0", Unspecified),
+            ("0.1.2.3", Unspecified),
+            ("10.0.0.1", Private),
+            ("10.255.255.255", Private),
+            ("11.0.0.1", Global),
+            ("100.63.255.255", Global),
+            ("100.64.0.1", SharedCgnat),
+            ("100.127.255.255", SharedCgnat),
+            ("100.128.0.1", Global),
+            ("127.0.0.1", Loopback),
+            ("127.1.2.3", Loopback),
+            ("169.254.169.254", LinkLocal),
+            ("169.255.0.1", Global),
+            ("172.15.255.255", Global),
+            ("172.16.0.1", Private),
+            ("172.31.255.255", Private),
+            ("172.32.0.1", Global),
+            ("192.0.0.8", Reserved),
+            ("192.0.2.1", Documentation),
+            ("192.88.99.1", Reserved),
+            ("192.167.255.255", Global),
+            ("192.168.1.1", Private),
+            ("192.169.0.1", Global),
+            ("198.17.255.255", Global),
+            ("198.18.0.1", Benchmarking),
+            ("198.19.255.255", Benchmarking),
+            ("198.20.0.1", Global),
+            ("198.51.100.1", Documentation),
+            ("203.0.113.1", Documentation),
+            ("223.255.255.255", Global),
+            ("224.0.0.1", Multicast),
+            ("239.255.255.255", Multicast),
+            ("240.0.0.1", Reserved),
+            ("255.255.255.254", Reserved),
+            ("255.255.255.255", Broadcast),
+            ("1.1.1.1", Global),
+            ("93.184.216.34", Global),
+            ("::", Unspecified),
+            ("::1", Loopback),
+            ("::ffff:127.0.0.1", Loopback),
+            ("::ffff:169.254.169.254", LinkLocal),
+            ("::ffff:10.0.0.1", Private),
+            ("::ffff:100.64.0.1", SharedCgnat),
+            ("::ffff:0.0.0.0", Unspecified),
+            ("::ffff:1.1.1.1", Global),
+            ("::127.0.0.1", Reserved),
+            ("::1.1.1.1", Reserved),
+            ("64:ff9b::10.0.0.1", Private),
+            ("64:ff9b::169.254.169.254", LinkLocal),
+            ("64:ff9b::1.1.1.1", Global),
+            ("64:ff9b:1::1", Reserved),
+            ("100::1", Reserved),
+            ("fe80::1", LinkLocal),
+            ("febf::1", LinkLocal),
+            ("fec0::1", UniqueLocal),
+            ("fc00::1", UniqueLocal),
+            ("fd12:3456::1", UniqueLocal),
+            ("ff02::1", Multicast),
+            ("ff0e::1", Multicast),
+            ("2001:db8::1", Documentation),
+            ("3fff::1", Documentation),
+            ("3fff:1000::1", Global),
+            ("2001:2::1", Benchmarking),
+            ("2001::1", Reserved),
+            ("2001:10::1", Reserved),
+            ("2002:a00:1::1", Reserved),
+            ("5f00::1", Reserved),
+            ("4000::1", Reserved),
+            ("1fff:ffff::1", Reserved),
+            ("2606:4700:4700::1111", Global),
+            ("2001:4860:4860::8888", Global),
+            ("2a00:1450::1", Global),
+        ] {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(classify_ip(ip), want, "{addr}");
+            assert_eq!(is_global_unicast(ip), want == Global, "{addr}");
+        }
+    }
+
+    fn net_resolving(policy: &str, resolver: Arc<dyn Resolve>) -> Net {
+        NetStack::with_resolver(
+            Config::default(),
+            Policy::from_toml(policy).unwrap(),
+            resolver,
+            AuditLog::new(Vec::new()).shared(),
+        )
+    }
+
+    #[test]
+    fn resolved_non_global_addresses_are_refused_unless_a_rule_names_them() {
+        use crate::conn::test_support::TestResolver;
+        use crate::conn::Lookup;
+        // The "resolver" answers with a loopback server: only an override
+        // or a rule's `addresses` may reach it.
+        let (up, count) = http_upstream();
+        let held = TestResolver::new(Lookup::Resolved(vec![up]), true);
+        let policy = "version = 1\n[[rule]]\nallow = \"api.example.com\"\n";
+        let mut net = net_resolving(policy, held.clone());
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let get = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), get, |g| contains(g, "\n\n"));
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway"), "{text}");
+        assert!(text.contains(&format!("{}: loopback", up.ip())) && text.contains("no global unicast"), "{text}");
+        // TLS: a reset.
+        let hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["api.example.com"])]);
+        let (got, state) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &hello, |_| false);
+        assert!(got.is_empty() && state == tcp::State::Closed);
+        assert_eq!(count.load(Ordering::SeqCst), 0, "the loopback server was never reached");
+        let log = audit(&net);
+        let refusals: Vec<&str> = log.lines().filter(|l| l.contains("\"event\":\"upstream\"")).collect();
+        assert_eq!(refusals.len(), 2, "{log}");
+        for line in refusals {
+            assert!(line.contains("\"decision\":\"deny\"") && line.contains("\"class\":\"loopback\""), "{line}");
+        }
+        assert_eq!(held.lookups.load(Ordering::SeqCst), 2, "one lookup per connection");
+        assert_eq!(held.resolves.load(Ordering::SeqCst), 0);
+
+        // A rule naming the address permits it (and only for its ports).
+        let named =
+            format!("{policy}[[rule]]\nallow = \"api.example.com\"\nports = [80]\naddresses = [\"{}\"]\n", up.ip());
+        let mut net = net_resolving(&named, TestResolver::new(Lookup::Resolved(vec![up]), true));
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), get, |g| contains(g, "echo GET / 0"));
+        assert!(contains(&got, "echo GET / 0"), "{}", String::from_utf8_lossy(&got));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let (got, state) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &hello, |_| false);
+        assert!(got.is_empty() && state == tcp::State::Closed, "port 443 is not in the rule");
+        pump(&mut net, &mut guest, &mut now);
+        assert!(audit(&net).contains(&format!("\"upstream\":\"{up}\"")), "the address connected to is logged");
+    }
+
+    #[test]
+    fn the_host_resolver_never_connects_to_loopback() {
+        // `localhost` through the host's real resolver: loopback only.
+        let policy = "version = 1\n[[rule]]\nallow = \"localhost\"\n";
+        let resolver = Resolver { system: true, ..Resolver::default() };
+        let mut net = NetStack::new(
+            Config::default(),
+            Policy::from_toml(policy).unwrap(),
+            resolver,
+            AuditLog::new(Vec::new()).shared(),
+        );
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "localhost", &mut now));
+        let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), get, |g| contains(g, "\n\n"));
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("502") && text.contains("localhost resolves to no global unicast address"), "{text}");
+        assert!(audit(&net).contains("\"class\":\"loopback\""));
+    }
+
+    #[test]
+    fn path_rules_see_the_normalised_path_and_refuse_ambiguous_targets() {
+        let (up, count) = http_upstream();
+        let policy =
+            "version = 1\n[[rule]]\nallow = \"files.example.com\"\nmethods = [\"GET\"]\npath_prefix = \"/public/\"\n";
+        let mut net = net_with(policy, &[("files.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "files.example.com", &mut now));
+        let get = |target: &str| format!("GET {target} HTTP/1.1\r\nHost: files.example.com\r\n\r\n").into_bytes();
+        for (target, reason) in [
+            ("/public/../private", "default deny"),
+            ("/public/%2e%2E/private", "default deny"),
+            ("/public//..//private", "default deny"),
+            ("/public/%2F..%2Fprivate", "encoded '/'"),
+            ("/public/..%5Cprivate", "encoded backslash"),
+            ("/public/..\\private", "backslash"),
+            ("/public/%00", "control character"),
+            ("/public/%zz", "malformed percent escape"),
+            ("/public/../../private", "above the root"),
+            ("/public/..;/private", "dot segment with parameters"),
+            ("/public/%252e%252e/private", "double-encoded"),
+        ] {
+            let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &get(target), |g| contains(g, "\n\n"));
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 403") && text.contains(reason), "{target}: {text}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 0, "nothing refused went upstream");
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &get("/public/./a//b?x=/../"), |g| {
+            contains(g, "echo GET")
+        });
+        assert!(contains(&got, "echo GET /public/./a//b?x=/../ 0"), "forwarded as sent");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let log = audit(&net);
+        assert!(log.contains("\"normalized_path\":\"/public/a/b\""), "{log}");
+        assert!(log.contains("\"path\":\"/public/../private\"") && log.contains("\"normalized_path\":\"/private\""));
+    }
+
+    #[test]
+    fn framings_upstreams_could_misread_never_reach_them() {
+        let (up, count) = http_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let h = "Host: api.example.com\r\n";
+        for (req, reason) in [
+            (format!("GET / HTTP/1.1\r\n{h}Content-Length: 5\r\n\r\nhello"), "body on a GET"),
+            (format!("HEAD / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), "body on a GET"),
+            (format!("POST / HTTP/1.0\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), "HTTP/1.0"),
+            (format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"), "single 'chunked'"),
+            (format!("POST / HTTP/1.1\r\n{h}Transfer_Encoding: chunked\r\nContent-Length: 1\r\n\r\nx"), "'_'"),
+        ] {
+            let (got, _) =
+                exchange(&mut net, &mut guest, &mut now, (addr, 80), req.as_bytes(), |g| contains(g, "\n\n"));
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 403") && text.contains(reason), "{req:?}: {text}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        // A chunked body goes up as it is checked: a bad extension or a
+        // framing trailer stops it before its bytes leave. (This upstream
+        // does not know chunked: a forwarded chunk line would be counted as
+        // another request.)
+        for (body, reason) in [
+            ("3;a=\"x\"\r\nabc\r\n0\r\n\r\n", "chunk extension"),
+            ("3\r\nabc\r\n0\r\nContent-Length: 9\r\n\r\n", "trailer"),
+        ] {
+            let before = count.load(Ordering::SeqCst);
+            let req = format!("POST /c HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n{body}");
+            let (got, _) =
+                exchange(&mut net, &mut guest, &mut now, (addr, 80), req.as_bytes(), |g| contains(g, "refused"));
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.contains("echo POST /c 0") && text.contains("403") && text.contains(reason), "{text}");
+            assert_eq!(count.load(Ordering::SeqCst), before + 1, "only the head went upstream: {text}");
+        }
+    }
+
+    /// An upstream that reads and counts requests as they come but answers
+    /// them only once `open` is set (one response per request, in order).
+    fn gated_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (count, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (seen, gate) = (count.clone(), open.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (seen, gate) = (seen.clone(), gate.clone());
+                let (tx, rx) = std::sync::mpsc::channel::<String>();
+                let mut w = stream.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    for path in rx {
+                        while !gate.load(Ordering::SeqCst) {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        let body = format!("done {path}");
+                        let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        if w.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let _ = tx.send(path);
+                    }
+                });
+            }
+        });
+        (addr, count, open)
+    }
+
+    #[test]
+    fn pipelined_requests_wait_in_the_guest_socket_while_responses_are_due() {
+        use crate::conn::MAX_IN_FLIGHT;
+        let (up, count, open) = gated_upstream();
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let req = |i: usize, pad: usize| {
+            format!("GET /{i} HTTP/1.1\r\nHost: api.example.com\r\nX-Pad: {}\r\n\r\n", "p".repeat(pad)).into_bytes()
+        };
+        // First more pipelined requests than may be in flight, then (once
+        // netstack has stopped reading) 40 KiB more.
+        let first: Vec<u8> = (0..20).flat_map(|i| req(i, 1)).collect();
+        let second: Vec<u8> = (20..60).flat_map(|i| req(i, 1000)).collect();
+        let total = 60;
+        let buf = || tcp::SocketBuffer::new(vec![0; 256 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 80), 41080).unwrap();
+        let h = guest.sockets.add(socket);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let send_all = |net: &mut Net, guest: &mut Guest, now: &mut u64, data: &[u8], until: &dyn Fn(&Net) -> bool| {
+            let mut sent = 0;
+            loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sent {sent}, upstream saw {}",
+                    count.load(Ordering::SeqCst)
+                );
+                pump(net, guest, now);
+                let s = guest.sockets.get_mut::<tcp::Socket>(h);
+                if s.can_send() && sent < data.len() {
+                    sent += s.send_slice(&data[sent..]).unwrap_or(0);
+                }
+                if sent == data.len() && s.send_queue() == 0 && until(net) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        send_all(&mut net, &mut guest, &mut now, &first, &|net| net.conns[0].1.in_flight() == MAX_IN_FLIGHT);
+        send_all(&mut net, &mut guest, &mut now, &second, &|_| true);
+        // The upstream does not answer: nothing beyond the limit goes up,
+        // and what came since waits, unread, in netstack's socket.
+        for _ in 0..100 {
+            pump(&mut net, &mut guest, &mut now);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), MAX_IN_FLIGHT);
+        let (sh, conn, _) = &net.conns[0];
+        assert_eq!(conn.in_flight(), MAX_IN_FLIGHT);
+        assert!(!conn.wants_guest_bytes());
+        let unread = net.sockets.get::<tcp::Socket>(*sh).recv_queue();
+        assert_eq!(unread, second.len(), "backpressure: the guest's later bytes wait in the socket");
+        // Answers free places: every request goes through, in order.
+        open.store(true, Ordering::SeqCst);
+        let mut got = Vec::new();
+        let mut rx = vec![0u8; 64 * 1024];
+        let want = format!("done /{}", total - 1);
+        while !contains(&got, &want) {
+            assert!(std::time::Instant::now() < deadline, "{}", got.len());
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            while let Ok(n @ 1..) = s.recv_slice(&mut rx) {
+                got.extend_from_slice(&rx[..n]);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), total);
+        let text = String::from_utf8_lossy(&got);
+        let bodies: Vec<&str> =
+            text.split("HTTP/1.1 200 OK").skip(1).filter_map(|r| r.split("\r\n\r\n").nth(1)).collect();
+        let want: Vec<String> = (0..total).map(|i| format!("done /{i}")).collect();
+        assert_eq!(bodies, want);
+    }
+
+    #[test]
+    fn a_closed_guest_connection_cancels_its_pending_connect() {
+        use crate::conn::test_support::TestResolver;
+        use crate::conn::Lookup;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let held = TestResolver::new(Lookup::Override(listener.local_addr().unwrap()), false);
+        let mut net = net_resolving(HTTP_POLICY, held.clone());
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let buf = || tcp::SocketBuffer::new(vec![0; 4096]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 80), 41081).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut sent = false;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while held.lookups.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline);
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && !sent {
+                s.send_slice(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n").unwrap();
+                sent = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(net.connect_threads(), 1);
+        guest.sockets.get_mut::<tcp::Socket>(h).abort();
+        while net.connections() > 0 {
+            assert!(std::time::Instant::now() < deadline);
+            pump(&mut net, &mut guest, &mut now);
+        }
+        held.release();
+        while net.connect_threads() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the connect thread must end");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(listener.accept().is_err(), "no upstream connection after the guest left");
+    }
+
+    #[test]
+    fn responses_that_cannot_be_delimited_end_the_connection() {
+        // The upstream answers the first request with something that is not
+        // HTTP, then reads on: a second request must not reach it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = listener.local_addr().unwrap();
+        let extra = Arc::new(AtomicUsize::new(0));
+        let later = extra.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            s.write_all(b"SSH-2.0-not-http\r\n\r\n").unwrap();
+            let mut rest = [0u8; 1024];
+            while let Ok(n @ 1..) = s.read(&mut rest) {
+                later.fetch_add(n, Ordering::SeqCst);
+            }
+        });
+        let mut net = net_with(HTTP_POLICY, &[("api.example.com", 80, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let buf = || tcp::SocketBuffer::new(vec![0; 4096]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 80), 41082).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut step = 0;
+        let mut got = Vec::new();
+        let mut rx = [0u8; 4096];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "step {step}: {}", String::from_utf8_lossy(&got));
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            while let Ok(n @ 1..) = s.recv_slice(&mut rx) {
+                got.extend_from_slice(&rx[..n]);
+            }
+            if step == 0 && s.can_send() {
+                s.send_slice(b"GET /1 HTTP/1.1\r\nHost: api.example.com\r\n\r\n").unwrap();
+                step = 1;
+            } else if step == 1 && contains(&got, "SSH-2.0") && s.can_send() {
+                s.send_slice(b"GET /2 HTTP/1.1\r\nHost: api.example.com\r\n\r\n").unwrap();
+                step = 2;
+            } else if step == 2 && !s.may_recv() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(extra.load(Ordering::SeqCst), 0, "the second request never went upstream");
+        assert!(audit(&net).contains("could not be delimited"));
     }
 }
