@@ -33,11 +33,18 @@ fn the_workspace_is_shared_under_the_policy() {
     for d in [ws.join("src"), ws.join(".git/hooks"), ws.join(".ssh"), outside.clone(), extra.clone()] {
         fs::create_dir_all(d).unwrap();
     }
+    // A real repository on the host, with a token in its remote's URL.
+    let git_init = std::process::Command::new("git").args(["init", "-q"]).arg(&ws).status().unwrap();
+    assert!(git_init.success());
+    let git_config = "[core]\n[remote \"origin\"]\n\turl = https://me:tok-secret-5@example.com/r.git\n";
     fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
+    fs::write(ws.join("id_rsa"), "rsa-secret-6\n").unwrap();
     fs::write(ws.join(".env"), "TOKEN=env-secret-1\n").unwrap();
     fs::write(ws.join(".ssh/id_ed25519"), "ssh-secret-2\n").unwrap();
     fs::write(ws.join("server.pem"), "pem-secret-3\n").unwrap();
-    fs::write(ws.join(".git/config"), "[core]\n").unwrap();
+    fs::write(ws.join(".git/config"), git_config).unwrap();
+    let markers = top_path.join("markers");
+    fs::create_dir_all(&markers).unwrap();
     fs::write(ws.join(".git/hooks/pre-commit"), "#!/bin/sh\n").unwrap();
     fs::write(outside.join("secret"), "outside-secret-4\n").unwrap();
     fs::write(extra.join("README"), "extra docs\n").unwrap();
@@ -119,9 +126,59 @@ fn the_workspace_is_shared_under_the_policy() {
     assert!(!out.status.success(), "the guest's root is refused too");
     let (code, out) = sh(&sbx, "echo ref > .git/FETCH_HEAD");
     assert_eq!(code, 0, "{out}");
-    assert_eq!(fs::read_to_string(ws.join(".git/config")).unwrap(), "[core]\n");
+    assert_eq!(fs::read_to_string(ws.join(".git/config")).unwrap(), git_config);
     assert_eq!(fs::read_to_string(ws.join(".git/hooks/pre-commit")).unwrap(), "#!/bin/sh\n");
     assert!(!ws.join(".git/hooks/post-checkout").exists());
+
+    // Git: nothing the guest writes makes the host's git run its code.
+    // Every known way in is refused...
+    let m = markers.display();
+    for attack in [
+        format!("printf '[core]\\n\\tfsmonitor = touch {m}/m1\\n' > .git/config.worktree"),
+        "echo /tmp > .git/commondir".to_string(),
+        "mkdir -p .git/worktrees/x".to_string(),
+        "mkdir -p .git/modules/x".to_string(),
+        "mkdir -p .git/info && echo '* filter=x' > .git/info/attributes".to_string(),
+        "echo ../../x > .git/objects/info/alternates".to_string(),
+        format!("mkdir -p bare/objects bare/refs && echo 'ref: refs/heads/main' > bare/HEAD && printf '[core]\\n\\tfsmonitor = touch {m}/m2\\n' > bare/config"),
+    ] {
+        fails(&sbx, &attack, "");
+    }
+    // ... while git itself works, in the host's repository and in new ones
+    // the guest makes, whose git directories stay out of the folder.
+    let (code, out) = sh(
+        &sbx,
+        &format!(
+            "git add src/main.rs && git -c user.name=a -c user.email=a@b commit -qm host-repo && \
+             git init -q nested && cd nested && echo hi > f && git add f && \
+             git -c user.name=a -c user.email=a@b commit -qm guest-repo && git log --format=%s && \
+             git config core.fsmonitor 'touch {m}/m3' && cd .. && mkdir sub && echo 'gitdir: ../bare' > sub/.git && \
+             cat .git/config"
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("guest-repo\n"), "{out}");
+    assert!(out.contains("url = https://example.com/r.git") && !out.contains("tok-secret-5"), "{out}");
+    let host_log = std::process::Command::new("git").arg("-C").arg(&ws).args(["log", "--format=%s"]).output().unwrap();
+    assert_eq!(text(&host_log.stdout), "host-repo\n", "{}", text(&host_log.stderr));
+    assert!(ws.join("nested/f").exists() && !ws.join("nested/.git").exists() && !ws.join("sub/.git").exists());
+    assert!(!ws.join("bare/config").exists());
+    for dir in [ws.clone(), ws.join("nested"), ws.join("sub"), ws.join("bare")] {
+        let _ = std::process::Command::new("git").arg("-C").arg(&dir).arg("status").output().unwrap();
+    }
+    let planted: Vec<_> = fs::read_dir(&markers).unwrap().collect();
+    assert!(planted.is_empty(), "the host's git ran what the guest planted: {planted:?}");
+
+    // Links are followed through the host's own: none leads out.
+    fails(&sbx, "ln -s dir-link/secret chain", "");
+    fails(&sbx, "mkdir d && ln -s .. d/b && ln -s d/b/.. climb", "");
+    assert!(fs::symlink_metadata(ws.join("chain")).is_err() && fs::symlink_metadata(ws.join("climb")).is_err());
+    // chmod never makes a host file writable to others; more secrets hidden.
+    let (code, out) = sh(&sbx, "touch open && chmod 777 open");
+    assert_eq!(code, 0, "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(ws.join("open")).unwrap().permissions().mode() & 0o7022, 0);
+    fails(&sbx, "cat id_rsa", "rsa-secret");
 
     // The extra folder: readable at its own path, never writable.
     let (code, out) = sh(&sbx, &format!("cat {}/README", extra.display()));
@@ -182,5 +239,8 @@ fn the_workspace_is_shared_under_the_policy() {
     assert!(has("mknod", "deny", "fifo"), "{log}");
     assert!(has("create", "deny", ".env.local"), "{log}");
     assert!(has("open", "deny", ".git/config"), "{log}");
+    assert!(has("create", "deny", ".git/commondir"), "{log}");
+    assert!(has("create", "deny", "bare/config"), "{log}");
+    assert!(has("mkdir", "allow", "nested/.git"), "{log}");
     assert!(!log.contains("env-secret"), "file contents never go to the log");
 }

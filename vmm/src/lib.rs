@@ -8,6 +8,8 @@ pub mod builder;
 pub mod client;
 pub mod control;
 pub mod devices;
+pub mod escape;
+pub mod folders;
 pub mod fs;
 pub mod metrics;
 pub mod runner;

@@ -2,7 +2,6 @@
 //! read their logs. No unsafe here; the VMM library does the machine work.
 #![forbid(unsafe_code)]
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,8 +19,10 @@ use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
 use vmm::client;
 use vmm::control::{Stop, StopReason};
-use vmm::devices::console::{ConsoleLog, GuestReport, ProgramOutput, SharedReport};
+use vmm::devices::console::{self, ConsoleFile, ConsoleLog, GuestReport, ProgramOutput, SharedReport};
 use vmm::devices::virtio::fs::Fs;
+use vmm::escape::{self, Layout};
+use vmm::folders;
 use vmm::fs::policy::FsPolicy;
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
@@ -227,7 +228,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("sbx: {msg}");
+            // Guest-controlled parts were escaped where they came in; the
+            // rest is escaped here too, in case one was missed.
+            eprintln!("sbx: {}", escape::escape(msg.as_bytes(), Layout::Lines));
             ExitCode::from(EXIT_SBX_ERROR)
         }
     }
@@ -290,6 +293,13 @@ fn file_policy(policy: &Policy) -> Result<FsPolicy, vmm::fs::policy::Error> {
     FsPolicy::with(&policy.files.hidden, &policy.files.read_only)
 }
 
+/// A shared folder's policy: the file policy, and `hide` (the boot files
+/// in it, see `folders::boot_files_to_hide`) hidden.
+fn share_policy(policy: &Policy, hide: &[String]) -> Result<FsPolicy, String> {
+    let hidden = [policy.files.hidden.as_slice(), hide].concat();
+    FsPolicy::with(&hidden, &policy.files.read_only).map_err(|e| format!("Cannot hide the boot files: {e}"))
+}
+
 /// Keeps `path` up to date (every 250 ms, when changed) with the file
 /// servers' request counts, for benchmarks to read while the sandbox runs.
 fn publish_fs_stats(path: PathBuf, counts: Vec<vmm::devices::virtio::fs::Counts>) {
@@ -322,26 +332,28 @@ fn parse_mount(text: &str) -> Result<(PathBuf, bool), String> {
         Some((d, "rw")) => (d, false),
         _ => (text, true),
     };
-    let path = Path::new(dir).canonicalize().map_err(|e| format!("--mount {text}: {dir}: {e}"))?;
-    if !path.is_dir() {
-        return Err(format!("--mount {text}: {} is not a directory", path.display()));
-    }
+    let path = folders::check(Path::new(dir), &format!("--mount {text}:")).map_err(|e| e.to_string())?;
     Ok((path, read_only))
 }
 
-/// A virtio-fs device for each folder, its file server writing to the
-/// sandbox's audit log. Also returns each device's request counters.
+/// A virtio-fs device for each folder, under its policy, its file server
+/// writing to the sandbox's audit log. Also returns each device's request
+/// counters.
 fn shared_folders(
     shares: &[(PathBuf, bool)],
-    policy: &FsPolicy,
+    policies: &[FsPolicy],
+    git_shadow: &Path,
     audit: &SharedLog<Box<dyn Write + Send>>,
 ) -> Result<(Vec<Fs>, Vec<vmm::devices::virtio::fs::Counts>), String> {
     let mut devices = Vec::new();
     let mut counts = Vec::new();
     vmm::fs::server::raise_open_file_limit();
-    for (i, (dir, read_only)) in shares.iter().enumerate() {
-        let share =
+    for (i, ((dir, read_only), policy)) in shares.iter().zip(policies).enumerate() {
+        let mut share =
             Share::open(dir, policy.clone(), *read_only).map_err(|e| format!("Cannot share {}: {e}", dir.display()))?;
+        if !read_only {
+            share = share.with_git_shadow(git_shadow.to_path_buf());
+        }
         let log = audit.clone();
         let sink: AuditSink = Box::new(move |event| {
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
@@ -369,31 +381,18 @@ fn parse_resolve(text: &str) -> Result<((HostName, u16), std::net::SocketAddr), 
     Ok(((name, port), addr))
 }
 
-/// Opens the sandbox's audit log for appending, continuing its chain. A
-/// log whose chain does not verify is kept aside, never overwritten.
+/// Opens the sandbox's audit log (and its rotated files) for appending,
+/// continuing its chain. A torn last line is cut off, saying so; a log
+/// whose chain does not verify is kept aside, never overwritten.
 fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, String> {
-    let last = match File::open(path) {
-        Ok(f) => match netstack::audit::verify(io::BufReader::new(f)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let aside = path.with_extension(format!("broken-{}", sandbox::now_unix()));
-                std::fs::rename(path, &aside).map_err(|e| format!("Cannot move {} aside: {e}", path.display()))?;
-                eprintln!("sbx: {}: {e}; kept as {} and started a new log", path.display(), aside.display());
-                None
-            }
-        },
-        Err(_) => None,
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("Cannot open {}: {e}", path.display()))?;
-    let out: Box<dyn Write + Send> = Box::new(file);
-    Ok(match last {
-        Some(v) => AuditLog::resume(out, &v),
-        None => AuditLog::new(out),
-    })
+    let rotation = netstack::audit::Rotation::default();
+    let opened =
+        netstack::audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
+            .map_err(|e| format!("Cannot open {}: {e}", path.display()))?;
+    for note in &opened.notes {
+        eprintln!("sbx: {note}");
+    }
+    Ok(opened.log)
 }
 
 fn existing(path: PathBuf, what: &str, hint: &str) -> Result<PathBuf, String> {
@@ -445,17 +444,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         Some(w) => w.clone(),
         None => std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}"))?,
     };
-    let workspace = workspace.canonicalize().map_err(|e| format!("Workspace {}: {e}", workspace.display()))?;
-    if !workspace.is_dir() {
-        return Err(format!("Workspace {} is not a directory", workspace.display()));
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).and_then(|h| h.canonicalize().ok());
-    if workspace == Path::new("/") || Some(&workspace) == home.as_ref() {
-        return Err(format!(
-            "Refusing to share {} with the agent: run sbx in a project folder or pass --workspace DIR",
-            workspace.display()
-        ));
-    }
+    let workspace = folders::check(&workspace, "Workspace").map_err(|e| e.to_string())?;
     let mut extra_shares = Vec::new();
     for m in &args.mount {
         extra_shares.push(parse_mount(m)?);
@@ -483,10 +472,31 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         Some(path) => read_policy_file(path)?,
         None => Policy::preset("locked").map_err(|e| e.to_string())?,
     };
+    // sbx's own state and the files it boots from stay out of the guest's
+    // reach: checked before the sandbox's folder is made, and again with
+    // the workspace its settings name.
+    let home = sandbox::home();
+    let state = folders::canonical_lenient(&home)
+        .map_err(|e| format!("sbx's state folder {} (SBX_HOME): {e}", home.display()))?;
+    let mut boot = Vec::new();
+    for path in [&assets, &kernel, &image_dir] {
+        boot.push(folders::canonical_lenient(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<Vec<String>>, String> {
+        folders::check_state(&state, shares).map_err(|e| e.to_string())?;
+        folders::boot_files_to_hide(&boot, shares).map_err(|e| e.to_string())
+    };
+    check_shares(&[vec![(workspace.clone(), false)], extra_shares.clone()].concat())?;
     let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
     let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
-    let asked = args.workspace.is_some().then(|| settings.workspace.clone());
-    let sb = Sandbox::open_or_create(&sandbox::home(), settings).map_err(|e| e.to_string())?;
+    // The folder asked for: --workspace, or the current one when the name
+    // comes from it.
+    let asked = (args.workspace.is_some() || args.name.is_none()).then(|| settings.workspace.clone());
+    let sb = Sandbox::open_or_create(&home, settings).map_err(|e| e.to_string())?;
+    // Read back from disk: checked like the user's own input.
+    folders::check_stored(&sb.settings_file(), &sb.settings.workspace).map_err(|e| e.to_string())?;
+    let shares = [vec![(sb.settings.workspace.clone(), false)], extra_shares].concat();
+    let hide = check_shares(&shares)?;
     if let Some(w) = asked.filter(|w| *w != sb.settings.workspace) {
         return Err(format!(
             "Sandbox '{}' shares {}, not {}: a sandbox keeps its workspace (use another --name)",
@@ -522,16 +532,15 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         }
     }
     let audit = open_audit_log(&sb.audit_log())?.shared();
-    let mut shares = vec![(sb.settings.workspace.clone(), false)];
-    shares.extend(extra_shares);
-    let (fs_devices, fs_counts) = shared_folders(&shares, &file_policy(&policy).map_err(|e| e.to_string())?, &audit)?;
+    let fs_policies = hide.iter().map(|h| share_policy(&policy, h)).collect::<Result<Vec<_>, _>>()?;
+    let (fs_devices, fs_counts) = shared_folders(&shares, &fs_policies, &sb.git_shadow(), &audit)?;
     for (i, (dir, read_only)) in shares.iter().enumerate() {
         let path = dir.to_str().ok_or_else(|| format!("Cannot share {}: the path is not UTF-8", dir.display()))?;
         job.shares.push(protocol::Share { tag: share_tag(i), path: path.into(), read_only: *read_only });
     }
     open.cwd = job.shares[0].path.clone();
     publish_fs_stats(sb.fs_stats(), fs_counts.clone());
-    let net = if args.no_network { None } else { Some(guest_network(&args, audit, policy)?) };
+    let net = if args.no_network { None } else { Some(guest_network(&args, audit.clone(), policy)?) };
     if net.is_some() {
         let cfg = NetConfig::default();
         job.net = Some(protocol::NetConfig {
@@ -545,8 +554,8 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| format!("Cannot add the job to the initramfs: {e}"))?;
 
     let report = SharedReport::default();
-    let console_file =
-        File::create(sb.console_log()).map_err(|e| format!("Cannot create {}: {e}", sb.console_log().display()))?;
+    let console_file = ConsoleFile::create(&sb.console_log())
+        .map_err(|e| format!("Cannot create {}: {e}", sb.console_log().display()))?;
     let sinks = Sinks {
         program: Box::new(ProgramOutput::new(io::stdout(), report.clone())),
         console: Box::new(ConsoleLog::new(Some(console_file), args.console, report.clone())),
@@ -596,6 +605,11 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         }
         Ok::<RunResult, String>(result)
     })();
+    // The VM is over: the counts of refusals not yet written go to the
+    // audit log now.
+    if let Err(e) = audit.lock().unwrap_or_else(|p| p.into_inner()).flush_suppressed(sandbox::now_unix_ms()) {
+        eprintln!("sbx: {e}");
+    }
     let result = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -616,7 +630,8 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         std::fs::write(path, figures).map_err(|e| format!("Cannot write report {}: {e}", path.display()))?;
     }
     if failure {
-        eprintln!("sbx: {summary}");
+        // Its guest parts are escaped by `judge`; all of it here, in case.
+        eprintln!("sbx: {}", escape::escape(summary.as_bytes(), Layout::Lines));
     }
     Ok(ExitCode::from(code))
 }
@@ -661,7 +676,7 @@ fn judge(reason: &StopReason, guest: &GuestReport, log: &Path) -> (u8, String, b
             (128u8.wrapping_add(*s as u8), format!("Killed by signal {s}"), false)
         }
         (StopReason::GuestReset, Some(Frame::Error(msg))) => {
-            (EXIT_SBX_ERROR, format!("guest-init failed: {msg} ({see_log})"), true)
+            (EXIT_SBX_ERROR, format!("guest-init failed: {} ({see_log})", escape::line(msg)), true)
         }
         (StopReason::Timeout(s), _) => (EXIT_TIMEOUT, format!("Timed out after {s} s ({see_log})"), true),
         (StopReason::HostSignal(s), _) => (128u8.wrapping_add(*s as u8), format!("Stopped by signal {s}"), true),
@@ -676,7 +691,7 @@ fn judge(reason: &StopReason, guest: &GuestReport, log: &Path) -> (u8, String, b
             } else {
                 "The guest kernel stopped"
             };
-            let detail = panic.map(|p| format!(": {}", p.trim())).unwrap_or_default();
+            let detail = panic.map(|p| format!(": {}", escape::line(p.trim()))).unwrap_or_default();
             (EXIT_SBX_ERROR, format!("{what} before the program ended{detail} ({see_log})"), true)
         }
         (other, _) => (EXIT_SBX_ERROR, format!("{other} ({see_log})"), true),
@@ -728,11 +743,11 @@ fn ls() -> Result<(), String> {
         let _ = writeln!(
             out,
             "{:<24} {:<8} {:<10} {:<6} {}",
-            sb.settings.name,
-            sb.settings.agent,
+            escape::line(&sb.settings.name),
+            escape::line(&sb.settings.agent),
             state,
             last,
-            sb.settings.workspace.display()
+            escape::escape(sb.settings.workspace.as_os_str().as_encoded_bytes(), Layout::Line)
         );
     }
     Ok(())
@@ -763,7 +778,7 @@ fn exec(args: ExecArgs) -> Result<ExitCode, String> {
     Ok(match outcome {
         Outcome::Exited(c) => ExitCode::from(c as u8),
         Outcome::Killed(s) => ExitCode::from(128u8.wrapping_add(s as u8)),
-        Outcome::Failed(m) => return Err(m),
+        Outcome::Failed(m) => return Err(escape::line(&m)),
     })
 }
 
@@ -841,10 +856,58 @@ fn rm(name: &str) -> Result<(), String> {
 fn log(name: &str, network: bool) -> Result<(), String> {
     let sb = Sandbox::open(&sandbox::home(), name).map_err(|e| e.to_string())?;
     let path = if network { sb.audit_log() } else { sb.console_log() };
-    if network {
-        let f = File::open(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
-        netstack::audit::verify(io::BufReader::new(f)).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Oldest first: the rotated files, then the current one.
+    let files = if network {
+        let files = netstack::audit::log_files(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
+        if files.is_empty() {
+            return Err(format!("Cannot read {}: there is no audit log yet", path.display()));
+        }
+        let verified = netstack::audit::verify_files(&files).map_err(|e| e.to_string())?;
+        if verified.first_seq > 1 || verified.torn_tail.is_some() {
+            eprintln!("sbx: {}: {verified}", path.display());
+        }
+        files
+    } else {
+        let files = console::log_files(&path);
+        if files.is_empty() {
+            return Err(format!("Cannot read {}: there is no console log", path.display()));
+        }
+        files
+    };
+    let mut text = Vec::new();
+    for f in &files {
+        text.extend(std::fs::read(f).map_err(|e| format!("Cannot read {}: {e}", f.display()))?);
     }
-    let text = std::fs::read(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?;
-    io::stdout().write_all(&text).map_err(|e| e.to_string())
+    // The guest wrote the console and chose the audit log's host and file
+    // names: escaped, so that it cannot drive the user's terminal.
+    let layout = if network { Layout::JsonLines } else { Layout::Lines };
+    io::stdout().write_all(escape::escape(&text, layout).as_bytes()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_reports_are_summarised_escaped() {
+        let log = Path::new("/s/console.log");
+        let guest = GuestReport {
+            outcome: Some(Frame::Error("no /bin/x\u{1b}]52;c;eA==\u{7}\nsbx: all fine\u{202e}".into())),
+            ..GuestReport::default()
+        };
+        let (code, summary, failure) = judge(&StopReason::GuestReset, &guest, log);
+        assert_eq!((code, failure), (EXIT_SBX_ERROR, true));
+        assert_eq!(
+            summary,
+            "guest-init failed: no /bin/x\\x1b]52;c;eA==\\x07\\x0asbx: all fine\\u{202e} (console log: /s/console.log)"
+        );
+        let mut guest = GuestReport::default();
+        guest.tail.push_back("[ 1.0] Kernel panic - not syncing: \u{9b}2J\u{1b}[8mhidden\rfake\r".into());
+        let (_, summary, _) = judge(&StopReason::TripleFault, &guest, log);
+        assert!(
+            summary.contains(": [ 1.0] Kernel panic - not syncing: \\u{9b}2J\\x1b[8mhidden\\x0dfake ("),
+            "{summary}"
+        );
+        assert!(!summary.contains(['\u{1b}', '\u{9b}', '\r']), "{summary}");
+    }
 }

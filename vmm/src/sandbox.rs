@@ -102,6 +102,21 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     }
 }
 
+/// A sandbox's settings (`Settings`, JSON) in its folder.
+const SETTINGS_FILE: &str = "sandbox.json";
+
+/// A sandbox's settings, if it has any; read back from disk, so checked:
+/// a file naming another sandbox than its folder is corrupt. (The
+/// workspace it names is checked by `folders::check_stored` before use.)
+fn read_settings(path: &Path, name: &str) -> Result<Option<Settings>> {
+    let settings = read_json::<Settings>(path)?;
+    if let Some(s) = settings.as_ref().filter(|s| s.name != name) {
+        let why = format!("it names sandbox '{}', not '{name}' (its folder)", crate::escape::line(&s.name));
+        return Err(Error::Corrupt(path.to_path_buf(), why));
+    }
+    Ok(settings)
+}
+
 const LOCK_FILE: &str = "vmm.lock";
 const DISK_FILE: &str = "disk.img";
 
@@ -139,8 +154,8 @@ impl Sandbox {
         // Private: it holds the disk, the logs and the control socket.
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::Io(dir.clone(), e))?;
-        let path = dir.join("sandbox.json");
-        let settings = match read_json::<Settings>(&path)? {
+        let path = dir.join(SETTINGS_FILE);
+        let settings = match read_settings(&path, &settings.name)? {
             Some(existing) => existing,
             None => {
                 let json =
@@ -155,7 +170,7 @@ impl Sandbox {
     pub fn open(home: &Path, name: &str) -> Result<Sandbox> {
         let dir = Sandbox::dir_for(home, name)?;
         let settings =
-            read_json::<Settings>(&dir.join("sandbox.json"))?.ok_or_else(|| Error::NotFound(name.to_string()))?;
+            read_settings(&dir.join(SETTINGS_FILE), name)?.ok_or_else(|| Error::NotFound(name.to_string()))?;
         Ok(Sandbox { dir, settings })
     }
 
@@ -174,6 +189,13 @@ impl Sandbox {
         Ok(out)
     }
 
+    /// The sandbox's settings file (its workspace, checked before use).
+    pub fn settings_file(&self) -> PathBuf {
+        self.dir.join(SETTINGS_FILE)
+    }
+
+    /// The last run's kernel console, its older part in `console.log.1`
+    /// (see `devices::console::ConsoleFile`).
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -195,7 +217,15 @@ impl Sandbox {
         Ok(listener)
     }
 
-    /// The network audit log (hash-chained JSON lines, kept across runs).
+    /// Where the git directories the guest makes in its shared folders are
+    /// kept (see `fs::share::Share::with_git_shadow`); gone with `sbx rm`.
+    pub fn git_shadow(&self) -> PathBuf {
+        self.dir.join("gitdirs")
+    }
+
+    /// The audit log: network and file decisions, hash-chained JSON lines
+    /// kept across runs, rotated into `audit.log.1`, `.2`, … (see
+    /// `netstack::audit`).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
     }
@@ -383,5 +413,39 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("sandbox.json"), b"{not json").unwrap();
         assert!(matches!(Sandbox::open(home.path(), "bad"), Err(Error::Corrupt(..))));
+    }
+
+    #[test]
+    fn garbled_or_tampered_settings_are_errors_naming_the_file() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("sandboxes/t");
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(SETTINGS_FILE);
+        let garbled: [&[u8]; 8] = [
+            b"",
+            b"null",
+            b"[]",
+            b"\xff\xfe\x00junk",
+            br#"{"name":"t","agent":"shell","workspace":7,"created_unix":1}"#,
+            br#"{"name":"t","agent":"shell","created_unix":1}"#,
+            br#"{"name":"t","agent":"shell","workspace":"/w","created_unix":-1}"#,
+            br#"{"name":"other","agent":"shell","workspace":"/w","created_unix":1}"#,
+        ];
+        for text in garbled {
+            fs::write(&file, text).unwrap();
+            for result in [Sandbox::open(home.path(), "t"), Sandbox::open_or_create(home.path(), settings("t"))] {
+                let Err(e @ Error::Corrupt(..)) = result else {
+                    panic!("{:?}: not corrupt", String::from_utf8_lossy(text))
+                };
+                assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+            }
+        }
+        fs::write(&file, br#"{"name":"\u001b]0;x\u0007","agent":"shell","workspace":"/w","created_unix":1}"#).unwrap();
+        let e = Sandbox::open(home.path(), "t").err().unwrap().to_string();
+        assert!(e.contains("names sandbox '\\x1b]0;x\\x07', not 't'"), "{e}");
+        // Unknown fields are ignored (a newer sbx's), the file kept.
+        fs::write(&file, br#"{"name":"t","agent":"shell","workspace":"/w","created_unix":1,"new":true}"#).unwrap();
+        assert_eq!(Sandbox::open(home.path(), "t").unwrap().settings, settings("t"));
+        assert!(Sandbox::list(home.path()).unwrap().len() == 1);
     }
 }

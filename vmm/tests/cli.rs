@@ -1,5 +1,6 @@
 //! Host side: `sbx` commands that need no guest, run as a user would.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn sbx(args: &[&str]) -> (Option<i32>, String, String) {
@@ -95,4 +96,173 @@ fn run_refuses_bad_folders_before_anything_starts() {
     let (code, _, err) = sbx(&["run", "shell", "--workspace", file.to_str().unwrap(), "--", "true"]);
     assert_eq!(code, Some(125));
     assert!(err.contains("is not a directory"), "{err}");
+}
+
+/// `sbx ARGS` in `cwd` with `env` (SBX_HOME, SBX_ASSETS, ...).
+fn sbx_in(args: &[&str], env: &[(&str, &Path)], cwd: &Path) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sbx"));
+    cmd.args(args).current_dir(cwd).stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// Files where the kernel and the shell image are looked for, so that
+/// `sbx run` gets as far as its checks of the shared folders (these tests
+/// never boot: every run here is refused before anything starts).
+fn fake_assets(dir: &Path) {
+    for f in ["kernel/vmlinux", "images/shell/init.cpio", "images/shell/rootfs.ext4"] {
+        let path = dir.join(f);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"not really").unwrap();
+    }
+}
+
+/// A sandbox folder as `sbx run` leaves it, with these settings.
+fn make_sandbox(home: &Path, name: &str, settings: &str) -> PathBuf {
+    let dir = home.join("sandboxes").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sandbox.json"), settings).unwrap();
+    dir
+}
+
+fn settings_json(name: &str, workspace: &str) -> String {
+    serde_json::json!({ "name": name, "agent": "shell", "workspace": workspace, "created_unix": 1 }).to_string()
+}
+
+#[test]
+fn logs_print_guest_text_escaped() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let dir = make_sandbox(&home, "t", &settings_json("t", "/w"));
+    // What a hostile guest can write to its kernel console: a clipboard
+    // write (OSC 52), a window title, a screen clear by C1 CSI (as a
+    // character and as a raw byte), a bidi override, bytes that are not
+    // UTF-8 and a CR that would overwrite its line.
+    let console: &[u8] = b"[    0.1] boot\r\n\x1b]52;c;cm0gLXJmIH4=\x07\x1b]0;title\x1b\\\r\n\xc2\x9b2J \x9b2J \xe2\x80\xaeevil\xff\nreal\rfake\n";
+    std::fs::write(dir.join("console.log"), console).unwrap();
+    let env = [("SBX_HOME", home.as_path())];
+    let (code, out, err) = sbx_in(&["log", "t"], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "[    0.1] boot\r\n\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b]0;title\\x1b\\\r\n\\u{9b}2J \\x9b2J \\u{202e}evil\\xff\n\
+         real\\x0dfake\n"
+    );
+
+    // The audit log: guest-chosen host and file names; still JSON lines.
+    let mut log = netstack::audit::AuditLog::new(Vec::new());
+    let event =
+        serde_json::json!({ "event": "http", "host": "a\u{9b}b.com", "path": "x\u{1b}]52;c;eA==\u{7}\u{202e}" });
+    log.record(&event, 1).unwrap();
+    std::fs::write(dir.join("audit.log"), log.get_ref()).unwrap();
+    let (code, out, err) = sbx_in(&["log", "t", "--audit"], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}']), "{out:?}");
+    assert!(out.contains(r#""host":"a\u009bb.com""#) && out.contains(r#"x\u001b]52;c;eA==\u0007\u202e"#), "{out}");
+    let parsed: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+    assert_eq!(parsed["host"], event["host"]);
+    assert_eq!(parsed["path"], event["path"]);
+
+    // `sbx ls` shows settings fields escaped.
+    make_sandbox(&home, "u", &settings_json("u", "/w/\u{1b}[2Jx").replace("\"shell\"", "\"sh\\u001b]0;t\\u0007\""));
+    let (code, out, err) = sbx_in(&["ls"], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains('\u{1b}') && out.contains("sh\\x1b]0;t\\x07") && out.contains("/w/\\x1b[2Jx"), "{out}");
+}
+
+#[test]
+fn run_keeps_the_guest_away_from_sbx_state_and_boot_files() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().canonicalize().unwrap();
+    let (ws, assets) = (base.join("ws"), base.join("assets"));
+    std::fs::create_dir_all(&ws).unwrap();
+    fake_assets(&assets);
+    let run = |home: &Path, extra: &[&str]| {
+        let mut args = vec!["run", "shell", "--name", "s", "--workspace", ws.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        sbx_in(&args, &[("SBX_HOME", home), ("SBX_ASSETS", &assets)], &base)
+    };
+    // The state folder inside the workspace (not made yet), the workspace
+    // itself, the workspace inside it, a read-only mount holding it.
+    let cases = [
+        (ws.join(".sbx"), vec![], "holds"),
+        (ws.clone(), vec![], "is"),
+        (base.clone(), vec![], "is inside"),
+        (base.join("state"), vec!["--mount".to_string(), format!("{}:ro", base.display())], "holds"),
+    ];
+    for (home, extra, relation) in &cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (code, _, err) = run(home, &extra);
+        assert_eq!(code, Some(125), "{err}");
+        assert!(err.contains(&format!("it {relation} sbx's state folder {}", home.display())), "{err}");
+        assert!(err.contains("SBX_HOME"), "{err}");
+        assert!(!ws.join(".sbx").exists() && !home.join("sandboxes").exists(), "refused before anything is made");
+    }
+    // A symbolic link does not hide the overlap.
+    std::os::unix::fs::symlink(&ws, base.join("link")).unwrap();
+    let (code, _, err) = run(&base.join("link/state"), &[]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains(&format!("holds sbx's state folder {}", ws.join("state").display())), "{err}");
+
+    // A writable share at or inside the folder the VMM boots from.
+    let home = base.join("home");
+    for mount in [assets.clone(), assets.join("images")] {
+        let (code, _, err) = run(&home, &["--mount", &format!("{}:rw", mount.display())]);
+        assert_eq!(code, Some(125), "{err}");
+        let want = format!("Refusing to share {} read-write: it is or is inside {}", mount.display(), assets.display());
+        assert!(err.contains(&want) && err.contains("SBX_ASSETS"), "{err}");
+    }
+    assert!(!home.join("sandboxes").exists(), "refused before anything is made");
+}
+
+#[test]
+fn run_checks_a_sandbox_settings_like_user_input() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().canonicalize().unwrap();
+    let (home, assets, ws) = (base.join("home"), base.join("assets"), base.join("ws"));
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    fake_assets(&assets);
+    std::os::unix::fs::symlink(&ws, base.join("link")).unwrap();
+    let env = [("SBX_HOME", home.as_path()), ("SBX_ASSETS", assets.as_path())];
+    let tampered = [
+        ("ws", "not an absolute path".to_string()),
+        ("/", "Refusing to share /".to_string()),
+        (&*format!("{}/sub/..", ws.display()), format!("is not written as its real path {}", ws.display())),
+        (&*format!("{}/link", base.display()), format!("is not written as its real path {}", ws.display())),
+        (&*format!("{}/gone", base.display()), "No such file".to_string()),
+    ];
+    for (workspace, why) in &tampered {
+        let dir = make_sandbox(&home, "t", &settings_json("t", workspace));
+        let (code, _, err) = sbx_in(&["run", "shell", "--name", "t", "--", "true"], &env, &ws);
+        assert_eq!(code, Some(125), "{err}");
+        let file = dir.join("sandbox.json");
+        assert!(err.contains(&format!("{}: the workspace {workspace} ", file.display())), "{err}");
+        assert!(err.contains(why.as_str()), "{workspace}: {err}");
+        assert!(!dir.join("disk.img").exists() && !dir.join("vmm.lock").exists(), "nothing started");
+    }
+    if let Some(user_home) = std::env::var_os("HOME").and_then(|h| PathBuf::from(h).canonicalize().ok()) {
+        make_sandbox(&home, "t", &settings_json("t", user_home.to_str().unwrap()));
+        let (code, _, err) = sbx_in(&["run", "shell", "--name", "t", "--", "true"], &env, &ws);
+        assert_eq!(code, Some(125));
+        assert!(err.contains("holds your home folder"), "{err}");
+    }
+    // Another real folder than the one asked for (here: the current one,
+    // whose name the sandbox's is made from).
+    let other = base.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    make_sandbox(&home, "shell-ws", &settings_json("shell-ws", other.to_str().unwrap()));
+    let (code, _, err) = sbx_in(&["run", "shell", "--", "true"], &env, &ws);
+    assert_eq!(code, Some(125));
+    assert!(err.contains(&format!("shares {}, not {}", other.display(), ws.display())), "{err}");
+    // Garbled settings, or settings of another sandbox: a clear error.
+    for garbled in ["{\"name\":", "[1,2]", &settings_json("other", ws.to_str().unwrap())] {
+        let dir = make_sandbox(&home, "g", garbled);
+        let (code, _, err) = sbx_in(&["run", "shell", "--name", "g", "--", "true"], &env, &ws);
+        assert_eq!(code, Some(125), "{err}");
+        assert!(err.contains(&format!("Sandbox state in {} is corrupt", dir.join("sandbox.json").display())), "{err}");
+    }
 }

@@ -1,0 +1,315 @@
+//! Host side: which host folders a sandbox may share, checked before
+//! anything starts.
+//!
+//! Every folder to share — `--workspace`, each `--mount`, and the
+//! workspace a sandbox's settings file names — passes [`check`]: it exists,
+//! is a directory, is taken by its canonical path, and is neither `/` nor
+//! the home folder nor one that holds it. The workspace read back from a
+//! settings file must moreover already be canonical ([`check_stored`]), so
+//! an edited file cannot widen the share through `..` or a symbolic link.
+//!
+//! What the guest must never reach through a share: sbx's own state
+//! ([`check_state`]: settings, disks, logs, control sockets — no share may
+//! be, hold or be inside it) and, through a read-write share, the files the
+//! VMM boots from ([`boot_files_to_hide`]: kernel and images, which a
+//! guest that could write them would choose for the next boot). A share at
+//! or inside those is refused; one that holds them (the repository's
+//! `target/sbx` when the repository is the workspace) gets them hidden.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::escape::{self, Layout};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{what} {path}: {source}")]
+    Unreadable { what: String, path: String, source: io::Error },
+    #[error("{what} {path} is not a directory")]
+    NotADirectory { what: String, path: String },
+    #[error(
+        "Refusing to share {path} with the agent ({what}): it is / or holds your home folder; share a project \
+         folder instead (run sbx in it, or pass --workspace DIR)"
+    )]
+    TooBroad { what: String, path: String },
+    #[error(
+        "Refusing to share {share}: it {relation} sbx's state folder {state} (sandbox settings, disks, logs and \
+         control sockets, which the guest must not reach); set SBX_HOME to a folder outside every shared folder, \
+         or share another folder"
+    )]
+    OverlapsState { share: String, state: String, relation: &'static str },
+    #[error(
+        "Refusing to share {share} read-write: it is or is inside {boot}, which the VMM boots from (a guest that \
+         could write there would choose the next boot's kernel or image); share it read-only (--mount DIR:ro) \
+         or keep the kernel and images elsewhere (SBX_ASSETS, --kernel, --image)"
+    )]
+    InBootFiles { share: String, boot: String },
+    #[error(
+        "Cannot hide {boot} from the guest in the read-write share {share}: {why}; keep the kernel and images \
+         outside it (SBX_ASSETS, --kernel, --image)"
+    )]
+    CannotHide { share: String, boot: String, why: &'static str },
+    #[error(
+        "{file}: the workspace {path} {why}; the file was changed outside sbx: restore it or remove the sandbox \
+         (`sbx rm NAME`)"
+    )]
+    Settings { file: String, path: String, why: String },
+    #[error("Cannot resolve {what} {path}: {source}")]
+    Resolve { what: String, path: String, source: io::Error },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// A path for an error message, escaped: it may come from a file the
+/// user did not write.
+fn show(path: &Path) -> String {
+    escape::escape(path.as_os_str().as_encoded_bytes(), Layout::Line)
+}
+
+/// The home folder, canonical, if there is one.
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from).and_then(|h| h.canonicalize().ok())
+}
+
+/// The check every folder to share passes (`what` names it in errors:
+/// "Workspace", "--mount DIR:rw:"): it exists and is a directory, and it is
+/// neither `/` nor the home folder nor a folder that holds the home
+/// folder. Returns its canonical path, the one to share.
+pub fn check(path: &Path, what: &str) -> Result<PathBuf> {
+    let canonical =
+        path.canonicalize().map_err(|source| Error::Unreadable { what: what.into(), path: show(path), source })?;
+    if !canonical.is_dir() {
+        return Err(Error::NotADirectory { what: what.into(), path: show(&canonical) });
+    }
+    if canonical.parent().is_none() || home_dir().is_some_and(|h| h.starts_with(&canonical)) {
+        return Err(Error::TooBroad { what: what.trim_end_matches(':').into(), path: show(&canonical) });
+    }
+    Ok(canonical)
+}
+
+/// The workspace a sandbox's settings file `file` names, checked like user
+/// input ([`check`]) and required to be written as its canonical path:
+/// absolute, without `.`, `..` or a symbolic link on the way.
+pub fn check_stored(file: &Path, path: &Path) -> Result<PathBuf> {
+    let fail = |why: String| Error::Settings { file: show(file), path: show(path), why };
+    if !path.is_absolute() {
+        return Err(fail("is not an absolute path".into()));
+    }
+    let canonical = check(path, "workspace").map_err(|e| fail(format!("is refused ({e})")))?;
+    if canonical != path {
+        return Err(fail(format!("is not written as its real path {} ('..' or a symbolic link)", show(&canonical))));
+    }
+    Ok(canonical)
+}
+
+/// `path` made absolute with its symbolic links resolved, as far as it
+/// exists; the rest (not there yet, so without links) is added as written
+/// with `.` and `..` applied. For folders sbx makes on first use. A
+/// symbolic link that leads nowhere is an error: what sbx would create
+/// through it is not where the path says.
+pub fn canonical_lenient(path: &Path) -> io::Result<PathBuf> {
+    let absolute = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    // Component by component: `out` is always real folders (canonical)
+    // followed by names not there yet, so `..` is one step up in both.
+    let mut out = PathBuf::from("/");
+    for c in absolute.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => out = PathBuf::from("/"),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                let next = out.join(name);
+                out = match next.symlink_metadata() {
+                    Ok(_) => next.canonicalize().map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => {
+                            io::Error::new(e.kind(), format!("{} is a symbolic link that leads nowhere", show(&next)))
+                        }
+                        _ => e,
+                    })?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => next,
+                    Err(e) => return Err(e),
+                };
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses any share (canonical folders) that is, holds or is inside
+/// sbx's state folder `state` (canonical), read-only or not.
+pub fn check_state(state: &Path, shares: &[(PathBuf, bool)]) -> Result<()> {
+    for (share, _) in shares {
+        let relation = if share == state {
+            "is"
+        } else if state.starts_with(share) {
+            "holds"
+        } else if share.starts_with(state) {
+            "is inside"
+        } else {
+            continue;
+        };
+        return Err(Error::OverlapsState { share: show(share), state: show(state), relation });
+    }
+    Ok(())
+}
+
+/// The longest hidden-path pattern the file policy takes (bytes).
+const MAX_PATTERN: usize = 256;
+
+/// For each share (canonical folder, read-only), the file-policy patterns
+/// that hide the boot files `boot` (canonical: the assets folder, the
+/// kernel, the image folder) in it. Only read-write shares need them; a
+/// read-write share at or inside a boot file's folder is refused.
+pub fn boot_files_to_hide(boot: &[PathBuf], shares: &[(PathBuf, bool)]) -> Result<Vec<Vec<String>>> {
+    let mut out = Vec::with_capacity(shares.len());
+    for (share, read_only) in shares {
+        let mut hide = Vec::new();
+        for b in boot.iter().filter(|_| !read_only) {
+            if share.starts_with(b) {
+                return Err(Error::InBootFiles { share: show(share), boot: show(b) });
+            }
+            let Ok(rel) = b.strip_prefix(share) else { continue };
+            let cannot = |why| Error::CannotHide { share: show(share), boot: show(b), why };
+            let mut names = Vec::new();
+            for c in rel.components() {
+                match c {
+                    Component::Normal(n) => names.push(n.to_str().ok_or_else(|| cannot("its path is not UTF-8"))?),
+                    _ => return Err(cannot("its path is not plain names")),
+                }
+            }
+            // Anchored at the share's root, the path and all below it
+            // ("**" also matches nothing: the path itself).
+            let pattern = format!("{}/**", names.join("/"));
+            if pattern.len() > MAX_PATTERN {
+                return Err(cannot("its path is too long"));
+            }
+            hide.push(pattern);
+        }
+        out.push(hide);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(base: &Path, rel: &str) -> PathBuf {
+        let p = base.join(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        p.canonicalize().unwrap()
+    }
+
+    #[test]
+    fn folders_to_share_are_checked_and_made_canonical() {
+        let t = tempfile::tempdir().unwrap();
+        let proj = dir(t.path(), "proj");
+        assert_eq!(check(&t.path().join("proj/../proj/."), "Workspace").unwrap(), proj);
+        std::os::unix::fs::symlink(&proj, t.path().join("link")).unwrap();
+        assert_eq!(check(&t.path().join("link"), "Workspace").unwrap(), proj, "the link's target is shared");
+        let e = check(Path::new("/no/such/dir"), "Workspace").unwrap_err().to_string();
+        assert!(e.starts_with("Workspace /no/such/dir: "), "{e}");
+        std::fs::write(proj.join("f"), "").unwrap();
+        let e = check(&proj.join("f"), "--mount f:rw:").unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        let e = check(Path::new("/"), "Workspace").unwrap_err().to_string();
+        assert!(e.starts_with("Refusing to share / with the agent"), "{e}");
+        if let Some(home) = home_dir() {
+            assert!(matches!(check(&home, "x"), Err(Error::TooBroad { .. })), "the home folder");
+            if let Some(parent) = home.parent() {
+                assert!(matches!(check(parent, "x"), Err(Error::TooBroad { .. })), "a folder holding it");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stored_workspace_must_be_canonical_and_allowed() {
+        let t = tempfile::tempdir().unwrap();
+        let proj = dir(t.path(), "proj");
+        let file = t.path().join("sandbox.json");
+        assert_eq!(check_stored(&file, &proj).unwrap(), proj);
+        std::os::unix::fs::symlink(&proj, t.path().join("link")).unwrap();
+        let tampered = [
+            (PathBuf::from("proj"), "not an absolute path"),
+            (proj.join(".."), "not written as its real path"),
+            (proj.join("../proj"), "not written as its real path"),
+            (t.path().canonicalize().unwrap().join("link"), "not written as its real path"),
+            (PathBuf::from("/"), "Refusing to share /"),
+            (proj.join("gone"), "No such file"),
+        ];
+        for (path, why) in tampered {
+            let e = check_stored(&file, &path).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{}: the workspace ", file.display())), "{e}");
+            assert!(e.contains(why), "{path:?}: {e}");
+        }
+        if let Some(home) = home_dir() {
+            let e = check_stored(&file, &home).unwrap_err().to_string();
+            assert!(e.contains("holds your home folder"), "{e}");
+        }
+        let e = check_stored(&file, Path::new("/tmp/\u{1b}]52;c;eA==\u{7}")).unwrap_err().to_string();
+        assert!(!e.contains('\u{1b}') && e.contains("\\x1b]52"), "escaped: {e}");
+    }
+
+    #[test]
+    fn lenient_canonical_paths_resolve_what_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().canonicalize().unwrap();
+        let real = dir(&base, "real");
+        std::os::unix::fs::symlink(&real, base.join("link")).unwrap();
+        assert_eq!(canonical_lenient(&base.join("link/new/deeper")).unwrap(), real.join("new/deeper"));
+        assert_eq!(canonical_lenient(&base.join("nothere/../link/x")).unwrap(), real.join("x"));
+        assert_eq!(canonical_lenient(&base.join("link")).unwrap(), real);
+        std::os::unix::fs::symlink(base.join("missing"), base.join("dangling")).unwrap();
+        assert!(canonical_lenient(&base.join("dangling/state")).is_err());
+    }
+
+    #[test]
+    fn no_share_overlaps_the_state_folder() {
+        let t = tempfile::tempdir().unwrap();
+        let (ws, state) = (dir(t.path(), "ws"), dir(t.path(), "state"));
+        assert!(check_state(&state, &[(ws.clone(), false), (dir(t.path(), "other"), true)]).is_ok());
+        for (share, relation) in [(state.clone(), "is"), (t.path().canonicalize().unwrap(), "holds")] {
+            let e = check_state(&state, &[(ws.clone(), false), (share.clone(), true)]).unwrap_err().to_string();
+            assert!(e.contains(&format!("it {relation} sbx's state folder {}", state.display())), "{e}");
+            assert!(e.contains(&share.display().to_string()) && e.contains("SBX_HOME"), "{e}");
+        }
+        let inside = dir(&state, "sandboxes/x");
+        let e = check_state(&state, &[(inside, false)]).unwrap_err().to_string();
+        assert!(e.contains("is inside"), "{e}");
+        // A name that only starts the same is another folder.
+        assert!(check_state(&state, &[(dir(t.path(), "state2"), false)]).is_ok());
+    }
+
+    #[test]
+    fn boot_files_are_hidden_in_or_refused_as_writable_shares() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = dir(t.path(), "repo");
+        let assets = dir(&repo, "target/sbx");
+        let kernel = assets.join("kernel/vmlinux");
+        let boot = [assets.clone(), kernel, dir(&assets, "images/shell")];
+        let hide = boot_files_to_hide(&boot, &[(repo.clone(), false), (repo.clone(), true)]).unwrap();
+        assert_eq!(hide[0], ["target/sbx/**", "target/sbx/kernel/vmlinux/**", "target/sbx/images/shell/**"]);
+        assert!(hide[1].is_empty(), "read-only: nothing to hide");
+        let policy = crate::fs::policy::FsPolicy::with(&hide[0], &[]).unwrap();
+        use crate::fs::policy::Access;
+        assert_eq!(policy.access(Path::new("target/sbx"), true), Access::Hidden);
+        assert_eq!(policy.access(Path::new("target/sbx/kernel/vmlinux"), false), Access::Hidden);
+        assert_eq!(policy.access(Path::new("target"), true), Access::ReadWrite);
+        assert_eq!(policy.access(Path::new("target/release"), true), Access::ReadWrite);
+        assert!(policy.protects_below(Path::new("target")), "target/ cannot be renamed away");
+        for share in [assets.clone(), assets.join("images")] {
+            let e = boot_files_to_hide(&boot, &[(share.clone(), false)]).unwrap_err().to_string();
+            assert!(e.contains(&format!("Refusing to share {} read-write", share.display())), "{e}");
+            assert!(boot_files_to_hide(&boot, &[(share, true)]).unwrap()[0].is_empty(), "read-only is fine");
+        }
+        let elsewhere = dir(t.path(), "elsewhere");
+        assert!(boot_files_to_hide(&boot, &[(elsewhere, false)]).unwrap()[0].is_empty());
+        let deep = assets.join("x".repeat(250));
+        let e = boot_files_to_hide(&[deep], &[(repo, false)]).unwrap_err().to_string();
+        assert!(e.contains("too long"), "{e}");
+    }
+}
