@@ -56,6 +56,9 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
         wget -qO- http://allowed.test:8080/ 2>&1; echo \"port8080_rc=$?\"
         wget -qO- http://10.0.2.2:22/ 2>&1; echo \"port22_rc=$?\"
         busybox nslookup example.com 1.1.1.1 >/dev/null 2>&1; echo \"outside_dns_rc=$?\"
+        wget -qO- http://localhost./ 2>&1; echo \"host_loopback_rc=$?\"
+        i=0; while [ $i -lt 200 ]; do wget -qO- http://10.0.2.2:8080/ >/dev/null 2>&1; i=$((i+1)); done
+        echo refusals_done
         exit 0
     ";
     let map = |name: &str| format!("{name}:80:127.0.0.1:{port}");
@@ -69,6 +72,8 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
             "600",
             "--allow",
             "allowed.test",
+            "--allow",
+            "localhost",
             "--resolve",
             &map("allowed.test"),
             "--resolve",
@@ -89,6 +94,8 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
     assert!(stdout.contains("Connection refused") && stdout.contains("port8080_rc=1\n"), "port 8080 is refused");
     assert!(stdout.contains("port22_rc=1\n"), "port 22 of the gateway is refused");
     assert!(stdout.contains("outside_dns_rc=1\n"), "an outside resolver is unreachable");
+    assert!(stdout.contains("host_loopback_rc=1\n"), "an allowed name the host resolves to loopback is refused");
+    assert!(stdout.contains("refusals_done\n"));
     assert_eq!(requests.load(Ordering::SeqCst), 1, "only the allowed request reached the upstream");
 
     // The audit log (hash chain verified by `sbx log --network`) shows
@@ -110,6 +117,31 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
     assert!(has(&|v| v["event"] == "refused" && v["what"].as_str().is_some_and(|w| w.ends_with(":8080"))), "{log}");
     assert!(has(&|v| v["event"] == "refused" && v["what"] == "TCP to 10.0.2.2:22"), "{log}");
     assert!(has(&|v| v["event"] == "refused" && v["what"] == "UDP to 1.1.1.1:53"), "{log}");
+    // No host network: the host's resolver said loopback, netstack refused.
+    assert!(
+        has(&|v| v["event"] == "upstream"
+            && v["name"] == "localhost"
+            && v["decision"] == "deny"
+            && v["refused"].as_array().is_some_and(|r| r.iter().any(|a| a["class"] == "loopback"))),
+        "{log}"
+    );
+    // A guest refused 200 times in a loop: a few lines in full, the rest
+    // counted in a summary line (written at the latest when the VM ends).
+    let refused: Vec<u64> = lines
+        .iter()
+        .filter(|v| v["event"] == "refused" && v["what"].as_str().is_some_and(|w| w.starts_with("TCP")))
+        .filter_map(|v| v["ts"].as_u64())
+        .collect();
+    let summarised: u64 = lines
+        .iter()
+        .filter(|v| v["event"] == "suppressed" && v["kind"] == "refused/TCP")
+        .filter_map(|v| v["count"].as_u64())
+        .sum();
+    // At most 32 lines in full per kind and minute.
+    let span = refused.iter().max().unwrap_or(&0) - refused.iter().min().unwrap_or(&0);
+    let allowed = 32 * (span / 60_000 + 2) as usize;
+    assert!(refused.len() <= allowed && refused.len() < 150, "refusals are aggregated: {} lines", refused.len());
+    assert!(refused.len() as u64 + summarised >= 202, "every refusal is counted: {} + {summarised}", refused.len());
 
     // An edited line breaks the chain, and sbx says where.
     let path = sbx.home.path().join("sandboxes/net/audit.log");

@@ -680,7 +680,9 @@ impl Share {
         if rel.as_os_str().len() > MAX_PATH {
             return Err(Refused::TooLong(rel));
         }
-        if name == GIT_DIR && !place.shadow {
+        // `.GIT` and the like too: on a case-folding filesystem the host's
+        // git would find them as `.git`.
+        if name.as_bytes().eq_ignore_ascii_case(GIT_DIR.as_bytes()) && (!place.shadow || name != GIT_DIR) {
             return Err(Refused::GitDir(rel));
         }
         match self.access_of(&rel, if is_dir { Kind::Dir } else { Kind::File }, 1, place.shadow) {
@@ -1267,6 +1269,9 @@ mod tests {
         let e = plain.mkdir(&d, os(".git"), 0o755).unwrap_err();
         assert!(matches!(e, Refused::GitDir(_)) && e.errno() == libc::EACCES, "{e}");
         assert!(matches!(plain.create(&d, os(".git"), 0o644), Err(Refused::GitDir(_))));
+        for name in [".GIT", ".Git"] {
+            assert!(matches!(s.mkdir(s.root(), os(name), 0o755), Err(Refused::GitDir(_))), "{name}");
+        }
         assert!(!t2.path().join("work/d/.git").exists());
     }
 
