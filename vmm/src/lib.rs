@@ -5,16 +5,9 @@
 
 pub mod arch;
 pub mod builder;
-pub mod client;
 pub mod control;
 pub mod devices;
-pub mod escape;
-pub mod folders;
 pub mod fs;
 pub mod metrics;
 pub mod runner;
-pub mod sandbox;
-pub mod signals;
-pub mod symbols;
-pub mod terminal;
 pub mod vstate;

@@ -236,10 +236,10 @@ pub fn boot(runs: usize, mem_mib: u64) -> Result<()> {
 
 /// A sandbox (in `dir`) whose disk a QEMU guest gets, made the way sbx
 /// makes one.
-pub(crate) fn qemu_sandbox(dir: &Path) -> Result<vmm::sandbox::Sandbox> {
+pub(crate) fn qemu_sandbox(dir: &Path) -> Result<sbx::sandbox::Sandbox> {
     let settings =
-        vmm::sandbox::Settings { name: "qemu".into(), agent: "shell".into(), workspace: dir.into(), created_unix: 0 };
-    Ok(vmm::sandbox::Sandbox::open_or_create(dir, settings)?)
+        sbx::sandbox::Settings { name: "qemu".into(), agent: "shell".into(), workspace: dir.into(), created_unix: 0 };
+    Ok(sbx::sandbox::Sandbox::open_or_create(dir, settings)?)
 }
 
 /// Builds what a benchmark boots: kernel, image and the sbx binary.

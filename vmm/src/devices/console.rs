@@ -22,8 +22,6 @@ use std::time::Instant;
 
 use protocol::Frame;
 
-use crate::escape::{Escaper, Layout};
-
 /// Console lines kept for error reports.
 pub const TAIL_LINES: usize = 40;
 /// Longest console line kept whole; longer ones are cut.
@@ -136,16 +134,17 @@ impl Write for ConsoleFile {
 /// The kernel console (COM2) sink.
 pub struct ConsoleLog {
     file: Option<ConsoleFile>,
-    /// With `--console`: the copy to stderr, escaped (the guest writes it).
-    echo: Option<Escaper>,
+    /// With `--console`: a copy for the user (whoever supplies it escapes
+    /// it: the guest writes it).
+    echo: Option<Box<dyn Write + Send>>,
     line: Vec<u8>,
     report: SharedReport,
 }
 
 impl ConsoleLog {
-    /// `file`: where the console is logged; `echo`: also copy it to stderr.
-    pub fn new(file: Option<ConsoleFile>, echo: bool, report: SharedReport) -> ConsoleLog {
-        ConsoleLog { file, echo: echo.then(|| Escaper::new(Layout::Lines)), line: Vec::new(), report }
+    /// `file`: where the console is logged; `echo`: where else to copy it.
+    pub fn new(file: Option<ConsoleFile>, echo: Option<Box<dyn Write + Send>>, report: SharedReport) -> ConsoleLog {
+        ConsoleLog { file, echo, line: Vec::new(), report }
     }
 
     fn end_line(&mut self) {
@@ -173,10 +172,8 @@ impl Write for ConsoleLog {
             // Losing the log must not stop the guest.
             let _ = f.write_all(buf);
         }
-        if let Some(escaper) = self.echo.as_mut() {
-            let mut text = String::new();
-            escaper.push(buf, &mut text);
-            let _ = io::stderr().write_all(text.as_bytes());
+        if let Some(echo) = self.echo.as_mut() {
+            let _ = echo.write_all(buf);
         }
         for &b in buf {
             if b == b'\n' {
@@ -239,7 +236,7 @@ mod tests {
     #[test]
     fn frames_are_picked_out_and_other_lines_kept() {
         let report = SharedReport::default();
-        let mut log = ConsoleLog::new(None, false, report.clone());
+        let mut log = ConsoleLog::new(None, None, report.clone());
         feed(&mut log, b"[    0.000000] Linux version 6.1\r\n");
         feed(&mut log, format!("\n{}\n", Frame::Init.to_line()).as_bytes());
         feed(&mut log, format!("{}\n", Frame::Exit(7).to_line()).as_bytes());
@@ -252,7 +249,7 @@ mod tests {
     #[test]
     fn tail_and_lines_are_bounded() {
         let report = SharedReport::default();
-        let mut log = ConsoleLog::new(None, false, report.clone());
+        let mut log = ConsoleLog::new(None, None, report.clone());
         for i in 0..100 {
             log.write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
@@ -268,7 +265,7 @@ mod tests {
     fn console_is_logged_to_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        let mut log = ConsoleLog::new(Some(ConsoleFile::create(&path).unwrap()), false, SharedReport::default());
+        let mut log = ConsoleLog::new(Some(ConsoleFile::create(&path).unwrap()), None, SharedReport::default());
         log.write_all(b"boot\n").unwrap();
         log.flush().unwrap();
         assert_eq!(std::fs::read_to_string(path).unwrap(), "boot\n");
@@ -284,7 +281,7 @@ mod tests {
         let file = ConsoleFile::with_cap(&path, cap).unwrap();
         assert_eq!(log_files(&path), vec![path.clone()]);
         let report = SharedReport::default();
-        let mut log = ConsoleLog::new(Some(file), false, report.clone());
+        let mut log = ConsoleLog::new(Some(file), None, report.clone());
         // 1 MiB of kernel messages, a byte at a time as the port sends them.
         let mut sent = 0;
         for i in 0.. {
@@ -317,7 +314,7 @@ mod tests {
         let path = dir.path().join("console.log");
         let cap = 16 * 1024;
         let report = SharedReport::default();
-        let mut log = ConsoleLog::new(Some(ConsoleFile::with_cap(&path, cap).unwrap()), false, report.clone());
+        let mut log = ConsoleLog::new(Some(ConsoleFile::with_cap(&path, cap).unwrap()), None, report.clone());
         let chunk = vec![b'y'; 1000];
         for _ in 0..1000 {
             log.write_all(&chunk).unwrap();

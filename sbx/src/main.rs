@@ -15,22 +15,22 @@ use netstack::host::HostName;
 use netstack::policy::Policy;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::{Frame, Job};
+use sbx::client;
+use sbx::escape::{self, Layout};
+use sbx::folders;
+use sbx::sandbox::{self, LastRun, Sandbox, Settings};
+use sbx::signals::names as libc_sig;
+use sbx::symbols::SystemMap;
+use sbx::terminal;
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
-use vmm::client;
 use vmm::control::{Stop, StopReason};
 use vmm::devices::console::{self, ConsoleFile, ConsoleLog, GuestReport, ProgramOutput, SharedReport};
 use vmm::devices::virtio::fs::Fs;
-use vmm::escape::{self, Layout};
-use vmm::folders;
 use vmm::fs::policy::FsPolicy;
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
-use vmm::sandbox::{self, LastRun, Sandbox, Settings};
-use vmm::signals::names as libc_sig;
-use vmm::symbols::SystemMap;
-use vmm::terminal;
 
 /// How long `sbx stop` lets the guest end its program and power off in
 /// order before the VM is stopped hard.
@@ -416,7 +416,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
     let session = client::Writer::default();
     let (for_signals, stop_for_signals) = (session.clone(), stop.clone());
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    vmm::signals::forward(&[libc_sig::TERM, libc_sig::INT, libc_sig::HUP, libc_sig::WINCH], move |sig| {
+    sbx::signals::forward(&[libc_sig::TERM, libc_sig::INT, libc_sig::HUP, libc_sig::WINCH], move |sig| {
         use protocol::session::Frame;
         match sig {
             libc_sig::WINCH => {
@@ -558,7 +558,7 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
         .map_err(|e| format!("Cannot create {}: {e}", sb.console_log().display()))?;
     let sinks = Sinks {
         program: Box::new(ProgramOutput::new(io::stdout(), report.clone())),
-        console: Box::new(ConsoleLog::new(Some(console_file), args.console, report.clone())),
+        console: Box::new(ConsoleLog::new(Some(console_file), console_echo(args.console), report.clone())),
     };
     let spec = VmSpec {
         kernel: kernel.clone(),
@@ -637,6 +637,12 @@ fn run(args: RunArgs, vmm_start: Instant) -> Result<ExitCode, String> {
 }
 
 /// Writes RIP samples as "count percent function", most frequent first.
+/// With `--console`, the guest's kernel console is copied to stderr,
+/// escaped (the guest writes it).
+fn console_echo(on: bool) -> Option<Box<dyn Write + Send>> {
+    on.then(|| Box::new(escape::EscapingWriter::new(Layout::Lines, io::stderr())) as Box<dyn Write + Send>)
+}
+
 fn write_profile(path: &Path, samples: &[u64], symbols: Option<&SystemMap>) -> Result<(), String> {
     let mut by_fn: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for rip in samples {
@@ -755,7 +761,7 @@ fn ls() -> Result<(), String> {
 
 fn exec(args: ExecArgs) -> Result<ExitCode, String> {
     use protocol::session::Open;
-    use vmm::client::Outcome;
+    use sbx::client::Outcome;
     let sb = Sandbox::open(&sandbox::home(), &args.name).map_err(|e| e.to_string())?;
     if sb.running_pid().is_none() {
         return Err(format!("Sandbox '{}' is not running (start it with `sbx run`)", args.name));
@@ -774,7 +780,7 @@ fn exec(args: ExecArgs) -> Result<ExitCode, String> {
     }
     let cwd = if args.cwd.is_empty() { sb.settings.workspace.to_string_lossy().into_owned() } else { args.cwd };
     let open = Open { argv: args.command, env, cwd, user: args.user, tty: None, main: false };
-    let outcome = vmm::client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
+    let outcome = sbx::client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
     Ok(match outcome {
         Outcome::Exited(c) => ExitCode::from(c as u8),
         Outcome::Killed(s) => ExitCode::from(128u8.wrapping_add(s as u8)),
@@ -795,7 +801,7 @@ fn stop(name: &str) -> Result<(), String> {
         return Err(format!("Sandbox '{name}' is starting or stopping; try again"));
     }
     // The VMM turns SIGTERM into a VM stop and records it.
-    vmm::signals::terminate(pid).map_err(|e| format!("Cannot signal the VMM (pid {pid}): {e}"))?;
+    sbx::signals::terminate(pid).map_err(|e| format!("Cannot signal the VMM (pid {pid}): {e}"))?;
     // The guest powers off in order, or is stopped hard after STOP_GRACE.
     let limit = STOP_GRACE + Duration::from_secs(10);
     let deadline = Instant::now() + limit;

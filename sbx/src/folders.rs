@@ -294,8 +294,8 @@ mod tests {
         let hide = boot_files_to_hide(&boot, &[(repo.clone(), false), (repo.clone(), true)]).unwrap();
         assert_eq!(hide[0], ["target/sbx/**", "target/sbx/kernel/vmlinux/**", "target/sbx/images/shell/**"]);
         assert!(hide[1].is_empty(), "read-only: nothing to hide");
-        let policy = crate::fs::policy::FsPolicy::with(&hide[0], &[]).unwrap();
-        use crate::fs::policy::Access;
+        let policy = vmm::fs::policy::FsPolicy::with(&hide[0], &[]).unwrap();
+        use vmm::fs::policy::Access;
         assert_eq!(policy.access(Path::new("target/sbx"), true), Access::Hidden);
         assert_eq!(policy.access(Path::new("target/sbx/kernel/vmlinux"), false), Access::Hidden);
         assert_eq!(policy.access(Path::new("target"), true), Access::ReadWrite);

@@ -144,6 +144,32 @@ pub fn line(text: &str) -> String {
     escape(text.as_bytes(), Layout::Line)
 }
 
+/// A writer that escapes what it is given before passing it on (for a
+/// copy of the guest's console on the user's terminal).
+pub struct EscapingWriter<W: std::io::Write> {
+    escaper: Escaper,
+    out: W,
+}
+
+impl<W: std::io::Write> EscapingWriter<W> {
+    pub fn new(layout: Layout, out: W) -> EscapingWriter<W> {
+        EscapingWriter { escaper: Escaper::new(layout), out }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut text = String::new();
+        self.escaper.push(buf, &mut text);
+        self.out.write_all(text.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
