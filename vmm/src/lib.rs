@@ -10,4 +10,5 @@ pub mod devices;
 pub mod fs;
 pub mod metrics;
 pub mod runner;
+pub(crate) mod sys;
 pub mod vstate;

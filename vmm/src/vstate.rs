@@ -1,6 +1,7 @@
 //! Host side: the KVM VM and its vCPUs — creation, guest memory
 //! registration, in-kernel interrupt controllers, and reading why a vCPU
-//! stopped. The VMM's `unsafe` lives here.
+//! stopped. KVM's own `unsafe` (registering guest memory, reading the
+//! `kvm_run` union) lives here; libc calls are in `sys`.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -9,6 +10,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::ram_regions;
+use crate::sys;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -63,9 +65,7 @@ impl Vm {
     /// figures rely on. Best effort: a refusal changes neither.
     fn exclude_memory_from_core_dumps(&self) {
         for (addr, len) in self.host_ranges() {
-            // SAFETY: (addr, len) is a mapping owned by `self.memory`, alive
-            // for the call; MADV_DONTDUMP changes no contents.
-            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTDUMP) };
+            let _ = sys::madvise_dontdump(addr as usize, len as usize);
         }
     }
 

@@ -3,6 +3,10 @@
 //! the folder, the FUSE protocol is parsed from the guest's bytes and the
 //! server answers it (behind the virtio-fs device,
 //! `devices::virtio::fs`).
+//!
+//! No `unsafe` here: the system calls are made through `crate::sys`.
+
+#![forbid(unsafe_code)]
 
 pub mod fuse;
 pub mod gitconfig;

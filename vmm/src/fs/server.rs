@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use super::fuse::{self, Attr, Op, Out, ParseError, SetAttr};
 use super::policy::Access;
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
+use crate::sys;
 
 /// Where audit events go (the sandbox's hash-chained log).
 pub type AuditSink = Box<dyn FnMut(Value) + Send>;
@@ -92,17 +93,11 @@ pub struct FileServer {
 /// holds a descriptor for each directory the guest's kernel remembers.
 /// Returns the limit now in force.
 pub fn raise_open_file_limit() -> u64 {
-    // SAFETY: rlimit is plain data, filled by getrlimit.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: lim is a valid rlimit to write.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 0;
-    }
+    let Ok(mut lim) = sys::getrlimit(libc::RLIMIT_NOFILE) else { return 0 };
     if lim.rlim_cur < lim.rlim_max {
+        // Raising the soft limit up to the hard one needs no privilege.
         let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-        // SAFETY: raised is a valid rlimit; raising the soft limit up to
-        // the hard one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        if sys::setrlimit(libc::RLIMIT_NOFILE, &raised).is_ok() {
             lim = raised;
         }
     }
@@ -487,8 +482,8 @@ impl FileServer {
             }
             Op::SyncFs => {
                 let fd = self.share.open_dir(self.share.root()).map_err(|r| r.errno())?;
-                // SAFETY: fd is an open descriptor.
-                unsafe { libc::syncfs(fd.as_raw_fd()) };
+                // Best effort, as the guest's own sync: its result is not reported.
+                let _ = sys::syncfs(fd.as_fd());
             }
             Op::Interrupt => {}
             Op::Lseek { .. } | Op::Fallocate { .. } | Op::Xattr | Op::Unknown(_) => return Err(libc::ENOSYS),
@@ -641,13 +636,7 @@ fn open_flags(flags: u32) -> u32 {
 }
 
 fn fstat_file(file: &File) -> Result<libc::stat, i32> {
-    // SAFETY: stat is plain data; zeroed is a valid value to be filled.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the file is open; st is a valid stat to write.
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(errno_of(&std::io::Error::last_os_error()));
-    }
-    Ok(st)
+    sys::fstat(file.as_fd()).map_err(|e| errno_of(&e))
 }
 
 #[cfg(test)]
@@ -890,10 +879,7 @@ mod tests {
     #[test]
     fn the_open_file_limit_is_raised_to_the_hard_limit() {
         let now = raise_open_file_limit();
-        // SAFETY: rlimit is plain data, filled by getrlimit.
-        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-        // SAFETY: lim is a valid rlimit to write.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        let lim = sys::getrlimit(libc::RLIMIT_NOFILE).unwrap();
         assert_eq!((now, lim.rlim_cur), (lim.rlim_max, lim.rlim_max));
     }
 

@@ -44,9 +44,9 @@
 //! Every refusal is a [`Refused`] whose text goes to the sandbox's audit log.
 
 use std::collections::VecDeque;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
@@ -56,6 +56,7 @@ use thiserror::Error;
 
 use super::gitconfig;
 use super::policy::{self, Access, FsPolicy, GIT_DIR};
+use crate::sys;
 
 pub const MAX_NAME: usize = 255;
 /// Longest symbolic link target accepted or returned.
@@ -212,83 +213,40 @@ const RESOLVE: u64 =
     libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
 
 /// openat2(2) confined beneath `dir`.
-fn openat2(dir: RawFd, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+fn openat2(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    // SAFETY: open_how is plain data (non-exhaustive in libc); all zeroes
-    // is its documented "nothing asked" value, filled in below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.mode = u64::from(mode);
-    how.resolve = RESOLVE;
-    // SAFETY: c is a valid NUL-terminated string and how a valid open_how
-    // of the size given; both outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    sys::openat2(dir, &c, flags | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode, RESOLVE)
 }
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain data; zeroed is a valid value to be filled.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: st is a valid stat to write; a bad fd is an error return.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    sys::fstat(fd)
 }
 
 /// The entry `name` in directory `dir` itself (a link is not followed).
-fn stat_at(dir: RawFd, name: &OsStr) -> io::Result<libc::stat> {
+fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
     let c = cstr(name)?;
-    // SAFETY: stat is plain data; zeroed is a valid value to be filled.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid string, st a valid stat to write.
-    if unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
+    sys::fstatat(dir, &c, libc::AT_SYMLINK_NOFOLLOW)
 }
 
 /// The target of the link `name` in directory `dir` (at most [`MAX_LINK`]
 /// bytes).
-fn read_link_at(dir: RawFd, name: &OsStr) -> io::Result<OsString> {
+fn read_link_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OsString> {
     let c = cstr(name)?;
     let mut buf = vec![0u8; MAX_LINK + 1];
-    // SAFETY: c is a valid string and buf a writable buffer of the length
-    // given.
-    let n = unsafe { libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
+    let n = sys::readlinkat(dir, &c, &mut buf)?;
+    buf.truncate(n);
     Ok(OsString::from_vec(buf))
 }
 
 /// An anonymous in-memory file holding `bytes`, positioned at its start.
 fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
     use std::io::Write;
-    // SAFETY: the name is a valid NUL-terminated string.
-    let fd = unsafe { libc::memfd_create(c"sbx-view".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let fd = sys::memfd_create(c"sbx-view", libc::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(fd);
     file.write_all(bytes)?;
     std::io::Seek::rewind(&mut file)?;
     Ok(OwnedFd::from(file))
@@ -312,14 +270,11 @@ fn check_name(name: &OsStr) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Calls a `*at` function of libc with the entry's name; maps errors.
-fn at(rel: &Path, f: impl FnOnce(&CString) -> libc::c_int) -> Result<(), Refused> {
+/// Calls a `*at` function (of [`sys`]) with the entry's name; maps errors.
+fn at(rel: &Path, f: impl FnOnce(&CStr) -> io::Result<()>) -> Result<(), Refused> {
     let name = rel.file_name().unwrap_or_default();
     let c = CString::new(name.as_bytes()).map_err(|_| Refused::BadName(name.to_os_string()))?;
-    if f(&c) != 0 {
-        return Err(Refused::Io(rel.to_path_buf(), io::Error::last_os_error()));
-    }
-    Ok(())
+    f(&c).map_err(|e| Refused::Io(rel.to_path_buf(), e))
 }
 
 /// A name in a directory listing.
@@ -347,14 +302,8 @@ impl Share {
     /// makes every path in it read-only.
     pub fn open(path: &Path, policy: FsPolicy, read_only: bool) -> io::Result<Share> {
         let c = cstr(path.as_os_str())?;
-        // SAFETY: c is a valid NUL-terminated path.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let st = fstat(fd.as_raw_fd())?;
+        let fd = sys::open(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
+        let st = fstat(fd.as_fd())?;
         let root = Entry {
             rel: PathBuf::new(),
             kind: Kind::Dir,
@@ -364,8 +313,7 @@ impl Share {
             dev_ino: (st.st_dev, st.st_ino),
             shadow: false,
         };
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = sys::geteuid();
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
         Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner, shadow: None })
@@ -391,7 +339,7 @@ impl Share {
         };
         let here = Place { fd, dev: dir.dev_ino.0, shadow: dir.shadow };
         let Some(root) = self.shadow.as_ref().filter(|_| !dir.shadow && name == GIT_DIR) else { return Ok(here) };
-        match stat_at(here.fd.as_raw_fd(), name) {
+        match stat_at(here.fd.as_fd(), name) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             _ => return Ok(here),
         }
@@ -408,7 +356,7 @@ impl Share {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(here),
             Err(e) => return Err(Refused::Io(dir.rel.join(name), e)),
         };
-        let st = fstat(fd.as_raw_fd()).map_err(|e| Refused::Io(dir.rel.join(name), e))?;
+        let st = fstat(fd.as_fd()).map_err(|e| Refused::Io(dir.rel.join(name), e))?;
         Ok(Place { fd: Arc::new(fd), dev: st.st_dev, shadow: true })
     }
 
@@ -422,20 +370,20 @@ impl Share {
         self.owner
     }
 
-    fn dir_fd(dir: &Entry) -> Result<RawFd, Refused> {
+    fn dir_fd(dir: &Entry) -> Result<BorrowedFd<'_>, Refused> {
         match (&dir.dir, dir.kind) {
-            (Some(fd), Kind::Dir) => Ok(fd.as_raw_fd()),
+            (Some(fd), Kind::Dir) => Ok(fd.as_fd()),
             _ => Err(Refused::errno_at(&dir.rel, libc::ENOTDIR)),
         }
     }
 
     /// True if `name` exists in the host directory `fd`.
-    fn has(fd: RawFd, name: &str) -> bool {
+    fn has(fd: BorrowedFd<'_>, name: &str) -> bool {
         stat_at(fd, OsStr::new(name)).is_ok()
     }
 
-    fn parent_fd(entry: &Entry) -> Result<RawFd, Refused> {
-        entry.parent.as_ref().map(|p| p.as_raw_fd()).ok_or_else(|| Refused::errno_at(&entry.rel, libc::EBUSY))
+    fn parent_fd(entry: &Entry) -> Result<BorrowedFd<'_>, Refused> {
+        entry.parent.as_ref().map(|p| p.as_fd()).ok_or_else(|| Refused::errno_at(&entry.rel, libc::EBUSY))
     }
 
     /// What the guest may do with `rel`, of `kind`, with host link count
@@ -462,7 +410,7 @@ impl Share {
             return Err(Refused::TooLong(rel));
         }
         let place = self.place(dir, name, false)?;
-        let dfd = place.fd.as_raw_fd();
+        let dfd = place.fd.as_fd();
         let st = stat_at(dfd, name).map_err(|e| Refused::Io(rel.clone(), e))?;
         if st.st_dev != place.dev {
             return Err(Refused::Escape(rel));
@@ -474,7 +422,7 @@ impl Share {
         }
         let own = if kind == Kind::Dir {
             let fd = openat2(dfd, name, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| self.io(&rel, e))?;
-            let again = fstat(fd.as_raw_fd()).map_err(|e| Refused::Io(rel.clone(), e))?;
+            let again = fstat(fd.as_fd()).map_err(|e| Refused::Io(rel.clone(), e))?;
             if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
                 return Err(Refused::errno_at(&rel, libc::ESTALE));
             }
@@ -490,8 +438,8 @@ impl Share {
     /// was looked up is stale (ENOENT), never the new file.
     pub fn stat(&self, entry: &Entry) -> Result<libc::stat, Refused> {
         let st = match (&entry.dir, &entry.parent) {
-            (Some(fd), _) => fstat(fd.as_raw_fd()),
-            (None, Some(p)) => stat_at(p.as_raw_fd(), entry.name()),
+            (Some(fd), _) => fstat(fd.as_fd()),
+            (None, Some(p)) => stat_at(p.as_fd(), entry.name()),
             (None, None) => return Err(Refused::errno_at(&entry.rel, libc::ESTALE)),
         }
         .map_err(|e| Refused::Io(entry.rel.clone(), e))?;
@@ -545,25 +493,9 @@ impl Share {
     /// out), with their kinds.
     pub fn list(&self, dir: &Entry) -> Result<Vec<Listed>, Refused> {
         let fd = self.open_dir(dir)?;
-        let raw = fd.as_raw_fd();
-        // SAFETY: raw is an open directory descriptor; fdopendir takes it
-        // over (closedir below closes it), so `fd` must not close it too.
-        let d = unsafe { libc::fdopendir(raw) };
-        if d.is_null() {
-            return Err(Refused::Io(dir.rel.clone(), io::Error::last_os_error()));
-        }
-        std::mem::forget(fd);
+        let names = sys::Dir::from_fd(fd).map_err(|e| Refused::Io(dir.rel.clone(), e))?;
         let mut out = Vec::new();
-        loop {
-            // SAFETY: d is an open DIR stream.
-            let ent = unsafe { libc::readdir64(d) };
-            if ent.is_null() {
-                break;
-            }
-            // SAFETY: readdir returned a valid dirent whose d_name is
-            // NUL-terminated.
-            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
-            let name = OsStr::from_bytes(name.to_bytes()).to_os_string();
+        for name in names {
             if name == "." || name == ".." {
                 continue;
             }
@@ -571,8 +503,6 @@ impl Share {
                 out.push(Listed { name, kind: e.kind, ino: e.ino() });
             }
         }
-        // SAFETY: d is an open DIR stream, closed once.
-        unsafe { libc::closedir(d) };
         if !dir.shadow && self.shadow.is_some() && !out.iter().any(|l| l.name == GIT_DIR) {
             if let Ok(e) = self.lookup(dir, OsStr::new(GIT_DIR)) {
                 out.push(Listed { name: GIT_DIR.into(), kind: e.kind, ino: e.ino() });
@@ -607,7 +537,7 @@ impl Share {
     fn open_real(&self, entry: &Entry, write: bool) -> Result<OwnedFd, Refused> {
         let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
         let fd = openat2(Self::parent_fd(entry)?, entry.name(), flags, 0).map_err(|e| self.io(&entry.rel, e))?;
-        let st = fstat(fd.as_raw_fd()).map_err(|e| Refused::Io(entry.rel.clone(), e))?;
+        let st = fstat(fd.as_fd()).map_err(|e| Refused::Io(entry.rel.clone(), e))?;
         if (st.st_dev, st.st_ino) != entry.dev_ino || kind_of(&st) != Some(Kind::File) {
             return Err(Refused::errno_at(&entry.rel, libc::ENOENT));
         }
@@ -639,19 +569,11 @@ impl Share {
             Kind::Symlink => {
                 let pfd = Self::parent_fd(entry)?;
                 self.stat(entry)?;
-                // SAFETY: pfd is an open directory, the name a valid C
-                // string, times two valid timespecs.
-                at(&entry.rel, |c| unsafe {
-                    libc::utimensat(pfd, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-                })
+                at(&entry.rel, |c| sys::utimensat(pfd, c, &times, libc::AT_SYMLINK_NOFOLLOW))
             }
             Kind::Dir | Kind::File => {
                 let fd = if entry.kind == Kind::Dir { self.open_dir(entry)? } else { self.open_file(entry, true)? };
-                // SAFETY: fd is open, times two valid timespecs.
-                if unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) } != 0 {
-                    return Err(Refused::Io(entry.rel.clone(), io::Error::last_os_error()));
-                }
-                Ok(())
+                sys::futimens(fd.as_fd(), &times).map_err(|e| Refused::Io(entry.rel.clone(), e))
             }
         }
     }
@@ -665,11 +587,7 @@ impl Share {
             Kind::File => self.open_file(entry, true)?,
             Kind::Symlink => return Err(Refused::errno_at(&entry.rel, libc::EOPNOTSUPP)),
         };
-        // SAFETY: fd is open.
-        if unsafe { libc::fchmod(fd.as_raw_fd(), (mode & GUEST_MODE_BITS) as libc::mode_t) } != 0 {
-            return Err(Refused::Io(entry.rel.clone(), io::Error::last_os_error()));
-        }
-        Ok(())
+        sys::fchmod(fd.as_fd(), (mode & GUEST_MODE_BITS) as libc::mode_t).map_err(|e| Refused::Io(entry.rel.clone(), e))
     }
 
     /// The path a new name in `dir` would have, if the guest may create it
@@ -697,7 +615,7 @@ impl Share {
         // Outside git directories, a directory may not come to hold both
         // HEAD and a git config: git would take it for a bare repository.
         let in_git = dir.rel.iter().any(|n| n == GIT_DIR);
-        let fd = place.fd.as_raw_fd();
+        let fd = place.fd.as_fd();
         let bare = if name == GIT_HEAD {
             GIT_CONFIG_NAMES.iter().any(|n| Self::has(fd, n))
         } else {
@@ -710,10 +628,9 @@ impl Share {
     }
 
     /// Gives a new entry to the folder's owner when running as root.
-    fn give_to_owner(&self, dfd: RawFd, rel: &Path) -> Result<(), Refused> {
+    fn give_to_owner(&self, dfd: BorrowedFd<'_>, rel: &Path) -> Result<(), Refused> {
         let Some((uid, gid)) = self.chown_to else { return Ok(()) };
-        // SAFETY: dfd is an open directory, the name a valid C string.
-        at(rel, |c| unsafe { libc::fchownat(dfd, c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
+        at(rel, |c| sys::fchownat(dfd, c, uid, gid, libc::AT_SYMLINK_NOFOLLOW))
     }
 
     /// Creates a new file (it must not exist); returns it open for writing.
@@ -721,7 +638,7 @@ impl Share {
     pub fn create(&self, dir: &Entry, name: &OsStr, mode: u32) -> Result<(Entry, OwnedFd), Refused> {
         let place = self.place(dir, name, true)?;
         let rel = self.writable_name(dir, name, false, &place)?;
-        let dfd = place.fd.as_raw_fd();
+        let dfd = place.fd.as_fd();
         let fd = openat2(dfd, name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, mode & GUEST_MODE_BITS)
             .map_err(|e| self.io(&rel, e))?;
         self.give_to_owner(dfd, &rel)?;
@@ -732,9 +649,8 @@ impl Share {
     pub fn mkdir(&self, dir: &Entry, name: &OsStr, mode: u32) -> Result<Entry, Refused> {
         let place = self.place(dir, name, true)?;
         let rel = self.writable_name(dir, name, true, &place)?;
-        let dfd = place.fd.as_raw_fd();
-        // SAFETY: dfd is an open directory, the name a valid C string.
-        at(&rel, |c| unsafe { libc::mkdirat(dfd, c.as_ptr(), (mode & GUEST_MODE_BITS) as libc::mode_t) })?;
+        let dfd = place.fd.as_fd();
+        at(&rel, |c| sys::mkdirat(dfd, c, (mode & GUEST_MODE_BITS) as libc::mode_t))?;
         self.give_to_owner(dfd, &rel)?;
         self.lookup(dir, name)
     }
@@ -751,8 +667,7 @@ impl Share {
         }
         let flags = if dir_expected { libc::AT_REMOVEDIR } else { 0 };
         let dfd = Self::parent_fd(&entry)?;
-        // SAFETY: dfd is an open directory, the name a valid C string.
-        at(&entry.rel, |c| unsafe { libc::unlinkat(dfd, c.as_ptr(), flags) })?;
+        at(&entry.rel, |c| sys::unlinkat(dfd, c, flags))?;
         Ok(entry)
     }
 
@@ -789,20 +704,16 @@ impl Share {
         if entry.kind == Kind::Dir && (self.policy.protects_below(&entry.rel) || self.policy.protects_below(&new_rel)) {
             return Err(Refused::ReadOnly(entry.rel));
         }
-        let (ffd, tfd) = (Self::parent_fd(&entry)?, place.fd.as_raw_fd());
+        let (ffd, tfd) = (Self::parent_fd(&entry)?, place.fd.as_fd());
         let to_c = CString::new(to.as_bytes()).map_err(|_| Refused::BadName(to.to_os_string()))?;
         let flags = match mode {
             RenameMode::Replace => 0,
             RenameMode::NoReplace => libc::RENAME_NOREPLACE,
         };
-        // SAFETY: both descriptors are open directories, both names valid C
-        // strings that outlive the call.
-        at(&entry.rel, |c| unsafe { libc::renameat2(ffd, c.as_ptr(), tfd, to_c.as_ptr(), flags) }).map_err(
-            |e| match e {
-                Refused::Io(_, io) => Refused::Io(new_rel.clone(), io),
-                other => other,
-            },
-        )?;
+        at(&entry.rel, |c| sys::renameat2(ffd, c, tfd, &to_c, flags)).map_err(|e| match e {
+            Refused::Io(_, io) => Refused::Io(new_rel.clone(), io),
+            other => other,
+        })?;
         Ok(Entry { parent: Some(place.fd), ..self.relocated(&entry, new_rel) })
     }
 
@@ -829,9 +740,8 @@ impl Share {
             return Err(refused());
         }
         let t = CString::new(target.as_bytes()).map_err(|_| refused())?;
-        let dfd = place.fd.as_raw_fd();
-        // SAFETY: dfd is an open directory; both strings are valid.
-        at(&rel, |c| unsafe { libc::symlinkat(t.as_ptr(), dfd, c.as_ptr()) })?;
+        let dfd = place.fd.as_fd();
+        at(&rel, |c| sys::symlinkat(&t, dfd, c))?;
         self.give_to_owner(dfd, &rel)?;
         self.lookup(dir, name)
     }
@@ -921,24 +831,18 @@ impl Share {
     /// filesystem.
     fn stat_below(&self, names: &[OsString], name: &OsStr) -> Option<libc::stat> {
         let fd = self.open_below(names)?;
-        stat_at(fd.as_raw_fd(), name).ok().filter(|st| st.st_dev == self.root.dev_ino.0)
+        stat_at(fd.as_fd(), name).ok().filter(|st| st.st_dev == self.root.dev_ino.0)
     }
 
     fn read_link_below(&self, names: &[OsString], name: &OsStr) -> Option<OsString> {
         let fd = self.open_below(names)?;
-        read_link_at(fd.as_raw_fd(), name).ok()
+        read_link_at(fd.as_fd(), name).ok()
     }
 
     /// Filesystem figures of the folder's host filesystem.
     pub fn statfs(&self) -> Result<libc::statvfs, Refused> {
         let fd = self.open_dir(&self.root)?;
-        // SAFETY: statvfs is plain data; zeroed is a valid value to fill.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open, st a valid statvfs to write.
-        if unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(Refused::Io(PathBuf::new(), io::Error::last_os_error()));
-        }
-        Ok(st)
+        sys::fstatvfs(fd.as_fd()).map_err(|e| Refused::Io(PathBuf::new(), e))
     }
 }
 
@@ -1010,7 +914,7 @@ mod tests {
         }
         // The confined open itself refuses to follow any of them.
         for name in ["abs-link", "rel-link", "env-link", "proc-link"] {
-            let e = openat2(s.root().dir.as_ref().unwrap().as_raw_fd(), os(name), libc::O_RDONLY, 0).unwrap_err();
+            let e = openat2(s.root().dir.as_ref().unwrap().as_fd(), os(name), libc::O_RDONLY, 0).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{name}");
         }
         // A symlinked directory is not a directory to resolve beneath.
@@ -1156,8 +1060,7 @@ mod tests {
     fn special_files_are_refused() {
         let (t, s) = tree();
         let fifo = CString::new(t.path().join("work/pipe").as_os_str().as_bytes()).unwrap();
-        // SAFETY: a valid path string.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        sys::mkfifo(&fifo, 0o644).unwrap();
         let e = s.lookup(s.root(), os("pipe")).unwrap_err();
         assert!(matches!(e, Refused::Special(_)), "{e}");
         assert!(!s.list(s.root()).unwrap().iter().any(|l| l.name == "pipe"));
