@@ -41,7 +41,9 @@ fn main() {
         }
     }
     match outcome {
-        Ok(f) => frame(f),
+        Ok(Some(f)) => frame(f),
+        // The main session told the host how its program ended.
+        Ok(None) => {}
         Err(msg) => {
             eprintln!("sbx-init: {msg}");
             frame(Frame::Error(msg));
@@ -50,7 +52,9 @@ fn main() {
     sys::reboot();
 }
 
-fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
+/// Runs the job; the frame that tells how its program ended, unless its
+/// session (the host's one channel for that) already did.
+fn run(disk: &mut Option<root::DataDisk>) -> Result<Option<Frame>, String> {
     let text = std::fs::read_to_string(JOB_PATH).map_err(|e| format!("Cannot read {JOB_PATH}: {e}"))?;
     let job = Job::decode(&text).map_err(|e| e.to_string())?;
     mount_filesystems(EARLY_MOUNTS)?;
@@ -75,7 +79,7 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     }
     sys::block_terminal_signals();
     match control {
-        Ok(main) if job.main_session => return run_main_session(main),
+        Ok(main) if job.main_session => return run_main_session(main).map(|()| None),
         Ok(_) => {}
         Err(e) if job.main_session => return Err(e),
         Err(e) => eprintln!("sbx-init: {e}"),
@@ -105,15 +109,15 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Frame, String> {
     };
     // Let the terminal send what the program wrote before the VM ends.
     let _ = sys::tcdrain(&tty);
-    Ok(match result {
+    Ok(Some(match result {
         sys::Ended::Exited(code) => Frame::Exit(code),
         sys::Ended::Signaled(sig) => Frame::Signal(sig),
-    })
+    }))
 }
 
 /// The program came as the main session: wait for it to start, reap
 /// everything until it ends, let its session report, and end with it.
-fn run_main_session(main: control::Main) -> Result<Frame, String> {
+fn run_main_session(main: control::Main) -> Result<(), String> {
     let child = main.started.recv().map_err(|_| "The control channel ended".to_string())??;
     frame(Frame::Started);
     let result = loop {
@@ -126,10 +130,7 @@ fn run_main_session(main: control::Main) -> Result<Frame, String> {
     control::deliver(child, result);
     // Its session sends the rest of its output and how it ended.
     let _ = main.done.recv_timeout(std::time::Duration::from_secs(5));
-    Ok(match result {
-        sys::Ended::Exited(code) => Frame::Exit(code),
-        sys::Ended::Signaled(sig) => Frame::Signal(sig),
-    })
+    Ok(())
 }
 
 fn program_env(job: &Job) -> Vec<(String, String)> {

@@ -13,7 +13,30 @@ use std::time::{Duration, Instant};
 
 use protocol::session::{Frame, Open, Reader, MAX_DATA};
 
+use thiserror::Error;
+
 use crate::terminal;
+
+/// Why a session could not be run to its end.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("The sandbox stopped before the session opened")]
+    StoppedBeforeOpen,
+    #[error("The guest did not accept the session (is it still booting?)")]
+    NotAccepted,
+    #[error("Cannot reach the sandbox's control socket {0}: {1}")]
+    Connect(std::path::PathBuf, io::Error),
+    #[error("Cannot use the session: {0}")]
+    Io(io::Error),
+    #[error("From the guest: {0}")]
+    Protocol(String),
+    #[error("Unexpected frame from the guest: {0}")]
+    Unexpected(String),
+    #[error("The sandbox closed the session before the program ended (was it stopped?)")]
+    Closed,
+    #[error("Lost the session: {0}")]
+    Lost(io::Error),
+}
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,13 +70,13 @@ fn open_session(
     open: &Open,
     wait: Duration,
     give_up: &dyn Fn() -> bool,
-) -> Result<(UnixStream, Reader), String> {
+) -> Result<(UnixStream, Reader), Error> {
     // A wait too long to represent is no deadline at all.
     let deadline = Instant::now().checked_add(wait);
     let in_time = || deadline.is_none_or(|d| Instant::now() < d);
     loop {
         if give_up() {
-            return Err("The sandbox stopped before the session opened".into());
+            return Err(Error::StoppedBeforeOpen);
         }
         let attempt = (|| -> io::Result<Option<(UnixStream, Reader)>> {
             let mut s = UnixStream::connect(socket)?;
@@ -72,8 +95,8 @@ fn open_session(
         match attempt {
             Ok(Some(session)) => return Ok(session),
             Ok(None) | Err(_) if in_time() => thread::sleep(Duration::from_millis(250)),
-            Ok(None) => return Err("The guest did not accept the session (is it still booting?)".into()),
-            Err(e) => return Err(format!("Cannot reach the sandbox's control socket {}: {e}", socket.display())),
+            Ok(None) => return Err(Error::NotAccepted),
+            Err(e) => return Err(Error::Connect(socket.to_path_buf(), e)),
         }
     }
 }
@@ -84,7 +107,7 @@ fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
 
 /// `sbx exec`: runs a session to its end, signals to this process going
 /// to the program (SIGWINCH as a resize). Call before starting threads.
-pub fn exec(socket: &Path, open: Open, interactive: bool, wait: Duration) -> Result<Outcome, String> {
+pub fn exec(socket: &Path, open: Open, interactive: bool, wait: Duration) -> Result<Outcome, Error> {
     let writer = Writer::default();
     let for_signals = writer.clone();
     crate::signals::forward(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
@@ -107,12 +130,12 @@ pub fn run_session(
     wait: Duration,
     writer: &Writer,
     give_up: &dyn Fn() -> bool,
-) -> Result<(Outcome, Option<Instant>), String> {
+) -> Result<(Outcome, Option<Instant>), Error> {
     if interactive {
         open.tty = Some(terminal::size(1).unwrap_or((24, 80)));
     }
     let (stream, mut reader) = open_session(socket, &open, wait, give_up)?;
-    let w = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
+    let w = Arc::new(Mutex::new(stream.try_clone().map_err(Error::Io)?));
     *writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
     let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
     forward_stdin(w);
@@ -147,12 +170,12 @@ fn read_output(
     mut stream: UnixStream,
     reader: &mut Reader,
     first_output: &mut Option<Instant>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Error> {
     let mut out = io::stdout().lock();
     let mut err = io::stderr();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        while let Some(f) = reader.next_frame().map_err(|e| format!("From the guest: {e}"))? {
+        while let Some(f) = reader.next_frame().map_err(|e| Error::Protocol(e.to_string()))? {
             match f {
                 Frame::Started { .. } => {}
                 Frame::Stdout(d) => {
@@ -167,14 +190,14 @@ fn read_output(
                 Frame::Exit(c) => return Ok(Outcome::Exited(c)),
                 Frame::Killed(s) => return Ok(Outcome::Killed(s)),
                 Frame::Error(m) => return Ok(Outcome::Failed(m)),
-                other => return Err(format!("Unexpected frame from the guest: {other:?}")),
+                other => return Err(Error::Unexpected(crate::escape::line(&format!("{other:?}")))),
             }
         }
         match stream.read(&mut buf) {
-            Ok(0) => return Err("The sandbox closed the session before the program ended (was it stopped?)".into()),
+            Ok(0) => return Err(Error::Closed),
             Ok(n) => reader.feed(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("Lost the session: {e}")),
+            Err(e) => return Err(Error::Lost(e)),
         }
     }
 }

@@ -1,11 +1,17 @@
 //! Host side: the `sbx` command line's library — everything only the CLI
-//! uses, kept out of the VMM: sandbox state on disk, the control channel's
-//! client, the user's terminal and signals, which folders may be shared,
-//! escaping guest text for the terminal, kernel symbols for profiles.
+//! uses, kept out of the VMM: the commands (`run` as plan, launch, finish;
+//! `commands` for the rest), the sandbox policy document, sandbox state on
+//! disk, the control channel's client, the user's terminal and signals,
+//! which folders may be shared, escaping guest text for the terminal,
+//! kernel symbols for profiles.
 
+pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod escape;
 pub mod folders;
+pub mod policy_doc;
+pub mod run;
 pub mod sandbox;
 pub mod signals;
 pub mod symbols;

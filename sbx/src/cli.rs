@@ -1,0 +1,175 @@
+//! Host side: the `sbx` command line's arguments (clap). What each
+//! command does lives in `run` (sbx run) and `commands` (the others).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The agents sbx knows (each has an image built by `cargo xtask image`).
+pub const AGENTS: [&str; 4] = ["shell", "claude", "gemini", "codex"];
+
+#[derive(Parser)]
+#[command(name = "sbx", version, about = "MicroVM sandboxes for AI coding agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run an agent (or a command) in its sandbox, creating it if needed.
+    Run(Box<RunArgs>),
+    /// Run a command in a running sandbox, beside its first session.
+    Exec(ExecArgs),
+    /// List sandboxes.
+    Ls,
+    /// Stop a running sandbox.
+    Stop { name: String },
+    /// Remove a sandbox and everything it keeps.
+    Rm { name: String },
+    /// Print a sandbox's console log, or with --audit its audit log: every
+    /// network request and every file change or refusal, after checking
+    /// its hash chain.
+    Log {
+        name: String,
+        #[arg(long, visible_alias = "network")]
+        audit: bool,
+    },
+    /// Network policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Explain whether a URL is allowed: every matching rule, in order.
+    Explain {
+        url: String,
+        /// A policy file (TOML, see netstack/src/policy.rs).
+        #[arg(long, conflicts_with = "preset")]
+        policy: Option<PathBuf>,
+        /// A preset: locked, balanced, open.
+        #[arg(long, default_value = "balanced")]
+        preset: String,
+        /// The HTTP method (plain HTTP only).
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
+    /// What the guest may do with PATH (relative to the shared folder; a
+    /// trailing '/' for a directory): hidden, read-only or read-write.
+    ExplainFile {
+        path: String,
+        /// A policy file whose [files] table adds to the defaults.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// The sandbox (see `sbx ls`).
+    pub name: String,
+    /// Give the command a terminal (default: when stdin and stdout are one).
+    #[arg(short = 't', long, conflicts_with = "no_tty")]
+    pub tty: bool,
+    /// Separate stdin/stdout/stderr pipes even on a terminal.
+    #[arg(short = 'T', long)]
+    pub no_tty: bool,
+    /// Guest user: a name or UID[:GID] (default: root).
+    #[arg(short, long, default_value = "")]
+    pub user: String,
+    /// Working directory in the guest (default: the workspace).
+    #[arg(short = 'w', long, default_value = "")]
+    pub cwd: String,
+    /// Extra environment, KEY=VALUE. Repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// How long to wait for a sandbox that is still booting, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub wait: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The agent image: shell, claude, gemini or codex.
+    pub agent: String,
+    /// Sandbox name (default: AGENT-FOLDER).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The project folder (default: the current directory).
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// Guest memory in MiB. Boot time grows with it (the guest kernel
+    /// initialises and frees every page), so the default is small.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// CPU template: host, portable, or auto (portable where the host's KVM
+    /// is kvm_pvm, host otherwise).
+    #[arg(long, default_value = "auto")]
+    pub cpu_template: String,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Do not treat the terminal as interactive even if there is one.
+    #[arg(long)]
+    pub no_tty: bool,
+    /// Guest user to run as: a name or UID[:GID].
+    #[arg(short, long, default_value = "agent")]
+    pub user: String,
+    /// Copy the guest kernel console to stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Let the guest kernel log everything (slower boot).
+    #[arg(long)]
+    pub kernel_log: bool,
+    /// Kernel image (default: the one `cargo xtask kernel` built).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Image directory with init.cpio and rootfs.ext4 (default: the one
+    /// `cargo xtask image` built for AGENT).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Size in GiB of the sandbox's own disk (sparse; used when the
+    /// sandbox is created).
+    #[arg(long, default_value_t = 16)]
+    pub disk_size: u64,
+    /// Extra kernel command line arguments.
+    #[arg(long, default_value = "")]
+    pub kernel_args: String,
+    /// Write boot figures as JSON to this file.
+    #[arg(long, hide = true)]
+    pub report: Option<PathBuf>,
+    /// Sample the guest's instruction pointer every 5 ms and write a
+    /// histogram by kernel function to this file (a boot profiler).
+    #[arg(long, hide = true)]
+    pub profile: Option<PathBuf>,
+    /// Network policy file (TOML, see netstack/src/policy.rs). Default:
+    /// deny everything but what the agent needs.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Also allow HOST (or *.DOMAIN) on ports 80 and 443. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    pub allow: Vec<String>,
+    /// Send connections to NAME:PORT to the host address ADDR:APORT instead
+    /// of what the host's resolver says, like curl's --resolve (for local
+    /// services and tests). The policy still decides. Repeatable.
+    #[arg(long, value_name = "NAME:PORT:ADDR:APORT")]
+    pub resolve: Vec<String>,
+    /// No network device at all.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Also share the host folder DIR at the same path, read-only (`:ro`,
+    /// the default) or read-write (`:rw`), under the same file policy.
+    /// Repeatable.
+    #[arg(long, value_name = "DIR[:ro|:rw]")]
+    pub mount: Vec<String>,
+    /// The command to run instead of the agent.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,215 @@
+//! Host side: the `sbx` commands other than `run` — `exec`, `ls`, `stop`,
+//! `rm`, `log`, `policy explain`, `policy explain-file`. What they print
+//! that the guest chose is escaped.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netstack::policy::{Action, Policy, Request, Target};
+use thiserror::Error;
+use vmm::devices::console;
+use vmm::fs::policy::Access;
+
+use crate::cli::ExecArgs;
+use crate::client::{self, Outcome};
+use crate::escape::{self, Layout};
+use crate::policy_doc::{self, SandboxPolicy};
+use crate::run::STOP_GRACE;
+use crate::sandbox::{self, Sandbox};
+use crate::terminal;
+
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
+    #[error("Sandbox '{0}' is not running (start it with `sbx run`)")]
+    NotRunning(String),
+    #[error("Sandbox '{0}' is starting or stopping; try again")]
+    Starting(String),
+    #[error("Sandbox '{0}' did not stop within {1} s")]
+    DidNotStop(String, u64),
+    #[error("Cannot signal the VMM (pid {0}): {1}")]
+    Signal(i32, io::Error),
+    #[error("Bad --env '{0}': use KEY=VALUE")]
+    Env(String),
+    #[error(transparent)]
+    Session(#[from] client::Error),
+    /// guest-init could not run the command (its words, escaped).
+    #[error("{0}")]
+    Failed(String),
+    #[error("Cannot read {0}: {1}")]
+    Read(PathBuf, String),
+    #[error("Cannot read {0}: there is no {1} yet")]
+    NoLog(PathBuf, &'static str),
+    #[error(transparent)]
+    Audit(#[from] netstack::audit::Error),
+    #[error(transparent)]
+    Policy(#[from] policy_doc::Error),
+    #[error("{0}")]
+    Url(String),
+    #[error(transparent)]
+    Preset(netstack::policy::Error),
+    #[error(transparent)]
+    Files(vmm::fs::policy::Error),
+    #[error("Cannot write to stdout: {0}")]
+    Stdout(io::Error),
+}
+
+type Result<T> = std::result::Result<T, CommandError>;
+
+/// `sbx exec`: a command beside the sandbox's first program.
+pub fn exec(args: ExecArgs) -> Result<ExitCode> {
+    let sb = Sandbox::open(&sandbox::home(), &args.name)?;
+    if sb.running_pid().is_none() {
+        return Err(CommandError::NotRunning(args.name));
+    }
+    let mut env = Vec::new();
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or(CommandError::Env(kv.clone()))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let interactive = args.tty || (!args.no_tty && terminal::is_tty(0) && terminal::is_tty(1));
+    if interactive {
+        if let Ok(term) = std::env::var("TERM") {
+            env.push(("TERM".into(), term));
+        }
+    }
+    let cwd = if args.cwd.is_empty() { sb.settings.workspace.to_string_lossy().into_owned() } else { args.cwd };
+    let open = protocol::session::Open { argv: args.command, env, cwd, user: args.user, tty: None, main: false };
+    let outcome = client::exec(&sb.control_socket(), open, interactive, Duration::from_secs(args.wait))?;
+    Ok(match outcome {
+        Outcome::Exited(c) => ExitCode::from(c as u8),
+        Outcome::Killed(s) => ExitCode::from(128u8.wrapping_add(s as u8)),
+        Outcome::Failed(m) => return Err(CommandError::Failed(escape::line(&m))),
+    })
+}
+
+/// `sbx ls`.
+pub fn ls() -> Result<()> {
+    let list = Sandbox::list(&sandbox::home())?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{:<24} {:<8} {:<10} {:<6} WORKSPACE", "NAME", "AGENT", "STATE", "LAST");
+    for sb in list {
+        let state = match sb.running_pid() {
+            Some(pid) => format!("running:{pid}"),
+            None => "stopped".into(),
+        };
+        let last = sb.last_run().ok().flatten().map(|l| l.exit_code.to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<10} {:<6} {}",
+            escape::line(&sb.settings.name),
+            escape::line(&sb.settings.agent),
+            state,
+            last,
+            escape::escape(sb.settings.workspace.as_os_str().as_encoded_bytes(), Layout::Line)
+        );
+    }
+    Ok(())
+}
+
+/// `sbx stop`: the VMM turns SIGTERM into an orderly stop; waits for it.
+pub fn stop(name: &str) -> Result<()> {
+    let sb = Sandbox::open(&sandbox::home(), name)?;
+    let mut pid = sb.running_pid().ok_or_else(|| CommandError::NotRunning(name.into()))?;
+    // Pid 0: the VMM holds the lock but has not written its pid yet.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pid == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        pid = sb.running_pid().unwrap_or(0);
+    }
+    if pid == 0 {
+        return Err(CommandError::Starting(name.into()));
+    }
+    crate::signals::terminate(pid).map_err(|e| CommandError::Signal(pid, e))?;
+    // The guest powers off in order, or is stopped hard after STOP_GRACE.
+    let limit = STOP_GRACE + Duration::from_secs(10);
+    let deadline = Instant::now() + limit;
+    while sb.running_pid().is_some() {
+        if Instant::now() > deadline {
+            return Err(CommandError::DidNotStop(name.into(), limit.as_secs()));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `sbx rm`.
+pub fn rm(name: &str) -> Result<()> {
+    Ok(Sandbox::open(&sandbox::home(), name)?.remove()?)
+}
+
+/// `sbx log NAME [--audit]`: the console log, or the audit log after its
+/// hash chain is verified; escaped either way (the guest wrote the
+/// console and chose the audit log's host and file names).
+pub fn log(name: &str, audit: bool) -> Result<()> {
+    let sb = Sandbox::open(&sandbox::home(), name)?;
+    let path = if audit { sb.audit_log() } else { sb.console_log() };
+    // Oldest first: the rotated files, then the current one.
+    let files = if audit {
+        let files = netstack::audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
+        if files.is_empty() {
+            return Err(CommandError::NoLog(path, "audit log"));
+        }
+        let verified = netstack::audit::verify_files(&files)?;
+        if verified.first_seq > 1 || verified.torn_tail.is_some() {
+            eprintln!("sbx: {}: {verified}", path.display());
+        }
+        files
+    } else {
+        let files = console::log_files(&path);
+        if files.is_empty() {
+            return Err(CommandError::NoLog(path, "console log"));
+        }
+        files
+    };
+    let mut text = Vec::new();
+    for f in &files {
+        text.extend(std::fs::read(f).map_err(|e| CommandError::Read(f.clone(), e.to_string()))?);
+    }
+    let layout = if audit { Layout::JsonLines } else { Layout::Lines };
+    io::stdout().write_all(escape::escape(&text, layout).as_bytes()).map_err(CommandError::Stdout)
+}
+
+/// `sbx policy explain`: the rules that match `url` and the decision;
+/// exit 0 if allowed, 1 if denied.
+pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str) -> Result<ExitCode> {
+    let policy = match file {
+        Some(path) => SandboxPolicy::read(path)?.network,
+        None => Policy::preset(preset).map_err(CommandError::Preset)?,
+    };
+    let target = Target::parse_url(url).map_err(CommandError::Url)?;
+    let http = (!target.https).then_some((method, target.path.as_str()));
+    let req = Request { host: &target.host, port: target.port, http };
+    let mut out = io::stdout().lock();
+    let matched = policy.explain(&req);
+    if matched.is_empty() {
+        let _ = writeln!(out, "no rule matches {}:{}", target.host, target.port);
+    }
+    for rule in matched {
+        let _ = writeln!(out, "matches {rule}");
+    }
+    let decision = policy.decide(&req);
+    let _ = writeln!(out, "{decision}");
+    Ok(if decision.action == Action::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `sbx policy explain-file`: hidden, read-only or read-write.
+pub fn explain_file(path: &str, file: Option<&Path>) -> Result<()> {
+    let policy = match file {
+        Some(f) => SandboxPolicy::read(f)?,
+        None => SandboxPolicy::locked()?,
+    };
+    let fs = policy.fs_policy(&[]).map_err(CommandError::Files)?;
+    let is_dir = path.ends_with('/');
+    let access = match fs.access(Path::new(path.trim_end_matches('/')), is_dir) {
+        Access::Hidden => "hidden",
+        Access::ReadOnly => "read-only",
+        Access::ReadWrite => "read-write",
+    };
+    let _ = writeln!(io::stdout().lock(), "{path}: {access}");
+    Ok(())
+}

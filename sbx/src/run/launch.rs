@@ -1,0 +1,259 @@
+//! Host side: `sbx run`'s launch — from a checked [`RunPlan`] to a
+//! running VM and back: the sandbox marked running, its disks, audit log,
+//! shared folders and network made, the VM built and run on its own
+//! thread, and the program run as the main session over the control
+//! channel for as long as the VM lives.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netstack::audit::{AuditLog, SharedLog};
+use netstack::stack::{Config as NetConfig, NetStack, Resolver};
+use protocol::Job;
+use thiserror::Error;
+use vmm::builder::{self, Disk, GuestNet, Sinks, VmSpec};
+use vmm::control::Stop;
+use vmm::devices::console::{ConsoleFile, ConsoleLog, ProgramOutput, SharedReport};
+use vmm::devices::virtio::fs::{Counts, Fs};
+use vmm::fs::server::{AuditSink, FileServer};
+use vmm::fs::share::Share;
+use vmm::runner::{self, RunResult};
+
+use super::plan::{NetPlan, RunPlan};
+use crate::client::{self, Outcome};
+use crate::escape::{EscapingWriter, Layout};
+use crate::sandbox::{self, RunningGuard};
+
+/// The guest's address on netstack's subnet, and its NIC's MAC address
+/// (locally administered).
+const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
+const GUEST_MAC: [u8; 6] = [0x02, 0x73, 0x62, 0x78, 0, 2];
+/// The guest's MTU: netstack is in-process, so frames need not be
+/// Ethernet-sized; 64 KiB frames cut the guest kernel's per-packet work
+/// (Linux then posts 64 KiB receive buffers).
+const GUEST_MTU: usize = 65520;
+/// How often the file servers' request counts are published.
+const FS_STATS_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error("Cannot start sandbox '{0}': {1}")]
+    Sandbox(String, #[source] sandbox::Error),
+    #[error("Cannot open the audit log {0}: {1}")]
+    AuditLog(PathBuf, String),
+    #[error("Cannot share {0}: {1}")]
+    Share(PathBuf, String),
+    #[error("Cannot read image {0}: {1}")]
+    Image(PathBuf, io::Error),
+    #[error("Cannot add the job to the initramfs: {0}")]
+    Job(String),
+    #[error("Cannot create {0}: {1}")]
+    Console(PathBuf, io::Error),
+    #[error("Cannot build the VM: {0}")]
+    Build(#[source] builder::Error),
+    #[error("Cannot start the VM thread: {0}")]
+    Thread(io::Error),
+    #[error("The VM thread failed")]
+    VmPanicked,
+}
+
+/// What came back from a run: the VM's result, the main session's (the
+/// program's) outcome and the time of its first output, what the guest
+/// told on its console, and the file servers' counts.
+pub struct Launched {
+    pub result: RunResult,
+    pub session: Result<(Outcome, Option<Instant>), client::Error>,
+    pub report: SharedReport,
+    pub fs_counts: Vec<Counts>,
+    /// Held until the run is recorded: the sandbox shows running.
+    pub running: RunningGuard,
+}
+
+/// The virtio-fs tag of the `i`th shared folder (0: the workspace).
+fn share_tag(i: usize) -> String {
+    format!("sbx{i}")
+}
+
+/// Opens the sandbox's audit log (and its rotated files) for appending,
+/// continuing its chain. A torn last line is cut off, saying so; a log
+/// whose chain does not verify is kept aside, never overwritten.
+fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, LaunchError> {
+    let rotation = netstack::audit::Rotation::default();
+    let opened =
+        netstack::audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
+            .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
+    for note in &opened.notes {
+        eprintln!("sbx: {note}");
+    }
+    Ok(opened.log)
+}
+
+/// A virtio-fs device for each folder, under its policy, its file server
+/// writing to the sandbox's audit log. Also returns each device's request
+/// counters.
+fn shared_folders(
+    plan: &RunPlan,
+    audit: &SharedLog<Box<dyn Write + Send>>,
+) -> Result<(Vec<Fs>, Vec<Counts>), LaunchError> {
+    let mut devices = Vec::new();
+    let mut counts = Vec::new();
+    vmm::fs::server::raise_open_file_limit();
+    for (i, share) in plan.shares.iter().enumerate() {
+        let fail = |e: String| LaunchError::Share(share.dir.clone(), e);
+        let mut opened =
+            Share::open(&share.dir, share.policy.clone(), share.read_only).map_err(|e| fail(e.to_string()))?;
+        if !share.read_only {
+            opened = opened.with_git_shadow(plan.sandbox.git_shadow());
+        }
+        let log = audit.clone();
+        let sink: AuditSink = Box::new(move |event| {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = log.record(&event, sandbox::now_unix_ms()) {
+                eprintln!("sbx: {e}");
+            }
+        });
+        let server = FileServer::new(opened, share.dir.clone(), sink);
+        let fs = Fs::new(&share_tag(i), server).map_err(|e| fail(e.to_string()))?;
+        counts.push(fs.counts.clone());
+        devices.push(fs);
+    }
+    Ok((devices, counts))
+}
+
+/// Keeps `path` up to date (when changed) with the file servers' request
+/// counts, for benchmarks to read while the sandbox runs.
+fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>) {
+    let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
+        let mut last = String::new();
+        loop {
+            let now: Vec<serde_json::Value> =
+                counts.iter().map(|c| serde_json::json!(*c.lock().unwrap_or_else(|p| p.into_inner()))).collect();
+            let text = serde_json::Value::from(now).to_string();
+            if text != last {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).is_ok() {
+                    last = text;
+                }
+            }
+            thread::sleep(FS_STATS_EVERY);
+        }
+    });
+}
+
+/// The sandbox's network: its policy and upstream overrides, and the
+/// sandbox's audit log.
+fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>) -> GuestNet {
+    let mut resolver = Resolver { system: true, ..Resolver::default() };
+    resolver.overrides.extend(net.overrides.iter().cloned());
+    let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
+    let mtu = cfg.mtu as u16;
+    GuestNet { mac: GUEST_MAC, mtu, stack: NetStack::new(cfg, net.policy.clone(), resolver, audit) }
+}
+
+/// The boot job guest-init reads, and the main session's request.
+fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
+    let mut job = Job {
+        hostname: plan.sandbox.settings.name.clone(),
+        interactive: plan.interactive,
+        rows: plan.rows,
+        cols: plan.cols,
+        emulated_cpu: plan.pvm,
+        overlay_root: true,
+        main_session: true,
+        ..Job::default()
+    };
+    for (i, share) in plan.shares.iter().enumerate() {
+        // UTF-8 checked by the plan.
+        let path = share.dir.to_string_lossy().into_owned();
+        job.shares.push(protocol::Share { tag: share_tag(i), path, read_only: share.read_only });
+    }
+    if plan.net.is_some() {
+        let cfg = NetConfig::default();
+        job.net = Some(protocol::NetConfig {
+            addr: GUEST_IP,
+            prefix_len: cfg.prefix_len,
+            gateway: cfg.gateway,
+            dns: cfg.gateway,
+        });
+    }
+    let mut open = protocol::session::Open {
+        argv: plan.argv.clone(),
+        user: plan.user.clone(),
+        main: true,
+        cwd: job.shares[0].path.clone(),
+        ..Default::default()
+    };
+    if plan.interactive {
+        if let Ok(term) = std::env::var("TERM") {
+            open.env.push(("TERM".into(), term));
+        }
+    }
+    (job, open)
+}
+
+/// With `--console`, the guest's kernel console is copied to stderr,
+/// escaped (the guest writes it).
+fn console_echo(on: bool) -> Option<Box<dyn Write + Send>> {
+    on.then(|| Box::new(EscapingWriter::new(Layout::Lines, io::stderr())) as Box<dyn Write + Send>)
+}
+
+/// Runs the plan: the VM on its thread, the program as the main session.
+/// `audit` is the sandbox's log once opened (for the caller to flush
+/// whatever happens).
+pub fn launch(
+    plan: &RunPlan,
+    stop: Arc<Stop>,
+    session_writer: &client::Writer,
+    audit_slot: &mut Option<SharedLog<Box<dyn Write + Send>>>,
+) -> Result<Launched, LaunchError> {
+    let sb = &plan.sandbox;
+    let name = sb.settings.name.clone();
+    let running = sb.mark_running().map_err(|e| LaunchError::Sandbox(name.clone(), e))?;
+    let data_disk = sb.data_disk(plan.disk_gib).map_err(|e| LaunchError::Sandbox(name.clone(), e))?;
+    let (job, open) = job_and_session(plan);
+    let audit = open_audit_log(&sb.audit_log())?.shared();
+    *audit_slot = Some(audit.clone());
+    let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
+    publish_fs_stats(sb.fs_stats(), fs_counts.clone());
+    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone()));
+    let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
+    protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
+
+    let report = SharedReport::default();
+    let console_file = ConsoleFile::create(&sb.console_log()).map_err(|e| LaunchError::Console(sb.console_log(), e))?;
+    let sinks = Sinks {
+        program: Box::new(ProgramOutput::new(io::stdout(), report.clone())),
+        console: Box::new(ConsoleLog::new(Some(console_file), console_echo(plan.console_echo), report.clone())),
+    };
+    let spec = VmSpec {
+        kernel: plan.kernel.clone(),
+        initrd,
+        cmdline: builder::kernel_cmdline(plan.pvm, plan.kernel_log, &plan.kernel_args),
+        mem_mib: plan.memory_mib,
+        cpus: plan.cpus,
+        template: plan.template,
+        disks: vec![
+            Disk { path: plan.rootfs.clone(), read_only: true, id: protocol::BASE_DISK_SERIAL.into() },
+            Disk { path: data_disk, read_only: false, id: protocol::DATA_DISK_SERIAL.into() },
+        ],
+        net,
+        control: Some(sb.listen_control().map_err(|e| LaunchError::Sandbox(name.clone(), e))?),
+        shares: fs_devices,
+    };
+    let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(LaunchError::Build)?;
+    let opts =
+        runner::RunOptions { timeout: plan.timeout, profile: plan.profile.as_ref().map(|_| Duration::from_millis(5)) };
+    let vm =
+        thread::Builder::new().name("vm".into()).spawn(move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
+    // The program: the main session over the control channel, as long
+    // as the VM lives. Its outcome is the program's; the console only
+    // tells of guest-init's failures before a session exists.
+    let ended = || vm.is_finished();
+    let session =
+        client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);
+    let result = vm.join().map_err(|_| LaunchError::VmPanicked)?;
+    Ok(Launched { result, session, report, fs_counts, running })
+}

@@ -1,0 +1,101 @@
+//! Host side: `sbx run` — plan, launch, finish. The plan checks every
+//! argument and opens the sandbox before anything starts
+//! ([`plan::RunPlan`]); the launch runs the VM and the program's session
+//! ([`launch::launch`]); the finish turns the outcome into sbx's exit code
+//! and records it ([`finish::finish`]).
+
+pub mod finish;
+pub mod launch;
+pub mod plan;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vmm::control::{Stop, StopReason};
+
+use crate::cli::RunArgs;
+use crate::client;
+use crate::escape::{self, Layout};
+use crate::sandbox::{self, LastRun};
+use crate::signals::names as sig;
+
+pub use finish::{EXIT_SBX_ERROR, EXIT_TIMEOUT};
+
+/// How long `sbx stop` lets the guest end its program and power off in
+/// order before the VM is stopped hard.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Launch(#[from] launch::LaunchError),
+    #[error(transparent)]
+    Finish(#[from] finish::FinishError),
+}
+
+/// SIGTERM and SIGHUP (`sbx stop`) end the program through its session so
+/// that guest-init powers off in order (disk synced and clean); the VM is
+/// stopped hard after [`STOP_GRACE`], at once on a second signal, or at
+/// once if the session is not open yet. SIGINT goes to the program
+/// (without a terminal; with one, ^C is just a key). SIGWINCH resizes.
+fn handle_signals(stop: Arc<Stop>, session: client::Writer) {
+    use protocol::session::Frame;
+    let stopping = Arc::new(AtomicBool::new(false));
+    crate::signals::forward(&[sig::TERM, sig::INT, sig::HUP, sig::WINCH], move |s| match s {
+        sig::WINCH => {
+            if let Some(f) = client::resize_frame() {
+                client::send_to(&session, &f);
+            }
+        }
+        sig::INT if client::send_to(&session, &Frame::Signal(s)) => {}
+        _ if !stopping.swap(true, Ordering::SeqCst) && client::send_to(&session, &Frame::Signal(s)) => {
+            let stop = stop.clone();
+            let _ = thread::Builder::new().name("stop-grace".into()).spawn(move || {
+                thread::sleep(STOP_GRACE);
+                stop.request(StopReason::HostSignal(s));
+            });
+        }
+        _ => stop.request(StopReason::HostSignal(s)),
+    });
+}
+
+/// `sbx run`: the program's exit status, or why sbx failed.
+pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
+    // First, before any thread exists and before the sandbox shows as
+    // running: from then on `sbx stop` (SIGTERM) must stop the VM in
+    // order, even while it is still being built.
+    let stop = Arc::new(Stop::default());
+    let session = client::Writer::default();
+    handle_signals(stop.clone(), session.clone());
+    let plan = plan::RunPlan::new(args)?;
+    let mut audit = None;
+    let launched = launch::launch(&plan, stop, &session, &mut audit);
+    // The VM is over: the counts of refusals not yet written go to the
+    // audit log now.
+    if let Some(log) = audit {
+        if let Err(e) = log.lock().unwrap_or_else(|p| p.into_inner()).flush_suppressed(sandbox::now_unix_ms()) {
+            eprintln!("sbx: {e}");
+        }
+    }
+    let launched = match launched {
+        Ok(l) => l,
+        Err(e) => {
+            let last =
+                LastRun { ended_unix: sandbox::now_unix(), exit_code: EXIT_SBX_ERROR.into(), summary: e.to_string() };
+            let _ = plan.sandbox.mark_stopped(&last);
+            return Err(e.into());
+        }
+    };
+    let verdict = finish::finish(&plan, launched, started)?;
+    if verdict.failure {
+        // Its guest parts are escaped by `judge`; all of it here, in case.
+        eprintln!("sbx: {}", escape::escape(verdict.summary.as_bytes(), Layout::Lines));
+    }
+    Ok(ExitCode::from(verdict.code))
+}

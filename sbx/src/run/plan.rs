@@ -1,0 +1,283 @@
+//! Host side: `sbx run`'s plan — every argument checked, every path
+//! resolved, the sandbox opened (or made) and its stored settings checked,
+//! before anything starts. A bad argument is the user's to fix now, with
+//! an error naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use netstack::host::HostName;
+use netstack::policy::Policy;
+use thiserror::Error;
+use vmm::arch::cpuid::{self, CpuTemplate};
+use vmm::fs::policy::FsPolicy;
+
+use crate::cli::{RunArgs, AGENTS};
+use crate::folders;
+use crate::policy_doc::{self, SandboxPolicy};
+use crate::sandbox::{self, Sandbox, Settings};
+use crate::terminal;
+
+/// Largest sandbox disk, in GiB.
+pub const MAX_DISK_GIB: u64 = 1 << 14;
+
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error("Unknown agent '{0}' (expected one of: {list})", list = AGENTS.join(", "))]
+    UnknownAgent(String),
+    #[error("Cannot read the current directory: {0}")]
+    CurrentDir(std::io::Error),
+    #[error(transparent)]
+    Folder(#[from] folders::Error),
+    #[error("Bad --cpu-template: {0}")]
+    CpuTemplate(String),
+    #[error("{what} not found at {path}: {hint}")]
+    Missing { what: String, path: PathBuf, hint: String },
+    #[error("Disk size must be 1 to {MAX_DISK_GIB} GiB, got {0}")]
+    DiskSize(u64),
+    #[error(transparent)]
+    Policy(#[from] policy_doc::Error),
+    #[error("The default network rules of agent '{0}': {1}")]
+    Agent(String, netstack::policy::Error),
+    #[error("--allow {0}: {1}")]
+    Allow(String, netstack::policy::Error),
+    #[error("--resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("sbx's state folder {0} (SBX_HOME): {1}")]
+    State(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    BootFile(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
+    #[error("Sandbox '{name}' shares {has}, not {asked}: a sandbox keeps its workspace (use another --name)")]
+    KeepsWorkspace { name: String, has: PathBuf, asked: PathBuf },
+    #[error("Cannot hide the boot files: {0}")]
+    Hide(vmm::fs::policy::Error),
+    #[error("Cannot share {0}: the path is not UTF-8")]
+    NotUtf8(PathBuf),
+}
+
+/// A shared folder: where, read-only or not, under which policy.
+#[derive(Debug, Clone)]
+pub struct SharePlan {
+    pub dir: PathBuf,
+    pub read_only: bool,
+    pub policy: FsPolicy,
+}
+
+/// The guest's network, if it has one.
+#[derive(Debug, Clone)]
+pub struct NetPlan {
+    pub policy: Policy,
+    /// `--resolve`: names sent to host addresses.
+    pub overrides: Vec<((HostName, u16), SocketAddr)>,
+}
+
+/// Everything `sbx run` will do, checked.
+pub struct RunPlan {
+    pub sandbox: Sandbox,
+    pub agent: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub template: CpuTemplate,
+    pub pvm: bool,
+    pub memory_mib: u64,
+    pub cpus: u8,
+    pub disk_gib: u64,
+    pub kernel_log: bool,
+    pub kernel_args: String,
+    pub console_echo: bool,
+    pub timeout: Option<Duration>,
+    pub profile: Option<PathBuf>,
+    pub report: Option<PathBuf>,
+    /// The workspace first, then each `--mount`.
+    pub shares: Vec<SharePlan>,
+    pub net: Option<NetPlan>,
+    /// The program and how it talks to the user.
+    pub argv: Vec<String>,
+    pub user: String,
+    pub interactive: bool,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Where `cargo xtask` puts kernels and images: $SBX_ASSETS, or target/sbx
+/// next to this binary's target/<profile>/ directory.
+pub fn assets_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SBX_ASSETS") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("sbx")))
+        .unwrap_or_else(|| PathBuf::from("target/sbx"))
+}
+
+fn existing(path: PathBuf, what: &str, hint: &str) -> Result<PathBuf, PlanError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(PlanError::Missing { what: what.into(), path, hint: hint.into() })
+    }
+}
+
+/// `DIR[:ro|:rw]` -> (absolute folder, read-only).
+pub fn parse_mount(text: &str) -> Result<(PathBuf, bool), PlanError> {
+    let (dir, read_only) = match text.rsplit_once(':') {
+        Some((d, "ro")) => (d, true),
+        Some((d, "rw")) => (d, false),
+        _ => (text, true),
+    };
+    Ok((folders::check(Path::new(dir), &format!("--mount {text}:"))?, read_only))
+}
+
+/// NAME:PORT:ADDR:APORT -> ((name, port), address).
+pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanError> {
+    let bad = |why: String| PlanError::Resolve(text.into(), why);
+    let mut parts = text.splitn(3, ':');
+    let (Some(name), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad("expected NAME:PORT:ADDR:APORT".into()));
+    };
+    let name = HostName::parse(name).map_err(|e| bad(e.to_string()))?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("bad port".into()))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| bad(format!("bad address '{addr}' (expected IP:PORT)")))?;
+    Ok(((name, port), addr))
+}
+
+/// The network: the policy's rules, the agent's needs, `--allow`,
+/// `--resolve`.
+fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
+    policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
+    for host in &args.allow {
+        policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
+    }
+    let overrides = args.resolve.iter().map(|r| parse_resolve(r)).collect::<Result<_, _>>()?;
+    Ok(NetPlan { policy, overrides })
+}
+
+impl RunPlan {
+    /// Checks the arguments and opens (or makes) the sandbox.
+    pub fn new(args: &RunArgs) -> Result<RunPlan, PlanError> {
+        if !AGENTS.contains(&args.agent.as_str()) {
+            return Err(PlanError::UnknownAgent(args.agent.clone()));
+        }
+        let workspace = match &args.workspace {
+            Some(w) => w.clone(),
+            None => std::env::current_dir().map_err(PlanError::CurrentDir)?,
+        };
+        let workspace = folders::check(&workspace, "Workspace")?;
+        let mounts = args.mount.iter().map(|m| parse_mount(m)).collect::<Result<Vec<_>, _>>()?;
+        let template = match args.cpu_template.as_str() {
+            "auto" => cpuid::auto_template(),
+            other => other.parse::<CpuTemplate>().map_err(PlanError::CpuTemplate)?,
+        };
+        let assets = assets_dir();
+        let kernel = existing(
+            args.kernel.clone().unwrap_or_else(|| assets.join("kernel/vmlinux")),
+            "Kernel",
+            "build it with `cargo xtask kernel` or pass --kernel",
+        )?;
+        let image_dir = args.image.clone().unwrap_or_else(|| assets.join("images").join(&args.agent));
+        let (what, hint) = (
+            format!("Image '{}'", args.agent),
+            format!("build it with `cargo xtask image {}` or pass --image", args.agent),
+        );
+        let initrd = existing(image_dir.join("init.cpio"), &what, &hint)?;
+        let rootfs = existing(image_dir.join("rootfs.ext4"), &what, &hint)?;
+        if args.disk_size == 0 || args.disk_size > MAX_DISK_GIB {
+            return Err(PlanError::DiskSize(args.disk_size));
+        }
+        let policy = match &args.policy {
+            Some(path) => SandboxPolicy::read(path)?,
+            None => SandboxPolicy::locked()?,
+        };
+        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone())?) };
+
+        // sbx's own state and the files it boots from stay out of the
+        // guest's reach: checked before the sandbox's folder is made, and
+        // again with the workspace its settings name.
+        let home = sandbox::home();
+        let state = folders::canonical_lenient(&home).map_err(|e| PlanError::State(home.clone(), e))?;
+        let boot = [&assets, &kernel, &image_dir]
+            .into_iter()
+            .map(|p| folders::canonical_lenient(p).map_err(|e| PlanError::BootFile(p.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<Vec<String>>, PlanError> {
+            folders::check_state(&state, shares)?;
+            Ok(folders::boot_files_to_hide(&boot, shares)?)
+        };
+        check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
+        let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
+        let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
+        // The folder asked for: --workspace, or the current one when the
+        // name comes from it.
+        let asked = (args.workspace.is_some() || args.name.is_none()).then(|| settings.workspace.clone());
+        let sb = Sandbox::open_or_create(&home, settings)?;
+        // Read back from disk: checked like the user's own input.
+        folders::check_stored(&sb.settings_file(), &sb.settings.workspace)?;
+        if let Some(asked) = asked.filter(|w| *w != sb.settings.workspace) {
+            let (name, has) = (sb.settings.name.clone(), sb.settings.workspace.clone());
+            return Err(PlanError::KeepsWorkspace { name, has, asked });
+        }
+        let folders = [vec![(sb.settings.workspace.clone(), false)], mounts].concat();
+        let hide = check_shares(&folders)?;
+        let mut shares = Vec::new();
+        for ((dir, read_only), hide) in folders.into_iter().zip(&hide) {
+            if dir.to_str().is_none() {
+                return Err(PlanError::NotUtf8(dir));
+            }
+            let policy = policy.fs_policy(hide).map_err(PlanError::Hide)?;
+            shares.push(SharePlan { dir, read_only, policy });
+        }
+
+        let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
+        let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
+        Ok(RunPlan {
+            sandbox: sb,
+            agent: args.agent.clone(),
+            kernel,
+            initrd,
+            rootfs,
+            template,
+            pvm: cpuid::host_is_pvm(),
+            memory_mib: args.memory,
+            cpus: args.cpus,
+            disk_gib: args.disk_size,
+            kernel_log: args.kernel_log,
+            kernel_args: args.kernel_args.clone(),
+            console_echo: args.console,
+            timeout: args.timeout.map(Duration::from_secs),
+            profile: args.profile.clone(),
+            report: args.report.clone(),
+            shares,
+            net,
+            argv: if args.command.is_empty() { vec!["/bin/sh".into()] } else { args.command.clone() },
+            user: args.user.clone(),
+            interactive,
+            rows,
+            cols,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_and_mount_arguments_are_checked() {
+        let ((name, port), addr) = parse_resolve("api.test:443:127.0.0.1:8443").unwrap();
+        assert_eq!((name.as_str(), port, addr.to_string().as_str()), ("api.test", 443, "127.0.0.1:8443"));
+        for bad in ["api.test", "api.test:0:127.0.0.1:1", "127.0.0.1:80:127.0.0.1:1", "a.test:80:nowhere"] {
+            let e = parse_resolve(bad).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("--resolve {bad}: ")), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().canonicalize().unwrap();
+        assert_eq!(parse_mount(&format!("{}:rw", d.display())).unwrap(), (d.clone(), false));
+        assert_eq!(parse_mount(&d.display().to_string()).unwrap(), (d.clone(), true));
+        assert!(parse_mount(&format!("{}/none:ro", d.display())).is_err());
+    }
+}
