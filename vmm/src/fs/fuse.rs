@@ -14,8 +14,102 @@ pub const ROOT_ID: u64 = 1;
 
 pub const IN_HEADER_LEN: usize = 40;
 pub const OUT_HEADER_LEN: usize = 16;
+/// fuse_attr.
 pub const ATTR_LEN: usize = 88;
-pub const ENTRY_OUT_LEN: usize = 40 + ATTR_LEN;
+/// Where fuse_entry_out's attributes start (after nodeid, generation,
+/// entry_valid, attr_valid and their nanoseconds).
+pub const ENTRY_ATTR_OFFSET: usize = 40;
+/// fuse_entry_out.
+pub const ENTRY_OUT_LEN: usize = ENTRY_ATTR_OFFSET + ATTR_LEN;
+/// Where fuse_attr_out's attributes start (after attr_valid, its
+/// nanoseconds and padding).
+pub const ATTR_OUT_ATTR_OFFSET: usize = 16;
+/// fuse_attr_out.
+pub const ATTR_OUT_LEN: usize = ATTR_OUT_ATTR_OFFSET + ATTR_LEN;
+/// fuse_open_out.
+pub const OPEN_OUT_LEN: usize = 16;
+/// fuse_init_out (7.23 and later).
+pub const INIT_OUT_LEN: usize = 64;
+/// fuse_forget_one, the entries of a BATCH_FORGET.
+const FORGET_ONE_LEN: usize = 16;
+/// fuse_dirent before its name (ino, off, namelen, type).
+pub const DIRENT_LEN: usize = 24;
+/// Directory entries (and their names) are padded to this.
+const DIRENT_ALIGN: usize = 8;
+/// The smallest directory entry: a one-byte name, padded.
+pub const MIN_DIRENT_LEN: usize = align_dirent(DIRENT_LEN + 1);
+/// A dirent's type is the mode's type bits (`S_IFMT`) shifted down by
+/// this: the `DT_*` value.
+const DIRENT_TYPE_SHIFT: u32 = 12;
+
+macro_rules! opcodes {
+    ($($(#[$doc:meta])* $name:ident = $n:literal,)*) => {
+        /// The request opcodes (`enum fuse_opcode`) the server knows; any
+        /// other is answered ENOSYS ([`Op::Unknown`]).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Opcode {
+            $($(#[$doc])* $name = $n,)*
+        }
+
+        impl Opcode {
+            pub fn from_u32(v: u32) -> Option<Opcode> {
+                match v {
+                    $($n => Some(Opcode::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+opcodes! {
+    Lookup = 1,
+    Forget = 2,
+    GetAttr = 3,
+    SetAttr = 4,
+    ReadLink = 5,
+    Symlink = 6,
+    MkNod = 8,
+    MkDir = 9,
+    Unlink = 10,
+    RmDir = 11,
+    Rename = 12,
+    Link = 13,
+    Open = 14,
+    Read = 15,
+    Write = 16,
+    StatFs = 17,
+    Release = 18,
+    Fsync = 20,
+    SetXattr = 21,
+    GetXattr = 22,
+    ListXattr = 23,
+    RemoveXattr = 24,
+    Flush = 25,
+    Init = 26,
+    OpenDir = 27,
+    ReadDir = 28,
+    ReleaseDir = 29,
+    FsyncDir = 30,
+    Access = 34,
+    Create = 35,
+    Interrupt = 36,
+    Destroy = 38,
+    BatchForget = 42,
+    Fallocate = 43,
+    ReadDirPlus = 44,
+    /// RENAME with flags.
+    Rename2 = 45,
+    Lseek = 46,
+    SyncFs = 50,
+}
+
+impl From<Opcode> for u32 {
+    fn from(o: Opcode) -> u32 {
+        o as u32
+    }
+}
 
 // INIT flags.
 pub const ASYNC_READ: u32 = 1 << 0;
@@ -275,7 +369,7 @@ pub fn parse(bytes: &[u8]) -> Result<(InHeader, Op<'_>), ParseError> {
     else {
         return Err(ParseError::BadHeader);
     };
-    a.take(4).ok_or(ParseError::BadHeader)?;
+    a.u32().ok_or(ParseError::BadHeader)?; // total_extlen, padding
     if len as usize != bytes.len() {
         return Err(ParseError::BadHeader);
     }
@@ -285,16 +379,17 @@ pub fn parse(bytes: &[u8]) -> Result<(InHeader, Op<'_>), ParseError> {
 }
 
 fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
-    Some(match opcode {
-        1 => Op::Lookup { name: a.name()? },
-        2 => Op::Forget { nlookup: a.u64()? },
-        3 => {
+    let Some(code) = Opcode::from_u32(opcode) else { return Some(Op::Unknown(opcode)) };
+    Some(match code {
+        Opcode::Lookup => Op::Lookup { name: a.name()? },
+        Opcode::Forget => Op::Forget { nlookup: a.u64()? },
+        Opcode::GetAttr => {
             let flags = a.u32()?;
             a.u32()?;
             let fh = a.u64()?;
             Op::GetAttr { fh: (flags & GETATTR_FH != 0).then_some(fh) }
         }
-        4 => {
+        Opcode::SetAttr => {
             let valid = a.u32()?;
             a.u32()?;
             let fh = a.u64()?;
@@ -316,64 +411,65 @@ fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
                 gid,
             })
         }
-        5 => Op::ReadLink,
-        6 => Op::Symlink { name: a.name()?, target: a.name()? },
-        8 => {
-            a.take(16)?;
+        Opcode::ReadLink => Op::ReadLink,
+        Opcode::Symlink => Op::Symlink { name: a.name()?, target: a.name()? },
+        Opcode::MkNod => {
+            let (_mode, _rdev, _umask) = (a.u32()?, a.u32()?, a.u32()?);
+            a.u32()?; // padding
             Op::MkNod { name: a.name()? }
         }
-        9 => {
+        Opcode::MkDir => {
             let mode = a.u32()?;
             a.u32()?; // umask: the kernel applied it already
             Op::MkDir { name: a.name()?, mode }
         }
-        10 => Op::Unlink { name: a.name()? },
-        11 => Op::RmDir { name: a.name()? },
-        12 => Op::Rename { new_dir: a.u64()?, old: a.name()?, new: a.name()?, flags: 0 },
-        45 => {
+        Opcode::Unlink => Op::Unlink { name: a.name()? },
+        Opcode::RmDir => Op::RmDir { name: a.name()? },
+        Opcode::Rename => Op::Rename { new_dir: a.u64()?, old: a.name()?, new: a.name()?, flags: 0 },
+        Opcode::Rename2 => {
             let new_dir = a.u64()?;
             let flags = a.u32()?;
             a.u32()?;
             Op::Rename { new_dir, old: a.name()?, new: a.name()?, flags }
         }
-        13 => Op::Link { old_node: a.u64()?, name: a.name()? },
-        14 => Op::Open { flags: a.u32()? },
-        15 | 28 | 44 => {
+        Opcode::Link => Op::Link { old_node: a.u64()?, name: a.name()? },
+        Opcode::Open => Op::Open { flags: a.u32()? },
+        Opcode::Read | Opcode::ReadDir | Opcode::ReadDirPlus => {
             let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
-            match opcode {
-                15 => Op::Read { fh, offset, size },
-                _ => Op::ReadDir { fh, offset, size, plus: opcode == 44 },
+            match code {
+                Opcode::Read => Op::Read { fh, offset, size },
+                _ => Op::ReadDir { fh, offset, size, plus: code == Opcode::ReadDirPlus },
             }
         }
-        16 => {
+        Opcode::Write => {
             let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
-            a.take(20)?; // write_flags, lock_owner, flags, padding
+            let (_write_flags, _lock_owner, _flags) = (a.u32()?, a.u64()?, a.u32()?);
+            a.u32()?; // padding
             let data = a.take(size as usize)?;
             Op::Write { fh, offset, data }
         }
-        17 => Op::StatFs,
-        18 => Op::Release { fh: a.u64()? },
-        20 => Op::Fsync { fh: a.u64()? },
-        25 => Op::Flush { fh: a.u64()? },
-        26 => Op::Init { major: a.u32()?, minor: a.u32()?, max_readahead: a.u32()?, flags: a.u32()? },
-        27 => Op::OpenDir,
-        29 => Op::ReleaseDir { fh: a.u64()? },
-        30 => Op::FsyncDir { fh: a.u64()? },
-        34 => Op::Access { mask: a.u32()? },
-        35 => {
+        Opcode::StatFs => Op::StatFs,
+        Opcode::Release => Op::Release { fh: a.u64()? },
+        Opcode::Fsync => Op::Fsync { fh: a.u64()? },
+        Opcode::Flush => Op::Flush { fh: a.u64()? },
+        Opcode::Init => Op::Init { major: a.u32()?, minor: a.u32()?, max_readahead: a.u32()?, flags: a.u32()? },
+        Opcode::OpenDir => Op::OpenDir,
+        Opcode::ReleaseDir => Op::ReleaseDir { fh: a.u64()? },
+        Opcode::FsyncDir => Op::FsyncDir { fh: a.u64()? },
+        Opcode::Access => Op::Access { mask: a.u32()? },
+        Opcode::Create => {
             let (flags, mode) = (a.u32()?, a.u32()?);
             a.u32()?; // umask, applied by the kernel
             a.u32()?;
             Op::Create { name: a.name()?, flags, mode }
         }
-        36 => Op::Interrupt,
-        38 => Op::Destroy,
-        42 => {
+        Opcode::Interrupt => Op::Interrupt,
+        Opcode::Destroy => Op::Destroy,
+        Opcode::BatchForget => {
             let count = a.u32()?;
             a.u32()?;
-            // Each entry is 16 bytes; the count cannot claim more than
-            // the request holds.
-            if count as usize > a.0.len() / 16 {
+            // The count cannot claim more entries than the request holds.
+            if count as usize > a.0.len() / FORGET_ONE_LEN {
                 return None;
             }
             let mut v = Vec::with_capacity(count as usize);
@@ -382,17 +478,16 @@ fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
             }
             Op::BatchForget(v)
         }
-        43 => {
+        Opcode::Fallocate => {
             let (fh, offset, length, mode) = (a.u64()?, a.u64()?, a.u64()?, a.u32()?);
             Op::Fallocate { fh, offset, length, mode }
         }
-        46 => {
+        Opcode::Lseek => {
             let (fh, offset, whence) = (a.u64()?, a.u64()?, a.u32()?);
             Op::Lseek { fh, offset, whence }
         }
-        21..=24 => Op::Xattr,
-        50 => Op::SyncFs,
-        other => Op::Unknown(other),
+        Opcode::SetXattr | Opcode::GetXattr | Opcode::ListXattr | Opcode::RemoveXattr => Op::Xattr,
+        Opcode::SyncFs => Op::SyncFs,
     })
 }
 
@@ -461,6 +556,57 @@ pub fn attr_out(o: &mut Out, attr: &Attr, valid_secs: u64) {
     attr.encode(o);
 }
 
+/// What the server answers to INIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitOut {
+    pub major: u32,
+    pub minor: u32,
+    pub max_readahead: u32,
+    pub flags: u32,
+    pub max_background: u16,
+    pub congestion_threshold: u16,
+    pub max_write: u32,
+    /// Timestamp granularity, nanoseconds.
+    pub time_gran: u32,
+    pub max_pages: u16,
+}
+
+impl InitOut {
+    /// fuse_init_out ([`INIT_OUT_LEN`] bytes).
+    pub fn encode(&self, o: &mut Out) {
+        o.u32(self.major).u32(self.minor).u32(self.max_readahead).u32(self.flags);
+        o.u16(self.max_background).u16(self.congestion_threshold);
+        o.u32(self.max_write).u32(self.time_gran);
+        o.u16(self.max_pages).u16(0); // map_alignment
+        o.zeros(32); // flags2 and unused (later versions)
+    }
+}
+
+/// Figures of the shared folder's filesystem, as STATFS answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// fuse_statfs_out (a fuse_kstatfs).
+pub fn statfs_out(o: &mut Out, st: &StatFs) {
+    o.u64(st.blocks).u64(st.bfree).u64(st.bavail).u64(st.files).u64(st.ffree);
+    o.u32(st.bsize).u32(st.namelen).u32(st.frsize).u32(0); // padding
+    o.zeros(24); // spare
+}
+
+/// fuse_write_out: the bytes written.
+pub fn write_out(o: &mut Out, size: u32) {
+    o.u32(size).u32(0); // padding
+}
+
 /// FOPEN_DIRECT_IO: the guest's kernel sends this handle's reads and
 /// writes straight from the caller's buffers, bypassing its page cache.
 pub const FOPEN_DIRECT_IO: u32 = 1;
@@ -470,10 +616,14 @@ pub fn open_out(o: &mut Out, fh: u64, open_flags: u32) {
     o.u64(fh).u32(open_flags).u32(0);
 }
 
+/// `len` rounded up to a whole number of [`DIRENT_ALIGN`]s.
+const fn align_dirent(len: usize) -> usize {
+    len.div_ceil(DIRENT_ALIGN) * DIRENT_ALIGN
+}
+
 /// Space one directory entry takes (fuse_dirent, name padded to 8).
 pub fn dirent_len(name_len: usize, plus: bool) -> usize {
-    let base = 24 + name_len;
-    let padded = (base + 7) & !7;
+    let padded = align_dirent(DIRENT_LEN + name_len);
     if plus {
         ENTRY_OUT_LEN + padded
     } else {
@@ -484,10 +634,10 @@ pub fn dirent_len(name_len: usize, plus: bool) -> usize {
 /// fuse_dirent: the guest's d_type is the mode's type bits >> 12.
 pub fn dirent(o: &mut Out, ino: u64, next_offset: u64, name: &[u8], mode: u32) {
     let start = o.0.len();
-    o.u64(ino).u64(next_offset).u32(name.len() as u32).u32((mode & libc::S_IFMT) >> 12);
+    o.u64(ino).u64(next_offset).u32(name.len() as u32).u32((mode & libc::S_IFMT) >> DIRENT_TYPE_SHIFT);
     o.bytes(name);
-    let pad = ((o.0.len() - start + 7) & !7) - (o.0.len() - start);
-    o.zeros(pad);
+    let len = o.0.len() - start;
+    o.zeros(align_dirent(len) - len);
 }
 
 /// A reply: header (with `error` as a negative errno) and body.
@@ -503,6 +653,8 @@ pub mod tests {
     use super::*;
 
     /// A request as the guest's kernel lays it out.
+    /// `opcode` is a number, so that tests may send unknown ones too
+    /// (`Opcode::X as u32` for known ones).
     pub fn request(opcode: u32, unique: u64, nodeid: u64, args: &[u8]) -> Vec<u8> {
         let mut o = Out::default();
         o.u32((IN_HEADER_LEN + args.len()) as u32).u32(opcode).u64(unique).u64(nodeid);
@@ -513,18 +665,18 @@ pub mod tests {
 
     #[test]
     fn requests_parse_into_typed_ops() {
-        let r = request(1, 7, 1, b"src\0");
+        let r = request(Opcode::Lookup as u32, 7, ROOT_ID, b"src\0");
         let (h, op) = parse(&r).unwrap();
-        assert_eq!((h.unique, h.nodeid, h.opcode), (7, 1, 1));
+        assert_eq!((h.unique, h.nodeid, h.opcode), (7, ROOT_ID, Opcode::Lookup as u32));
         assert_eq!(op, Op::Lookup { name: OsStr::new("src") });
         let mut args = Out::default();
         args.u64(3).u64(4096).u32(5).u32(0).u64(0).u32(0).u32(0).bytes(b"hello");
-        let r = request(16, 8, 9, &args.0);
+        let r = request(Opcode::Write as u32, 8, 9, &args.0);
         assert_eq!(parse(&r).unwrap().1, Op::Write { fh: 3, offset: 4096, data: b"hello" });
         let mut args = Out::default();
         args.u64(5).bytes(b"a\0b\0");
         assert_eq!(
-            parse(&request(12, 9, 1, &args.0)).unwrap().1,
+            parse(&request(Opcode::Rename as u32, 9, ROOT_ID, &args.0)).unwrap().1,
             Op::Rename { new_dir: 5, old: OsStr::new("a"), new: OsStr::new("b"), flags: 0 }
         );
     }
@@ -533,20 +685,25 @@ pub mod tests {
     fn malformed_requests_are_refused_not_trusted() {
         // Too short for a header, or a header whose length lies.
         assert_eq!(parse(&[0u8; 10]), Err(ParseError::BadHeader));
-        let mut r = request(1, 1, 1, b"x\0");
+        let mut r = request(Opcode::Lookup as u32, 1, ROOT_ID, b"x\0");
         r[0] = 200;
         assert_eq!(parse(&r), Err(ParseError::BadHeader));
         // Names without NUL, empty names, writes claiming more data than
         // sent, batch forgets claiming more entries than sent.
-        for (op, args) in [(1u32, b"noterm".to_vec()), (1, b"\0".to_vec()), (6, b"a\0".to_vec())] {
-            assert!(matches!(parse(&request(op, 1, 1, &args)), Err(ParseError::BadArgs(_))), "{op}");
+        for (op, args) in
+            [(Opcode::Lookup, b"noterm".to_vec()), (Opcode::Lookup, b"\0".to_vec()), (Opcode::Symlink, b"a\0".to_vec())]
+        {
+            assert!(matches!(parse(&request(op as u32, 1, ROOT_ID, &args)), Err(ParseError::BadArgs(_))), "{op:?}");
         }
         let mut args = Out::default();
         args.u64(3).u64(0).u32(1 << 30).u32(0).u64(0).u32(0).u32(0).bytes(b"short");
-        assert!(matches!(parse(&request(16, 1, 1, &args.0)), Err(ParseError::BadArgs(_))));
+        assert!(matches!(parse(&request(Opcode::Write as u32, 1, ROOT_ID, &args.0)), Err(ParseError::BadArgs(_))));
         let mut args = Out::default();
         args.u32(u32::MAX).u32(0).u64(1).u64(1);
-        assert!(matches!(parse(&request(42, 1, 1, &args.0)), Err(ParseError::BadArgs(_))));
+        assert!(matches!(
+            parse(&request(Opcode::BatchForget as u32, 1, ROOT_ID, &args.0)),
+            Err(ParseError::BadArgs(_))
+        ));
         // Random bytes never panic.
         let mut x: u32 = 12345;
         for len in 0..400 {
@@ -558,9 +715,10 @@ pub mod tests {
                     x as u8
                 })
                 .collect();
-            if len >= 40 {
+            if len >= IN_HEADER_LEN {
+                // A true length, and every opcode up to SYNCFS and past it.
                 r[0..4].copy_from_slice(&(len as u32).to_le_bytes());
-                r[4..8].copy_from_slice(&(x % 52).to_le_bytes());
+                r[4..8].copy_from_slice(&(x % (Opcode::SyncFs as u32 + 2)).to_le_bytes());
             }
             let _ = parse(&r);
         }
@@ -572,15 +730,45 @@ pub mod tests {
         dirent(&mut o, 5, 1, b"abc", libc::S_IFREG);
         assert_eq!(o.0.len(), dirent_len(3, false));
         assert_eq!(o.0.len() % 8, 0);
-        assert_eq!(u32::from_le_bytes(o.0[20..24].try_into().unwrap()), libc::DT_REG as u32);
+        let type_at = DIRENT_LEN - 4;
+        assert_eq!(u32::from_le_bytes(o.0[type_at..DIRENT_LEN].try_into().unwrap()), libc::DT_REG as u32);
         let mut o = Out::default();
         entry_out(&mut o, 2, &Attr::default(), 1);
         assert_eq!(o.0.len(), ENTRY_OUT_LEN);
         let mut o = Out::default();
         open_out(&mut o, 1, FOPEN_DIRECT_IO);
-        assert_eq!(o.0.len(), 16);
+        assert_eq!(o.0.len(), OPEN_OUT_LEN);
         let mut o = Out::default();
         attr_out(&mut o, &Attr::default(), 1);
-        assert_eq!(o.0.len(), 16 + ATTR_LEN);
+        assert_eq!(o.0.len(), ATTR_OUT_LEN);
+        let mut o = Out::default();
+        let init = InitOut {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR,
+            max_readahead: 0,
+            flags: 0,
+            max_background: 0,
+            congestion_threshold: 0,
+            max_write: 0,
+            time_gran: 0,
+            max_pages: 0,
+        };
+        init.encode(&mut o);
+        assert_eq!(o.0.len(), INIT_OUT_LEN);
+        let mut o = Out::default();
+        statfs_out(&mut o, &StatFs::default());
+        assert_eq!(o.0.len(), 80, "fuse_kstatfs");
+        assert_eq!(MIN_DIRENT_LEN, dirent_len(1, false));
+    }
+
+    #[test]
+    fn opcodes_are_the_kernels_numbers() {
+        for n in 0..100u32 {
+            if let Some(op) = Opcode::from_u32(n) {
+                assert_eq!(u32::from(op), n);
+            }
+        }
+        assert_eq!((Opcode::Lookup as u32, Opcode::Init as u32, Opcode::SyncFs as u32), (1, 26, 50));
+        assert_eq!(Opcode::from_u32(7), None, "no opcode 7 (SYMLINK is 6, MKNOD 8)");
     }
 }

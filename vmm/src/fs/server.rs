@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::fuse::{self, Attr, Op, Out, ParseError, SetAttr};
+use super::fuse::{self, Attr, InitOut, Op, Out, ParseError, SetAttr, StatFs};
 use super::policy::Access;
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
 use crate::sys;
@@ -53,6 +53,18 @@ pub const MAX_NODE_PATH_BYTES: usize = 64 << 20;
 pub const MAX_LISTING_BYTES: usize = 64 << 20;
 /// What one listed name costs besides its bytes.
 const LISTED_OVERHEAD: usize = std::mem::size_of::<Listed>();
+/// Requests the guest's kernel may have in the background (readahead,
+/// writeback) at once, and from how many on it counts as congested.
+const MAX_BACKGROUND: u16 = 16;
+const CONGESTION_THRESHOLD: u16 = 12;
+/// Timestamps are kept to the nanosecond.
+const TIME_GRAN_NS: u32 = 1;
+/// The guest's page size (a request spans at most `MAX_WRITE` of them).
+const GUEST_PAGE_SIZE: u32 = 4096;
+/// Mode bits chmod changes: permissions, set-id and sticky bits.
+const CHMOD_BITS: u32 = 0o7777;
+/// Largest nanoseconds field of a time.
+const MAX_NSEC: u32 = 999_999_999;
 
 struct Node {
     entry: Entry,
@@ -298,11 +310,18 @@ impl FileServer {
                     | fuse::PARALLEL_DIROPS
                     | fuse::MAX_PAGES
                     | fuse::CACHE_SYMLINKS;
-                out.u32(fuse::KERNEL_VERSION).u32(minor.min(fuse::KERNEL_MINOR));
-                out.u32(max_readahead.min(MAX_WRITE)).u32(flags & wanted);
-                out.u16(16).u16(12); // max_background, congestion_threshold
-                out.u32(MAX_WRITE).u32(1); // max_write, time_gran (ns)
-                out.u16((MAX_WRITE / 4096) as u16).u16(0).u32(0).zeros(28);
+                let init = InitOut {
+                    major: fuse::KERNEL_VERSION,
+                    minor: minor.min(fuse::KERNEL_MINOR),
+                    max_readahead: max_readahead.min(MAX_WRITE),
+                    flags: flags & wanted,
+                    max_background: MAX_BACKGROUND,
+                    congestion_threshold: CONGESTION_THRESHOLD,
+                    max_write: MAX_WRITE,
+                    time_gran: TIME_GRAN_NS,
+                    max_pages: (MAX_WRITE / GUEST_PAGE_SIZE) as u16,
+                };
+                init.encode(&mut out);
             }
             Op::Destroy => {
                 self.handles.clear();
@@ -422,13 +441,21 @@ impl FileServer {
                     let path = self.nodes.get(&node).map(|n| self.path_of(&n.entry.rel)).unwrap_or_default();
                     self.record(json!({ "op": "write", "path": path }));
                 }
-                out.u32(data.len() as u32).u32(0);
+                fuse::write_out(&mut out, data.len() as u32);
             }
             Op::StatFs => {
                 let st = self.share.statfs().map_err(|r| r.errno())?;
-                out.u64(st.f_blocks).u64(st.f_bfree).u64(st.f_bavail).u64(st.f_files).u64(st.f_ffree);
-                out.u32(st.f_bsize as u32).u32(super::share::MAX_NAME as u32).u32(st.f_frsize as u32).u32(0);
-                out.zeros(24);
+                let figures = StatFs {
+                    blocks: st.f_blocks,
+                    bfree: st.f_bfree,
+                    bavail: st.f_bavail,
+                    files: st.f_files,
+                    ffree: st.f_ffree,
+                    bsize: st.f_bsize as u32,
+                    namelen: super::share::MAX_NAME as u32,
+                    frsize: st.f_frsize as u32,
+                };
+                fuse::statfs_out(&mut out, &figures);
             }
             Op::Release { fh } | Op::ReleaseDir { fh } => {
                 self.handle_of(fh, nodeid)?;
@@ -501,7 +528,7 @@ impl FileServer {
             return Err(libc::EPERM);
         }
         let path = self.path_of(&entry.rel);
-        if s.valid & fuse::FATTR_MODE != 0 && (s.mode & 0o7777) != (st.st_mode & 0o7777) {
+        if s.valid & fuse::FATTR_MODE != 0 && (s.mode & CHMOD_BITS) != (st.st_mode & CHMOD_BITS) {
             self.share.chmod(&entry, s.mode).map_err(|r| self.refused("chmod", r))?;
             self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", s.mode & 0o1777) }));
         }
@@ -521,7 +548,7 @@ impl FileServer {
         let time = |set: bool, now: bool, (secs, nsec): (u64, u32)| match (set, now) {
             (false, _) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
             (true, true) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-            (true, false) => libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: i64::from(nsec.min(999_999_999)) },
+            (true, false) => libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: i64::from(nsec.min(MAX_NSEC)) },
         };
         let a = time(s.valid & fuse::FATTR_ATIME != 0, s.valid & fuse::FATTR_ATIME_NOW != 0, s.atime);
         let m = time(s.valid & fuse::FATTR_MTIME != 0, s.valid & fuse::FATTR_MTIME_NOW != 0, s.mtime);
@@ -594,7 +621,7 @@ impl FileServer {
     fn readdir(&mut self, dir: u64, fh: u64, offset: u64, room: usize, plus: bool) -> Result<Vec<u8>, i32> {
         let Handle::Dir { listing, .. } = self.handle_of(fh, dir)? else { return Err(libc::EBADF) };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let batch: Vec<Listed> = listing.iter().skip(start).take(room / 32 + 1).cloned().collect();
+        let batch: Vec<Listed> = listing.iter().skip(start).take(room / fuse::MIN_DIRENT_LEN + 1).cloned().collect();
         let parent = self.node(dir)?.clone();
         let mut out = Out::default();
         for (i, item) in batch.into_iter().enumerate() {
@@ -643,6 +670,7 @@ fn fstat_file(file: &File) -> Result<libc::stat, i32> {
 mod tests {
     use super::*;
     use crate::fs::fuse::tests::request;
+    use crate::fs::fuse::Opcode;
     use crate::fs::policy::FsPolicy;
     use std::fs;
     use std::sync::{Arc, Mutex};
@@ -672,22 +700,25 @@ mod tests {
             let share = Share::open(&w, FsPolicy::default(), false).unwrap();
             let server = FileServer::new(share, w.clone(), Box::new(move |e| sink_log.lock().unwrap().push(e)));
             let mut g = Guest { server, unique: 0, log, _dir: t, root: w };
+            // fuse_init_in of a 7.37 kernel: major, minor, max_readahead,
+            // flags, then flags2 and unused.
             let mut init = Out::default();
-            init.u32(7).u32(37).u32(1 << 20).u32(fuse::DO_READDIRPLUS | fuse::MAX_PAGES).zeros(48);
-            let body = g.call(26, 0, &init.0).unwrap();
-            assert_eq!(body.len(), 64);
+            init.u32(fuse::KERNEL_VERSION).u32(37).u32(1 << 20).u32(fuse::DO_READDIRPLUS | fuse::MAX_PAGES).zeros(48);
+            let body = g.call(Opcode::Init, 0, &init.0).unwrap();
+            assert_eq!(body.len(), fuse::INIT_OUT_LEN);
             assert_eq!(u32::from_le_bytes(body[4..8].try_into().unwrap()), fuse::KERNEL_MINOR);
             g
         }
 
         /// Sends a request; the reply body or the errno.
-        fn call(&mut self, opcode: u32, node: u64, args: &[u8]) -> Result<Vec<u8>, i32> {
+        fn call(&mut self, opcode: Opcode, node: u64, args: &[u8]) -> Result<Vec<u8>, i32> {
             self.unique += 1;
-            let reply = self.server.handle(&request(opcode, self.unique, node, args), 2 << 20).expect("a reply");
+            let reply = self.server.handle(&request(opcode.into(), self.unique, node, args), 2 << 20).expect("a reply");
+            // fuse_out_header: len, error, unique.
             assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()) as usize, reply.len());
             assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), self.unique);
             match i32::from_le_bytes(reply[4..8].try_into().unwrap()) {
-                0 => Ok(reply[16..].to_vec()),
+                0 => Ok(reply[fuse::OUT_HEADER_LEN..].to_vec()),
                 e => Err(-e),
             }
         }
@@ -700,49 +731,51 @@ mod tests {
 
         /// LOOKUP: (node, mode, uid) or errno.
         fn lookup(&mut self, dir: u64, name: &str) -> Result<(u64, u32, u32), i32> {
-            let b = self.call(1, dir, &Self::name(name))?;
+            let b = self.call(Opcode::Lookup, dir, &Self::name(name))?;
             Ok(entry_fields(&b))
         }
 
         fn open(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
             let mut a = Out::default();
             a.u32(flags as u32).u32(0);
-            let b = self.call(14, node, &a.0)?;
+            let b = self.call(Opcode::Open, node, &a.0)?;
             Ok(u64::from_le_bytes(b[0..8].try_into().unwrap()))
         }
 
         fn read(&mut self, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
             let mut a = Out::default();
             a.u64(fh).u64(0).u32(size).u32(0).u64(0).u32(0).u32(0);
-            self.call(15, node, &a.0)
+            self.call(Opcode::Read, node, &a.0)
         }
 
         fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<Vec<u8>, i32> {
             let mut a = Out::default();
             a.u64(fh).u64(offset).u32(data.len() as u32).u32(0).u64(0).u32(0).u32(0).bytes(data);
-            self.call(16, node, &a.0)
+            self.call(Opcode::Write, node, &a.0)
         }
 
         fn create(&mut self, dir: u64, name: &str) -> Result<(u64, u64), i32> {
             let mut a = Out::default();
             a.u32(libc::O_WRONLY as u32).u32(libc::S_IFREG | 0o644).u32(0o022).u32(0).bytes(&Self::name(name));
-            let b = self.call(35, dir, &a.0)?;
+            let b = self.call(Opcode::Create, dir, &a.0)?;
             let node = entry_fields(&b).0;
             Ok((node, u64::from_le_bytes(b[fuse::ENTRY_OUT_LEN..fuse::ENTRY_OUT_LEN + 8].try_into().unwrap())))
         }
 
         fn listing(&mut self, dir: u64, plus: bool) -> Vec<String> {
-            let fh = u64::from_le_bytes(self.call(27, dir, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+            let fh = u64::from_le_bytes(self.call(Opcode::OpenDir, dir, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
             let mut a = Out::default();
             a.u64(fh).u64(0).u32(65536).u32(0).u64(0).u32(0).u32(0);
-            let b = self.call(if plus { 44 } else { 28 }, dir, &a.0).unwrap();
+            let b = self.call(if plus { Opcode::ReadDirPlus } else { Opcode::ReadDir }, dir, &a.0).unwrap();
             let mut names = Vec::new();
             let mut i = 0;
             while i < b.len() {
+                // fuse_direntplus is a fuse_entry_out and a fuse_dirent:
+                // ino, off, namelen, type, name.
                 let d = if plus { i + fuse::ENTRY_OUT_LEN } else { i };
                 let len = u32::from_le_bytes(b[d + 16..d + 20].try_into().unwrap()) as usize;
-                names.push(String::from_utf8(b[d + 24..d + 24 + len].to_vec()).unwrap());
-                i = d + ((24 + len + 7) & !7);
+                names.push(String::from_utf8(b[d + fuse::DIRENT_LEN..d + fuse::DIRENT_LEN + len].to_vec()).unwrap());
+                i = d + fuse::dirent_len(len, false);
             }
             names.sort();
             names
@@ -753,12 +786,26 @@ mod tests {
         }
     }
 
+    /// Offsets in fuse_attr of mode and uid.
+    const ATTR_MODE_AT: usize = 60;
+    const ATTR_UID_AT: usize = 68;
+
     fn entry_fields(b: &[u8]) -> (u64, u32, u32) {
         let node = u64::from_le_bytes(b[0..8].try_into().unwrap());
-        let attr = &b[40..];
-        let mode = u32::from_le_bytes(attr[60..64].try_into().unwrap());
-        let uid = u32::from_le_bytes(attr[68..72].try_into().unwrap());
+        let attr = &b[fuse::ENTRY_ATTR_OFFSET..];
+        let mode = u32::from_le_bytes(attr[ATTR_MODE_AT..ATTR_MODE_AT + 4].try_into().unwrap());
+        let uid = u32::from_le_bytes(attr[ATTR_UID_AT..ATTR_UID_AT + 4].try_into().unwrap());
         (node, mode, uid)
+    }
+
+    /// fuse_setattr_in with `valid`, `fh` and `size`, the rest zero.
+    fn setattr_args(valid: u32, fh: u64, size: u64) -> Vec<u8> {
+        let mut a = Out::default();
+        a.u32(valid).u32(0).u64(fh).u64(size);
+        a.u64(0).u64(0).u64(0).u64(0); // lock_owner, atime, mtime, ctime
+        a.u32(0).u32(0).u32(0).u32(0); // atimensec, mtimensec, ctimensec, mode
+        a.u32(0).u32(0).u32(0).u32(0); // unused, uid, gid, unused
+        a.0
     }
 
     #[test]
@@ -805,9 +852,8 @@ mod tests {
         let (git, _, _) = g.lookup(fuse::ROOT_ID, ".git").unwrap();
         let (config, _, _) = g.lookup(git, "config").unwrap();
         assert_eq!(g.open(config, libc::O_RDWR), Err(libc::EROFS));
-        let mut a = Out::default();
-        a.u32(fuse::FATTR_SIZE).u32(0).u64(0).u64(0).zeros(8 * 4 + 4 * 8);
-        assert_eq!(g.call(4, config, &a.0).map(|_| ()), Err(libc::EROFS));
+        let a = setattr_args(fuse::FATTR_SIZE, 0, 0);
+        assert_eq!(g.call(Opcode::SetAttr, config, &a).map(|_| ()), Err(libc::EROFS));
         let (hooks, _, _) = g.lookup(git, "hooks").unwrap();
         assert_eq!(g.create(hooks, "pre-commit"), Err(libc::EROFS));
         assert_eq!(fs::read_to_string(g.root.join(".git/config")).unwrap(), "[core]");
@@ -828,16 +874,17 @@ mod tests {
         // No new links out, no hard links, no device nodes.
         let mut a = Out::default();
         a.bytes(b"out\0").bytes(b"../outside\0");
-        assert_eq!(g.call(6, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
+        assert_eq!(g.call(Opcode::Symlink, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
         let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
         let mut a = Out::default();
         a.u64(src).bytes(b"hard\0");
-        assert_eq!(g.call(13, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
+        assert_eq!(g.call(Opcode::Link, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
         let mut a = Out::default();
-        a.u32(libc::S_IFCHR | 0o666).u32(0x0103).u32(0).u32(0).bytes(b"null\0");
-        assert_eq!(g.call(8, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
+        let dev_null = libc::makedev(1, 3) as u32;
+        a.u32(libc::S_IFCHR | 0o666).u32(dev_null).u32(0).u32(0).bytes(b"null\0");
+        assert_eq!(g.call(Opcode::MkNod, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EPERM));
         // Nodes and handles the guest made up.
-        assert_eq!(g.call(3, 999, &[0u8; 16]).map(|_| ()), Err(libc::ENOENT));
+        assert_eq!(g.call(Opcode::GetAttr, 999, &[0u8; 16]).map(|_| ()), Err(libc::ENOENT));
         assert_eq!(g.read(fuse::ROOT_ID, 12345, 10).map(|_| ()), Err(libc::EBADF));
         assert!(!g.root.join("out").exists() && !g.root.join("null").exists());
     }
@@ -849,7 +896,7 @@ mod tests {
         let (main, _, _) = g.lookup(src, "main.rs").unwrap();
         let mut a = Out::default();
         a.u64(fuse::ROOT_ID).bytes(b"src\0lib\0");
-        g.call(12, fuse::ROOT_ID, &a.0).unwrap();
+        g.call(Opcode::Rename, fuse::ROOT_ID, &a.0).unwrap();
         assert!(g.root.join("lib/main.rs").exists());
         let fh = g.open(main, libc::O_RDONLY).unwrap();
         assert_eq!(g.read(main, fh, 100).unwrap(), b"fn main() {}");
@@ -857,7 +904,7 @@ mod tests {
         // A decoy cannot become .git, nor can a file be moved onto hooks.
         let mut a = Out::default();
         a.u64(fuse::ROOT_ID).bytes(b"lib\0.git\0");
-        assert_eq!(g.call(12, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
+        assert_eq!(g.call(Opcode::Rename, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EACCES));
         let ev = g.events();
         assert!(ev.iter().any(|e| e.contains("\"op\":\"rename\"") && e.contains("/lib\"")), "{ev:?}");
     }
@@ -872,7 +919,8 @@ mod tests {
         let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
         let mut a = Out::default();
         a.u32(1).u32(0).u64(src).u64(2);
-        assert!(g.server.handle(&request(42, 99, 0, &a.0), 4096).is_none(), "forget has no reply");
+        let forget = request(Opcode::BatchForget as u32, 99, 0, &a.0);
+        assert!(g.server.handle(&forget, 4096).is_none(), "forget has no reply");
         assert!(!g.server.nodes.contains_key(&src));
     }
 
@@ -893,7 +941,8 @@ mod tests {
             x ^= x << 17;
             let len = (x % 200) as usize;
             let args: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
-            let op = (x % 52) as u32;
+            // Every opcode up to SYNCFS, and unknown ones past it.
+            let op = (x % (Opcode::SyncFs as u64 + 2)) as u32;
             let node = if i % 3 == 0 { fuse::ROOT_ID } else { x % 8 };
             let _ = g.server.handle(&request(op, i, node, &args), (x % 8192) as usize);
         }
@@ -910,20 +959,23 @@ mod tests {
         // The handle is new.rs's; main.rs's node with it is no way in.
         assert_eq!(g.write(main, fh, 0, b"x"), Err(libc::EBADF));
         assert_eq!(g.read(main, fh, 10), Err(libc::EBADF));
-        let mut a = Out::default();
-        a.u32(fuse::FATTR_SIZE | fuse::FATTR_FH).u32(0).u64(fh).u64(0).zeros(8 * 4 + 4 * 8);
-        assert_eq!(g.call(4, main, &a.0).map(|_| ()), Err(libc::EBADF), "truncate through another's handle");
+        let a = setattr_args(fuse::FATTR_SIZE | fuse::FATTR_FH, fh, 0);
+        assert_eq!(
+            g.call(Opcode::SetAttr, main, &a).map(|_| ()),
+            Err(libc::EBADF),
+            "truncate through another's handle"
+        );
         assert_eq!(fs::read_to_string(g.root.join("src/main.rs")).unwrap(), "fn main() {}");
         g.write(new, fh, 0, b"ok").unwrap();
         let ev = g.events();
         let writes: Vec<&String> = ev.iter().filter(|e| e.contains("\"op\":\"write\"")).collect();
         assert!(writes.len() == 1 && writes[0].contains("src/new.rs"), "{ev:?}");
         // A directory handle is its directory's only.
-        let dh = u64::from_le_bytes(g.call(27, src, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+        let dh = u64::from_le_bytes(g.call(Opcode::OpenDir, src, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
         let mut a = Out::default();
         a.u64(dh).u64(0).u32(4096).u32(0).u64(0).u32(0).u32(0);
-        assert_eq!(g.call(28, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EBADF));
-        assert!(g.call(28, src, &a.0).is_ok());
+        assert_eq!(g.call(Opcode::ReadDir, fuse::ROOT_ID, &a.0).map(|_| ()), Err(libc::EBADF));
+        assert!(g.call(Opcode::ReadDir, src, &a.0).is_ok());
     }
 
     #[test]
@@ -937,7 +989,7 @@ mod tests {
         for _ in 0..40 {
             let mut a = Out::default();
             a.u32(0o755).u32(0o022).bytes(&Guest::name(&name));
-            match g.call(9, dir, &a.0) {
+            match g.call(Opcode::MkDir, dir, &a.0) {
                 Ok(b) => dir = entry_fields(&b).0,
                 Err(e) => {
                     assert_eq!(e, libc::ENAMETOOLONG, "past the longest path");
@@ -954,15 +1006,16 @@ mod tests {
         g.server.path_bytes = bytes;
         // Listings held open count against one byte limit for all.
         let before = g.server.listing_bytes;
-        let fh = u64::from_le_bytes(g.call(27, fuse::ROOT_ID, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
+        let fh =
+            u64::from_le_bytes(g.call(Opcode::OpenDir, fuse::ROOT_ID, &[0u8; 8]).unwrap()[0..8].try_into().unwrap());
         let held = g.server.listing_bytes - before;
         assert!(held > 0);
         g.server.listing_bytes = MAX_LISTING_BYTES - 1;
-        assert_eq!(g.call(27, fuse::ROOT_ID, &[0u8; 8]).map(|_| ()), Err(libc::ENOMEM));
+        assert_eq!(g.call(Opcode::OpenDir, fuse::ROOT_ID, &[0u8; 8]).map(|_| ()), Err(libc::ENOMEM));
         g.server.listing_bytes = before + held;
         let mut a = Out::default();
         a.u64(fh).u32(0).u32(0).u64(0);
-        g.call(29, fuse::ROOT_ID, &a.0).unwrap();
+        g.call(Opcode::ReleaseDir, fuse::ROOT_ID, &a.0).unwrap();
         assert_eq!(g.server.listing_bytes, before, "released listings give their bytes back");
     }
 }
