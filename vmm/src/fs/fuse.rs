@@ -148,16 +148,83 @@ pub struct InHeader {
     pub pid: u32,
 }
 
+/// A time SETATTR sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    /// The host's clock now (`FATTR_*TIME_NOW`).
+    Now,
+    /// Seconds and nanoseconds, as the guest gave them.
+    At(u64, u32),
+}
+
+/// What SETATTR changes: each field is there only if its `FATTR_*` bit
+/// was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SetAttr {
-    pub valid: u32,
-    pub fh: u64,
-    pub size: u64,
-    pub atime: (u64, u32),
-    pub mtime: (u64, u32),
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    /// The handle it is asked through (`FATTR_FH`).
+    pub fh: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+impl SetAttr {
+    /// fuse_setattr_in: `valid` says which fields are meant.
+    fn parse(a: &mut Args<'_>) -> Option<SetAttr> {
+        let valid = a.u32()?;
+        a.u32()?; // padding
+        let fh = a.u64()?;
+        let size = a.u64()?;
+        a.u64()?; // lock_owner
+        let (atime, mtime, _ctime) = (a.u64()?, a.u64()?, a.u64()?);
+        let (atimensec, mtimensec, _ctimensec) = (a.u32()?, a.u32()?, a.u32()?);
+        let mode = a.u32()?;
+        a.u32()?; // unused
+        let (uid, gid) = (a.u32()?, a.u32()?);
+        let is = |bit: u32| valid & bit != 0;
+        let time = |set: u32, now: u32, secs: u64, nsec: u32| {
+            is(set).then_some(if is(now) { SetTime::Now } else { SetTime::At(secs, nsec) })
+        };
+        Some(SetAttr {
+            mode: is(FATTR_MODE).then_some(mode),
+            uid: is(FATTR_UID).then_some(uid),
+            gid: is(FATTR_GID).then_some(gid),
+            size: is(FATTR_SIZE).then_some(size),
+            fh: is(FATTR_FH).then_some(fh),
+            atime: time(FATTR_ATIME, FATTR_ATIME_NOW, atime, atimensec),
+            mtime: time(FATTR_MTIME, FATTR_MTIME_NOW, mtime, mtimensec),
+        })
+    }
+}
+
+/// How a file is opened: the access mode (`O_ACCMODE` bits) of the
+/// guest's open flags. The other flags are the guest kernel's business
+/// (it truncates and appends through other requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAccess {
+    ReadOnly,
+    WriteOnly,
+    /// `O_RDWR`, and the access mode 3 (which Linux gives to `ioctl`-only
+    /// opens): taken as asking for the most.
+    ReadWrite,
+}
+
+impl OpenAccess {
+    fn from_flags(flags: u32) -> OpenAccess {
+        match flags as i32 & libc::O_ACCMODE {
+            libc::O_RDONLY => OpenAccess::ReadOnly,
+            libc::O_WRONLY => OpenAccess::WriteOnly,
+            _ => OpenAccess::ReadWrite,
+        }
+    }
+
+    /// True if the file may be written through this handle.
+    pub fn writes(self) -> bool {
+        self != OpenAccess::ReadOnly
+    }
 }
 
 /// A request, its arguments checked for shape (names are plain bytes
@@ -212,7 +279,7 @@ pub enum Op<'a> {
         name: &'a OsStr,
     },
     Open {
-        flags: u32,
+        access: OpenAccess,
     },
     Read {
         fh: u64,
@@ -247,12 +314,14 @@ pub enum Op<'a> {
     FsyncDir {
         fh: u64,
     },
+    /// ACCESS: only whether write access is asked matters (the guest's
+    /// kernel checks the mode bits itself).
     Access {
-        mask: u32,
+        write: bool,
     },
     Create {
         name: &'a OsStr,
-        flags: u32,
+        access: OpenAccess,
         mode: u32,
     },
     Interrupt,
@@ -389,28 +458,7 @@ fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
             let fh = a.u64()?;
             Op::GetAttr { fh: (flags & GETATTR_FH != 0).then_some(fh) }
         }
-        Opcode::SetAttr => {
-            let valid = a.u32()?;
-            a.u32()?;
-            let fh = a.u64()?;
-            let size = a.u64()?;
-            a.u64()?; // lock_owner
-            let (atime, mtime, _ctime) = (a.u64()?, a.u64()?, a.u64()?);
-            let (atimensec, mtimensec, _ctimensec) = (a.u32()?, a.u32()?, a.u32()?);
-            let mode = a.u32()?;
-            a.u32()?;
-            let (uid, gid) = (a.u32()?, a.u32()?);
-            Op::SetAttr(SetAttr {
-                valid,
-                fh,
-                size,
-                atime: (atime, atimensec),
-                mtime: (mtime, mtimensec),
-                mode,
-                uid,
-                gid,
-            })
-        }
+        Opcode::SetAttr => Op::SetAttr(SetAttr::parse(a)?),
         Opcode::ReadLink => Op::ReadLink,
         Opcode::Symlink => Op::Symlink { name: a.name()?, target: a.name()? },
         Opcode::MkNod => {
@@ -433,7 +481,7 @@ fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
             Op::Rename { new_dir, old: a.name()?, new: a.name()?, flags }
         }
         Opcode::Link => Op::Link { old_node: a.u64()?, name: a.name()? },
-        Opcode::Open => Op::Open { flags: a.u32()? },
+        Opcode::Open => Op::Open { access: OpenAccess::from_flags(a.u32()?) },
         Opcode::Read | Opcode::ReadDir | Opcode::ReadDirPlus => {
             let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
             match code {
@@ -456,12 +504,12 @@ fn parse_op<'a>(opcode: u32, a: &mut Args<'a>) -> Option<Op<'a>> {
         Opcode::OpenDir => Op::OpenDir,
         Opcode::ReleaseDir => Op::ReleaseDir { fh: a.u64()? },
         Opcode::FsyncDir => Op::FsyncDir { fh: a.u64()? },
-        Opcode::Access => Op::Access { mask: a.u32()? },
+        Opcode::Access => Op::Access { write: a.u32()? as i32 & libc::W_OK != 0 },
         Opcode::Create => {
             let (flags, mode) = (a.u32()?, a.u32()?);
             a.u32()?; // umask, applied by the kernel
             a.u32()?;
-            Op::Create { name: a.name()?, flags, mode }
+            Op::Create { name: a.name()?, access: OpenAccess::from_flags(flags), mode }
         }
         Opcode::Interrupt => Op::Interrupt,
         Opcode::Destroy => Op::Destroy,
@@ -759,6 +807,40 @@ pub mod tests {
         statfs_out(&mut o, &StatFs::default());
         assert_eq!(o.0.len(), 80, "fuse_kstatfs");
         assert_eq!(MIN_DIRENT_LEN, dirent_len(1, false));
+    }
+
+    #[test]
+    fn flags_and_bits_become_typed_values() {
+        // SETATTR: only what `valid` names is there; a time is now or given.
+        let mut args = Out::default();
+        args.u32(FATTR_MODE | FATTR_SIZE | FATTR_ATIME | FATTR_ATIME_NOW | FATTR_MTIME).u32(0);
+        args.u64(9).u64(100).u64(0); // fh (not meant: no FATTR_FH), size, lock_owner
+        args.u64(1).u64(2).u64(3).u32(4).u32(5).u32(6); // times
+        args.u32(0o644).u32(0).u32(1000).u32(1000).u32(0); // mode, unused, uid, gid, unused
+        let want = SetAttr {
+            mode: Some(0o644),
+            size: Some(100),
+            atime: Some(SetTime::Now),
+            mtime: Some(SetTime::At(2, 5)),
+            ..SetAttr::default()
+        };
+        assert_eq!(parse(&request(Opcode::SetAttr as u32, 1, ROOT_ID, &args.0)).unwrap().1, Op::SetAttr(want));
+        // OPEN and CREATE: the access mode; ACCESS: whether writing is asked.
+        for (flags, access) in [
+            (libc::O_RDONLY | libc::O_NOFOLLOW, OpenAccess::ReadOnly),
+            (libc::O_WRONLY | libc::O_TRUNC, OpenAccess::WriteOnly),
+            (libc::O_RDWR, OpenAccess::ReadWrite),
+            (libc::O_ACCMODE, OpenAccess::ReadWrite),
+        ] {
+            let mut args = Out::default();
+            args.u32(flags as u32).u32(0);
+            assert_eq!(parse(&request(Opcode::Open as u32, 1, ROOT_ID, &args.0)).unwrap().1, Op::Open { access });
+        }
+        for (mask, write) in [(libc::R_OK | libc::X_OK, false), (libc::W_OK, true)] {
+            let mut args = Out::default();
+            args.u32(mask as u32).u32(0);
+            assert_eq!(parse(&request(Opcode::Access as u32, 1, ROOT_ID, &args.0)).unwrap().1, Op::Access { write });
+        }
     }
 
     #[test]

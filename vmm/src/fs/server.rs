@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::fuse::{self, Attr, InitOut, Op, Out, ParseError, SetAttr, StatFs};
+use super::fuse::{self, Attr, InitOut, Op, OpenAccess, Out, ParseError, SetAttr, SetTime, StatFs};
 use super::policy::Access;
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
 use crate::sys;
@@ -401,13 +401,13 @@ impl FileServer {
                     Ok(()) => Err(libc::EPERM),
                 };
             }
-            Op::Open { flags } => {
+            Op::Open { access } => {
                 let entry = self.node(nodeid)?.clone();
-                let writable = flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
+                let writable = access.writes();
                 let fd = self.share.open_file(&entry, writable).map_err(|r| self.refused("open", r))?;
                 let fh =
                     self.new_handle(Handle::File { file: File::from(fd), node: nodeid, writable, wrote: false })?;
-                fuse::open_out(&mut out, fh, open_flags(flags));
+                fuse::open_out(&mut out, fh, open_flags(access));
             }
             Op::Read { fh, offset, size } => {
                 let Handle::File { file, .. } = self.handle_of(fh, nodeid)? else { return Err(libc::EBADF) };
@@ -487,13 +487,13 @@ impl FileServer {
                 let room = (size as usize).min(room);
                 return self.readdir(nodeid, fh, offset, room, plus);
             }
-            Op::Access { mask } => {
+            Op::Access { write } => {
                 let entry = self.node(nodeid)?;
-                if mask as i32 & libc::W_OK != 0 && entry.access != Access::ReadWrite {
+                if write && entry.access != Access::ReadWrite {
                     return Err(libc::EROFS);
                 }
             }
-            Op::Create { name, mode, flags } => {
+            Op::Create { name, mode, access } => {
                 let dir = self.node(nodeid)?.clone();
                 let (entry, fd) = self.share.create(&dir, name, mode).map_err(|r| self.refused_create("create", r))?;
                 let event = json!({ "op": "create", "path": self.path_of(&entry.rel) });
@@ -505,7 +505,7 @@ impl FileServer {
                 // keeps to its own open mode); its creation is logged, and
                 // its first write too.
                 let fh = self.new_handle(Handle::File { file: File::from(fd), node, writable: true, wrote: false })?;
-                fuse::open_out(&mut out, fh, open_flags(flags));
+                fuse::open_out(&mut out, fh, open_flags(access));
             }
             Op::SyncFs => {
                 let fd = self.share.open_dir(self.share.root()).map_err(|r| r.errno())?;
@@ -522,37 +522,36 @@ impl FileServer {
         let entry = self.node(nodeid)?.clone();
         let st = self.share.stat(&entry).map_err(|r| r.errno())?;
         let current = self.attr(&st);
-        if (s.valid & fuse::FATTR_UID != 0 && s.uid != current.uid)
-            || (s.valid & fuse::FATTR_GID != 0 && s.gid != current.gid)
-        {
+        if s.uid.is_some_and(|uid| uid != current.uid) || s.gid.is_some_and(|gid| gid != current.gid) {
             return Err(libc::EPERM);
         }
         let path = self.path_of(&entry.rel);
-        if s.valid & fuse::FATTR_MODE != 0 && (s.mode & CHMOD_BITS) != (st.st_mode & CHMOD_BITS) {
-            self.share.chmod(&entry, s.mode).map_err(|r| self.refused("chmod", r))?;
-            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", s.mode & 0o1777) }));
+        if let Some(mode) = s.mode.filter(|m| (m & CHMOD_BITS) != (st.st_mode & CHMOD_BITS)) {
+            self.share.chmod(&entry, mode).map_err(|r| self.refused("chmod", r))?;
+            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", mode & 0o1777) }));
         }
-        if s.valid & fuse::FATTR_SIZE != 0 {
-            let via_handle = match (s.valid & fuse::FATTR_FH != 0, self.handle_of(s.fh, nodeid)) {
-                (true, Ok(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
-                (true, Err(e)) => return Err(e),
+        if let Some(size) = s.size {
+            let via_handle = match s.fh.map(|fh| self.handle_of(fh, nodeid)) {
+                Some(Ok(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
+                Some(Err(e)) => return Err(e),
                 _ => None,
             };
             let file = match via_handle {
                 Some(f) => f.map_err(|e| errno_of(&e))?,
                 None => File::from(self.share.open_file(&entry, true).map_err(|r| self.refused("truncate", r))?),
             };
-            file.set_len(s.size).map_err(|e| errno_of(&e))?;
-            self.record(json!({ "op": "truncate", "path": path, "size": s.size }));
+            file.set_len(size).map_err(|e| errno_of(&e))?;
+            self.record(json!({ "op": "truncate", "path": path, "size": size }));
         }
-        let time = |set: bool, now: bool, (secs, nsec): (u64, u32)| match (set, now) {
-            (false, _) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            (true, true) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-            (true, false) => libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: i64::from(nsec.min(MAX_NSEC)) },
+        let time = |t: Option<SetTime>| match t {
+            None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            Some(SetTime::At(secs, nsec)) => {
+                libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: i64::from(nsec.min(MAX_NSEC)) }
+            }
         };
-        let a = time(s.valid & fuse::FATTR_ATIME != 0, s.valid & fuse::FATTR_ATIME_NOW != 0, s.atime);
-        let m = time(s.valid & fuse::FATTR_MTIME != 0, s.valid & fuse::FATTR_MTIME_NOW != 0, s.mtime);
-        if s.valid & (fuse::FATTR_ATIME | fuse::FATTR_MTIME) != 0 {
+        let (a, m) = (time(s.atime), time(s.mtime));
+        if s.atime.is_some() || s.mtime.is_some() {
             self.share.set_times(&entry, [a, m]).map_err(|r| self.refused("touch", r))?;
         }
         Ok(())
@@ -654,8 +653,8 @@ impl FileServer {
 /// the host without being copied into cache pages first. No one can map
 /// a write-only handle, so nothing is lost; other handles keep the cache
 /// (mmap and exec need it).
-fn open_flags(flags: u32) -> u32 {
-    if flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
+fn open_flags(access: OpenAccess) -> u32 {
+    if access == OpenAccess::WriteOnly {
         fuse::FOPEN_DIRECT_IO
     } else {
         0
