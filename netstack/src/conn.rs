@@ -4,9 +4,15 @@
 //! policy by method and normalised path) before a byte goes upstream;
 //! bodies are tracked so that the next request on a kept-alive connection
 //! is checked too. Port 443: the ClientHello's SNI must be that name and
-//! allowed, then bytes are spliced without decrypting. Refused: HTTP 403
-//! naming the rule, or a reset for TLS; no upstream socket is opened for a
-//! refused request.
+//! allowed; then either bytes are spliced without decrypting, or, for a
+//! host the policy has netstack terminate ([`Policy::terminates`]), the TLS
+//! session ends here ([`crate::terminate`]) and the requests inside are
+//! handled exactly like port 80's, with a TLS session of netstack's own to
+//! the upstream; there, and only there, credentials are injected
+//! ([`crate::credential`]). Refused: HTTP 403 naming the rule (inside TLS
+//! when terminated), or a reset for spliced TLS; no upstream socket is
+//! opened for a refused request. A credential's placeholder on its way to
+//! a host it is not bound to (head or body) is refused as a leak attempt.
 //!
 //! Upstream: the name is resolved once per connection on a connect thread
 //! ([`Resolve::lookup`]) and [`choose_upstream`] picks the address: an
@@ -28,8 +34,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -37,10 +43,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::credential::{LeakScanner, Rewrite, Scrubber};
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
 use crate::policy::{Action, Policy, Request};
 use crate::stack::{classify_ip, AddrClass};
+use crate::terminate::{self, GuestTls, Termination, Upstream};
 use crate::tls;
 
 /// Bytes buffered in each direction before reading pauses.
@@ -101,6 +109,9 @@ pub enum UpstreamError {
     Thread(String),
     /// The connect thread ended without an answer.
     ThreadEnded,
+    /// netstack's TLS session to the upstream failed: its certificate did
+    /// not verify for the name, or the handshake failed.
+    Tls(SocketAddr, String),
     /// The connection went away first (never reported to it).
     Cancelled,
 }
@@ -125,6 +136,7 @@ impl fmt::Display for UpstreamError {
             ),
             UpstreamError::Thread(e) => write!(f, "cannot start a connect thread: {e}"),
             UpstreamError::ThreadEnded => write!(f, "connect thread ended"),
+            UpstreamError::Tls(addr, e) => write!(f, "TLS to {addr} failed, nothing was sent: {e}"),
             UpstreamError::Cancelled => write!(f, "connection closed while connecting"),
         }
     }
@@ -197,13 +209,14 @@ impl Drop for Cancel {
     }
 }
 
-type Dialled = Result<(TcpStream, SocketAddr), UpstreamError>;
+type Dialled = Result<(Upstream, SocketAddr), UpstreamError>;
 
 /// An upstream connection being set up.
 #[derive(Debug)]
 enum Dial {
-    /// Waiting for a connect slot since the instant given.
-    Queued { name: HostName, permitted: Vec<IpAddr>, since: Instant },
+    /// Waiting for a connect slot since the instant given; with the TLS
+    /// configuration when netstack speaks TLS upstream.
+    Queued { name: HostName, permitted: Vec<IpAddr>, tls: Option<Arc<rustls::ClientConfig>>, since: Instant },
     /// On a connect thread; dropping the dial cancels it.
     Running { rx: Receiver<Dialled>, _cancel: Cancel },
 }
@@ -235,7 +248,18 @@ pub struct Conn {
     name: Option<HostName>,
     phase: Phase,
     inbox: Vec<u8>,
-    upstream: Option<TcpStream>,
+    upstream: Option<Upstream>,
+    /// TLS termination, if the stack has it.
+    termination: Option<Arc<Termination>>,
+    /// The guest's TLS session, once terminated: `inbox` and `to_guest`
+    /// then hold its plaintext.
+    guest_tls: Option<GuestTls>,
+    /// Looks for credential placeholders in the current request's body.
+    leak_scan: LeakScanner,
+    /// A credential was injected on this connection: responses are
+    /// scrubbed of the real values.
+    injected: bool,
+    scrubber: Scrubber,
     /// The address connected to, for the audit.
     upstream_addr: Option<SocketAddr>,
     slots: Arc<ConnectSlots>,
@@ -271,6 +295,7 @@ fn forbidden(reason: &str) -> Vec<u8> {
 fn bad_gateway(e: &UpstreamError) -> Vec<u8> {
     let what = match e {
         UpstreamError::NotGlobal { .. } | UpstreamError::Busy => "upstream refused",
+        UpstreamError::Tls(..) => "upstream TLS failed",
         _ => "upstream unreachable",
     };
     plain_response("502 Bad Gateway", &format!("{what}: {e}"))
@@ -279,7 +304,14 @@ fn bad_gateway(e: &UpstreamError) -> Vec<u8> {
 /// Resolves, picks the address and connects on a helper thread holding
 /// `slot`; the result arrives on the returned channel. The thread checks
 /// the returned cancel flag before connecting.
-fn connect(name: HostName, port: u16, permitted: Vec<IpAddr>, resolver: &Arc<dyn Resolve>, slot: Slot) -> Dial {
+fn connect(
+    name: HostName,
+    port: u16,
+    permitted: Vec<IpAddr>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    resolver: &Arc<dyn Resolve>,
+    slot: Slot,
+) -> Dial {
     let (tx, rx) = mpsc::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let (cancelled, resolver) = (cancel.clone(), resolver.clone());
@@ -292,9 +324,18 @@ fn connect(name: HostName, port: u16, permitted: Vec<IpAddr>, resolver: &Arc<dyn
             }
             let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
                 .map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
-            stream.set_nonblocking(true).map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
             let _ = stream.set_nodelay(true);
-            Ok((stream, addr))
+            let upstream = match &tls {
+                Some(config) => terminate::handshake(
+                    stream.try_clone().map_err(|e| UpstreamError::Connect(addr, e.to_string()))?,
+                    config,
+                    &name,
+                )
+                .map_err(|e| UpstreamError::Tls(addr, e))?,
+                None => Upstream::Plain(stream.try_clone().map_err(|e| UpstreamError::Connect(addr, e.to_string()))?),
+            };
+            stream.set_nonblocking(true).map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
+            Ok((upstream, addr))
         })();
         // The connection may be gone: the stream is then dropped (closed).
         let _ = tx.send(result);
@@ -329,6 +370,11 @@ impl Conn {
             phase: Phase::Head,
             inbox: Vec::new(),
             upstream: None,
+            termination: None,
+            guest_tls: None,
+            leak_scan: LeakScanner::default(),
+            injected: false,
+            scrubber: Scrubber::default(),
             upstream_addr: None,
             slots,
             to_upstream: Vec::new(),
@@ -345,6 +391,22 @@ impl Conn {
         }
     }
 
+    /// The same connection, able to terminate TLS and inject credentials.
+    pub fn with_termination(mut self, termination: Option<Arc<Termination>>) -> Conn {
+        self.termination = termination;
+        self
+    }
+
+    /// True where requests are read: port 80, and 443 once terminated.
+    fn speaks_http(&self) -> bool {
+        self.port == 80 || self.guest_tls.is_some()
+    }
+
+    /// True once the guest's TLS session is terminated here.
+    pub fn is_terminated(&self) -> bool {
+        self.guest_tls.is_some()
+    }
+
     /// Room for more bytes from the guest: the buffers have room, and the
     /// guest's next request head would not exceed [`MAX_IN_FLIGHT`].
     pub fn wants_guest_bytes(&self) -> bool {
@@ -357,13 +419,51 @@ impl Conn {
     }
 
     pub fn from_guest(&mut self, data: &[u8], policy: &Policy, resolver: &Arc<dyn Resolve>) {
-        self.inbox.extend_from_slice(data);
+        match &mut self.guest_tls {
+            Some(tls) => {
+                if let Err(e) = tls.receive(data, &mut self.inbox) {
+                    self.tls_failed(e);
+                    return;
+                }
+            }
+            None => self.inbox.extend_from_slice(data),
+        }
         self.process(policy, resolver);
     }
 
-    /// Bytes waiting for the guest.
+    /// The guest's TLS session failed (its alert is queued): logged, and
+    /// the connection closes once the alert is out.
+    fn tls_failed(&mut self, e: rustls::Error) {
+        self.events
+            .push(json!({"event": "tls", "dst": self.dst.to_string(), "sni": self.name.as_ref().map(|n| n.as_str()),
+            "terminated": true, "decision": "deny", "reason": format!("guest TLS failed: {e}")}));
+        self.inbox.clear();
+        self.to_upstream.clear();
+        self.refusal = None;
+        self.stalled = false;
+        self.phase = Phase::Refusing;
+    }
+
+    /// Bytes waiting for the guest (encrypted first when terminated).
     pub fn to_guest(&mut self) -> &mut Vec<u8> {
-        &mut self.to_guest
+        let done = self.plain_finished();
+        match &mut self.guest_tls {
+            Some(tls) => {
+                tls.send(&mut self.to_guest);
+                if done {
+                    tls.close();
+                }
+                tls.wire()
+            }
+            None => &mut self.to_guest,
+        }
+    }
+
+    /// Everything for the guest was handed on and nothing more will come.
+    fn plain_finished(&self) -> bool {
+        self.to_guest.is_empty()
+            && self.refusal.is_none()
+            && (matches!(self.phase, Phase::Refusing) || self.upstream_eof)
     }
 
     pub fn is_reset(&self) -> bool {
@@ -378,9 +478,7 @@ impl Conn {
     /// True when everything for the guest is written and nothing more will
     /// come: the guest socket can be closed.
     pub fn finished(&self) -> bool {
-        self.to_guest.is_empty()
-            && self.refusal.is_none()
-            && (matches!(self.phase, Phase::Refusing) || self.upstream_eof)
+        self.plain_finished() && self.guest_tls.as_ref().is_none_or(GuestTls::wire_is_empty)
     }
 
     /// Refuses the current request. HTTP: a 403 naming the reason, sent
@@ -390,7 +488,7 @@ impl Conn {
     fn refuse(&mut self, reason: String) {
         self.inbox.clear();
         self.stalled = false;
-        if self.port == 80 {
+        if self.speaks_http() {
             self.refusal = Some(forbidden(&reason));
             self.phase = Phase::Refusing;
             self.release_refusal();
@@ -411,42 +509,65 @@ impl Conn {
 
     fn process(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         loop {
+            let http = self.speaks_http();
             match &mut self.phase {
                 Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) => return,
                 Phase::Splice => {
                     self.to_upstream.append(&mut self.inbox);
                     return;
                 }
-                Phase::Body(scanner) => match scanner.feed(&self.inbox) {
-                    Ok(n) => {
-                        self.to_upstream.extend(self.inbox.drain(..n));
-                        if let Some(p) = self.pending.back_mut() {
-                            p.2 += n as u64;
+                Phase::Body(scanner) => {
+                    // With credentials about, the body's content is
+                    // searched for placeholders before it is forwarded.
+                    let mut leak: Option<String> = None;
+                    let fed = match (&self.termination, &self.name) {
+                        (Some(t), Some(host)) if !t.credentials.is_empty() => {
+                            let (creds, scan) = (&t.credentials, &mut self.leak_scan);
+                            scanner.feed_content(&self.inbox, |content| {
+                                if leak.is_none() {
+                                    leak = scan.scan(creds, host, content).map(|c| c.name().to_string());
+                                }
+                            })
                         }
-                        if scanner.is_done() {
-                            self.phase = Phase::Head;
-                        } else {
+                        _ => scanner.feed(&self.inbox),
+                    };
+                    match fed {
+                        Ok(n) => {
+                            let done = scanner.is_done();
+                            if let Some(credential) = leak {
+                                self.body_leak(&credential);
+                                return;
+                            }
+                            if done {
+                                self.phase = Phase::Head;
+                            }
+                            self.to_upstream.extend(self.inbox.drain(..n));
+                            if let Some(p) = self.pending.back_mut() {
+                                p.2 += n as u64;
+                            }
+                            if !done {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
+                            self.refuse(e.to_string());
                             return;
                         }
                     }
-                    Err(e) => {
-                        self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
-                        self.refuse(e.to_string());
-                        return;
-                    }
-                },
+                }
                 Phase::Head if self.inbox.is_empty() => return,
-                Phase::Head if self.port == 80 && self.responses.is_lost() => {
+                Phase::Head if http && self.responses.is_lost() => {
                     self.drain();
                     return;
                 }
-                Phase::Head if self.port == 80 && self.pending.len() >= MAX_IN_FLIGHT => {
+                Phase::Head if http && self.pending.len() >= MAX_IN_FLIGHT => {
                     // Backpressure: this head waits, and nothing more is
                     // read, until a response completes.
                     self.stalled = true;
                     return;
                 }
-                Phase::Head if self.port == 80 => {
+                Phase::Head if http => {
                     if !self.http_head(policy, resolver) {
                         return;
                     }
@@ -498,6 +619,13 @@ impl Conn {
                 event["normalized_path"] = json!(p);
             }
         }
+        if self.guest_tls.is_some() {
+            event["tls"] = json!("terminated");
+        }
+        let rewrite = match &self.termination {
+            Some(t) => t.credentials.rewrite(&head.host, &self.inbox[..len], self.guest_tls.is_some()),
+            None => Rewrite::Unchanged,
+        };
         let refusal = if self.name.as_ref() != Some(&head.host) {
             Some(format!(
                 "Host '{}' is not the name this address was resolved for ({})",
@@ -506,6 +634,12 @@ impl Conn {
             ))
         } else if head.host_port.is_some_and(|p| p != self.port) {
             Some("Host names another port".into())
+        } else if let Rewrite::Leak { credential } = &rewrite {
+            event["leak"] = json!(credential);
+            Some(format!(
+                "the placeholder of credential '{credential}' was sent to {}, which it is not bound to (leak attempt)",
+                head.host
+            ))
         } else if let (true, Err(e)) = (policy.has_path_rules(&head.host, self.port), &path) {
             Some(format!("path rules apply to {} and {e}", head.host))
         } else {
@@ -517,9 +651,22 @@ impl Conn {
             return false;
         }
         event["decision"] = json!("allow");
+        let sent = match rewrite {
+            Rewrite::Injected { head: injected, credentials } => {
+                event["credential"] = json!(credentials.join(","));
+                self.injected = true;
+                self.inbox.drain(..len);
+                self.to_upstream.extend_from_slice(&injected);
+                injected.len()
+            }
+            _ => {
+                self.to_upstream.extend(self.inbox.drain(..len));
+                len
+            }
+        };
         // Logged when its response ends, with status and sizes.
-        self.pending.push_back((event, head.method == "HEAD", len as u64));
-        self.to_upstream.extend(self.inbox.drain(..len));
+        self.pending.push_back((event, head.method == "HEAD", sent as u64));
+        self.leak_scan = LeakScanner::default();
         let next = Phase::Body(BodyScanner::new(head.body));
         if self.upstream.is_none() {
             self.start_connect(head.host, policy, resolver, next);
@@ -529,10 +676,26 @@ impl Conn {
         true
     }
 
+    /// A request body carried the placeholder of `credential` to a host it
+    /// is not bound to: logged as a leak attempt and refused.
+    fn body_leak(&mut self, credential: &str) {
+        let host = self.name.as_ref().map(|n| n.as_str()).unwrap_or("?");
+        let reason = format!(
+            "the placeholder of credential '{credential}' was sent to {host}, which it is not bound to (leak attempt, in a body)"
+        );
+        self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(),
+            "decision": "deny", "leak": credential, "reason": reason}));
+        self.refuse(reason);
+    }
+
     /// Sets off the upstream connection for `name`, then `next`.
     fn start_connect(&mut self, name: HostName, policy: &Policy, resolver: &Arc<dyn Resolve>, next: Phase) {
         let permitted = policy.permitted_addresses(&name, self.port);
-        let dial = Dial::Queued { name, permitted, since: Instant::now() };
+        let tls = match (&self.guest_tls, &self.termination) {
+            (Some(_), Some(t)) => Some(t.upstream_config().clone()),
+            _ => None,
+        };
+        let dial = Dial::Queued { name, permitted, tls, since: Instant::now() };
         self.phase = Phase::Connecting(dial, Box::new(next));
         self.poll_connect(policy, resolver);
     }
@@ -566,13 +729,25 @@ impl Conn {
             }
         };
         let mut event = json!({"event": "tls", "sni": sni.as_str(), "dst": self.dst.to_string()});
+        let terminate = self
+            .termination
+            .as_ref()
+            .is_some_and(|t| policy.terminates(&sni, self.port) || t.credentials.any_bound_to(&sni));
         let refusal = if self.name.as_ref() != Some(&sni) {
             Some("SNI is not the name this address was resolved for".to_string())
+        } else if terminate {
+            let decision = policy.reachable(&sni, self.port);
+            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
+            (decision.action == Action::Deny).then(|| decision.to_string())
         } else {
             self.judge(policy, &sni, None, &mut event)
         };
         if let Some(reason) = refusal {
             self.deny(event, reason);
+            return;
+        }
+        if terminate {
+            self.terminate(sni, event);
             return;
         }
         event["decision"] = json!("allow");
@@ -581,17 +756,45 @@ impl Conn {
         self.start_connect(sni, policy, resolver, Phase::Splice);
     }
 
+    /// Ends the guest's TLS session here, with a leaf for `sni`: what it
+    /// carries is read as HTTP from now on.
+    fn terminate(&mut self, sni: HostName, mut event: Value) {
+        let Some(t) = &self.termination else { return };
+        let session = t
+            .authority
+            .server_config(&sni)
+            .map_err(|e| e.to_string())
+            .and_then(|config| GuestTls::new(config).map_err(|e| e.to_string()));
+        let mut session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                self.deny(event, format!("cannot terminate TLS: {e}"));
+                return;
+            }
+        };
+        let hello = std::mem::take(&mut self.inbox);
+        let received = session.receive(&hello, &mut self.inbox);
+        event["alpn"] = json!(session.alpn().map(|p| String::from_utf8_lossy(p).into_owned()));
+        event["decision"] = json!("allow");
+        event["terminated"] = json!(true);
+        self.events.push(event);
+        self.guest_tls = Some(session);
+        if let Err(e) = received {
+            self.tls_failed(e);
+        }
+    }
+
     /// Moves a pending upstream connect along: starts its thread when a
     /// slot is free, takes its result when it is there; then takes up a
     /// request that waited for an in-flight place.
     pub fn poll_connect(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
         let result = match &mut self.phase {
             Phase::Connecting(dial, _) => {
-                if let Dial::Queued { name, permitted, since } = dial {
+                if let Dial::Queued { name, permitted, tls, since } = dial {
                     match self.slots.try_acquire() {
                         Some(slot) => {
-                            let (name, permitted) = (name.clone(), std::mem::take(permitted));
-                            *dial = connect(name, self.port, permitted, resolver, slot);
+                            let (name, permitted, tls) = (name.clone(), std::mem::take(permitted), tls.take());
+                            *dial = connect(name, self.port, permitted, tls, resolver, slot);
                         }
                         None if since.elapsed() >= MAX_CONNECT_WAIT => *dial = failed(UpstreamError::Busy),
                         None => return,
@@ -629,6 +832,10 @@ impl Conn {
             Err(e) => {
                 let mut event = json!({"event": "upstream", "dst": self.dst.to_string(), "port": self.port,
                     "name": self.name.as_ref().map(|n| n.as_str()), "error": e.to_string()});
+                if let UpstreamError::Tls(..) = &e {
+                    event["decision"] = json!("deny");
+                    event["tls"] = json!("upstream certificate or handshake refused");
+                }
                 if let UpstreamError::NotGlobal { refused, .. } = &e {
                     event["decision"] = json!("deny");
                     event["refused"] = refused
@@ -640,7 +847,7 @@ impl Conn {
                 self.to_upstream.clear();
                 self.inbox.clear();
                 self.stalled = false;
-                if self.port == 80 {
+                if self.speaks_http() {
                     self.to_guest.extend_from_slice(&bad_gateway(&e));
                     self.phase = Phase::Refusing;
                 } else {
@@ -653,6 +860,10 @@ impl Conn {
     /// Moves bytes to and from the upstream socket without blocking.
     pub fn pump_upstream(&mut self, guest_closed: bool) {
         let Some(up) = self.upstream.as_mut() else { return };
+        if up.flush_queued().is_err() {
+            self.phase = Phase::Reset;
+            return;
+        }
         while !self.to_upstream.is_empty() {
             match up.write(&self.to_upstream) {
                 Ok(0) => break,
@@ -669,9 +880,9 @@ impl Conn {
         }
         let done_sending = guest_closed || matches!(self.phase, Phase::Refusing | Phase::Draining);
         if done_sending && self.to_upstream.is_empty() && self.inbox.is_empty() && !self.upstream_shut {
-            let _ = up.shutdown(Shutdown::Write);
-            self.upstream_shut = true;
+            self.upstream_shut = up.shutdown_write();
         }
+        let scrub = self.injected.then_some(self.termination.as_ref()).flatten().map(|t| &t.credentials);
         let mut buf = [0u8; 16 * 1024];
         let mut fresh = Vec::new();
         while self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof {
@@ -679,18 +890,29 @@ impl Conn {
                 Ok(0) => self.upstream_eof = true,
                 Ok(n) => {
                     self.bytes_down += n as u64;
-                    self.to_guest.extend_from_slice(&buf[..n]);
+                    match scrub {
+                        Some(creds) => self.to_guest.extend(self.scrubber.feed(creds, &buf[..n])),
+                        None => self.to_guest.extend_from_slice(&buf[..n]),
+                    }
                     fresh.extend_from_slice(&buf[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => {
+                Err(e) => {
+                    if e.kind() == ErrorKind::InvalidData {
+                        self.events.push(json!({"event": "upstream", "dst": self.dst.to_string(),
+                            "name": self.name.as_ref().map(|n| n.as_str()), "error": format!("upstream TLS: {e}")}));
+                    }
                     self.upstream_eof = true;
                 }
             }
         }
         self.track_responses(&fresh);
-        if self.port == 80 && self.responses.is_lost() && matches!(self.phase, Phase::Head) {
+        if self.speaks_http() && self.responses.is_lost() && matches!(self.phase, Phase::Head) {
             self.drain();
+        }
+        if self.upstream_eof || self.responses.is_lost() {
+            let held = self.scrubber.flush();
+            self.to_guest.extend(held);
         }
         if self.upstream_eof {
             if let Some(r) = self.responses.close() {
@@ -702,7 +924,7 @@ impl Conn {
 
     /// Matches responses from upstream to the requests they answer.
     fn track_responses(&mut self, data: &[u8]) {
-        if self.port != 80 {
+        if !self.speaks_http() {
             return;
         }
         // The next response head answers the first pending request, or the
@@ -720,6 +942,9 @@ impl Conn {
     }
 
     fn response_done(&mut self, r: http::Response) {
+        // A secret cannot continue past the end of a response.
+        let held = self.scrubber.flush();
+        self.to_guest.extend(held);
         if let Some((mut event, _, up)) = self.pending.pop_front() {
             event["status"] = json!(r.status);
             event["bytes_up"] = json!(up);

@@ -68,7 +68,7 @@ pub enum Error {
     Connect,
     #[error("Protocol upgrades (e.g. WebSocket) are refused")]
     Upgrade,
-    #[error("HTTP/2 is refused on port 80")]
+    #[error("HTTP/2 is refused: netstack speaks HTTP/1.1 only")]
     Http2Preface,
     #[error("Malformed chunked body")]
     BadChunk,
@@ -547,6 +547,33 @@ impl BodyScanner {
                 }
                 BodyScanner::Done => {}
             }
+        }
+        Ok(used)
+    }
+}
+
+impl BodyScanner {
+    /// As [`BodyScanner::feed`], also handing each run of the body's
+    /// content (a Content-Length body's bytes, or chunk data without the
+    /// chunked framing) to `content`, in order.
+    pub fn feed_content(&mut self, data: &[u8], mut content: impl FnMut(&[u8])) -> Result<usize, Error> {
+        let mut used = 0;
+        while used < data.len() && !self.is_done() {
+            let rest = &data[used..];
+            let n = match self {
+                BodyScanner::Length(k) | BodyScanner::ChunkData(k) => {
+                    let take = (*k).min(rest.len() as u64) as usize;
+                    content(&rest[..take]);
+                    self.feed(&rest[..take])?
+                }
+                // Framing: a byte at a time, so that data is never passed
+                // over unseen.
+                _ => self.feed(&rest[..1])?,
+            };
+            if n == 0 {
+                break;
+            }
+            used += n;
         }
         Ok(used)
     }

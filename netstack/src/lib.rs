@@ -11,7 +11,14 @@
 //!   strict, bounded; Host must be the name bound to the address; policy by
 //!   method and path; 403 naming the rule) and forwarded with its body
 //!   framing tracked, each response's status and size read (never changed)
-//!   for the request's audit line; TLS allowed by SNI ([`tls`]) and spliced;
+//!   for the request's audit line; TLS allowed by SNI ([`tls`]) and either
+//!   spliced or, for hosts with credentials or method/path rules (or all,
+//!   by policy), terminated ([`terminate`], leaves minted by the
+//!   per-installation CA of [`ca`]) so that the same checks apply inside,
+//!   with a verified TLS session of netstack's own upstream;
+//! - [`credential`]: secrets bound to hosts and a header, injected in place
+//!   of a placeholder on terminated connections only; placeholders sent
+//!   elsewhere refused as leak attempts; echoed values masked;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
@@ -20,16 +27,18 @@
 //!
 //! Fuzz targets for the parsers: `fuzz/` (cargo-fuzz, built in CI).
 //!
-//! Not yet: the virtio-net device that feeds it guest frames, and TLS
-//! termination for credential injection (the seam is `conn::Phase`).
+//! The virtio-net device that feeds it guest frames is the VMM's.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod ca;
 pub mod conn;
+pub mod credential;
 pub mod dns;
 pub mod host;
 pub mod http;
 pub mod policy;
 pub mod sim;
 pub mod stack;
+pub mod terminate;
 pub mod tls;

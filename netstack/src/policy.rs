@@ -27,6 +27,15 @@
 //! allow = "wiki.corp.example"
 //! addresses = ["10.0.0.5"]     # allow rules only: non-public upstreams
 //!
+//! https = "passthrough"        # or "terminate" (see HTTPS below)
+//!
+//! [[credential]]               # a secret sbx keeps (`sbx secret set anthropic`)
+//! name = "anthropic"
+//! hosts = ["api.anthropic.com"]
+//! header = "x-api-key"         # the header that carries it
+//! scheme = "Bearer"            # optional: the value is `Bearer <secret>`
+//! env = "ANTHROPIC_API_KEY"    # optional: the guest's variable for the placeholder
+//!
 //! [files]                      # the shared folder's rules (vmm::fs::policy)
 //! hidden = ["secrets/", "*.p12"]       # added to the defaults
 //! read_only = ["Makefile", "ci/**"]    # added to the defaults
@@ -40,10 +49,28 @@
 //! A request is denied if any deny rule matches, else allowed if any allow
 //! rule matches, else denied (default deny). `*.example.org` matches names
 //! strictly below example.org; list `example.org` too for the apex. `*`
-//! alone matches every name. `methods` and `path_prefix` can only be
-//! checked on plain HTTP: an allow rule that has them never allows HTTPS
-//! (whose requests netstack cannot see), and a deny rule that has them
-//! denies HTTPS to that host outright — both fail closed.
+//! alone matches every name. `methods` and `path_prefix` are checked on
+//! each request netstack can read: plain HTTP, and HTTPS it terminates
+//! (below). Where it cannot read them (HTTPS spliced by SNI), an allow
+//! rule that has them never allows the connection and a deny rule that
+//! has them denies it outright — both fail closed.
+//!
+//! HTTPS: netstack terminates TLS (with the per-installation CA of
+//! [`crate::ca`], which guests trust) for every host that has a credential
+//! or a rule with `methods` or `path_prefix` ([`Policy::terminates`]); the
+//! requests inside are then checked like plain HTTP, rule by rule.
+//! `https = "terminate"` terminates every allowed HTTPS host;
+//! `"passthrough"` (the default) splices the others by SNI without
+//! decrypting. Where netstack cannot terminate (no CA given), HTTPS to a
+//! host with method/path rules fails closed as described above.
+//!
+//! Credentials (`[[credential]]`, [`crate::credential`]): the guest gets a
+//! placeholder in `env`; netstack puts the real value in `header` only on
+//! requests to `hosts` over a terminated connection, and refuses a request
+//! that carries a placeholder to any other host. Agents come with theirs
+//! (`claude`: `anthropic` in `x-api-key`; `codex`: `openai` in
+//! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`); a
+//! file's credential of the same name replaces the agent's.
 //!
 //! Paths: `path_prefix` is compared, as a plain string prefix, with the
 //! request's normalised path ([`crate::http::normalize_path`]): query and
@@ -75,6 +102,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::credential::{self, CredentialRule, FileCredential};
 use crate::host::{self, HostName};
 use crate::http::{self, PathError};
 
@@ -106,6 +134,21 @@ pub enum Error {
     Port(usize),
     #[error("Unknown agent '{0}'")]
     Agent(String),
+    #[error("Bad credential: {0}")]
+    Credential(#[from] credential::Error),
+    #[error("Unknown https mode '{0}' (expected passthrough or terminate)")]
+    Https(String),
+}
+
+/// What netstack does with HTTPS to an allowed host that has neither a
+/// credential nor a method/path rule (those are always terminated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Https {
+    /// Spliced by SNI, never decrypted.
+    #[default]
+    Passthrough,
+    /// Terminated: every request checked and logged like plain HTTP.
+    Terminate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +296,9 @@ struct File {
     rule: Vec<FileRule>,
     #[serde(default)]
     files: FileRules,
+    https: Option<String>,
+    #[serde(default)]
+    credential: Vec<FileCredential>,
 }
 
 /// The policy file's `[files]` table: patterns for the shared folder,
@@ -297,6 +343,10 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// The shared folder's rules from the same file.
     pub files: FileRules,
+    /// HTTPS to hosts without credentials or method/path rules.
+    pub https: Https,
+    /// Which secrets go to which hosts, in which header.
+    pub credentials: Vec<CredentialRule>,
 }
 
 fn preset_rules(name: &'static str) -> Vec<Rule> {
@@ -324,6 +374,62 @@ const AGENTS: &[(&str, &[&str])] = &[
     ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
 ];
 
+/// The credential an agent uses (see [`AGENT_CREDENTIALS`]).
+struct AgentCredential {
+    agent: &'static str,
+    name: &'static str,
+    host: &'static str,
+    header: &'static str,
+    scheme: Option<&'static str>,
+    /// The variable the agent reads its key from.
+    env: &'static str,
+}
+
+const AGENT_CREDENTIALS: &[AgentCredential] = &[
+    AgentCredential {
+        agent: "claude",
+        name: "anthropic",
+        host: "api.anthropic.com",
+        header: "x-api-key",
+        scheme: None,
+        env: "ANTHROPIC_API_KEY",
+    },
+    AgentCredential {
+        agent: "codex",
+        name: "openai",
+        host: "api.openai.com",
+        header: "authorization",
+        scheme: Some("Bearer"),
+        env: "OPENAI_API_KEY",
+    },
+    AgentCredential {
+        agent: "gemini",
+        name: "gemini",
+        host: "generativelanguage.googleapis.com",
+        header: "x-goog-api-key",
+        scheme: None,
+        env: "GEMINI_API_KEY",
+    },
+];
+
+/// The credential bindings an agent comes with.
+pub fn agent_credentials(agent: &str) -> Vec<CredentialRule> {
+    AGENT_CREDENTIALS
+        .iter()
+        .filter(|c| c.agent == agent)
+        .filter_map(|c| {
+            let raw = FileCredential {
+                name: c.name.to_string(),
+                hosts: vec![c.host.to_string()],
+                header: c.header.to_string(),
+                scheme: c.scheme.map(str::to_string),
+                env: Some(c.env.to_string()),
+            };
+            CredentialRule::parse(raw, Origin::Agent(c.agent)).ok()
+        })
+        .collect()
+}
+
 fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
     Rule {
         action: Action::Allow,
@@ -342,7 +448,8 @@ impl Policy {
         let (name, hosts) = AGENTS.iter().find(|(a, _)| *a == agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
         let rules =
             hosts.iter().filter_map(|h| Pattern::parse(h).ok()).map(|p| allow_rule(p, Origin::Agent(name))).collect();
-        Ok(Policy { rules, files: FileRules::default() })
+        let credentials = agent_credentials(name);
+        Ok(Policy { rules, files: FileRules::default(), https: Https::default(), credentials })
     }
 
     /// Adds what an agent needs, after the rules already there (a deny
@@ -350,6 +457,11 @@ impl Policy {
     pub fn add_agent(&mut self, agent: &str) -> Result<(), Error> {
         let extra = Policy::for_agent(agent)?;
         self.rules.extend(extra.rules);
+        for c in extra.credentials {
+            if !self.credentials.iter().any(|have| have.name == c.name) {
+                self.credentials.push(c);
+            }
+        }
         Ok(())
     }
 
@@ -363,7 +475,12 @@ impl Policy {
 
     /// A preset alone.
     pub fn preset(name: &str) -> Result<Policy, Error> {
-        Ok(Policy { rules: preset_rules(preset_name(name)?), files: FileRules::default() })
+        Ok(Policy {
+            rules: preset_rules(preset_name(name)?),
+            files: FileRules::default(),
+            https: Https::default(),
+            credentials: Vec::new(),
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Policy, Error> {
@@ -401,7 +518,51 @@ impl Policy {
             }
             rules.push(Rule { action, pattern, ports, methods, path_prefix, addresses, origin: Origin::File(n) });
         }
-        Ok(Policy { rules, files: file.files })
+        let https = match file.https.as_deref() {
+            None | Some("passthrough") => Https::Passthrough,
+            Some("terminate") => Https::Terminate,
+            Some(other) => return Err(Error::Https(other.to_string())),
+        };
+        if file.credential.len() > credential::MAX_CREDENTIALS {
+            return Err(credential::Error::TooMany.into());
+        }
+        let mut credentials: Vec<CredentialRule> = Vec::new();
+        for (i, raw) in file.credential.into_iter().enumerate() {
+            let c = CredentialRule::parse(raw, Origin::File(i + 1))?;
+            if credentials.iter().any(|have| have.name == c.name) {
+                return Err(credential::Error::Duplicate(c.name).into());
+            }
+            credentials.push(c);
+        }
+        Ok(Policy { rules, files: file.files, https, credentials })
+    }
+
+    /// Whether netstack terminates TLS to `host` on `port` (given a CA):
+    /// the host has a credential, or a rule for it has `methods` or
+    /// `path_prefix`, or `https = "terminate"`.
+    pub fn terminates(&self, host: &HostName, port: u16) -> bool {
+        self.https == Https::Terminate
+            || self.credentials.iter().any(|c| c.bound_to(host))
+            || self.rules.iter().any(|r| {
+                (!r.methods.is_empty() || r.path_prefix.is_some()) && r.pattern.matches(host) && r.ports.contains(&port)
+            })
+    }
+
+    /// Whether a terminated connection to `host` on `port` is worth
+    /// accepting: some request to it could be allowed (an allow rule
+    /// matches name and port) and no deny rule refuses every request
+    /// (one without methods and path). Each request is then decided
+    /// on its own ([`Policy::decide`]).
+    pub fn reachable(&self, host: &HostName, port: u16) -> Decision {
+        let matching = |r: &&Rule| r.pattern.matches(host) && r.ports.contains(&port);
+        let blanket = |r: &&Rule| r.action == Action::Deny && r.methods.is_empty() && r.path_prefix.is_none();
+        if let Some(rule) = self.rules.iter().filter(matching).find(blanket) {
+            return Decision { action: Action::Deny, rule: Some(rule.clone()) };
+        }
+        match self.rules.iter().filter(matching).find(|r| r.action == Action::Allow) {
+            Some(rule) => Decision { action: Action::Allow, rule: Some(rule.clone()) },
+            None => Decision { action: Action::Deny, rule: None },
+        }
     }
 
     /// Every rule that matches `req`, in order.
@@ -803,5 +964,103 @@ impl Target {
         };
         let host = HostName::parse(name).map_err(|e| e.to_string())?;
         Ok(Target { host, port, https, path })
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    fn host(s: &str) -> HostName {
+        HostName::parse(s).unwrap()
+    }
+
+    const FILE: &str = r#"
+        version = 1
+        [[rule]]
+        allow = "*.example.com"
+        [[rule]]
+        allow = "files.example.org"
+        methods = ["GET"]
+        [[rule]]
+        deny = "bad.example.com"
+        [[credential]]
+        name = "corp"
+        hosts = ["api.example.com", "*.corp.example"]
+        header = "Authorization"
+        scheme = "Bearer"
+        env = "CORP_TOKEN"
+    "#;
+
+    #[test]
+    fn credentials_and_method_path_rules_decide_what_is_terminated() {
+        let p = Policy::from_toml(FILE).unwrap();
+        assert_eq!(p.https, Https::Passthrough);
+        assert!(p.terminates(&host("api.example.com"), 443), "credential");
+        assert!(p.terminates(&host("x.corp.example"), 443), "credential, wildcard");
+        assert!(p.terminates(&host("files.example.org"), 443), "method rule");
+        assert!(!p.terminates(&host("www.example.com"), 443), "neither: passthrough");
+        let all = Policy::from_toml(&FILE.replace("version = 1", "version = 1\nhttps = \"terminate\"")).unwrap();
+        assert!(all.terminates(&host("www.example.com"), 443));
+        let c = &p.credentials[0];
+        assert_eq!(
+            (c.name.as_str(), c.header.as_str(), c.scheme.as_deref()),
+            ("corp", "authorization", Some("Bearer"))
+        );
+        assert_eq!(
+            c.to_string(),
+            "credential corp: hosts api.example.com,*.corp.example header authorization scheme Bearer"
+        );
+    }
+
+    #[test]
+    fn a_terminated_host_is_reachable_when_some_request_could_be_allowed() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let r = |h: &str| p.reachable(&host(h), 443).action;
+        assert_eq!(r("files.example.org"), Action::Allow, "a narrowed allow: each request decides");
+        assert_eq!(r("api.example.com"), Action::Allow);
+        assert_eq!(r("bad.example.com"), Action::Deny, "blanket deny");
+        assert_eq!(r("nowhere.net"), Action::Deny, "default deny");
+        let get = Request { host: &host("files.example.org"), port: 443, http: Some(("GET", "/")) };
+        assert_eq!(p.decide(&get).action, Action::Allow, "HTTPS requests are decided like HTTP once terminated");
+        let post = Request { host: &host("files.example.org"), port: 443, http: Some(("POST", "/")) };
+        assert_eq!(p.decide(&post).action, Action::Deny);
+    }
+
+    #[test]
+    fn agents_bring_their_credentials_and_files_override_them() {
+        let claude = Policy::for_agent("claude").unwrap();
+        let c = &claude.credentials[0];
+        assert_eq!(
+            (c.name.as_str(), c.header.as_str(), c.env.as_deref()),
+            ("anthropic", "x-api-key", Some("ANTHROPIC_API_KEY"))
+        );
+        assert!(claude.terminates(&host("api.anthropic.com"), 443));
+        let codex = &Policy::for_agent("codex").unwrap().credentials[0];
+        assert_eq!((codex.header.as_str(), codex.scheme.as_deref()), ("authorization", Some("Bearer")));
+        assert_eq!(Policy::for_agent("gemini").unwrap().credentials[0].header, "x-goog-api-key");
+        assert!(Policy::for_agent("shell").unwrap().credentials.is_empty());
+        let mut p = Policy::from_toml(
+            "version = 1\n[[credential]]\nname = \"anthropic\"\nhosts = [\"proxy.example.com\"]\nheader = \"x-key\"\n",
+        )
+        .unwrap();
+        p.add_agent("claude").unwrap();
+        assert_eq!(p.credentials.len(), 1, "the file's credential of that name wins");
+        assert_eq!(p.credentials[0].header, "x-key");
+    }
+
+    #[test]
+    fn bad_credentials_and_modes_name_the_problem() {
+        let err = |t: &str| Policy::from_toml(t).unwrap_err().to_string();
+        assert!(err("version = 1\nhttps = \"sometimes\"").contains("https mode"));
+        let cred = |body: &str| format!("version = 1\n[[credential]]\n{body}\n");
+        assert!(err(&cred("name = \"a\"\nhosts = [\"*\"]\nheader = \"x\"")).contains("every host"));
+        assert!(err(&cred("name = \"a\"\nhosts = [\"a.com\"]\nheader = \"Host\"")).contains("frames or routes"));
+        assert!(err(&cred("name = \"a\"\nhosts = [\"a.com\"]")).contains("Bad policy file"));
+        let twice = format!(
+            "{}[[credential]]\nname = \"a\"\nhosts = [\"b.com\"]\nheader = \"x\"\n",
+            cred("name = \"a\"\nhosts = [\"a.com\"]\nheader = \"x\"")
+        );
+        assert!(err(&twice).contains("defined twice"));
     }
 }

@@ -47,6 +47,7 @@ use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNE
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
 use crate::policy::{Action, Policy};
+use crate::terminate::Termination;
 
 /// Frames waiting in one direction before more are dropped.
 pub const MAX_QUEUED_FRAMES: usize = 1024;
@@ -346,6 +347,8 @@ pub struct NetStack<W: Write> {
     conns: Vec<(SocketHandle, Conn, u64)>,
     /// Connect threads running for this stack's connections.
     connect_slots: Arc<ConnectSlots>,
+    /// TLS termination and credentials, if given ([`NetStack::terminating`]).
+    termination: Option<Arc<Termination>>,
     now_ms: u64,
 }
 
@@ -398,10 +401,19 @@ impl<W: Write> NetStack<W> {
             listeners: Vec::new(),
             conns: Vec::new(),
             connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
+            termination: None,
             now_ms: 0,
         };
         net.replenish_listeners();
         net
+    }
+
+    /// The same stack, terminating TLS where the policy says so (see
+    /// [`crate::terminate`]) and injecting the credentials given. Without
+    /// it, HTTPS is only ever spliced by SNI.
+    pub fn terminating(mut self, termination: Arc<Termination>) -> NetStack<W> {
+        self.termination = Some(termination);
+        self
     }
 
     /// Open guest TCP connections.
@@ -481,7 +493,8 @@ impl<W: Write> NetStack<W> {
             match socket.local_endpoint().map(|e| e.addr) {
                 Some(IpAddress::Ipv4(dst)) => {
                     let name = self.names.name_of(dst).cloned();
-                    let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone());
+                    let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone())
+                        .with_termination(self.termination.clone());
                     self.conns.push((h, conn, self.now_ms));
                 }
                 _ => {
