@@ -10,6 +10,7 @@ mod control;
 mod net;
 mod root;
 mod sys;
+mod trust;
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -67,6 +68,9 @@ fn run(disk: &mut Option<root::DataDisk>) -> Result<Option<Frame>, String> {
     }
     if let Some(net) = &job.net {
         net::configure(net)?;
+    }
+    if let Some(ca) = &job.ca_cert {
+        trust::install(ca)?;
     }
     // Sessions from the host (sbx run's program, sbx exec). Without the
     // vsock device a guest can still run a program given in the job.
@@ -142,6 +146,9 @@ fn program_env(job: &Job) -> Vec<(String, String)> {
     ];
     if job.emulated_cpu {
         env.push(("GLIBC_TUNABLES".into(), protocol::NO_AVX_TUNABLES.into()));
+    }
+    if job.ca_cert.is_some() {
+        env.extend(trust::env());
     }
     for (k, v) in &job.env {
         env.retain(|(old, _)| old != k);

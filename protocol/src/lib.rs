@@ -62,6 +62,25 @@ pub struct Job {
     /// (its own terminal or pipes) instead of running from `argv` on the
     /// serial port.
     pub main_session: bool,
+    /// The installation's CA certificate (PEM), which netstack terminates
+    /// TLS with: guest-init puts it in the guest's trust store and points
+    /// programs at it. Public; its key never leaves the host.
+    pub ca_cert: Option<String>,
+}
+
+/// Largest CA certificate a job may carry, in bytes.
+pub const MAX_CA_CERT: usize = 16 * 1024;
+const PEM_CERT_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+
+/// A CA certificate as a job may carry it: one PEM certificate, ASCII,
+/// bounded.
+fn valid_ca_cert(pem: &str) -> bool {
+    let t = pem.trim();
+    pem.len() <= MAX_CA_CERT
+        && t.starts_with(PEM_CERT_BEGIN)
+        && t.ends_with("-----END CERTIFICATE-----")
+        && t.matches(PEM_CERT_BEGIN).count() == 1
+        && pem.bytes().all(|b| b.is_ascii_graphic() || b == b'\n' || b == b'\r' || b == b' ')
 }
 
 /// A shared folder: the virtio-fs tag to mount, where, and how.
@@ -143,6 +162,7 @@ impl Default for Job {
             net: None,
             shares: Vec::new(),
             main_session: false,
+            ca_cert: None,
         }
     }
 }
@@ -226,6 +246,9 @@ impl Job {
         if let Some(net) = &self.net {
             field("net", &net.encode());
         }
+        if let Some(ca) = &self.ca_cert {
+            field("ca", ca);
+        }
         for share in &self.shares {
             field("share", &share.encode());
         }
@@ -266,6 +289,8 @@ impl Job {
                 "overlay_root" => job.overlay_root = flag(&value)?,
                 "main_session" => job.main_session = flag(&value)?,
                 "net" => job.net = Some(NetConfig::decode(&value).ok_or(DecodeError::BadNumber(n))?),
+                "ca" if valid_ca_cert(&value) => job.ca_cert = Some(value),
+                "ca" => return Err(DecodeError::BadLine(n)),
                 "share" => {
                     if job.shares.len() >= MAX_SHARES {
                         return Err(DecodeError::TooMany("shared folders"));
@@ -377,6 +402,7 @@ mod tests {
             emulated_cpu: true,
             overlay_root: true,
             main_session: true,
+            ca_cert: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
             net: Some(NetConfig {
                 addr: Ipv4Addr::new(10, 0, 2, 15),
                 prefix_len: 24,
@@ -389,7 +415,7 @@ mod tests {
             ],
         };
         let text = job.encode();
-        assert_eq!(text.lines().count(), 1 + 9 + 2 + 1 + 4);
+        assert_eq!(text.lines().count(), 1 + 10 + 2 + 1 + 4);
         assert_eq!(job.net.unwrap().netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(Job::decode(&text).unwrap(), job);
     }
@@ -417,6 +443,17 @@ mod tests {
             assert_eq!(Job::decode(&format!("sbx-job 1\nnet {bad}\n")), Err(DecodeError::BadNumber(2)), "{bad}");
         }
         assert_eq!(Job::decode("sbx-job 1\nenv =x\n"), Err(DecodeError::BadLine(2)));
+        for bad in
+            ["junk", "-----BEGIN CERTIFICATE-----\nx", "-----BEGIN CERTIFICATE-----\n\x01\n-----END CERTIFICATE-----"]
+        {
+            let mut text = String::from("sbx-job 1\nca ");
+            escape(bad, &mut text);
+            assert_eq!(Job::decode(&text), Err(DecodeError::BadLine(2)), "{bad:?}");
+        }
+        let two = "-----BEGIN CERTIFICATE-----\na\n-----END CERTIFICATE-----\n".repeat(2);
+        let mut text = String::from("sbx-job 1\nca ");
+        escape(&two, &mut text);
+        assert_eq!(Job::decode(&text), Err(DecodeError::BadLine(2)), "one certificate");
         assert!(matches!(Job::decode("sbx-job 1\nfoo 1\n"), Err(DecodeError::UnknownKey(2, _))));
         let big = format!("sbx-job 1\n{}", "arg x\n".repeat(MAX_ARGS + 1));
         assert_eq!(Job::decode(&big), Err(DecodeError::TooMany("arguments")));
