@@ -6,10 +6,12 @@
 //!
 //! What is removed, line by line (git's config syntax is line-based; a
 //! value continued with a trailing `\` is removed with its continuation):
-//! - the user-info part of every `scheme://user:password@` URL, in values
-//!   and in section names (`[http "https://TOKEN@host"]`);
-//! - every value whose key names a secret (see [`SECRET_KEY_PARTS`]),
-//!   replaced by a comment saying sbx removed it.
+//! - the user-info part and the query of every `scheme://user:password@`
+//!   URL, in values and in section names (`[http "https://TOKEN@host"]`);
+//! - every value whose key names a secret (see [`SECRET_KEY_PARTS`]), and
+//!   every inline shell command (a value starting with `!`, as credential
+//!   helpers and aliases may be), replaced by a comment saying sbx
+//!   removed it — a key may also follow its section name on one line.
 //!
 //! Pure functions of bytes; the file is read (bounded) by the share.
 
@@ -18,7 +20,7 @@
 pub const MAX_CONFIG: usize = 1 << 20;
 
 /// Key names (any part, case-insensitive) whose values are secrets.
-pub const SECRET_KEY_PARTS: &[&str] = &["extraheader", "password", "passwd", "token", "secret", "cookie"];
+pub const SECRET_KEY_PARTS: &[&str] = &["extraheader", "pass", "token", "secret", "cookie", "auth", "key"];
 
 /// What stands where a secret line was.
 const REMOVED: &[u8] = b"\t# sbx: a secret value was removed here\n";
@@ -44,15 +46,25 @@ pub fn redact(text: &[u8]) -> Vec<u8> {
     out
 }
 
-/// True if the line sets a key whose name holds a secret part.
+/// True if the line sets a key whose name holds a secret part, or whose
+/// value is an inline command.
 fn secret_key(line: &[u8]) -> bool {
-    let trimmed = trim_start(line);
-    if trimmed.first().is_some_and(|&b| b == b'[' || b == b'#' || b == b';') {
+    let mut trimmed = trim_start(line);
+    if trimmed.first() == Some(&b'[') {
+        // `[section] key = value` is one line to git too.
+        match trimmed.iter().position(|&b| b == b']') {
+            Some(end) => trimmed = trim_start(&trimmed[end + 1..]),
+            None => return false,
+        }
+    }
+    if trimmed.is_empty() || trimmed[0] == b'#' || trimmed[0] == b';' {
         return false;
     }
     let key_end = trimmed.iter().position(|&b| b == b'=').unwrap_or(trimmed.len());
     let key = trimmed[..key_end].to_ascii_lowercase();
-    SECRET_KEY_PARTS.iter().any(|part| key.windows(part.len()).any(|w| w == part.as_bytes()))
+    let value = trim_start(trimmed.get(key_end + 1..).unwrap_or_default());
+    let value = value.strip_prefix(b"\"").unwrap_or(value);
+    SECRET_KEY_PARTS.iter().any(|part| key.windows(part.len()).any(|w| w == part.as_bytes())) || value.starts_with(b"!")
 }
 
 fn trim_start(b: &[u8]) -> &[u8] {
@@ -75,6 +87,21 @@ fn strip_userinfo(line: &[u8]) -> Vec<u8> {
                 .map_or(line.len(), |p| i + p);
             if let Some(at) = line[i..end].iter().rposition(|&b| b == b'@') {
                 i += at + 1;
+            }
+            // The path stays; a query (`?private_token=...`) goes.
+            let path_end = line[i..]
+                .iter()
+                .position(|&b| matches!(b, b'"' | b' ' | b'\t' | b'\n' | b'\r'))
+                .map_or(line.len(), |p| i + p);
+            match line[i..path_end].iter().position(|&b| b == b'?' || b == b'#') {
+                Some(q) => {
+                    out.extend_from_slice(&line[i..i + q]);
+                    i = path_end;
+                }
+                None => {
+                    out.extend_from_slice(&line[i..path_end]);
+                    i = path_end;
+                }
             }
             continue;
         }
@@ -127,5 +154,23 @@ mod tests {
         assert!(out.len() <= bytes.len() + REMOVED.len() * 100);
         assert_eq!(redact(b""), b"");
         assert_eq!(redact(b"://@"), b"://");
+    }
+
+    #[test]
+    fn secrets_hide_nowhere_else() {
+        for (conf, secret) in [
+            ("[http] extraheader = Authorization: Bearer SECRET1\n", "SECRET1"),
+            ("[sendemail]\n\tsmtpPass = SECRET2\n", "SECRET2"),
+            ("[credential]\n\thelper = \"!f() { echo password=SECRET3; }; f\"\n", "SECRET3"),
+            ("[alias]\n\tx = !echo SECRET4\n", "SECRET4"),
+            ("[remote \"o\"]\n\turl = https://gitlab.example/r.git?private_token=SECRET5\n", "SECRET5"),
+            ("[remote \"o\"]\n\turl = https://h/r.git#SECRET6 x\n", "SECRET6"),
+            ("[lfs]\n\taccesskey = SECRET7\n", "SECRET7"),
+        ] {
+            let out = r(conf);
+            assert!(!out.contains(secret), "{conf:?} -> {out}");
+        }
+        assert!(r("[remote \"o\"]\n\turl = https://h/r.git?x=1\n").contains("url = https://h/r.git\n"));
+        assert!(r("[alias]\n\tst = status\n").contains("st = status"), "plain aliases stay");
     }
 }

@@ -86,17 +86,38 @@ pub const DEFAULT_HIDDEN: &[&str] = &[
     "*.tfstate.*",
 ];
 
-/// Files the user's own tools run on the host: an agent that could change
-/// them could plant code the user later runs outside the sandbox. (Git's
-/// own files are covered at any depth by the git rules.)
-pub const DEFAULT_READ_ONLY: &[&str] = &[".envrc"];
+/// Files the user's own tools run, or take commands from, on the host
+/// without being asked: an agent that could change them could plant code
+/// the user later runs outside the sandbox — direnv's `.envrc`, editors'
+/// workspace settings (which name programs to run), other version
+/// control systems' repositories (Mercurial hooks, Jujutsu config),
+/// package managers' and tool managers' per-project hooks. (Git's own
+/// files are covered at any depth by the git rules.)
+pub const DEFAULT_READ_ONLY: &[&str] = &[
+    ".envrc",
+    ".vscode/",
+    ".idea/",
+    ".hg/",
+    ".jj/",
+    ".yarnrc",
+    ".yarnrc.yml",
+    ".pnpmfile.cjs",
+    ".mise.toml",
+    "mise.toml",
+    ".mise/",
+];
 
 /// Directories inside a git directory that git writes during ordinary
 /// work, with all that is below them (the object store, refs and their
-/// logs, the state of a rebase, merge or cherry-pick in progress, recorded
-/// resolutions, git-lfs's object store). Nothing in them names a command.
-pub const GIT_WRITABLE_DIRS: &[&str] =
-    &["objects", "refs", "logs", "rebase-merge", "rebase-apply", "sequencer", "rr-cache", "lfs"];
+/// logs, recorded resolutions, git-lfs's object store). Nothing in them
+/// names a command. These directories themselves stay where they are.
+pub const GIT_WRITABLE_DIRS: &[&str] = &["objects", "refs", "logs", "rr-cache", "lfs"];
+
+/// The state of a rebase, merge sequence or cherry-pick in progress: its
+/// todo list can hold `exec` lines that the user's `git rebase --continue`
+/// would run. The guest's own are kept in the shadow (the host's git never
+/// sees them); the host's are read-only.
+pub const GIT_SHADOWED: &[&str] = &["rebase-merge", "rebase-apply", "sequencer"];
 
 /// Files directly in a git directory that git writes during ordinary work
 /// (its lock files included: git writes `X.lock`, then renames it onto
@@ -156,12 +177,28 @@ pub const GIT_DIR: &str = ".git";
 /// with its secrets taken out (see `gitconfig`).
 pub fn is_git_config(rel: &Path) -> bool {
     let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
-    below_git(&names).is_some_and(|rest| matches!(rest.last(), Some(&("config" | "config.worktree"))))
+    below_git(&names).is_some_and(is_git_config_in)
 }
 
-/// The components below the first `.git` of `names`, if there is one.
+/// Like [`is_git_config`], for `rest`, the path below a git directory.
+pub fn is_git_config_in(rest: &[&str]) -> bool {
+    match rest {
+        ["config" | "config.worktree"] | ["worktrees", _, "config.worktree"] => true,
+        ["modules", middle @ .., "config"] => !middle.is_empty(),
+        _ => false,
+    }
+}
+
+/// True if `name` is git's directory name in any spelling a case-folding
+/// filesystem would take for it.
+pub fn is_git_dir_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case(GIT_DIR)
+}
+
+/// The components below the innermost `.git` of `names`, if there is one
+/// (the rules of the repository nearest to the path apply).
 fn below_git<'a, 'b>(names: &'a [&'b str]) -> Option<&'a [&'b str]> {
-    names.iter().position(|n| *n == GIT_DIR).map(|i| &names[i + 1..])
+    names.iter().rposition(|n| is_git_dir_name(n)).map(|i| &names[i + 1..])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +345,16 @@ impl FsPolicy {
     /// root itself is the empty path). Anything but plain names (`..`, a
     /// root, a prefix) is hidden: such a path never comes from the share.
     pub fn access(&self, rel: &Path, is_dir: bool) -> Access {
+        let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
+        let git_root = names.iter().rposition(|n| is_git_dir_name(n)).map(|i| i + 1);
+        self.access_at(rel, is_dir, git_root)
+    }
+
+    /// Like [`FsPolicy::access`], with the git directory known: the first
+    /// `git_root` components of `rel` are a git directory (a `.git`, or a
+    /// bare repository the share found by its contents), so git's rules
+    /// apply below them.
+    pub fn access_at(&self, rel: &Path, is_dir: bool, git_root: Option<usize>) -> Access {
         let mut names = Vec::new();
         for c in rel.components() {
             match c {
@@ -323,7 +370,7 @@ impl FsPolicy {
             Access::Hidden
         } else if self.read_only.iter().any(|p| p.matches(&names, is_dir)) {
             Access::ReadOnly
-        } else if let Some(rest) = below_git(&names) {
+        } else if let Some(rest) = git_root.and_then(|n| names.get(n..)) {
             // A `.git` file names the git directory the host's git uses.
             if rest.is_empty() && !is_dir {
                 Access::ReadOnly
@@ -393,6 +440,9 @@ mod tests {
             (".git/objects/info/alternates", false),
             (".git/objects/info/http-alternates", false),
             (".git/description", false),
+            (".git/rebase-merge/git-rebase-todo", false),
+            (".git/sequencer/todo", false),
+            (".git/objects/x/.git/config", false),
             ("sub/.git/config", false),
             ("a/b/.git/hooks/pre-commit", false),
             (".envrc", false),
@@ -413,7 +463,6 @@ mod tests {
             ".git/objects/info/commit-graph",
             ".git/refs/heads/main.lock",
             ".git/logs/refs/heads/main",
-            ".git/rebase-merge/done",
             "sub/.git/refs/heads/x",
             ".gitconfig-notes",
             "git/config",
@@ -430,6 +479,15 @@ mod tests {
             assert_eq!(is_git_config(Path::new(path)), yes, "{path}");
         }
         assert_eq!(p.access_in_shadow(Path::new(".git/.env"), false), Access::Hidden);
+    }
+
+    #[test]
+    fn tools_that_run_project_settings_cannot_be_given_new_ones() {
+        let p = FsPolicy::default();
+        for path in [".vscode/settings.json", ".hg/hgrc", "sub/.jj/repo/config.toml", ".yarnrc.yml", "mise.toml"] {
+            assert_eq!(access(&p, path, false), Access::ReadOnly, "{path}");
+        }
+        assert_eq!(access(&p, "src/vscode.rs", false), Access::ReadWrite);
     }
 
     #[test]

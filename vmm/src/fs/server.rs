@@ -528,7 +528,8 @@ impl FileServer {
         let path = self.path_of(&entry.rel);
         if let Some(mode) = s.mode.filter(|m| (m & CHMOD_BITS) != (st.st_mode & CHMOD_BITS)) {
             self.share.chmod(&entry, mode).map_err(|r| self.refused("chmod", r))?;
-            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{:o}", mode & 0o1777) }));
+            let applied = mode & super::share::GUEST_MODE_BITS;
+            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{applied:o}") }));
         }
         if let Some(size) = s.size {
             let via_handle = match s.fh.map(|fh| self.handle_of(fh, nodeid)) {

@@ -55,7 +55,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::gitconfig;
-use super::policy::{self, Access, FsPolicy, GIT_DIR};
+use super::policy::{self, is_git_dir_name, Access, FsPolicy, GIT_DIR, GIT_SHADOWED, GIT_WRITABLE_DIRS};
 use crate::sys;
 
 pub const MAX_NAME: usize = 255;
@@ -72,6 +72,11 @@ const MAX_LINK_HOPS: usize = 40;
 const GIT_CONFIG_NAMES: &[&str] = &["config", "commondir", "config.worktree", "hooks"];
 /// The file that marks a git directory.
 const GIT_HEAD: &str = "HEAD";
+/// Most names read when looking for another case of a name in a directory
+/// (a larger directory is taken to hold it: refused, not searched).
+const MAX_CASE_SCAN: usize = 100_000;
+/// Most entries searched for climbing links when a directory moves up.
+const MAX_MOVE_SCAN: usize = 10_000;
 
 /// Why an access was refused, and what the guest is told (an errno).
 #[derive(Debug, Error)]
@@ -173,6 +178,11 @@ pub struct Entry {
     /// In a guest-made git directory, kept in the shadow (see
     /// [`Share::with_git_shadow`]).
     shadow: bool,
+    /// The host git directory this entry is in (or is): the number of
+    /// components of its path. A `.git`, or any directory holding `HEAD`,
+    /// `objects` and `refs` (a bare repository), which git would use as
+    /// one; the innermost counts.
+    git_root: Option<usize>,
 }
 
 /// Where a name of a directory lives on the host: in the directory itself,
@@ -252,6 +262,18 @@ fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// True if git would take the directory `fd` for a git directory: it holds
+/// `HEAD`, `objects` and `refs` (any case: on a case-folding filesystem git
+/// finds them in any).
+fn looks_like_git_dir(fd: Option<BorrowedFd<'_>>) -> bool {
+    fd.is_some_and(|fd| ["HEAD", "objects", "refs"].iter().all(|n| stat_at(fd, OsStr::new(n)).is_ok()))
+}
+
+/// The number of components of `rel`.
+fn depth(rel: &Path) -> usize {
+    rel.components().count()
+}
+
 fn kind_of(st: &libc::stat) -> Option<Kind> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => Some(Kind::Dir),
@@ -312,7 +334,12 @@ impl Share {
             dir: Some(Arc::new(fd)),
             dev_ino: (st.st_dev, st.st_ino),
             shadow: false,
+            git_root: None,
         };
+        let mut root = root;
+        if looks_like_git_dir(root.dir.as_ref().map(|d| d.as_fd())) {
+            root.git_root = Some(0);
+        }
         let euid = sys::geteuid();
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
@@ -338,7 +365,7 @@ impl Share {
             _ => return Err(Refused::errno_at(&dir.rel, libc::ENOTDIR)),
         };
         let here = Place { fd, dev: dir.dev_ino.0, shadow: dir.shadow };
-        let Some(root) = self.shadow.as_ref().filter(|_| !dir.shadow && name == GIT_DIR) else { return Ok(here) };
+        let Some(root) = self.shadow.as_ref().filter(|_| Self::shadowable(dir, name)) else { return Ok(here) };
         match stat_at(here.fd.as_fd(), name) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             _ => return Ok(here),
@@ -360,6 +387,30 @@ impl Share {
         Ok(Place { fd: Arc::new(fd), dev: st.st_dev, shadow: true })
     }
 
+    /// Names of `dir` the guest's own live in the shadow when the host has
+    /// none: a `.git` (outside host git directories), and in a host git
+    /// directory the state of a rebase or cherry-pick in progress.
+    fn shadowable(dir: &Entry, name: &OsStr) -> bool {
+        if dir.shadow {
+            return false;
+        }
+        let in_git_root = dir.git_root == Some(depth(&dir.rel));
+        name == GIT_DIR && dir.git_root.is_none() || in_git_root && GIT_SHADOWED.iter().any(|n| name == *n)
+    }
+
+    /// True if `entry` may be neither moved nor removed: a host git
+    /// directory, or one of the directories git keeps in it.
+    fn pinned(&self, entry: &Entry) -> bool {
+        if entry.shadow || entry.kind != Kind::Dir {
+            return false;
+        }
+        let d = depth(&entry.rel);
+        let git_dir_child = entry.git_root == Some(d.saturating_sub(1))
+            && d > 0
+            && entry.name().to_str().is_some_and(|n| GIT_WRITABLE_DIRS.contains(&n) || GIT_SHADOWED.contains(&n));
+        entry.git_root == Some(d) || git_dir_child || self.policy.protects_below(&entry.rel)
+    }
+
     pub fn root(&self) -> &Entry {
         &self.root
     }
@@ -377,9 +428,22 @@ impl Share {
         }
     }
 
-    /// True if `name` exists in the host directory `fd`.
-    fn has(fd: BorrowedFd<'_>, name: &str) -> bool {
-        stat_at(fd, OsStr::new(name)).is_ok()
+    /// True if `name` exists in the host directory `fd`, in this spelling
+    /// or (on a case-folding filesystem, or made so) another case.
+    fn has_any_case(fd: BorrowedFd<'_>, name: &str) -> bool {
+        if stat_at(fd, OsStr::new(name)).is_ok() {
+            return true;
+        }
+        let Ok(dup) = openat2(fd, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0) else { return false };
+        let Ok(names) = sys::Dir::from_fd(dup) else { return false };
+        let mut seen = 0;
+        for n in names {
+            seen += 1;
+            if seen > MAX_CASE_SCAN || n.to_str().is_some_and(|n| n.eq_ignore_ascii_case(name)) {
+                return true;
+            }
+        }
+        false
     }
 
     fn parent_fd(entry: &Entry) -> Result<BorrowedFd<'_>, Refused> {
@@ -388,11 +452,11 @@ impl Share {
 
     /// What the guest may do with `rel`, of `kind`, with host link count
     /// `nlink`.
-    fn access_of(&self, rel: &Path, kind: Kind, nlink: u64, shadow: bool) -> Access {
+    fn access_of(&self, rel: &Path, kind: Kind, nlink: u64, shadow: bool, git_root: Option<usize>) -> Access {
         let policy = if shadow {
             self.policy.access_in_shadow(rel, kind == Kind::Dir)
         } else {
-            self.policy.access(rel, kind == Kind::Dir)
+            self.policy.access_at(rel, kind == Kind::Dir, git_root)
         };
         match policy {
             Access::Hidden => Access::Hidden,
@@ -416,10 +480,6 @@ impl Share {
             return Err(Refused::Escape(rel));
         }
         let kind = kind_of(&st).ok_or_else(|| Refused::Special(rel.clone()))?;
-        let access = self.access_of(&rel, kind, st.st_nlink, place.shadow);
-        if access == Access::Hidden {
-            return Err(Refused::Hidden(rel));
-        }
         let own = if kind == Kind::Dir {
             let fd = openat2(dfd, name, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| self.io(&rel, e))?;
             let again = fstat(fd.as_fd()).map_err(|e| Refused::Io(rel.clone(), e))?;
@@ -430,8 +490,21 @@ impl Share {
         } else {
             None
         };
+        // The innermost git directory: this one, if git would take it for
+        // one; else its directory's.
+        let git_root = if place.shadow {
+            None
+        } else if name.to_str().is_some_and(is_git_dir_name) || looks_like_git_dir(own.as_ref().map(|d| d.as_fd())) {
+            Some(depth(&rel))
+        } else {
+            dir.git_root
+        };
+        let access = self.access_of(&rel, kind, st.st_nlink, place.shadow, git_root);
+        if access == Access::Hidden {
+            return Err(Refused::Hidden(rel));
+        }
         let dev_ino = (st.st_dev, st.st_ino);
-        Ok(Entry { rel, kind, access, parent: Some(place.fd), dir: own, dev_ino, shadow: place.shadow })
+        Ok(Entry { rel, kind, access, parent: Some(place.fd), dir: own, dev_ino, shadow: place.shadow, git_root })
     }
 
     /// The entry's attributes now; an entry replaced on the host since it
@@ -455,7 +528,9 @@ impl Share {
 
     /// True if the guest reads `entry` with secrets taken out.
     fn redacted(&self, entry: &Entry) -> bool {
-        entry.kind == Kind::File && !entry.shadow && policy::is_git_config(&entry.rel)
+        let names: Vec<&str> = entry.rel.iter().filter_map(|n| n.to_str()).collect();
+        let rest = entry.git_root.and_then(|n| names.get(n..));
+        entry.kind == Kind::File && !entry.shadow && rest.is_some_and(policy::is_git_config_in)
     }
 
     /// A git config file as the guest reads it (see [`gitconfig`]).
@@ -477,8 +552,14 @@ impl Share {
     /// is that of the new path.
     pub fn relocated(&self, entry: &Entry, rel: PathBuf) -> Entry {
         let nlink = self.stat(entry).map(|s| s.st_nlink).unwrap_or(1);
-        let access = self.access_of(&rel, entry.kind, nlink, entry.shadow);
-        Entry { rel, access, ..entry.clone() }
+        // Renames never move an entry into or out of a git directory, so it
+        // keeps its git root unless it is one (then it moved with it).
+        let git_root = match entry.git_root {
+            Some(n) if n == depth(&entry.rel) => Some(depth(&rel)),
+            other => other,
+        };
+        let access = self.access_of(&rel, entry.kind, nlink, entry.shadow, git_root);
+        Entry { rel, access, git_root, ..entry.clone() }
     }
 
     /// openat2's own refusals mean an escape was tried.
@@ -503,9 +584,14 @@ impl Share {
                 out.push(Listed { name, kind: e.kind, ino: e.ino() });
             }
         }
-        if !dir.shadow && self.shadow.is_some() && !out.iter().any(|l| l.name == GIT_DIR) {
-            if let Ok(e) = self.lookup(dir, OsStr::new(GIT_DIR)) {
-                out.push(Listed { name: GIT_DIR.into(), kind: e.kind, ino: e.ino() });
+        if self.shadow.is_some() {
+            for name in [GIT_DIR].iter().chain(GIT_SHADOWED) {
+                let name = OsStr::new(name);
+                if Self::shadowable(dir, name) && !out.iter().any(|l| l.name == name) {
+                    if let Ok(e) = self.lookup(dir, name) {
+                        out.push(Listed { name: name.into(), kind: e.kind, ino: e.ino() });
+                    }
+                }
             }
         }
         Ok(out)
@@ -600,10 +686,11 @@ impl Share {
         }
         // `.GIT` and the like too: on a case-folding filesystem the host's
         // git would find them as `.git`.
-        if name.as_bytes().eq_ignore_ascii_case(GIT_DIR.as_bytes()) && (!place.shadow || name != GIT_DIR) {
+        if name.to_str().is_some_and(is_git_dir_name) && (!place.shadow || name != GIT_DIR) {
             return Err(Refused::GitDir(rel));
         }
-        match self.access_of(&rel, if is_dir { Kind::Dir } else { Kind::File }, 1, place.shadow) {
+        let kind = if is_dir { Kind::Dir } else { Kind::File };
+        match self.access_of(&rel, kind, 1, place.shadow, if place.shadow { None } else { dir.git_root }) {
             Access::Hidden => return Err(Refused::Hidden(rel)),
             Access::ReadOnly => return Err(Refused::ReadOnly(rel)),
             Access::ReadWrite if dir.access != Access::ReadWrite => return Err(Refused::ReadOnly(rel)),
@@ -612,16 +699,18 @@ impl Share {
         if place.shadow {
             return Ok(rel);
         }
-        // Outside git directories, a directory may not come to hold both
-        // HEAD and a git config: git would take it for a bare repository.
-        let in_git = dir.rel.iter().any(|n| n == GIT_DIR);
+        // But in a git directory itself, no directory may come to hold both
+        // HEAD and a git config (any case): git would take it for a bare
+        // repository and obey that config.
+        let is_git_root = dir.git_root == Some(depth(&dir.rel));
         let fd = place.fd.as_fd();
-        let bare = if name == GIT_HEAD {
-            GIT_CONFIG_NAMES.iter().any(|n| Self::has(fd, n))
+        let is = |a: &str| name.to_str().is_some_and(|n| n.eq_ignore_ascii_case(a));
+        let bare = if is(GIT_HEAD) {
+            GIT_CONFIG_NAMES.iter().any(|n| Self::has_any_case(fd, n))
         } else {
-            GIT_CONFIG_NAMES.iter().any(|n| name == *n) && Self::has(fd, GIT_HEAD)
+            GIT_CONFIG_NAMES.iter().any(|n| is(n)) && Self::has_any_case(fd, GIT_HEAD)
         };
-        if bare && !in_git {
+        if bare && !is_git_root {
             return Err(Refused::BareRepo(rel));
         }
         Ok(rel)
@@ -662,7 +751,7 @@ impl Share {
         if entry.access != Access::ReadWrite || dir.access != Access::ReadWrite {
             return Err(Refused::ReadOnly(entry.rel));
         }
-        if entry.kind == Kind::Dir && self.policy.protects_below(&entry.rel) && !entry.shadow {
+        if self.pinned(&entry) {
             return Err(Refused::ReadOnly(entry.rel));
         }
         let flags = if dir_expected { libc::AT_REMOVEDIR } else { 0 };
@@ -683,7 +772,7 @@ impl Share {
         mode: RenameMode,
     ) -> Result<Entry, Refused> {
         let entry = self.lookup(from_dir, from)?;
-        if entry.access != Access::ReadWrite || from_dir.access != Access::ReadWrite {
+        if entry.access != Access::ReadWrite || from_dir.access != Access::ReadWrite || self.pinned(&entry) {
             return Err(Refused::ReadOnly(entry.rel));
         }
         let place = self.place(to_dir, to, true)?;
@@ -693,16 +782,28 @@ impl Share {
         if place.shadow != entry.shadow {
             return Err(Refused::errno_at(&entry.rel, libc::EXDEV));
         }
+        // Nor into or out of a host git directory: what is data there (a
+        // bare repository built in `objects/`) would be a repository the
+        // host's git obeys outside, and a repository moved in would become
+        // writable. Tools copy instead (EXDEV), through the checked paths.
+        if !entry.shadow && entry.git_root.is_some() != to_dir.git_root.is_some() {
+            return Err(Refused::errno_at(&entry.rel, libc::EXDEV));
+        }
         // What the new name replaces must be writable too.
         match self.lookup(to_dir, to) {
-            Ok(old) if old.access != Access::ReadWrite => return Err(Refused::ReadOnly(old.rel)),
+            Ok(old) if old.access != Access::ReadWrite || self.pinned(&old) => return Err(Refused::ReadOnly(old.rel)),
             Err(e @ (Refused::Hidden(_) | Refused::Special(_) | Refused::Escape(_))) => return Err(e),
             _ => {}
         }
-        // A directory carries its subtree: it may not take protected paths
-        // (.git/config) away, nor arrive where they would be.
-        if entry.kind == Kind::Dir && (self.policy.protects_below(&entry.rel) || self.policy.protects_below(&new_rel)) {
+        // A directory carries its subtree: it may not arrive where
+        // protected paths would be.
+        if entry.kind == Kind::Dir && self.policy.protects_below(&new_rel) {
             return Err(Refused::ReadOnly(entry.rel));
+        }
+        // A link is followed from where it will be; a directory moved up
+        // must not hold links whose `..` would then climb out.
+        if !entry.shadow {
+            self.check_move(&entry, &to_dir.rel, &new_rel)?;
         }
         let (ffd, tfd) = (Self::parent_fd(&entry)?, place.fd.as_fd());
         let to_c = CString::new(to.as_bytes()).map_err(|_| Refused::BadName(to.to_os_string()))?;
@@ -734,9 +835,11 @@ impl Share {
         if target.is_empty() || target.len() > MAX_LINK {
             return Err(refused());
         }
-        let dest = self.link_destination(&dir.rel, Path::new(target)).ok_or_else(refused)?;
-        let writable = [Kind::File, Kind::Dir].iter().all(|&k| self.access_of(&dest, k, 1, false) == Access::ReadWrite);
-        if !writable || self.policy.protects_below(&dest) {
+        // No links in host git directories (git makes none there).
+        if !place.shadow && dir.git_root.is_some() {
+            return Err(refused());
+        }
+        if !place.shadow && !self.link_allowed(&dir.rel, Path::new(target)) {
             return Err(refused());
         }
         let t = CString::new(target.as_bytes()).map_err(|_| refused())?;
@@ -744,6 +847,79 @@ impl Share {
         at(&rel, |c| sys::symlinkat(&t, dfd, c))?;
         self.give_to_owner(dfd, &rel)?;
         self.lookup(dir, name)
+    }
+
+    /// True if a link in `dir` to `target` may be there: followed on the
+    /// host, it ends inside the folder, on a path the guest may write, in
+    /// no git directory.
+    fn link_allowed(&self, dir: &Path, target: &Path) -> bool {
+        let Some(dest) = self.link_destination(dir, target) else { return false };
+        let in_git = dest.iter().any(|n| n.to_str().is_none_or(is_git_dir_name));
+        let writable =
+            [Kind::File, Kind::Dir].iter().all(|&k| self.access_of(&dest, k, 1, false, None) == Access::ReadWrite);
+        writable && !in_git && !self.policy.protects_below(&dest)
+    }
+
+    /// Checks a move of `entry` to `new_rel` (in `to_dir`): a link must be
+    /// allowed from its new place; a directory moved up may not hold links
+    /// that climb (`..`) further than their new depth allows (searched to
+    /// a bound; a larger tree is refused with EXDEV: tools copy instead).
+    fn check_move(&self, entry: &Entry, to_dir: &Path, new_rel: &Path) -> Result<(), Refused> {
+        match entry.kind {
+            Kind::Symlink => {
+                let target = self.readlink(entry)?;
+                if !self.link_allowed(to_dir, Path::new(&target)) {
+                    return Err(Refused::LinkTarget(new_rel.to_path_buf(), target));
+                }
+                Ok(())
+            }
+            Kind::Dir if depth(new_rel) < depth(&entry.rel) => {
+                let fd = Self::dir_fd(entry)?;
+                let mut budget = MAX_MOVE_SCAN;
+                if self.links_stay_inside(fd, depth(new_rel), &mut budget) {
+                    Ok(())
+                } else {
+                    Err(Refused::errno_at(&entry.rel, libc::EXDEV))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// True if every link below the directory `fd` (which will be at
+    /// `depth` components) climbs at most to the folder's root; false too
+    /// past `budget` entries.
+    fn links_stay_inside(&self, fd: BorrowedFd<'_>, depth: usize, budget: &mut usize) -> bool {
+        let Ok(dup) = openat2(fd, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0) else { return false };
+        let Ok(names) = sys::Dir::from_fd(dup) else { return false };
+        for name in names {
+            if name == "." || name == ".." {
+                continue;
+            }
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            let Ok(st) = stat_at(fd, &name) else { continue };
+            match kind_of(&st) {
+                Some(Kind::Symlink) => {
+                    let Ok(target) = read_link_at(fd, &name) else { return false };
+                    let climbs = Path::new(&target).components().filter(|c| *c == Component::ParentDir).count();
+                    if Path::new(&target).is_absolute() && !Path::new(&target).starts_with(&self.path) || climbs > depth
+                    {
+                        return false;
+                    }
+                }
+                Some(Kind::Dir) => {
+                    let Ok(sub) = openat2(fd, &name, libc::O_PATH | libc::O_DIRECTORY, 0) else { return false };
+                    if !self.links_stay_inside(sub.as_fd(), depth + 1, budget) {
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        true
     }
 
     /// Where a new link in `dir` (from the root) to `target` leads on the
@@ -772,6 +948,8 @@ impl Share {
             }
             if real {
                 match self.stat_below(&cur, &name) {
+                    // Across a mount point: somewhere else.
+                    Some(st) if st.st_dev != self.root.dev_ino.0 => return None,
                     Some(st) if kind_of(&st) == Some(Kind::Symlink) => {
                         hops += 1;
                         if hops > MAX_LINK_HOPS {
@@ -827,11 +1005,10 @@ impl Share {
         openat2(root, path, libc::O_PATH | libc::O_DIRECTORY, 0).ok()
     }
 
-    /// The entry `name` in the directory at `names`, on the folder's
-    /// filesystem.
+    /// The entry `name` in the directory at `names`, if it is there.
     fn stat_below(&self, names: &[OsString], name: &OsStr) -> Option<libc::stat> {
         let fd = self.open_below(names)?;
-        stat_at(fd.as_fd(), name).ok().filter(|st| st.st_dev == self.root.dev_ino.0)
+        stat_at(fd.as_fd(), name).ok()
     }
 
     fn read_link_below(&self, names: &[OsString], name: &OsStr) -> Option<OsString> {
@@ -1266,5 +1443,136 @@ mod tests {
             "the host's file is untouched"
         );
         assert!(matches!(s.open_file(&config, true), Err(Refused::ReadOnly(_))));
+    }
+
+    fn write_via(s: &Share, e: &Entry, text: &str) {
+        use std::io::Write;
+        fs::File::from(s.open_file(e, true).unwrap()).write_all(text.as_bytes()).unwrap();
+    }
+
+    /// The user (or a prompt) runs `git status` in `dir` on the host.
+    fn host_git_status(dir: &Path) {
+        let _ = std::process::Command::new("git")
+            .arg("status")
+            .current_dir(dir)
+            .env_remove("GIT_DIR")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    #[test]
+    fn no_bare_repository_is_built_in_git_objects_and_brought_out() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        let marker = t.path().join("PWNED");
+        let git = s.lookup(s.root(), os(".git")).unwrap();
+        let objects = s.mkdir(&git, os("objects"), 0o755).unwrap();
+        let evil = s.mkdir(&objects, os("evil"), 0o755).unwrap();
+        s.mkdir(&evil, os("objects"), 0o755).unwrap();
+        s.mkdir(&evil, os("refs"), 0o755).unwrap();
+        let (head, _) = s.create(&evil, os("HEAD"), 0o644).unwrap();
+        write_via(&s, &head, "ref: refs/heads/main\n");
+        // A config beside HEAD: refused in .git/objects too (any case).
+        for name in ["config", "CONFIG", "commondir"] {
+            let e = s.create(&evil, os(name), 0o644).unwrap_err();
+            assert!(matches!(e, Refused::BareRepo(_) | Refused::ReadOnly(_)), "{name}: {e}");
+        }
+        // Neither moved out nor reached by a link.
+        let e = s.rename(&objects, os("evil"), s.root(), os("tools"), RenameMode::Replace).unwrap_err();
+        assert!(matches!(e, Refused::ReadOnly(_)), "it is a git directory itself now: {e}");
+        s.mkdir(&objects, os("plain"), 0o755).unwrap();
+        let e = s.rename(&objects, os("plain"), s.root(), os("tools"), RenameMode::Replace).unwrap_err();
+        assert_eq!(e.errno(), libc::EXDEV, "nothing moves out of a git directory: {e}");
+        for target in [".git/objects/evil", ".git", "./.git/objects", ".GIT/objects"] {
+            assert!(matches!(s.symlink(s.root(), os("tools"), os(target)), Err(Refused::LinkTarget(..))), "{target}");
+        }
+        // Git's own directories stay put (alternates cannot be planted by
+        // moving objects/ out and back).
+        let e = s.rename(&git, os("objects"), s.root(), os("x"), RenameMode::Replace).unwrap_err();
+        assert!(matches!(e, Refused::ReadOnly(_)), "{e}");
+        assert!(matches!(s.remove(&git, os("objects"), true), Err(Refused::ReadOnly(_))));
+        // No links inside a host git directory.
+        assert!(matches!(s.symlink(&objects, os("l"), os("evil")), Err(Refused::LinkTarget(..))));
+        fs::create_dir_all(w.join("tools")).unwrap();
+        host_git_status(&w.join("tools"));
+        assert!(!marker.exists(), "the host's git ran the guest's fsmonitor");
+    }
+
+    #[test]
+    fn a_host_repository_cannot_be_moved_into_git_objects_and_written() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        fs::create_dir_all(w.join("sub/.git/hooks")).unwrap();
+        fs::write(w.join("sub/.git/config"), "[core]\n").unwrap();
+        let git = s.lookup(s.root(), os(".git")).unwrap();
+        let objects = s.mkdir(&git, os("objects"), 0o755).unwrap();
+        let e = s.rename(s.root(), os("sub"), &objects, os("sub"), RenameMode::Replace).unwrap_err();
+        assert_eq!(e.errno(), libc::EXDEV);
+        // And the innermost repository's rules apply wherever a path is.
+        assert_eq!(s.policy.access(Path::new(".git/objects/sub/.git/config"), false), Access::ReadOnly);
+        assert_eq!(fs::read_to_string(w.join("sub/.git/config")).unwrap(), "[core]\n");
+    }
+
+    #[test]
+    fn host_bare_repositories_are_git_directories_too() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        for d in ["backup.git/objects", "backup.git/refs/heads", "backup.git/hooks"] {
+            fs::create_dir_all(w.join(d)).unwrap();
+        }
+        fs::write(w.join("backup.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+        fs::write(w.join("backup.git/config"), "[core]\n\tbare = true\n\turl = https://u:tok-SECRET@h/r\n").unwrap();
+        let b = s.lookup(s.root(), os("backup.git")).unwrap();
+        let config = s.lookup(&b, os("config")).unwrap();
+        assert!(s.check_writable(&config).is_err(), "its config is read-only");
+        let hooks = s.lookup(&b, os("hooks")).unwrap();
+        assert!(s.create(&hooks, os("post-receive"), 0o755).is_err(), "no hooks planted");
+        let refs = s.lookup(&b, os("refs")).unwrap();
+        let heads = s.lookup(&refs, os("heads")).unwrap();
+        s.create(&heads, os("topic"), 0o644).expect("refs stay writable");
+        assert!(matches!(
+            s.rename(s.root(), os("backup.git"), s.root(), os("moved"), RenameMode::Replace),
+            Err(Refused::ReadOnly(_))
+        ));
+        let mut seen = String::new();
+        use std::io::Read;
+        fs::File::from(s.open_file(&config, false).unwrap()).read_to_string(&mut seen).unwrap();
+        assert!(!seen.contains("SECRET"), "its config is read without secrets: {seen}");
+        // A guest's rebase in progress lives in the shadow, never where
+        // the host's `git rebase --continue` would run its todo list.
+        let (t2, s2) = tree();
+        let s2 = s2.with_git_shadow(t2.path().join("state"));
+        let git = s2.lookup(s2.root(), os(".git")).unwrap();
+        let rebase = s2.mkdir(&git, os("rebase-merge"), 0o755).unwrap();
+        s2.create(&rebase, os("git-rebase-todo"), 0o644).unwrap();
+        assert!(!t2.path().join("work/.git/rebase-merge").exists());
+        assert!(s2.list(&git).unwrap().iter().any(|l| l.name == "rebase-merge"), "the guest sees it");
+        fs::create_dir_all(t2.path().join("work/.git/sequencer")).unwrap();
+        let seq = s2.lookup(&git, os("sequencer")).unwrap();
+        assert!(!seq.shadow && s2.create(&seq, os("todo"), 0o644).is_err(), "the host's own is read-only");
+    }
+
+    #[test]
+    fn a_link_is_checked_again_where_it_moves() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        let d = s.mkdir(s.root(), os("d"), 0o755).unwrap();
+        s.symlink(&d, os("l"), os("../src/main.rs")).unwrap();
+        // From d/ it is the folder's src/main.rs; from the root, outside.
+        let e = s.rename(&d, os("l"), s.root(), os("l"), RenameMode::Replace).unwrap_err();
+        assert!(matches!(e, Refused::LinkTarget(..)), "{e}");
+        // A directory holding it may not move up either (EXDEV: copied
+        // through the checked paths instead); down is fine.
+        let outer = s.mkdir(s.root(), os("outer"), 0o755).unwrap();
+        let e = s.rename(s.root(), os("d"), &outer, os("d"), RenameMode::Replace);
+        assert!(e.is_ok(), "moving down keeps its links inside: {e:?}");
+        let e = s.rename(&outer, os("d"), s.root(), os("d2"), RenameMode::Replace);
+        assert!(e.is_ok(), "back to depth 1 is where it was made");
+        let deep = s.mkdir(&outer, os("deep"), 0o755).unwrap();
+        s.symlink(&deep, os("up2"), os("../../src/main.rs")).unwrap();
+        let e = s.rename(&outer, os("deep"), s.root(), os("deep"), RenameMode::Replace).unwrap_err();
+        assert_eq!(e.errno(), libc::EXDEV);
+        assert!(fs::canonicalize(w.join("outer/deep/up2")).unwrap().starts_with(&w));
     }
 }
