@@ -1414,7 +1414,8 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             ("/public/%00", "control character"),
             ("/public/%zz", "malformed percent escape"),
             ("/public/../../private", "above the root"),
-            ("/public/..;/private", "dot segment with parameters"),
+            ("/public/..;/private", "path parameters"),
+            ("/public;x/../private", "path parameters"),
             ("/public/%252e%252e/private", "double-encoded"),
         ] {
             let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &get(target), |g| contains(g, "\n\n"));
