@@ -10,8 +10,12 @@
 //!   [`DENY_BURST`] in a [`DENY_INTERVAL_MS`] window are written whole, the
 //!   rest only counted, into one `{"event":"suppressed",...}` line written
 //!   when the window is over (at the next event after it) or at
-//!   [`AuditLog::flush_suppressed`] (the VMM's end; also on drop). Allowed
-//!   events are always written.
+//!   [`AuditLog::flush_suppressed`] (the VMM's end; also on drop).
+//! - Changes to shared files (see [`change_kind`]) are aggregated the same
+//!   way past [`CHANGE_BURST`] a window per operation, so that a guest
+//!   churning files cannot push older lines (a request it made) out of
+//!   the files kept within minutes. Network requests are always written
+//!   (each needs a connection, and connections are bounded).
 //! - [`AuditFile`] rotates `audit.log` at [`FILE_CAP`] bytes into
 //!   `audit.log.1`, `.2`, … keeping [`KEEP_FILES`] files in all, oldest
 //!   dropped. The chain runs on across files: the first line of a new file
@@ -45,6 +49,10 @@ pub const FILE_CAP: u64 = 8 << 20;
 pub const KEEP_FILES: usize = 4;
 /// Refusals of one kind written whole per window.
 pub const DENY_BURST: u32 = 32;
+/// Allowed changes to shared files of one operation (create, write,
+/// delete, ...) written whole per window (an `npm install` writes
+/// thousands: the first ones whole, the rest counted).
+pub const CHANGE_BURST: u32 = 600;
 /// The aggregation window of each kind of refusal, from its first refusal.
 pub const DENY_INTERVAL_MS: u64 = 60_000;
 /// Kinds of refusal counted apart; further kinds share [`OTHER_KIND`].
@@ -94,13 +102,15 @@ pub type SharedLog<W> = Arc<Mutex<AuditLog<W>>>;
 pub struct Limits {
     /// Refusals of one kind written whole per window.
     pub burst: u32,
+    /// Allowed file changes of one operation written whole per window.
+    pub change_burst: u32,
     /// Window length, milliseconds.
     pub interval_ms: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { burst: DENY_BURST, interval_ms: DENY_INTERVAL_MS }
+        Limits { burst: DENY_BURST, change_burst: CHANGE_BURST, interval_ms: DENY_INTERVAL_MS }
     }
 }
 
@@ -127,6 +137,14 @@ pub fn refusal_kind(fields: &Map<String, Value>) -> Option<String> {
         return None;
     };
     Some(format!("{}/{class}", cut(event, MAX_KIND_PART)))
+}
+
+/// The aggregation kind of an allowed change to a shared file (`file`
+/// events the policy allowed, by `op`), if `fields` is one.
+pub fn change_kind(fields: &Map<String, Value>) -> Option<String> {
+    let field = |k: &str| fields.get(k).and_then(Value::as_str);
+    (field("event") == Some("file") && field("decision") != Some("deny"))
+        .then(|| format!("file/{}/allow", cut(field("op").unwrap_or("?"), MAX_KIND_PART)))
 }
 
 /// `s` cut to at most `max` bytes, at a character boundary.
@@ -169,15 +187,16 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    /// Whether a refusal of `kind` at `now_ms` is written; counted if not.
-    fn admit(&mut self, kind: String, now_ms: u64) -> bool {
+    /// Whether an event of `kind` at `now_ms` is written (at most `burst`
+    /// a window); counted if not.
+    fn admit(&mut self, kind: String, burst: u32, now_ms: u64) -> bool {
         let kind = if self.windows.len() < MAX_KINDS || self.windows.contains_key(&kind) {
             kind
         } else {
             OTHER_KIND.to_string()
         };
         let w = self.windows.entry(kind).or_insert(Window { start_ms: now_ms, written: 0, suppressed: 0 });
-        if w.written < self.limits.burst {
+        if w.written < burst {
             w.written += 1;
             true
         } else {
@@ -262,8 +281,12 @@ impl<W: Write> AuditLog<W> {
             return Err(Error::NotAnObject);
         };
         self.tick(unix_ms)?;
-        if let Some(kind) = refusal_kind(&fields) {
-            if !self.aggregator.admit(kind, unix_ms) {
+        let limits = self.aggregator.limits;
+        let aggregated = refusal_kind(&fields)
+            .map(|k| (k, limits.burst))
+            .or_else(|| change_kind(&fields).map(|k| (k, limits.change_burst)));
+        if let Some((kind, burst)) = aggregated {
+            if !self.aggregator.admit(kind, burst, unix_ms) {
                 return Ok(());
             }
         }
@@ -852,7 +875,7 @@ mod tests {
 
     #[test]
     fn a_loop_of_refusals_writes_a_burst_then_one_summary_per_window() {
-        let limits = Limits { burst: 5, interval_ms: 1000 };
+        let limits = Limits { burst: 5, change_burst: 5, interval_ms: 1000 };
         let mut log = AuditLog::new(Vec::new()).with_limits(limits);
         // 10 000 refusals over 10 windows, each followed by an allowed write.
         for i in 0..10_000u64 {
@@ -912,7 +935,7 @@ mod tests {
 
     #[test]
     fn a_tick_writes_the_summaries_of_windows_over() {
-        let mut log = AuditLog::new(Vec::new()).with_limits(Limits { burst: 2, interval_ms: 100 });
+        let mut log = AuditLog::new(Vec::new()).with_limits(Limits { burst: 2, change_burst: 2, interval_ms: 100 });
         for t in 0..50 {
             log.record(&json!({"event": "refused", "what": "IPv6"}), t).unwrap();
         }
@@ -929,7 +952,7 @@ mod tests {
     #[test]
     fn summaries_are_written_when_the_log_is_dropped() {
         let dir = TempDir::new();
-        let limits = Limits { burst: 1, interval_ms: 60_000 };
+        let limits = Limits { burst: 1, change_burst: 1, interval_ms: 60_000 };
         {
             let file = AuditFile::open(&dir.log(), Rotation::default()).unwrap();
             let log = AuditLog::new(file).with_limits(limits).shared();
@@ -950,7 +973,7 @@ mod tests {
         let dir = TempDir::new();
         let rotation = Rotation { cap: 4096, keep: 3 };
         let mut log = AuditLog::new(AuditFile::open(&dir.log(), rotation).unwrap());
-        let event = |i: u64| json!({"event": "file", "op": "write", "path": format!("/w/file-{i}")});
+        let event = |i: u64| json!({"event": "http", "method": "GET", "host": format!("h{i}.example")});
         for i in 0..1000 {
             log.record(&event(i), i).unwrap();
         }
@@ -976,7 +999,7 @@ mod tests {
         assert!(v.to_string().contains(&format!("from seq {} (older lines rotated away)", v.first_seq)));
 
         // An edit in a rotated file is caught, and named.
-        let edited = fs::read_to_string(&files[0]).unwrap().replacen("file-", "fyle-", 2);
+        let edited = fs::read_to_string(&files[0]).unwrap().replacen(".example", ".exampel", 2);
         fs::write(&files[0], edited).unwrap();
         let err = verify_files(&files).unwrap_err();
         assert!(
@@ -1082,5 +1105,36 @@ mod tests {
         text.push(b'\n');
         let err = verify(&text[..]).unwrap_err();
         assert!(matches!(&err, Error::Broken { line: 1, reason } if reason.contains("longer than")), "{err}");
+    }
+
+    #[test]
+    fn file_churn_cannot_push_older_lines_out_of_the_kept_files() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        // Kept: 2 MiB. Five minutes of a guest making and removing files
+        // as fast as it can (20 000 lines whole would be over 3 MiB).
+        let rotation = Rotation { cap: 1 << 20, keep: 2 };
+        let file = AuditFile::open(&path, rotation).unwrap();
+        let mut log = AuditLog::new(file);
+        log.record(&json!({"event": "http", "host": "exfil.example", "decision": "allow"}), 1).unwrap();
+        let mut now = 2;
+        for i in 0..20_000u64 {
+            let op = if i % 2 == 0 { "create" } else { "delete" };
+            let path = format!("/work/project/node_modules/some-package/lib/file-{i}.js");
+            log.record(&json!({"event": "file", "op": op, "path": path, "decision": "allow"}), now).unwrap();
+            now += 15;
+        }
+        log.flush_suppressed(now).unwrap();
+        drop(log);
+        let files = log_files(&path).unwrap();
+        let text: String = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect();
+        assert!(text.contains("exfil.example"), "the request is still in the kept files");
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let counted: u64 =
+            lines.iter().filter(|v| v["event"] == "suppressed").filter_map(|v| v["count"].as_u64()).sum();
+        let whole = lines.iter().filter(|v| v["event"] == "file").count() as u64;
+        assert_eq!(counted + whole, 20_000, "every change is written or counted");
+        assert!(whole <= 2 * 600 * 6, "{whole} written whole");
+        assert!(verify_files(&files).unwrap().first_seq == 1, "nothing rotated away");
     }
 }
