@@ -38,6 +38,32 @@ pub enum Command {
     /// Network policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Secrets netstack puts into the guest's requests to the hosts the
+    /// policy binds them to (the guest only ever sees a placeholder).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Store secret NAME (read from the terminal without echo, or from
+    /// standard input), 0600 in sbx's config folder.
+    Set {
+        name: String,
+        /// Store no value: read it from environment variable VAR at each
+        /// `sbx run`.
+        #[arg(long, value_name = "VAR")]
+        from_env: Option<String>,
+    },
+    /// List secrets: names, where their values come from, and the hosts
+    /// they are bound to (never values).
+    Ls {
+        /// Also show the bindings of this policy file.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Remove secret NAME.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +190,15 @@ pub struct RunArgs {
     /// No network device at all.
     #[arg(long)]
     pub no_network: bool,
+    /// Also trust the CA certificates in FILE (PEM) when netstack
+    /// verifies an upstream it terminates TLS for (local test servers).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Put secret NAME's real value into the guest's environment instead
+    /// of a placeholder: the agent can then read it and leak it.
+    /// Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub expose_secret_to_guest: Vec<String>,
     /// Also share the host folder DIR at the same path, read-only (`:ro`,
     /// the default) or read-write (`:rw`), under the same file policy.
     /// Repeatable.

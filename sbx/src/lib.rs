@@ -3,7 +3,7 @@
 //! `commands` for the rest), the sandbox policy document, sandbox state on
 //! disk, the control channel's client, the user's terminal and signals,
 //! which folders may be shared, escaping guest text for the terminal,
-//! kernel symbols for profiles.
+//! kernel symbols for profiles, the secrets and CA netstack uses.
 
 pub mod cli;
 pub mod client;
@@ -13,6 +13,7 @@ pub mod folders;
 pub mod policy_doc;
 pub mod run;
 pub mod sandbox;
+pub mod secrets;
 pub mod signals;
 pub mod symbols;
 pub mod terminal;

@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::Parser;
 use sbx::cli::{Cli, Command, PolicyCommand};
 use sbx::escape::{self, Layout};
-use sbx::{commands, run};
+use sbx::{commands, run, secrets};
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::ExplainFile { path, policy }) => {
             commands::explain_file(&path, policy.as_deref()).map(|_| ExitCode::SUCCESS).map_err(Into::into)
         }
+        Command::Secret(cmd) => secrets::command(&cmd).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

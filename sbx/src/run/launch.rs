@@ -150,7 +150,8 @@ fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>) -> Gues
     resolver.overrides.extend(net.overrides.iter().cloned());
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
-    GuestNet { mac: GUEST_MAC, mtu, stack: NetStack::new(cfg, net.policy.clone(), resolver, audit) }
+    let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    GuestNet { mac: GUEST_MAC, mtu, stack }
 }
 
 /// The boot job guest-init reads, and the main session's request.
@@ -170,7 +171,10 @@ fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
         let path = share.dir.to_string_lossy().into_owned();
         job.shares.push(protocol::Share { tag: share_tag(i), path, read_only: share.read_only });
     }
-    if plan.net.is_some() {
+    if let Some(net) = &plan.net {
+        // The CA to trust, and the credentials' placeholders.
+        job.ca_cert = Some(net.ca_cert.clone());
+        job.env.extend(net.guest_env.iter().cloned());
         let cfg = NetConfig::default();
         job.net = Some(protocol::NetConfig {
             addr: GUEST_IP,

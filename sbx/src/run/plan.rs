@@ -5,10 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use netstack::host::HostName;
 use netstack::policy::Policy;
+use netstack::terminate::{self, Termination};
 use thiserror::Error;
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::fs::policy::FsPolicy;
@@ -17,6 +19,7 @@ use crate::cli::{RunArgs, AGENTS};
 use crate::folders;
 use crate::policy_doc::{self, SandboxPolicy};
 use crate::sandbox::{self, Sandbox, Settings};
+use crate::secrets;
 use crate::terminal;
 
 /// Largest sandbox disk, in GiB.
@@ -56,6 +59,12 @@ pub enum PlanError {
     Hide(vmm::fs::policy::Error),
     #[error("Cannot share {0}: the path is not UTF-8")]
     NotUtf8(PathBuf),
+    #[error(transparent)]
+    Secrets(#[from] secrets::Error),
+    #[error("TLS termination: {0}")]
+    Tls(#[from] terminate::Error),
+    #[error("sbx's config folder {0} (SBX_CONFIG): {1}")]
+    Config(PathBuf, std::io::Error),
 }
 
 /// A shared folder: where, read-only or not, under which policy.
@@ -72,6 +81,13 @@ pub struct NetPlan {
     pub policy: Policy,
     /// `--resolve`: names sent to host addresses.
     pub overrides: Vec<((HostName, u16), SocketAddr)>,
+    /// TLS termination: the installation's CA, the upstream trust roots,
+    /// the credentials to inject.
+    pub termination: Arc<Termination>,
+    /// The CA certificate the guest trusts (PEM).
+    pub ca_cert: String,
+    /// Each credential's variable with its placeholder, for the guest.
+    pub guest_env: Vec<(String, String)>,
 }
 
 /// Everything `sbx run` will do, checked.
@@ -154,7 +170,25 @@ fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
     }
     let overrides = args.resolve.iter().map(|r| parse_resolve(r)).collect::<Result<_, _>>()?;
-    Ok(NetPlan { policy, overrides })
+    let config = secrets::config_dir();
+    let authority = Arc::new(secrets::authority(&config)?);
+    let mut roots = match terminate::host_roots() {
+        Ok((roots, _)) => roots,
+        Err(e) => {
+            eprintln!("sbx: {e}: upstreams netstack terminates TLS for will not verify");
+            rustls::RootCertStore::empty()
+        }
+    };
+    if let Some(extra) = &args.upstream_ca {
+        terminate::add_pem_roots(&mut roots, extra)?;
+    }
+    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest)?;
+    for note in &run.notes {
+        eprintln!("sbx: {note}");
+    }
+    let ca_cert = authority.cert_pem().to_string();
+    let termination = Arc::new(Termination::new(authority, roots, run.credentials)?);
+    Ok(NetPlan { policy, overrides, termination, ca_cert, guest_env: run.guest_env })
 }
 
 impl RunPlan {
@@ -200,12 +234,19 @@ impl RunPlan {
         // again with the workspace its settings name.
         let home = sandbox::home();
         let state = folders::canonical_lenient(&home).map_err(|e| PlanError::State(home.clone(), e))?;
-        let boot = [&assets, &kernel, &image_dir]
+        // The CA key and the secrets too.
+        let config_dir = secrets::config_dir();
+        let config = folders::canonical_lenient(&config_dir).map_err(|e| PlanError::Config(config_dir, e))?;
+        // sbx itself too: when the workspace is sbx's own repository, the
+        // guest must not be able to replace the binary the user runs next.
+        let exe = std::env::current_exe().map_err(|e| PlanError::BootFile(PathBuf::from("sbx"), e))?;
+        let boot = [&assets, &kernel, &image_dir, &exe]
             .into_iter()
             .map(|p| folders::canonical_lenient(p).map_err(|e| PlanError::BootFile(p.clone(), e)))
             .collect::<Result<Vec<_>, _>>()?;
         let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<Vec<String>>, PlanError> {
             folders::check_state(&state, shares)?;
+            folders::check_state(&config, shares)?;
             Ok(folders::boot_files_to_hide(&boot, shares)?)
         };
         check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
