@@ -32,6 +32,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -238,12 +239,23 @@ pub struct AuditLog<W: Write> {
     aggregator: Aggregator,
     /// The latest time given, for the summaries written on drop.
     last_ms: u64,
+    /// Set when a line could not be written (disk full, I/O error): those
+    /// who write here then refuse what they would have to record (see
+    /// [`AuditLog::failure_flag`]).
+    failed: Arc<AtomicBool>,
 }
 
 impl<W: Write> AuditLog<W> {
     /// A new log.
     pub fn new(out: W) -> Self {
-        AuditLog { out, prev: GENESIS.to_string(), seq: 0, aggregator: Aggregator::default(), last_ms: 0 }
+        AuditLog {
+            out,
+            prev: GENESIS.to_string(),
+            seq: 0,
+            aggregator: Aggregator::default(),
+            last_ms: 0,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Continues a log whose verified last line hash and sequence number
@@ -314,7 +326,26 @@ impl<W: Write> AuditLog<W> {
         Ok(())
     }
 
+    /// True once a line could not be written: fail closed from then on.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The flag [`AuditLog::failed`] reads, for writers on other threads
+    /// (the file servers) to refuse changes they could no longer record.
+    pub fn failure_flag(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
+    }
+
     fn write_line(&mut self, event: Value, unix_ms: u64) -> Result<(), Error> {
+        let result = self.write_line_unflagged(event, unix_ms);
+        if matches!(result, Err(Error::Io(_))) {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn write_line_unflagged(&mut self, event: Value, unix_ms: u64) -> Result<(), Error> {
         let Value::Object(fields) = event else { return Err(Error::NotAnObject) };
         let mut obj = Map::new();
         obj.insert("seq".into(), Value::from(self.seq + 1));
@@ -1136,5 +1167,23 @@ mod tests {
         assert_eq!(counted + whole, 20_000, "every change is written or counted");
         assert!(whole <= 2 * 600 * 6, "{whole} written whole");
         assert!(verify_files(&files).unwrap().first_seq == 1, "nothing rotated away");
+    }
+
+    #[test]
+    fn a_write_that_fails_is_flagged_for_those_who_must_fail_closed() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(28))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut log = AuditLog::new(Full);
+        let flag = log.failure_flag();
+        assert!(!log.failed() && !flag.load(Ordering::SeqCst));
+        assert!(log.record(&json!({"event": "http", "host": "a.example"}), 1).is_err());
+        assert!(log.failed() && flag.load(Ordering::SeqCst), "the disk is full: fail closed");
     }
 }

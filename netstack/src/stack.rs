@@ -341,6 +341,8 @@ pub struct NetStack<W: Write> {
     dns: SocketHandle,
     names: NameTable,
     policy: Policy,
+    /// The audit log could not be written: everything new is refused.
+    audit_failed: bool,
     resolver: Arc<dyn Resolve>,
     audit: SharedLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
@@ -396,6 +398,7 @@ impl<W: Write> NetStack<W> {
             dns,
             names: NameTable::new(MAX_NAMES),
             policy,
+            audit_failed: false,
             resolver,
             audit,
             listeners: Vec::new(),
@@ -557,11 +560,19 @@ impl<W: Write> NetStack<W> {
     }
 
     fn log(&mut self, event: serde_json::Value) {
-        // Losing the audit trail must not be silent, but must not stop the
-        // guest's network either: the error goes to the VMM's stderr.
         let mut log = self.audit.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = log.record(&event, self.now_ms) {
             eprintln!("netstack: {e}");
+        }
+        // Fail closed: once the audit trail cannot be written (a full
+        // disk), nothing new is allowed that it would have recorded.
+        if log.failed() && !self.audit_failed {
+            drop(log);
+            self.audit_failed = true;
+            eprintln!("netstack: the audit log cannot be written; every new request is refused from now on");
+            if let Ok(none) = Policy::from_toml("version = 1\n") {
+                self.policy = none;
+            }
         }
     }
 

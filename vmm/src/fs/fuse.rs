@@ -349,6 +349,24 @@ impl Op<'_> {
         matches!(self, Op::Forget { .. } | Op::BatchForget(_) | Op::Interrupt)
     }
 
+    /// Requests that may change the shared folder (or open a file to).
+    pub fn changes(&self) -> bool {
+        match self {
+            Op::Open { access } | Op::Create { access, .. } => access.writes() || matches!(self, Op::Create { .. }),
+            Op::SetAttr(_)
+            | Op::Symlink { .. }
+            | Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Unlink { .. }
+            | Op::RmDir { .. }
+            | Op::Rename { .. }
+            | Op::Link { .. }
+            | Op::Write { .. }
+            | Op::Fallocate { .. } => true,
+            _ => false,
+        }
+    }
+
     /// A short name, for counters and logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -20,6 +20,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::fuse::{self, Attr, InitOut, Op, OpenAccess, Out, ParseError, SetAttr, SetTime, StatFs};
@@ -97,6 +100,9 @@ pub struct FileServer {
     path_bytes: usize,
     listing_bytes: usize,
     audit: AuditSink,
+    /// Set once the audit log could not be written: from then on changes
+    /// are refused (EROFS), so that none goes unrecorded.
+    audit_failed: Option<Arc<AtomicBool>>,
     /// Requests served, by kind (for figures).
     pub counts: BTreeMap<&'static str, u64>,
 }
@@ -138,6 +144,7 @@ impl FileServer {
             path_bytes: 0,
             listing_bytes: 0,
             audit,
+            audit_failed: None,
             counts: BTreeMap::new(),
         }
     }
@@ -295,8 +302,18 @@ impl FileServer {
         Ok(fh)
     }
 
+    /// Fails closed on `flag`: once it is set (by whoever writes the audit
+    /// log, when a line could not be written), every change is refused.
+    pub fn fail_closed_on(mut self, flag: Arc<AtomicBool>) -> FileServer {
+        self.audit_failed = Some(flag);
+        self
+    }
+
     fn serve(&mut self, nodeid: u64, op: Op<'_>, room: usize) -> Result<Vec<u8>, i32> {
         let mut out = Out::default();
+        if op.changes() && self.audit_failed.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            return Err(libc::EROFS);
+        }
         match op {
             Op::Init { major, minor, max_readahead, flags } => {
                 if major != fuse::KERNEL_VERSION {
@@ -1017,5 +1034,25 @@ mod tests {
         a.u64(fh).u32(0).u32(0).u64(0);
         g.call(Opcode::ReleaseDir, fuse::ROOT_ID, &a.0).unwrap();
         assert_eq!(g.server.listing_bytes, before, "released listings give their bytes back");
+    }
+
+    #[test]
+    fn changes_are_refused_once_the_audit_log_fails() {
+        let mut g = Guest::new();
+        let failed = Arc::new(AtomicBool::new(false));
+        let server = std::mem::replace(
+            &mut g.server,
+            FileServer::new(Share::open(&g.root, FsPolicy::default(), false).unwrap(), g.root.clone(), Box::new(|_| {})),
+        );
+        g.server = server.fail_closed_on(failed.clone());
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        g.create(src, "before.rs").unwrap();
+        failed.store(true, Ordering::SeqCst);
+        assert_eq!(g.create(src, "after.rs").map(|_| ()), Err(libc::EROFS));
+        let (main, _, _) = g.lookup(src, "main.rs").unwrap();
+        assert_eq!(g.open(main, libc::O_RDWR).map(|_| ()), Err(libc::EROFS));
+        let fh = g.open(main, libc::O_RDONLY).unwrap();
+        assert_eq!(g.read(main, fh, 100).unwrap(), b"fn main() {}", "reading goes on");
+        assert!(!g.root.join("src/after.rs").exists());
     }
 }
