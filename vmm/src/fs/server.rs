@@ -55,7 +55,7 @@ pub const MAX_NODE_PATH_BYTES: usize = 64 << 20;
 /// ENOMEM, the VMM does not grow.
 pub const MAX_LISTING_BYTES: usize = 64 << 20;
 /// What one listed name costs besides its bytes.
-const LISTED_OVERHEAD: usize = std::mem::size_of::<Listed>();
+const LISTED_OVERHEAD: usize = super::share::LISTED_COST;
 /// Requests the guest's kernel may have in the background (readahead,
 /// writeback) at once, and from how many on it counts as congested.
 const MAX_BACKGROUND: u16 = 16;
@@ -491,7 +491,8 @@ impl FileServer {
             Op::FsyncDir { .. } => {}
             Op::OpenDir => {
                 let dir = self.node(nodeid)?.clone();
-                let listing = self.share.list(&dir).map_err(|r| self.refused("opendir", r))?;
+                let room_left = MAX_LISTING_BYTES.saturating_sub(self.listing_bytes);
+                let listing = self.share.list_within(&dir, room_left).map_err(|r| self.refused("opendir", r))?;
                 let bytes = listing.iter().map(|l| l.name.len() + LISTED_OVERHEAD).sum::<usize>();
                 if self.listing_bytes + bytes > MAX_LISTING_BYTES {
                     return Err(libc::ENOMEM);
@@ -1042,7 +1043,11 @@ mod tests {
         let failed = Arc::new(AtomicBool::new(false));
         let server = std::mem::replace(
             &mut g.server,
-            FileServer::new(Share::open(&g.root, FsPolicy::default(), false).unwrap(), g.root.clone(), Box::new(|_| {})),
+            FileServer::new(
+                Share::open(&g.root, FsPolicy::default(), false).unwrap(),
+                g.root.clone(),
+                Box::new(|_| {}),
+            ),
         );
         g.server = server.fail_closed_on(failed.clone());
         let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();

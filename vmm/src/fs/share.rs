@@ -299,6 +299,9 @@ fn at(rel: &Path, f: impl FnOnce(&CStr) -> io::Result<()>) -> Result<(), Refused
     f(&c).map_err(|e| Refused::Io(rel.to_path_buf(), e))
 }
 
+/// What one listed name costs besides its bytes (for byte limits).
+pub const LISTED_COST: usize = std::mem::size_of::<Listed>();
+
 /// A name in a directory listing.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -573,12 +576,24 @@ impl Share {
     /// The names in `dir` the guest may see (hidden and special ones left
     /// out), with their kinds.
     pub fn list(&self, dir: &Entry) -> Result<Vec<Listed>, Refused> {
+        self.list_within(dir, usize::MAX)
+    }
+
+    /// Like [`Share::list`], giving up (ENOMEM) once the names read pass
+    /// `max_bytes` (each counted with [`LISTED_COST`] bytes more), before
+    /// the whole of a huge directory is held.
+    pub fn list_within(&self, dir: &Entry, max_bytes: usize) -> Result<Vec<Listed>, Refused> {
         let fd = self.open_dir(dir)?;
         let names = sys::Dir::from_fd(fd).map_err(|e| Refused::Io(dir.rel.clone(), e))?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for name in names {
             if name == "." || name == ".." {
                 continue;
+            }
+            bytes = bytes.saturating_add(name.len() + LISTED_COST);
+            if bytes > max_bytes {
+                return Err(Refused::errno_at(&dir.rel, libc::ENOMEM));
             }
             if let Ok(e) = self.lookup(dir, &name) {
                 out.push(Listed { name, kind: e.kind, ino: e.ino() });
