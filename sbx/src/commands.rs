@@ -182,9 +182,17 @@ pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str
         None => Policy::preset(preset).map_err(CommandError::Preset)?,
     };
     let target = Target::parse_url(url).map_err(CommandError::Url)?;
-    let http = (!target.https).then_some((method, target.path.as_str()));
+    // HTTPS that netstack terminates is checked request by request.
+    let terminated = target.https && policy.terminates(&target.host, target.port);
+    let http = (!target.https || terminated).then_some((method, target.path.as_str()));
     let req = Request { host: &target.host, port: target.port, http };
     let mut out = io::stdout().lock();
+    if terminated {
+        let _ = writeln!(out, "TLS terminated by netstack: the request is checked like plain HTTP");
+    }
+    for c in policy.credentials.iter().filter(|c| c.bound_to(&target.host)) {
+        let _ = writeln!(out, "{c} (injected over terminated TLS)");
+    }
     let matched = policy.explain(&req);
     if matched.is_empty() {
         let _ = writeln!(out, "no rule matches {}:{}", target.host, target.port);

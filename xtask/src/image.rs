@@ -17,7 +17,7 @@ use protocol::cpio::CpioWriter;
 use crate::util::{self, Fingerprint};
 
 const BUSYBOX: &str = "/bin/busybox";
-const RECIPE: &str = "image-recipe-6";
+const RECIPE: &str = "image-recipe-7";
 const MKFS: &str = "/sbin/mkfs.ext4";
 pub const INIT_CPIO: &str = "init.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
@@ -160,11 +160,14 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
     }
     util::ensure_packages(&[("busybox-static", BUSYBOX), ("file", "/usr/bin/file"), ("e2fsprogs", MKFS)])?;
     let init = build_guest_init()?;
-    let git = find_git()?;
+    let git = host_program("git", "git")?;
+    // A TLS client that verifies against the guest's trust store (busybox
+    // wget does not verify): agents and tests fetch over HTTPS with it.
+    let curl = host_program("curl", "curl")?;
     let mut fp = Fingerprint::default();
     fp.add("recipe", RECIPE.as_bytes()).add("image", image.as_bytes());
     fp.add_file(&init)?.add_file(Path::new(BUSYBOX))?;
-    for f in &git {
+    for f in git.iter().chain(&curl) {
         fp.add_file(f)?;
     }
     let key = fp.hex();
@@ -175,7 +178,7 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&out)?;
     let cpio = write_init_cpio(&init, &out.join(INIT_CPIO))?;
-    let rootfs = write_rootfs(&out, &git)?;
+    let rootfs = write_rootfs(&out, &[git, curl])?;
     util::stamp(&out, &key)?;
     eprintln!(
         "xtask: image '{image}' ready in {}: {INIT_CPIO} {} KiB, {ROOTFS} {} KiB",
@@ -201,21 +204,22 @@ fn write_init_cpio(init: &Path, path: &Path) -> Result<u64> {
     Ok(bytes.len() as u64)
 }
 
-/// git (agents work in repositories) and the shared libraries it loads,
-/// as found on the build machine (Debian's package installed if there is
-/// none): the binary first.
-fn find_git() -> Result<Vec<PathBuf>> {
-    let found = util::output(Command::new("sh").args(["-c", "command -v git"])).unwrap_or_default();
-    let git = match found.trim() {
+/// A program of the build machine (git: agents work in repositories;
+/// curl) and the shared libraries it loads (Debian's `package` installed
+/// if there is none): the binary first.
+fn host_program(name: &str, package: &str) -> Result<Vec<PathBuf>> {
+    let found = util::output(Command::new("sh").args(["-c", &format!("command -v {name}")])).unwrap_or_default();
+    let bin = match found.trim() {
         "" => {
-            util::ensure_packages(&[("git", "/usr/bin/git")])?;
-            PathBuf::from("/usr/bin/git")
+            let path = format!("/usr/bin/{name}");
+            util::ensure_packages(&[(package, path.as_str())])?;
+            PathBuf::from(path)
         }
         path => PathBuf::from(path),
     };
-    let mut files = vec![git.clone()];
+    let mut files = vec![bin.clone()];
     // "libz.so.1 => /lib/.../libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)".
-    for line in util::output(Command::new("ldd").arg(&git))?.lines() {
+    for line in util::output(Command::new("ldd").arg(&bin))?.lines() {
         let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
         if path.starts_with('/') {
             files.push(PathBuf::from(path));
@@ -226,8 +230,9 @@ fn find_git() -> Result<Vec<PathBuf>> {
 
 /// The root filesystem, staged in a directory and turned into a read-only
 /// ext4 image (no journal: nothing ever writes to it). Returns its size.
-/// `git`: the git binary (to /usr/bin) and its libraries (where they are).
-fn write_rootfs(out: &Path, git: &[PathBuf]) -> Result<u64> {
+/// `programs`: each a binary (to /usr/bin) and its libraries (where they
+/// are).
+fn write_rootfs(out: &Path, programs: &[Vec<PathBuf>]) -> Result<u64> {
     let stage = out.join("rootfs.stage");
     if stage.exists() {
         std::fs::remove_dir_all(&stage)?;
@@ -273,8 +278,11 @@ fn write_rootfs(out: &Path, git: &[PathBuf]) -> Result<u64> {
         let target = format!("{}bin/busybox", "../".repeat(depth));
         std::os::unix::fs::symlink(target, stage.join(rel).join(&name))?;
     }
-    for (i, f) in git.iter().enumerate() {
-        let to = if i == 0 { stage.join("usr/bin/git") } else { stage.join(f.strip_prefix("/")?) };
+    for (i, f) in programs.iter().flat_map(|p| p.iter().enumerate()) {
+        let to = match (i, f.file_name()) {
+            (0, Some(name)) => stage.join("usr/bin").join(name),
+            _ => stage.join(f.strip_prefix("/")?),
+        };
         if let Some(dir) = to.parent() {
             std::fs::create_dir_all(dir)?;
         }
