@@ -3,6 +3,8 @@
 //! directory. Each test boots real guests.
 #![forbid(unsafe_code)]
 
+pub mod model;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
