@@ -374,6 +374,12 @@ const AGENTS: &[(&str, &[&str])] = &[
     ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
 ];
 
+/// The package registries every agent (not the bare shell) may install
+/// from inside its sandbox: npm, PyPI and its files, Debian's archive
+/// (apt).
+const AGENT_REGISTRIES: &[&str] =
+    &["registry.npmjs.org", "pypi.org", "files.pythonhosted.org", "deb.debian.org", "security.debian.org"];
+
 /// The credential an agent uses (see [`AGENT_CREDENTIALS`]).
 struct AgentCredential {
     agent: &'static str,
@@ -446,8 +452,13 @@ impl Policy {
     /// The default for an agent: deny everything but what the agent needs.
     pub fn for_agent(agent: &str) -> Result<Policy, Error> {
         let (name, hosts) = AGENTS.iter().find(|(a, _)| *a == agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
-        let rules =
-            hosts.iter().filter_map(|h| Pattern::parse(h).ok()).map(|p| allow_rule(p, Origin::Agent(name))).collect();
+        let registries = if hosts.is_empty() { &[][..] } else { AGENT_REGISTRIES };
+        let rules = hosts
+            .iter()
+            .chain(registries)
+            .filter_map(|h| Pattern::parse(h).ok())
+            .map(|p| allow_rule(p, Origin::Agent(name)))
+            .collect();
         let credentials = agent_credentials(name);
         Ok(Policy { rules, files: FileRules::default(), https: Https::default(), credentials })
     }

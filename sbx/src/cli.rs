@@ -5,9 +5,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// The agents sbx knows (each has an image built by `cargo xtask image`).
-pub const AGENTS: [&str; 4] = ["shell", "claude", "gemini", "codex"];
-
 #[derive(Parser)]
 #[command(name = "sbx", version, about = "MicroVM sandboxes for AI coding agents")]
 pub struct Cli {
@@ -81,6 +78,16 @@ pub enum PolicyCommand {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+    /// Show the network rules a sandbox runs with (the policy file or the
+    /// locked preset, then the agent's own needs) and its credentials.
+    Show {
+        /// The agent whose needs are added (shell adds none).
+        #[arg(long, default_value = "shell")]
+        agent: String,
+        /// A policy file (TOML), as for `sbx run --policy`.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
     /// What the guest may do with PATH (relative to the shared folder; a
     /// trailing '/' for a directory): hidden, read-only or read-write.
     ExplainFile {
@@ -128,10 +135,11 @@ pub struct RunArgs {
     /// The project folder (default: the current directory).
     #[arg(long)]
     pub workspace: Option<PathBuf>,
-    /// Guest memory in MiB. Boot time grows with it (the guest kernel
-    /// initialises and frees every page), so the default is small.
-    #[arg(long, default_value_t = 128)]
-    pub memory: u64,
+    /// Guest memory in MiB (default: the agent's, 128 for shell, 1024 for
+    /// the agents, which run Node.js or large native executables). Boot
+    /// time grows with it (the guest kernel initialises every page).
+    #[arg(long)]
+    pub memory: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
@@ -148,6 +156,10 @@ pub struct RunArgs {
     /// Guest user to run as: a name or UID[:GID].
     #[arg(short, long, default_value = "agent")]
     pub user: String,
+    /// Extra environment for the program, KEY=VALUE. Repeatable. (API
+    /// keys need none of this: see `sbx secret`.)
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
     /// Copy the guest kernel console to stderr.
     #[arg(long)]
     pub console: bool,

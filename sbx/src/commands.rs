@@ -205,6 +205,30 @@ pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str
     Ok(if decision.action == Action::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// `sbx policy show`: the rules in order, then the credentials and where
+/// they go (names and hosts; never a value).
+pub fn policy_show(agent: &str, file: Option<&Path>) -> Result<()> {
+    let mut policy = match file {
+        Some(path) => SandboxPolicy::read(path)?.network,
+        None => SandboxPolicy::locked()?.network,
+    };
+    policy.add_agent(agent).map_err(CommandError::Preset)?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "network rules for agent '{agent}' (denied if a deny rule matches, else allowed if an allow rule does, else denied):");
+    if policy.rules.is_empty() {
+        let _ = writeln!(out, "  (none: everything is denied)");
+    }
+    for rule in &policy.rules {
+        let _ = writeln!(out, "  {rule}");
+    }
+    for c in &policy.credentials {
+        let hosts: Vec<String> = c.hosts.iter().map(|h| h.to_string()).collect();
+        let scheme = c.scheme.as_deref().map(|s| format!("{s} ")).unwrap_or_default();
+        let _ = writeln!(out, "credential {}: header '{}: {scheme}<secret>' to {}", c.name, c.header, hosts.join(", "));
+    }
+    Ok(())
+}
+
 /// `sbx policy explain-file`: hidden, read-only or read-write.
 pub fn explain_file(path: &str, file: Option<&Path>) -> Result<()> {
     let policy = match file {

@@ -5,6 +5,7 @@
 //! which folders may be shared, escaping guest text for the terminal,
 //! kernel symbols for profiles, the secrets and CA netstack uses.
 
+pub mod agents;
 pub mod cli;
 pub mod client;
 pub mod commands;

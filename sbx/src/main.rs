@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
             commands::policy_explain(&url, policy.as_deref(), &preset, &method).map_err(Into::into)
         }
+        Command::Policy(PolicyCommand::Show { agent, policy }) => {
+            commands::policy_show(&agent, policy.as_deref()).map(|_| ExitCode::SUCCESS).map_err(Into::into)
+        }
         Command::Policy(PolicyCommand::ExplainFile { path, policy }) => {
             commands::explain_file(&path, policy.as_deref()).map(|_| ExitCode::SUCCESS).map_err(Into::into)
         }

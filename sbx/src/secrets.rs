@@ -270,7 +270,7 @@ pub fn for_run(dir: &Path, rules: &[CredentialRule], expose: &[String]) -> Resul
 /// policy file, if given.
 fn bindings(policy: Option<&Path>) -> Result<Vec<CredentialRule>, Box<dyn std::error::Error>> {
     let mut rules = Vec::new();
-    for agent in crate::cli::AGENTS {
+    for agent in crate::agents::names() {
         rules.extend(netstack::policy::agent_credentials(agent));
     }
     if let Some(path) = policy {

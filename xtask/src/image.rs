@@ -18,7 +18,7 @@ use crate::util::{self, Fingerprint};
 
 const BUSYBOX: &str = "/bin/busybox";
 const RECIPE: &str = "image-recipe-7";
-const MKFS: &str = "/sbin/mkfs.ext4";
+pub const MKFS: &str = "/sbin/mkfs.ext4";
 pub const INIT_CPIO: &str = "init.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
 /// The Rust target guest-init is built for: the gnu target with a static
@@ -32,7 +32,7 @@ pub fn out_dir(image: &str) -> PathBuf {
 }
 
 /// Builds guest-init as a static executable; returns its path.
-fn build_guest_init() -> Result<PathBuf> {
+pub fn build_guest_init() -> Result<PathBuf> {
     let target_dir = util::root().join("target/guest");
     util::run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -155,8 +155,24 @@ fn busybox_applets() -> Result<Vec<(String, String)>> {
 }
 
 pub fn build(image: &str, force: bool) -> Result<PathBuf> {
+    build_with(image, force, &[])
+}
+
+/// Builds `image` (`versions`: agent CLI versions to use instead of the
+/// pinned ones, for the agents' image).
+pub fn build_with(image: &str, force: bool, versions: &[(String, String)]) -> Result<PathBuf> {
+    if image == crate::image_agents::IMAGE || crate::image_agents::AGENTS.contains(&image) {
+        return crate::image_agents::build(force, versions);
+    }
+    if !versions.is_empty() {
+        bail!("Image '{image}' has no agent CLI to set a version for");
+    }
     if !IMAGES.contains(&image) {
-        bail!("No recipe for image '{image}' yet (available: {})", IMAGES.join(", "));
+        bail!(
+            "No recipe for image '{image}' (available: {}, {})",
+            IMAGES.join(", "),
+            crate::image_agents::AGENTS.join(", ")
+        );
     }
     util::ensure_packages(&[("busybox-static", BUSYBOX), ("file", "/usr/bin/file"), ("e2fsprogs", MKFS)])?;
     let init = build_guest_init()?;
@@ -191,7 +207,7 @@ pub fn build(image: &str, force: bool) -> Result<PathBuf> {
 
 /// The initramfs: guest-init and the mount points it needs before the
 /// disks are up. Returns its size.
-fn write_init_cpio(init: &Path, path: &Path) -> Result<u64> {
+pub fn write_init_cpio(init: &Path, path: &Path) -> Result<u64> {
     let mut w = CpioWriter::new(Vec::new());
     for d in ["dev", "proc", "sys", "sbx"] {
         w.dir(d, 0o755)?;
@@ -296,19 +312,25 @@ fn write_rootfs(out: &Path, programs: &[Vec<PathBuf>]) -> Result<u64> {
     for (name, text) in files {
         std::fs::write(stage.join(name), text)?;
     }
+    let size = make_ext4(&stage, &out.join(ROOTFS), "sbx-base")?;
+    std::fs::remove_dir_all(&stage)?;
+    Ok(size)
+}
+
+/// A read-only ext4 image at `path` of the staged tree `stage` (no
+/// journal: nothing ever writes to it); returns its size.
+pub fn make_ext4(stage: &Path, path: &Path, label: &str) -> Result<u64> {
     // Staged size plus room for ext4's own structures.
-    let used = util::output(Command::new("du").args(["-s", "-B1"]).arg(&stage))?;
+    let used = util::output(Command::new("du").args(["-s", "-B1"]).arg(stage))?;
     let used: u64 = used.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
     let size_mib = (used / (1 << 20)) * 5 / 4 + 16;
-    let path = out.join(ROOTFS);
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path);
     util::run(
         Command::new(MKFS)
-            .args(["-q", "-F", "-L", "sbx-base", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0", "-d"])
-            .arg(&stage)
-            .arg(&path)
+            .args(["-q", "-F", "-L", label, "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0", "-d"])
+            .arg(stage)
+            .arg(path)
             .arg(format!("{size_mib}M")),
     )?;
-    std::fs::remove_dir_all(&stage)?;
-    Ok(std::fs::metadata(&path)?.len())
+    Ok(std::fs::metadata(path)?.len())
 }

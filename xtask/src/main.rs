@@ -5,6 +5,7 @@
 mod bench;
 mod bench_fs;
 mod image;
+mod image_agents;
 mod kernel;
 mod util;
 
@@ -27,12 +28,21 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// Build a guest image (cached).
+    /// Build a guest image (cached): shell, or claude, gemini, codex (one
+    /// image for the three agents, with their CLI versions pinned in
+    /// xtask/src/image_agents.rs).
     Image {
         #[arg(default_value = "shell")]
         name: String,
         #[arg(long)]
         force: bool,
+        /// Use this version of the agent CLI NAME instead of the pinned
+        /// one (claude, gemini or codex).
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+        /// List the images built.
+        #[arg(long)]
+        list: bool,
     },
     /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image),
     /// `net` (netstack throughput and latency, in process), `guest-net`
@@ -80,7 +90,11 @@ fn cargo() -> Command {
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Kernel { force } => kernel::build(force).map(|_| ()),
-        Task::Image { name, force } => image::build(&name, force).map(|_| ()),
+        Task::Image { list: true, .. } => image_agents::list(),
+        Task::Image { name, force, version, .. } => {
+            let versions: Vec<(String, String)> = version.map(|v| (name.clone(), v)).into_iter().collect();
+            image::build_with(&name, force, &versions).map(|_| ())
+        }
         Task::Bench { what, runs, memory, .. } if what == "boot" => bench::boot(runs, memory),
         Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib.unwrap_or(32)),
         Task::Bench { what, mib, files, memory, .. } if what == "fs" => bench_fs::fs(mib.unwrap_or(256), files, memory),

@@ -115,7 +115,9 @@ fn shared_folders(
                 eprintln!("sbx: {e}");
             }
         });
-        let server = FileServer::new(opened, share.dir.clone(), sink);
+        // Fails closed: a change that could no longer be recorded is refused.
+        let failed = audit.lock().unwrap_or_else(|p| p.into_inner()).failure_flag();
+        let server = FileServer::new(opened, share.dir.clone(), sink).fail_closed_on(failed);
         let fs = Fs::new(&share_tag(i), server).map_err(|e| fail(e.to_string()))?;
         counts.push(fs.counts.clone());
         devices.push(fs);
@@ -171,6 +173,7 @@ fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
         let path = share.dir.to_string_lossy().into_owned();
         job.shares.push(protocol::Share { tag: share_tag(i), path, read_only: share.read_only });
     }
+    job.env.extend(plan.agent_env.iter().cloned());
     if let Some(net) = &plan.net {
         // The CA to trust, and the credentials' placeholders.
         job.ca_cert = Some(net.ca_cert.clone());
@@ -195,6 +198,7 @@ fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
             open.env.push(("TERM".into(), term));
         }
     }
+    open.env.extend(plan.env.iter().cloned());
     (job, open)
 }
 

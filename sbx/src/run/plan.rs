@@ -15,7 +15,8 @@ use thiserror::Error;
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::fs::policy::FsPolicy;
 
-use crate::cli::{RunArgs, AGENTS};
+use crate::agents::{self, Agent};
+use crate::cli::RunArgs;
 use crate::folders;
 use crate::policy_doc::{self, SandboxPolicy};
 use crate::sandbox::{self, Sandbox, Settings};
@@ -27,8 +28,12 @@ pub const MAX_DISK_GIB: u64 = 1 << 14;
 
 #[derive(Debug, Error)]
 pub enum PlanError {
-    #[error("Unknown agent '{0}' (expected one of: {list})", list = AGENTS.join(", "))]
+    #[error("Unknown agent '{0}' (expected one of: {list})", list = agents::names().join(", "))]
     UnknownAgent(String),
+    #[error("Bad --env '{0}': use KEY=VALUE")]
+    Env(String),
+    #[error("--memory {got}: agent '{agent}' needs at least {min} MiB")]
+    Memory { agent: &'static str, min: u64, got: u64 },
     #[error("Cannot read the current directory: {0}")]
     CurrentDir(std::io::Error),
     #[error(transparent)]
@@ -100,6 +105,10 @@ pub struct RunPlan {
     pub template: CpuTemplate,
     pub pvm: bool,
     pub memory_mib: u64,
+    /// The agent's own settings, in its programs' environment.
+    pub agent_env: Vec<(String, String)>,
+    /// `--env`: the program's (the main session's) extra environment.
+    pub env: Vec<(String, String)>,
     pub cpus: u8,
     pub disk_gib: u64,
     pub kernel_log: bool,
@@ -194,8 +203,15 @@ fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
 impl RunPlan {
     /// Checks the arguments and opens (or makes) the sandbox.
     pub fn new(args: &RunArgs) -> Result<RunPlan, PlanError> {
-        if !AGENTS.contains(&args.agent.as_str()) {
-            return Err(PlanError::UnknownAgent(args.agent.clone()));
+        let agent: &Agent = agents::find(&args.agent).ok_or_else(|| PlanError::UnknownAgent(args.agent.clone()))?;
+        let memory_mib = args.memory.unwrap_or(agent.default_memory_mib);
+        let mut env = Vec::new();
+        for kv in &args.env {
+            let (k, v) = kv.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| PlanError::Env(kv.clone()))?;
+            env.push((k.to_string(), v.to_string()));
+        }
+        if memory_mib < agent.min_memory_mib {
+            return Err(PlanError::Memory { agent: agent.name, min: agent.min_memory_mib, got: memory_mib });
         }
         let workspace = match &args.workspace {
             Some(w) => w.clone(),
@@ -213,7 +229,7 @@ impl RunPlan {
             "Kernel",
             "build it with `cargo xtask kernel` or pass --kernel",
         )?;
-        let image_dir = args.image.clone().unwrap_or_else(|| assets.join("images").join(&args.agent));
+        let image_dir = args.image.clone().unwrap_or_else(|| assets.join("images").join(agent.image));
         let (what, hint) = (
             format!("Image '{}'", args.agent),
             format!("build it with `cargo xtask image {}` or pass --image", args.agent),
@@ -283,7 +299,9 @@ impl RunPlan {
             rootfs,
             template,
             pvm: cpuid::host_is_pvm(),
-            memory_mib: args.memory,
+            memory_mib,
+            agent_env: agent.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env,
             cpus: args.cpus,
             disk_gib: args.disk_size,
             kernel_log: args.kernel_log,
@@ -294,7 +312,7 @@ impl RunPlan {
             report: args.report.clone(),
             shares,
             net,
-            argv: if args.command.is_empty() { vec!["/bin/sh".into()] } else { args.command.clone() },
+            argv: agent.argv(&args.command),
             user: args.user.clone(),
             interactive,
             rows,

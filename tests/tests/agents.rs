@@ -1,0 +1,140 @@
+//! Host side: end-to-end tests of the agents — the real Claude Code, Codex
+//! and Gemini CLIs in their image, each booted by `sbx run AGENT`. One
+//! boot per check (each agent's CLI starts slowly on emulated-KVM hosts):
+//! `--version` for each, and one real turn against the scripted model
+//! server on the host's loopback (`sbx_tests::model`), reached through the
+//! agent's own API name mapped with `--resolve`: the agent writes a file
+//! into the workspace by a tool call, then prints the model's final text.
+
+use std::fs;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use sbx_tests::model::{Answer, ModelServer, Script};
+use sbx_tests::{text, Sbx};
+
+/// How long one agent's boot and run may take here (minutes on emulated
+/// KVM; seconds on hardware).
+const AGENT_TIMEOUT_S: u64 = 2400;
+
+fn run(sbx: &Sbx, args: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = sbx.run(args, b"");
+    let took = started.elapsed();
+    eprintln!(
+        "sbx {} -> {:?} in {:.0} s\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status.code(),
+        took.as_secs_f64(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    (out, took)
+}
+
+/// `sbx run AGENT -- --version` prints the pinned version and exits 0.
+fn version(agent: &str, want: &str) {
+    let Some(sbx) = Sbx::new() else { return };
+    let name = format!("{agent}-version");
+    let timeout = AGENT_TIMEOUT_S.to_string();
+    let (out, _) = run(&sbx, &["run", agent, "--name", &name, "--no-network", "--timeout", &timeout, "--", "--version"]);
+    assert_eq!(out.status.code(), Some(0), "{agent} --version");
+    assert!(text(&out.stdout).contains(want), "{agent} --version: {}", text(&out.stdout));
+}
+
+#[test]
+fn claude_prints_its_version() {
+    version("claude", "2.1.332 (Claude Code)");
+}
+
+#[test]
+fn gemini_prints_its_version() {
+    version("gemini", "0.61.0");
+}
+
+#[test]
+fn codex_prints_its_version() {
+    version("codex", "codex-cli 0.171.0");
+}
+
+/// One agent turn in a sandbox: the model (scripted, on the host) asks for
+/// a file to be written, then ends with `final_text`. `host`: the agent's
+/// API name, mapped to the server; `env` and `args`: how the agent is
+/// pointed at it.
+fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
+    let Some(sbx) = Sbx::new() else { return };
+    let ws = sbx.work.path().canonicalize().unwrap();
+    let script = Script {
+        workspace: ws.display().to_string(),
+        file: "sbx-proof.txt".into(),
+        content: format!("written by {agent} in a sandbox\n"),
+        final_text: format!("sbx-done-{agent}"),
+    };
+    let server = ModelServer::start(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60)).unwrap();
+    let map = format!("{host}:80:127.0.0.1:{}", server.port());
+    let name = format!("{agent}-turn");
+    let timeout = AGENT_TIMEOUT_S.to_string();
+    let mut argv: Vec<String> = ["run", agent, "--name", &name, "--timeout", &timeout, "--resolve", &map]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for e in env {
+        argv.extend(["--env".to_string(), e.clone()]);
+    }
+    argv.push("--".into());
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (out, took) = run(&sbx, &argv);
+    for r in server.requests() {
+        eprintln!("model server: {}", r.summary());
+    }
+    assert_eq!(out.status.code(), Some(0), "{agent}'s exit status is sbx's");
+    assert!(text(&out.stdout).contains(&script.final_text), "the agent's final text reached sbx's stdout");
+    assert_eq!(fs::read_to_string(ws.join(&script.file)).unwrap(), script.content, "the file is on the host");
+    assert!(!server.answered(Answer::ToolCall).is_empty() && !server.answered(Answer::FinalText).is_empty());
+    // The audit log has the API requests and the file's creation.
+    let log = sbx.cmd().args(["log", &name, "--audit"]).output().unwrap();
+    assert!(log.status.success(), "{}", text(&log.stderr));
+    let lines: Vec<serde_json::Value> =
+        text(&log.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let api = lines.iter().filter(|v| v["event"] == "http" && v["host"] == host && v["decision"] == "allow").count();
+    assert!(api >= 2, "the audit log holds the agent's API requests ({api})");
+    let proof = format!("{}/{}", ws.display(), script.file);
+    assert!(
+        lines.iter().any(|v| v["event"] == "file" && v["op"] == "create" && v["path"] == proof.as_str()),
+        "the audit log holds the file's creation"
+    );
+    eprintln!("{agent}: one scripted turn in {:.0} s", took.as_secs_f64());
+}
+
+#[test]
+fn codex_writes_a_file_in_one_turn() {
+    let base = "model_providers.sbx.base_url=http://api.openai.com/v1";
+    turn(
+        "codex",
+        "api.openai.com",
+        &["OPENAI_API_KEY=sk-sbx-dummy".into()],
+        &[
+            "exec",
+            "--skip-git-repo-check",
+            "--dangerously-bypass-approvals-and-sandbox",
+            "-m",
+            "gpt-5.5",
+            "-c",
+            "model_provider=sbx",
+            "-c",
+            "model_providers.sbx.name=sbx",
+            "-c",
+            base,
+            "-c",
+            "model_providers.sbx.wire_api=responses",
+            "-c",
+            "model_providers.sbx.env_key=OPENAI_API_KEY",
+            "-c",
+            "analytics.enabled=false",
+            "--disable",
+            "plugins",
+            "Write the file sbx-proof.txt, then say you are done.",
+        ],
+    );
+}
