@@ -2,7 +2,12 @@
 //! (smoltcp, in process) streams a body through netstack's HTTP path to an
 //! upstream on 127.0.0.1 that echoes it back as it arrives, at MTU 1500 and
 //! 65520; then short HTTP requests, one connection each, against the same
-//! upstream reached directly. Run: `cargo bench -p netstack --bench net`
+//! upstream reached directly; then HTTPS side by side, spliced by SNI
+//! (pass-through) and terminated by netstack (its CA's leaf, cached after
+//! the first connection; a verified TLS session of its own upstream):
+//! throughput of one streamed connection, and the p50 of short requests
+//! on a kept-alive connection and on a new connection each.
+//! Run: `cargo bench -p netstack --bench net`
 //! (`-- --mib N` for another size; default 1024 MiB each way).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -253,4 +258,290 @@ fn main() {
     }
     println!();
     short_requests(2000, upstream);
+    println!();
+    tls::figures((mib / 4).max(16));
+}
+
+/// HTTPS: pass-through against terminated, in one run.
+mod tls {
+    use super::*;
+    use std::sync::Arc;
+
+    use netstack::ca::Authority;
+    use netstack::credential::Credentials;
+    use netstack::terminate::Termination;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// A root and an upstream certificate for NAME.
+    fn pki() -> (CertificateDer<'static>, CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "bench root");
+        let root = params.self_signed(&root_key).unwrap();
+        let issuer = rcgen::Issuer::new(params, root_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![NAME.to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+        (root.der().clone(), leaf.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
+    /// TLS upstream: per request, a 200 echoing the body as it arrives
+    /// ("ok" without one); keeps connections alive.
+    fn upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> SocketAddr {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let _ = tcp.set_nodelay(true);
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let mut r = BufReader::with_capacity(256 * 1024, rustls::StreamOwned::new(conn, tcp));
+                    loop {
+                        let mut len = 0u64;
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        if len == 0 {
+                            let w = r.get_mut();
+                            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .and_then(|_| w.flush())
+                                .is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                        let _ = r
+                            .get_mut()
+                            .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes());
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut left = len;
+                        while left > 0 {
+                            let want = left.min(buf.len() as u64) as usize;
+                            let n = match r.read(&mut buf[..want]) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if r.get_mut().write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            left -= n as u64;
+                        }
+                        let _ = r.get_mut().flush();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    struct Setup {
+        net: Net,
+        guest: Guest,
+        start: Instant,
+        addr: std::net::Ipv4Addr,
+        client: Arc<ClientConfig>,
+        port: u16,
+    }
+
+    fn setup(terminated: bool, mtu: usize, root: &CertificateDer<'static>, up: SocketAddr) -> Setup {
+        let mut resolver = Resolver::default();
+        resolver.overrides.insert((HostName::parse(NAME).unwrap(), 443), up);
+        let mode = if terminated { "terminate" } else { "passthrough" };
+        let policy =
+            Policy::from_toml(&format!("version = 1\nhttps = \"{mode}\"\n[[rule]]\nallow = \"{NAME}\"\n")).unwrap();
+        let ca = Arc::new(Authority::generate().unwrap());
+        let mut upstream_roots = RootCertStore::empty();
+        upstream_roots.add(root.clone()).unwrap();
+        let termination = Arc::new(Termination::new(ca.clone(), upstream_roots, Credentials::default()).unwrap());
+        let mut net = NetStack::new(
+            Config { mtu, ..Config::default() },
+            policy,
+            resolver,
+            AuditLog::new(std::io::sink()).shared(),
+        )
+        .terminating(termination);
+        let mut guest = Guest::new(mtu);
+        let start = Instant::now();
+        let addr = resolve(&mut net, &mut guest, start);
+        // The guest trusts the upstream's root when spliced, netstack's CA
+        // when terminated.
+        let mut roots = RootCertStore::empty();
+        roots.add(if terminated { ca.cert_der().clone() } else { root.clone() }).unwrap();
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Setup { net, guest, start, addr, client: Arc::new(client), port: 30000 }
+    }
+
+    /// One guest TLS connection.
+    struct Session {
+        h: smoltcp::iface::SocketHandle,
+        tls: ClientConnection,
+        wire: Vec<u8>,
+        rx: Vec<u8>,
+    }
+
+    impl Setup {
+        fn open(&mut self, buffer: usize) -> Session {
+            let buf = || tcp::SocketBuffer::new(vec![0; buffer]);
+            let mut socket = tcp::Socket::new(buf(), buf());
+            self.port = if self.port >= 60000 { 30000 } else { self.port + 1 };
+            socket.connect(self.guest.iface.context(), (self.addr, 443), self.port).unwrap();
+            let h = self.guest.sockets.add(socket);
+            let tls = ClientConnection::new(self.client.clone(), ServerName::try_from(NAME).unwrap()).unwrap();
+            Session { h, tls, wire: Vec::new(), rx: vec![0; buffer] }
+        }
+
+        /// One round: frames both ways, TLS bytes in and out; plaintext
+        /// received is appended to `got` (counted only if `count_only`).
+        fn round(&mut self, s: &mut Session, got: &mut Vec<u8>, received: &mut u64) {
+            round(&mut self.net, &mut self.guest, self.start);
+            let sock = self.guest.sockets.get_mut::<tcp::Socket>(s.h);
+            while s.tls.wants_write() && s.wire.len() < 1 << 20 {
+                s.tls.write_tls(&mut s.wire).unwrap();
+            }
+            if sock.can_send() && !s.wire.is_empty() {
+                let n = sock.send_slice(&s.wire).unwrap_or(0);
+                s.wire.drain(..n);
+            }
+            while sock.can_recv() {
+                let n = sock.recv_slice(&mut s.rx).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                let mut data = &s.rx[..n];
+                while !data.is_empty() {
+                    s.tls.read_tls(&mut data).unwrap();
+                    s.tls.process_new_packets().unwrap();
+                    let mut plain = [0u8; 64 * 1024];
+                    while let Ok(k @ 1..) = s.tls.reader().read(&mut plain) {
+                        *received += k as u64;
+                        if got.len() < 4096 {
+                            got.extend_from_slice(&plain[..k.min(4096)]);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn close(&mut self, s: Session) {
+            self.guest.sockets.get_mut::<tcp::Socket>(s.h).close();
+            for _ in 0..4 {
+                round(&mut self.net, &mut self.guest, self.start);
+            }
+            self.guest.sockets.remove(s.h);
+        }
+
+        /// One short request on `s`; its time in microseconds.
+        fn request(&mut self, s: &mut Session) -> f64 {
+            let t = Instant::now();
+            let req = format!("GET / HTTP/1.1\r\nHost: {NAME}\r\n\r\n");
+            s.tls.writer().write_all(req.as_bytes()).unwrap();
+            let (mut got, mut n) = (Vec::new(), 0u64);
+            while !got.ends_with(b"ok") {
+                self.round(s, &mut got, &mut n);
+                assert!(t.elapsed() < Duration::from_secs(10), "no answer: {}", String::from_utf8_lossy(&got));
+            }
+            t.elapsed().as_secs_f64() * 1e6
+        }
+    }
+
+    /// Streams `bytes` up and back on one connection; (Gbit/s each way,
+    /// CPU-s per GiB).
+    fn throughput(s: &mut Setup, bytes: u64) -> (f64, f64) {
+        let mut session = s.open(1 << 20);
+        let head = format!("POST /stream HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: {bytes}\r\n\r\n");
+        session.tls.writer().write_all(head.as_bytes()).unwrap();
+        let chunk = vec![b'z'; 64 * 1024];
+        let (mut sent, mut received) = (0u64, 0u64);
+        let mut got = Vec::new();
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        let mut last = (Instant::now(), 0u64, 0u64);
+        while received < bytes + 38 {
+            if sent < bytes && session.wire.len() < 256 * 1024 {
+                let n = (bytes - sent).min(chunk.len() as u64) as usize;
+                let k = session.tls.writer().write(&chunk[..n]).unwrap_or(0);
+                sent += k as u64;
+            }
+            s.round(&mut session, &mut got, &mut received);
+            if (sent, received) != (last.1, last.2) {
+                last = (Instant::now(), sent, received);
+            } else if last.0.elapsed() > Duration::from_secs(10) {
+                panic!("stalled at {sent} sent, {received} received");
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu0;
+        s.close(session);
+        (bytes as f64 * 8.0 / secs / 1e9, cpu / (2.0 * bytes as f64 / (1u64 << 30) as f64))
+    }
+
+    /// p50 of `n` short requests: on one kept-alive connection, and on a
+    /// new connection each (handshakes included).
+    fn latency(s: &mut Setup, n: usize) -> (f64, f64) {
+        let mut session = s.open(64 * 1024);
+        s.request(&mut session); // handshake, leaf minted and cached
+        let mut kept: Vec<f64> = (0..n).map(|_| s.request(&mut session)).collect();
+        s.close(session);
+        let mut fresh = Vec::with_capacity(n / 4);
+        for _ in 0..n / 4 {
+            let mut session = s.open(64 * 1024);
+            fresh.push(s.request(&mut session));
+            s.close(session);
+        }
+        (percentile(&mut kept, 0.5), percentile(&mut fresh, 0.5))
+    }
+
+    pub fn figures(mib: u64) {
+        let (root, cert, key) = pki();
+        let up = upstream(cert, key);
+        let mut rows = Vec::new();
+        for terminated in [false, true] {
+            let mut s = setup(terminated, 65520, &root, up);
+            let (gbits, cpu) = throughput(&mut s, mib << 20);
+            let (kept, fresh) = latency(&mut s, 1000);
+            rows.push((terminated, gbits, cpu, kept, fresh));
+        }
+        println!("| HTTPS, MTU 65520 | {mib} MiB each way | requests on a kept-alive connection, p50 | one connection per request, p50 |");
+        println!("|---|---|---|---|");
+        for (terminated, gbits, cpu, kept, fresh) in &rows {
+            let what = if *terminated { "terminated by netstack" } else { "spliced by SNI (pass-through)" };
+            println!("| {what} | {gbits:.2} Gbit/s each way, {cpu:.2} CPU-s per GiB | {kept:.0} us | {fresh:.0} us |");
+        }
+        let (p, t) = (&rows[0], &rows[1]);
+        println!(
+            "| terminated vs pass-through | {:.2}x throughput | {:+.0} us added | {:+.0} us added |",
+            t.1 / p.1,
+            t.3 - p.3,
+            t.4 - p.4
+        );
+    }
 }
