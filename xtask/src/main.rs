@@ -102,6 +102,8 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             kernel::build(false)?;
             image::build("shell", false)?;
+            // The agents' end-to-end tests run the real CLIs.
+            image::build("claude", false)?;
             util::run(cargo().args(["build", "--release", "--bin", "sbx"]))?;
             // The end-to-end tests must run here: a missing prerequisite is a
             // failure, not a skip.
