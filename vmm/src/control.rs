@@ -1,9 +1,11 @@
-//! Host side: why and when the VM stops. Devices and vCPU threads request a
-//! stop; the first reason wins and every vCPU leaves its run loop.
+//! Host side: why and when the VM stops. Devices, vCPU and worker threads
+//! request a stop; the first reason wins, every vCPU leaves its run loop,
+//! and whoever waits for the stop ([`Stop::wait`]) wakes at once.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -25,6 +27,9 @@ pub enum StopReason {
     Timeout(u64),
     /// The VMM was sent this signal (`sbx stop`, Ctrl-C without a terminal).
     HostSignal(i32),
+    /// A VMM thread (a device worker, a vCPU) panicked: the device it ran
+    /// is gone, so the VM stops rather than hang waiting for it.
+    ThreadPanicked { thread: String, message: String },
 }
 
 impl fmt::Display for StopReason {
@@ -45,6 +50,7 @@ impl fmt::Display for StopReason {
             StopReason::Kvm(e) => write!(f, "KVM error: {e}"),
             StopReason::Timeout(s) => write!(f, "Timed out after {s} s"),
             StopReason::HostSignal(s) => write!(f, "Stopped by signal {s}"),
+            StopReason::ThreadPanicked { thread, message } => write!(f, "VMM thread {thread} failed: {message}"),
         }
     }
 }
@@ -53,6 +59,8 @@ impl fmt::Display for StopReason {
 pub struct Stop {
     requested: AtomicBool,
     reason: Mutex<Option<StopReason>>,
+    /// Notified when a stop is first requested.
+    requested_cv: Condvar,
 }
 
 impl Stop {
@@ -63,6 +71,27 @@ impl Stop {
             *r = Some(reason);
         }
         self.requested.store(true, Ordering::SeqCst);
+        self.requested_cv.notify_all();
+    }
+
+    /// Sleeps until a stop is requested or `timeout` (None: no limit) has
+    /// passed; true if a stop was requested.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        while r.is_none() {
+            r = match deadline {
+                None => self.requested_cv.wait(r).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    self.requested_cv.wait_timeout(r, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+        r.is_some()
     }
 
     pub fn is_requested(&self) -> bool {
@@ -89,9 +118,29 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_wakes_when_a_stop_is_requested_from_another_thread() {
+        let s = std::sync::Arc::new(Stop::default());
+        assert!(!s.wait(Some(Duration::from_millis(10))), "nothing requested: the wait times out");
+        let t = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                s.request(StopReason::GuestReset);
+            })
+        };
+        let started = Instant::now();
+        assert!(s.wait(None));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
+        assert!(s.wait(Some(Duration::ZERO)), "an earlier request is seen at once");
+    }
+
+    #[test]
     fn messages_name_the_problem() {
         let e =
             StopReason::InternalError { suberror: 1, rip: 0xffffffff81000000, symbol: Some("fpu__drop+0x1a".into()) };
         assert_eq!(e.to_string(), "KVM emulation failure (suberror 1) at RIP 0xffffffff81000000 in fpu__drop+0x1a");
+        let p = StopReason::ThreadPanicked { thread: "virtio-net".into(), message: "boom".into() };
+        assert_eq!(p.to_string(), "VMM thread virtio-net failed: boom");
     }
 }
