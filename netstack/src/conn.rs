@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -165,26 +166,49 @@ pub fn choose_upstream(name: &HostName, lookup: Lookup, permitted: &[IpAddr]) ->
     Err(UpstreamError::NotGlobal { name: name.to_string(), refused })
 }
 
+/// Called (on a connect thread) when a connect ends: its result is there
+/// to take, and its slot is free (see [`crate::stack::NetStack::set_waker`]).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
 /// The stack-wide count of running connect threads, capped.
 #[derive(Debug)]
 pub struct ConnectSlots {
     running: AtomicUsize,
     cap: usize,
+    waker: std::sync::Mutex<Option<WakeFn>>,
 }
 
-/// One running connect thread's place; given back when dropped.
+struct WakeFn(Waker);
+
+impl fmt::Debug for WakeFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Waker")
+    }
+}
+
+/// One running connect thread's place; given back when dropped (after
+/// the thread sent its result), waking the stack's event loop.
 struct Slot(Arc<ConnectSlots>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
+        let waker = self.0.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|w| w.0.clone());
+        if let Some(wake) = waker {
+            wake();
+        }
     }
 }
 
 impl ConnectSlots {
     /// Room for `cap` connect threads at once.
     pub fn new(cap: usize) -> Arc<ConnectSlots> {
-        Arc::new(ConnectSlots { running: AtomicUsize::new(0), cap })
+        Arc::new(ConnectSlots { running: AtomicUsize::new(0), cap, waker: std::sync::Mutex::new(None) })
+    }
+
+    /// Calls `waker` each time a connect thread ends.
+    pub fn set_waker(&self, waker: Waker) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(WakeFn(waker));
     }
 
     /// Connect threads running now.
@@ -855,6 +879,17 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// The upstream socket and whether [`Conn::pump_upstream`] has work
+    /// when it is readable or writable: for an event loop that runs the
+    /// stack only when something is ready (not readable once the bytes
+    /// for the guest are at their bound: no wake-ups it cannot act on).
+    pub fn upstream_interest(&self) -> Option<(RawFd, bool, bool)> {
+        let up = self.upstream.as_ref()?;
+        let read = self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof;
+        let write = !self.to_upstream.is_empty() || up.wants_write();
+        Some((up.raw_fd(), read, write))
     }
 
     /// Moves bytes to and from the upstream socket without blocking.

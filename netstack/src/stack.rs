@@ -31,6 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, Route, SocketHandle, SocketSet};
@@ -59,6 +60,9 @@ const DNS_TTL: u32 = 60;
 pub const MAX_CONNS: usize = 256;
 /// A connection with no bytes either way for this long is reset.
 pub const IDLE_MS: u64 = 10 * 60 * 1000;
+/// While every connect thread is taken, how often [`NetStack::poll_at`]
+/// asks for a look at connections waiting for one.
+pub const SLOT_RECHECK_MS: u64 = 1000;
 const LISTENERS_PER_PORT: usize = 4;
 const TCP_BUFFER: usize = 64 * 1024;
 /// DNS messages queued in each direction on the DNS socket.
@@ -346,7 +350,11 @@ pub struct NetStack<W: Write> {
     resolver: Arc<dyn Resolve>,
     audit: SharedLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
-    conns: Vec<(SocketHandle, Conn, u64)>,
+    /// Guest connections: socket, connection, last active (ms), id.
+    conns: Vec<(SocketHandle, Conn, u64, u64)>,
+    /// The next connection's id (never reused: it names the connection's
+    /// upstream socket to an event loop, [`NetStack::upstream_interests`]).
+    next_conn_id: u64,
     /// Connect threads running for this stack's connections.
     connect_slots: Arc<ConnectSlots>,
     /// TLS termination and credentials, if given ([`NetStack::terminating`]).
@@ -403,6 +411,7 @@ impl<W: Write> NetStack<W> {
             audit,
             listeners: Vec::new(),
             conns: Vec::new(),
+            next_conn_id: 0,
             connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
             termination: None,
             now_ms: 0,
@@ -454,6 +463,37 @@ impl<W: Write> NetStack<W> {
         self.names.name_of(addr).map(|n| n.to_string())
     }
 
+    /// Calls `waker` (from another thread) whenever a connect thread ends:
+    /// the stack then has its result to take ([`NetStack::poll`]).
+    pub fn set_waker(&self, waker: crate::conn::Waker) {
+        self.connect_slots.set_waker(waker);
+    }
+
+    /// When [`NetStack::poll`] must run next if no frame, upstream socket
+    /// or connect thread calls for it sooner (see
+    /// [`NetStack::upstream_interests`], [`NetStack::set_waker`]): TCP
+    /// timers, idle limits, and while every connect thread is taken, a
+    /// look every [`SLOT_RECHECK_MS`] (a connection waiting for one gives
+    /// up after [`crate::conn::MAX_CONNECT_WAIT`]). None: nothing is due.
+    pub fn poll_at(&mut self, now_ms: u64) -> Option<u64> {
+        let now = Instant::from_millis(now_ms as i64);
+        let smol = self.iface.poll_at(now, &self.sockets).map(|t| t.total_millis().max(0) as u64);
+        let idle = self.conns.iter().map(|c| c.2.saturating_add(IDLE_MS + 1)).min();
+        let slots = (self.connect_slots.running() >= MAX_CONNECT_THREADS).then(|| now_ms + SLOT_RECHECK_MS);
+        [smol, idle, slots].into_iter().flatten().min()
+    }
+
+    /// The upstream sockets and whether each has work for
+    /// [`NetStack::poll`] when readable or writable:
+    /// `(connection id, fd, read, write)`.
+    pub fn upstream_interests(&self, out: &mut Vec<(u64, RawFd, bool, bool)>) {
+        for (_, conn, _, id) in &self.conns {
+            if let Some((fd, read, write)) = conn.upstream_interest() {
+                out.push((*id, fd, read, write));
+            }
+        }
+    }
+
     /// Runs the protocols up to `now_ms` (milliseconds on any monotonic
     /// clock; tests drive it by hand).
     pub fn poll(&mut self, now_ms: u64) {
@@ -498,7 +538,8 @@ impl<W: Write> NetStack<W> {
                     let name = self.names.name_of(dst).cloned();
                     let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone())
                         .with_termination(self.termination.clone());
-                    self.conns.push((h, conn, self.now_ms));
+                    self.conns.push((h, conn, self.now_ms, self.next_conn_id));
+                    self.next_conn_id += 1;
                 }
                 _ => {
                     self.sockets.remove(h);
@@ -511,7 +552,7 @@ impl<W: Write> NetStack<W> {
         let mut events = Vec::new();
         let mut finished = Vec::new();
         let mut buf = vec![0u8; READ_CHUNK];
-        for (idx, (h, conn, last_active)) in self.conns.iter_mut().enumerate() {
+        for (idx, (h, conn, last_active, _)) in self.conns.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket>(*h);
             let before = (conn.bytes_up, conn.bytes_down);
             conn.poll_connect(&self.policy, &self.resolver);
@@ -550,7 +591,7 @@ impl<W: Write> NetStack<W> {
             }
         }
         for idx in finished.into_iter().rev() {
-            let (h, mut conn, _) = self.conns.swap_remove(idx);
+            let (h, mut conn, _, _) = self.conns.swap_remove(idx);
             events.extend(conn.end_events());
             self.sockets.remove(h);
         }
@@ -1578,7 +1619,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(count.load(Ordering::SeqCst), MAX_IN_FLIGHT);
-        let (sh, conn, _) = &net.conns[0];
+        let (sh, conn, _, _) = &net.conns[0];
         assert_eq!(conn.in_flight(), MAX_IN_FLIGHT);
         assert!(!conn.wants_guest_bytes());
         let unread = net.sockets.get::<tcp::Socket>(*sh).recv_queue();
@@ -1699,5 +1740,59 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(extra.load(Ordering::SeqCst), 0, "the second request never went upstream");
         assert!(audit(&net).contains("could not be delimited"));
+    }
+
+    #[test]
+    fn an_event_loop_learns_when_to_run_the_stack() {
+        let (addr, _) = http_upstream();
+        let mut net = net_with("version = 1\n[[rule]]\nallow = \"up.example.com\"\n", &[("up.example.com", 80, addr)]);
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = wakes.clone();
+        net.set_waker(Arc::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }));
+        let mut guest = Guest::new(1500);
+        let mut now = 0;
+        let ip = a_record(&resolve(&mut net, &mut guest, "up.example.com", &mut now));
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (ip, 80), 49000).unwrap();
+        let h = guest.sockets.add(socket);
+        pump(&mut net, &mut guest, &mut now);
+        let request = b"GET /x HTTP/1.1\r\nHost: up.example.com\r\n\r\n";
+        guest.sockets.get_mut::<tcp::Socket>(h).send_slice(request).unwrap();
+        pump(&mut net, &mut guest, &mut now);
+        // The connect runs on its thread; its end is signalled, not polled for.
+        let started = std::time::Instant::now();
+        while wakes.load(Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "the connect thread never woke us");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut interests = Vec::new();
+        net.upstream_interests(&mut interests);
+        assert!(interests.is_empty(), "no upstream socket before the result is taken");
+        pump(&mut net, &mut guest, &mut now);
+        net.upstream_interests(&mut interests);
+        assert_eq!(interests.len(), 1);
+        let (id, _, read, write) = interests[0];
+        assert!(read && !write, "the request went out; the response is awaited");
+        // The response arrives on that socket; each round then moves it on.
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("echo GET /x 0") {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "no response");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            let mut b = [0u8; 4096];
+            while let Ok(n @ 1..) = s.recv_slice(&mut b) {
+                got.extend_from_slice(&b[..n]);
+            }
+        }
+        // Quiet: nothing due now (no busy polling), the idle limit ahead.
+        let at = net.poll_at(now).expect("an open connection's idle limit");
+        assert!(at > now && at <= now + IDLE_MS + 1, "{at} vs {now}");
+        interests.clear();
+        net.upstream_interests(&mut interests);
+        assert_eq!(interests.iter().map(|i| i.0).collect::<Vec<_>>(), vec![id], "the same id while it lives");
     }
 }

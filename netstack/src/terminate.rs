@@ -17,6 +17,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,6 +262,21 @@ impl Upstream {
                 flush(&mut ***c, s)?;
                 Ok(n)
             }
+        }
+    }
+
+    /// The socket, for an event loop to wait on.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        match self {
+            Upstream::Plain(s) | Upstream::Tls(s, _) => s.as_raw_fd(),
+        }
+    }
+
+    /// The TLS session has records queued for the socket.
+    pub(crate) fn wants_write(&self) -> bool {
+        match self {
+            Upstream::Plain(_) => false,
+            Upstream::Tls(_, c) => c.wants_write(),
         }
     }
 

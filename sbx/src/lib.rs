@@ -11,6 +11,7 @@ pub mod client;
 pub mod commands;
 pub mod escape;
 pub mod folders;
+pub mod netback;
 pub mod policy_doc;
 pub mod run;
 pub mod sandbox;

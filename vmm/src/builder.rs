@@ -11,7 +11,6 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::VcpuFd;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
-use netstack::stack::NetStack;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -27,7 +26,7 @@ use crate::devices::serial::{SerialDevice, COM1, COM2, PORT_LEN};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{FrameBackend, Net};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
@@ -87,7 +86,7 @@ pub struct VmSpec {
     pub template: CpuTemplate,
     /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb...
     pub disks: Vec<Disk>,
-    /// The guest's network: a virtio-net NIC whose peer is this netstack.
+    /// The guest's network: a virtio-net NIC whose peer is this backend.
     pub net: Option<GuestNet>,
     /// The control channel: a vsock device whose host end is this
     /// listening Unix socket (each client a session with guest-init).
@@ -96,11 +95,11 @@ pub struct VmSpec {
     pub shares: Vec<Fs>,
 }
 
-/// The guest's NIC and the netstack behind it.
+/// The guest's NIC and the frame backend behind it (sbx's: netstack).
 pub struct GuestNet {
     pub mac: [u8; 6],
     pub mtu: u16,
-    pub stack: NetStack<Box<dyn Write + Send>>,
+    pub backend: Box<dyn FrameBackend>,
 }
 
 /// A host file the guest sees as a virtio-blk disk.
@@ -182,7 +181,7 @@ pub fn build_microvm_for_boot(mut spec: VmSpec, sinks: Sinks, stop: Arc<Stop>) -
     let mut pio = Bus::new();
     attach_serial_ports(&vm, &mut pio, sinks)?;
     attach_i8042(&mut pio, &stop)?;
-    let mut mmio = VirtioMmio::default();
+    let mut mmio = VirtioMmio { stop: stop.clone(), ..VirtioMmio::default() };
     attach_block_devices(&vm, &mut mmio, &spec.disks)?;
     if let Some(net) = spec.net.take() {
         attach_net_device(&vm, &mut mmio, net)?;
@@ -204,6 +203,8 @@ struct VirtioMmio {
     bus: Bus,
     count: u32,
     cmdline: String,
+    /// The VM's stop switch, for devices whose worker fails.
+    stop: Arc<Stop>,
 }
 
 /// Puts `device` behind a virtio-mmio transport at the next free window
@@ -215,6 +216,7 @@ fn attach_virtio_device(vm: &Vm, mmio: &mut VirtioMmio, device: Box<dyn VirtioDe
     let base = VIRTIO_MMIO_BASE + u64::from(mmio.count) * MMIO_LEN;
     let irq = VIRTIO_IRQ_BASE + mmio.count;
     register_queue_notify(vm, device.as_ref(), base);
+    device.attach_stop(&mmio.stop);
     let transport = MmioTransport::new(device, vm.memory.clone(), vm.irqfd(irq)?);
     mmio.bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
     mmio.cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
@@ -236,9 +238,9 @@ fn register_queue_notify(vm: &Vm, device: &dyn VirtioDevice, base: u64) {
     }
 }
 
-/// The guest's only NIC, backed by netstack.
+/// The guest's only NIC, backed by the caller's frame backend.
 fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()> {
-    let device = Net::new(net.mac, net.mtu, net.stack).map_err(Error::Net)?;
+    let device = Net::new(net.mac, net.mtu, net.backend).map_err(Error::Net)?;
     attach_virtio_device(vm, mmio, Box::new(device))
 }
 

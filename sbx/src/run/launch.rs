@@ -153,7 +153,7 @@ fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>) -> Gues
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
     let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
-    GuestNet { mac: GUEST_MAC, mtu, stack }
+    GuestNet { mac: GUEST_MAC, mtu, backend: Box::new(crate::netback::NetBackend::new(stack)) }
 }
 
 /// The boot job guest-init reads, and the main session's request.

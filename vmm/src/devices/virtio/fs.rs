@@ -1,9 +1,9 @@
 //! Host side: virtio-fs (virtio 1.x, section 5.11): FUSE requests from the
 //! guest's kernel carried on virtqueues, answered by the file server in
 //! this process ([`crate::fs::server::FileServer`]), which decides every
-//! access. A worker thread owns the server and, once the driver is up,
-//! both queues (high-priority and one request queue); the vCPU thread only
-//! kicks it.
+//! access. A worker thread ([`super::worker`]) owns the server and, once
+//! the driver is up, both queues (high-priority and one request queue); it
+//! wakes only when the guest notifies a queue.
 //!
 //! Every descriptor chain comes from the guest (untrusted): the readable
 //! part (the request) is gathered up to a bound, the writable part (room
@@ -12,15 +12,15 @@
 //! after writable buffers is returned unused; nothing panics.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Ctl, Interrupt, VirtioDevice, Worker, VIRTIO_F_VERSION_1};
+use super::worker::{Active, QueueHandler, Wake, Worker};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::control::Stop;
 use crate::fs::server::{FileServer, MAX_WRITE};
 
 pub const DEVICE_TYPE_FS: u32 = 26;
@@ -52,9 +52,7 @@ impl Fs {
         t[..tag.len()].copy_from_slice(tag.as_bytes());
         let counts = Counts::default();
         let for_thread = counts.clone();
-        let worker = Worker::spawn("virtio-fs", move |kick, ctl| {
-            FsWorker { server, active: None, kick, ctl, counts: for_thread }.run();
-        })?;
+        let worker = Worker::spawn("virtio-fs", FsHandler { server, counts: for_thread })?;
         Ok(Fs { tag: t, worker, counts })
     }
 
@@ -100,52 +98,31 @@ impl VirtioDevice for Fs {
         self.worker.notify_event()
     }
     fn reset(&mut self) {
-        self.worker.send(Ctl::Reset);
+        self.worker.reset();
+    }
+    fn attach_stop(&self, stop: &Arc<Stop>) {
+        self.worker.attach_stop(stop);
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<dyn Interrupt>,
-}
-
-struct FsWorker {
+/// The worker's part: the file server, serving both queues when the guest
+/// notifies either.
+struct FsHandler {
     server: FileServer,
-    active: Option<Active>,
-    kick: Arc<EventFd>,
-    ctl: Receiver<Ctl>,
     counts: Counts,
 }
 
-impl FsWorker {
-    fn run(&mut self) {
-        loop {
-            let mut pfd = libc::pollfd { fd: self.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: pfd is a valid pollfd for the duration of the call,
-            // and the count (1) matches.
-            unsafe { libc::poll(&mut pfd, 1, -1) };
-            let _ = self.kick.read();
-            while let Ok(c) = self.ctl.try_recv() {
-                match c {
-                    Ctl::Activate { mem, queues, interrupt } => self.active = Some(Active { mem, queues, interrupt }),
-                    Ctl::Reset => self.active = None,
-                    Ctl::Shutdown => return,
-                }
-            }
-            if let Some(a) = self.active.as_mut() {
-                let mut signal = false;
-                for q in a.queues.iter_mut() {
-                    signal |= serve_queue(&a.mem, q, &mut self.server);
-                }
-                if signal {
-                    a.interrupt.signal_used_queue();
-                }
-                if let Ok(mut c) = self.counts.lock() {
-                    c.clone_from(&self.server.counts);
-                }
-            }
+impl QueueHandler for FsHandler {
+    fn handle(&mut self, active: Option<&mut Active>, wake: &Wake) -> bool {
+        let Some(a) = active.filter(|_| wake.queues) else { return false };
+        let mut signal = false;
+        for q in a.queues.iter_mut() {
+            signal |= serve_queue(&a.mem, q, &mut self.server);
         }
+        if let Ok(mut c) = self.counts.lock() {
+            c.clone_from(&self.server.counts);
+        }
+        signal
     }
 }
 

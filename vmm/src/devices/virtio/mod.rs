@@ -9,15 +9,15 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
+pub mod worker;
 
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use thiserror::Error;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::Stop;
 
 /// Feature bit every device must offer and the driver must accept: the
 /// modern (virtio 1.x) interface.
@@ -69,6 +69,9 @@ pub trait VirtioDevice: Send {
     }
     /// Back to the state before activation.
     fn reset(&mut self);
+    /// The VM's stop switch, for a device whose worker thread fails
+    /// (panics) to stop the VM with the reason.
+    fn attach_stop(&self, _stop: &Arc<Stop>) {}
 }
 
 /// Copies a device's config space at `offset` into `data`; bytes past its
@@ -76,77 +79,6 @@ pub trait VirtioDevice: Send {
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
         *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize)).copied().unwrap_or(0);
-    }
-}
-
-/// What a device's worker thread is told by the device (on the vCPU
-/// thread).
-pub enum Ctl {
-    Activate { mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt> },
-    Reset,
-    Shutdown,
-}
-
-/// The device's side of a worker thread that does the device's work: a
-/// control channel and a kick eventfd (which KVM may write directly, as an
-/// ioeventfd). Dropping it stops and joins the thread.
-pub struct Worker {
-    kick: Arc<EventFd>,
-    ctl: Sender<Ctl>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    /// Starts thread `name` running `body(kick, control)`.
-    pub fn spawn(
-        name: &str,
-        body: impl FnOnce(Arc<EventFd>, Receiver<Ctl>) + Send + 'static,
-    ) -> std::io::Result<Worker> {
-        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let (ctl, rx) = mpsc::channel();
-        let for_thread = kick.clone();
-        let thread = thread::Builder::new().name(name.into()).spawn(move || body(for_thread, rx))?;
-        Ok(Worker { kick, ctl, thread: Some(thread) })
-    }
-
-    /// Hands the device's ready queues to the thread, if there are at
-    /// least the `needed` ones.
-    pub fn activate(
-        &self,
-        device: &'static str,
-        needed: usize,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() < needed {
-            return Err(ActivateError::QueueCount(device, needed, queues.len()));
-        }
-        self.send(Ctl::Activate { mem, queues, interrupt });
-        Ok(())
-    }
-
-    pub fn send(&self, c: Ctl) {
-        let _ = self.ctl.send(c);
-        self.kick();
-    }
-
-    pub fn kick(&self) {
-        let _ = self.kick.write(1);
-    }
-
-    /// The kick eventfd, for KVM to write (see `VirtioDevice::notify_event`).
-    pub fn notify_event(&self) -> Option<EventFd> {
-        self.kick.try_clone().ok()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.send(Ctl::Shutdown);
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
     }
 }
 

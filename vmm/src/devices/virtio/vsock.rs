@@ -10,19 +10,24 @@
 //! the host opened, the payload must fit the credit we advertised (or the
 //! connection is reset), lengths are bounded. At most [`MAX_CONNS`]
 //! connections; each buffers at most [`BUF_ALLOC`] bytes from the guest.
+//!
+//! The device's worker ([`super::worker`]) wakes only for a queue
+//! notification, a new client, or a client socket that has bytes the
+//! guest has credit and buffers for, or room for bytes waiting for it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Ctl, Interrupt, VirtioDevice, Worker, VIRTIO_F_VERSION_1};
+use super::worker::{Active, Interest, QueueHandler, Wake, Worker};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::control::Stop;
 
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
 pub const HOST_CID: u64 = 2;
@@ -115,7 +120,7 @@ impl Vsock {
     /// A vsock device whose host end is `listener` (non-blocking).
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
-        let worker = Worker::spawn("virtio-vsock", move |kick, ctl| VsockWorker::new(listener, kick, ctl).run())?;
+        let worker = Worker::spawn("virtio-vsock", VsockWorker::new(listener))?;
         Ok(Vsock { worker })
     }
 }
@@ -155,7 +160,10 @@ impl VirtioDevice for Vsock {
         self.worker.notify_event()
     }
     fn reset(&mut self) {
-        self.worker.send(Ctl::Reset);
+        self.worker.reset();
+    }
+    fn attach_stop(&self, stop: &Arc<Stop>) {
+        self.worker.attach_stop(stop);
     }
 }
 
@@ -196,17 +204,13 @@ impl Conn {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<dyn Interrupt>,
-}
+/// The worker's key for the listening socket; a connection's is its host
+/// port plus one (host ports are not reused while their connection lives).
+const KEY_LISTENER: u64 = 0;
 
 struct VsockWorker {
     listener: UnixListener,
-    kick: Arc<EventFd>,
-    ctl: Receiver<Ctl>,
-    active: Option<Active>,
+    active: bool,
     conns: BTreeMap<u32, Conn>,
     next_port: u32,
     /// Control packets (no payload) for the guest.
@@ -218,12 +222,10 @@ struct VsockWorker {
 }
 
 impl VsockWorker {
-    fn new(listener: UnixListener, kick: Arc<EventFd>, ctl: Receiver<Ctl>) -> VsockWorker {
+    fn new(listener: UnixListener) -> VsockWorker {
         VsockWorker {
             listener,
-            kick,
-            ctl,
-            active: None,
+            active: false,
             conns: BTreeMap::new(),
             next_port: FIRST_HOST_PORT,
             control: VecDeque::new(),
@@ -232,76 +234,15 @@ impl VsockWorker {
         }
     }
 
-    fn run(&mut self) {
-        loop {
-            self.wait();
-            if !self.drain_ctl() {
-                // The VM is over: pass on what the guest sent last.
-                self.step();
-                return;
-            }
-            self.step();
-        }
-    }
-
-    /// Handles control messages; false once asked to shut down.
-    fn drain_ctl(&mut self) -> bool {
-        while let Ok(c) = self.ctl.try_recv() {
-            match c {
-                Ctl::Activate { mem, queues, interrupt } => self.active = Some(Active { mem, queues, interrupt }),
-                Ctl::Reset => {
-                    self.active = None;
-                    self.conns.clear();
-                    self.control.clear();
-                }
-                Ctl::Shutdown => return false,
-            }
-        }
-        true
-    }
-
-    /// Sleeps until a kick, a new client, client data (when it could be
-    /// sent) or client buffer room, or 100 ms.
-    fn wait(&mut self) {
-        // New clients wait in the backlog until the driver is up.
-        let listen = if self.active.is_some() { libc::POLLIN } else { 0 };
-        let mut fds = vec![
-            libc::pollfd { fd: self.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.listener.as_raw_fd(), events: listen, revents: 0 },
-        ];
-        for c in self.conns.values() {
-            let mut events = 0;
-            if c.state == State::Established && !c.client_eof && c.credit() > 0 && !self.rx_full {
-                events |= libc::POLLIN;
-            }
-            if !c.out.is_empty() {
-                events |= libc::POLLOUT;
-            }
-            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
-        }
-        // SAFETY: fds is a valid array of fds.len() pollfd structures for
-        // the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        if self.kick.read().is_ok() {
-            self.rx_full = false;
-        }
-    }
-
     /// One round of work, in an order that makes progress each time.
-    fn step(&mut self) {
-        if self.active.is_none() {
-            return;
-        }
+    /// Returns whether the guest wants an interrupt.
+    fn step(&mut self, a: &mut Active) -> bool {
         self.accept_clients();
-        let mut signal = self.process_tx();
+        let mut signal = self.process_tx(a);
         self.flush_to_clients();
         self.reap();
-        signal |= self.fill_rx();
-        if signal {
-            if let Some(a) = &self.active {
-                a.interrupt.signal_used_queue();
-            }
-        }
+        signal |= self.fill_rx(a);
+        signal
     }
 
     fn hdr(&self, host_port: u32, guest_port: u32, op: u16) -> Hdr {
@@ -345,8 +286,7 @@ impl VsockWorker {
     }
 
     /// Packets from the guest. Returns whether the guest wants an interrupt.
-    fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else { return false };
+    fn process_tx(&mut self, a: &mut Active) -> bool {
         let mut packets = Vec::new();
         let mut used = false;
         if let Some(q) = a.queues.get_mut(TX) {
@@ -489,10 +429,9 @@ impl VsockWorker {
     /// Fills the guest's receive buffers: control packets first, then the
     /// clients' bytes within each connection's credit. Returns whether the
     /// guest wants an interrupt.
-    fn fill_rx(&mut self) -> bool {
+    fn fill_rx(&mut self, a: &mut Active) -> bool {
         let mut used = false;
-        while let Some(a) = self.active.as_mut() {
-            let Some(q) = a.queues.get_mut(RX) else { break };
+        while let Some(q) = a.queues.get_mut(RX) {
             let before = q.next_avail();
             let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
                 self.rx_full = !self.control.is_empty() || self.conns.values().any(|c| c.state == State::Established);
@@ -505,12 +444,11 @@ impl VsockWorker {
             let room = capacity.saturating_sub(HDR_LEN).min(MAX_PKT_PAYLOAD);
             let Some((hdr, len)) = self.next_packet(room) else {
                 // Nothing to send: give the buffer back.
-                if let Some(q) = self.active.as_mut().and_then(|a| a.queues.get_mut(RX)) {
+                if let Some(q) = a.queues.get_mut(RX) {
                     q.set_next_avail(before);
                 }
                 break;
             };
-            let Some(a) = self.active.as_mut() else { break };
             let written = write_chain(&a.mem, &descs, &hdr.bytes(), &self.buf[..len]);
             let Some(q) = a.queues.get_mut(RX) else { break };
             if q.add_used(&a.mem, head, written).is_err() {
@@ -518,7 +456,6 @@ impl VsockWorker {
             }
             used = true;
         }
-        let Some(a) = self.active.as_mut() else { return false };
         used && a.queues.get_mut(RX).is_some_and(|q| q.needs_notification(&a.mem).unwrap_or(true))
     }
 
@@ -587,6 +524,55 @@ impl VsockWorker {
     }
 }
 
+impl QueueHandler for VsockWorker {
+    fn activated(&mut self, _: &mut Active) {
+        self.active = true;
+        self.rx_full = false;
+    }
+
+    fn reset(&mut self) {
+        self.active = false;
+        self.conns.clear();
+        self.control.clear();
+    }
+
+    /// New clients (they wait in the backlog until the driver is up), a
+    /// client's bytes when they could be sent, room for the guest's bytes.
+    fn interests(&mut self, out: &mut Vec<Interest>) {
+        if !self.active {
+            return;
+        }
+        out.push(Interest { key: KEY_LISTENER, fd: self.listener.as_raw_fd(), read: true, write: false });
+        for (port, c) in &self.conns {
+            out.push(Interest {
+                key: u64::from(*port) + 1,
+                fd: c.stream.as_raw_fd(),
+                read: c.state == State::Established && !c.client_eof && c.credit() > 0 && !self.rx_full,
+                write: !c.out.is_empty(),
+            });
+        }
+    }
+
+    fn handle(&mut self, active: Option<&mut Active>, wake: &Wake) -> bool {
+        if wake.queues {
+            // The guest may have posted receive buffers.
+            self.rx_full = false;
+        }
+        match active {
+            Some(a) => self.step(a),
+            None => false,
+        }
+    }
+
+    /// The VM is over: pass on what the guest sent last.
+    fn stop(&mut self, active: Option<&mut Active>) -> bool {
+        match active {
+            Some(a) => self.step(a),
+            None => false,
+        }
+    }
+}
+
 /// A packet header from the host end of a connection.
 fn host_hdr(host_port: u32, guest_port: u32, op: u16, fwd_cnt: u32) -> Hdr {
     Hdr {
@@ -634,8 +620,6 @@ fn write_chain(mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)], hdr: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::CountingInterrupt as Count;
-    use std::sync::mpsc;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -712,17 +696,36 @@ mod tests {
         }
     }
 
-    fn setup(mem: &GuestMemoryMmap) -> (VsockWorker, Guest<'_>, std::path::PathBuf, tempfile::TempDir) {
+    /// The worker's handler, driven by hand (`step`), with its queues.
+    struct Driven {
+        w: VsockWorker,
+        a: Active,
+    }
+
+    impl Driven {
+        fn step(&mut self) {
+            self.w.handle(Some(&mut self.a), &Wake { queues: true, ..Wake::default() });
+        }
+    }
+
+    impl std::ops::Deref for Driven {
+        type Target = VsockWorker;
+        fn deref(&self) -> &VsockWorker {
+            &self.w
+        }
+    }
+
+    fn setup(mem: &GuestMemoryMmap) -> (Driven, Guest<'_>, std::path::PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let listener = UnixListener::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let (_tx, rx) = mpsc::channel();
-        let mut w = VsockWorker::new(listener, Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()), rx);
+        let mut w = VsockWorker::new(listener);
         let g = Guest::new(mem);
         let queues = vec![g.rxq.create_queue().unwrap(), g.txq.create_queue().unwrap()];
-        w.active = Some(Active { mem: mem.clone(), queues, interrupt: Arc::new(Count::default()) });
-        (w, g, path, dir)
+        let mut a = Active { mem: mem.clone(), queues };
+        w.activated(&mut a);
+        (Driven { w, a }, g, path, dir)
     }
 
     fn mem() -> GuestMemoryMmap {
