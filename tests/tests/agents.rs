@@ -37,7 +37,8 @@ fn version(agent: &str, want: &str) {
     let Some(sbx) = Sbx::new() else { return };
     let name = format!("{agent}-version");
     let timeout = AGENT_TIMEOUT_S.to_string();
-    let (out, _) = run(&sbx, &["run", agent, "--name", &name, "--no-network", "--timeout", &timeout, "--", "--version"]);
+    let (out, _) =
+        run(&sbx, &["run", agent, "--name", &name, "--no-network", "--timeout", &timeout, "--", "--version"]);
     assert_eq!(out.status.code(), Some(0), "{agent} --version");
     assert!(text(&out.stdout).contains(want), "{agent} --version: {}", text(&out.stdout));
 }
@@ -62,8 +63,14 @@ fn codex_prints_its_version() {
 /// API name, mapped to the server; `env` and `args`: how the agent is
 /// pointed at it.
 fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
+    turn_with_setup(agent, host, env, args, |_| {});
+}
+
+/// Like [`turn`], with `setup` run on the workspace first.
+fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup: impl FnOnce(&std::path::Path)) {
     let Some(sbx) = Sbx::new() else { return };
     let ws = sbx.work.path().canonicalize().unwrap();
+    setup(&ws);
     let script = Script {
         workspace: ws.display().to_string(),
         file: "sbx-proof.txt".into(),
@@ -100,8 +107,11 @@ fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
     let api = lines.iter().filter(|v| v["event"] == "http" && v["host"] == host && v["decision"] == "allow").count();
     assert!(api >= 2, "the audit log holds the agent's API requests ({api})");
     let proof = format!("{}/{}", ws.display(), script.file);
+    // Made in place, or written aside and renamed onto its name.
     assert!(
-        lines.iter().any(|v| v["event"] == "file" && v["op"] == "create" && v["path"] == proof.as_str()),
+        lines.iter().any(|v| v["event"] == "file"
+            && ((v["op"] == "create" && v["path"] == proof.as_str())
+                || (v["op"] == "rename" && v["to"] == proof.as_str()))),
         "the audit log holds the file's creation"
     );
     eprintln!("{agent}: one scripted turn in {:.0} s", took.as_secs_f64());
@@ -136,5 +146,49 @@ fn codex_writes_a_file_in_one_turn() {
             "plugins",
             "Write the file sbx-proof.txt, then say you are done.",
         ],
+    );
+}
+
+#[test]
+fn claude_writes_a_file_in_one_turn() {
+    turn(
+        "claude",
+        "api.anthropic.com",
+        &[
+            "ANTHROPIC_BASE_URL=http://api.anthropic.com".into(),
+            "ANTHROPIC_API_KEY=sk-ant-sbx-dummy".into(),
+            "DISABLE_TELEMETRY=1".into(),
+            "DISABLE_ERROR_REPORTING=1".into(),
+        ],
+        &[
+            "-p",
+            "Write the file sbx-proof.txt, then say you are done.",
+            "--permission-mode",
+            "acceptEdits",
+            "--allowedTools",
+            "Write",
+        ],
+    );
+}
+
+#[test]
+fn gemini_writes_a_file_in_one_turn() {
+    // Gemini CLI needs to be told to use an API key when its base URL is
+    // set (else it picks a gateway sign-in and stops): the workspace's own
+    // settings file says so.
+    turn_with_setup(
+        "gemini",
+        "generativelanguage.googleapis.com",
+        &[
+            "GEMINI_API_KEY=sbx-dummy-gemini-key".into(),
+            "GOOGLE_GEMINI_BASE_URL=http://generativelanguage.googleapis.com".into(),
+            "GEMINI_CLI_TRUST_WORKSPACE=true".into(),
+        ],
+        &["-p", "Write the file sbx-proof.txt, then say you are done.", "--yolo", "--skip-trust"],
+        |ws| {
+            fs::create_dir_all(ws.join(".gemini")).unwrap();
+            let settings = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false},"telemetry":{"enabled":false},"general":{"enableAutoUpdate":false,"enableAutoUpdateNotification":false}}"#;
+            fs::write(ws.join(".gemini/settings.json"), settings).unwrap();
+        },
     );
 }

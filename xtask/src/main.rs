@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_agents;
 mod bench_fs;
 mod image;
 mod image_agents;
@@ -47,10 +48,15 @@ enum Task {
     /// Benchmarks: `boot` (sbx vs QEMU on the same kernel and image),
     /// `net` (netstack throughput and latency, in process), `guest-net`
     /// (a real guest's HTTP download through netstack), `fs` (the shared
-    /// folder: host vs sbx's virtio-fs vs QEMU's 9p).
+    /// folder: host vs sbx's virtio-fs vs QEMU's 9p), `agents` (each
+    /// agent's `--version` in a sandbox, first run and again, and where
+    /// the guest's time goes).
     Bench {
-        #[arg(value_parser = ["boot", "net", "guest-net", "fs"])]
+        #[arg(value_parser = ["boot", "net", "guest-net", "fs", "agents"])]
         what: String,
+        /// The agents to measure (agents; default: all three).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
         /// Size of the guest-net download (default 32) or of fs's big
         /// file (default 256), in MiB.
         #[arg(long)]
@@ -98,6 +104,10 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { what, runs, memory, .. } if what == "boot" => bench::boot(runs, memory),
         Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib.unwrap_or(32)),
         Task::Bench { what, mib, files, memory, .. } if what == "fs" => bench_fs::fs(mib.unwrap_or(256), files, memory),
+        Task::Bench { what, agents, .. } if what == "agents" => {
+            let all: Vec<String> = image_agents::AGENTS.iter().map(|a| a.to_string()).collect();
+            bench_agents::agents(if agents.is_empty() { &all } else { &agents })
+        }
         Task::Bench { .. } => util::run(cargo().args(["bench", "-p", "netstack", "--bench", "net"])),
         Task::Test { args } => {
             kernel::build(false)?;
