@@ -2387,6 +2387,45 @@ fn privileged_instruction_costs() {
     }
 }
 
+/// An "interrupt window" in native kernel code: since interrupts are held
+/// while the bit is set, a native kernel must clear it to let them in.
+/// Setting it again from native code is then itself a #GP (the bit clear,
+/// privileged instructions fault), whose handler returns to the wrmsr,
+/// which runs emulated and makes the code native again: one trap, one
+/// event and a few emulated instructions per window.
+#[test]
+fn interrupt_window_cost() {
+    let Some(_host) = pvm_host() else { return };
+    let n = 200;
+    let code = program(|a| {
+        a.rdtsc_to(Rsi);
+        a.mov_ri(Rbp, n);
+        a.label("again");
+        a.wrmsr(MSR_PVM_CTL, 0); // pending interrupts would arrive here
+        a.wrmsr(MSR_PVM_CTL, 1); // #GP; re-run emulated by gp_redo's iretq
+        a.dec(Rbp);
+        a.jcc(NZ, "again");
+        a.rdtsc_to(Rdi);
+        a.timed_loop(R8, R9, N_NATIVE);
+        a.checkpoint(1);
+
+        a.label("gp_redo");
+        a.mov_ri(R15, KBASE + REC);
+        a.inc_m(R15, 0);
+        a.mov_ri(R15, 0);
+        a.add_ri(Rsp, 8);
+        a.iretq();
+    });
+    let mut g = Guest::new(code, &Opts { gates: vec![(13, "gp_redo")], ..Default::default() });
+    g.until(1);
+    let r = g.regs();
+    let us = g.us(r.rdi - r.rsi) / n as f64;
+    eprintln!("interrupt window (clear the bit, set it again through a #GP): {us:.1} us; {} #GPs", g.event_count());
+    assert_eq!(g.event_count(), n, "one #GP per window");
+    assert!(per_iter(r.r8, r.r9, N_NATIVE) < NATIVE_MAX_CYCLES_PER_ITER, "native again afterwards");
+    assert!(us < 2000.0);
+}
+
 /// Round trips user -> guest kernel -> user, 1000 or 300 of them in a user
 /// loop, by the ways a kernel can enter and leave:
 /// - `syscall` to LSTAR and `sysretq` with the bit set: the fastest, but
