@@ -512,8 +512,8 @@ const CP_EXIT: u8 = 0xe0;
 const CP_RUNAWAY: u8 = 0xee;
 const RUNAWAY: u64 = 500;
 // R13 != 0: time a loop of R13 iterations in the handler (and, with
-// H_NATIVE, one of 128 * R13 after the wrmsr). R15 != 0: resume at R15 instead of the
-// frame's RIP.
+// H_NATIVE, one of 128 * R13 after the wrmsr). R15 != 0: resume at R15
+// instead of the frame's RIP.
 
 struct Opts {
     /// The host sets MSR_PVM_CTL bit 0 before the first KVM_RUN.
