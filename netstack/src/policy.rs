@@ -35,15 +35,11 @@
 //! header = "x-api-key"         # the header that carries it
 //! scheme = "Bearer"            # optional: the value is `Bearer <secret>`
 //! env = "ANTHROPIC_API_KEY"    # optional: the guest's variable for the placeholder
-//!
-//! [files]                      # the shared folder's rules (vmm::fs::policy)
-//! hidden = ["secrets/", "*.p12"]       # added to the defaults
-//! read_only = ["Makefile", "ci/**"]    # added to the defaults
 //! ```
 //!
-//! The `[files]` table is carried here unparsed (lists of patterns) and
-//! interpreted by the VMM's file policy, so that one file holds a sandbox's
-//! whole policy.
+//! This is the network part of a sandbox's policy document; the document
+//! itself (with its `[files]` table for the shared folders) belongs to
+//! sbx (`sbx/src/policy_doc.rs`), which hands each section to its owner.
 //!
 //! Semantics: rules from the preset come first, then the file's, in order.
 //! A request is denied if any deny rule matches, else allowed if any allow
@@ -294,22 +290,9 @@ struct File {
     preset: Option<String>,
     #[serde(default)]
     rule: Vec<FileRule>,
-    #[serde(default)]
-    files: FileRules,
     https: Option<String>,
     #[serde(default)]
     credential: Vec<FileCredential>,
-}
-
-/// The policy file's `[files]` table: patterns for the shared folder,
-/// added to the defaults (see `vmm::fs::policy` for their meaning).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileRules {
-    #[serde(default)]
-    pub hidden: Vec<String>,
-    #[serde(default)]
-    pub read_only: Vec<String>,
 }
 
 const DEFAULT_PORTS: [u16; 2] = [80, 443];
@@ -341,8 +324,6 @@ const BALANCED: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub rules: Vec<Rule>,
-    /// The shared folder's rules from the same file.
-    pub files: FileRules,
     /// HTTPS to hosts without credentials or method/path rules.
     pub https: Https,
     /// Which secrets go to which hosts, in which header.
@@ -460,7 +441,7 @@ impl Policy {
             .map(|p| allow_rule(p, Origin::Agent(name)))
             .collect();
         let credentials = agent_credentials(name);
-        Ok(Policy { rules, files: FileRules::default(), https: Https::default(), credentials })
+        Ok(Policy { rules, https: Https::default(), credentials })
     }
 
     /// Adds what an agent needs, after the rules already there (a deny
@@ -488,7 +469,6 @@ impl Policy {
     pub fn preset(name: &str) -> Result<Policy, Error> {
         Ok(Policy {
             rules: preset_rules(preset_name(name)?),
-            files: FileRules::default(),
             https: Https::default(),
             credentials: Vec::new(),
         })
@@ -545,7 +525,7 @@ impl Policy {
             }
             credentials.push(c);
         }
-        Ok(Policy { rules, files: file.files, https, credentials })
+        Ok(Policy { rules, https, credentials })
     }
 
     /// Whether netstack terminates TLS to `host` on `port` (given a CA):
@@ -662,21 +642,6 @@ fn rule_matches(rule: &Rule, req: &Request<'_>, path: Option<&Result<String, Pat
         // HTTPS: a narrowed allow cannot be checked (never allows); a
         // narrowed deny cannot be checked either (always denies).
         None => !narrowed || rule.action == Action::Deny,
-    }
-}
-
-#[cfg(test)]
-mod file_rule_tests {
-    use super::*;
-
-    #[test]
-    fn the_files_table_is_carried_and_checked_for_unknown_keys() {
-        let p = Policy::from_toml("version = 1\n[files]\nhidden = [\"secrets/\"]\nread_only = [\"ci/**\"]\n").unwrap();
-        assert_eq!(p.files.hidden, vec!["secrets/".to_string()]);
-        assert_eq!(p.files.read_only, vec!["ci/**".to_string()]);
-        assert_eq!(Policy::from_toml("version = 1\n").unwrap().files, FileRules::default());
-        let e = Policy::from_toml("version = 1\n[files]\nhiden = []\n").unwrap_err();
-        assert!(e.to_string().contains("hiden"), "{e}");
     }
 }
 

@@ -47,9 +47,6 @@ pub struct RunResult {
     pub ended_at: Instant,
     /// VMM resident memory outside guest RAM, at the end of the run.
     pub rss_outside_guest_kib: Option<u64>,
-    /// When the program's first output reached the host (set by the
-    /// caller, which relays the program's session).
-    pub first_output_at: Option<Instant>,
 }
 
 /// Once stopping: how often vCPUs still in KVM_RUN are kicked again.
@@ -147,7 +144,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     let reason = stop.reason().unwrap_or(StopReason::UnexpectedExit("No reason recorded".into()));
     let rss_outside_guest_kib = metrics::rss_outside_guest_kib(&vm.host_ranges());
     drop(vm);
-    RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib, first_output_at: None }
+    RunResult { reason, rip_samples, exits, first_run_at, ended_at, rss_outside_guest_kib }
 }
 
 /// Why a vCPU left KVM_RUN, in our own terms (so that handling it can be
