@@ -302,23 +302,8 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, stop: &Stop, sample: bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::BusDevice;
+    use crate::devices::bus::tests::Recorder;
     use std::sync::Mutex;
-
-    /// Reads as its offset; records writes.
-    #[derive(Default)]
-    struct Recorder {
-        writes: Vec<(u64, Vec<u8>)>,
-    }
-
-    impl BusDevice for Recorder {
-        fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
-        }
-        fn write(&mut self, offset: u64, data: &[u8]) {
-            self.writes.push((offset, data.to_vec()));
-        }
-    }
 
     fn buses() -> (Bus, Bus, Arc<Mutex<Recorder>>, Arc<Mutex<Recorder>>) {
         let (port_dev, mmio_dev) =

@@ -79,12 +79,13 @@ impl Bus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A device for tests: reads as its offset; records writes.
     #[derive(Default)]
-    struct Recorder {
-        writes: Vec<(u64, Vec<u8>)>,
+    pub(crate) struct Recorder {
+        pub(crate) writes: Vec<(u64, Vec<u8>)>,
     }
 
     impl BusDevice for Recorder {
