@@ -477,7 +477,9 @@ impl<W: Write> NetStack<W> {
     /// up after [`crate::conn::MAX_CONNECT_WAIT`]). None: nothing is due.
     pub fn poll_at(&mut self, now_ms: u64) -> Option<u64> {
         let now = Instant::from_millis(now_ms as i64);
-        let smol = self.iface.poll_at(now, &self.sockets).map(|t| t.total_millis().max(0) as u64);
+        // Rounded up: a timer due within a millisecond is due at the next
+        // one (polling before it would find nothing to do, again and again).
+        let smol = self.iface.poll_at(now, &self.sockets).map(|t| (t.total_micros().max(0) as u64).div_ceil(1000));
         let idle = self.conns.iter().map(|c| c.2.saturating_add(IDLE_MS + 1)).min();
         let slots = (self.connect_slots.running() >= MAX_CONNECT_THREADS).then(|| now_ms + SLOT_RECHECK_MS);
         [smol, idle, slots].into_iter().flatten().min()

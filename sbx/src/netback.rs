@@ -90,8 +90,11 @@ impl<W: Write + Send + 'static> FrameBackend for NetBackend<W> {
     }
 
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
-        let now_ms = unix_ms();
-        let at = self.stack.poll_at(now_ms).map(|at| now + Duration::from_millis(at.saturating_sub(now_ms)));
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        // At `at` ms exactly (not up to a millisecond before: netstack's
+        // clock is whole milliseconds, and a poll before it does nothing).
+        let at =
+            self.stack.poll_at(wall.as_millis() as u64).map(|at| now + Duration::from_millis(at).saturating_sub(wall));
         let fallback = (self.wake.is_none() && self.stack.connect_threads() > 0).then(|| now + NO_WAKE_POLL);
         at.into_iter().chain(fallback).min()
     }
