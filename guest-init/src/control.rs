@@ -30,11 +30,31 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 const MAX_PENDING_INPUT: usize = 1 << 20;
 /// Exits of unknown children kept for a session that registers late.
 const MAX_UNCLAIMED: usize = 1024;
+/// Without a pipe to be woken through (none could be made), how often a
+/// session looks whether its program has ended.
+const EXIT_POLL_FALLBACK_MS: i32 = 50;
 
 #[derive(Default)]
 struct Registry {
-    waiting: HashMap<libc::pid_t, Sender<Ended>>,
+    /// Sessions waiting for their program's end: where to send it, and the
+    /// write end of the pipe that wakes the session's poll.
+    waiting: HashMap<libc::pid_t, (Sender<Ended>, Option<File>)>,
     unclaimed: HashMap<libc::pid_t, Ended>,
+}
+
+/// How a session learns that its program ended: the exit, and a pipe that
+/// becomes readable once it is there, so that the session can sleep in
+/// poll(2) without a timeout (each wake-up of an idle guest is emulated
+/// kernel work on kvm_pvm hosts).
+struct Watch {
+    exited: Receiver<Ended>,
+    ready: Option<OwnedFd>,
+}
+
+fn notify(w: &Option<File>) {
+    if let Some(mut f) = w.as_ref() {
+        let _ = f.write(&[1]);
+    }
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -47,8 +67,9 @@ fn registry() -> &'static Mutex<Registry> {
 pub fn deliver(pid: libc::pid_t, ended: Ended) {
     let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
     match r.waiting.remove(&pid) {
-        Some(tx) => {
+        Some((tx, wake)) => {
             let _ = tx.send(ended);
+            notify(&wake);
         }
         None if r.unclaimed.len() < MAX_UNCLAIMED => {
             r.unclaimed.insert(pid, ended);
@@ -57,18 +78,23 @@ pub fn deliver(pid: libc::pid_t, ended: Ended) {
     }
 }
 
-fn watch(pid: libc::pid_t) -> Receiver<Ended> {
+fn watch(pid: libc::pid_t) -> Watch {
     let (tx, rx) = mpsc::channel();
+    let (ready, wake) = match sys::pipe() {
+        Ok((r, w)) => (Some(r), Some(File::from(w))),
+        Err(_) => (None, None),
+    };
     let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
     match r.unclaimed.remove(&pid) {
         Some(e) => {
             let _ = tx.send(e);
+            notify(&wake);
         }
         None => {
-            r.waiting.insert(pid, tx);
+            r.waiting.insert(pid, (tx, wake));
         }
     }
-    rx
+    Watch { exited: rx, ready }
 }
 
 /// How PID 1 follows the main session (`sbx run`'s program).
@@ -283,13 +309,13 @@ fn session(conn: OwnedFd, base_env: Vec<(String, String)>, main: MainSenders) {
 
 /// Moves bytes between the host and the program until it has ended and
 /// its output is drained; returns how it ended.
-fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Receiver<Ended>) -> Ended {
+fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, watch: &Watch) -> Ended {
     let mut buf = vec![0u8; MAX_DATA];
     let mut client_gone = false;
     let mut ended: Option<(Ended, Instant)> = None;
     loop {
         if ended.is_none() {
-            ended = exited.try_recv().ok().map(|e| (e, Instant::now()));
+            ended = watch.exited.try_recv().ok().map(|e| (e, Instant::now()));
         }
         if let Some((_, at)) = &ended {
             if run.outputs.is_empty() || at.elapsed() > DRAIN_GRACE {
@@ -304,7 +330,17 @@ fn relay(sock: &mut File, reader: &mut Reader, run: &mut Running, exited: &Recei
         let input_fd = run.input.as_ref().filter(|_| !run.pending.is_empty()).map(|f| f.as_raw_fd()).unwrap_or(-1);
         fds.push((input_fd, libc::POLLOUT));
         fds.extend(run.outputs.iter().map(|(f, _)| (f.as_raw_fd(), libc::POLLIN)));
-        let revents = sys::poll(&fds, 50);
+        // Until the program ends, sleep until something happens (its end
+        // makes `ready` readable); then no longer than the drain grace.
+        let timeout = match (&ended, &watch.ready) {
+            (Some((_, at)), _) => DRAIN_GRACE.saturating_sub(at.elapsed()).as_millis() as i32 + 1,
+            (None, Some(ready)) => {
+                fds.push((ready.as_raw_fd(), libc::POLLIN));
+                -1
+            }
+            (None, None) => EXIT_POLL_FALLBACK_MS,
+        };
+        let revents = sys::poll(&fds, timeout);
         if revents[1] != 0 {
             feed_program(run);
         }
