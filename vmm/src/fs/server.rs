@@ -156,7 +156,10 @@ impl FileServer {
         let (h, op) = match fuse::parse(request) {
             Ok(r) => r,
             Err(ParseError::BadHeader) => return None,
-            Err(ParseError::BadArgs(h)) => return Some(fuse::reply(h.unique, -libc::EINVAL, &[])),
+            // Answered where there is room for the answer, as any other.
+            Err(ParseError::BadArgs(h)) => {
+                return (room >= fuse::OUT_HEADER_LEN).then(|| fuse::reply(h.unique, -libc::EINVAL, &[]))
+            }
         };
         let no_reply = op.no_reply();
         // A request whose answer cannot be delivered is not carried out.
@@ -307,6 +310,38 @@ impl FileServer {
     pub fn fail_closed_on(mut self, flag: Arc<AtomicBool>) -> FileServer {
         self.audit_failed = Some(flag);
         self
+    }
+
+    /// Checks the tables against their bookkeeping (for tests and the fuzz
+    /// targets): the byte counts are the sums they stand for and within
+    /// their limits, the path index leads to nodes of that path, the root
+    /// is there.
+    #[doc(hidden)]
+    pub fn check_accounting(&self) -> Result<(), String> {
+        let paths: usize = self.nodes.values().map(|n| n.entry.rel.as_os_str().len()).sum();
+        let listings: usize =
+            self.handles.values().map(|h| if let Handle::Dir { bytes, .. } = h { *bytes } else { 0 }).sum();
+        if paths != self.path_bytes || listings != self.listing_bytes {
+            return Err(format!(
+                "path bytes {} (counted {}), listing bytes {} (counted {})",
+                paths, self.path_bytes, listings, self.listing_bytes
+            ));
+        }
+        if paths > MAX_NODE_PATH_BYTES
+            || listings > MAX_LISTING_BYTES
+            || self.nodes.len() > MAX_NODES
+            || self.handles.len() > MAX_HANDLES
+        {
+            return Err("over a limit".into());
+        }
+        if let Some((p, id)) = self.by_path.iter().find(|(p, id)| self.nodes.get(id).is_none_or(|n| &n.entry.rel != *p))
+        {
+            return Err(format!("{p:?} indexed as node {id}, which is not that path's"));
+        }
+        if !self.nodes.contains_key(&fuse::ROOT_ID) || self.by_path.get(Path::new("")) != Some(&fuse::ROOT_ID) {
+            return Err("the root node is gone".into());
+        }
+        Ok(())
     }
 
     fn serve(&mut self, nodeid: u64, op: Op<'_>, room: usize) -> Result<Vec<u8>, i32> {
@@ -949,9 +984,29 @@ mod tests {
         assert_eq!((now, lim.rlim_cur), (lim.rlim_max, lim.rlim_max));
     }
 
+    /// What is outside the shared folder, beside it: names, kinds, modes,
+    /// sizes and contents.
+    fn outside(g: &Guest) -> Vec<(std::ffi::OsString, u32, u64, Vec<u8>)> {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = g.root.parent().unwrap();
+        let mut v: Vec<_> = fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name() != "work")
+            .map(|e| {
+                let md = fs::symlink_metadata(e.path()).unwrap();
+                let content = if md.is_file() { fs::read(e.path()).unwrap() } else { Vec::new() };
+                (e.file_name(), md.permissions().mode(), md.len(), content)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
-    fn garbage_requests_never_panic() {
+    fn garbage_requests_get_well_formed_replies_and_change_nothing_outside() {
         let mut g = Guest::new();
+        let before = outside(&g);
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for i in 0..5000 {
             x ^= x << 13;
@@ -962,9 +1017,26 @@ mod tests {
             // Every opcode up to SYNCFS, and unknown ones past it.
             let op = (x % (Opcode::SyncFs as u64 + 2)) as u32;
             let node = if i % 3 == 0 { fuse::ROOT_ID } else { x % 8 };
-            let _ = g.server.handle(&request(op, i, node, &args), (x % 8192) as usize);
+            let room = (x % 8192) as usize;
+            let req = request(op, i, node, &args);
+            // A reply exactly when one is due and there is room for it.
+            let due = !matches!(fuse::parse(&req), Ok((_, ref op)) if op.no_reply());
+            let reply = g.server.handle(&req, room);
+            assert_eq!(reply.is_some(), due && room >= fuse::OUT_HEADER_LEN, "{op} room {room}");
+            if let Some(r) = reply {
+                // fuse_out_header: the reply's length, a negative errno or
+                // 0 (an error has no body), the request's unique; within
+                // the room given.
+                assert!(r.len() >= fuse::OUT_HEADER_LEN && r.len() <= room, "{op}: {} in {room}", r.len());
+                assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()) as usize, r.len());
+                let error = i32::from_le_bytes(r[4..8].try_into().unwrap());
+                assert!((-4095..=0).contains(&error) && (error == 0 || r.len() == fuse::OUT_HEADER_LEN), "{op}");
+                assert_eq!(u64::from_le_bytes(r[8..16].try_into().unwrap()), i);
+            }
+            g.server.check_accounting().unwrap();
         }
         // The host tree outside is untouched.
+        assert_eq!(outside(&g), before);
         assert_eq!(fs::read_to_string(g.root.parent().unwrap().join("outside")).unwrap(), "host secret");
     }
 
@@ -1019,6 +1091,7 @@ mod tests {
         assert!(made > 10 && made < 40, "{made}");
         let bytes: usize = g.server.nodes.values().map(|n| n.entry.rel.as_os_str().len()).sum();
         assert_eq!(g.server.path_bytes, bytes, "the count is kept right");
+        g.server.check_accounting().unwrap();
         g.server.path_bytes = MAX_NODE_PATH_BYTES - 2;
         assert_eq!(g.lookup(fuse::ROOT_ID, "src").map(|_| ()), Err(libc::ENFILE));
         g.server.path_bytes = bytes;
