@@ -222,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_queries_are_refused_without_panicking() {
+    fn malformed_queries_are_refused_and_the_rest_read_as_sent() {
         assert_eq!(parse_query(&[0; 5]), Err(Error::Truncated));
         assert_eq!(parse_query(&[0; 600]), Err(Error::TooLarge));
         let mut resp = query(1, "a.com", TYPE_A);
@@ -240,15 +240,24 @@ mod tests {
         assert_eq!(parse_query(&chaos), Err(Error::BadClass));
         let long = vec!["a".repeat(60); 5].join(".");
         assert_eq!(parse_query(&query(1, &long, TYPE_A)), Err(Error::BadName));
+        // Every prefix of a query is truncated; every corruption is refused
+        // or read as what its bytes say, and answered with the question
+        // as sent.
         let base = query(7, "x.example.com", TYPE_A);
-        for i in 0..=base.len() {
-            let _ = parse_query(&base[..i]);
+        for i in 0..base.len() {
+            assert_eq!(parse_query(&base[..i]), Err(Error::Truncated), "{i}");
         }
         for i in 0..base.len() {
-            for b in [0u8, 63, 64, 0xc0, 0xff] {
+            for b in [0u8, 63, 64, 0xc0, 0xff, b'.', b'A'] {
                 let mut m = base.clone();
                 m[i] = b;
-                let _ = parse_query(&m);
+                let Ok(q) = parse_query(&m) else { continue };
+                assert_eq!(q.id, u16::from_be_bytes([m[0], m[1]]));
+                assert!(m[12..].starts_with(&q.question), "{m:?}");
+                assert!(q.raw_name.len() <= 255 && q.raw_name.bytes().all(|c| c.is_ascii_graphic()), "{q:?}");
+                let a = answer_a(&q, Ipv4Addr::new(198, 18, 0, 1), 60);
+                assert_eq!((&a[0..2], &a[12..12 + q.question.len()]), (&m[0..2], &q.question[..]));
+                assert_eq!(a.len(), 12 + q.question.len() + 16);
             }
         }
     }

@@ -1068,18 +1068,37 @@ HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic() {
+    fn prefixes_and_corruptions_of_a_head_parse_within_their_bytes() {
         // A cheap deterministic stand-in for the fuzzer: every prefix and
         // every single-byte corruption of a valid head.
         let base = b"POST /x HTTP/1.1\r\nHost: a.com\r\nContent-Length: 3\r\n\r\nabc".to_vec();
-        for i in 0..=base.len() {
-            let _ = parse_request_head(&base[..i]);
+        let head_len = base.len() - 3;
+        // Every prefix short of the blank line waits for more; with it, the
+        // head is whole, and the body is not part of it.
+        for i in 0..head_len {
+            assert_eq!(parse_request_head(&base[..i]), Ok(Parsed::Incomplete), "{i}");
         }
+        for i in head_len..=base.len() {
+            let Ok(Parsed::Complete(head, n)) = parse_request_head(&base[..i]) else { panic!("{i}") };
+            assert_eq!((n, head.method.as_str(), head.target.as_str()), (head_len, "POST", "/x"));
+            assert_eq!((head.host.as_str(), head.body), ("a.com", Body::Length(3)));
+        }
+        // A corrupted head, when whole, ends with its blank line inside the
+        // bytes given and parses the same from its own bytes alone: what
+        // follows it never changes it.
         for i in 0..base.len() {
             for b in [0u8, b'\r', b'\n', b' ', b':', 0xff, b'A'] {
                 let mut m = base.clone();
                 m[i] = b;
-                let _ = parse_request_head(&m);
+                let got = parse_request_head(&m);
+                if let Ok(Parsed::Complete(_, n)) = &got {
+                    assert!(*n <= m.len() && m[..*n].ends_with(b"\r\n\r\n"), "{m:?}");
+                    assert_eq!(parse_request_head(&m[..*n]), got, "{m:?}");
+                }
+                if i >= head_len {
+                    // Only the body changed.
+                    assert_eq!(got, parse_request_head(&base), "{m:?}");
+                }
             }
         }
     }

@@ -267,13 +267,34 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn corrupted_hellos_never_panic() {
+    fn prefixes_and_corruptions_of_a_hello_give_its_name_or_nothing() {
         let h = hello(&[ext(10, &[0, 2, 0, 29]), sni_ext(&["a.example.com"])]);
+        // Every prefix waits for the rest of the record; the whole gives
+        // the name and the record's length, whatever follows.
         for i in 0..h.len() {
-            for b in [0u8, 1, 0x7f, 0xff] {
+            assert_eq!(parse_client_hello(&h[..i]), Ok(Parsed::Incomplete), "{i}");
+        }
+        let mut more = h.clone();
+        more.extend_from_slice(b"next record");
+        assert_eq!(
+            parse_client_hello(&more),
+            Ok(Parsed::ServerName(HostName::parse("a.example.com").unwrap(), h.len()))
+        );
+        // A corrupted hello gives a name only from the record it declares,
+        // within the bytes given: a name spelt there (a corrupted byte may
+        // change its letters, never add to it), parsing the same from the
+        // record alone.
+        for i in 0..h.len() {
+            for b in [0u8, 1, b'b', 0x7f, 0xff] {
                 let mut m = h.clone();
                 m[i] = b;
-                let _ = parse_client_hello(&m);
+                let got = parse_client_hello(&m);
+                if let Ok(Parsed::ServerName(name, n)) = &got {
+                    assert!(*n <= m.len() && *n == 5 + usize::from(u16::from_be_bytes([m[3], m[4]])), "{m:?}");
+                    let text = name.as_str().as_bytes();
+                    assert!(m[..*n].windows(text.len()).any(|w| w.eq_ignore_ascii_case(text)), "{name:?} in {m:?}");
+                    assert_eq!(parse_client_hello(&m[..*n]), got);
+                }
             }
         }
     }
