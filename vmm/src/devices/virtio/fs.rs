@@ -112,6 +112,12 @@ struct FsHandler {
     counts: Counts,
 }
 
+/// The worker's part alone, to drive by hand (the fuzz targets, `vmm/fuzz`).
+#[doc(hidden)]
+pub fn queue_handler(server: FileServer) -> impl QueueHandler {
+    FsHandler { server, counts: Counts::default() }
+}
+
 impl QueueHandler for FsHandler {
     fn handle(&mut self, active: Option<&mut Active>, wake: &Wake) -> bool {
         let Some(a) = active.filter(|_| wake.queues) else { return false };

@@ -153,6 +153,15 @@ struct NetHandler {
     max_frame: usize,
 }
 
+/// The worker's part alone, to drive by hand (the fuzz targets, `vmm/fuzz`),
+/// and its counters.
+#[doc(hidden)]
+pub fn queue_handler(mtu: u16, backend: Box<dyn FrameBackend>) -> (impl QueueHandler, Arc<NetCounters>) {
+    let counters = Arc::new(NetCounters::default());
+    let max_frame = usize::from(mtu) + ETH_HDR_LEN;
+    (NetHandler { backend, pending: None, counters: counters.clone(), max_frame }, counters)
+}
+
 impl QueueHandler for NetHandler {
     fn activated(&mut self, _: &mut Active) {
         self.pending = None;

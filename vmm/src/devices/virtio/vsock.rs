@@ -221,6 +221,13 @@ struct VsockWorker {
     buf: Vec<u8>,
 }
 
+/// The worker's part alone, to drive by hand (the fuzz targets, `vmm/fuzz`).
+#[doc(hidden)]
+pub fn queue_handler(listener: UnixListener) -> std::io::Result<impl QueueHandler> {
+    listener.set_nonblocking(true)?;
+    Ok(VsockWorker::new(listener))
+}
+
 impl VsockWorker {
     fn new(listener: UnixListener) -> VsockWorker {
         VsockWorker {
