@@ -151,7 +151,7 @@ fn serve(descs: &[Desc], disk: &mut [u8], read_only: bool, mem: &mut [u8]) -> Re
                 return Err(S_IOERR);
             }
             let a = d.addr as usize;
-            if d.addr + n as u64 > MEM_SIZE {
+            if n > 0 && d.addr + n as u64 > MEM_SIZE {
                 if d.addr < MEM_SIZE {
                     let inside = (MEM_SIZE - d.addr) as usize;
                     mem[a..].copy_from_slice(&ID.as_bytes()[..inside]);

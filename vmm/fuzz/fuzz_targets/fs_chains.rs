@@ -36,7 +36,9 @@ fn request(c: &Walked, mem: &[u8]) -> Option<Vec<u8>> {
             seen_writable = true;
         } else {
             request += u64::from(l);
-            if seen_writable || request > MAX_REQUEST || a.checked_add(u64::from(l))? > mem.len() as u64 {
+            // (An empty buffer is never read, wherever it points.)
+            let outside = l > 0 && a.checked_add(u64::from(l))? > mem.len() as u64;
+            if seen_writable || request > MAX_REQUEST || outside {
                 return None;
             }
         }

@@ -50,7 +50,8 @@ fn tx_frame(c: &Walked, mem: &[u8]) -> Option<Vec<u8>> {
     let mut total = 0u64;
     for &(a, l, w) in descs {
         total += u64::from(l);
-        if w || total > limit || a.checked_add(u64::from(l))? > mem.len() as u64 {
+        // (An empty buffer is never touched, wherever it points.)
+        if w || total > limit || l > 0 && a.checked_add(u64::from(l))? > mem.len() as u64 {
             return None;
         }
     }
@@ -69,7 +70,7 @@ fn rx_bytes(c: &Walked, frame: &[u8]) -> Option<Vec<u8>> {
             break;
         }
         let n = (l as usize).min(want.len() - done);
-        if !w || a.checked_add(n as u64)? > vmm_fuzz::MEM_SIZE {
+        if !w || n > 0 && a.checked_add(n as u64)? > vmm_fuzz::MEM_SIZE {
             return None;
         }
         done += n;
@@ -108,7 +109,11 @@ fuzz_target!(|data: &[u8]| {
     tx.check_used(&mem, &tx.consumed(1));
     assert!(tx.used(&mem).iter().all(|&(_, len)| len == 0), "transmit chains are used with nothing written");
     let want: Vec<Vec<u8>> = sent.iter().flatten().cloned().collect();
-    assert!(*got.lock().unwrap() == want, "the backend got other frames than the chains held");
+    let got = got.lock().unwrap();
+    let exact = disjoint(&[&rx, &tx]);
+    let lengths = |v: &[Vec<u8>]| v.iter().map(Vec::len).collect::<Vec<_>>();
+    assert_eq!(lengths(&got), lengths(&want), "the backend got other frames than the chains held");
+    assert!(!exact || *got == want, "the backend got other frames than the chains held");
     assert_eq!(counters.tx_frames.load(Ordering::SeqCst), want.len() as u64);
     // (A chain whose head is outside the table is dropped too.)
     let stopped = u64::from(tx.chains.len() > tx.returnable());
@@ -117,14 +122,13 @@ fuzz_target!(|data: &[u8]| {
     let n = frames.len().min(rx.returnable());
     rx.check_used(&mem, &rx.consumed(1)[..n]);
     let now = snapshot(&mem);
-    let readable_back = disjoint(&[&rx]);
     for (i, (_, len)) in rx.used(&mem).into_iter().enumerate() {
         let chain = &rx.chains[i];
         match rx_bytes(chain, &frames[i]) {
             Some(want) => {
                 assert_eq!(len as usize, want.len(), "used length of {chain:?}");
                 let got = chain.bytes(&now, true, want.len());
-                assert!(!readable_back || got.as_ref() == Some(&want), "frame {i} as written");
+                assert!(!exact || got.as_ref() == Some(&want), "frame {i} as written");
             }
             None => assert_eq!(len, 0, "a chain that cannot hold frame {i} is used empty"),
         }

@@ -140,6 +140,10 @@ impl Walked {
                 break;
             }
             let n = (l as usize).min(limit - out.len());
+            if n == 0 {
+                // Nothing read or written there, wherever it is.
+                continue;
+            }
             let end = a.checked_add(n as u64).filter(|&e| e <= mem.len() as u64)?;
             out.extend_from_slice(&mem[a as usize..end as usize]);
         }
@@ -354,15 +358,17 @@ pub fn writable_ranges(rings: &[&Ring]) -> Option<Vec<(u64, u64)>> {
 }
 
 /// True if no writable buffer of the chains overlaps another buffer (nor
-/// appears twice, as in a chain that loops or is made available twice):
-/// only then do the requests read what the guest wrote, and is what the
-/// device wrote still there to be read back.
+/// appears twice, as in a chain that loops or is made available twice),
+/// and no buffer overlaps the rings (whose used rings the device writes):
+/// only then do the device's reads find what the guest wrote, and is what
+/// the device wrote still there to be read back.
 pub fn disjoint(rings: &[&Ring]) -> bool {
     let mut ranges: Vec<(u64, u64, bool)> = rings
         .iter()
         .flat_map(|r| r.chains.iter().flat_map(|c| c.descs.iter()))
         .filter(|d| d.1 > 0)
         .map(|&(a, l, w)| (a, a.saturating_add(u64::from(l)), w))
+        .chain(std::iter::once((0, RING_AREA_END, true)))
         .collect();
     ranges.sort_unstable();
     let (mut end, mut writable_end) = (0u64, 0u64);
