@@ -467,11 +467,7 @@ impl Policy {
 
     /// A preset alone.
     pub fn preset(name: &str) -> Result<Policy, Error> {
-        Ok(Policy {
-            rules: preset_rules(preset_name(name)?),
-            https: Https::default(),
-            credentials: Vec::new(),
-        })
+        Ok(Policy { rules: preset_rules(preset_name(name)?), https: Https::default(), credentials: Vec::new() })
     }
 
     pub fn from_toml(text: &str) -> Result<Policy, Error> {

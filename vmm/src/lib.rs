@@ -10,6 +10,6 @@ pub mod devices;
 pub mod fs;
 pub mod metrics;
 pub mod runner;
-pub mod threads;
 pub(crate) mod sys;
+pub mod threads;
 pub mod vstate;
