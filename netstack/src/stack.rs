@@ -1770,9 +1770,9 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             assert!(started.elapsed() < std::time::Duration::from_secs(5), "the connect thread never woke us");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        // (Whether the round before already took the connect's result
+        // depends on the thread's timing: only what follows is checked.)
         let mut interests = Vec::new();
-        net.upstream_interests(&mut interests);
-        assert!(interests.is_empty(), "no upstream socket before the result is taken");
         pump(&mut net, &mut guest, &mut now);
         net.upstream_interests(&mut interests);
         assert_eq!(interests.len(), 1);
