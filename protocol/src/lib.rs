@@ -9,11 +9,15 @@ use std::net::Ipv4Addr;
 /// Where the VMM places the job in the guest's initramfs.
 pub const JOB_PATH: &str = "/sbx/job";
 
-/// glibc tunables that keep AVX off, for every guest program where the
-/// guest kernel cannot save AVX state (kvm_pvm: no XSAVE in kernel mode,
-/// yet user-mode CPUID shows AVX). Without them, threads or processes
-/// that copy memory through YMM registers lose the registers' upper
-/// halves at context switches: 16-byte holes in copied data.
+/// glibc tunables that keep AVX off, for every guest program on kvm_pvm
+/// (no XSAVE in emulated kernel mode, yet user mode runs AVX). Without
+/// them, a guest kernel that cannot save AVX state lets threads or
+/// processes that copy memory through YMM registers lose the registers'
+/// upper halves at context switches: 16-byte holes in copied data. Our
+/// kernel saves it since kernel-config patch 0005 (XSAVE through a
+/// user-mode trampoline); the tunables stay for kernels without it on
+/// hosts whose user-mode CPUID says OSXSAVE regardless of the guest
+/// (PLATFORM.md's AMD host), where glibc would otherwise pick AVX.
 pub const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,\
 -AVX512CD,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
 
