@@ -11,5 +11,6 @@
 pub mod fuse;
 pub mod gitconfig;
 pub mod policy;
+pub mod quota;
 pub mod server;
 pub mod share;

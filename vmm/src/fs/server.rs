@@ -11,6 +11,10 @@
 //! [`MAX_LISTING_BYTES`]); a request naming a node or handle that does not
 //! exist, or a handle with another node than its own, gets an error, never
 //! a panic.
+//!
+//! With a workspace quota ([`FileServer::with_quota`], see [`Quota`]) the
+//! growth of files the guest causes is counted and a request that would
+//! pass the quota is refused (EDQUOT), the first of a burst audited.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -27,6 +31,7 @@ use serde_json::{json, Value};
 
 use super::fuse::{self, Attr, InitOut, Op, OpenAccess, Out, ParseError, SetAttr, SetTime, StatFs};
 use super::policy::Access;
+use super::quota::{Quota, Refusal};
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
 use crate::sys;
 
@@ -103,6 +108,8 @@ pub struct FileServer {
     /// Set once the audit log could not be written: from then on changes
     /// are refused (EROFS), so that none goes unrecorded.
     audit_failed: Option<Arc<AtomicBool>>,
+    /// The workspace quota, shared with the other folders' servers.
+    quota: Option<Arc<Quota>>,
     /// Requests served, by kind (for figures).
     pub counts: BTreeMap<&'static str, u64>,
 }
@@ -145,6 +152,7 @@ impl FileServer {
             listing_bytes: 0,
             audit,
             audit_failed: None,
+            quota: None,
             counts: BTreeMap::new(),
         }
     }
@@ -312,6 +320,36 @@ impl FileServer {
         self
     }
 
+    /// Counts the growth of files the guest causes against `quota` (if
+    /// any: None leaves the server as it is) and refuses what would pass
+    /// it (EDQUOT); see [`Quota`].
+    pub fn with_quota(mut self, quota: Option<Arc<Quota>>) -> FileServer {
+        self.quota = quota;
+        self
+    }
+
+    /// A growth the quota refused: audited if it begins a burst; its errno.
+    fn over_quota(&mut self, op: &str, path: String, r: Refusal) -> i32 {
+        if r.first {
+            let event = json!({
+                "op": op, "path": path, "decision": "deny", "reason": r.reason(),
+                "quota": r.limit, "used": r.used, "asked": r.asked,
+            });
+            self.record(event);
+        }
+        libc::EDQUOT
+    }
+
+    /// After a change that took `taken` bytes of quota for a file of
+    /// `before` bytes that now has `after`: what did not grow, and what
+    /// shrank, given back.
+    fn settle_quota(&self, taken: u64, before: u64, after: u64) {
+        if let Some(q) = &self.quota {
+            q.give_back(taken.saturating_sub(after.saturating_sub(before)));
+            q.give_back(before.saturating_sub(after));
+        }
+    }
+
     /// Checks the tables against their bookkeeping (for tests and the fuzz
     /// targets): the byte counts are the sums they stand for and within
     /// their limits, the path index leads to nodes of that path, the root
@@ -438,7 +476,20 @@ impl FileServer {
             Op::Unlink { name } | Op::RmDir { name } => {
                 let is_dir = matches!(op, Op::RmDir { .. });
                 let dir = self.node(nodeid)?.clone();
+                // With a quota, a file's last link gives its bytes back.
+                let freed = match (&self.quota, is_dir) {
+                    (Some(_), false) => self
+                        .share
+                        .lookup(&dir, name)
+                        .ok()
+                        .filter(|e| e.kind == Kind::File)
+                        .and_then(|e| self.share.stat(&e).ok())
+                        .filter(|st| st.st_nlink == 1)
+                        .map_or(0, |st| st.st_size.max(0) as u64),
+                    _ => 0,
+                };
                 let gone = self.share.remove(&dir, name, is_dir).map_err(|r| self.refused("delete", r))?;
+                self.settle_quota(0, freed, 0);
                 let event = json!({ "op": "delete", "path": self.path_of(&gone.rel) });
                 self.record(event);
                 if let Some(id) = self.by_path.remove(&gone.rel) {
@@ -485,10 +536,28 @@ impl FileServer {
                 if !*writable {
                     return Err(libc::EBADF);
                 }
-                file.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
+                let node = *node;
+                // With a quota: the growth past the file's end is taken
+                // before anything is written.
+                let mut taken = None;
+                if let Some(q) = &self.quota {
+                    let size = file_size(file)?;
+                    let growth = offset.saturating_add(data.len() as u64).saturating_sub(size);
+                    if let Err(r) = q.take(growth) {
+                        let path = self.nodes.get(&node).map(|n| self.path_of(&n.entry.rel)).unwrap_or_default();
+                        return Err(self.over_quota("write", path, r));
+                    }
+                    taken = Some((growth, size));
+                }
+                if let Err(e) = file.write_all_at(data, offset) {
+                    if let Some((growth, size)) = taken {
+                        let now = file_size(file).unwrap_or(size);
+                        self.settle_quota(growth, size, now.max(size));
+                    }
+                    return Err(errno_of(&e));
+                }
                 let first = !*wrote;
                 *wrote = true;
-                let node = *node;
                 if first {
                     let path = self.nodes.get(&node).map(|n| self.path_of(&n.entry.rel)).unwrap_or_default();
                     self.record(json!({ "op": "write", "path": path }));
@@ -497,10 +566,12 @@ impl FileServer {
             }
             Op::StatFs => {
                 let st = self.share.statfs().map_err(|r| r.errno())?;
+                // The room left under the quota, if that is less.
+                let room = self.quota.as_ref().map_or(u64::MAX, |q| q.remaining() / st.f_frsize.max(1));
                 let figures = StatFs {
                     blocks: st.f_blocks,
-                    bfree: st.f_bfree,
-                    bavail: st.f_bavail,
+                    bfree: st.f_bfree.min(room),
+                    bavail: st.f_bavail.min(room),
                     files: st.f_files,
                     ffree: st.f_ffree,
                     bsize: st.f_bsize as u32,
@@ -579,8 +650,26 @@ impl FileServer {
             return Err(libc::EPERM);
         }
         let path = self.path_of(&entry.rel);
+        // A truncate upward takes its growth from the quota before
+        // anything changes; what did not happen is given back after.
+        let before = st.st_size.max(0) as u64;
+        let growth = s.size.map_or(0, |size| size.saturating_sub(before));
+        if let Some(Err(r)) = self.quota.as_ref().map(|q| q.take(growth)) {
+            return Err(self.over_quota("truncate", path, r));
+        }
+        let changed = self.set_attrs(nodeid, s, &entry, &st, path);
+        if self.quota.is_some() && s.size.is_some() {
+            let after = self.share.stat(&entry).map_or(before, |st| st.st_size.max(0) as u64);
+            self.settle_quota(growth, before, after);
+        }
+        changed
+    }
+
+    /// SETATTR's changes to `entry` (node `nodeid`, `st` its attributes
+    /// before, `path` its path for the audit lines): mode, size, times.
+    fn set_attrs(&mut self, nodeid: u64, s: &SetAttr, entry: &Entry, st: &libc::stat, path: String) -> Result<(), i32> {
         if let Some(mode) = s.mode.filter(|m| (m & CHMOD_BITS) != (st.st_mode & CHMOD_BITS)) {
-            self.share.chmod(&entry, mode).map_err(|r| self.refused("chmod", r))?;
+            self.share.chmod(entry, mode).map_err(|r| self.refused("chmod", r))?;
             let applied = mode & super::share::GUEST_MODE_BITS;
             self.record(json!({ "op": "chmod", "path": path, "mode": format!("{applied:o}") }));
         }
@@ -592,7 +681,7 @@ impl FileServer {
             };
             let file = match via_handle {
                 Some(f) => f.map_err(|e| errno_of(&e))?,
-                None => File::from(self.share.open_file(&entry, true).map_err(|r| self.refused("truncate", r))?),
+                None => File::from(self.share.open_file(entry, true).map_err(|r| self.refused("truncate", r))?),
             };
             file.set_len(size).map_err(|e| errno_of(&e))?;
             self.record(json!({ "op": "truncate", "path": path, "size": size }));
@@ -606,7 +695,7 @@ impl FileServer {
         };
         let (a, m) = (time(s.atime), time(s.mtime));
         if s.atime.is_some() || s.mtime.is_some() {
-            self.share.set_times(&entry, [a, m]).map_err(|r| self.refused("touch", r))?;
+            self.share.set_times(entry, [a, m]).map_err(|r| self.refused("touch", r))?;
         }
         Ok(())
     }
@@ -717,6 +806,10 @@ fn open_flags(access: OpenAccess) -> u32 {
 
 fn fstat_file(file: &File) -> Result<libc::stat, i32> {
     sys::fstat(file.as_fd()).map_err(|e| errno_of(&e))
+}
+
+fn file_size(file: &File) -> Result<u64, i32> {
+    fstat_file(file).map(|st| st.st_size.max(0) as u64)
 }
 
 #[cfg(test)]
@@ -836,6 +929,33 @@ mod tests {
 
         fn events(&self) -> Vec<String> {
             self.log.lock().unwrap().iter().map(|v| v.to_string()).collect()
+        }
+
+        /// Gives the server a workspace quota of `limit` bytes.
+        fn quota(&mut self, limit: u64) -> Arc<Quota> {
+            let quota = Arc::new(Quota::new(limit));
+            let share = Share::open(&self.root, FsPolicy::default(), false).unwrap();
+            let stand_in = FileServer::new(share, self.root.clone(), Box::new(|_| {}));
+            let server = std::mem::replace(&mut self.server, stand_in);
+            self.server = server.with_quota(Some(quota.clone()));
+            quota
+        }
+
+        fn truncate(&mut self, node: u64, fh: u64, size: u64) -> Result<(), i32> {
+            self.call(Opcode::SetAttr, node, &setattr_args(fuse::FATTR_SIZE | fuse::FATTR_FH, fh, size)).map(|_| ())
+        }
+
+        /// STATFS: bavail and frsize.
+        fn statfs(&mut self) -> (u64, u64) {
+            let b = self.call(Opcode::StatFs, fuse::ROOT_ID, &[]).unwrap();
+            // fuse_kstatfs: blocks, bfree, bavail, files, ffree (u64),
+            // bsize, namelen, frsize (u32).
+            let bavail = u64::from_le_bytes(b[16..24].try_into().unwrap());
+            (bavail, u32::from_le_bytes(b[48..52].try_into().unwrap()) as u64)
+        }
+
+        fn quota_refusals(&self) -> usize {
+            self.events().iter().filter(|e| e.contains("\"decision\":\"deny\"") && e.contains("quota")).count()
         }
     }
 
@@ -1132,5 +1252,96 @@ mod tests {
         let fh = g.open(main, libc::O_RDONLY).unwrap();
         assert_eq!(g.read(main, fh, 100).unwrap(), b"fn main() {}", "reading goes on");
         assert!(!g.root.join("src/after.rs").exists());
+    }
+
+    #[test]
+    fn writes_past_the_workspace_quota_are_refused_and_audited_once_a_burst() {
+        let mut g = Guest::new();
+        let quota = g.quota(10_000);
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (big, fh) = g.create(src, "big").unwrap();
+        // Up to the quota, exactly.
+        g.write(big, fh, 0, &[1; 4096]).unwrap();
+        g.write(big, fh, 4096, &[2; 4096]).unwrap();
+        g.write(big, fh, 8192, &[3; 1808]).unwrap();
+        assert_eq!((quota.used(), g.quota_refusals()), (10_000, 0));
+        assert_eq!(g.statfs().0, 0, "no room left shown");
+        // One byte more is refused, changes nothing, and is audited.
+        assert_eq!(g.write(big, fh, 10_000, b"x"), Err(libc::EDQUOT));
+        assert_eq!(fs::metadata(g.root.join("src/big")).unwrap().len(), 10_000);
+        assert_eq!(g.quota_refusals(), 1);
+        let ev = g.events();
+        let line = ev.iter().find(|e| e.contains("quota")).unwrap();
+        assert!(
+            line.contains("\"op\":\"write\"") && line.contains("src/big") && line.contains("\"asked\":1"),
+            "{line}"
+        );
+        // The rest of the burst is not audited again; a sparse write far
+        // out and a truncate upward are growth too.
+        assert_eq!(g.write(big, fh, 1 << 40, b"x"), Err(libc::EDQUOT));
+        assert_eq!(g.write(big, fh, u64::MAX, b"x"), Err(libc::EDQUOT));
+        assert_eq!(g.truncate(big, fh, 20_000), Err(libc::EDQUOT));
+        assert_eq!(g.quota_refusals(), 1);
+        // Overwriting is no growth, in a new file or a host one.
+        g.write(big, fh, 0, &[9; 4096]).unwrap();
+        let (main, _, _) = g.lookup(src, "main.rs").unwrap();
+        let mfh = g.open(main, libc::O_RDWR).unwrap();
+        g.write(main, mfh, 0, b"fn main(){}\n").unwrap();
+        assert_eq!(quota.used(), 10_000);
+        // Shrinking gives room back: a new burst is audited again.
+        g.truncate(big, fh, 6_000).unwrap();
+        assert_eq!(quota.used(), 6_000);
+        let (_, frsize) = g.statfs();
+        assert_eq!(g.statfs().0, 4_000 / frsize.max(1));
+        g.write(big, fh, 6_000, &[4; 4_000]).unwrap();
+        assert_eq!(g.write(big, fh, 10_000, b"y"), Err(libc::EDQUOT));
+        assert_eq!(g.quota_refusals(), 2);
+        // Deleting the file gives its bytes back; deleting a host file
+        // makes no room beyond the quota.
+        let mut a = Out::default();
+        a.bytes(b"big\0");
+        g.call(Opcode::Unlink, src, &a.0).unwrap();
+        assert_eq!(quota.used(), 0);
+        let mut a = Out::default();
+        a.bytes(b"main.rs\0");
+        g.call(Opcode::Unlink, src, &a.0).unwrap();
+        assert_eq!(quota.remaining(), 10_000);
+        let (other, fh) = g.create(src, "other").unwrap();
+        assert_eq!(g.write(other, fh, 0, &[5; 10_001]), Err(libc::EDQUOT));
+        g.write(other, fh, 0, &[5; 10_000]).unwrap();
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn without_a_quota_nothing_is_counted_or_refused() {
+        let mut g = Guest::new();
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (big, fh) = g.create(src, "big").unwrap();
+        let chunk = vec![7u8; MAX_WRITE as usize];
+        for i in 0..3 {
+            g.write(big, fh, i * u64::from(MAX_WRITE), &chunk).unwrap();
+        }
+        g.truncate(big, fh, 1 << 40).unwrap();
+        assert_eq!(fs::metadata(g.root.join("src/big")).unwrap().len(), 1 << 40);
+        assert_eq!(g.quota_refusals(), 0);
+        assert!(g.events().iter().all(|e| !e.contains("deny")), "{:?}", g.events());
+    }
+
+    #[test]
+    fn one_quota_counts_every_shared_folder() {
+        let mut a = Guest::new();
+        let mut b = Guest::new();
+        let quota = a.quota(8192);
+        let share = Share::open(&b.root, FsPolicy::default(), false).unwrap();
+        let stand_in = FileServer::new(share, b.root.clone(), Box::new(|_| {}));
+        let server = std::mem::replace(&mut b.server, stand_in);
+        b.server = server.with_quota(Some(quota.clone()));
+        let (fa, fha) = a.create(fuse::ROOT_ID, "a").unwrap();
+        let (fb, fhb) = b.create(fuse::ROOT_ID, "b").unwrap();
+        a.write(fa, fha, 0, &[1; 4096]).unwrap();
+        b.write(fb, fhb, 0, &[1; 4096]).unwrap();
+        assert_eq!(b.write(fb, fhb, 4096, b"z"), Err(libc::EDQUOT));
+        assert_eq!(a.write(fa, fha, 4096, b"z"), Err(libc::EDQUOT));
+        assert_eq!(quota.used(), 8192);
     }
 }
