@@ -177,6 +177,19 @@ pub struct RunArgs {
     /// sandbox is created).
     #[arg(long, default_value_t = 16)]
     pub disk_size: u64,
+    /// Limit the sandbox to this many cores' worth of CPU time (e.g. 1.5;
+    /// all its vCPUs and its VMM's threads together; cgroup v2 cpu.max).
+    #[arg(long, value_name = "CORES", allow_negative_numbers = true, value_parser = crate::limits::parse_cpu_limit)]
+    pub cpu_limit: Option<f64>,
+    /// Limit the sandbox's VMM to N threads and processes (cgroup v2
+    /// pids.max; at least 64).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = crate::limits::parse_pids_limit)]
+    pub pids_limit: Option<u64>,
+    /// Refuse guest writes that would grow the shared folders by more
+    /// than SIZE in all during the run (e.g. 500M, 10G): the guest gets
+    /// "Disk quota exceeded". Removing or shrinking files gives room back.
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, value_parser = crate::limits::parse_size)]
+    pub workspace_quota: Option<u64>,
     /// Extra kernel command line arguments.
     #[arg(long, default_value = "")]
     pub kernel_args: String,

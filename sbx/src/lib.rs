@@ -3,7 +3,8 @@
 //! `commands` for the rest), the sandbox policy document, sandbox state on
 //! disk, the control channel's client, the user's terminal and signals,
 //! which folders may be shared, escaping guest text for the terminal,
-//! kernel symbols for profiles, the secrets and CA netstack uses.
+//! kernel symbols for profiles, the secrets and CA netstack uses, the
+//! sandbox's resource limits (cgroup v2).
 
 pub mod agents;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod client;
 pub mod commands;
 pub mod escape;
 pub mod folders;
+pub mod limits;
 pub mod netback;
 pub mod policy_doc;
 pub mod run;

@@ -117,7 +117,9 @@ fn shared_folders(
         });
         // Fails closed: a change that could no longer be recorded is refused.
         let failed = audit.lock().unwrap_or_else(|p| p.into_inner()).failure_flag();
-        let server = FileServer::new(opened, share.dir.clone(), sink).fail_closed_on(failed);
+        let server = FileServer::new(opened, share.dir.clone(), sink)
+            .fail_closed_on(failed)
+            .with_quota(plan.workspace_quota.clone());
         let fs = Fs::new(&share_tag(i), server).map_err(|e| fail(e.to_string()))?;
         counts.push(fs.counts.clone());
         devices.push(fs);

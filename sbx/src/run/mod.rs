@@ -20,6 +20,7 @@ use vmm::control::{Stop, StopReason};
 use crate::cli::RunArgs;
 use crate::client;
 use crate::escape::{self, Layout};
+use crate::limits;
 use crate::sandbox::{self, LastRun};
 use crate::signals::names as sig;
 
@@ -37,6 +38,8 @@ pub enum RunError {
     Launch(#[from] launch::LaunchError),
     #[error(transparent)]
     Finish(#[from] finish::FinishError),
+    #[error(transparent)]
+    Limits(#[from] limits::Error),
 }
 
 /// SIGTERM and SIGHUP (`sbx stop`) end the program through its session so
@@ -74,8 +77,14 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     let session = client::Writer::default();
     handle_signals(stop.clone(), session.clone());
     let plan = plan::RunPlan::new(args)?;
+    // The limits asked for, before the VM and its threads exist (a
+    // cgroup's limits bind all of a process's threads in any case).
+    let cgroup = limits::apply(&plan.limits, &plan.sandbox.settings.name, &limits::Host::default())?;
     let mut audit = None;
     let launched = launch::launch(&plan, stop, &session, &mut audit);
+    if let Some(Err(note)) = cgroup.map(limits::Cgroup::remove) {
+        eprintln!("sbx: {note}");
+    }
     // The VM is over: the counts of refusals not yet written go to the
     // audit log now.
     if let Some(log) = audit {

@@ -14,10 +14,12 @@ use netstack::terminate::{self, Termination};
 use thiserror::Error;
 use vmm::arch::cpuid::{self, CpuTemplate};
 use vmm::fs::policy::FsPolicy;
+use vmm::fs::quota::Quota;
 
 use crate::agents::{self, Agent};
 use crate::cli::RunArgs;
 use crate::folders;
+use crate::limits::Limits;
 use crate::policy_doc::{self, SandboxPolicy};
 use crate::sandbox::{self, Sandbox, Settings};
 use crate::secrets;
@@ -111,6 +113,11 @@ pub struct RunPlan {
     pub env: Vec<(String, String)>,
     pub cpus: u8,
     pub disk_gib: u64,
+    /// `--cpu-limit`, `--pids-limit` (applied by `limits::apply`).
+    pub limits: Limits,
+    /// `--workspace-quota`: bytes the guest may add to the shared folders
+    /// in all during the run, one count for all their file servers.
+    pub workspace_quota: Option<Arc<Quota>>,
     pub kernel_log: bool,
     pub kernel_args: String,
     pub console_echo: bool,
@@ -304,6 +311,8 @@ impl RunPlan {
             env,
             cpus: args.cpus,
             disk_gib: args.disk_size,
+            limits: Limits { cpu: args.cpu_limit, pids: args.pids_limit },
+            workspace_quota: args.workspace_quota.map(|bytes| Arc::new(Quota::new(bytes))),
             kernel_log: args.kernel_log,
             kernel_args: args.kernel_args.clone(),
             console_echo: args.console,
