@@ -196,6 +196,11 @@ impl Sandbox {
 
     /// The last run's kernel console, its older part in `console.log.1`
     /// (see `devices::console::ConsoleFile`).
+    /// The sandbox's own directory (its state, logs and git shadow).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

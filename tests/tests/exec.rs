@@ -111,6 +111,31 @@ fn check_extended_state(sbx: &Sbx, sandbox: &str) {
     assert_eq!(sum["checksum"], host_sum, "the guest's checksum is the host's");
 }
 
+/// The running VMM (process `pid`) is jailed: every thread that touches
+/// guest data (vCPUs, device workers, the VM and control threads) runs
+/// under a seccomp filter, all have no_new_privs, and none has a
+/// capability beyond those acting on the shared files.
+fn check_jail(pid: u32) {
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else { continue };
+        let field = |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).unwrap_or_default().trim().to_string();
+        let name = field("Name:");
+        let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+        assert_eq!(field("NoNewPrivs:"), "1", "{name}");
+        assert_eq!(caps & !0b1011, 0, "{name}: only CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER may be left");
+        // Host-only threads: signals (sbx stop), the violation watcher.
+        if !matches!(name.as_str(), "signals" | "seccomp-watch" | "stop-grace") && !name.starts_with("kvm-") {
+            assert_eq!(field("Seccomp:"), "2", "{name} runs under a seccomp filter");
+        }
+        seen.push(name);
+    }
+    for want in ["vcpu0", "virtio-fs", "virtio-net", "virtio-vsock", "vm", "sbx"] {
+        assert!(seen.iter().any(|n| n == want), "no {want} thread among {seen:?}");
+    }
+}
+
 #[test]
 fn exec_runs_sessions_beside_the_first_program() {
     let Some(sbx) = Sbx::new() else { return };
@@ -127,6 +152,7 @@ fn exec_runs_sessions_beside_the_first_program() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out\n");
     assert_eq!(text(&out.stderr), "err\n", "stderr is kept apart");
+    check_jail(run.id());
 
     let out = sbx.run(&["exec", "ex", "--", "sh", "-c", "cat; echo done"], b"line one\nline two\n");
     assert_eq!(text(&out.stdout), "line one\nline two\ndone\n", "stdin reaches the program, then end of file");

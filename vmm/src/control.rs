@@ -30,6 +30,9 @@ pub enum StopReason {
     /// A VMM thread (a device worker, a vCPU) panicked: the device it ran
     /// is gone, so the VM stops rather than hang waiting for it.
     ThreadPanicked { thread: String, message: String },
+    /// A VMM thread made a system call its seccomp filter forbids (a bug,
+    /// or a guest exploiting one): the thread was stopped, so the VM is.
+    SyscallForbidden { thread: String, syscall: i64, name: Option<String> },
 }
 
 impl fmt::Display for StopReason {
@@ -51,6 +54,13 @@ impl fmt::Display for StopReason {
             StopReason::Timeout(s) => write!(f, "Timed out after {s} s"),
             StopReason::HostSignal(s) => write!(f, "Stopped by signal {s}"),
             StopReason::ThreadPanicked { thread, message } => write!(f, "VMM thread {thread} failed: {message}"),
+            StopReason::SyscallForbidden { thread, syscall, name } => {
+                write!(f, "A {thread} thread of the VMM made system call {syscall}")?;
+                if let Some(name) = name {
+                    write!(f, " ({name})")?;
+                }
+                write!(f, ", which its seccomp filter forbids; the thread was stopped and the VM with it")
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod fs;
 pub mod metrics;
 pub mod runner;
+pub mod seccomp_filters;
 pub(crate) mod sys;
 pub mod threads;
 pub mod vstate;

@@ -51,10 +51,14 @@ pub struct RunResult {
 
 /// Once stopping: how often vCPUs still in KVM_RUN are kicked again.
 const STOP_KICK: Duration = Duration::from_millis(5);
+/// After a seccomp violation: how long vCPUs are kicked before those
+/// still running are left behind.
+const VIOLATION_KICKS: Duration = Duration::from_secs(1);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn kick_signal() -> libc::c_int {
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -85,19 +89,24 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (pio, mmio, vstop) = (pio.clone(), mmio.clone(), stop.clone());
         let sample = id == 0 && opts.profile.is_some();
-        let handle = threads::spawn(ThreadKind::Vcpu, &format!("vcpu{id}"), PanicReport::to(&stop), move || {
-            let mut vcpu = vcpu;
-            let out = vcpu_loop(&mut vcpu, &pio, &mmio, &vstop, sample);
-            // One vCPU ending ends the VM.
-            vstop.request(StopReason::UnexpectedExit("A vCPU stopped".into()));
-            out
-        });
+        let handle =
+            threads::spawn(ThreadKind::Vcpu, &format!("vcpu{id}"), PanicReport::to(&stop), vec![], move || {
+                let mut vcpu = vcpu;
+                let out = vcpu_loop(&mut vcpu, &pio, &mmio, &vstop, sample);
+                // One vCPU ending ends the VM.
+                vstop.request(StopReason::UnexpectedExit("A vCPU stopped".into()));
+                out
+            });
         match handle {
             Ok(h) => handles.push(h),
             Err(e) => stop.request(StopReason::Kvm(format!("Cannot start a vCPU thread: {e}"))),
         }
     }
 
+    // From here this thread only waits, kicks and counts: a control thread.
+    if let Err(e) = threads::confine_current(ThreadKind::Control, &[]) {
+        stop.request(StopReason::ThreadPanicked { thread: "vm".into(), message: e.to_string() });
+    }
     while !stop.is_requested() {
         let until_timeout = timeout.map(|t| t.saturating_sub(started.elapsed()));
         if until_timeout.is_some_and(|t| t.is_zero()) {
@@ -120,7 +129,14 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     }
     // Stopping: kick every vCPU out of KVM_RUN until all have left (a kick
     // can land just before a vCPU enters KVM_RUN, so it is repeated).
+    // A vCPU stopped for a seccomp violation never leaves: it is left
+    // behind (the process ends soon, see threads::VIOLATION_GRACE).
+    let stopping = Instant::now();
     while handles.iter().any(|h| !h.is_finished()) {
+        if threads::violation().is_some() && stopping.elapsed() > VIOLATION_KICKS {
+            handles.retain(|h| h.is_finished());
+            break;
+        }
         for h in handles.iter().filter(|h| !h.is_finished()) {
             let _ = h.kill(kick_signal());
         }

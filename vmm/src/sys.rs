@@ -289,6 +289,147 @@ pub fn setrlimit(resource: libc::__rlimit_resource_t, lim: &libc::rlimit) -> io:
     Ok(())
 }
 
+// Signals and the end of a thread or the process (the seccomp violation
+// path: async-signal-safe calls only).
+
+/// SIGSYS from a seccomp filter ([`crate::threads`]): hands the system
+/// call's number to [`crate::threads::forbidden_syscall`], which never
+/// returns (the thread stops there).
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers;
+    // for SIGSYS (si_code SYS_SECCOMP) its union holds `_sigsys`:
+    // `{ void *_call_addr; int _syscall; unsigned _arch; }` right after
+    // the three ints and their padding (offset 16), so `_syscall` is at
+    // offset 24 on 64-bit Linux. Read as a plain i32.
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    crate::threads::forbidden_syscall(nr as i64)
+}
+
+/// Installs the process's SIGSYS handler ([`on_sigsys`]).
+pub fn install_sigsys_handler() -> io::Result<()> {
+    // SAFETY: sigaction is zeroed plain data; the handler is an
+    // `extern "C"` function of the SA_SIGINFO signature that lives for the
+    // whole process; sa_mask is initialised by sigemptyset.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigsys as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        check(libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()))?;
+    }
+    Ok(())
+}
+
+/// write(2) of `buf` to `fd`, once, errors ignored (for a signal handler:
+/// nothing to do about them there).
+pub fn write_raw(fd: RawFd, buf: &[u8]) {
+    // SAFETY: buf is valid for reads of its length; a bad fd is an error
+    // return.
+    let _ = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+}
+
+/// Ends the calling thread's work for good: it waits on a futex nobody
+/// wakes (futex is allowed by every filter), never returning to its code.
+pub fn park_forever() -> ! {
+    static NEVER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        // SAFETY: FUTEX_WAIT on a valid, aligned u32 that lives for the
+        // process; a spurious wake-up or EINTR loops back.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                NEVER.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0u32,
+                std::ptr::null::<libc::timespec>(),
+            );
+        }
+    }
+}
+
+/// _exit(2): ends the process now, running nothing (no destructors, no
+/// atexit, no stdio flush: other threads may hold their locks).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// Sets `no_new_privs` for the calling thread and those it starts: no
+/// exec of theirs can gain privileges (setuid binaries, file caps).
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// The capability sets of the calling thread, as capget(2) gives them
+/// (64-bit masks: effective, permitted, inheritable).
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// The calling thread's effective, permitted and inheritable capabilities.
+pub fn capabilities() -> io::Result<(u64, u64, u64)> {
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and data are valid for capget's version 3 layout
+    // (one header, two data words) for the duration of the call.
+    check(unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } as libc::c_int)?;
+    let join = |f: fn(&CapData) -> u32| (f(&data[1]) as u64) << 32 | f(&data[0]) as u64;
+    Ok((join(|d| d.effective), join(|d| d.permitted), join(|d| d.inheritable)))
+}
+
+/// Leaves the calling thread (and the threads it starts from now on) only
+/// the capabilities in `keep` (a bit mask), in its bounding set too; the
+/// ambient and inheritable sets are emptied.
+pub fn restrict_capabilities(keep: u64) -> io::Result<()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r != 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                // Past the kernel's last capability.
+                Some(libc::EINVAL) => break,
+                // Without CAP_SETPCAP: nothing in the bounding set is
+                // usable without privileges anyway (checked below).
+                Some(libc::EPERM) => break,
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    if r != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        return Err(io::Error::last_os_error());
+    }
+    let (_, permitted, _) = capabilities()?;
+    let left = permitted & keep;
+    let word =
+        |i: u32| CapData { effective: (left >> (32 * i)) as u32, permitted: (left >> (32 * i)) as u32, inheritable: 0 };
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let data = [word(0), word(1)];
+    // SAFETY: header and data are valid for capset's version 3 layout for
+    // the duration of the call; the kernel only reads data.
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } as libc::c_int)?;
+    Ok(())
+}
+
 // Memory.
 
 /// madvise(2) with `MADV_DONTDUMP`: keeps `len` bytes from `addr` out of

@@ -1,39 +1,328 @@
-//! Host side: the one place the VMM starts threads ([`spawn`]). Each
-//! thread has a [`ThreadKind`] saying what it runs (a vCPU, a device
-//! worker), so that a per-kind restriction (the hardening work's seccomp
-//! filters) can be installed here, once, for every thread of that kind.
+//! Host side: the one place the VMM starts threads ([`spawn`]) and jails
+//! them. Each thread has a [`ThreadKind`] saying what it runs (a vCPU, a
+//! device worker, the control threads); once [`enable_jail`] has been
+//! called, every thread is confined before its work starts: Landlock to
+//! the paths it was given (the file server: its shared folder), then its
+//! kind's seccomp filter ([`crate::seccomp_filters`]). A thread that makes
+//! a call its filter forbids is stopped on the spot (it never returns to
+//! its code: [`forbidden_syscall`]) and the VM stops with the reason
+//! ([`StopReason::SyscallForbidden`]); should the orderly stop not finish
+//! within [`VIOLATION_GRACE`] (the stopped thread may hold a lock), the
+//! process exits.
+//!
 //! A thread that panics stops the VM with a reason
 //! ([`StopReason::ThreadPanicked`]) through its [`PanicReport`], instead of
 //! leaving the guest waiting forever on a device that is gone.
-//!
-//! With `panic = "abort"` (the release profile) a panic ends the whole
-//! process at once, which also never hangs; the stop reason is what
-//! builds that unwind (tests, debug builds) report.
 
 use std::any::Any;
-use std::io;
+use std::cell::Cell;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use landlock::{
+    path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, ABI,
+};
+use seccompiler::BpfProgram;
 
 use crate::control::{Stop, StopReason};
+use crate::seccomp_filters;
+use crate::sys;
 
-/// What a VMM thread runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a VMM thread runs; each kind has its own seccomp filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
-    /// Runs one vCPU (KVM_RUN and its exits).
+    /// Runs one vCPU (KVM_RUN and its exits, virtio-blk's I/O).
     Vcpu,
-    /// Runs a virtio device's queues ([`crate::devices::virtio::worker`]).
-    DeviceWorker,
+    /// The virtio-net worker: netstack, its upstream connections and the
+    /// threads that open them.
+    Net,
+    /// A virtio-fs worker: the file server of one shared folder.
+    Fs,
+    /// The virtio-vsock worker: the control channel.
+    Vsock,
+    /// The VM's control threads: the one waiting for the stop, `sbx run`'s
+    /// session with the guest's program and the end of the run.
+    Control,
 }
 
 impl ThreadKind {
+    pub const ALL: [ThreadKind; 5] =
+        [ThreadKind::Vcpu, ThreadKind::Net, ThreadKind::Fs, ThreadKind::Vsock, ThreadKind::Control];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ThreadKind::Vcpu => "vcpu",
-            ThreadKind::DeviceWorker => "device worker",
+            ThreadKind::Net => "network",
+            ThreadKind::Fs => "file server",
+            ThreadKind::Vsock => "control channel",
+            ThreadKind::Control => "control",
         }
     }
+
+    /// Its number in thread-local and atomic cells (0 is "none").
+    fn code(self) -> u8 {
+        ThreadKind::ALL.iter().position(|k| *k == self).map_or(0, |i| i as u8 + 1)
+    }
+
+    fn from_code(code: u8) -> Option<ThreadKind> {
+        ThreadKind::ALL.get((code as usize).checked_sub(1)?).copied()
+    }
+}
+
+/// How long the VM has to stop in order after a thread made a forbidden
+/// call before the process exits.
+pub const VIOLATION_GRACE: Duration = Duration::from_secs(10);
+
+/// A path a confined thread may use, and whether it may change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRule {
+    pub path: PathBuf,
+    pub write: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Filter(#[from] seccomp_filters::Error),
+    #[error("Cannot install the SIGSYS handler for seccomp violations: {0}")]
+    Handler(io::Error),
+    #[error("Cannot start the seccomp violation watcher: {0}")]
+    Watcher(io::Error),
+    #[error("Cannot set no_new_privs: {0}")]
+    NoNewPrivs(io::Error),
+    #[error("Cannot drop capabilities: {0}")]
+    Capabilities(io::Error),
+    #[error("The jail is already set up")]
+    AlreadyEnabled,
+    #[error("Cannot install the seccomp filter of a {kind} thread: {source}")]
+    Seccomp { kind: &'static str, source: seccompiler::Error },
+    #[error("Cannot confine a {kind} thread with Landlock to {paths}: {message}")]
+    Landlock { kind: &'static str, paths: String, message: String },
+}
+
+/// Whether Landlock confined the threads given paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandlockState {
+    /// No thread was confined yet.
+    Unused,
+    Enforced,
+    /// The kernel enforces only part of the rights asked for (an older
+    /// Landlock ABI).
+    Partial,
+    /// The kernel has no Landlock: the paths are not confined.
+    Unavailable,
+}
+
+struct Jail {
+    programs: Vec<(ThreadKind, Vec<BpfProgram>)>,
+}
+
+static JAIL: OnceLock<Jail> = OnceLock::new();
+/// The write end of the violation watcher's socket (-1: none).
+static VIOLATION_FD: AtomicI32 = AtomicI32::new(-1);
+static VIOLATION_KIND: AtomicU8 = AtomicU8::new(0);
+static VIOLATION_NR: AtomicI64 = AtomicI64::new(-1);
+static LANDLOCK: AtomicU8 = AtomicU8::new(0);
+
+thread_local! {
+    /// The calling thread's kind, once confined (read by the SIGSYS
+    /// handler: a const-initialised cell without destructor).
+    static KIND: Cell<u8> = const { Cell::new(0) };
+}
+
+/// What the jail did to this process: for reports and tests.
+pub fn landlock_state() -> LandlockState {
+    match LANDLOCK.load(Ordering::SeqCst) {
+        1 => LandlockState::Enforced,
+        2 => LandlockState::Partial,
+        3 => LandlockState::Unavailable,
+        _ => LandlockState::Unused,
+    }
+}
+
+/// The thread kind and system call of the first seccomp violation, if any.
+pub fn violation() -> Option<(ThreadKind, i64)> {
+    let kind = ThreadKind::from_code(VIOLATION_KIND.load(Ordering::SeqCst))?;
+    Some((kind, VIOLATION_NR.load(Ordering::SeqCst)))
+}
+
+/// Capabilities a root VMM keeps: acting on the shared folders' files
+/// whoever owns them (reading and writing them, their modes and times,
+/// their owner). Everything else goes, from the bounding set too.
+pub const KEPT_CAPABILITIES: u64 = 1 << CAP_CHOWN | 1 << CAP_DAC_OVERRIDE | 1 << CAP_FOWNER;
+/// Capability numbers (linux/capability.h).
+const CAP_CHOWN: u64 = 0;
+const CAP_DAC_OVERRIDE: u64 = 1;
+const CAP_FOWNER: u64 = 3;
+
+/// Hardens the calling thread before it starts any other: `no_new_privs`,
+/// and when it has capabilities (sbx run as root) all but
+/// [`KEPT_CAPABILITIES`] dropped. Threads started afterwards inherit both.
+pub fn harden_process() -> Result<(), JailError> {
+    sys::set_no_new_privs().map_err(JailError::NoNewPrivs)?;
+    let (effective, permitted, inheritable) = sys::capabilities().map_err(JailError::Capabilities)?;
+    if effective | permitted | inheritable != 0 {
+        sys::restrict_capabilities(KEPT_CAPABILITIES).map_err(JailError::Capabilities)?;
+    }
+    Ok(())
+}
+
+/// Turns the jail on for every thread [`spawn`] starts from now on (and
+/// those that call [`confine_current`]): builds each kind's filter for
+/// this process, installs the SIGSYS handler and starts the watcher that
+/// stops `stop` on a violation (and ends the process with `exit_code`, if
+/// given, when the stop does not finish in [`VIOLATION_GRACE`]).
+pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) -> Result<(), JailError> {
+    let ctx = seccomp_filters::Context { pid: std::process::id(), kick_signal };
+    let mut programs = Vec::new();
+    for kind in ThreadKind::ALL {
+        programs.push((kind, seccomp_filters::programs(kind, &ctx)?));
+    }
+    if JAIL.set(Jail { programs }).is_err() {
+        return Err(JailError::AlreadyEnabled);
+    }
+    let (mut rx, tx) = UnixStream::pair().map_err(JailError::Watcher)?;
+    thread::Builder::new()
+        .name("seccomp-watch".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            while !matches!(rx.read(&mut b), Ok(1)) {}
+            let (kind, nr) = violation().unwrap_or((ThreadKind::Control, -1));
+            stop.request(StopReason::SyscallForbidden {
+                thread: kind.as_str().to_string(),
+                syscall: nr,
+                name: seccomp_filters::syscall_name(nr).map(str::to_string),
+            });
+            thread::sleep(VIOLATION_GRACE);
+            if let Some(code) = exit_code {
+                sys::write_raw(2, b"sbx: the VM did not stop in order after a seccomp violation; exiting\n");
+                sys::exit_now(code)
+            }
+        })
+        .map_err(JailError::Watcher)?;
+    // The write end lives for the process.
+    VIOLATION_FD.store(std::mem::ManuallyDrop::new(tx).as_raw_fd(), Ordering::SeqCst);
+    sys::install_sigsys_handler().map_err(JailError::Handler)?;
+    Ok(())
+}
+
+/// Called by the SIGSYS handler on the thread that made the forbidden call
+/// `nr`: records it (the first one), says so on stderr, wakes the watcher
+/// and parks the thread for good. Async-signal-safe: atomics, a
+/// thread-local cell, write(2) and futex(2) only.
+pub fn forbidden_syscall(nr: i64) -> ! {
+    let kind = KIND.with(|k| k.get());
+    if VIOLATION_KIND.compare_exchange(0, kind.max(1), Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        VIOLATION_NR.store(nr, Ordering::SeqCst);
+    }
+    let mut msg = Message::default();
+    msg.push(b"\nsbx: a ");
+    msg.push(ThreadKind::from_code(kind).map_or("VMM", |k| k.as_str()).as_bytes());
+    msg.push(b" thread made system call ");
+    msg.number(nr);
+    if let Some(name) = seccomp_filters::syscall_name(nr) {
+        msg.push(b" (");
+        msg.push(name.as_bytes());
+        msg.push(b")");
+    }
+    msg.push(b", which its seccomp filter forbids: the sandbox stops\n");
+    sys::write_raw(2, msg.bytes());
+    sys::write_raw(VIOLATION_FD.load(Ordering::SeqCst), &[1]);
+    sys::park_forever()
+}
+
+/// A message built without allocating (in a signal handler).
+struct Message {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Default for Message {
+    fn default() -> Message {
+        Message { buf: [0; 256], len: 0 }
+    }
+}
+
+impl Message {
+    fn push(&mut self, b: &[u8]) {
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+    }
+
+    fn number(&mut self, v: i64) {
+        let mut digits = [0u8; 20];
+        let mut n = v.unsigned_abs();
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Confines the calling thread as a `kind` thread: Landlock to `paths`
+/// (when any are given), then the kind's seccomp filter. Does nothing
+/// before [`enable_jail`].
+pub fn confine_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailError> {
+    let Some(jail) = JAIL.get() else { return Ok(()) };
+    if !paths.is_empty() {
+        landlock_current(kind, paths)?;
+    }
+    KIND.with(|k| k.set(kind.code()));
+    let programs = jail.programs.iter().find(|(k, _)| *k == kind).map(|(_, p)| p.as_slice()).unwrap_or_default();
+    for p in programs {
+        seccompiler::apply_filter(p).map_err(|source| JailError::Seccomp { kind: kind.as_str(), source })?;
+    }
+    Ok(())
+}
+
+/// Landlock: the calling thread may reach `paths` only (read, or read and
+/// write), whatever path it is given.
+fn landlock_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailError> {
+    let fail = |message: String| JailError::Landlock {
+        kind: kind.as_str(),
+        paths: paths.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>().join(", "),
+        message,
+    };
+    let abi = ABI::V6;
+    let (rw, ro): (Vec<_>, Vec<_>) = paths.iter().partition(|p| p.write);
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(rw.iter().map(|p| &p.path), AccessFs::from_all(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(ro.iter().map(|p| &p.path), AccessFs::from_read(abi))))
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| fail(e.to_string()))?;
+    let state = match status.ruleset {
+        RulesetStatus::FullyEnforced => 1,
+        RulesetStatus::PartiallyEnforced => 2,
+        _ => 3,
+    };
+    // The weakest state any thread got is what is reported.
+    LANDLOCK.fetch_max(state, Ordering::SeqCst);
+    Ok(())
 }
 
 #[derive(Default)]
@@ -87,18 +376,27 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Starts thread `name` of `kind` running `f`. If `f` panics, `report`
-/// stops the VM naming the thread and the panic; the thread's result is
-/// then None.
-pub fn spawn<T, F>(kind: ThreadKind, name: &str, report: PanicReport, f: F) -> io::Result<JoinHandle<Option<T>>>
+/// Starts thread `name` of `kind` running `f`, confined as its kind
+/// ([`confine_current`]; `paths` for Landlock). If `f` panics, or the
+/// thread cannot be confined (then `f` does not run), `report` stops the
+/// VM naming the thread; the thread's result is then None.
+pub fn spawn<T, F>(
+    kind: ThreadKind,
+    name: &str,
+    report: PanicReport,
+    paths: Vec<PathRule>,
+    f: F,
+) -> io::Result<JoinHandle<Option<T>>>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
     let thread_name = name.to_string();
     thread::Builder::new().name(name.into()).spawn(move || {
-        // The per-kind restriction (seccomp) goes here, before `f` runs.
-        let _ = kind;
+        if let Err(e) = confine_current(kind, &paths) {
+            report.report(StopReason::ThreadPanicked { thread: thread_name, message: e.to_string() });
+            return None;
+        }
         match panic::catch_unwind(AssertUnwindSafe(f)) {
             Ok(v) => Some(v),
             Err(payload) => {
@@ -117,7 +415,7 @@ mod tests {
     #[test]
     fn a_panicking_thread_stops_the_vm_with_its_name_and_message() {
         let stop = Arc::new(Stop::default());
-        let h = spawn(ThreadKind::DeviceWorker, "virtio-test", PanicReport::to(&stop), || -> u32 {
+        let h = spawn(ThreadKind::Fs, "virtio-test", PanicReport::to(&stop), vec![], || -> u32 {
             panic!("queue handler failed")
         })
         .unwrap();
@@ -135,7 +433,8 @@ mod tests {
     fn a_panic_before_the_vm_exists_is_kept_for_it() {
         let report = PanicReport::default();
         let h =
-            spawn(ThreadKind::Vcpu, "early", report.clone(), || panic!("{}", String::from("early failure"))).unwrap();
+            spawn(ThreadKind::Vcpu, "early", report.clone(), vec![], || panic!("{}", String::from("early failure")))
+                .unwrap();
         assert_eq!(h.join().unwrap(), None::<()>);
         let stop = Arc::new(Stop::default());
         assert!(!stop.is_requested());
@@ -146,7 +445,7 @@ mod tests {
     #[test]
     fn a_thread_that_returns_gives_its_value_and_stops_nothing() {
         let stop = Arc::new(Stop::default());
-        let h = spawn(ThreadKind::DeviceWorker, "fine", PanicReport::to(&stop), || 7).unwrap();
+        let h = spawn(ThreadKind::Fs, "fine", PanicReport::to(&stop), vec![], || 7).unwrap();
         assert_eq!(h.join().unwrap(), Some(7));
         assert!(!stop.is_requested());
     }

@@ -21,6 +21,7 @@ use vmm::devices::virtio::fs::{Counts, Fs};
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
+use vmm::threads::{self, PathRule, ThreadKind};
 
 use super::plan::{NetPlan, RunPlan};
 use crate::client::{self, Outcome};
@@ -58,6 +59,8 @@ pub enum LaunchError {
     Thread(io::Error),
     #[error("The VM thread failed")]
     VmPanicked,
+    #[error("Cannot jail the control thread: {0}")]
+    Jail(#[source] threads::JailError),
 }
 
 /// What came back from a run: the VM's result, the main session's (the
@@ -100,7 +103,6 @@ fn shared_folders(
 ) -> Result<(Vec<Fs>, Vec<Counts>), LaunchError> {
     let mut devices = Vec::new();
     let mut counts = Vec::new();
-    vmm::fs::server::raise_open_file_limit();
     for (i, share) in plan.shares.iter().enumerate() {
         let fail = |e: String| LaunchError::Share(share.dir.clone(), e);
         let mut opened =
@@ -120,7 +122,13 @@ fn shared_folders(
         let server = FileServer::new(opened, share.dir.clone(), sink)
             .fail_closed_on(failed)
             .with_quota(plan.workspace_quota.clone());
-        let fs = Fs::new(&share_tag(i), server).map_err(|e| fail(e.to_string()))?;
+        // Landlock: the folder, and the sandbox's own directory (the audit
+        // log it rotates, the git shadow).
+        let paths = vec![
+            PathRule { path: share.dir.clone(), write: !share.read_only },
+            PathRule { path: plan.sandbox.dir().to_path_buf(), write: true },
+        ];
+        let fs = Fs::new(&share_tag(i), server, paths).map_err(|e| fail(e.to_string()))?;
         counts.push(fs.counts.clone());
         devices.push(fs);
     }
@@ -131,6 +139,10 @@ fn shared_folders(
 /// counts, for benchmarks to read while the sandbox runs.
 fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>) {
     let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
+        if let Err(e) = threads::confine_current(ThreadKind::Control, &[]) {
+            eprintln!("sbx: file server statistics: {e}");
+            return;
+        }
         let mut last = String::new();
         loop {
             let now: Vec<serde_json::Value> =
@@ -261,6 +273,8 @@ pub fn launch(
     // The program: the main session over the control channel, as long
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.
+    // This thread now only talks to the guest's program and ends the run.
+    threads::confine_current(ThreadKind::Control, &[]).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);

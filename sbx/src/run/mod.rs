@@ -40,6 +40,8 @@ pub enum RunError {
     Finish(#[from] finish::FinishError),
     #[error(transparent)]
     Limits(#[from] limits::Error),
+    #[error("Cannot jail the VMM: {0}")]
+    Jail(#[source] vmm::threads::JailError),
 }
 
 /// SIGTERM and SIGHUP (`sbx stop`) end the program through its session so
@@ -73,10 +75,17 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     // First, before any thread exists and before the sandbox shows as
     // running: from then on `sbx stop` (SIGTERM) must stop the VM in
     // order, even while it is still being built.
+    // The jail's process-wide part before any thread: no_new_privs, and
+    // as root every capability but those acting on the shared files.
+    vmm::fs::server::raise_open_file_limit();
+    vmm::threads::harden_process().map_err(RunError::Jail)?;
     let stop = Arc::new(Stop::default());
     let session = client::Writer::default();
     handle_signals(stop.clone(), session.clone());
     let plan = plan::RunPlan::new(args)?;
+    // Every VMM thread from now on runs under its kind's seccomp filter.
+    vmm::threads::enable_jail(stop.clone(), vmm::runner::kick_signal(), Some(EXIT_SBX_ERROR.into()))
+        .map_err(RunError::Jail)?;
     // The limits asked for, before the VM and its threads exist (a
     // cgroup's limits bind all of a process's threads in any case).
     let cgroup = limits::apply(&plan.limits, &plan.sandbox.settings.name, &limits::Host::default())?;

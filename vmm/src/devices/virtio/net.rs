@@ -89,7 +89,7 @@ impl Net {
             counters: counters.clone(),
             max_frame: usize::from(mtu) + ETH_HDR_LEN,
         };
-        let worker = Worker::spawn("virtio-net", handler)?;
+        let worker = Worker::spawn(crate::threads::ThreadKind::Net, "virtio-net", vec![], handler)?;
         Ok(Net { mac, mtu, worker, counters })
     }
 

@@ -120,7 +120,8 @@ impl Vsock {
     /// A vsock device whose host end is `listener` (non-blocking).
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
-        let worker = Worker::spawn("virtio-vsock", VsockWorker::new(listener))?;
+        let worker =
+            Worker::spawn(crate::threads::ThreadKind::Vsock, "virtio-vsock", vec![], VsockWorker::new(listener))?;
         Ok(Vsock { worker })
     }
 }

@@ -33,10 +33,12 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::{ActivateError, Interrupt};
 use crate::control::Stop;
-use crate::threads::{self, PanicReport, ThreadKind};
+use crate::threads::{self, PanicReport, PathRule, ThreadKind};
 
 /// Events taken from one `epoll_wait`.
 const MAX_EVENTS: usize = 64;
+/// After a seccomp violation: how long a dropped worker is waited for.
+const VIOLATION_WAIT: Duration = Duration::from_secs(1);
 /// epoll data of the worker's own descriptors; a handler's key `k` is
 /// registered as `k + FIRST_HANDLER_TOKEN`.
 const TOKEN_KICK: u64 = 0;
@@ -126,15 +128,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts thread `name` running `handler`.
-    pub fn spawn(name: &str, handler: impl QueueHandler) -> io::Result<Worker> {
+    /// Starts thread `name` running `handler`, confined as a `kind` thread
+    /// (Landlock to `paths` where given).
+    pub fn spawn(kind: ThreadKind, name: &str, paths: Vec<PathRule>, handler: impl QueueHandler) -> io::Result<Worker> {
         let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let ctl_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let (ctl, rx) = mpsc::channel();
         let mut event_loop = EventLoop::new(handler, kick.clone(), ctl_evt.clone(), stop_evt.clone(), rx)?;
         let report = PanicReport::default();
-        let thread = threads::spawn(ThreadKind::DeviceWorker, name, report.clone(), move || event_loop.run())?;
+        let thread = threads::spawn(kind, name, report.clone(), paths, move || event_loop.run())?;
         Ok(Worker { kick, ctl, ctl_evt, stop_evt, report, thread: Some(thread) })
     }
 
@@ -193,6 +196,17 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.stop_evt.write(1);
         if let Some(h) = self.thread.take() {
+            // A worker stopped for a seccomp violation never ends: it is
+            // left behind (the process ends soon after).
+            if threads::violation().is_some() {
+                let until = Instant::now() + VIOLATION_WAIT;
+                while !h.is_finished() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !h.is_finished() {
+                    return;
+                }
+            }
             let _ = h.join();
         }
     }
@@ -516,7 +530,7 @@ mod tests {
     fn kicks_activation_descriptors_and_deadlines_wake_the_handler_and_nothing_else_does() {
         let (mine, theirs) = UnixStream::pair().unwrap();
         let (h, seen) = recorder(Some(mine), Some(Instant::now() + Duration::from_millis(30)));
-        let w = Worker::spawn("worker-test", h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", vec![], h).unwrap();
         // The deadline fires once, by itself.
         wait_for("the deadline", || seen.lock().unwrap().timer_wakes == 1);
         // Activation is a queue wake; the interrupt goes to the guest.
@@ -551,7 +565,7 @@ mod tests {
     #[test]
     fn too_few_queues_are_refused() {
         let (h, _) = recorder(None, None);
-        let w = Worker::spawn("worker-test", h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", vec![], h).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
         assert_eq!(w.activate("test", 2, mem(), vec![], irq), Err(ActivateError::QueueCount("test", 2, 0)));
     }
@@ -560,7 +574,7 @@ mod tests {
     fn a_handler_that_panics_stops_the_vm_instead_of_hanging_it() {
         let (mut h, _) = recorder(None, None);
         h.panic_on_queue = true;
-        let w = Worker::spawn("virtio-broken", h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "virtio-broken", vec![], h).unwrap();
         let stop = Arc::new(Stop::default());
         w.attach_stop(&stop);
         w.kick();
@@ -603,8 +617,13 @@ mod tests {
         let (mine, theirs) = UnixStream::pair().unwrap();
         let want = Arc::new(AtomicUsize::new(0));
         let rounds = Arc::new(AtomicUsize::new(0));
-        let w =
-            Worker::spawn("worker-test", Stubborn { sock: mine, want: want.clone(), rounds: rounds.clone() }).unwrap();
+        let w = Worker::spawn(
+            ThreadKind::Vsock,
+            "worker-test",
+            vec![],
+            Stubborn { sock: mine, want: want.clone(), rounds: rounds.clone() },
+        )
+        .unwrap();
         (&theirs).write_all(b"x").unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(rounds.load(Ordering::SeqCst), 0, "not wanted: the data does not wake it");
