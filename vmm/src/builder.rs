@@ -100,6 +100,8 @@ pub struct GuestNet {
     pub mac: [u8; 6],
     pub mtu: u16,
     pub backend: Box<dyn FrameBackend>,
+    /// The host paths the NIC's worker (netstack) may reach.
+    pub reach: crate::threads::Reach,
 }
 
 /// A host file the guest sees as a virtio-blk disk.
@@ -240,7 +242,7 @@ fn register_queue_notify(vm: &Vm, device: &dyn VirtioDevice, base: u64) {
 
 /// The guest's only NIC, backed by the caller's frame backend.
 fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()> {
-    let device = Net::new(net.mac, net.mtu, net.backend).map_err(Error::Net)?;
+    let device = Net::new(net.mac, net.mtu, net.backend, net.reach).map_err(Error::Net)?;
     attach_virtio_device(vm, mmio, Box::new(device))
 }
 

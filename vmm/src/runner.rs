@@ -15,7 +15,7 @@ use crate::builder::MicroVm;
 use crate::control::{Stop, StopReason};
 use crate::devices::Bus;
 use crate::metrics;
-use crate::threads::{self, PanicReport, ThreadKind};
+use crate::threads::{self, PanicReport, Reach, ThreadKind};
 use crate::vstate;
 
 /// Counts of vCPU exits by reason (summed over vCPUs).
@@ -63,11 +63,14 @@ pub fn kick_signal() -> libc::c_int {
 }
 
 /// How to run the VM.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Sample the boot vCPU's RIP at this interval (a guest profiler).
     pub profile: Option<Duration>,
+    /// The host paths vCPU threads may reach (once the jail is on): their
+    /// disks are open already; the console log they write rotates.
+    pub vcpu_reach: Reach,
 }
 
 /// What a vCPU thread hands back.
@@ -89,14 +92,19 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (pio, mmio, vstop) = (pio.clone(), mmio.clone(), stop.clone());
         let sample = id == 0 && opts.profile.is_some();
-        let handle =
-            threads::spawn(ThreadKind::Vcpu, &format!("vcpu{id}"), PanicReport::to(&stop), vec![], move || {
+        let handle = threads::spawn(
+            ThreadKind::Vcpu,
+            &format!("vcpu{id}"),
+            PanicReport::to(&stop),
+            opts.vcpu_reach.clone(),
+            move || {
                 let mut vcpu = vcpu;
                 let out = vcpu_loop(&mut vcpu, &pio, &mmio, &vstop, sample);
                 // One vCPU ending ends the VM.
                 vstop.request(StopReason::UnexpectedExit("A vCPU stopped".into()));
                 out
-            });
+            },
+        );
         match handle {
             Ok(h) => handles.push(h),
             Err(e) => stop.request(StopReason::Kvm(format!("Cannot start a vCPU thread: {e}"))),
@@ -104,7 +112,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     }
 
     // From here this thread only waits, kicks and counts: a control thread.
-    if let Err(e) = threads::confine_current(ThreadKind::Control, &[]) {
+    if let Err(e) = threads::confine_current(ThreadKind::Control, &Reach::Unconfined) {
         stop.request(StopReason::ThreadPanicked { thread: "vm".into(), message: e.to_string() });
     }
     while !stop.is_requested() {

@@ -88,6 +88,16 @@ pub struct PathRule {
     pub write: bool,
 }
 
+/// Which host paths a thread can reach (Landlock).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Reach {
+    /// Landlock is not used: the thread's other limits apply.
+    #[default]
+    Unconfined,
+    /// These paths only (none: no path at all).
+    Only(Vec<PathRule>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
     #[error(transparent)]
@@ -211,6 +221,17 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
     // The write end lives for the process.
     VIOLATION_FD.store(std::mem::ManuallyDrop::new(tx).as_raw_fd(), Ordering::SeqCst);
     sys::install_sigsys_handler().map_err(JailError::Handler)?;
+    // A confined thread that panics says so in one line: the default
+    // hook's backtrace (RUST_BACKTRACE) reads files and the working
+    // directory, which its filter forbids.
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| match ThreadKind::from_code(KIND.with(|k| k.get())) {
+        Some(kind) => {
+            let name = thread::current().name().unwrap_or("unnamed").to_string();
+            eprintln!("sbx: {} thread '{name}' {info}", kind.as_str());
+        }
+        None => previous(info),
+    }));
     Ok(())
 }
 
@@ -281,12 +302,12 @@ impl Message {
     }
 }
 
-/// Confines the calling thread as a `kind` thread: Landlock to `paths`
-/// (when any are given), then the kind's seccomp filter. Does nothing
-/// before [`enable_jail`].
-pub fn confine_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailError> {
+/// Confines the calling thread as a `kind` thread: Landlock to what
+/// `reach` says, then the kind's seccomp filter. Does nothing before
+/// [`enable_jail`].
+pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError> {
     let Some(jail) = JAIL.get() else { return Ok(()) };
-    if !paths.is_empty() {
+    if let Reach::Only(paths) = reach {
         landlock_current(kind, paths)?;
     }
     KIND.with(|k| k.set(kind.code()));
@@ -302,7 +323,11 @@ pub fn confine_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailE
 fn landlock_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailError> {
     let fail = |message: String| JailError::Landlock {
         kind: kind.as_str(),
-        paths: paths.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>().join(", "),
+        paths: if paths.is_empty() {
+            "no path".to_string()
+        } else {
+            paths.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        },
         message,
     };
     let abi = ABI::V6;
@@ -377,14 +402,14 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Starts thread `name` of `kind` running `f`, confined as its kind
-/// ([`confine_current`]; `paths` for Landlock). If `f` panics, or the
+/// ([`confine_current`]; `reach` for Landlock). If `f` panics, or the
 /// thread cannot be confined (then `f` does not run), `report` stops the
 /// VM naming the thread; the thread's result is then None.
 pub fn spawn<T, F>(
     kind: ThreadKind,
     name: &str,
     report: PanicReport,
-    paths: Vec<PathRule>,
+    reach: Reach,
     f: F,
 ) -> io::Result<JoinHandle<Option<T>>>
 where
@@ -393,7 +418,7 @@ where
 {
     let thread_name = name.to_string();
     thread::Builder::new().name(name.into()).spawn(move || {
-        if let Err(e) = confine_current(kind, &paths) {
+        if let Err(e) = confine_current(kind, &reach) {
             report.report(StopReason::ThreadPanicked { thread: thread_name, message: e.to_string() });
             return None;
         }
@@ -415,7 +440,7 @@ mod tests {
     #[test]
     fn a_panicking_thread_stops_the_vm_with_its_name_and_message() {
         let stop = Arc::new(Stop::default());
-        let h = spawn(ThreadKind::Fs, "virtio-test", PanicReport::to(&stop), vec![], || -> u32 {
+        let h = spawn(ThreadKind::Fs, "virtio-test", PanicReport::to(&stop), Reach::Unconfined, || -> u32 {
             panic!("queue handler failed")
         })
         .unwrap();
@@ -432,9 +457,10 @@ mod tests {
     #[test]
     fn a_panic_before_the_vm_exists_is_kept_for_it() {
         let report = PanicReport::default();
-        let h =
-            spawn(ThreadKind::Vcpu, "early", report.clone(), vec![], || panic!("{}", String::from("early failure")))
-                .unwrap();
+        let h = spawn(ThreadKind::Vcpu, "early", report.clone(), Reach::Unconfined, || {
+            panic!("{}", String::from("early failure"))
+        })
+        .unwrap();
         assert_eq!(h.join().unwrap(), None::<()>);
         let stop = Arc::new(Stop::default());
         assert!(!stop.is_requested());
@@ -445,7 +471,7 @@ mod tests {
     #[test]
     fn a_thread_that_returns_gives_its_value_and_stops_nothing() {
         let stop = Arc::new(Stop::default());
-        let h = spawn(ThreadKind::Fs, "fine", PanicReport::to(&stop), vec![], || 7).unwrap();
+        let h = spawn(ThreadKind::Fs, "fine", PanicReport::to(&stop), Reach::Unconfined, || 7).unwrap();
         assert_eq!(h.join().unwrap(), Some(7));
         assert!(!stop.is_requested());
     }

@@ -8,12 +8,13 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use vmm::control::{Stop, StopReason};
-use vmm::threads::{self, PanicReport, PathRule, ThreadKind};
+use vmm::threads::{self, PanicReport, PathRule, Reach, ThreadKind};
 
 /// The exit code the child processes give the jail for its last resort.
 const CHILD_EXIT: i32 = 77;
@@ -27,12 +28,12 @@ fn jail() -> Arc<Stop> {
     stop
 }
 
-/// Runs `f` on a thread confined as `kind` (Landlock to `paths`) and
+/// Runs `f` on a thread confined as `kind` (Landlock to `reach`) and
 /// returns its result; fails the test, naming the call, if the thread hit
 /// its filter.
-fn confined<T: Send + 'static>(kind: ThreadKind, paths: Vec<PathRule>, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn confined<T: Send + 'static>(kind: ThreadKind, reach: Reach, f: impl FnOnce() -> T + Send + 'static) -> T {
     let stop = jail();
-    let h = threads::spawn(kind, &format!("test-{}", kind.as_str()), PanicReport::to(&stop), paths, f).unwrap();
+    let h = threads::spawn(kind, &format!("test-{}", kind.as_str()), PanicReport::to(&stop), reach, f).unwrap();
     let until = Instant::now() + Duration::from_secs(60);
     while !h.is_finished() {
         if let Some((k, nr)) = threads::violation() {
@@ -63,7 +64,8 @@ fn each_kind_runs_its_work_under_its_filter() {
     let disk = t.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 8192]).unwrap();
     let d = disk.clone();
-    let seccomp = confined(ThreadKind::Vcpu, vec![], move || {
+    let dir = t.path().to_path_buf();
+    let seccomp = confined(ThreadKind::Vcpu, Reach::Only(vec![PathRule { path: dir, write: true }]), move || {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&d).unwrap();
         f.write_all_at(b"sector", 512).unwrap();
@@ -71,10 +73,14 @@ fn each_kind_runs_its_work_under_its_filter() {
         f.read_exact_at(&mut b, 512).unwrap();
         f.sync_data().unwrap();
         std::fs::rename(&d, d.with_extension("old")).unwrap();
-        (b, status_field("Seccomp:"))
+        let etc = std::fs::read("/etc/hostname").map_err(|e| e.raw_os_error());
+        // (/proc too is a path it does not reach.)
+        let proc = std::fs::read("/proc/thread-self/status").map_err(|e| e.raw_os_error());
+        (b, proc, etc)
     });
     assert_eq!(&seccomp.0, b"sector");
-    assert_eq!(seccomp.1, "2", "the vCPU thread runs under a seccomp filter");
+    assert_eq!(seccomp.1, Err(Some(libc::EACCES)), "a vCPU reaches the sandbox's directory only");
+    assert_eq!(seccomp.2, Err(Some(libc::EACCES)), "a vCPU reaches the sandbox's directory only");
 
     // Network: resolving, connecting, a thread of its own (the connect
     // threads), non-blocking sockets.
@@ -84,9 +90,16 @@ fn each_kind_runs_its_work_under_its_filter() {
         let (mut s, _) = listener.accept().unwrap();
         s.write_all(b"pong").unwrap();
     });
-    let got = confined(ThreadKind::Net, vec![], move || {
-        let _ = ("localhost", 80).to_socket_addrs();
-        std::thread::spawn(move || {
+    let system: Vec<PathRule> = ["/etc", "/run", "/usr/lib", "/lib", "/lib64"]
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .map(|p| PathRule { path: p.into(), write: false })
+        .collect();
+    let home = std::env::var("HOME").unwrap_or("/root".into());
+    let (got, resolved, home_read) = confined(ThreadKind::Net, Reach::Only(system), move || {
+        let resolved = ("localhost", 80).to_socket_addrs().map(|a| a.count()).map_err(|e| e.to_string());
+        let home_read = std::fs::read_dir(&home).map(|_| ()).map_err(|e| e.raw_os_error());
+        let got = std::thread::spawn(move || {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
             s.set_nodelay(true).unwrap();
             s.set_nonblocking(false).unwrap();
@@ -95,9 +108,12 @@ fn each_kind_runs_its_work_under_its_filter() {
             b
         })
         .join()
-        .unwrap()
+        .unwrap();
+        (got, resolved, home_read)
     });
     assert_eq!(got, b"pong");
+    assert!(resolved.as_ref().is_ok_and(|n| *n > 0), "the host resolver works: {resolved:?}");
+    assert_eq!(home_read, Err(Some(libc::EACCES)), "netstack cannot read the user's files");
     server.join().unwrap();
 
     // Control channel: accepting the host's connections to its socket.
@@ -107,7 +123,8 @@ fn each_kind_runs_its_work_under_its_filter() {
         let mut c = UnixStream::connect(&sock).unwrap();
         c.write_all(b"hello").unwrap();
     });
-    let got = confined(ThreadKind::Vsock, vec![], move || {
+    // (It may not open any file at all: its filter has no openat.)
+    let got = confined(ThreadKind::Vsock, Reach::Only(vec![]), move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_nonblocking(true).unwrap();
         s.set_nonblocking(false).unwrap();
@@ -120,7 +137,7 @@ fn each_kind_runs_its_work_under_its_filter() {
 
     // Control: threads, unix sockets, the sandbox's state files.
     let state = t.path().join("state");
-    let ok = confined(ThreadKind::Control, vec![], move || {
+    let ok = confined(ThreadKind::Control, Reach::Unconfined, move || {
         std::fs::create_dir_all(&state).unwrap();
         std::fs::write(state.join("last.tmp"), "x").unwrap();
         std::fs::rename(state.join("last.tmp"), state.join("last")).unwrap();
@@ -128,9 +145,11 @@ fn each_kind_runs_its_work_under_its_filter() {
         std::thread::spawn(move || (&a).write_all(b"y").unwrap()).join().unwrap();
         let mut buf = [0u8; 1];
         b.read_exact(&mut buf).unwrap();
-        std::fs::read_to_string(state.join("last")).unwrap() + std::str::from_utf8(&buf).unwrap()
+        let seccomp = status_field("Seccomp:");
+        (std::fs::read_to_string(state.join("last")).unwrap() + std::str::from_utf8(&buf).unwrap(), seccomp)
     });
-    assert_eq!(ok, "xy");
+    assert_eq!(ok.0, "xy");
+    assert_eq!(ok.1, "2", "the thread runs under a seccomp filter");
 }
 
 #[test]
@@ -146,7 +165,7 @@ fn the_file_server_reaches_its_folder_and_nothing_else() {
     std::fs::write(ro.join("doc"), "read me").unwrap();
     let paths = vec![PathRule { path: share.clone(), write: true }, PathRule { path: ro.clone(), write: false }];
     let (s, o, r) = (share.clone(), outside.clone(), ro.clone());
-    let result = confined(ThreadKind::Fs, paths, move || {
+    let result = confined(ThreadKind::Fs, Reach::Only(paths), move || {
         use std::os::unix::fs::{symlink, PermissionsExt};
         // What the file server does in its folder.
         std::fs::create_dir_all(s.join("a/b")).unwrap();
@@ -216,6 +235,22 @@ const VIOLATIONS: &[(&str, &str, Option<&str>)] = &[
 ];
 
 #[test]
+fn a_confined_thread_that_panics_stops_the_vm_with_its_message_even_with_backtraces_on() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "violation_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("SBX_JAIL_CHILD", "vcpu/panic")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let case = format!("{:?}\nstdout {stdout}\nstderr {stderr}", out.status);
+    assert_eq!(out.status.code(), Some(0), "{case}");
+    assert!(stdout.contains("PANIC REPORTED: VMM thread victim failed: vcpu panicked: a bug in a device"), "{case}");
+    assert!(stderr.contains("sbx: vcpu thread 'victim' panicked at"), "{case}");
+    assert!(!stderr.contains("made system call"), "the backtrace is not attempted: {case}");
+}
+
+#[test]
 fn a_forbidden_call_stops_the_thread_and_the_vm_and_at_last_the_process() {
     use std::os::unix::process::ExitStatusExt;
     let exe = std::env::current_exe().unwrap();
@@ -268,14 +303,22 @@ fn violation_child() {
     let stop = Arc::new(Stop::default());
     threads::enable_jail(stop.clone(), libc::SIGRTMIN(), Some(CHILD_EXIT)).unwrap();
     let action = action.to_string();
-    let h = threads::spawn(kind, "victim", PanicReport::to(&stop), vec![], move || match action.as_str() {
+    let h = threads::spawn(kind, "victim", PanicReport::to(&stop), Reach::Unconfined, move || match action.as_str() {
         "spawn" => drop(Command::new("/bin/true").status()),
         "tty-ioctl" => drop(std::io::IsTerminal::is_terminal(&std::io::stdin())),
         "inet-socket" => drop(TcpListener::bind("127.0.0.1:0")),
+        "panic" => panic!("a bug in a device"),
         other => panic!("unknown action {other}"),
     })
     .unwrap();
     assert!(stop.wait(Some(Duration::from_secs(30))), "the VM was not stopped");
+    if let Some(StopReason::ThreadPanicked { .. }) = stop.reason() {
+        // A panic is no violation: the thread ends, nothing is parked.
+        println!("PANIC REPORTED: {}", stop.reason().unwrap());
+        assert_eq!(h.join().unwrap(), None);
+        assert!(threads::violation().is_none());
+        return;
+    }
     if let Some(StopReason::SyscallForbidden { .. }) = stop.reason() {
         println!("STOPPED: {}", stop.reason().unwrap());
     }

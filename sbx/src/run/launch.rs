@@ -21,7 +21,7 @@ use vmm::devices::virtio::fs::{Counts, Fs};
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
-use vmm::threads::{self, PathRule, ThreadKind};
+use vmm::threads::{self, PathRule, Reach, ThreadKind};
 
 use super::plan::{NetPlan, RunPlan};
 use crate::client::{self, Outcome};
@@ -124,11 +124,11 @@ fn shared_folders(
             .with_quota(plan.workspace_quota.clone());
         // Landlock: the folder, and the sandbox's own directory (the audit
         // log it rotates, the git shadow).
-        let paths = vec![
+        let reach = Reach::Only(vec![
             PathRule { path: share.dir.clone(), write: !share.read_only },
             PathRule { path: plan.sandbox.dir().to_path_buf(), write: true },
-        ];
-        let fs = Fs::new(&share_tag(i), server, paths).map_err(|e| fail(e.to_string()))?;
+        ]);
+        let fs = Fs::new(&share_tag(i), server, reach).map_err(|e| fail(e.to_string()))?;
         counts.push(fs.counts.clone());
         devices.push(fs);
     }
@@ -139,7 +139,7 @@ fn shared_folders(
 /// counts, for benchmarks to read while the sandbox runs.
 fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>) {
     let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
-        if let Err(e) = threads::confine_current(ThreadKind::Control, &[]) {
+        if let Err(e) = threads::confine_current(ThreadKind::Control, &Reach::Unconfined) {
             eprintln!("sbx: file server statistics: {e}");
             return;
         }
@@ -159,15 +159,30 @@ fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>) {
     });
 }
 
+/// What the host's resolver reads (glibc: nsswitch.conf, hosts,
+/// resolv.conf — often a link into /run —, NSS modules and their
+/// libraries): netstack's threads may read these, and nothing else of the
+/// host but the sandbox's directory.
+const RESOLVER_PATHS: &[&str] = &["/etc", "/run", "/usr/lib", "/lib", "/lib64", "/usr/lib64", "/var/run"];
+
 /// The sandbox's network: its policy and upstream overrides, and the
-/// sandbox's audit log.
-fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>) -> GuestNet {
+/// sandbox's audit log (in `sandbox_dir`, which it rotates).
+fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> GuestNet {
     let mut resolver = Resolver { system: true, ..Resolver::default() };
     resolver.overrides.extend(net.overrides.iter().cloned());
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
     let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
-    GuestNet { mac: GUEST_MAC, mtu, backend: Box::new(crate::netback::NetBackend::new(stack)) }
+    let mut paths = vec![PathRule { path: sandbox_dir.to_path_buf(), write: true }];
+    paths.extend(
+        RESOLVER_PATHS.iter().map(Path::new).filter(|p| p.exists()).map(|p| PathRule { path: p.into(), write: false }),
+    );
+    GuestNet {
+        mac: GUEST_MAC,
+        mtu,
+        backend: Box::new(crate::netback::NetBackend::new(stack)),
+        reach: Reach::Only(paths),
+    }
 }
 
 /// The boot job guest-init reads, and the main session's request.
@@ -240,7 +255,7 @@ pub fn launch(
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
     publish_fs_stats(sb.fs_stats(), fs_counts.clone());
-    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone()));
+    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir()));
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
 
@@ -266,15 +281,20 @@ pub fn launch(
         shares: fs_devices,
     };
     let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(LaunchError::Build)?;
-    let opts =
-        runner::RunOptions { timeout: plan.timeout, profile: plan.profile.as_ref().map(|_| Duration::from_millis(5)) };
+    let opts = runner::RunOptions {
+        timeout: plan.timeout,
+        profile: plan.profile.as_ref().map(|_| Duration::from_millis(5)),
+        // The console log it writes (and rotates) is in the sandbox's
+        // directory; its disks are open already.
+        vcpu_reach: Reach::Only(vec![PathRule { path: sb.dir().to_path_buf(), write: true }]),
+    };
     let vm =
         thread::Builder::new().name("vm".into()).spawn(move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
     // The program: the main session over the control channel, as long
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.
     // This thread now only talks to the guest's program and ends the run.
-    threads::confine_current(ThreadKind::Control, &[]).map_err(LaunchError::Jail)?;
+    threads::confine_current(ThreadKind::Control, &Reach::Unconfined).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);

@@ -22,7 +22,7 @@ use super::worker::{Active, QueueHandler, Wake, Worker};
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::control::Stop;
 use crate::fs::server::{FileServer, MAX_WRITE};
-use crate::threads::{PathRule, ThreadKind};
+use crate::threads::{Reach, ThreadKind};
 
 pub const DEVICE_TYPE_FS: u32 = 26;
 /// The filesystem tag's room in config space.
@@ -45,8 +45,8 @@ pub struct Fs {
 
 impl Fs {
     /// A device the guest mounts by `tag`, served by `server` on a thread
-    /// that can reach `paths` only (once the jail is on: Landlock).
-    pub fn new(tag: &str, server: FileServer, paths: Vec<PathRule>) -> std::io::Result<Fs> {
+    /// that reaches the host paths `reach` allows (once the jail is on).
+    pub fn new(tag: &str, server: FileServer, reach: Reach) -> std::io::Result<Fs> {
         if tag.is_empty() || tag.len() > TAG_LEN {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "filesystem tag must be 1-36 bytes"));
         }
@@ -54,7 +54,7 @@ impl Fs {
         t[..tag.len()].copy_from_slice(tag.as_bytes());
         let counts = Counts::default();
         let for_thread = counts.clone();
-        let worker = Worker::spawn(ThreadKind::Fs, "virtio-fs", paths, FsHandler { server, counts: for_thread })?;
+        let worker = Worker::spawn(ThreadKind::Fs, "virtio-fs", reach, FsHandler { server, counts: for_thread })?;
         Ok(Fs { tag: t, worker, counts })
     }
 
@@ -223,7 +223,7 @@ mod tests {
 
     fn device(dir: &std::path::Path) -> Fs {
         let share = Share::open(dir, FsPolicy::default(), false).unwrap();
-        Fs::new("sbx0", FileServer::new(share, dir.to_path_buf(), Box::new(|_| {})), vec![]).unwrap()
+        Fs::new("sbx0", FileServer::new(share, dir.to_path_buf(), Box::new(|_| {})), Reach::Unconfined).unwrap()
     }
 
     fn init_request(unique: u64) -> Vec<u8> {
@@ -313,7 +313,7 @@ mod tests {
                 let share = Share::open(dir.path(), FsPolicy::default(), false).unwrap();
                 FileServer::new(share, dir.path().to_path_buf(), Box::new(|_| {}))
             },
-            vec![]
+            Reach::Unconfined
         )
         .is_err());
     }

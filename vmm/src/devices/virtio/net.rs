@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::worker::{Active, Interest, QueueHandler, Wake, Worker};
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::control::Stop;
+use crate::threads::Reach;
 
 pub const DEVICE_TYPE_NET: u32 = 1;
 
@@ -81,7 +82,9 @@ pub struct Net {
 
 impl Net {
     /// A NIC with address `mac` whose peer is `backend` (MTU `mtu`).
-    pub fn new(mac: [u8; 6], mtu: u16, backend: Box<dyn FrameBackend>) -> std::io::Result<Net> {
+    /// A NIC whose frames go to `backend`, its worker reaching the host
+    /// paths `reach` allows (once the jail is on).
+    pub fn new(mac: [u8; 6], mtu: u16, backend: Box<dyn FrameBackend>, reach: Reach) -> std::io::Result<Net> {
         let counters = Arc::new(NetCounters::default());
         let handler = NetHandler {
             backend,
@@ -89,7 +92,7 @@ impl Net {
             counters: counters.clone(),
             max_frame: usize::from(mtu) + ETH_HDR_LEN,
         };
-        let worker = Worker::spawn(crate::threads::ThreadKind::Net, "virtio-net", vec![], handler)?;
+        let worker = Worker::spawn(crate::threads::ThreadKind::Net, "virtio-net", reach, handler)?;
         Ok(Net { mac, mtu, worker, counters })
     }
 
@@ -438,7 +441,7 @@ mod tests {
         // RX: one 2 KiB buffer.
         rxq.add_desc_chains(&[chain(0x50_000, 2048, VRING_DESC_F_WRITE, 0)], 0).unwrap();
         let (backend, seen) = fake(None);
-        let mut net = Net::new([2, 0x73, 0x62, 0x78, 0, 2], 1500, backend).unwrap();
+        let mut net = Net::new([2, 0x73, 0x62, 0x78, 0, 2], 1500, backend, Reach::Unconfined).unwrap();
         let irq = Arc::new(Count::default());
         net.activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone()).unwrap();
         net.queue_notify(TX as u16);
@@ -465,7 +468,7 @@ mod tests {
         let (mine, mut theirs) = UnixStream::pair().unwrap();
         mine.set_nonblocking(true).unwrap();
         let (backend, seen) = fake(Some(mine));
-        let mut net = Net::new(GUEST_MAC, 1500, backend).unwrap();
+        let mut net = Net::new(GUEST_MAC, 1500, backend, Reach::Unconfined).unwrap();
         let irq = Arc::new(Count::default());
         net.activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone()).unwrap();
         wait_for("the activation round", || seen.lock().unwrap().polls >= 1);
@@ -511,7 +514,7 @@ mod tests {
         )
         .unwrap();
         let (backend, seen) = fake(None);
-        let mut net = Net::new([2, 0, 0, 0, 0, 1], 1500, backend).unwrap();
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], 1500, backend, Reach::Unconfined).unwrap();
         net.activate(
             mem.clone(),
             vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
@@ -528,7 +531,7 @@ mod tests {
 
     #[test]
     fn config_space_has_the_mac_link_and_mtu() {
-        let net = Net::new([2, 1, 2, 3, 4, 5], 1500, fake(None).0).unwrap();
+        let net = Net::new([2, 1, 2, 3, 4, 5], 1500, fake(None).0, Reach::Unconfined).unwrap();
         let mut c = [0u8; 12];
         net.read_config(0, &mut c);
         assert_eq!(&c[0..6], &[2, 1, 2, 3, 4, 5]);

@@ -120,8 +120,13 @@ impl Vsock {
     /// A vsock device whose host end is `listener` (non-blocking).
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
-        let worker =
-            Worker::spawn(crate::threads::ThreadKind::Vsock, "virtio-vsock", vec![], VsockWorker::new(listener))?;
+        let worker = Worker::spawn(
+            crate::threads::ThreadKind::Vsock,
+            "virtio-vsock",
+            // It only accepts on a socket it already holds: no host path.
+            crate::threads::Reach::Only(Vec::new()),
+            VsockWorker::new(listener),
+        )?;
         Ok(Vsock { worker })
     }
 }

@@ -33,7 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::{ActivateError, Interrupt};
 use crate::control::Stop;
-use crate::threads::{self, PanicReport, PathRule, ThreadKind};
+use crate::threads::{self, PanicReport, Reach, ThreadKind};
 
 /// Events taken from one `epoll_wait`.
 const MAX_EVENTS: usize = 64;
@@ -129,15 +129,15 @@ pub struct Worker {
 
 impl Worker {
     /// Starts thread `name` running `handler`, confined as a `kind` thread
-    /// (Landlock to `paths` where given).
-    pub fn spawn(kind: ThreadKind, name: &str, paths: Vec<PathRule>, handler: impl QueueHandler) -> io::Result<Worker> {
+    /// that reaches the host paths `reach` allows.
+    pub fn spawn(kind: ThreadKind, name: &str, reach: Reach, handler: impl QueueHandler) -> io::Result<Worker> {
         let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let ctl_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let (ctl, rx) = mpsc::channel();
         let mut event_loop = EventLoop::new(handler, kick.clone(), ctl_evt.clone(), stop_evt.clone(), rx)?;
         let report = PanicReport::default();
-        let thread = threads::spawn(kind, name, report.clone(), paths, move || event_loop.run())?;
+        let thread = threads::spawn(kind, name, report.clone(), reach, move || event_loop.run())?;
         Ok(Worker { kick, ctl, ctl_evt, stop_evt, report, thread: Some(thread) })
     }
 
@@ -530,7 +530,7 @@ mod tests {
     fn kicks_activation_descriptors_and_deadlines_wake_the_handler_and_nothing_else_does() {
         let (mine, theirs) = UnixStream::pair().unwrap();
         let (h, seen) = recorder(Some(mine), Some(Instant::now() + Duration::from_millis(30)));
-        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", vec![], h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", Reach::Unconfined, h).unwrap();
         // The deadline fires once, by itself.
         wait_for("the deadline", || seen.lock().unwrap().timer_wakes == 1);
         // Activation is a queue wake; the interrupt goes to the guest.
@@ -565,7 +565,7 @@ mod tests {
     #[test]
     fn too_few_queues_are_refused() {
         let (h, _) = recorder(None, None);
-        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", vec![], h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "worker-test", Reach::Unconfined, h).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
         assert_eq!(w.activate("test", 2, mem(), vec![], irq), Err(ActivateError::QueueCount("test", 2, 0)));
     }
@@ -574,7 +574,7 @@ mod tests {
     fn a_handler_that_panics_stops_the_vm_instead_of_hanging_it() {
         let (mut h, _) = recorder(None, None);
         h.panic_on_queue = true;
-        let w = Worker::spawn(ThreadKind::Vsock, "virtio-broken", vec![], h).unwrap();
+        let w = Worker::spawn(ThreadKind::Vsock, "virtio-broken", Reach::Unconfined, h).unwrap();
         let stop = Arc::new(Stop::default());
         w.attach_stop(&stop);
         w.kick();
@@ -620,7 +620,7 @@ mod tests {
         let w = Worker::spawn(
             ThreadKind::Vsock,
             "worker-test",
-            vec![],
+            Reach::Unconfined,
             Stubborn { sock: mine, want: want.clone(), rounds: rounds.clone() },
         )
         .unwrap();
