@@ -71,6 +71,9 @@ pub struct RunOptions {
     /// The host paths vCPU threads may reach (once the jail is on): their
     /// disks are open already; the console log they write rotates.
     pub vcpu_reach: Reach,
+    /// The host paths this (the VM's control) thread reaches once the
+    /// vCPUs run.
+    pub control_reach: Reach,
 }
 
 /// What a vCPU thread hands back.
@@ -112,7 +115,7 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
     }
 
     // From here this thread only waits, kicks and counts: a control thread.
-    if let Err(e) = threads::confine_current(ThreadKind::Control, &Reach::Unconfined) {
+    if let Err(e) = threads::confine_current(ThreadKind::Control, &opts.control_reach) {
         stop.request(StopReason::ThreadPanicked { thread: "vm".into(), message: e.to_string() });
     }
     while !stop.is_requested() {

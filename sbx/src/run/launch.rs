@@ -137,9 +137,9 @@ fn shared_folders(
 
 /// Keeps `path` up to date (when changed) with the file servers' request
 /// counts, for benchmarks to read while the sandbox runs.
-fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>) {
+fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, reach: Reach) {
     let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
-        if let Err(e) = threads::confine_current(ThreadKind::Control, &Reach::Unconfined) {
+        if let Err(e) = threads::confine_current(ThreadKind::Control, &reach) {
             eprintln!("sbx: file server statistics: {e}");
             return;
         }
@@ -245,6 +245,7 @@ pub fn launch(
     stop: Arc<Stop>,
     session_writer: &client::Writer,
     audit_slot: &mut Option<SharedLog<Box<dyn Write + Send>>>,
+    control_reach: Reach,
 ) -> Result<Launched, LaunchError> {
     let sb = &plan.sandbox;
     let name = sb.settings.name.clone();
@@ -254,7 +255,7 @@ pub fn launch(
     let audit = open_audit_log(&sb.audit_log())?.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
-    publish_fs_stats(sb.fs_stats(), fs_counts.clone());
+    publish_fs_stats(sb.fs_stats(), fs_counts.clone(), control_reach.clone());
     let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir()));
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
@@ -287,6 +288,7 @@ pub fn launch(
         // The console log it writes (and rotates) is in the sandbox's
         // directory; its disks are open already.
         vcpu_reach: Reach::Only(vec![PathRule { path: sb.dir().to_path_buf(), write: true }]),
+        control_reach: control_reach.clone(),
     };
     let vm =
         thread::Builder::new().name("vm".into()).spawn(move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
@@ -294,7 +296,7 @@ pub fn launch(
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.
     // This thread now only talks to the guest's program and ends the run.
-    threads::confine_current(ThreadKind::Control, &Reach::Unconfined).map_err(LaunchError::Jail)?;
+    threads::confine_current(ThreadKind::Control, &control_reach).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);

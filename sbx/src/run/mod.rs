@@ -70,6 +70,25 @@ fn handle_signals(stop: Arc<Stop>, session: client::Writer) {
     });
 }
 
+/// The host paths the control threads reach once the VM runs (Landlock):
+/// the sandbox's directory (its state, logs, control socket), the
+/// kernel's (System.map for error reports), this process's /proc (its
+/// memory figures), where `--report` and `--profile` write, and the
+/// cgroup sbx made. Nothing else of the host, root or not.
+fn control_reach(plan: &plan::RunPlan, cgroup: Option<&limits::Cgroup>) -> vmm::threads::Reach {
+    use vmm::threads::{PathRule, Reach};
+    let rw = |p: &std::path::Path| PathRule { path: p.to_path_buf(), write: true };
+    let ro = |p: &std::path::Path| PathRule { path: p.to_path_buf(), write: false };
+    let mut paths = vec![rw(plan.sandbox.dir()), ro(std::path::Path::new("/proc/self"))];
+    paths.extend(plan.kernel.parent().map(ro));
+    for out in [&plan.report, &plan.profile].into_iter().flatten() {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        paths.push(rw(parent));
+    }
+    paths.extend(cgroup.map(|c| rw(&c.parent)));
+    Reach::Only(paths)
+}
+
 /// `sbx run`: the program's exit status, or why sbx failed.
 pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     // First, before any thread exists and before the sandbox shows as
@@ -90,7 +109,8 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     // cgroup's limits bind all of a process's threads in any case).
     let cgroup = limits::apply(&plan.limits, &plan.sandbox.settings.name, &limits::Host::default())?;
     let mut audit = None;
-    let launched = launch::launch(&plan, stop, &session, &mut audit);
+    let reach = control_reach(&plan, cgroup.as_ref());
+    let launched = launch::launch(&plan, stop, &session, &mut audit, reach);
     if let Some(Err(note)) = cgroup.map(limits::Cgroup::remove) {
         eprintln!("sbx: {note}");
     }
