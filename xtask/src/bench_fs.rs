@@ -156,9 +156,13 @@ fn read_stats(path: &Path) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
-fn sbx_run(sbx: &Path, ws: &Path, mib: u64, files: u64, mem_mib: u64) -> Result<Run> {
+fn sbx_run(sbx: &Path, ws: &Path, mib: u64, files: u64, mem_mib: u64, jail: bool) -> Result<Run> {
     let home = tempfile::tempdir()?;
-    let mut child = Command::new(sbx)
+    let mut cmd = Command::new(sbx);
+    if !jail {
+        cmd.env("SBX_NO_JAIL", "1");
+    }
+    let mut child = cmd
         .args(["run", "shell", "--name", "bench-fs", "--user", "root", "--no-network", "--no-tty"])
         .args(["--memory", &mem_mib.to_string(), "--timeout", "14400", "--workspace"])
         .arg(ws)
@@ -272,7 +276,7 @@ pub fn fs(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
     let host = host_run(&ws, mib, files)?;
     restore()?;
     eprintln!("xtask: sbx (virtio-fs)");
-    let ours = sbx_run(&sbx, &ws, mib, files, mem_mib)?;
+    let ours = sbx_run(&sbx, &ws, mib, files, mem_mib, true)?;
     restore()?;
     let theirs = if qemu {
         eprintln!("xtask: QEMU (9p)");
@@ -311,6 +315,54 @@ pub fn fs(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
             let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("- {phase}: {}", parts.join(", "));
         }
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench jail`: what the jail (seccomp filters, Landlock)
+/// costs the file server's workload — the same phases run by sbx with and
+/// without it, alternating (off, on, off, on: drift shows), side by side.
+pub fn jail(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
+    let (_, _, sbx) = build_all()?;
+    let top =
+        tempfile::tempdir_in(std::env::var_os("SBX_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))?;
+    let ws = top.path().canonicalize()?.join("workspace");
+    std::fs::create_dir_all(&ws)?;
+    let has_git = make_tree(&ws, files)?;
+    let index = ws.join("tree/.git/index");
+    let saved = if has_git { Some(std::fs::read(&index)?) } else { None };
+    let mut runs: Vec<(bool, Run)> = Vec::new();
+    for (i, jail) in [false, true, false, true].into_iter().enumerate() {
+        eprintln!("xtask: run {} of 4, jail {}", i + 1, if jail { "on" } else { "off" });
+        runs.push((jail, sbx_run(&sbx, &ws, mib, files, mem_mib, jail)?));
+        if let Some(b) = &saved {
+            std::fs::write(&index, b)?;
+        }
+    }
+    println!("Jail cost on the shared-folder workload: {mib} MiB file, {files} small files, {mem_mib} MiB guests");
+    println!();
+    println!("| phase | off (1) | on (1) | off (2) | on (2) | on / off (best of each) |");
+    println!("|---|---|---|---|---|---|");
+    for (phase, what) in PHASES {
+        let secs: Vec<Option<f64>> = runs.iter().map(|(_, r)| r.secs.get(*phase).copied()).collect();
+        if secs.iter().all(Option::is_none) {
+            continue;
+        }
+        let best = |on: bool| {
+            runs.iter()
+                .filter(|(j, _)| *j == on)
+                .filter_map(|(_, r)| r.secs.get(*phase).copied())
+                .fold(f64::NAN, f64::min)
+        };
+        let cell = |s: &Option<f64>| s.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "n/a".into());
+        println!(
+            "| {phase}: {what} | {} | {} | {} | {} | {:.3}x |",
+            cell(&secs[0]),
+            cell(&secs[1]),
+            cell(&secs[2]),
+            cell(&secs[3]),
+            best(true) / best(false)
+        );
     }
     Ok(())
 }

@@ -52,7 +52,7 @@ enum Task {
     /// agent's `--version` in a sandbox, first run and again, and where
     /// the guest's time goes).
     Bench {
-        #[arg(value_parser = ["boot", "net", "guest-net", "fs", "agents"])]
+        #[arg(value_parser = ["boot", "net", "guest-net", "fs", "jail", "agents"])]
         what: String,
         /// The agents to measure (agents; default: all three).
         #[arg(long = "agent")]
@@ -104,6 +104,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { what, runs, memory, .. } if what == "boot" => bench::boot(runs, memory),
         Task::Bench { what, mib, .. } if what == "guest-net" => bench::guest_net(mib.unwrap_or(32)),
         Task::Bench { what, mib, files, memory, .. } if what == "fs" => bench_fs::fs(mib.unwrap_or(256), files, memory),
+        Task::Bench { what, mib, files, memory, .. } if what == "jail" => {
+            bench_fs::jail(mib.unwrap_or(64), files, memory)
+        }
         Task::Bench { what, agents, .. } if what == "agents" => {
             let all: Vec<String> = image_agents::AGENTS.iter().map(|a| a.to_string()).collect();
             bench_agents::agents(if agents.is_empty() { &all } else { &agents })

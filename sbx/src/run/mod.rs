@@ -30,6 +30,11 @@ pub use finish::{EXIT_SBX_ERROR, EXIT_TIMEOUT};
 /// order before the VM is stopped hard.
 pub const STOP_GRACE: Duration = Duration::from_secs(20);
 
+/// Set (to anything) in sbx's environment, `sbx run` leaves the VMM
+/// unjailed, saying so: to tell a filter's false refusal from a bug, and
+/// to measure what the jail costs (`cargo xtask bench ... --no-jail`).
+pub const NO_JAIL: &str = "SBX_NO_JAIL";
+
 #[derive(Debug, Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -91,20 +96,30 @@ fn control_reach(plan: &plan::RunPlan, cgroup: Option<&limits::Cgroup>) -> vmm::
 
 /// `sbx run`: the program's exit status, or why sbx failed.
 pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
-    // First, before any thread exists and before the sandbox shows as
-    // running: from then on `sbx stop` (SIGTERM) must stop the VM in
-    // order, even while it is still being built.
     // The jail's process-wide part before any thread: no_new_privs, and
     // as root every capability but those acting on the shared files.
     vmm::fs::server::raise_open_file_limit();
-    vmm::threads::harden_process().map_err(RunError::Jail)?;
+    let jail = std::env::var_os(NO_JAIL).is_none();
+    if jail {
+        vmm::threads::harden_process().map_err(RunError::Jail)?;
+    } else {
+        eprintln!(
+            "sbx: {NO_JAIL} is set: the VMM runs without its seccomp filters, Landlock and capability drop \
+             (for diagnosis and measurement only)"
+        );
+    }
+    // Then, before any thread exists and before the sandbox shows as
+    // running: from then on `sbx stop` (SIGTERM) must stop the VM in
+    // order, even while it is still being built.
     let stop = Arc::new(Stop::default());
     let session = client::Writer::default();
     handle_signals(stop.clone(), session.clone());
     let plan = plan::RunPlan::new(args)?;
     // Every VMM thread from now on runs under its kind's seccomp filter.
-    vmm::threads::enable_jail(stop.clone(), vmm::runner::kick_signal(), Some(EXIT_SBX_ERROR.into()))
-        .map_err(RunError::Jail)?;
+    if jail {
+        vmm::threads::enable_jail(stop.clone(), vmm::runner::kick_signal(), Some(EXIT_SBX_ERROR.into()))
+            .map_err(RunError::Jail)?;
+    }
     // The limits asked for, before the VM and its threads exist (a
     // cgroup's limits bind all of a process's threads in any case).
     let cgroup = limits::apply(&plan.limits, &plan.sandbox.settings.name, &limits::Host::default())?;
