@@ -362,6 +362,24 @@ pub fn set_no_new_privs() -> io::Result<()> {
     Ok(())
 }
 
+/// The Landlock ABI version the kernel offers (None: no Landlock, or
+/// disabled at boot).
+pub fn landlock_abi() -> Option<u32> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag
+    // the call only returns the ABI version (or an error); nothing is read
+    // or written.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(v).ok().filter(|v| *v > 0)
+}
+
 /// The capability sets of the calling thread, as capget(2) gives them
 /// (64-bit masks: effective, permitted, inheritable).
 #[repr(C)]

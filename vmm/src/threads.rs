@@ -158,10 +158,25 @@ pub fn landlock_state() -> LandlockState {
     }
 }
 
-/// The thread kind and system call of the first seccomp violation, if any.
-pub fn violation() -> Option<(ThreadKind, i64)> {
-    let kind = ThreadKind::from_code(VIOLATION_KIND.load(Ordering::SeqCst))?;
-    Some((kind, VIOLATION_NR.load(Ordering::SeqCst)))
+/// [`VIOLATION_KIND`] of a thread not started by [`spawn`] (one that a
+/// confined thread started itself, e.g. netstack's connect threads, which
+/// inherit its filter but not its kind).
+const UNKNOWN_KIND: u8 = u8::MAX;
+
+/// The kernel's Landlock ABI version; None where the kernel has none (the
+/// paths are then not confined: say so).
+pub fn landlock_abi() -> Option<u32> {
+    sys::landlock_abi()
+}
+
+/// The first seccomp violation, if any: the thread's kind (None: a thread
+/// a confined thread started itself) and the system call.
+pub fn violation() -> Option<(Option<ThreadKind>, i64)> {
+    let code = VIOLATION_KIND.load(Ordering::SeqCst);
+    if code == 0 {
+        return None;
+    }
+    Some((ThreadKind::from_code(code), VIOLATION_NR.load(Ordering::SeqCst)))
 }
 
 /// Capabilities a root VMM keeps: acting on the shared folders' files
@@ -205,9 +220,9 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
         .spawn(move || {
             let mut b = [0u8; 1];
             while !matches!(rx.read(&mut b), Ok(1)) {}
-            let (kind, nr) = violation().unwrap_or((ThreadKind::Control, -1));
+            let (kind, nr) = violation().unwrap_or((None, -1));
             stop.request(StopReason::SyscallForbidden {
-                thread: kind.as_str().to_string(),
+                thread: kind.map_or("helper", |k| k.as_str()).to_string(),
                 syscall: nr,
                 name: seccomp_filters::syscall_name(nr).map(str::to_string),
             });
@@ -241,12 +256,13 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
 /// thread-local cell, write(2) and futex(2) only.
 pub fn forbidden_syscall(nr: i64) -> ! {
     let kind = KIND.with(|k| k.get());
-    if VIOLATION_KIND.compare_exchange(0, kind.max(1), Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+    let code = if kind == 0 { UNKNOWN_KIND } else { kind };
+    if VIOLATION_KIND.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         VIOLATION_NR.store(nr, Ordering::SeqCst);
     }
     let mut msg = Message::default();
     msg.push(b"\nsbx: a ");
-    msg.push(ThreadKind::from_code(kind).map_or("VMM", |k| k.as_str()).as_bytes());
+    msg.push(ThreadKind::from_code(kind).map_or("helper", |k| k.as_str()).as_bytes());
     msg.push(b" thread made system call ");
     msg.number(nr);
     if let Some(name) = seccomp_filters::syscall_name(nr) {

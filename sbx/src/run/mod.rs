@@ -119,6 +119,12 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     if jail {
         vmm::threads::enable_jail(stop.clone(), vmm::runner::kick_signal(), Some(EXIT_SBX_ERROR.into()))
             .map_err(RunError::Jail)?;
+        if vmm::threads::landlock_abi().is_none() {
+            eprintln!(
+                "sbx: this kernel has no Landlock (or it is off: add 'landlock' to the lsm= boot parameter): the VMM's \
+                 threads are confined by their seccomp filters only, not to the sandbox's paths"
+            );
+        }
     }
     // The limits asked for, before the VM and its threads exist (a
     // cgroup's limits bind all of a process's threads in any case).
