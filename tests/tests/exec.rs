@@ -116,6 +116,9 @@ fn check_extended_state(sbx: &Sbx, sandbox: &str) {
 /// under a seccomp filter, all have no_new_privs, and none has a
 /// capability beyond those acting on the shared files.
 fn check_jail(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let root =
+        status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|u| u.split_whitespace().nth(1)) == Some("0");
     let mut seen = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
@@ -125,6 +128,11 @@ fn check_jail(pid: u32) {
         let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
         assert_eq!(field("NoNewPrivs:"), "1", "{name}");
         assert_eq!(caps & !0b1011, 0, "{name}: only CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER may be left");
+        // As root, the control channel's worker runs as nobody, with nothing.
+        let euid = field("Uid:").split_whitespace().nth(1).unwrap_or_default().to_string();
+        if name == "virtio-vsock" && root {
+            assert_eq!((euid.as_str(), caps), ("65534", 0), "the control channel's worker");
+        }
         // Host-only threads: signals (sbx stop), the violation watcher.
         if !matches!(name.as_str(), "signals" | "seccomp-watch" | "stop-grace") && !name.starts_with("kvm-") {
             assert_eq!(field("Seccomp:"), "2", "{name} runs under a seccomp filter");

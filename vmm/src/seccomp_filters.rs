@@ -66,6 +66,8 @@ const BASE: Sys = sys!(
     SYS_rseq,
     SYS_gettid,
     SYS_getpid,
+    SYS_getuid,
+    SYS_geteuid,
     SYS_clock_gettime,
     SYS_clock_nanosleep,
     SYS_nanosleep,

@@ -362,6 +362,20 @@ pub fn set_no_new_privs() -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the calling thread (only it: raw system calls, not glibc's
+/// process-wide wrappers) user `uid`, group `gid`, with no supplementary
+/// groups. From root to another user the thread loses every capability.
+pub fn become_user_this_thread(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups with size 0 reads no list; setresgid and setresuid
+    // take integers only. Each applies to the calling thread alone.
+    unsafe {
+        check(libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) as libc::c_int)?;
+        check(libc::syscall(libc::SYS_setresgid, gid, gid, gid) as libc::c_int)?;
+        check(libc::syscall(libc::SYS_setresuid, uid, uid, uid) as libc::c_int)?;
+    }
+    Ok(())
+}
+
 /// The Landlock ABI version the kernel offers (None: no Landlock, or
 /// disabled at boot).
 pub fn landlock_abi() -> Option<u32> {
@@ -411,11 +425,12 @@ pub fn capabilities() -> io::Result<(u64, u64, u64)> {
 }
 
 /// Leaves the calling thread (and the threads it starts from now on) only
-/// the capabilities in `keep` (a bit mask), in its bounding set too; the
+/// the capabilities in `keep` (bit masks), effective and permitted, plus
+/// `also_permitted` permitted only; its bounding set keeps just those; the
 /// ambient and inheritable sets are emptied.
-pub fn restrict_capabilities(keep: u64) -> io::Result<()> {
+pub fn restrict_capabilities(keep: u64, also_permitted: u64) -> io::Result<()> {
     for cap in 0..64u64 {
-        if keep & (1 << cap) != 0 {
+        if (keep | also_permitted) & (1 << cap) != 0 {
             continue;
         }
         // SAFETY: prctl with integer arguments only.
@@ -437,9 +452,13 @@ pub fn restrict_capabilities(keep: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let (_, permitted, _) = capabilities()?;
-    let left = permitted & keep;
-    let word =
-        |i: u32| CapData { effective: (left >> (32 * i)) as u32, permitted: (left >> (32 * i)) as u32, inheritable: 0 };
+    let effective = permitted & keep;
+    let permitted = permitted & (keep | also_permitted);
+    let word = |i: u32| CapData {
+        effective: (effective >> (32 * i)) as u32,
+        permitted: (permitted >> (32 * i)) as u32,
+        inheritable: 0,
+    };
     let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
     let data = [word(0), word(1)];
     // SAFETY: header and data are valid for capset's version 3 layout for

@@ -77,6 +77,10 @@ impl ThreadKind {
     }
 }
 
+/// The unprivileged user (and group) a root VMM's control-channel worker
+/// becomes.
+pub const NOBODY: u32 = 65534;
+
 /// How long the VM has to stop in order after a thread made a forbidden
 /// call before the process exits.
 pub const VIOLATION_GRACE: Duration = Duration::from_secs(10);
@@ -110,6 +114,8 @@ pub enum JailError {
     NoNewPrivs(io::Error),
     #[error("Cannot drop capabilities: {0}")]
     Capabilities(io::Error),
+    #[error("Cannot make a {kind} thread an unprivileged user: {source}")]
+    Identity { kind: &'static str, source: io::Error },
     #[error("The jail is already set up")]
     AlreadyEnabled,
     #[error("Cannot install the seccomp filter of a {kind} thread: {source}")]
@@ -183,6 +189,12 @@ pub fn violation() -> Option<(Option<ThreadKind>, i64)> {
 /// whoever owns them (reading and writing them, their modes and times,
 /// their owner). Everything else goes, from the bounding set too.
 pub const KEPT_CAPABILITIES: u64 = 1 << CAP_CHOWN | 1 << CAP_DAC_OVERRIDE | 1 << CAP_FOWNER;
+/// Kept permitted (not effective) by [`harden_process`] only so that the
+/// control channel's worker can become nobody; every confined thread
+/// loses them, and no filter allows capset or setuid.
+pub const SWITCH_USER: u64 = 1 << CAP_SETGID | 1 << CAP_SETUID;
+const CAP_SETGID: u64 = 6;
+const CAP_SETUID: u64 = 7;
 /// Capability numbers (linux/capability.h).
 const CAP_CHOWN: u64 = 0;
 const CAP_DAC_OVERRIDE: u64 = 1;
@@ -195,7 +207,7 @@ pub fn harden_process() -> Result<(), JailError> {
     sys::set_no_new_privs().map_err(JailError::NoNewPrivs)?;
     let (effective, permitted, inheritable) = sys::capabilities().map_err(JailError::Capabilities)?;
     if effective | permitted | inheritable != 0 {
-        sys::restrict_capabilities(KEPT_CAPABILITIES).map_err(JailError::Capabilities)?;
+        sys::restrict_capabilities(KEPT_CAPABILITIES, SWITCH_USER).map_err(JailError::Capabilities)?;
     }
     Ok(())
 }
@@ -325,6 +337,20 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
     let Some(jail) = JAIL.get() else { return Ok(()) };
     if let Reach::Only(paths) = reach {
         landlock_current(kind, paths)?;
+    }
+    // The control channel's worker needs no file and no privilege: as
+    // root it runs as nobody (this thread only; the others keep what
+    // writing the sandbox's state needs).
+    let identity = |e| JailError::Identity { kind: kind.as_str(), source: e };
+    if sys::geteuid() == 0 {
+        if kind == ThreadKind::Vsock {
+            // CAP_SETUID/SETGID, kept permitted for this ([`harden_process`]).
+            sys::restrict_capabilities(KEPT_CAPABILITIES | SWITCH_USER, 0).map_err(identity)?;
+            sys::become_user_this_thread(NOBODY, NOBODY).map_err(identity)?;
+        } else {
+            // The other kinds never switch users: gone from this thread.
+            sys::restrict_capabilities(KEPT_CAPABILITIES, 0).map_err(identity)?;
+        }
     }
     KIND.with(|k| k.set(kind.code()));
     let programs = jail.programs.iter().find(|(k, _)| *k == kind).map(|(_, p)| p.as_slice()).unwrap_or_default();

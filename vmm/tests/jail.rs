@@ -121,15 +121,22 @@ fn each_kind_runs_its_work_under_its_filter() {
         c.write_all(b"hello").unwrap();
     });
     // (It may not open any file at all: its filter has no openat.)
-    let got = confined(ThreadKind::Vsock, Reach::Only(vec![]), move || {
+    let before = euid();
+    let (got, worker_euid) = confined(ThreadKind::Vsock, Reach::Only(vec![]), move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_nonblocking(true).unwrap();
         s.set_nonblocking(false).unwrap();
         let mut b = Vec::new();
         s.read_to_end(&mut b).unwrap();
-        b
+        (b, euid())
     });
     assert_eq!(got, b"hello");
+    if before == 0 {
+        assert_eq!(worker_euid, threads::NOBODY, "as root, the control channel's worker runs as nobody");
+    } else {
+        assert_eq!(worker_euid, before, "not root: the user stays");
+    }
+    assert_eq!(euid(), before, "the rest of the process keeps its user");
     client.join().unwrap();
 
     // Control: threads, unix sockets, the sandbox's state files.
@@ -203,11 +210,18 @@ fn hardening_sets_no_new_privs_and_drops_capabilities() {
     let bnd = u64::from_str_radix(&bnd, 16).unwrap();
     assert_eq!(eff & !threads::KEPT_CAPABILITIES, 0, "only the kept capabilities are effective");
     if root {
-        assert_eq!(bnd & !threads::KEPT_CAPABILITIES, 0, "nothing else can come back either");
+        let bounding = threads::KEPT_CAPABILITIES | threads::SWITCH_USER;
+        assert_eq!(bnd & !bounding, 0, "nothing else can come back either");
         assert_eq!(eff, threads::KEPT_CAPABILITIES, "root keeps what the file server needs");
     }
     // The rest of the process is untouched (a thread's own sets).
     assert_ne!(status_field("NoNewPrivs:"), "", "status readable");
+}
+
+/// The calling thread's effective user.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Whether this process runs as root (from /proc, no libc call).
