@@ -252,6 +252,37 @@ fn ops(phase: &str, mib: u64, files: u64) -> f64 {
     }
 }
 
+/// The benchmark's folder: the big file's and the small files' home, with
+/// a git tree whose index is put back between runs (each guest's first
+/// `git status` then refreshes it alike).
+struct Workspace {
+    _top: tempfile::TempDir,
+    dir: PathBuf,
+    index: PathBuf,
+    saved: Option<Vec<u8>>,
+}
+
+impl Workspace {
+    fn make(files: u64) -> Result<Workspace> {
+        let top = tempfile::tempdir_in(
+            std::env::var_os("SBX_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir),
+        )?;
+        let dir = top.path().canonicalize()?.join("workspace");
+        std::fs::create_dir_all(&dir)?;
+        let has_git = make_tree(&dir, files)?;
+        let index = dir.join("tree/.git/index");
+        let saved = if has_git { Some(std::fs::read(&index)?) } else { None };
+        Ok(Workspace { _top: top, dir, index, saved })
+    }
+
+    fn restore(&self) -> Result<()> {
+        if let Some(b) = &self.saved {
+            std::fs::write(&self.index, b)?;
+        }
+        Ok(())
+    }
+}
+
 pub fn fs(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
     let (kernel, image, sbx) = build_all()?;
     let pvm = vmm::arch::cpuid::host_is_pvm();
@@ -259,28 +290,17 @@ pub fn fs(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
         eprintln!("xtask: no QEMU for the comparison: {e:#}");
     }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
-    let top =
-        tempfile::tempdir_in(std::env::var_os("SBX_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))?;
-    let ws = top.path().canonicalize()?.join("workspace");
-    std::fs::create_dir_all(&ws)?;
-    let has_git = make_tree(&ws, files)?;
-    let index = ws.join("tree/.git/index");
-    let saved = if has_git { Some(std::fs::read(&index)?) } else { None };
-    let restore = || -> Result<()> {
-        if let Some(b) = &saved {
-            std::fs::write(&index, b)?;
-        }
-        Ok(())
-    };
+    let bench = Workspace::make(files)?;
+    let (ws, restore) = (&bench.dir, || bench.restore());
     eprintln!("xtask: host");
-    let host = host_run(&ws, mib, files)?;
+    let host = host_run(ws, mib, files)?;
     restore()?;
     eprintln!("xtask: sbx (virtio-fs)");
-    let ours = sbx_run(&sbx, &ws, mib, files, mem_mib, true)?;
+    let ours = sbx_run(&sbx, ws, mib, files, mem_mib, true)?;
     restore()?;
     let theirs = if qemu {
         eprintln!("xtask: QEMU (9p)");
-        Some(qemu_run(&kernel, &image, &ws, mib, files, mem_mib, pvm)?)
+        Some(qemu_run(&kernel, &image, ws, mib, files, mem_mib, pvm)?)
     } else {
         None
     };
@@ -324,20 +344,12 @@ pub fn fs(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
 /// without it, alternating (off, on, off, on: drift shows), side by side.
 pub fn jail(mib: u64, files: u64, mem_mib: u64) -> Result<()> {
     let (_, _, sbx) = build_all()?;
-    let top =
-        tempfile::tempdir_in(std::env::var_os("SBX_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))?;
-    let ws = top.path().canonicalize()?.join("workspace");
-    std::fs::create_dir_all(&ws)?;
-    let has_git = make_tree(&ws, files)?;
-    let index = ws.join("tree/.git/index");
-    let saved = if has_git { Some(std::fs::read(&index)?) } else { None };
+    let bench = Workspace::make(files)?;
     let mut runs: Vec<(bool, Run)> = Vec::new();
     for (i, jail) in [false, true, false, true].into_iter().enumerate() {
         eprintln!("xtask: run {} of 4, jail {}", i + 1, if jail { "on" } else { "off" });
-        runs.push((jail, sbx_run(&sbx, &ws, mib, files, mem_mib, jail)?));
-        if let Some(b) = &saved {
-            std::fs::write(&index, b)?;
-        }
+        runs.push((jail, sbx_run(&sbx, &bench.dir, mib, files, mem_mib, jail)?));
+        bench.restore()?;
     }
     println!("Jail cost on the shared-folder workload: {mib} MiB file, {files} small files, {mem_mib} MiB guests");
     println!();
