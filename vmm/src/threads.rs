@@ -231,7 +231,15 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
         .name("seccomp-watch".into())
         .spawn(move || {
             let mut b = [0u8; 1];
-            while !matches!(rx.read(&mut b), Ok(1)) {}
+            // One byte: a violation. The write end is never closed, so an
+            // end of file or an error means nothing can report any more.
+            loop {
+                match rx.read(&mut b) {
+                    Ok(1) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    _ => return,
+                }
+            }
             let (kind, nr) = violation().unwrap_or((None, -1));
             stop.request(StopReason::SyscallForbidden {
                 thread: kind.map_or("helper", |k| k.as_str()).to_string(),
