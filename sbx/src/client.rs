@@ -15,6 +15,7 @@ use protocol::session::{Frame, Open, Reader, MAX_DATA};
 
 use thiserror::Error;
 
+use crate::termfilter::TerminalFilter;
 use crate::terminal;
 
 /// Why a session could not be run to its end.
@@ -140,8 +141,17 @@ pub fn run_session(
     let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
     forward_stdin(w);
     let mut first_output = None;
-    let outcome = read_output(stream, &mut reader, &mut first_output);
+    let mut filters = OutputFilters::for_terminals();
+    let outcome = read_output(stream, &mut reader, &mut first_output, &mut filters);
+    filters.finish();
     drop(raw);
+    let dropped = filters.dropped();
+    if dropped > 0 {
+        eprintln!(
+            "sbx: removed {dropped} escape sequence(s) from the program's output that would have reached beyond \
+             the terminal (clipboard, file transfer, terminal control; see sbx/src/termfilter.rs)"
+        );
+    }
     outcome.map(|o| (o, first_output))
 }
 
@@ -166,10 +176,51 @@ fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
     });
 }
 
+/// The session's stdout and stderr filters: one for each that is a
+/// terminal (output piped or redirected stays the program's, byte for
+/// byte).
+struct OutputFilters {
+    stdout: Option<TerminalFilter>,
+    stderr: Option<TerminalFilter>,
+}
+
+impl OutputFilters {
+    fn for_terminals() -> OutputFilters {
+        OutputFilters {
+            stdout: terminal::is_tty(1).then(TerminalFilter::default),
+            stderr: terminal::is_tty(2).then(TerminalFilter::default),
+        }
+    }
+
+    fn pass(filter: &mut Option<TerminalFilter>, out: &mut dyn Write, data: &[u8]) {
+        let _ = match filter {
+            Some(f) => out.write_all(&f.feed(data)),
+            None => out.write_all(data),
+        };
+    }
+
+    /// Writes what the filters still hold (the start of a sequence that
+    /// the output ended in).
+    fn finish(&mut self) {
+        if let Some(f) = &mut self.stdout {
+            let _ = io::stdout().write_all(&f.finish());
+            let _ = io::stdout().flush();
+        }
+        if let Some(f) = &mut self.stderr {
+            let _ = io::stderr().write_all(&f.finish());
+        }
+    }
+
+    fn dropped(&self) -> u64 {
+        self.stdout.as_ref().map_or(0, |f| f.dropped()) + self.stderr.as_ref().map_or(0, |f| f.dropped())
+    }
+}
+
 fn read_output(
     mut stream: UnixStream,
     reader: &mut Reader,
     first_output: &mut Option<Instant>,
+    filters: &mut OutputFilters,
 ) -> Result<Outcome, Error> {
     let mut out = io::stdout().lock();
     let mut err = io::stderr();
@@ -180,12 +231,12 @@ fn read_output(
                 Frame::Started { .. } => {}
                 Frame::Stdout(d) => {
                     first_output.get_or_insert_with(Instant::now);
-                    let _ = out.write_all(&d);
+                    OutputFilters::pass(&mut filters.stdout, &mut out, &d);
                     let _ = out.flush();
                 }
                 Frame::Stderr(d) => {
                     first_output.get_or_insert_with(Instant::now);
-                    let _ = err.write_all(&d);
+                    OutputFilters::pass(&mut filters.stderr, &mut err, &d);
                 }
                 Frame::Exit(c) => return Ok(Outcome::Exited(c)),
                 Frame::Killed(s) => return Ok(Outcome::Killed(s)),

@@ -235,7 +235,7 @@ pub fn explain_file(path: &str, file: Option<&Path>) -> Result<()> {
         Some(f) => SandboxPolicy::read(f)?,
         None => SandboxPolicy::locked()?,
     };
-    let fs = policy.fs_policy(&[]).map_err(CommandError::Files)?;
+    let fs = policy.fs_policy(&[], &[]).map_err(CommandError::Files)?;
     let is_dir = path.ends_with('/');
     let access = match fs.access(Path::new(path.trim_end_matches('/')), is_dir) {
         Access::Hidden => "hidden",

@@ -56,6 +56,16 @@ pub enum Error {
          (`sbx rm NAME`)"
     )]
     Settings { file: String, path: String, why: String },
+    #[error(
+        "Cannot make {file} read-only for the guest in the read-write share {share}: {why}; keep the policy and \
+         CA files sbx reads at start outside the folders you share read-write"
+    )]
+    CannotProtect { share: String, file: String, why: &'static str },
+    #[error(
+        "Refusing to share {a} and {b} together: one is inside the other and at least one is read-write (the \
+         guest would reach the same files under two file policies); share only the outer folder, or both read-only"
+    )]
+    Overlapping { a: String, b: String },
     #[error("Cannot resolve {what} {path}: {source}")]
     Resolve { what: String, path: String, source: io::Error },
 }
@@ -160,6 +170,27 @@ pub fn check_state(state: &Path, shares: &[(PathBuf, bool)]) -> Result<()> {
 /// The longest hidden-path pattern the file policy takes (bytes).
 const MAX_PATTERN: usize = 256;
 
+/// The file-policy pattern that covers `file` (canonical) and all below it
+/// in `share` (canonical), anchored at the share's root; None when the
+/// file is not in the share. `cannot` names the failure.
+fn anchored_pattern(share: &Path, file: &Path, cannot: impl Fn(&'static str) -> Error) -> Result<Option<String>> {
+    let Ok(rel) = file.strip_prefix(share) else { return Ok(None) };
+    let mut names = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => names.push(n.to_str().ok_or_else(|| cannot("its path is not UTF-8"))?),
+            _ => return Err(cannot("its path is not plain names")),
+        }
+    }
+    // Anchored at the share's root, the path and all below it ("**" also
+    // matches nothing: the path itself).
+    let pattern = format!("{}/**", names.join("/"));
+    if pattern.len() > MAX_PATTERN {
+        return Err(cannot("its path is too long"));
+    }
+    Ok(Some(pattern))
+}
+
 /// For each share (canonical folder, read-only), the file-policy patterns
 /// that hide the boot files `boot` (canonical: the assets folder, the
 /// kernel, the image folder) in it. Only read-write shares need them; a
@@ -172,26 +203,65 @@ pub fn boot_files_to_hide(boot: &[PathBuf], shares: &[(PathBuf, bool)]) -> Resul
             if share.starts_with(b) {
                 return Err(Error::InBootFiles { share: show(share), boot: show(b) });
             }
-            let Ok(rel) = b.strip_prefix(share) else { continue };
             let cannot = |why| Error::CannotHide { share: show(share), boot: show(b), why };
-            let mut names = Vec::new();
-            for c in rel.components() {
-                match c {
-                    Component::Normal(n) => names.push(n.to_str().ok_or_else(|| cannot("its path is not UTF-8"))?),
-                    _ => return Err(cannot("its path is not plain names")),
-                }
-            }
-            // Anchored at the share's root, the path and all below it
-            // ("**" also matches nothing: the path itself).
-            let pattern = format!("{}/**", names.join("/"));
-            if pattern.len() > MAX_PATTERN {
-                return Err(cannot("its path is too long"));
-            }
-            hide.push(pattern);
+            hide.extend(anchored_pattern(share, b, cannot)?);
         }
         out.push(hide);
     }
     Ok(out)
+}
+
+/// For each share, the file-policy patterns that make read-only the files
+/// sbx reads when a sandbox starts (`--policy`, `--upstream-ca`): in a
+/// read-write share the guest could otherwise rewrite what the next `sbx
+/// run` trusts (a credential bound to its own host, loopback opened, the
+/// user's hidden rules dropped). Each file is covered both where it was
+/// named (a symbolic link there, which the guest could point elsewhere)
+/// and where it really is. Anchored patterns also keep the folders above
+/// it from being renamed or replaced (`FsPolicy::protects_below`).
+pub fn start_files_to_protect(files: &[PathBuf], shares: &[(PathBuf, bool)]) -> Result<Vec<Vec<String>>> {
+    let mut places = Vec::new();
+    for f in files {
+        let named = match (f.parent(), f.file_name()) {
+            (Some(dir), Some(name)) => canonical_lenient(dir).map(|d| d.join(name)),
+            _ => canonical_lenient(f),
+        }
+        .map_err(|source| Error::Resolve { what: "the file".into(), path: show(f), source })?;
+        let real =
+            canonical_lenient(f).map_err(|source| Error::Resolve { what: "the file".into(), path: show(f), source })?;
+        places.push((f, named));
+        places.push((f, real));
+    }
+    let mut out = Vec::with_capacity(shares.len());
+    for (share, read_only) in shares {
+        let mut protect = Vec::new();
+        for (f, place) in places.iter().filter(|_| !read_only) {
+            let cannot = |why| Error::CannotProtect { share: show(share), file: show(f), why };
+            if let Some(p) = anchored_pattern(share, place, cannot)? {
+                if !protect.contains(&p) {
+                    protect.push(p);
+                }
+            }
+        }
+        out.push(protect);
+    }
+    Ok(out)
+}
+
+/// Refuses two shares where one is, or is inside, the other, unless both
+/// are read-only: the guest would reach the same files through two file
+/// servers, each applying the file policy from its own root (a rule
+/// anchored at the workspace's root, a git directory found above the inner
+/// share's root, do not hold in the inner share).
+pub fn check_overlaps(shares: &[(PathBuf, bool)]) -> Result<()> {
+    for (i, (a, a_ro)) in shares.iter().enumerate() {
+        for (b, b_ro) in &shares[i + 1..] {
+            if (a.starts_with(b) || b.starts_with(a)) && !(*a_ro && *b_ro) {
+                return Err(Error::Overlapping { a: show(a), b: show(b) });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -282,6 +352,48 @@ mod tests {
         assert!(e.contains("is inside"), "{e}");
         // A name that only starts the same is another folder.
         assert!(check_state(&state, &[(dir(t.path(), "state2"), false)]).is_ok());
+    }
+
+    #[test]
+    fn files_read_at_start_are_read_only_in_writable_shares() {
+        use vmm::fs::policy::{Access, FsPolicy};
+        let t = tempfile::tempdir().unwrap();
+        let repo = dir(t.path(), "repo");
+        std::fs::create_dir_all(repo.join("conf")).unwrap();
+        std::fs::write(repo.join("conf/policy.toml"), "version = 1\n").unwrap();
+        std::fs::write(repo.join("ca.crt"), "").unwrap();
+        std::os::unix::fs::symlink("conf/policy.toml", repo.join("p.toml")).unwrap();
+        let outside = t.path().canonicalize().unwrap().join("elsewhere.toml");
+        std::fs::write(&outside, "").unwrap();
+        let files = [repo.join("p.toml"), repo.join("ca.crt"), outside];
+        let got = start_files_to_protect(&files, &[(repo.clone(), false), (repo.clone(), true)]).unwrap();
+        assert_eq!(got[0], ["p.toml/**", "conf/policy.toml/**", "ca.crt/**"], "the link and its target");
+        assert!(got[1].is_empty(), "a read-only share needs nothing");
+        let policy = FsPolicy::with(&[], &got[0]).unwrap();
+        assert_eq!(policy.access(Path::new("conf/policy.toml"), false), Access::ReadOnly);
+        assert_eq!(policy.access(Path::new("p.toml"), false), Access::ReadOnly);
+        assert_eq!(policy.access(Path::new("ca.crt"), false), Access::ReadOnly);
+        assert_eq!(policy.access(Path::new("sub/ca.crt"), false), Access::ReadWrite, "anchored, not any depth");
+        assert!(policy.protects_below(Path::new("conf")), "conf/ cannot be renamed away and replaced");
+    }
+
+    #[test]
+    fn overlapping_shares_are_refused_unless_all_read_only() {
+        let t = tempfile::tempdir().unwrap();
+        let (ws, sub, other) = (dir(t.path(), "ws"), dir(t.path(), "ws/sub"), dir(t.path(), "other"));
+        assert!(check_overlaps(&[(ws.clone(), false), (other.clone(), false)]).is_ok());
+        assert!(check_overlaps(&[(ws.clone(), true), (sub.clone(), true)]).is_ok());
+        for shares in [
+            vec![(ws.clone(), false), (sub.clone(), true)],
+            vec![(ws.clone(), true), (sub.clone(), false)],
+            vec![(other.clone(), true), (sub.clone(), false), (ws.clone(), false)],
+            vec![(ws.clone(), false), (ws.clone(), false)],
+        ] {
+            let e = check_overlaps(&shares).unwrap_err().to_string();
+            assert!(e.starts_with("Refusing to share") && e.contains("one is inside the other"), "{e}");
+        }
+        let (ws2, _) = (dir(t.path(), "ws2"), ());
+        assert!(check_overlaps(&[(ws, false), (ws2, false)]).is_ok(), "a name that only starts the same");
     }
 
     #[test]

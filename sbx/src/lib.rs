@@ -20,4 +20,5 @@ pub mod sandbox;
 pub mod secrets;
 pub mod signals;
 pub mod symbols;
+pub mod termfilter;
 pub mod terminal;

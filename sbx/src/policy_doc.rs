@@ -88,15 +88,20 @@ impl SandboxPolicy {
         let rest = toml::to_string(&doc).map_err(|e| Error::Toml(origin.into(), e.to_string()))?;
         let network = Policy::from_toml(&rest).map_err(|e| Error::Network(origin.into(), e))?;
         let policy = SandboxPolicy { network, files };
-        policy.fs_policy(&[]).map_err(|e| Error::Files(origin.into(), e.to_string()))?;
+        policy.fs_policy(&[], &[]).map_err(|e| Error::Files(origin.into(), e.to_string()))?;
         Ok(policy)
     }
 
     /// The shared folders' policy: the defaults, the `[files]` patterns,
     /// and `also_hidden` (the boot files inside a share).
-    pub fn fs_policy(&self, also_hidden: &[String]) -> Result<FsPolicy, vmm::fs::policy::Error> {
+    pub fn fs_policy(
+        &self,
+        also_hidden: &[String],
+        also_read_only: &[String],
+    ) -> Result<FsPolicy, vmm::fs::policy::Error> {
         let hidden = [self.files.hidden.as_slice(), also_hidden].concat();
-        FsPolicy::with(&hidden, &self.files.read_only)
+        let read_only = [self.files.read_only.as_slice(), also_read_only].concat();
+        FsPolicy::with(&hidden, &read_only)
     }
 }
 
@@ -111,7 +116,7 @@ mod tests {
         let doc = "version = 1\npreset = \"locked\"\n[[rule]]\nallow = \"api.example.com\"\n[files]\nhidden = [\"secrets/\"]\nread_only = [\"Makefile\"]\n";
         let p = SandboxPolicy::parse(doc, "p.toml").unwrap();
         assert_eq!(p.files.hidden, vec!["secrets/".to_string()]);
-        let fs = p.fs_policy(&["target/sbx/**".into()]).unwrap();
+        let fs = p.fs_policy(&["target/sbx/**".into()], &[]).unwrap();
         assert_eq!(fs.access(Path::new("secrets/x"), false), Access::Hidden);
         assert_eq!(fs.access(Path::new("Makefile"), false), Access::ReadOnly);
         assert_eq!(fs.access(Path::new("target/sbx/vmlinux"), false), Access::Hidden);

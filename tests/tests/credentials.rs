@@ -140,6 +140,12 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
         echo \"other_plain=$(curl -sS https://other.creds.test/plain 2>&1)\"
         cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c sk-e2e- | sed 's/^/env_hits=/'
         grep -rl sk-e2e- /etc /home /root /tmp /run 2>/dev/null | wc -l | sed 's/^/file_hits=/'
+        # What the next `sbx run` reads from the workspace cannot be changed.
+        echo '[[rule]]' >> policy.toml && echo policy_appended
+        : > upstream-root.pem && echo ca_truncated
+        rm -f policy.toml && echo policy_removed
+        mv policy.toml p2.toml && echo policy_moved
+        mkdir -p d && mv upstream-root.pem d/ && echo ca_moved
         sync
         exit 0
     ";
@@ -164,6 +170,11 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
     assert!(stdout.contains("other_plain=key=wrong\n"), "another allowed host works, without any key");
     assert!(stdout.contains("env_hits=0\n") && stdout.contains("file_hits=0\n"), "not in the guest's env or files");
     assert!(!stdout.contains(&secret) && !text(&out.stderr).contains(&secret));
+    for done in ["policy_appended", "ca_truncated", "policy_removed", "policy_moved", "ca_moved"] {
+        assert!(!stdout.contains(done), "the guest changed a file sbx reads at start: {done}");
+    }
+    assert!(std::fs::read_to_string(&policy).unwrap().ends_with("env = \"TEST_API_KEY\"\n"), "policy unchanged");
+    assert_eq!(std::fs::read_to_string(&root_file).unwrap(), root_pem, "CA file unchanged");
     let got = seen.lock().unwrap().clone();
     assert_eq!(got, vec![secret.clone(), "(none)".to_string()], "the upstream saw the key once, from the bound host");
 

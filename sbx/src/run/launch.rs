@@ -27,6 +27,8 @@ use super::plan::{NetPlan, RunPlan};
 use crate::client::{self, Outcome};
 use crate::escape::{EscapingWriter, Layout};
 use crate::sandbox::{self, RunningGuard};
+use crate::termfilter::Filtered;
+use crate::terminal;
 
 /// The guest's address on netstack's subnet, and its NIC's MAC address
 /// (locally administered).
@@ -263,7 +265,7 @@ pub fn launch(
     let report = SharedReport::default();
     let console_file = ConsoleFile::create(&sb.console_log()).map_err(|e| LaunchError::Console(sb.console_log(), e))?;
     let sinks = Sinks {
-        program: Box::new(ProgramOutput::new(io::stdout(), report.clone())),
+        program: Box::new(ProgramOutput::new(Filtered::new(io::stdout(), terminal::is_tty(1)), report.clone())),
         console: Box::new(ConsoleLog::new(Some(console_file), console_echo(plan.console_echo), report.clone())),
     };
     let spec = VmSpec {

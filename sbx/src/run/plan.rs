@@ -74,6 +74,9 @@ pub enum PlanError {
     Config(PathBuf, std::io::Error),
 }
 
+/// For one share, the file-policy patterns sbx adds: (hidden, read-only).
+type SharePatterns = (Vec<String>, Vec<String>);
+
 /// A shared folder: where, read-only or not, under which policy.
 #[derive(Debug, Clone)]
 pub struct SharePlan {
@@ -267,10 +270,16 @@ impl RunPlan {
             .into_iter()
             .map(|p| folders::canonical_lenient(p).map_err(|e| PlanError::BootFile(p.clone(), e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<Vec<String>>, PlanError> {
+        // What sbx reads at start from files the user named: read-only to
+        // the guest wherever a read-write share holds them.
+        let start_files: Vec<PathBuf> = args.policy.iter().chain(&args.upstream_ca).cloned().collect();
+        let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<SharePatterns>, PlanError> {
+            folders::check_overlaps(shares)?;
             folders::check_state(&state, shares)?;
             folders::check_state(&config, shares)?;
-            Ok(folders::boot_files_to_hide(&boot, shares)?)
+            let hide = folders::boot_files_to_hide(&boot, shares)?;
+            let protect = folders::start_files_to_protect(&start_files, shares)?;
+            Ok(hide.into_iter().zip(protect).collect())
         };
         check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
         let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
@@ -288,11 +297,11 @@ impl RunPlan {
         let folders = [vec![(sb.settings.workspace.clone(), false)], mounts].concat();
         let hide = check_shares(&folders)?;
         let mut shares = Vec::new();
-        for ((dir, read_only), hide) in folders.into_iter().zip(&hide) {
+        for ((dir, read_only), (hide, protect)) in folders.into_iter().zip(&hide) {
             if dir.to_str().is_none() {
                 return Err(PlanError::NotUtf8(dir));
             }
-            let policy = policy.fs_policy(hide).map_err(PlanError::Hide)?;
+            let policy = policy.fs_policy(hide, protect).map_err(PlanError::Hide)?;
             shares.push(SharePlan { dir, read_only, policy });
         }
 
