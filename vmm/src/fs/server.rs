@@ -830,18 +830,34 @@ impl FileServer {
         }
         let path = self.path_of(&entry.rel);
         // A truncate upward takes its growth from the quota before
-        // anything changes; what did not happen is given back after.
-        let before = st.st_size.max(0) as u64;
+        // anything changes; what did not happen is given back after. The
+        // sizes are those of the file truncated (through the handle, if
+        // one is given), whatever the node now names.
+        let counted = self.quota.is_some() && s.size.is_some();
+        let before = match counted {
+            true => self.truncated_size(nodeid, s, &entry)?,
+            false => 0,
+        };
         let growth = s.size.map_or(0, |size| size.saturating_sub(before));
         if let Some(Err(r)) = self.quota.as_ref().map(|q| q.take(growth)) {
             return Err(self.over_quota("truncate", path, r));
         }
         let changed = self.set_attrs(nodeid, s, &entry, &st, path);
-        if self.quota.is_some() && s.size.is_some() {
-            let after = self.share.stat(&entry).map_or(before, |st| st.st_size.max(0) as u64);
+        if counted {
+            // Not known: taken to have happened (never given back unseen).
+            let after = self.truncated_size(nodeid, s, &entry).unwrap_or(before.saturating_add(growth));
             self.settle_quota(growth, before, after);
         }
         changed
+    }
+
+    /// The size of the file a SETATTR of `nodeid` truncates (as
+    /// `set_attrs` chooses it): its writable handle's, else `entry`'s.
+    fn truncated_size(&self, nodeid: u64, s: &SetAttr, entry: &Entry) -> Result<u64, i32> {
+        match s.fh.map(|fh| self.handle_of(fh, nodeid)) {
+            Some(Ok(Handle::File { file, writable: true, .. })) => file_size(file),
+            _ => self.share.stat(entry).map(|st| st.st_size.max(0) as u64).map_err(|r| r.errno()),
+        }
     }
 
     /// SETATTR's changes to `entry` (node `nodeid`, `st` its attributes
@@ -925,6 +941,12 @@ impl FileServer {
         let mut renamed = Vec::new();
         for (&id, n) in &self.nodes {
             if let Ok(rest) = n.entry.rel.strip_prefix(&old_rel) {
+                // A stale node of that path (a file removed while the
+                // guest still held it) is not the one moved: it keeps
+                // its own entry, never the moved one's.
+                if rest.as_os_str().is_empty() && n.entry.ino() != moved.ino() {
+                    continue;
+                }
                 renamed.push((id, rest.to_path_buf()));
             }
         }
@@ -1606,6 +1628,111 @@ mod tests {
         assert_eq!(g.create(src, "next").map(|_| ()), Err(libc::EDQUOT));
         g.write(big, fh, 0, &[3; 4096]).unwrap();
         assert_eq!(quota.used(), OBJECT_COST + 10_000);
+        g.server.check_accounting().unwrap();
+        // The guest's kernel going away closes it too.
+        assert!(g.server.handle(&request(Opcode::Destroy as u32, 999, 0, &[]), 4096).is_some());
+        assert_eq!(quota.used(), 0);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn a_truncate_through_a_handle_counts_the_file_it_truncates() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (x, fh) = g.create(fuse::ROOT_ID, "x").unwrap();
+        g.unlink(fuse::ROOT_ID, "x").unwrap();
+        // A directory made and moved where the removed file was: the
+        // file's node is not taken along to name it.
+        g.mkdir(fuse::ROOT_ID, "x").unwrap();
+        g.rename(fuse::ROOT_ID, "x", "y").unwrap();
+        let used = quota.used();
+        let _ = g.truncate(x, fh, 4000);
+        let Some(Handle::File { file, .. }) = g.server.handles.get(&fh) else { panic!("the handle") };
+        let size = file_size(file).unwrap();
+        assert_eq!(quota.used(), used + size, "the removed file grew by {size}");
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn the_quota_comes_back_to_zero_once_everything_made_is_gone() {
+        let mut g = Guest::new();
+        let quota = g.quota(16 * OBJECT_COST);
+        let names = ["a", "b", "c", "d"];
+        let mut handles: Vec<(u64, u64)> = Vec::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let name = names[(x >> 8) as usize % names.len()];
+            let other = names[(x >> 16) as usize % names.len()];
+            let pick = (x >> 24) as usize % handles.len().max(1);
+            let (offset, len) = ((x >> 32) % 20_000, (x >> 48) as usize % 5_000);
+            match x % 10 {
+                0 => {
+                    if let Ok(h) = g.create(fuse::ROOT_ID, name) {
+                        handles.push(h);
+                    }
+                }
+                1 => {
+                    if let Some(&(node, fh)) = handles.get(pick) {
+                        let _ = g.write(node, fh, offset, &vec![7; len]);
+                    }
+                }
+                2 => {
+                    if let Ok((node, _, _)) = g.lookup(fuse::ROOT_ID, name) {
+                        if let Ok(fh) = g.open(node, libc::O_RDWR) {
+                            handles.push((node, fh));
+                        }
+                    }
+                }
+                3 if !handles.is_empty() => {
+                    let (node, fh) = handles.swap_remove(pick);
+                    g.release(node, fh).unwrap();
+                }
+                4 => drop(g.unlink(fuse::ROOT_ID, name)),
+                5 => drop(g.rename(fuse::ROOT_ID, name, other)),
+                6 => drop(g.mkdir(fuse::ROOT_ID, name)),
+                7 => drop(g.rmdir(fuse::ROOT_ID, name)),
+                8 => drop(g.symlink(fuse::ROOT_ID, name, &"src/".repeat(1 + len % 50))),
+                _ => {
+                    if let Some(&(node, fh)) = handles.get(pick) {
+                        let _ = g.truncate(node, fh, offset);
+                    }
+                }
+            }
+            g.server.check_accounting().unwrap();
+            // What is counted is what the guest's objects take: those it
+            // named, and the removed files its handles hold.
+            {
+                let mut expect = 0u64;
+                for n in names {
+                    if let Ok(md) = fs::symlink_metadata(g.root.join(n)) {
+                        expect += OBJECT_COST + if md.is_dir() { 0 } else { md.len() };
+                    }
+                }
+                let mut seen = std::collections::HashSet::new();
+                for h in g.server.handles.values() {
+                    if let Handle::File { file, inode, .. } = h {
+                        let st = fstat_file(file).unwrap();
+                        if st.st_nlink == 0 && seen.insert(*inode) {
+                            expect += OBJECT_COST + st.st_size as u64;
+                        }
+                    }
+                }
+                assert_eq!(quota.used(), expect, "step {step}, request kind {}", x % 10);
+            }
+        }
+        // All closed and removed: nothing is counted, nothing given twice.
+        for (node, fh) in handles {
+            g.release(node, fh).unwrap();
+        }
+        for name in names {
+            let _ = g.unlink(fuse::ROOT_ID, name);
+            let _ = g.rmdir(fuse::ROOT_ID, name);
+        }
+        assert!(names.iter().all(|n| fs::symlink_metadata(g.root.join(n)).is_err()));
+        assert_eq!(quota.used(), 0);
         g.server.check_accounting().unwrap();
     }
 
