@@ -834,10 +834,7 @@ impl FileServer {
         // sizes are those of the file truncated (through the handle, if
         // one is given), whatever the node now names.
         let counted = self.quota.is_some() && s.size.is_some();
-        let before = match counted {
-            true => self.truncated_size(nodeid, s, &entry)?,
-            false => 0,
-        };
+        let before = if counted { self.truncated_size(nodeid, s, &entry)? } else { 0 };
         let growth = s.size.map_or(0, |size| size.saturating_sub(before));
         if let Some(Err(r)) = self.quota.as_ref().map(|q| q.take(growth)) {
             return Err(self.over_quota("truncate", path, r));
