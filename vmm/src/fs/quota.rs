@@ -1,18 +1,35 @@
 //! Host side: the workspace write quota (`sbx run --workspace-quota`) —
-//! how many bytes the guest may add to the shared folders during a run,
-//! one count for all their file servers.
+//! how much the guest may add to the host's disk through the shared
+//! folders (and the git shadow beside them) during a run, one count for
+//! all their file servers.
 //!
-//! What is counted is the growth of files' sizes the guest causes: a
-//! write past the end of a file (so a new file's data), a truncate
-//! upward. Fallocate is not offered (ENOSYS), directories, links and
-//! names are not counted. A request that would take the count past the
-//! limit is refused whole with EDQUOT ("Disk quota exceeded") and changes
-//! nothing. Shrinking a file and deleting one (its last link) gives its
-//! bytes back, down to zero: deleting what was there before the run makes
-//! no room beyond the quota. A file replaced by a rename gives nothing
-//! back. Sizes are apparent sizes, so a sparse file counts as large as it
-//! reads; writing into holes of a file that was sparse before the run is
-//! not counted.
+//! What is counted, in bytes:
+//!
+//! - the growth of files' sizes the guest causes: a write past the end of
+//!   a file (so a new file's data), a truncate upward, in the folder or in
+//!   the git shadow (guest-made `.git` directories, rebase and sequencer
+//!   state, kept in the sandbox's state directory) alike;
+//! - every object the guest makes, [`OBJECT_COST`] each (one block and an
+//!   inode of the host's filesystem): a file, a directory, a symbolic link
+//!   (and its target's bytes), and the shadow container a guest-made git
+//!   directory is kept in (never given back: containers are kept across
+//!   runs). So a quota of Q bytes lets the guest make at most
+//!   Q / [`OBJECT_COST`] objects ([`Quota::max_objects`]), empty or not.
+//!
+//! Fallocate, copy_file_range and extended attributes are not offered
+//! (ENOSYS); hard links are never made. A request that would take the
+//! count past the limit is refused whole with EDQUOT ("Disk quota
+//! exceeded") and changes nothing.
+//!
+//! Shrinking a file gives its bytes back; removing an object gives back
+//! its cost (a file's with its bytes, but only at its last link), whether
+//! by unlink, rmdir or a rename over it. A file removed while the guest
+//! still holds it open stays on the host's disk, and stays counted (its
+//! writes too) until the last of its handles is closed (RELEASE). Bytes
+//! come back down to zero: removing what was there before the run makes
+//! no room beyond the quota. Sizes are apparent sizes, so a sparse file
+//! counts as large as it reads; writing into holes of a file that was
+//! sparse before the run is not counted.
 //!
 //! Refusals come in bursts (a program writing a large file gets every one
 //! of its writes refused): the first refusal of a burst is audited, the
@@ -20,6 +37,12 @@
 //! again or gives bytes back.
 
 use std::sync::Mutex;
+
+/// What one object the guest makes (file, directory, symbolic link, shadow
+/// container) costs besides its bytes: a block of a usual host filesystem
+/// (ext4, xfs, btrfs all give a directory at least one), standing for its
+/// inode and its directory entry too.
+pub const OBJECT_COST: u64 = 4096;
 
 /// The quota shared by the file servers of one sandbox.
 #[derive(Debug)]
@@ -66,6 +89,12 @@ impl Quota {
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// Most objects the guest may make (if it adds no bytes): the quota
+    /// bounds inodes as it bounds bytes.
+    pub fn max_objects(&self) -> u64 {
+        self.limit / OBJECT_COST
     }
 
     /// Bytes added so far (net of those given back).

@@ -13,8 +13,14 @@
 //! a panic.
 //!
 //! With a workspace quota ([`FileServer::with_quota`], see [`Quota`]) the
-//! growth of files the guest causes is counted and a request that would
-//! pass the quota is refused (EDQUOT), the first of a burst audited.
+//! growth of files the guest causes and the objects it makes (files,
+//! directories, links, git shadow containers: [`OBJECT_COST`] each, a
+//! link's target besides) are counted and a request that would pass the
+//! quota is refused (EDQUOT), the first of a burst audited. The server
+//! follows which host files its handles hold open: a file removed (unlink,
+//! rename over it) while open gives its bytes and cost back only when its
+//! last handle is released, and writes through those handles keep
+//! counting. Without a quota none of this is followed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -30,8 +36,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::fuse::{self, Attr, InitOut, Op, OpenAccess, Out, ParseError, SetAttr, SetTime, StatFs};
-use super::policy::Access;
-use super::quota::{Quota, Refusal};
+use super::policy::{Access, GIT_DIR, GIT_SHADOWED};
+use super::quota::{Quota, Refusal, OBJECT_COST};
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
 use crate::sys;
 
@@ -79,9 +85,48 @@ struct Node {
     lookups: u64,
 }
 
+/// A host file by device and inode.
+type Inode = (u64, u64);
+
 enum Handle {
-    File { file: File, node: u64, writable: bool, wrote: bool },
-    Dir { listing: Vec<Listed>, node: u64, bytes: usize },
+    /// `inode`: with a quota, the host file it holds open.
+    File {
+        file: File,
+        node: u64,
+        writable: bool,
+        wrote: bool,
+        inode: Option<Inode>,
+    },
+    Dir {
+        listing: Vec<Listed>,
+        node: u64,
+        bytes: usize,
+    },
+}
+
+/// A host file the guest's handles hold open (followed with a quota).
+#[derive(Debug, Default)]
+struct OpenFile {
+    handles: u32,
+    /// Removed from the folder (its last link) while open: its bytes and
+    /// cost are given back at its last release.
+    removed: bool,
+}
+
+/// What a removal gives back to the quota.
+enum Freed {
+    Now(u64),
+    /// A file still open: at its last release.
+    AtClose(Inode),
+}
+
+/// Quota taken before a request that makes a name.
+struct Taken {
+    /// The new object's cost (nothing for a rename).
+    object: u64,
+    /// A shadow container's, if the name may be kept in the git shadow.
+    container: u64,
+    containers_before: u64,
 }
 
 impl Handle {
@@ -110,6 +155,9 @@ pub struct FileServer {
     audit_failed: Option<Arc<AtomicBool>>,
     /// The workspace quota, shared with the other folders' servers.
     quota: Option<Arc<Quota>>,
+    /// With a quota: the host files handles hold open (at most one entry
+    /// per handle).
+    open_files: HashMap<Inode, OpenFile>,
     /// Requests served, by kind (for figures).
     pub counts: BTreeMap<&'static str, u64>,
 }
@@ -153,6 +201,7 @@ impl FileServer {
             audit,
             audit_failed: None,
             quota: None,
+            open_files: HashMap::new(),
             counts: BTreeMap::new(),
         }
     }
@@ -340,6 +389,99 @@ impl FileServer {
         libc::EDQUOT
     }
 
+    /// With a quota: the host file `file` is, to follow its handles.
+    fn inode_of(&self, file: &File) -> Result<Option<Inode>, i32> {
+        if self.quota.is_none() {
+            return Ok(None);
+        }
+        let st = fstat_file(file)?;
+        Ok(Some((st.st_dev, st.st_ino)))
+    }
+
+    /// A handle on `inode` was made.
+    fn opened(&mut self, inode: Option<Inode>) {
+        if let Some(i) = inode {
+            let o = self.open_files.entry(i).or_default();
+            o.handles = o.handles.saturating_add(1);
+        }
+    }
+
+    /// A handle on `inode` (`file`) is closed: the last of a file removed
+    /// while open gives back its bytes and cost.
+    fn closed(&mut self, file: &File, inode: Option<Inode>) {
+        let Some(i) = inode else { return };
+        let Some(o) = self.open_files.get_mut(&i) else { return };
+        o.handles = o.handles.saturating_sub(1);
+        if o.handles > 0 {
+            return;
+        }
+        let removed = o.removed;
+        self.open_files.remove(&i);
+        if let Some(q) = self.quota.as_ref().filter(|_| removed) {
+            // Its size unknown, only its cost: never more than was there.
+            q.give_back(file_size(file).unwrap_or(0).saturating_add(OBJECT_COST));
+        }
+    }
+
+    /// With a quota: what removing `entry` gives back — its cost, and a
+    /// file's bytes at its last link (a file still open: at its last
+    /// release). To be settled once the removal is done.
+    fn freed_by_removing(&self, entry: &Entry) -> Option<Freed> {
+        self.quota.as_ref()?;
+        let st = self.share.stat(entry).ok()?;
+        let size = st.st_size.max(0) as u64;
+        match entry.kind {
+            Kind::Dir => Some(Freed::Now(OBJECT_COST)),
+            Kind::Symlink => Some(Freed::Now(OBJECT_COST.saturating_add(size))),
+            // Another link keeps its blocks (the host's: the guest makes none).
+            Kind::File if st.st_nlink != 1 => None,
+            Kind::File if self.open_files.contains_key(&(st.st_dev, st.st_ino)) => {
+                Some(Freed::AtClose((st.st_dev, st.st_ino)))
+            }
+            Kind::File => Some(Freed::Now(OBJECT_COST.saturating_add(size))),
+        }
+    }
+
+    /// A removal is done: gives back what it freed.
+    fn settle_freed(&mut self, freed: Option<Freed>) {
+        match freed {
+            Some(Freed::Now(bytes)) => self.settle_quota(0, bytes, 0),
+            Some(Freed::AtClose(i)) => {
+                if let Some(o) = self.open_files.get_mut(&i) {
+                    o.removed = true;
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// With a quota: takes what a request making `name` in `dir` may cost
+    /// before it is carried out (`cost` for the object, and a shadow
+    /// container's if the name may be kept in the git shadow), or refuses
+    /// it (EDQUOT, audited as `op`).
+    fn take_for_new(&mut self, op: &str, dir: &Entry, name: &OsStr, cost: u64) -> Result<Option<Taken>, i32> {
+        let Some(q) = &self.quota else { return Ok(None) };
+        let shadowable = name == GIT_DIR || GIT_SHADOWED.iter().any(|n| name == *n);
+        let container = if shadowable { OBJECT_COST } else { 0 };
+        let taken = Taken { object: cost, container, containers_before: self.share.shadow_containers_made() };
+        match q.take(cost.saturating_add(container)) {
+            Ok(()) => Ok(Some(taken)),
+            Err(r) => {
+                let path = self.path_of(&dir.rel.join(name));
+                Err(self.over_quota(op, path, r))
+            }
+        }
+    }
+
+    /// After it: gives back the object's cost if it was not `made`, and the
+    /// container's if none was made.
+    fn settle_new(&self, taken: Option<Taken>, made: bool) {
+        let (Some(q), Some(t)) = (&self.quota, taken) else { return };
+        let object = if made { 0 } else { t.object };
+        let container = if self.share.shadow_containers_made() > t.containers_before { 0 } else { t.container };
+        q.give_back(object.saturating_add(container));
+    }
+
     /// After a change that took `taken` bytes of quota for a file of
     /// `before` bytes that now has `after`: what did not grow, and what
     /// shrank, given back.
@@ -379,6 +521,28 @@ impl FileServer {
         if !self.nodes.contains_key(&fuse::ROOT_ID) || self.by_path.get(Path::new("")) != Some(&fuse::ROOT_ID) {
             return Err("the root node is gone".into());
         }
+        // The open files followed are the handles' (and only with a quota).
+        let mut open: HashMap<Inode, u32> = HashMap::new();
+        for h in self.handles.values() {
+            if let Handle::File { inode, .. } = h {
+                match (inode, &self.quota) {
+                    (Some(i), Some(_)) => *open.entry(*i).or_default() += 1,
+                    (None, None) => {}
+                    _ => return Err("a file handle followed without a quota, or not followed with one".into()),
+                }
+            }
+        }
+        if let Some((i, o)) = self.open_files.iter().find(|(i, o)| open.get(*i) != Some(&o.handles)) {
+            return Err(format!("{i:?} counted open {} times, held by {:?} handles", o.handles, open.get(i)));
+        }
+        if open.len() != self.open_files.len() {
+            return Err("a handle's file is not followed".into());
+        }
+        if let Some(q) = &self.quota {
+            if q.used() > q.limit() {
+                return Err(format!("quota used {} past its limit {}", q.used(), q.limit()));
+            }
+        }
         Ok(())
     }
 
@@ -414,7 +578,11 @@ impl FileServer {
                 init.encode(&mut out);
             }
             Op::Destroy => {
-                self.handles.clear();
+                for (_, h) in std::mem::take(&mut self.handles) {
+                    if let Handle::File { file, inode, .. } = h {
+                        self.closed(&file, inode);
+                    }
+                }
                 self.listing_bytes = 0;
                 self.nodes.retain(|&id, _| id == fuse::ROOT_ID);
                 self.by_path.retain(|p, _| p.as_os_str().is_empty());
@@ -454,7 +622,11 @@ impl FileServer {
             }
             Op::Symlink { name, target } => {
                 let dir = self.node(nodeid)?.clone();
-                let entry = self.share.symlink(&dir, name, target).map_err(|r| self.refused_create("symlink", r))?;
+                let cost = OBJECT_COST.saturating_add(target.len() as u64);
+                let taken = self.take_for_new("symlink", &dir, name, cost)?;
+                let made = self.share.symlink(&dir, name, target);
+                self.settle_new(taken, made.is_ok());
+                let entry = made.map_err(|r| self.refused_create("symlink", r))?;
                 let event =
                     json!({ "op": "symlink", "path": self.path_of(&entry.rel), "target": target.to_string_lossy() });
                 self.record(event);
@@ -468,7 +640,10 @@ impl FileServer {
             }
             Op::MkDir { name, mode } => {
                 let dir = self.node(nodeid)?.clone();
-                let entry = self.share.mkdir(&dir, name, mode).map_err(|r| self.refused_create("mkdir", r))?;
+                let taken = self.take_for_new("mkdir", &dir, name, OBJECT_COST)?;
+                let made = self.share.mkdir(&dir, name, mode);
+                self.settle_new(taken, made.is_ok());
+                let entry = made.map_err(|r| self.refused_create("mkdir", r))?;
                 let event = json!({ "op": "mkdir", "path": self.path_of(&entry.rel) });
                 self.record(event);
                 self.remember(entry, &mut out)?;
@@ -476,20 +651,14 @@ impl FileServer {
             Op::Unlink { name } | Op::RmDir { name } => {
                 let is_dir = matches!(op, Op::RmDir { .. });
                 let dir = self.node(nodeid)?.clone();
-                // With a quota, a file's last link gives its bytes back.
-                let freed = match (&self.quota, is_dir) {
-                    (Some(_), false) => self
-                        .share
-                        .lookup(&dir, name)
-                        .ok()
-                        .filter(|e| e.kind == Kind::File)
-                        .and_then(|e| self.share.stat(&e).ok())
-                        .filter(|st| st.st_nlink == 1)
-                        .map_or(0, |st| st.st_size.max(0) as u64),
-                    _ => 0,
+                // With a quota, what is removed gives back its cost (and a
+                // file its bytes, at its last link and last release).
+                let freed = match &self.quota {
+                    Some(_) => self.share.lookup(&dir, name).ok().and_then(|e| self.freed_by_removing(&e)),
+                    None => None,
                 };
                 let gone = self.share.remove(&dir, name, is_dir).map_err(|r| self.refused("delete", r))?;
-                self.settle_quota(0, freed, 0);
+                self.settle_freed(freed);
                 let event = json!({ "op": "delete", "path": self.path_of(&gone.rel) });
                 self.record(event);
                 if let Some(id) = self.by_path.remove(&gone.rel) {
@@ -508,8 +677,10 @@ impl FileServer {
                 let entry = self.node(nodeid)?.clone();
                 let writable = access.writes();
                 let fd = self.share.open_file(&entry, writable).map_err(|r| self.refused("open", r))?;
-                let fh =
-                    self.new_handle(Handle::File { file: File::from(fd), node: nodeid, writable, wrote: false })?;
+                let file = File::from(fd);
+                let inode = self.inode_of(&file)?;
+                let fh = self.new_handle(Handle::File { file, node: nodeid, writable, wrote: false, inode })?;
+                self.opened(inode);
                 fuse::open_out(&mut out, fh, open_flags(access));
             }
             Op::Read { fh, offset, size } => {
@@ -530,7 +701,7 @@ impl FileServer {
             }
             Op::Write { fh, offset, data } => {
                 self.handle_of(fh, nodeid)?;
-                let Some(Handle::File { file, node, writable, wrote }) = self.handles.get_mut(&fh) else {
+                let Some(Handle::File { file, node, writable, wrote, .. }) = self.handles.get_mut(&fh) else {
                     return Err(libc::EBADF);
                 };
                 if !*writable {
@@ -582,8 +753,10 @@ impl FileServer {
             }
             Op::Release { fh } | Op::ReleaseDir { fh } => {
                 self.handle_of(fh, nodeid)?;
-                if let Some(Handle::Dir { bytes, .. }) = self.handles.remove(&fh) {
-                    self.listing_bytes -= bytes;
+                match self.handles.remove(&fh) {
+                    Some(Handle::Dir { bytes, .. }) => self.listing_bytes -= bytes,
+                    Some(Handle::File { file, inode, .. }) => self.closed(&file, inode),
+                    None => {}
                 }
             }
             Op::Fsync { fh } => match self.handle_of(fh, nodeid)? {
@@ -619,7 +792,10 @@ impl FileServer {
             }
             Op::Create { name, mode, access } => {
                 let dir = self.node(nodeid)?.clone();
-                let (entry, fd) = self.share.create(&dir, name, mode).map_err(|r| self.refused_create("create", r))?;
+                let taken = self.take_for_new("create", &dir, name, OBJECT_COST)?;
+                let made = self.share.create(&dir, name, mode);
+                self.settle_new(taken, made.is_ok());
+                let (entry, fd) = made.map_err(|r| self.refused_create("create", r))?;
                 let event = json!({ "op": "create", "path": self.path_of(&entry.rel) });
                 self.record(event);
                 let rel = entry.rel.clone();
@@ -628,7 +804,10 @@ impl FileServer {
                 // Opened read-write whatever the guest asked (its kernel
                 // keeps to its own open mode); its creation is logged, and
                 // its first write too.
-                let fh = self.new_handle(Handle::File { file: File::from(fd), node, writable: true, wrote: false })?;
+                let file = File::from(fd);
+                let inode = self.inode_of(&file)?;
+                let fh = self.new_handle(Handle::File { file, node, writable: true, wrote: false, inode })?;
+                self.opened(inode);
                 fuse::open_out(&mut out, fh, open_flags(access));
             }
             Op::SyncFs => {
@@ -651,18 +830,31 @@ impl FileServer {
         }
         let path = self.path_of(&entry.rel);
         // A truncate upward takes its growth from the quota before
-        // anything changes; what did not happen is given back after.
-        let before = st.st_size.max(0) as u64;
+        // anything changes; what did not happen is given back after. The
+        // sizes are those of the file truncated (through the handle, if
+        // one is given), whatever the node now names.
+        let counted = self.quota.is_some() && s.size.is_some();
+        let before = if counted { self.truncated_size(nodeid, s, &entry)? } else { 0 };
         let growth = s.size.map_or(0, |size| size.saturating_sub(before));
         if let Some(Err(r)) = self.quota.as_ref().map(|q| q.take(growth)) {
             return Err(self.over_quota("truncate", path, r));
         }
         let changed = self.set_attrs(nodeid, s, &entry, &st, path);
-        if self.quota.is_some() && s.size.is_some() {
-            let after = self.share.stat(&entry).map_or(before, |st| st.st_size.max(0) as u64);
+        if counted {
+            // Not known: taken to have happened (never given back unseen).
+            let after = self.truncated_size(nodeid, s, &entry).unwrap_or(before.saturating_add(growth));
             self.settle_quota(growth, before, after);
         }
         changed
+    }
+
+    /// The size of the file a SETATTR of `nodeid` truncates (as
+    /// `set_attrs` chooses it): its writable handle's, else `entry`'s.
+    fn truncated_size(&self, nodeid: u64, s: &SetAttr, entry: &Entry) -> Result<u64, i32> {
+        match s.fh.map(|fh| self.handle_of(fh, nodeid)) {
+            Some(Ok(Handle::File { file, writable: true, .. })) => file_size(file),
+            _ => self.share.stat(entry).map(|st| st.st_size.max(0) as u64).map_err(|r| r.errno()),
+        }
     }
 
     /// SETATTR's changes to `entry` (node `nodeid`, `st` its attributes
@@ -715,8 +907,26 @@ impl FileServer {
         if self.path_bytes + grows * below > MAX_NODE_PATH_BYTES {
             return Err(libc::ENOMEM);
         }
-        let moved =
-            self.share.rename(&from_dir, old, &to_dir, new, mode).map_err(|r| self.refused_create("rename", r))?;
+        // With a quota: what the new name replaces (not the file itself,
+        // under another of its names) gives back as a removal does; a
+        // shadow container may be made.
+        let freed = match (&self.quota, mode) {
+            (Some(_), RenameMode::Replace) => {
+                let inode = |e: &Entry| self.share.stat(e).ok().map(|st| (st.st_dev, st.st_ino));
+                let moving = self.share.lookup(&from_dir, old).ok().and_then(|e| inode(&e));
+                self.share
+                    .lookup(&to_dir, new)
+                    .ok()
+                    .filter(|e| inode(e).is_some_and(|i| Some(i) != moving))
+                    .and_then(|e| self.freed_by_removing(&e))
+            }
+            _ => None,
+        };
+        let taken = self.take_for_new("rename", &to_dir, new, 0)?;
+        let done = self.share.rename(&from_dir, old, &to_dir, new, mode);
+        self.settle_new(taken, done.is_ok());
+        let moved = done.map_err(|r| self.refused_create("rename", r))?;
+        self.settle_freed(freed);
         let event = json!({ "op": "rename", "path": self.path_of(&old_rel), "to": self.path_of(&moved.rel) });
         self.record(event);
         // What the new name replaced is gone; what was under the old name
@@ -728,6 +938,12 @@ impl FileServer {
         let mut renamed = Vec::new();
         for (&id, n) in &self.nodes {
             if let Ok(rest) = n.entry.rel.strip_prefix(&old_rel) {
+                // A stale node of that path (a file removed while the
+                // guest still held it) is not the one moved: it keeps
+                // its own entry, never the moved one's.
+                if rest.as_os_str().is_empty() && n.entry.ino() != moved.ino() {
+                    continue;
+                }
                 renamed.push((id, rest.to_path_buf()));
             }
         }
@@ -818,6 +1034,7 @@ mod tests {
     use crate::fs::fuse::tests::request;
     use crate::fs::fuse::Opcode;
     use crate::fs::policy::FsPolicy;
+    use crate::fs::quota::OBJECT_COST;
     use std::fs;
     use std::sync::{Arc, Mutex};
 
@@ -939,6 +1156,50 @@ mod tests {
             let server = std::mem::replace(&mut self.server, stand_in);
             self.server = server.with_quota(Some(quota.clone()));
             quota
+        }
+
+        /// A new server on the same folder, with a git shadow in `shadow`
+        /// and a workspace quota of `limit` bytes.
+        fn quota_with_shadow(&mut self, limit: u64, shadow: PathBuf) -> Arc<Quota> {
+            let quota = Arc::new(Quota::new(limit));
+            let share = Share::open(&self.root, FsPolicy::default(), false).unwrap().with_git_shadow(shadow);
+            let sink_log = self.log.clone();
+            let server = FileServer::new(share, self.root.clone(), Box::new(move |e| sink_log.lock().unwrap().push(e)));
+            self.server = server.with_quota(Some(quota.clone()));
+            quota
+        }
+
+        fn mkdir(&mut self, dir: u64, name: &str) -> Result<u64, i32> {
+            let mut a = Out::default();
+            a.u32(0o755).u32(0o022).bytes(&Self::name(name));
+            self.call(Opcode::MkDir, dir, &a.0).map(|b| entry_fields(&b).0)
+        }
+
+        fn symlink(&mut self, dir: u64, name: &str, target: &str) -> Result<u64, i32> {
+            let mut a = Out::default();
+            a.bytes(&Self::name(name)).bytes(&Self::name(target));
+            self.call(Opcode::Symlink, dir, &a.0).map(|b| entry_fields(&b).0)
+        }
+
+        fn unlink(&mut self, dir: u64, name: &str) -> Result<(), i32> {
+            self.call(Opcode::Unlink, dir, &Self::name(name)).map(|_| ())
+        }
+
+        fn rmdir(&mut self, dir: u64, name: &str) -> Result<(), i32> {
+            self.call(Opcode::RmDir, dir, &Self::name(name)).map(|_| ())
+        }
+
+        fn rename(&mut self, dir: u64, old: &str, new: &str) -> Result<(), i32> {
+            let mut a = Out::default();
+            a.u64(dir).bytes(&Self::name(old)).bytes(&Self::name(new));
+            self.call(Opcode::Rename, dir, &a.0).map(|_| ())
+        }
+
+        /// RELEASE: fh, flags, release flags, lock owner.
+        fn release(&mut self, node: u64, fh: u64) -> Result<(), i32> {
+            let mut a = Out::default();
+            a.u64(fh).u32(0).u32(0).u64(0);
+            self.call(Opcode::Release, node, &a.0).map(|_| ())
         }
 
         fn truncate(&mut self, node: u64, fh: u64, size: u64) -> Result<(), i32> {
@@ -1257,14 +1518,15 @@ mod tests {
     #[test]
     fn writes_past_the_workspace_quota_are_refused_and_audited_once_a_burst() {
         let mut g = Guest::new();
-        let quota = g.quota(10_000);
+        // The new file's own cost, and 10 000 bytes.
+        let quota = g.quota(OBJECT_COST + 10_000);
         let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
         let (big, fh) = g.create(src, "big").unwrap();
         // Up to the quota, exactly.
         g.write(big, fh, 0, &[1; 4096]).unwrap();
         g.write(big, fh, 4096, &[2; 4096]).unwrap();
         g.write(big, fh, 8192, &[3; 1808]).unwrap();
-        assert_eq!((quota.used(), g.quota_refusals()), (10_000, 0));
+        assert_eq!((quota.used(), g.quota_refusals()), (OBJECT_COST + 10_000, 0));
         assert_eq!(g.statfs().0, 0, "no room left shown");
         // One byte more is refused, changes nothing, and is audited.
         assert_eq!(g.write(big, fh, 10_000, b"x"), Err(libc::EDQUOT));
@@ -1287,17 +1549,19 @@ mod tests {
         let (main, _, _) = g.lookup(src, "main.rs").unwrap();
         let mfh = g.open(main, libc::O_RDWR).unwrap();
         g.write(main, mfh, 0, b"fn main(){}\n").unwrap();
-        assert_eq!(quota.used(), 10_000);
+        assert_eq!(quota.used(), OBJECT_COST + 10_000);
         // Shrinking gives room back: a new burst is audited again.
         g.truncate(big, fh, 6_000).unwrap();
-        assert_eq!(quota.used(), 6_000);
+        assert_eq!(quota.used(), OBJECT_COST + 6_000);
         let (_, frsize) = g.statfs();
         assert_eq!(g.statfs().0, 4_000 / frsize.max(1));
         g.write(big, fh, 6_000, &[4; 4_000]).unwrap();
         assert_eq!(g.write(big, fh, 10_000, b"y"), Err(libc::EDQUOT));
         assert_eq!(g.quota_refusals(), 2);
-        // Deleting the file gives its bytes back; deleting a host file
-        // makes no room beyond the quota.
+        // Deleting the file (closed) gives its bytes and cost back;
+        // deleting a host file makes no room beyond the quota.
+        g.release(big, fh).unwrap();
+        g.release(main, mfh).unwrap();
         let mut a = Out::default();
         a.bytes(b"big\0");
         g.call(Opcode::Unlink, src, &a.0).unwrap();
@@ -1305,7 +1569,7 @@ mod tests {
         let mut a = Out::default();
         a.bytes(b"main.rs\0");
         g.call(Opcode::Unlink, src, &a.0).unwrap();
-        assert_eq!(quota.remaining(), 10_000);
+        assert_eq!(quota.remaining(), OBJECT_COST + 10_000);
         let (other, fh) = g.create(src, "other").unwrap();
         assert_eq!(g.write(other, fh, 0, &[5; 10_001]), Err(libc::EDQUOT));
         g.write(other, fh, 0, &[5; 10_000]).unwrap();
@@ -1331,7 +1595,7 @@ mod tests {
     fn one_quota_counts_every_shared_folder() {
         let mut a = Guest::new();
         let mut b = Guest::new();
-        let quota = a.quota(8192);
+        let quota = a.quota(8192 + 2 * OBJECT_COST);
         let share = Share::open(&b.root, FsPolicy::default(), false).unwrap();
         let stand_in = FileServer::new(share, b.root.clone(), Box::new(|_| {}));
         let server = std::mem::replace(&mut b.server, stand_in);
@@ -1342,6 +1606,298 @@ mod tests {
         b.write(fb, fhb, 0, &[1; 4096]).unwrap();
         assert_eq!(b.write(fb, fhb, 4096, b"z"), Err(libc::EDQUOT));
         assert_eq!(a.write(fa, fha, 4096, b"z"), Err(libc::EDQUOT));
-        assert_eq!(quota.used(), 8192);
+        assert_eq!(quota.used(), 8192 + 2 * OBJECT_COST);
+    }
+
+    #[test]
+    fn writes_through_a_handle_to_a_deleted_file_keep_counting() {
+        let mut g = Guest::new();
+        let quota = g.quota(OBJECT_COST + 10_000);
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (big, fh) = g.create(src, "big").unwrap();
+        g.write(big, fh, 0, &[1; 10_000]).unwrap();
+        g.unlink(src, "big").unwrap();
+        // Gone from the folder but held open: still on the host's disk,
+        // still counted, and writes through the handle are growth.
+        assert_eq!(quota.used(), OBJECT_COST + 10_000);
+        assert_eq!(g.write(big, fh, 10_000, &[2; 4096]), Err(libc::EDQUOT));
+        assert!(g.truncate(big, fh, 1 << 30).is_err());
+        assert_eq!(g.create(src, "next").map(|_| ()), Err(libc::EDQUOT));
+        g.write(big, fh, 0, &[3; 4096]).unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 10_000);
+        g.server.check_accounting().unwrap();
+        // The guest's kernel going away closes it too.
+        assert!(g.server.handle(&request(Opcode::Destroy as u32, 999, 0, &[]), 4096).is_some());
+        assert_eq!(quota.used(), 0);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn a_truncate_through_a_handle_counts_the_file_it_truncates() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (x, fh) = g.create(fuse::ROOT_ID, "x").unwrap();
+        g.unlink(fuse::ROOT_ID, "x").unwrap();
+        // A directory made and moved where the removed file was: the
+        // file's node is not taken along to name it.
+        g.mkdir(fuse::ROOT_ID, "x").unwrap();
+        g.rename(fuse::ROOT_ID, "x", "y").unwrap();
+        let used = quota.used();
+        let _ = g.truncate(x, fh, 4000);
+        let Some(Handle::File { file, .. }) = g.server.handles.get(&fh) else { panic!("the handle") };
+        let size = file_size(file).unwrap();
+        assert_eq!(quota.used(), used + size, "the removed file grew by {size}");
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn the_quota_comes_back_to_zero_once_everything_made_is_gone() {
+        let mut g = Guest::new();
+        let quota = g.quota(16 * OBJECT_COST);
+        let names = ["a", "b", "c", "d"];
+        let mut handles: Vec<(u64, u64)> = Vec::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let name = names[(x >> 8) as usize % names.len()];
+            let other = names[(x >> 16) as usize % names.len()];
+            let pick = (x >> 24) as usize % handles.len().max(1);
+            let (offset, len) = ((x >> 32) % 20_000, (x >> 48) as usize % 5_000);
+            match x % 10 {
+                0 => {
+                    if let Ok(h) = g.create(fuse::ROOT_ID, name) {
+                        handles.push(h);
+                    }
+                }
+                1 => {
+                    if let Some(&(node, fh)) = handles.get(pick) {
+                        let _ = g.write(node, fh, offset, &vec![7; len]);
+                    }
+                }
+                2 => {
+                    if let Ok((node, _, _)) = g.lookup(fuse::ROOT_ID, name) {
+                        if let Ok(fh) = g.open(node, libc::O_RDWR) {
+                            handles.push((node, fh));
+                        }
+                    }
+                }
+                3 if !handles.is_empty() => {
+                    let (node, fh) = handles.swap_remove(pick);
+                    g.release(node, fh).unwrap();
+                }
+                4 => drop(g.unlink(fuse::ROOT_ID, name)),
+                5 => drop(g.rename(fuse::ROOT_ID, name, other)),
+                6 => drop(g.mkdir(fuse::ROOT_ID, name)),
+                7 => drop(g.rmdir(fuse::ROOT_ID, name)),
+                8 => drop(g.symlink(fuse::ROOT_ID, name, &"src/".repeat(1 + len % 50))),
+                _ => {
+                    if let Some(&(node, fh)) = handles.get(pick) {
+                        let _ = g.truncate(node, fh, offset);
+                    }
+                }
+            }
+            g.server.check_accounting().unwrap();
+            // What is counted is what the guest's objects take: those it
+            // named, and the removed files its handles hold.
+            {
+                let mut expect = 0u64;
+                for n in names {
+                    if let Ok(md) = fs::symlink_metadata(g.root.join(n)) {
+                        expect += OBJECT_COST + if md.is_dir() { 0 } else { md.len() };
+                    }
+                }
+                let mut seen = std::collections::HashSet::new();
+                for h in g.server.handles.values() {
+                    if let Handle::File { file, inode, .. } = h {
+                        let st = fstat_file(file).unwrap();
+                        if st.st_nlink == 0 && seen.insert(*inode) {
+                            expect += OBJECT_COST + st.st_size as u64;
+                        }
+                    }
+                }
+                assert_eq!(quota.used(), expect, "step {step}, request kind {}", x % 10);
+            }
+        }
+        // All closed and removed: nothing is counted, nothing given twice.
+        for (node, fh) in handles {
+            g.release(node, fh).unwrap();
+        }
+        for name in names {
+            let _ = g.unlink(fuse::ROOT_ID, name);
+            let _ = g.rmdir(fuse::ROOT_ID, name);
+        }
+        assert!(names.iter().all(|n| fs::symlink_metadata(g.root.join(n)).is_err()));
+        assert_eq!(quota.used(), 0);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn the_last_close_of_a_deleted_file_gives_its_bytes_back() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (f, fh) = g.create(src, "f").unwrap();
+        g.write(f, fh, 0, &[1; 5000]).unwrap();
+        let reader = g.open(f, libc::O_RDONLY).unwrap();
+        g.unlink(src, "f").unwrap();
+        g.write(f, fh, 5000, &[2; 1000]).unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 6000);
+        g.server.check_accounting().unwrap();
+        g.release(f, fh).unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 6000, "another handle still holds it");
+        assert_eq!(g.read(f, reader, 10).unwrap(), [1; 10]);
+        g.release(f, reader).unwrap();
+        assert_eq!(quota.used(), 0, "the last close gives it all back");
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn a_deleted_file_held_open_gives_its_bytes_back_once() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let (keep, kfh) = g.create(src, "keep").unwrap();
+        g.write(keep, kfh, 0, &[1; 3000]).unwrap();
+        let (f, fh) = g.create(src, "f").unwrap();
+        g.write(f, fh, 0, &[1; 5000]).unwrap();
+        g.unlink(src, "f").unwrap();
+        // Whatever a truncate through its handle does (the deleted node
+        // has no attributes left: ENOENT), once closed its bytes and cost
+        // have come back once, and the other file stays counted.
+        let _ = g.truncate(f, fh, 0);
+        g.release(f, fh).unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 3000);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn directories_and_empty_files_count_against_the_quota() {
+        let mut g = Guest::new();
+        let quota = g.quota(100 * OBJECT_COST);
+        assert_eq!(quota.max_objects(), 100);
+        let (mut made, mut refused) = (0, 0);
+        for i in 0..100_000 {
+            match g.mkdir(fuse::ROOT_ID, &format!("d{i}")) {
+                Ok(_) => made += 1,
+                Err(e) => {
+                    assert_eq!(e, libc::EDQUOT, "d{i}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((made, refused), (100, 99_900));
+        let on_host = fs::read_dir(&g.root).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "src").count();
+        assert_eq!(on_host, 100 + 3, "the refused ones were not made (beside .git, .env, abs-link)");
+        assert_eq!(g.quota_refusals(), 1, "one burst, one audit line");
+        assert_eq!(g.create(fuse::ROOT_ID, "empty").map(|_| ()), Err(libc::EDQUOT));
+        assert!(!g.root.join("empty").exists());
+        // Removing a directory gives its cost back.
+        g.rmdir(fuse::ROOT_ID, "d0").unwrap();
+        assert_eq!(quota.used(), 99 * OBJECT_COST);
+        let (e, fh) = g.create(fuse::ROOT_ID, "empty").unwrap();
+        assert_eq!(quota.remaining(), 0);
+        g.release(e, fh).unwrap();
+        g.unlink(fuse::ROOT_ID, "empty").unwrap();
+        assert_eq!(quota.used(), 99 * OBJECT_COST);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn symbolic_links_count_with_their_targets() {
+        let mut g = Guest::new();
+        let quota = g.quota(OBJECT_COST + 8);
+        assert_eq!(g.symlink(fuse::ROOT_ID, "long", "src/main.rs").map(|_| ()), Err(libc::EDQUOT));
+        assert!(fs::symlink_metadata(g.root.join("long")).is_err());
+        g.symlink(fuse::ROOT_ID, "short", "src").unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 3);
+        g.unlink(fuse::ROOT_ID, "short").unwrap();
+        assert_eq!(quota.used(), 0);
+    }
+
+    #[test]
+    fn the_git_shadow_counts_against_the_same_quota() {
+        let mut g = Guest::new();
+        let shadow = g._dir.path().join("state/gitdirs");
+        let head = b"ref: refs/heads/main\n";
+        let limit = 4 * OBJECT_COST + head.len() as u64 + 10;
+        let quota = g.quota_with_shadow(limit, shadow.clone());
+        let sub = g.mkdir(fuse::ROOT_ID, "sub").unwrap();
+        let git = g.mkdir(sub, ".git").unwrap();
+        // The new .git lives in the shadow, in a container of its own:
+        // both count.
+        assert!(!g.root.join("sub/.git").exists());
+        assert_eq!(fs::read_dir(&shadow).unwrap().count(), 1);
+        assert_eq!(quota.used(), 3 * OBJECT_COST);
+        let (h, fh) = g.create(git, "HEAD").unwrap();
+        g.write(h, fh, 0, head).unwrap();
+        assert_eq!(quota.used(), 4 * OBJECT_COST + head.len() as u64);
+        // Writes there are refused past the quota as in the folder.
+        assert_eq!(g.write(h, fh, head.len() as u64, &[b'x'; 11]), Err(libc::EDQUOT));
+        assert_eq!(g.mkdir(git, "objects"), Err(libc::EDQUOT));
+        g.write(h, fh, head.len() as u64, &[b'x'; 10]).unwrap();
+        assert_eq!(quota.remaining(), 0);
+        // Removed, they give back; the container stays, and stays counted.
+        g.release(h, fh).unwrap();
+        g.unlink(git, "HEAD").unwrap();
+        g.rmdir(sub, ".git").unwrap();
+        g.rmdir(fuse::ROOT_ID, "sub").unwrap();
+        assert_eq!(fs::read_dir(&shadow).unwrap().count(), 1);
+        assert_eq!(quota.used(), OBJECT_COST);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn a_rename_over_a_file_gives_back_what_it_replaced() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (a, fa) = g.create(fuse::ROOT_ID, "a").unwrap();
+        g.write(a, fa, 0, &[1; 1000]).unwrap();
+        let (b, fb) = g.create(fuse::ROOT_ID, "b").unwrap();
+        g.write(b, fb, 0, &[2; 500]).unwrap();
+        g.release(b, fb).unwrap();
+        assert_eq!(quota.used(), 2 * OBJECT_COST + 1500);
+        g.rename(fuse::ROOT_ID, "a", "b").unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 1000, "b's bytes and cost came back");
+        g.rename(fuse::ROOT_ID, "b", "b").unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 1000, "a rename onto itself replaces nothing");
+        // Over a file still open (a's handle, now b's): counted until its
+        // last handle closes.
+        let (c, fc) = g.create(fuse::ROOT_ID, "c").unwrap();
+        g.write(c, fc, 0, &[3; 300]).unwrap();
+        g.rename(fuse::ROOT_ID, "c", "b").unwrap();
+        assert_eq!(quota.used(), 2 * OBJECT_COST + 1300);
+        g.release(a, fa).unwrap();
+        assert_eq!(quota.used(), OBJECT_COST + 300);
+        // Over an empty directory: its cost.
+        g.mkdir(fuse::ROOT_ID, "d").unwrap();
+        g.mkdir(fuse::ROOT_ID, "e").unwrap();
+        g.rename(fuse::ROOT_ID, "d", "e").unwrap();
+        assert_eq!(quota.used(), 2 * OBJECT_COST + 300);
+        g.server.check_accounting().unwrap();
+    }
+
+    #[test]
+    fn no_other_request_grows_the_host_unseen() {
+        let mut g = Guest::new();
+        let quota = g.quota(1 << 20);
+        let (f, fh) = g.create(fuse::ROOT_ID, "f").unwrap();
+        let used = quota.used();
+        // fallocate (fh, offset, length, mode), copy_file_range, xattrs:
+        // not offered, nothing grows.
+        let mut a = Out::default();
+        a.u64(fh).u64(0).u64(1 << 30).u32(0).u32(0);
+        assert_eq!(g.call(Opcode::Fallocate, f, &a.0).map(|_| ()), Err(libc::ENOSYS));
+        let mut a = Out::default();
+        a.u32(4).u32(0).bytes(b"user.big\0").bytes(&[0; 4]);
+        assert_eq!(g.call(Opcode::SetXattr, f, &a.0).map(|_| ()), Err(libc::ENOSYS));
+        let copy_file_range = 47;
+        let mut a = Out::default();
+        a.u64(fh).u64(0).u64(f).u64(fh).u64(1 << 20).u64(1 << 30).u64(0);
+        let reply = g.server.handle(&request(copy_file_range, 999, f, &a.0), 4096).unwrap();
+        assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), -libc::ENOSYS);
+        assert_eq!(fs::metadata(g.root.join("f")).unwrap().len(), 0);
+        assert_eq!(quota.used(), used);
     }
 }

@@ -50,6 +50,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -217,6 +218,8 @@ pub struct Share {
     owner: (u32, u32),
     /// Where guest-made git directories are kept (outside the folder).
     shadow: Option<PathBuf>,
+    /// Shadow containers made so far (for the workspace quota).
+    containers_made: AtomicU64,
 }
 
 const RESOLVE: u64 =
@@ -346,7 +349,8 @@ impl Share {
         let euid = sys::geteuid();
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
-        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner, shadow: None })
+        let containers_made = AtomicU64::new(0);
+        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner, shadow: None, containers_made })
     }
 
     /// Keeps the git directories the guest makes in `dir` (which must be
@@ -358,6 +362,12 @@ impl Share {
     pub fn with_git_shadow(mut self, dir: PathBuf) -> Share {
         self.shadow = Some(dir);
         self
+    }
+
+    /// The shadow containers this share has made (each a directory in the
+    /// sandbox's state, kept across runs): the workspace quota counts them.
+    pub fn shadow_containers_made(&self) -> u64 {
+        self.containers_made.load(Ordering::Relaxed)
     }
 
     /// Where `name` in `dir` lives (see [`Place`]); `create`: make the
@@ -375,11 +385,15 @@ impl Share {
         }
         let container = root.join(format!("{}-{}", dir.dev_ino.0, dir.dev_ino.1));
         if create {
+            let new = std::fs::symlink_metadata(&container).is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&container)
                 .map_err(|e| Refused::Io(dir.rel.join(name), e))?;
+            if new {
+                self.containers_made.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let fd = match std::fs::File::open(&container) {
             Ok(f) => OwnedFd::from(f),
