@@ -187,7 +187,10 @@ pub struct RunArgs {
     pub pids_limit: Option<u64>,
     /// Refuse guest writes that would grow the shared folders by more
     /// than SIZE in all during the run (e.g. 500M, 10G): the guest gets
-    /// "Disk quota exceeded". Removing or shrinking files gives room back.
+    /// "Disk quota exceeded". Every file, directory and link the guest
+    /// makes counts 4 KiB (a link its target too), git shadows included.
+    /// Removing or shrinking gives room back; a file deleted while open
+    /// counts until it is closed.
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true, value_parser = crate::limits::parse_size)]
     pub workspace_quota: Option<u64>,
     /// Extra kernel command line arguments.

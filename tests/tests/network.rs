@@ -1,11 +1,14 @@
 //! Host side: end-to-end test of the guest's network — a real guest whose
 //! only NIC is netstack, fetching from a test server on the host's
 //! loopback through a name the test maps (`--resolve`), and failing to
-//! reach everything the policy does not allow. One boot, many checks.
+//! reach everything the policy does not allow; an allowed upstream that
+//! misbehaves (a flood into a reader that reads nothing, a head that never
+//! ends, requests never answered) does not starve the next request. One
+//! boot, many checks.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,10 +48,115 @@ fn upstream(body: &'static str, for_how_long: Duration) -> (u16, Arc<AtomicUsize
     (port, count)
 }
 
+/// What the misbehaving upstream saw.
+#[derive(Default)]
+struct Stalls {
+    /// Bytes of the 2 GiB answer the guest's connection took.
+    flood_bytes: AtomicU64,
+    /// Requests that got no answer at all.
+    hung: AtomicUsize,
+    /// Ordinary requests answered.
+    ok: AtomicUsize,
+}
+
+/// The flood's size: 2 GiB, as fast as the socket takes it.
+const FLOOD: u64 = 2 << 30;
+
+/// An allowed upstream on 127.0.0.1 that misbehaves by path: `/flood`
+/// answers 2 GiB as fast as the socket takes it, `/nohead` starts a head
+/// and never ends it (a byte a second), `/hang` accepts and never answers,
+/// `/ok` answers "ok-after-stalls". A thread per connection (at most 100);
+/// everything stops by itself after `for_how_long`.
+fn misbehaving_upstream(for_how_long: Duration) -> (u16, Arc<Stalls>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stats = Arc::new(Stalls::default());
+    let seen = stats.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + for_how_long;
+        let threads = Arc::new(AtomicUsize::new(0));
+        while Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            if threads.load(Ordering::SeqCst) >= 100 {
+                continue;
+            }
+            threads.fetch_add(1, Ordering::SeqCst);
+            let (stats, threads) = (seen.clone(), threads.clone());
+            std::thread::spawn(move || {
+                conn.set_nonblocking(false).unwrap();
+                let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                conn.set_read_timeout(Some(left())).unwrap();
+                conn.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let path = first.split(' ').nth(1).unwrap_or("").to_string();
+                match path.as_str() {
+                    "/flood" => {
+                        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {FLOOD}\r\n\r\n");
+                        let chunk = vec![b'f'; 64 * 1024];
+                        let mut sent = 0u64;
+                        // Until the guest's stall stops the writes for 5 s.
+                        while sent < FLOOD && Instant::now() < deadline {
+                            match conn.write(&chunk) {
+                                Ok(n) => {
+                                    sent += n as u64;
+                                    stats.flood_bytes.store(sent, Ordering::SeqCst);
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    "/nohead" => {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nX-Never-Ends: ");
+                        while Instant::now() < deadline && conn.write_all(b"x").is_ok() {
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                    "/hang" => {
+                        stats.hung.fetch_add(1, Ordering::SeqCst);
+                        let mut rest = Vec::new();
+                        let _ = reader.read_to_end(&mut rest);
+                    }
+                    _ => {
+                        stats.ok.fetch_add(1, Ordering::SeqCst);
+                        let body = "ok-after-stalls";
+                        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        let mut rest = Vec::new();
+                        let _ = reader.read_to_end(&mut rest);
+                    }
+                }
+                threads.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, stats)
+}
+
+/// Builds tests/guest/stall.c, a static guest program, into `dir`.
+fn build_stall(dir: &std::path::Path) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/stall.c");
+    let gcc =
+        std::process::Command::new("gcc").args(["-O2", "-static", "-o"]).arg(dir.join("stall")).arg(&src).output();
+    let gcc = gcc.expect("gcc: the e2e tests build a static guest program with it");
+    assert!(gcc.status.success(), "gcc {}: {}", src.display(), text(&gcc.stderr));
+}
+
 #[test]
 fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
     let Some(sbx) = Sbx::new() else { return };
     let (port, requests) = upstream("sbx-upstream-says-hi", Duration::from_secs(900));
+    let (bad_port, stalls) = misbehaving_upstream(Duration::from_secs(900));
+    build_stall(sbx.work.path());
     let script = "
         echo \"resolv=$(cat /etc/resolv.conf)\"
         echo \"allowed=$(wget -qO- http://allowed.test/page)\"
@@ -59,6 +167,15 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
         wget -qO- http://localhost./ 2>&1; echo \"host_loopback_rc=$?\"
         i=0; while [ $i -lt 200 ]; do wget -qO- http://10.0.2.2:8080/ >/dev/null 2>&1; i=$((i+1)); done
         echo refusals_done
+        # A misbehaving allowed upstream: a 2 GiB answer never read, a head
+        # that never ends, 40 requests never answered, all held open; then
+        # an ordinary request to the same host must still be served.
+        ip=$(nslookup bad.test 2>/dev/null | awk '/^Address/ {a=$NF} END {print a}')
+        ./stall \"$ip\" bad.test 40 300 > /tmp/stall.out 2>&1 &
+        i=0; while ! grep -q stalled /tmp/stall.out && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+        echo \"stall=$(cat /tmp/stall.out)\"
+        sleep 10
+        echo \"after=$(wget -T 60 -qO- http://bad.test/ok 2>&1)\"
         exit 0
     ";
     let map = |name: &str| format!("{name}:80:127.0.0.1:{port}");
@@ -78,6 +195,10 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
             &map("allowed.test"),
             "--resolve",
             &map("denied.test"),
+            "--allow",
+            "bad.test",
+            "--resolve",
+            &format!("bad.test:80:127.0.0.1:{bad_port}"),
             "--",
             "sh",
             "-c",
@@ -97,6 +218,18 @@ fn the_guest_reaches_what_the_policy_allows_and_nothing_else() {
     assert!(stdout.contains("host_loopback_rc=1\n"), "an allowed name the host resolves to loopback is refused");
     assert!(stdout.contains("refusals_done\n"));
     assert_eq!(requests.load(Ordering::SeqCst), 1, "only the allowed request reached the upstream");
+    assert!(stdout.contains("stall=stalled 40\n"), "the stalls were set up");
+    assert!(stdout.contains("after=ok-after-stalls\n"), "a stalled upstream and reader do not starve the next request");
+    assert_eq!(stalls.ok.load(Ordering::SeqCst), 1);
+    let flood = stalls.flood_bytes.load(Ordering::SeqCst);
+    eprintln!(
+        "the upstream sent {flood} bytes into the stalled reader; {} requests hung",
+        stalls.hung.load(Ordering::SeqCst)
+    );
+    assert!(
+        flood > 0 && flood < 64 << 20,
+        "backpressure: {flood} bytes of 2 GiB went out while the guest read nothing"
+    );
 
     // The audit log (hash chain verified by `sbx log --network`) shows
     // each decision.
