@@ -1375,6 +1375,33 @@ mod tests {
         files.iter().map(|f| fs::metadata(f).unwrap().len()).sum()
     }
 
+    /// The log's file, every byte written to it also kept in memory (the
+    /// lines rotated away included), for counting.
+    struct Tee(AuditFile, Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Tee {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    /// Events of `kind` in `lines`: written whole (as `is_kind` says) and
+    /// counted in summaries.
+    fn written_and_counted(lines: &[Value], kind: &str, is_kind: &dyn Fn(&Value) -> bool) -> (u64, u64) {
+        let whole = lines.iter().filter(|l| is_kind(l)).count() as u64;
+        let counted = lines
+            .iter()
+            .filter(|l| l["event"] == "suppressed" && l["kind"] == kind)
+            .map(|l| l["count"].as_u64().unwrap())
+            .sum();
+        (whole, counted)
+    }
+
     #[test]
     fn a_written_log_verifies() {
         let bytes = sample();
@@ -1428,7 +1455,7 @@ mod tests {
     #[test]
     fn reserved_keys_cannot_be_forged_and_non_objects_are_refused() {
         let mut log = AuditLog::new(Vec::new());
-        let forged = json!({"event": "x", "seq": 99, "prev": "ff"});
+        let forged = json!({"event": "x", "seq": 99, "prev": "ff", "main_seq": 1});
         log.record(&forged, 1).unwrap();
         assert_eq!(verify(&log.get_ref()[..]).unwrap().lines, 1);
         assert!(matches!(log.record(&"a string", 1), Err(Error::NotAnObject)));
@@ -1452,6 +1479,9 @@ mod tests {
         assert_eq!(kind(json!({"event": "refused", "what": "TCP to 1.2.3.4:22"})).as_deref(), Some("refused/TCP"));
         assert_eq!(kind(json!({"event": "refused", "what": "TCP to 5.6.7.8:9"})).as_deref(), Some("refused/TCP"));
         assert_eq!(kind(json!({"event": "dns", "error": "truncated"})).as_deref(), Some("dns/error"));
+        let leak = json!({"event": "http", "host": "a.com", "decision": "deny", "leak": "gh", "op": "x"});
+        assert_eq!(kind(leak).as_deref(), Some("http/leak"), "leak attempts have a burst of their own");
+        assert!(is_leak_kind("http/leak") && !is_leak_kind("http/deny"));
         assert_eq!(kind(json!({"event": "file", "op": "write", "decision": "allow"})), None);
         assert_eq!(kind(json!({"event": "http", "host": "a.com", "decision": "allow"})), None);
         assert_eq!(kind(json!({"event": "upstream", "error": "refused"})), None);
@@ -1754,6 +1784,321 @@ mod tests {
         let text: String = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect();
         assert!(text.contains("exfil.evil.example"), "the refusal is still in the kept files");
         assert_eq!(verify_files(&files).unwrap().first_seq, 1, "nothing rotated away");
+    }
+
+    fn leak(host: &str) -> Value {
+        json!({"event": "http", "method": "POST", "host": host, "path": "/upload", "decision": "deny", "leak": "github",
+            "reason": format!("the placeholder of credential 'github' was sent to {host} (leak attempt)")})
+    }
+
+    #[test]
+    fn a_guest_flood_keeps_every_refusal_and_leak_attempt_as_verifiable_evidence() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        // Small main files, so that the flood does rotate the first
+        // refusals out of them: only the evidence file keeps those.
+        let rotation = Rotation { cap: 1 << 20, keep: 2 };
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let tee = all.clone();
+        let opened = open(&path, rotation, 1, move |f| Tee(f, tee)).unwrap();
+        assert!(opened.notes.is_empty() && opened.evidence.is_none());
+        let mut log = opened.log;
+        let refusals = |t: u64, n: u64| {
+            vec![
+                json!({"event": "dns", "name": format!("exfil-{n}.evil.example"), "decision": "deny", "rule": null}),
+                json!({"event": "refused", "what": format!("TCP to 192.0.2.{n}:22")}),
+                file_deny(&format!("/work/.env-{n}")),
+                leak(&format!("paste-{n}.evil.example")),
+            ]
+            .into_iter()
+            .map(move |e| (e, t))
+        };
+        for (e, t) in refusals(1, 1) {
+            log.record(&e, t).unwrap();
+        }
+        // 200 000 allowed answers and 5 000 long allowed requests (each
+        // with its connection's end) over 20 minutes, from 40 hosts.
+        let long_path = format!("/search?q={}", "x".repeat(8000));
+        let (mut now, mut requests, mut bytes_up) = (10u64, 0u64, 0u64);
+        for i in 0..200_000u64 {
+            let name = format!("n{i}.registry.example.com");
+            log.record(&json!({"event": "dns", "name": name, "decision": "allow", "answer": "10.0.2.100"}), now)
+                .unwrap();
+            if i % 40 == 0 {
+                let host = format!("h{}.example.com", requests % 40);
+                let up = 8000 + requests;
+                let request = json!({"event": "http", "method": "GET", "host": host, "path": long_path,
+                    "decision": "allow", "status": 200, "bytes_up": up, "bytes_down": 100});
+                log.record(&request, now).unwrap();
+                log.record(
+                    &json!({"event": "conn_end", "dst": "10.0.2.100:80", "name": host,
+                    "bytes_up": up, "bytes_down": 100}),
+                    now,
+                )
+                .unwrap();
+                requests += 1;
+                bytes_up += up;
+            }
+            now += 6;
+        }
+        for (e, t) in refusals(now, 2) {
+            log.record(&e, t).unwrap();
+        }
+        log.flush_suppressed(now).unwrap();
+        drop(log);
+        assert_eq!(requests, 5000);
+
+        // Bounded: the main files by their rotation, the evidence by its cap.
+        let files = log_files(&path).unwrap();
+        assert!(total_size(&files) <= 2 << 20, "{}", total_size(&files));
+        let evidence = evidence_path(&path);
+        assert_eq!(evidence, dir.0.join("audit-evidence.log"));
+        assert!(fs::metadata(&evidence).unwrap().len() <= EvidenceCap::default().total());
+
+        // The first refusals were rotated out of the main files ...
+        let main = verify_files(&files).unwrap();
+        assert!(main.first_seq > 1, "{main}");
+        let kept: String = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect();
+        assert!(!kept.contains("exfil-1.evil.example") && kept.contains("exfil-2.evil.example"));
+        // ... and are all in the evidence file, verified, shown as older.
+        let report = evidence_report(&path, &main).unwrap().unwrap();
+        assert_eq!(report.verified.torn_tail, None);
+        let older = String::from_utf8(report.older.clone()).unwrap();
+        for marker in ["exfil-1.evil.example", "192.0.2.1:22", "/work/.env-1", "paste-1.evil.example"] {
+            assert!(older.contains(marker), "{marker} is kept as evidence");
+        }
+        assert_eq!(report.older_lines, 4, "{older}");
+        assert!(report.to_string().contains("4 of its lines"), "{report}");
+        let text = fs::read_to_string(&evidence).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 8, "refusals only: {text}");
+        assert!(lines.iter().all(|l| l["decision"] == "deny" || l["event"] == "refused"));
+        assert_eq!(lines.iter().filter(|l| l["leak"] == "github").count(), 2);
+        // Each evidence line names its line in the main log.
+        let main_lines = lines_of(&all.lock().unwrap());
+        for l in &lines {
+            let seq = l["main_seq"].as_u64().unwrap();
+            let m = &main_lines[seq as usize - 1];
+            assert_eq!((m["seq"].as_u64(), &m["event"], &m["reason"]), (Some(seq), &l["event"], &l["reason"]));
+        }
+
+        // Every event written or counted; no more than a burst a window.
+        let windows = now / DENY_INTERVAL_MS + 1;
+        let dns = written_and_counted(&main_lines, "dns/allow", &|l| l["event"] == "dns" && l["decision"] == "allow");
+        let http =
+            written_and_counted(&main_lines, "http/allow", &|l| l["event"] == "http" && l["decision"] == "allow");
+        let ends = written_and_counted(&main_lines, "conn_end", &|l| l["event"] == "conn_end");
+        assert_eq!(dns.0 + dns.1, 200_000);
+        assert_eq!((http.0 + http.1, ends.0 + ends.1), (5000, 5000));
+        assert!(dns.0 <= windows * DNS_BURST as u64 && http.0 <= windows * REQUEST_BURST as u64, "{dns:?} {http:?}");
+        assert!(ends.0 <= windows * ROUTINE_BURST as u64);
+        // The summaries say where the requests went, and how much.
+        let summaries: Vec<&Value> =
+            main_lines.iter().filter(|l| l["event"] == "suppressed" && l["kind"] == "http/allow").collect();
+        for s in &summaries {
+            let named: u64 = s["targets"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+            assert_eq!(named + s["other_targets"].as_u64().unwrap_or(0), s["count"].as_u64().unwrap(), "{s}");
+            assert_eq!(s["targets"].as_object().unwrap().len(), MAX_TARGETS.min(40));
+        }
+        let up_whole: u64 = main_lines
+            .iter()
+            .filter(|l| l["event"] == "http" && l["decision"] == "allow")
+            .map(|l| l["bytes_up"].as_u64().unwrap())
+            .sum();
+        let up_counted: u64 = summaries.iter().map(|s| s["bytes_up"].as_u64().unwrap()).sum();
+        assert_eq!(up_whole + up_counted, bytes_up);
+        // Written in all (rotated away included): within the documented
+        // rate, where writing each line whole would be over 76 MB.
+        let written = all.lock().unwrap().len() as u64;
+        let per_window = DNS_BURST as u64 * 1024
+            + REQUEST_BURST as u64 * (2 * MAX_FIELD as u64 + 1024)
+            + ROUTINE_BURST as u64 * 1024
+            + 3 * (MAX_TARGETS * (MAX_TARGET + 16) + 512) as u64;
+        assert!(written <= windows * per_window, "{written} bytes");
+        assert!(written < 30 << 20, "{written} bytes");
+    }
+
+    #[test]
+    fn the_evidence_file_keeps_the_oldest_refusals_and_counts_the_rest() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        let cap = EvidenceCap { cap: 16 << 10, leak_room: 4 << 10, note_room: 4 << 10 };
+        let events = 2000u64;
+        let mut now = 0;
+        for run in 0..2 {
+            let opened = open_with(&path, Rotation::default(), cap, now, |f| f).unwrap();
+            assert_eq!(opened.evidence.is_some(), run == 1);
+            let mut log = opened.log;
+            for _ in 0..events {
+                // 600 a minute: a burst whole in each window, the rest counted.
+                log.record(&file_deny(&format!("/work/secret-{now}")), now).unwrap();
+                now += 100;
+            }
+            log.record(&leak("paste.evil.example"), now).unwrap();
+            log.flush_suppressed(now).unwrap();
+        }
+        let evidence = evidence_path(&path);
+        assert!(fs::metadata(&evidence).unwrap().len() <= cap.total());
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!((v.first_seq, v.torn_tail), (1, None));
+        let lines = lines_of(&fs::read(&evidence).unwrap());
+        // The oldest kept, in order.
+        assert_eq!(lines[0]["path"], "/work/secret-0");
+        assert_eq!(lines[1]["path"], "/work/secret-100");
+        assert_eq!(lines.iter().filter(|l| l["event"] == "evidence_full").count(), 1);
+        // The first leak attempt is kept though the refusals filled the cap.
+        let leaks: Vec<&Value> = lines.iter().filter(|l| l["leak"] == "github").collect();
+        assert_eq!(leaks.len(), 2, "both runs' leak attempts have room");
+        assert!(lines.iter().position(|l| l["event"] == "evidence_full").unwrap() < lines.len() - 3);
+        // Kept whole + kept in summaries + counted = every refusal.
+        let kind = "file/open/deny";
+        let (whole, summarised) = written_and_counted(&lines, kind, &|l| l["decision"] == "deny" && l["op"] == "open");
+        let counted: Vec<&Value> = lines.iter().filter(|l| l["event"] == "evidence_counted").collect();
+        assert_eq!(counted.len(), 2, "one a run");
+        let not_kept: u64 = counted.iter().map(|c| c["refusals"][kind].as_u64().unwrap()).sum();
+        assert_eq!(whole + summarised + not_kept, 2 * events);
+        assert!(not_kept > events, "the second run found the file full: {not_kept}");
+        // The main log has the same notes.
+        let main = fs::read_to_string(&path).unwrap();
+        assert_eq!(main.matches("\"evidence_counted\"").count(), 2);
+        assert!(verify_files(&log_files(&path).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_evidence_chain_catches_tampering_and_its_torn_tail_is_cut() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        let write = |t: u64, names: &[&str]| {
+            let mut log = open(&path, Rotation::default(), t, |f| f).unwrap().log;
+            for (i, n) in names.iter().enumerate() {
+                log.record(&json!({"event": "dns", "name": n, "decision": "deny"}), t + i as u64).unwrap();
+            }
+        };
+        write(1, &["a.evil.example", "b.evil.example", "c.evil.example"]);
+        let evidence = evidence_path(&path);
+        let text = fs::read_to_string(&evidence).unwrap();
+        let main = verify_files(&log_files(&path).unwrap()).unwrap();
+        assert_eq!(verify_evidence(&evidence).unwrap().lines, 3);
+        assert_eq!(evidence_report(&path, &main).unwrap().unwrap().older_lines, 0);
+
+        // Edited, removed, beheaded: caught, naming the file.
+        let lines: Vec<&str> = text.lines().collect();
+        let edited = text.replacen("a.evil.example", "a.good.example", 1);
+        let removed = format!("{}\n{}\n", lines[0], lines[2]);
+        let beheaded = format!("{}\n{}\n", lines[1], lines[2]);
+        for (bad, line) in [(edited, 2), (removed, 2), (beheaded, 1)] {
+            fs::write(&evidence, bad).unwrap();
+            let err = verify_evidence(&evidence).unwrap_err();
+            assert!(
+                matches!(&err, Error::InFile { file, source } if *file == evidence
+                    && matches!(**source, Error::Broken { line: l, .. } if l == line)),
+                "{err}"
+            );
+            assert!(evidence_report(&path, &main).is_err(), "sbx log --audit refuses it");
+        }
+
+        // A torn tail: reported, then cut on open, saying so in both files.
+        let mut torn = text.clone().into_bytes();
+        torn.extend_from_slice(b"{\"seq\":4,\"ts\":9,\"pre");
+        fs::write(&evidence, &torn).unwrap();
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!(v.torn_tail, Some(TornTail { offset: text.len() as u64, bytes: 20 }));
+        let opened = open(&path, Rotation::default(), 50, |f| f).unwrap();
+        assert!(opened.notes.len() == 1 && opened.notes[0].contains("audit-evidence.log"), "{:?}", opened.notes);
+        drop(opened);
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!((v.lines, v.torn_tail), (4, None));
+        let last = lines_of(&fs::read(&evidence).unwrap()).pop().unwrap();
+        assert_eq!(
+            (&last["event"], &last["log"], last["bytes"].as_u64()),
+            (&json!("torn_tail"), &json!("evidence"), Some(20))
+        );
+        assert!(fs::read_to_string(&path).unwrap().contains("\"torn_tail\""));
+
+        // A broken evidence file is kept aside, and a new chain says why.
+        fs::write(&evidence, text.replacen("b.evil.example", "b.good.example", 1)).unwrap();
+        let opened = open(&path, Rotation::default(), 77, |f| f).unwrap();
+        assert!(opened.evidence.is_none() && opened.notes[0].contains("broken-77"), "{:?}", opened.notes);
+        drop(opened);
+        assert!(dir.0.join("audit-evidence.log.broken-77").is_file());
+        let lines = lines_of(&fs::read(&evidence).unwrap());
+        assert_eq!((&lines[0]["event"], &lines[0]["log"]), (&json!("log_restarted"), &json!("evidence")));
+        assert!(verify_evidence(&evidence).is_ok());
+    }
+
+    #[test]
+    fn evidence_from_before_the_main_log_restarted_is_shown_as_older() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        {
+            let mut log = open(&path, Rotation::default(), 1, |f| f).unwrap().log;
+            log.record(&leak("paste.evil.example"), 2).unwrap();
+            log.record(&json!({"event": "dns", "name": "ok.example", "decision": "allow"}), 3).unwrap();
+        }
+        // The main log is tampered with: kept aside, a new chain (seq 1
+        // again, so the old main_seq would look as if still there).
+        let text = fs::read_to_string(&path).unwrap().replacen("paste.evil", "paste.good", 1);
+        fs::write(&path, text).unwrap();
+        {
+            let mut log = open(&path, Rotation::default(), 10, |f| f).unwrap().log;
+            log.record(&json!({"event": "refused", "what": "UDP to 192.0.2.9:53"}), 11).unwrap();
+        }
+        let main = verify_files(&log_files(&path).unwrap()).unwrap();
+        let report = evidence_report(&path, &main).unwrap().unwrap();
+        let older = String::from_utf8(report.older).unwrap();
+        assert!(older.contains("paste.evil.example"), "{older}");
+        assert!(!older.contains("192.0.2.9"), "that one is in the kept main log");
+    }
+
+    #[test]
+    fn every_kind_of_allowed_event_is_aggregated_naming_where_it_went() {
+        let limits =
+            Limits { dns_burst: 3, request_burst: 4, routine_burst: 5, interval_ms: 1000, ..Limits::default() };
+        let mut log = AuditLog::new(Vec::new()).with_limits(limits);
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        log = log.with_evidence(Box::new(Shared(sink.clone())), None, 0, EvidenceCap::default());
+        for i in 0..1000u64 {
+            let host = format!("h{}.example", i % 40);
+            log.record(&json!({"event": "http", "host": host, "decision": "allow", "bytes_up": 10}), i).unwrap();
+            log.record(&json!({"event": "tls", "sni": host, "decision": "allow"}), i).unwrap();
+            log.record(&json!({"event": "dns", "name": host, "decision": "allow"}), i).unwrap();
+            log.record(&json!({"event": "upstream", "dst": "192.0.2.1:443", "error": "refused"}), i).unwrap();
+            log.record(&json!({"event": "conn_end", "dst": "192.0.2.1:443", "name": host}), i).unwrap();
+        }
+        log.flush_suppressed(1000).unwrap();
+        let lines = lines_of(log.get_ref());
+        let by = |kind: &str, burst: u64, is: &dyn Fn(&Value) -> bool| {
+            let (whole, counted) = written_and_counted(&lines, kind, is);
+            assert_eq!((whole, whole + counted), (burst, 1000), "{kind}");
+            let s = lines.iter().find(|l| l["event"] == "suppressed" && l["kind"] == kind).unwrap();
+            let named: u64 = s["targets"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+            assert_eq!(named + s["other_targets"].as_u64().unwrap_or(0), counted, "{s}");
+            s.clone()
+        };
+        let http = by("http/allow", 4, &|l| l["event"] == "http");
+        assert_eq!(http["targets"].as_object().unwrap().len(), MAX_TARGETS);
+        // Named: the first 32 hosts counted (h4..h35); the rest are h36..h39
+        // (25 each) and h0..h3 (written whole first, then 24 each).
+        assert_eq!(
+            (http["other_targets"].as_u64(), http["bytes_up"].as_u64()),
+            (Some(4 * 25 + 4 * 24), Some(996 * 10))
+        );
+        by("tls/allow", 4, &|l| l["event"] == "tls");
+        by("dns/allow", 3, &|l| l["event"] == "dns");
+        let upstream = by("upstream/error", 5, &|l| l["event"] == "upstream");
+        assert_eq!(upstream["targets"]["192.0.2.1:443"].as_u64(), Some(995));
+        by("conn_end", 5, &|l| l["event"] == "conn_end");
+        assert!(sink.lock().unwrap().is_empty(), "nothing routine goes to the evidence file");
+        assert!(verify(&log.get_ref()[..]).is_ok());
     }
 
     #[test]
