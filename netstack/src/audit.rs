@@ -51,7 +51,8 @@
 //!   use [`EVIDENCE_LEAK_ROOM`] more (so that a flood of plain refusals
 //!   cannot crowd out the first leak attempts); past that, refusals are
 //!   only counted, by kind. The first one not kept writes one
-//!   `{"event":"evidence_full"}` line, and each [`AuditLog::flush_suppressed`]
+//!   `{"event":"evidence_full"}` line (at most once a run), and each
+//!   [`AuditLog::flush_suppressed`]
 //!   after some were not kept writes one `{"event":"evidence_counted"}` line
 //!   (`lines`, and `refusals` by kind), also to the main log; these notes
 //!   (and those of [`open`]) use [`EVIDENCE_NOTE_ROOM`] more, past which
