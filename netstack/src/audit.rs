@@ -5,27 +5,79 @@
 //! it for that purpose.
 //!
 //! The guest is hostile and decides how many events there are, so what it
-//! can make the host write is bounded three ways:
-//! - Refusals (see [`refusal_kind`]) are aggregated: per kind, the first
-//!   [`DENY_BURST`] in a [`DENY_INTERVAL_MS`] window are written whole, the
-//!   rest only counted, into one `{"event":"suppressed",...}` line written
-//!   when the window is over (at the next event after it) or at
-//!   [`AuditLog::flush_suppressed`] (the VMM's end; also on drop).
-//! - Changes to shared files (see [`change_kind`]) are aggregated the same
-//!   way past [`CHANGE_BURST`] a window per operation, so that a guest
-//!   churning files cannot push older lines (a request it made) out of
-//!   the files kept within minutes. Network requests are always written
-//!   (each needs a connection, and connections are bounded).
+//! can make the host write is bounded, and what matters most is kept
+//! apart from what it can make the host write in bulk:
+//! - Every event is aggregated by kind: per kind, the first few in a
+//!   [`DENY_INTERVAL_MS`] window (from the kind's first event) are written
+//!   whole, the rest only counted, into one `{"event":"suppressed",...}`
+//!   line written when the window is over (at the next event after it, or
+//!   at [`AuditLog::tick`]) or at [`AuditLog::flush_suppressed`] (the VMM's
+//!   end; also on drop). The summary counts the events it stands for
+//!   (`count`), and names where they went: up to [`MAX_TARGETS`] `targets`
+//!   (the `host`, `sni`, `name` or `dst` of each, cut at [`MAX_TARGET`]
+//!   bytes) with their counts, `other_targets` for the rest, and the sums
+//!   of their `bytes_up` / `bytes_down`. Written whole per window:
+//!   - refusals (see [`refusal_kind`]): [`DENY_BURST`] of each kind; leak
+//!     attempts (a refusal with a `leak` field) are a kind of their own,
+//!     so that other refusals cannot use up their burst;
+//!   - allowed changes to shared files (see [`change_kind`]):
+//!     [`CHANGE_BURST`] per operation (an `npm install` writes thousands);
+//!   - allowed DNS answers: [`DNS_BURST`];
+//!   - allowed HTTP requests, and allowed TLS connections (each apart):
+//!     [`REQUEST_BURST`];
+//!   - anything else (connection ends, upstream errors, the log's own
+//!     notes), by event and decision (see [`allowed_kind`]):
+//!     [`ROUTINE_BURST`].
+//!
+//!   Kinds are named by the host's code, never by what the guest sends;
+//!   past [`MAX_KINDS`] kinds at once, refusals share [`OTHER_KIND`] and
+//!   the rest [`OTHER_ALLOWED_KIND`]. So whatever the guest does, the log
+//!   grows by at most (burst + 1) lines a window for each of at most
+//!   2 × ([`MAX_KINDS`] + 1) kinds. In bytes: a DNS line is under 1 KiB,
+//!   a request under 2 × [`MAX_FIELD`] + 1 KiB (its path, normalised),
+//!   a summary under [`MAX_TARGETS`] × ([`MAX_TARGET`] + 16) + 512; a guest
+//!   sending long requests as fast as it can makes about 4 MiB a minute of
+//!   request lines, so the kept files hold minutes of its worst and hours
+//!   of ordinary work — and refusals are kept apart regardless (next).
+//! - Evidence is kept apart: every refusal line written whole, and every
+//!   summary of refusals, is also written to a second hash-chained file,
+//!   `audit-evidence.log` next to `audit.log` (see [`evidence_path`]),
+//!   which is never rotated. Each of its lines carries `main_seq`, the
+//!   `seq` of the same event in the main log (null if that write failed),
+//!   so that [`evidence_report`] can show the refusals whose main lines
+//!   were rotated away. Routine traffic never goes there, so no amount of
+//!   it can push a refusal or a leak attempt out. The file keeps the
+//!   OLDEST: up to [`EVIDENCE_CAP`] bytes of refusals; leak attempts may
+//!   use [`EVIDENCE_LEAK_ROOM`] more (so that a flood of plain refusals
+//!   cannot crowd out the first leak attempts); past that, refusals are
+//!   only counted, by kind. The first one not kept writes one
+//!   `{"event":"evidence_full"}` line (at most once a run), and each
+//!   [`AuditLog::flush_suppressed`]
+//!   after some were not kept writes one `{"event":"evidence_counted"}` line
+//!   (`lines`, and `refusals` by kind), also to the main log; these notes
+//!   (and those of [`open`]) use [`EVIDENCE_NOTE_ROOM`] more, past which
+//!   nothing is written. The file therefore never exceeds
+//!   `EVIDENCE_CAP + EVIDENCE_LEAK_ROOM + EVIDENCE_NOTE_ROOM` bytes
+//!   (9.06 MiB), across runs. Why a file and not keeping refusals back
+//!   when rotating: a rotated file's lines are chained to each other, and
+//!   keeping some of them would need a second chain anyway; a separate
+//!   file, opened once by [`open`] (before the VMM's threads are confined),
+//!   only ever appended to, is the simplest thing that verifies.
 //! - [`AuditFile`] rotates `audit.log` at [`FILE_CAP`] bytes into
 //!   `audit.log.1`, `.2`, … keeping [`KEEP_FILES`] files in all, oldest
 //!   dropped. The chain runs on across files: the first line of a new file
 //!   links to the last of the one before, and `seq` goes on.
 //!   [`verify_files`] checks the set, oldest first; once files were
 //!   dropped it verifies from the first line of the oldest file kept.
+//!   [`verify_evidence`] checks the evidence file, which must start its
+//!   chain (seq 1).
 //! - A last line cut short (crash, disk full) is reported by the verifier
 //!   as a [`TornTail`], not as a broken chain; [`open`] cuts it off (and
-//!   logs that it did) before continuing. A line that fails half-written
-//!   while the VMM runs is cut back at once by [`AuditFile`].
+//!   logs that it did) before continuing, in either file. A line that
+//!   fails half-written while the VMM runs is cut back at once by
+//!   [`AuditFile`]. Either file whose chain does not verify is kept aside
+//!   (`….broken-<ms>`), never overwritten, and its chain starts anew with a
+//!   line saying why (in both files).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,7 +98,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 /// cross it).
 pub const FILE_CAP: u64 = 8 << 20;
 /// Files kept, the current one included: at most `KEEP_FILES * FILE_CAP`
-/// bytes of audit log per sandbox.
+/// bytes of audit log per sandbox (the evidence file apart).
 pub const KEEP_FILES: usize = 4;
 /// Refusals of one kind written whole per window.
 pub const DENY_BURST: u32 = 32;
@@ -54,19 +106,44 @@ pub const DENY_BURST: u32 = 32;
 /// delete, ...) written whole per window (an `npm install` writes
 /// thousands: the first ones whole, the rest counted).
 pub const CHANGE_BURST: u32 = 600;
-/// The aggregation window of each kind of refusal, from its first refusal.
+/// Allowed DNS answers written whole per window (the rest counted, by
+/// name).
+pub const DNS_BURST: u32 = 300;
+/// Allowed HTTP requests written whole per window, and as many allowed
+/// TLS connections (the rest counted, by host, with their bytes).
+pub const REQUEST_BURST: u32 = 120;
+/// Events of any other one kind (connection ends, upstream errors, the
+/// log's own notes) written whole per window.
+pub const ROUTINE_BURST: u32 = 300;
+/// The aggregation window of every kind, from its first event.
 pub const DENY_INTERVAL_MS: u64 = 60_000;
-/// Kinds of refusal counted apart; further kinds share [`OTHER_KIND`].
+/// Kinds counted apart at once, refusals and the rest each; further kinds
+/// share [`OTHER_KIND`] or [`OTHER_ALLOWED_KIND`].
 pub const MAX_KINDS: usize = 64;
 /// The kind of refusals beyond [`MAX_KINDS`] kinds.
 pub const OTHER_KIND: &str = "other";
-/// Longest part (event, op, class) of a refusal kind, in bytes.
+/// The kind of other events beyond [`MAX_KINDS`] kinds.
+pub const OTHER_ALLOWED_KIND: &str = "other/allow";
+/// Longest part (event, op, class) of a kind, in bytes.
 const MAX_KIND_PART: usize = 32;
+/// Destinations named in one summary; the rest are counted together.
+pub const MAX_TARGETS: usize = 32;
+/// Longest destination named in a summary, in bytes (a DNS name's).
+pub const MAX_TARGET: usize = 255;
 /// Longest string value written whole (bytes); longer ones are cut and
 /// say by how much.
 pub const MAX_FIELD: usize = 16 * 1024;
 /// Longest line written or read (bytes, without its end).
 pub const MAX_LINE: usize = 1 << 20;
+/// Bytes of refusals the evidence file keeps (the oldest).
+pub const EVIDENCE_CAP: u64 = 8 << 20;
+/// Bytes past [`EVIDENCE_CAP`] that only leak attempts may use.
+pub const EVIDENCE_LEAK_ROOM: u64 = 1 << 20;
+/// Bytes past those two for the evidence file's own notes (full, counted,
+/// torn tail cut, restarted).
+pub const EVIDENCE_NOTE_ROOM: u64 = 64 << 10;
+/// Keys the log writes itself: an event's own are dropped.
+const RESERVED: [&str; 4] = ["seq", "ts", "prev", "main_seq"];
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -98,35 +175,50 @@ pub enum Error {
 /// each shared folder).
 pub type SharedLog<W> = Arc<Mutex<AuditLog<W>>>;
 
-/// How refusals are aggregated (see the module's notes).
+/// How events are aggregated (see the module's notes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Refusals of one kind written whole per window.
     pub burst: u32,
     /// Allowed file changes of one operation written whole per window.
     pub change_burst: u32,
+    /// Allowed DNS answers written whole per window.
+    pub dns_burst: u32,
+    /// Allowed HTTP requests (and apart, TLS connections) per window.
+    pub request_burst: u32,
+    /// Any other event of one kind per window.
+    pub routine_burst: u32,
     /// Window length, milliseconds.
     pub interval_ms: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { burst: DENY_BURST, change_burst: CHANGE_BURST, interval_ms: DENY_INTERVAL_MS }
+        Limits {
+            burst: DENY_BURST,
+            change_burst: CHANGE_BURST,
+            dns_burst: DNS_BURST,
+            request_burst: REQUEST_BURST,
+            routine_burst: ROUTINE_BURST,
+            interval_ms: DENY_INTERVAL_MS,
+        }
     }
 }
 
 /// The kind a refusal is counted under, or None if `fields` is not a
 /// refusal. Refusals are: any `"decision":"deny"` (network `dns`, `http`,
-/// `tls`; `file` with its `op`), dropped frames (`"event":"refused"`, by
-/// the first word of `what`: TCP, UDP, ICMP, IPv6, malformed, …) and
-/// malformed DNS queries (`dns` with an `error`). Kinds are made only of
-/// names the host's code picks, never of addresses or paths the guest
-/// picks, and each part is cut at [`MAX_KIND_PART`] bytes.
+/// `tls`, `upstream`; `file` with its `op`; `…/leak` when it has a `leak`
+/// field), dropped frames (`"event":"refused"`, by the first word of
+/// `what`: TCP, UDP, ICMP, IPv6, malformed, …) and malformed DNS queries
+/// (`dns` with an `error`). Kinds are made only of names the host's code
+/// picks, never of addresses or paths the guest picks, and each part is
+/// cut at [`MAX_KIND_PART`] bytes.
 pub fn refusal_kind(fields: &Map<String, Value>) -> Option<String> {
     let field = |k: &str| fields.get(k).and_then(Value::as_str);
     let event = field("event").unwrap_or("?");
     let class = if field("decision") == Some("deny") {
         match field("op") {
+            _ if fields.contains_key("leak") => "leak".into(),
             Some(op) => format!("{}/deny", cut(op, MAX_KIND_PART)),
             None => "deny".into(),
         }
@@ -140,12 +232,75 @@ pub fn refusal_kind(fields: &Map<String, Value>) -> Option<String> {
     Some(format!("{}/{class}", cut(event, MAX_KIND_PART)))
 }
 
+/// Whether a kind [`refusal_kind`] named is a leak attempt's.
+pub fn is_leak_kind(kind: &str) -> bool {
+    kind.ends_with("/leak")
+}
+
 /// The aggregation kind of an allowed change to a shared file (`file`
 /// events the policy allowed, by `op`), if `fields` is one.
 pub fn change_kind(fields: &Map<String, Value>) -> Option<String> {
     let field = |k: &str| fields.get(k).and_then(Value::as_str);
     (field("event") == Some("file") && field("decision") != Some("deny"))
         .then(|| format!("file/{}/allow", cut(field("op").unwrap_or("?"), MAX_KIND_PART)))
+}
+
+/// The aggregation kind of an event that is neither a refusal nor a
+/// change: `dns/allow`, `http/allow`, `tls/allow`; otherwise the event and
+/// its decision (`upstream/allow`), `error` if it has one and no decision
+/// (`upstream/error`), or the event alone (`conn_end`, `torn_tail`).
+pub fn allowed_kind(fields: &Map<String, Value>) -> String {
+    let field = |k: &str| fields.get(k).and_then(Value::as_str);
+    let event = cut(field("event").unwrap_or("?"), MAX_KIND_PART);
+    match (event, field("decision")) {
+        ("dns" | "http" | "tls", _) => format!("{event}/allow"),
+        (_, Some(decision)) => format!("{event}/{}", cut(decision, MAX_KIND_PART)),
+        _ if fields.contains_key("error") => format!("{event}/error"),
+        _ => event.to_string(),
+    }
+}
+
+/// What an event is aggregated as, which sets its burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Refusal,
+    Change,
+    Dns,
+    Request,
+    Routine,
+}
+
+fn classify(fields: &Map<String, Value>) -> (String, Class) {
+    if let Some(kind) = refusal_kind(fields) {
+        return (kind, Class::Refusal);
+    }
+    if let Some(kind) = change_kind(fields) {
+        return (kind, Class::Change);
+    }
+    let class = match fields.get("event").and_then(Value::as_str) {
+        Some("dns") => Class::Dns,
+        Some("http" | "tls") => Class::Request,
+        _ => Class::Routine,
+    };
+    (allowed_kind(fields), class)
+}
+
+impl Limits {
+    fn burst_of(&self, class: Class) -> u32 {
+        match class {
+            Class::Refusal => self.burst,
+            Class::Change => self.change_burst,
+            Class::Dns => self.dns_burst,
+            Class::Request => self.request_burst,
+            Class::Routine => self.routine_burst,
+        }
+    }
+}
+
+/// Where an event went, for the summaries: its host, SNI, name or
+/// address, the first there is.
+fn target_of(fields: &Map<String, Value>) -> Option<&str> {
+    ["host", "sni", "name", "dst"].iter().find_map(|k| fields.get(*k).and_then(Value::as_str))
 }
 
 /// `s` cut to at most `max` bytes, at a character boundary.
@@ -178,38 +333,88 @@ struct Window {
     start_ms: u64,
     written: u32,
     suppressed: u64,
+    /// Where the suppressed events went, at most [`MAX_TARGETS`] named.
+    targets: BTreeMap<String, u64>,
+    other_targets: u64,
+    bytes_up: u64,
+    bytes_down: u64,
 }
 
-/// Counts refusals per kind and window; deterministic in the times given.
-#[derive(Debug, Default)]
+impl Window {
+    fn new(start_ms: u64) -> Window {
+        Window {
+            start_ms,
+            written: 0,
+            suppressed: 0,
+            targets: BTreeMap::new(),
+            other_targets: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    /// Counts a suppressed event.
+    fn count(&mut self, fields: &Map<String, Value>) {
+        self.suppressed += 1;
+        if let Some(target) = target_of(fields).map(|t| cut(t, MAX_TARGET)) {
+            if let Some(n) = self.targets.get_mut(target) {
+                *n += 1;
+            } else if self.targets.len() < MAX_TARGETS {
+                self.targets.insert(target.to_string(), 1);
+            } else {
+                self.other_targets += 1;
+            }
+        }
+        let bytes = |k: &str| fields.get(k).and_then(Value::as_u64).unwrap_or(0);
+        self.bytes_up = self.bytes_up.saturating_add(bytes("bytes_up"));
+        self.bytes_down = self.bytes_down.saturating_add(bytes("bytes_down"));
+    }
+}
+
+/// A window's summary: the events of `kind` it counted.
+struct Summary {
+    kind: String,
+    count: u64,
+    line: Map<String, Value>,
+}
+
+/// Counts events per kind and window; deterministic in the times given.
+#[derive(Debug)]
 struct Aggregator {
-    limits: Limits,
+    /// The kind past [`MAX_KINDS`].
+    other: &'static str,
     windows: BTreeMap<String, Window>,
 }
 
 impl Aggregator {
-    /// Whether an event of `kind` at `now_ms` is written (at most `burst`
-    /// a window); counted if not.
-    fn admit(&mut self, kind: String, burst: u32, now_ms: u64) -> bool {
+    fn new(other: &'static str) -> Aggregator {
+        Aggregator { other, windows: BTreeMap::new() }
+    }
+
+    /// The kind an event of `kind` at `now_ms` is written under (at most
+    /// `burst` a window), or None if it is only counted.
+    fn admit(&mut self, kind: String, burst: u32, now_ms: u64, fields: &Map<String, Value>) -> Option<String> {
         let kind = if self.windows.len() < MAX_KINDS || self.windows.contains_key(&kind) {
             kind
         } else {
-            OTHER_KIND.to_string()
+            self.other.to_string()
         };
-        let w = self.windows.entry(kind).or_insert(Window { start_ms: now_ms, written: 0, suppressed: 0 });
+        let w = match self.windows.get_mut(&kind) {
+            Some(w) => w,
+            None => self.windows.entry(kind.clone()).or_insert(Window::new(now_ms)),
+        };
         if w.written < burst {
             w.written += 1;
-            true
+            Some(kind)
         } else {
-            w.suppressed += 1;
-            false
+            w.count(fields);
+            None
         }
     }
 
     /// Ends the windows that are over at `now_ms` (all of them if `all`);
-    /// the summary events of those that suppressed anything, by kind.
-    fn end_windows(&mut self, now_ms: u64, all: bool) -> Vec<Value> {
-        let interval = self.limits.interval_ms;
+    /// the summaries of those that suppressed anything, by kind.
+    fn end_windows(&mut self, now_ms: u64, interval: u64, all: bool) -> Vec<Summary> {
         let mut summaries = Vec::new();
         self.windows.retain(|kind, w| {
             let end = w.start_ms.saturating_add(interval);
@@ -217,13 +422,23 @@ impl Aggregator {
                 return true;
             }
             if w.suppressed > 0 {
-                summaries.push(json!({
-                    "event": "suppressed",
-                    "kind": kind,
-                    "count": w.suppressed,
-                    "from_ms": w.start_ms,
-                    "interval_ms": end.min(now_ms).saturating_sub(w.start_ms),
-                }));
+                let mut line = Map::new();
+                line.insert("event".into(), json!("suppressed"));
+                line.insert("kind".into(), json!(kind));
+                line.insert("count".into(), json!(w.suppressed));
+                line.insert("from_ms".into(), json!(w.start_ms));
+                line.insert("interval_ms".into(), json!(end.min(now_ms).saturating_sub(w.start_ms)));
+                if !w.targets.is_empty() {
+                    line.insert("targets".into(), json!(std::mem::take(&mut w.targets)));
+                }
+                if w.other_targets > 0 {
+                    line.insert("other_targets".into(), json!(w.other_targets));
+                }
+                if w.bytes_up > 0 || w.bytes_down > 0 {
+                    line.insert("bytes_up".into(), json!(w.bytes_up));
+                    line.insert("bytes_down".into(), json!(w.bytes_down));
+                }
+                summaries.push(Summary { kind: kind.clone(), count: w.suppressed, line });
             }
             false
         });
@@ -231,12 +446,178 @@ impl Aggregator {
     }
 }
 
-/// Appends chained lines to `out`.
+/// `fields` (without the log's own keys, strings bounded) after the
+/// chain's `seq`, `ts`, `prev` (and in the evidence file `main_seq`).
+fn chained_line(
+    seq: u64,
+    prev: &str,
+    unix_ms: u64,
+    main_seq: Option<Value>,
+    fields: &Map<String, Value>,
+) -> Result<String, Error> {
+    let mut obj = Map::new();
+    obj.insert("seq".into(), Value::from(seq));
+    obj.insert("ts".into(), Value::from(unix_ms));
+    obj.insert("prev".into(), Value::from(prev));
+    if let Some(main_seq) = main_seq {
+        obj.insert("main_seq".into(), main_seq);
+    }
+    for (k, v) in fields {
+        obj.insert(k.clone(), v.clone());
+    }
+    let line = Value::Object(obj).to_string();
+    if line.len() > MAX_LINE {
+        return Err(Error::TooLong { bytes: line.len() });
+    }
+    Ok(line)
+}
+
+/// One write for the line and its end: a process killed in between
+/// cannot leave half a line that breaks the chain.
+fn write_whole(out: &mut dyn Write, line: &str) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+/// How much the evidence file keeps (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvidenceCap {
+    /// Bytes of refusals kept (the oldest).
+    pub cap: u64,
+    /// Bytes past `cap` for leak attempts only.
+    pub leak_room: u64,
+    /// Bytes past those for the file's own notes.
+    pub note_room: u64,
+}
+
+impl Default for EvidenceCap {
+    fn default() -> Self {
+        EvidenceCap { cap: EVIDENCE_CAP, leak_room: EVIDENCE_LEAK_ROOM, note_room: EVIDENCE_NOTE_ROOM }
+    }
+}
+
+impl EvidenceCap {
+    /// The most the evidence file ever holds.
+    pub fn total(&self) -> u64 {
+        self.cap.saturating_add(self.leak_room).saturating_add(self.note_room)
+    }
+}
+
+/// Whether (and as what) a line goes to the evidence file too.
+enum Keep<'a> {
+    No,
+    /// Stands for `count` refusals of `kind`.
+    Refusal {
+        kind: &'a str,
+        count: u64,
+    },
+    /// The log's own note.
+    Note,
+}
+
+/// The evidence file's chain and what it could not keep.
+struct Evidence {
+    out: Box<dyn Write + Send>,
+    prev: String,
+    seq: u64,
+    /// Bytes in the file.
+    size: u64,
+    cap: EvidenceCap,
+    /// The `evidence_full` line was written (or the file was full already).
+    full_noted: bool,
+    /// Refusals not kept since the last `evidence_counted` line, by kind.
+    not_kept: BTreeMap<String, u64>,
+    lines_not_kept: u64,
+}
+
+impl Evidence {
+    fn keep(
+        &mut self,
+        fields: &Map<String, Value>,
+        main_seq: Option<u64>,
+        unix_ms: u64,
+        keep: &Keep,
+    ) -> Result<(), Error> {
+        let c = self.cap;
+        let (limit, refusal) = match keep {
+            Keep::No => return Ok(()),
+            Keep::Refusal { kind, count } if is_leak_kind(kind) => {
+                (c.cap.saturating_add(c.leak_room), Some((*kind, *count)))
+            }
+            Keep::Refusal { kind, count } => (c.cap, Some((*kind, *count))),
+            Keep::Note => (c.total(), None),
+        };
+        if self.append(fields, main_seq, unix_ms, limit)? {
+            return Ok(());
+        }
+        let Some((kind, count)) = refusal else { return Ok(()) };
+        let kind = if self.not_kept.len() < MAX_KINDS || self.not_kept.contains_key(kind) { kind } else { OTHER_KIND };
+        let n = self.not_kept.entry(kind.to_string()).or_default();
+        *n = n.saturating_add(count);
+        self.lines_not_kept += 1;
+        if !self.full_noted {
+            self.full_noted = true;
+            let mut note = Map::new();
+            note.insert("event".into(), json!("evidence_full"));
+            note.insert("cap".into(), json!(c.cap));
+            note.insert(
+                "note".into(),
+                json!("the oldest refusals are kept here; further ones are only counted (evidence_counted) and are in the main log while it keeps them"),
+            );
+            self.append(&note, None, unix_ms, c.total())?;
+        }
+        Ok(())
+    }
+
+    /// Appends a line if the file stays within `limit` bytes.
+    fn append(
+        &mut self,
+        fields: &Map<String, Value>,
+        main_seq: Option<u64>,
+        unix_ms: u64,
+        limit: u64,
+    ) -> Result<bool, Error> {
+        let line = chained_line(self.seq + 1, &self.prev, unix_ms, Some(json!(main_seq)), fields)?;
+        let bytes = line.len() as u64 + 1;
+        if self.size.saturating_add(bytes) > limit {
+            return Ok(false);
+        }
+        write_whole(&mut *self.out, &line)?;
+        self.size += bytes;
+        self.prev = line_hash(&line);
+        self.seq += 1;
+        Ok(true)
+    }
+
+    /// The `evidence_counted` note of the refusals not kept since the last.
+    fn take_counted(&mut self) -> Option<Map<String, Value>> {
+        if self.lines_not_kept == 0 {
+            return None;
+        }
+        let refusals: Map<String, Value> =
+            std::mem::take(&mut self.not_kept).into_iter().map(|(k, n)| (k, Value::from(n))).collect();
+        let mut note = Map::new();
+        note.insert("event".into(), json!("evidence_counted"));
+        note.insert("cap".into(), json!(self.cap.cap));
+        note.insert("lines".into(), json!(std::mem::take(&mut self.lines_not_kept)));
+        note.insert("refusals".into(), Value::Object(refusals));
+        Some(note)
+    }
+}
+
+/// Appends chained lines to `out` (and refusals also to the evidence
+/// file, if it has one: see [`AuditLog::with_evidence`]).
 pub struct AuditLog<W: Write> {
     out: W,
     prev: String,
     seq: u64,
-    aggregator: Aggregator,
+    limits: Limits,
+    refusals: Aggregator,
+    allowed: Aggregator,
+    evidence: Option<Evidence>,
     /// The latest time given, for the summaries written on drop.
     last_ms: u64,
     /// Set when a line could not be written (disk full, I/O error): those
@@ -252,7 +633,10 @@ impl<W: Write> AuditLog<W> {
             out,
             prev: GENESIS.to_string(),
             seq: 0,
-            aggregator: Aggregator::default(),
+            limits: Limits::default(),
+            refusals: Aggregator::new(OTHER_KIND),
+            allowed: Aggregator::new(OTHER_ALLOWED_KIND),
+            evidence: None,
             last_ms: 0,
             failed: Arc::new(AtomicBool::new(false)),
         }
@@ -269,7 +653,30 @@ impl<W: Write> AuditLog<W> {
 
     /// The same log with other aggregation limits (tests).
     pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.aggregator.limits = limits;
+        self.limits = limits;
+        self
+    }
+
+    /// The same log also writing its refusals to the evidence file `out`
+    /// ([`open`] does this), which holds `size` bytes and whose chain
+    /// continues from `resumed` (None: a new chain), within `cap`.
+    pub fn with_evidence(
+        mut self,
+        out: Box<dyn Write + Send>,
+        resumed: Option<&Verified>,
+        size: u64,
+        cap: EvidenceCap,
+    ) -> Self {
+        self.evidence = Some(Evidence {
+            out,
+            prev: resumed.map_or_else(|| GENESIS.to_string(), |v| v.last_hash.clone()),
+            seq: resumed.map_or(0, |v| v.last_seq),
+            size,
+            cap,
+            full_noted: size >= cap.cap,
+            not_kept: BTreeMap::new(),
+            lines_not_kept: 0,
+        });
         self
     }
 
@@ -284,46 +691,59 @@ impl<W: Write> AuditLog<W> {
     }
 
     /// Appends one event (any serialisable struct or map) with its sequence
-    /// number, time and the previous line's hash. Keys `seq`, `ts` and
-    /// `prev` are the log's own. Refusals may only be counted (see the
-    /// module's notes); summaries of windows over by `unix_ms` are written
-    /// first.
+    /// number, time and the previous line's hash. Keys `seq`, `ts`, `prev`
+    /// and `main_seq` are the log's own. Events may only be counted (see
+    /// the module's notes); summaries of windows over by `unix_ms` are
+    /// written first.
     pub fn record<E: Serialize>(&mut self, event: &E, unix_ms: u64) -> Result<(), Error> {
         let Value::Object(fields) = serde_json::to_value(event).map_err(|_| Error::NotAnObject)? else {
             return Err(Error::NotAnObject);
         };
         self.tick(unix_ms)?;
-        let limits = self.aggregator.limits;
-        let aggregated = refusal_kind(&fields)
-            .map(|k| (k, limits.burst))
-            .or_else(|| change_kind(&fields).map(|k| (k, limits.change_burst)));
-        if let Some((kind, burst)) = aggregated {
-            if !self.aggregator.admit(kind, burst, unix_ms) {
-                return Ok(());
-            }
-        }
-        self.write_line(Value::Object(fields), unix_ms)
+        let (kind, class) = classify(&fields);
+        let burst = self.limits.burst_of(class);
+        let aggregator = if class == Class::Refusal { &mut self.refusals } else { &mut self.allowed };
+        let Some(kind) = aggregator.admit(kind, burst, unix_ms, &fields) else {
+            return Ok(());
+        };
+        let keep = if class == Class::Refusal { Keep::Refusal { kind: &kind, count: 1 } } else { Keep::No };
+        self.write_line(fields, unix_ms, keep)
     }
 
     /// Writes the summaries of the aggregation windows over by `unix_ms`
     /// (otherwise written at the next event), for a caller with a clock.
     pub fn tick(&mut self, unix_ms: u64) -> Result<(), Error> {
+        self.end_windows(unix_ms, false)
+    }
+
+    /// Ends every aggregation window, writing the summaries of events
+    /// counted and not yet written, and the count of refusals the evidence
+    /// file could not keep. Call when the VMM ends (dropping the log does
+    /// it too, at the latest time recorded).
+    pub fn flush_suppressed(&mut self, unix_ms: u64) -> Result<(), Error> {
+        self.end_windows(unix_ms, true)?;
+        match self.evidence.as_mut().and_then(Evidence::take_counted) {
+            Some(note) => self.write_line(note, unix_ms, Keep::Note),
+            None => Ok(()),
+        }
+    }
+
+    fn end_windows(&mut self, unix_ms: u64, all: bool) -> Result<(), Error> {
         self.last_ms = self.last_ms.max(unix_ms);
-        for summary in self.aggregator.end_windows(unix_ms, false) {
-            self.write_line(summary, unix_ms)?;
+        let interval = self.limits.interval_ms;
+        for s in self.refusals.end_windows(unix_ms, interval, all) {
+            self.write_line(s.line, unix_ms, Keep::Refusal { kind: &s.kind, count: s.count })?;
+        }
+        for s in self.allowed.end_windows(unix_ms, interval, all) {
+            self.write_line(s.line, unix_ms, Keep::No)?;
         }
         Ok(())
     }
 
-    /// Ends every aggregation window, writing the summaries of refusals
-    /// counted and not yet written. Call when the VMM ends (dropping the
-    /// log does it too, at the latest time recorded).
-    pub fn flush_suppressed(&mut self, unix_ms: u64) -> Result<(), Error> {
-        self.last_ms = self.last_ms.max(unix_ms);
-        for summary in self.aggregator.end_windows(unix_ms, true) {
-            self.write_line(summary, unix_ms)?;
-        }
-        Ok(())
+    /// The log's own note (from [`open`]): written whole, to both files.
+    fn record_note(&mut self, event: Value, unix_ms: u64) -> Result<(), Error> {
+        let Value::Object(fields) = event else { return Err(Error::NotAnObject) };
+        self.write_line(fields, unix_ms, Keep::Note)
     }
 
     /// True once a line could not be written: fail closed from then on.
@@ -337,37 +757,29 @@ impl<W: Write> AuditLog<W> {
         self.failed.clone()
     }
 
-    fn write_line(&mut self, event: Value, unix_ms: u64) -> Result<(), Error> {
-        let result = self.write_line_unflagged(event, unix_ms);
-        if matches!(result, Err(Error::Io(_))) {
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        result
-    }
-
-    fn write_line_unflagged(&mut self, event: Value, unix_ms: u64) -> Result<(), Error> {
-        let Value::Object(fields) = event else { return Err(Error::NotAnObject) };
-        let mut obj = Map::new();
-        obj.insert("seq".into(), Value::from(self.seq + 1));
-        obj.insert("ts".into(), Value::from(unix_ms));
-        obj.insert("prev".into(), Value::from(self.prev.clone()));
+    fn write_line(&mut self, fields: Map<String, Value>, unix_ms: u64, keep: Keep) -> Result<(), Error> {
+        let mut bounded = Map::new();
         for (k, mut v) in fields {
-            if !matches!(k.as_str(), "seq" | "ts" | "prev") {
+            if !RESERVED.contains(&k.as_str()) {
                 bound_strings(&mut v);
-                obj.insert(k, v);
+                bounded.insert(k, v);
             }
         }
-        let line = Value::Object(obj).to_string();
-        if line.len() > MAX_LINE {
-            return Err(Error::TooLong { bytes: line.len() });
+        let main = self.write_main(&bounded, unix_ms);
+        let main_seq = main.is_ok().then_some(self.seq);
+        let kept = match &mut self.evidence {
+            Some(evidence) => evidence.keep(&bounded, main_seq, unix_ms, &keep),
+            None => Ok(()),
+        };
+        if matches!(main, Err(Error::Io(_))) || matches!(kept, Err(Error::Io(_))) {
+            self.failed.store(true, Ordering::SeqCst);
         }
-        // One write for the line and its end: a process killed in between
-        // cannot leave half a line that breaks the chain.
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        self.out.write_all(&bytes)?;
-        self.out.flush()?;
+        main.and(kept)
+    }
+
+    fn write_main(&mut self, fields: &Map<String, Value>, unix_ms: u64) -> Result<(), Error> {
+        let line = chained_line(self.seq + 1, &self.prev, unix_ms, None, fields)?;
+        write_whole(&mut self.out, &line)?;
         self.prev = line_hash(&line);
         self.seq += 1;
         Ok(())
@@ -704,17 +1116,144 @@ pub fn verify_files(files: &[PathBuf]) -> Result<Verified, Error> {
     Ok(chain.v)
 }
 
+/// The evidence file of the log at `path`: `audit-evidence.log` for
+/// `audit.log`, in the same directory.
+pub fn evidence_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-evidence.{}", ext.to_string_lossy()),
+        None => format!("{stem}-evidence"),
+    };
+    path.with_file_name(name)
+}
+
+/// Checks the evidence file `file` (see [`evidence_path`]) as one chain
+/// from seq 1: it is never rotated, so its head may not be missing. A
+/// partial last line is reported in [`Verified::torn_tail`]. Errors name
+/// the file.
+pub fn verify_evidence(file: &Path) -> Result<Verified, Error> {
+    let in_file = |e: Error| Error::InFile { file: file.to_path_buf(), source: Box::new(e) };
+    let f = File::open(file).map_err(|e| in_file(e.into()))?;
+    let mut chain = Chain::new(false);
+    chain.feed(BufReader::new(f), true).map_err(in_file)?;
+    Ok(chain.v)
+}
+
+/// The evidence file checked, and what of it the kept main log no longer
+/// has (see [`evidence_report`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceReport {
+    pub file: PathBuf,
+    pub verified: Verified,
+    /// Its lines (as in the file, each with its line end) whose event is
+    /// not in the kept main log: rotated away, written when the main log
+    /// could not be, from before the main log restarted, or the evidence
+    /// file's own notes.
+    pub older: Vec<u8>,
+    /// How many lines `older` holds.
+    pub older_lines: u64,
+}
+
+impl fmt::Display for EvidenceReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.verified)?;
+        match self.older_lines {
+            0 => write!(f, "; each of its refusals is also in the kept audit log"),
+            n => write!(f, "; {n} of its lines (refusals kept as evidence) are no longer in the kept audit log"),
+        }
+    }
+}
+
+/// Verifies the evidence file of the log at `path` (None if there is
+/// none) and picks out its lines that the main log, as `main` verified
+/// it, no longer holds: those whose `main_seq` is outside `main`'s
+/// range (or null), and every line before the last note of the main
+/// log's restart (their `main_seq` is of the chain kept aside).
+pub fn evidence_report(path: &Path, main: &Verified) -> Result<Option<EvidenceReport>, Error> {
+    let file = evidence_path(path);
+    if !file.is_file() {
+        return Ok(None);
+    }
+    let verified = verify_evidence(&file)?;
+    let in_file = |e: Error| Error::InFile { file: file.clone(), source: Box::new(e) };
+    let mut input = BufReader::new(File::open(&file).map_err(|e| in_file(e.into()))?);
+    // Only the lines verified: the VMM may be appending.
+    let mut lines: Vec<(Vec<u8>, bool)> = Vec::new();
+    let mut restart = 0;
+    for _ in 0..verified.lines {
+        let mut buf = Vec::new();
+        (&mut input).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| in_file(e.into()))?;
+        let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
+        if v["event"] == "log_restarted" && v["log"] == "main" {
+            restart = lines.len();
+        }
+        let in_main =
+            main.lines > 0 && v["main_seq"].as_u64().is_some_and(|s| (main.first_seq..=main.last_seq).contains(&s));
+        lines.push((buf, in_main));
+    }
+    let mut older = Vec::new();
+    let mut older_lines = 0;
+    for (i, (line, in_main)) in lines.into_iter().enumerate() {
+        if i < restart || !in_main {
+            older.extend_from_slice(&line);
+            older_lines += 1;
+        }
+    }
+    Ok(Some(EvidenceReport { file, verified, older, older_lines }))
+}
+
 /// An audit log opened by [`open`], and what had to be done first.
 pub struct Opened<W: Write> {
     pub log: AuditLog<W>,
     /// What the chain continues from (None: a new chain).
     pub resumed: Option<Verified>,
+    /// What the evidence file's chain continues from (None: a new chain).
+    pub evidence: Option<Verified>,
     /// For the user: a torn tail cut, a broken log kept aside.
     pub notes: Vec<String>,
 }
 
-/// Opens the log at `path` (and its rotated files) for appending,
-/// continuing its chain. A torn last line is cut off first, and a line
+/// Cuts a verified file's torn tail off, saying so in `notes` and `events`.
+fn cut_torn_tail(
+    file: &Path,
+    v: &Verified,
+    log: &str,
+    notes: &mut Vec<String>,
+    events: &mut Vec<Value>,
+) -> Result<(), Error> {
+    if let Some(torn) = &v.torn_tail {
+        OpenOptions::new().write(true).open(file)?.set_len(torn.offset)?;
+        notes.push(format!("{}: {torn}; cut off before continuing", file.display()));
+        events.push(json!({"event": "torn_tail", "log": log, "file": file.display().to_string(),
+            "offset": torn.offset, "bytes": torn.bytes, "action": "cut off"}));
+    }
+    Ok(())
+}
+
+/// Renames `files` aside (`….broken-<now_ms>`), saying why in `notes`
+/// and `events`.
+fn keep_aside(
+    files: &[PathBuf],
+    e: &Error,
+    log: &str,
+    now_ms: u64,
+    notes: &mut Vec<String>,
+    events: &mut Vec<Value>,
+) -> Result<(), Error> {
+    let mut kept = Vec::new();
+    for file in files {
+        let aside = with_suffix(file, &format!(".broken-{now_ms}"));
+        fs::rename(file, &aside)?;
+        kept.push(aside.display().to_string());
+    }
+    notes.push(format!("{e}; kept as {} and started a new log", kept.join(", ")));
+    events.push(json!({"event": "log_restarted", "log": log, "reason": e.to_string(), "kept_as": kept}));
+    Ok(())
+}
+
+/// Opens the log at `path` (and its rotated files, and its evidence file)
+/// for appending, continuing their chains, the evidence file kept within
+/// [`EvidenceCap::default`]. A torn last line is cut off first, and a line
 /// saying so starts the continuation. A set of files whose chain does not
 /// verify is kept aside (each file renamed `….broken-<now_ms>`), never
 /// overwritten, and a new chain starts with a line saying why. `wrap` makes
@@ -725,41 +1264,58 @@ pub fn open<W: Write>(
     now_ms: u64,
     wrap: impl FnOnce(AuditFile) -> W,
 ) -> Result<Opened<W>, Error> {
+    open_with(path, rotation, EvidenceCap::default(), now_ms, wrap)
+}
+
+/// [`open`], the evidence file kept within `evidence`.
+pub fn open_with<W: Write>(
+    path: &Path,
+    rotation: Rotation,
+    evidence: EvidenceCap,
+    now_ms: u64,
+    wrap: impl FnOnce(AuditFile) -> W,
+) -> Result<Opened<W>, Error> {
     let files = log_files(path)?;
     let mut notes = Vec::new();
     let mut events = Vec::new();
     let resumed = match verify_files(&files) {
         Ok(_) if files.is_empty() => None,
         Ok(v) => {
-            if let (Some(torn), Some(last)) = (&v.torn_tail, files.last()) {
-                OpenOptions::new().write(true).open(last)?.set_len(torn.offset)?;
-                notes.push(format!("{}: {torn}; cut off before continuing", last.display()));
-                events.push(json!({"event": "torn_tail", "file": last.display().to_string(),
-                    "offset": torn.offset, "bytes": torn.bytes, "action": "cut off"}));
+            if let Some(last) = files.last() {
+                cut_torn_tail(last, &v, "main", &mut notes, &mut events)?;
             }
             Some(v)
         }
         Err(e) => {
-            let mut kept = Vec::new();
-            for file in &files {
-                let aside = with_suffix(file, &format!(".broken-{now_ms}"));
-                fs::rename(file, &aside)?;
-                kept.push(aside.display().to_string());
-            }
-            notes.push(format!("{e}; kept as {} and started a new log", kept.join(", ")));
-            events.push(json!({"event": "log_restarted", "reason": e.to_string(), "kept_as": kept}));
+            keep_aside(&files, &e, "main", now_ms, &mut notes, &mut events)?;
             None
         }
     };
+    let evidence_file = evidence_path(path);
+    let evidence_resumed = match evidence_file.is_file().then(|| verify_evidence(&evidence_file)) {
+        None => None,
+        Some(Ok(v)) => {
+            cut_torn_tail(&evidence_file, &v, "evidence", &mut notes, &mut events)?;
+            Some(v)
+        }
+        Some(Err(e)) => {
+            keep_aside(std::slice::from_ref(&evidence_file), &e, "evidence", now_ms, &mut notes, &mut events)?;
+            None
+        }
+    };
+    // Never rotated: it keeps the oldest and then only counts.
+    let kept = AuditFile::open(&evidence_file, Rotation { cap: u64::MAX, keep: 2 })?;
+    let size = kept.size;
     let out = wrap(AuditFile::open(path, rotation)?);
-    let mut log = match &resumed {
+    let log = match &resumed {
         Some(v) => AuditLog::resume(out, v),
         None => AuditLog::new(out),
     };
+    let mut log = log.with_evidence(Box::new(kept), evidence_resumed.as_ref(), size, evidence);
     for event in events {
-        log.record(&event, now_ms)?;
+        log.record_note(event, now_ms)?;
     }
-    Ok(Opened { log, resumed, notes })
+    Ok(Opened { log, resumed, evidence: evidence_resumed, notes })
 }
 
 #[cfg(test)]
@@ -820,6 +1376,33 @@ mod tests {
         files.iter().map(|f| fs::metadata(f).unwrap().len()).sum()
     }
 
+    /// The log's file, every byte written to it also kept in memory (the
+    /// lines rotated away included), for counting.
+    struct Tee(AuditFile, Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Tee {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    /// Events of `kind` in `lines`: written whole (as `is_kind` says) and
+    /// counted in summaries.
+    fn written_and_counted(lines: &[Value], kind: &str, is_kind: &dyn Fn(&Value) -> bool) -> (u64, u64) {
+        let whole = lines.iter().filter(|l| is_kind(l)).count() as u64;
+        let counted = lines
+            .iter()
+            .filter(|l| l["event"] == "suppressed" && l["kind"] == kind)
+            .map(|l| l["count"].as_u64().unwrap())
+            .sum();
+        (whole, counted)
+    }
+
     #[test]
     fn a_written_log_verifies() {
         let bytes = sample();
@@ -873,7 +1456,7 @@ mod tests {
     #[test]
     fn reserved_keys_cannot_be_forged_and_non_objects_are_refused() {
         let mut log = AuditLog::new(Vec::new());
-        let forged = json!({"event": "x", "seq": 99, "prev": "ff"});
+        let forged = json!({"event": "x", "seq": 99, "prev": "ff", "main_seq": 1});
         log.record(&forged, 1).unwrap();
         assert_eq!(verify(&log.get_ref()[..]).unwrap().lines, 1);
         assert!(matches!(log.record(&"a string", 1), Err(Error::NotAnObject)));
@@ -897,6 +1480,9 @@ mod tests {
         assert_eq!(kind(json!({"event": "refused", "what": "TCP to 1.2.3.4:22"})).as_deref(), Some("refused/TCP"));
         assert_eq!(kind(json!({"event": "refused", "what": "TCP to 5.6.7.8:9"})).as_deref(), Some("refused/TCP"));
         assert_eq!(kind(json!({"event": "dns", "error": "truncated"})).as_deref(), Some("dns/error"));
+        let leak = json!({"event": "http", "host": "a.com", "decision": "deny", "leak": "gh", "op": "x"});
+        assert_eq!(kind(leak).as_deref(), Some("http/leak"), "leak attempts have a burst of their own");
+        assert!(is_leak_kind("http/leak") && !is_leak_kind("http/deny"));
         assert_eq!(kind(json!({"event": "file", "op": "write", "decision": "allow"})), None);
         assert_eq!(kind(json!({"event": "http", "host": "a.com", "decision": "allow"})), None);
         assert_eq!(kind(json!({"event": "upstream", "error": "refused"})), None);
@@ -906,7 +1492,7 @@ mod tests {
 
     #[test]
     fn a_loop_of_refusals_writes_a_burst_then_one_summary_per_window() {
-        let limits = Limits { burst: 5, change_burst: 5, interval_ms: 1000 };
+        let limits = Limits { burst: 5, change_burst: 5, interval_ms: 1000, ..Limits::default() };
         let mut log = AuditLog::new(Vec::new()).with_limits(limits);
         // 10 000 refusals over 10 windows, each followed by an allowed write.
         for i in 0..10_000u64 {
@@ -918,7 +1504,7 @@ mod tests {
         log.flush_suppressed(10_000).unwrap();
         let lines = lines_of(log.get_ref());
         let count = |pred: &dyn Fn(&Value) -> bool| lines.iter().filter(|l| pred(l)).count();
-        assert_eq!(count(&|l| l["decision"] == "allow"), 10, "allowed events are always written");
+        assert_eq!(count(&|l| l["decision"] == "allow"), 10, "one allowed change a window: under its burst");
         assert_eq!(count(&|l| l["decision"] == "deny"), 10 * 5);
         let summaries: Vec<&Value> = lines.iter().filter(|l| l["event"] == "suppressed").collect();
         assert_eq!(summaries.len(), 10);
@@ -966,7 +1552,12 @@ mod tests {
 
     #[test]
     fn a_tick_writes_the_summaries_of_windows_over() {
-        let mut log = AuditLog::new(Vec::new()).with_limits(Limits { burst: 2, change_burst: 2, interval_ms: 100 });
+        let mut log = AuditLog::new(Vec::new()).with_limits(Limits {
+            burst: 2,
+            change_burst: 2,
+            interval_ms: 100,
+            ..Limits::default()
+        });
         for t in 0..50 {
             log.record(&json!({"event": "refused", "what": "IPv6"}), t).unwrap();
         }
@@ -983,7 +1574,7 @@ mod tests {
     #[test]
     fn summaries_are_written_when_the_log_is_dropped() {
         let dir = TempDir::new();
-        let limits = Limits { burst: 1, change_burst: 1, interval_ms: 60_000 };
+        let limits = Limits { burst: 1, change_burst: 1, interval_ms: 60_000, ..Limits::default() };
         {
             let file = AuditFile::open(&dir.log(), Rotation::default()).unwrap();
             let log = AuditLog::new(file).with_limits(limits).shared();
@@ -1003,7 +1594,9 @@ mod tests {
     fn the_log_is_rotated_at_its_cap_and_the_chain_runs_across_files() {
         let dir = TempDir::new();
         let rotation = Rotation { cap: 4096, keep: 3 };
-        let mut log = AuditLog::new(AuditFile::open(&dir.log(), rotation).unwrap());
+        // Every request written whole: this is about rotation.
+        let limits = Limits { request_burst: u32::MAX, ..Limits::default() };
+        let mut log = AuditLog::new(AuditFile::open(&dir.log(), rotation).unwrap()).with_limits(limits);
         let event = |i: u64| json!({"event": "http", "method": "GET", "host": format!("h{i}.example")});
         for i in 0..1000 {
             log.record(&event(i), i).unwrap();
@@ -1167,6 +1760,346 @@ mod tests {
         assert_eq!(counted + whole, 20_000, "every change is written or counted");
         assert!(whole <= 2 * 600 * 6, "{whole} written whole");
         assert!(verify_files(&files).unwrap().first_seq == 1, "nothing rotated away");
+    }
+
+    #[test]
+    fn a_dns_flood_cannot_push_a_refusal_out_of_the_kept_files() {
+        // Old API only: fails on the code that wrote every allowed answer.
+        let dir = TempDir::new();
+        let path = dir.log();
+        let opened = open(&path, Rotation::default(), 1, |f| f).unwrap();
+        let mut log = opened.log;
+        let refusal = json!({"event": "dns", "name": "exfil.evil.example", "decision": "deny", "rule": null});
+        log.record(&refusal, 1).unwrap();
+        // 200 000 answers in three minutes (~180 bytes a line whole: over
+        // the 32 MiB kept).
+        for i in 0..200_000u64 {
+            let name = format!("n{i}.allowed-registry.example.com");
+            let event = json!({"event": "dns", "name": name, "decision": "allow", "rule": "*.example.com",
+                "answer": "10.0.2.100"});
+            log.record(&event, 2 + i / 1000).unwrap();
+        }
+        drop(log);
+        let files = log_files(&path).unwrap();
+        assert!(total_size(&files) <= KEEP_FILES as u64 * FILE_CAP);
+        let text: String = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect();
+        assert!(text.contains("exfil.evil.example"), "the refusal is still in the kept files");
+        assert_eq!(verify_files(&files).unwrap().first_seq, 1, "nothing rotated away");
+    }
+
+    fn leak(host: &str) -> Value {
+        json!({"event": "http", "method": "POST", "host": host, "path": "/upload", "decision": "deny", "leak": "github",
+            "reason": format!("the placeholder of credential 'github' was sent to {host} (leak attempt)")})
+    }
+
+    #[test]
+    fn a_guest_flood_keeps_every_refusal_and_leak_attempt_as_verifiable_evidence() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        // Small main files, so that the flood does rotate the first
+        // refusals out of them: only the evidence file keeps those.
+        let rotation = Rotation { cap: 1 << 20, keep: 2 };
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let tee = all.clone();
+        let opened = open(&path, rotation, 1, move |f| Tee(f, tee)).unwrap();
+        assert!(opened.notes.is_empty() && opened.evidence.is_none());
+        let mut log = opened.log;
+        let refusals = |t: u64, n: u64| {
+            vec![
+                json!({"event": "dns", "name": format!("exfil-{n}.evil.example"), "decision": "deny", "rule": null}),
+                json!({"event": "refused", "what": format!("TCP to 192.0.2.{n}:22")}),
+                file_deny(&format!("/work/.env-{n}")),
+                leak(&format!("paste-{n}.evil.example")),
+            ]
+            .into_iter()
+            .map(move |e| (e, t))
+        };
+        for (e, t) in refusals(1, 1) {
+            log.record(&e, t).unwrap();
+        }
+        // 200 000 allowed answers and 5 000 long allowed requests (each
+        // with its connection's end) over 20 minutes, from 40 hosts.
+        let long_path = format!("/search?q={}", "x".repeat(8000));
+        let (mut now, mut requests, mut bytes_up) = (10u64, 0u64, 0u64);
+        for i in 0..200_000u64 {
+            let name = format!("n{i}.registry.example.com");
+            log.record(&json!({"event": "dns", "name": name, "decision": "allow", "answer": "10.0.2.100"}), now)
+                .unwrap();
+            if i % 40 == 0 {
+                let host = format!("h{}.example.com", requests % 40);
+                let up = 8000 + requests;
+                let request = json!({"event": "http", "method": "GET", "host": host, "path": long_path,
+                    "decision": "allow", "status": 200, "bytes_up": up, "bytes_down": 100});
+                log.record(&request, now).unwrap();
+                log.record(
+                    &json!({"event": "conn_end", "dst": "10.0.2.100:80", "name": host,
+                    "bytes_up": up, "bytes_down": 100}),
+                    now,
+                )
+                .unwrap();
+                requests += 1;
+                bytes_up += up;
+            }
+            now += 6;
+        }
+        for (e, t) in refusals(now, 2) {
+            log.record(&e, t).unwrap();
+        }
+        log.flush_suppressed(now).unwrap();
+        drop(log);
+        assert_eq!(requests, 5000);
+
+        // Bounded: the main files by their rotation, the evidence by its cap.
+        let files = log_files(&path).unwrap();
+        assert!(total_size(&files) <= 2 << 20, "{}", total_size(&files));
+        let evidence = evidence_path(&path);
+        assert_eq!(evidence, dir.0.join("audit-evidence.log"));
+        assert!(fs::metadata(&evidence).unwrap().len() <= EvidenceCap::default().total());
+
+        // The first refusals were rotated out of the main files ...
+        let main = verify_files(&files).unwrap();
+        assert!(main.first_seq > 1, "{main}");
+        let kept: String = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect();
+        assert!(!kept.contains("exfil-1.evil.example") && kept.contains("exfil-2.evil.example"));
+        // ... and are all in the evidence file, verified, shown as older.
+        let report = evidence_report(&path, &main).unwrap().unwrap();
+        assert_eq!(report.verified.torn_tail, None);
+        let older = String::from_utf8(report.older.clone()).unwrap();
+        for marker in ["exfil-1.evil.example", "192.0.2.1:22", "/work/.env-1", "paste-1.evil.example"] {
+            assert!(older.contains(marker), "{marker} is kept as evidence");
+        }
+        assert_eq!(report.older_lines, 4, "{older}");
+        assert!(report.to_string().contains("4 of its lines"), "{report}");
+        let text = fs::read_to_string(&evidence).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 8, "refusals only: {text}");
+        assert!(lines.iter().all(|l| l["decision"] == "deny" || l["event"] == "refused"));
+        assert_eq!(lines.iter().filter(|l| l["leak"] == "github").count(), 2);
+        // Each evidence line names its line in the main log.
+        let main_lines = lines_of(&all.lock().unwrap());
+        for l in &lines {
+            let seq = l["main_seq"].as_u64().unwrap();
+            let m = &main_lines[seq as usize - 1];
+            assert_eq!((m["seq"].as_u64(), &m["event"], &m["reason"]), (Some(seq), &l["event"], &l["reason"]));
+        }
+
+        // Every event written or counted; no more than a burst a window.
+        let windows = now / DENY_INTERVAL_MS + 1;
+        let dns = written_and_counted(&main_lines, "dns/allow", &|l| l["event"] == "dns" && l["decision"] == "allow");
+        let http =
+            written_and_counted(&main_lines, "http/allow", &|l| l["event"] == "http" && l["decision"] == "allow");
+        let ends = written_and_counted(&main_lines, "conn_end", &|l| l["event"] == "conn_end");
+        assert_eq!(dns.0 + dns.1, 200_000);
+        assert_eq!((http.0 + http.1, ends.0 + ends.1), (5000, 5000));
+        assert!(dns.0 <= windows * DNS_BURST as u64 && http.0 <= windows * REQUEST_BURST as u64, "{dns:?} {http:?}");
+        assert!(ends.0 <= windows * ROUTINE_BURST as u64);
+        // The summaries say where the requests went, and how much.
+        let summaries: Vec<&Value> =
+            main_lines.iter().filter(|l| l["event"] == "suppressed" && l["kind"] == "http/allow").collect();
+        for s in &summaries {
+            let named: u64 = s["targets"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+            assert_eq!(named + s["other_targets"].as_u64().unwrap_or(0), s["count"].as_u64().unwrap(), "{s}");
+            assert_eq!(s["targets"].as_object().unwrap().len(), MAX_TARGETS.min(40));
+        }
+        let up_whole: u64 = main_lines
+            .iter()
+            .filter(|l| l["event"] == "http" && l["decision"] == "allow")
+            .map(|l| l["bytes_up"].as_u64().unwrap())
+            .sum();
+        let up_counted: u64 = summaries.iter().map(|s| s["bytes_up"].as_u64().unwrap()).sum();
+        assert_eq!(up_whole + up_counted, bytes_up);
+        // Written in all (rotated away included): within the documented
+        // rate, where writing each line whole would be over 76 MB.
+        let written = all.lock().unwrap().len() as u64;
+        let per_window = DNS_BURST as u64 * 1024
+            + REQUEST_BURST as u64 * (2 * MAX_FIELD as u64 + 1024)
+            + ROUTINE_BURST as u64 * 1024
+            + 3 * (MAX_TARGETS * (MAX_TARGET + 16) + 512) as u64;
+        assert!(written <= windows * per_window, "{written} bytes");
+        assert!(written < 30 << 20, "{written} bytes");
+    }
+
+    #[test]
+    fn the_evidence_file_keeps_the_oldest_refusals_and_counts_the_rest() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        let cap = EvidenceCap { cap: 16 << 10, leak_room: 4 << 10, note_room: 4 << 10 };
+        let events = 2000u64;
+        let mut now = 0;
+        for run in 0..2 {
+            let opened = open_with(&path, Rotation::default(), cap, now, |f| f).unwrap();
+            assert_eq!(opened.evidence.is_some(), run == 1);
+            let mut log = opened.log;
+            for _ in 0..events {
+                // 600 a minute: a burst whole in each window, the rest counted.
+                log.record(&file_deny(&format!("/work/secret-{now}")), now).unwrap();
+                now += 100;
+            }
+            log.record(&leak("paste.evil.example"), now).unwrap();
+            log.flush_suppressed(now).unwrap();
+        }
+        let evidence = evidence_path(&path);
+        assert!(fs::metadata(&evidence).unwrap().len() <= cap.total());
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!((v.first_seq, v.torn_tail), (1, None));
+        let lines = lines_of(&fs::read(&evidence).unwrap());
+        // The oldest kept, in order.
+        assert_eq!(lines[0]["path"], "/work/secret-0");
+        assert_eq!(lines[1]["path"], "/work/secret-100");
+        assert_eq!(lines.iter().filter(|l| l["event"] == "evidence_full").count(), 1);
+        // The first leak attempt is kept though the refusals filled the cap.
+        let leaks: Vec<&Value> = lines.iter().filter(|l| l["leak"] == "github").collect();
+        assert_eq!(leaks.len(), 2, "both runs' leak attempts have room");
+        assert!(lines.iter().position(|l| l["event"] == "evidence_full").unwrap() < lines.len() - 3);
+        // Kept whole + kept in summaries + counted = every refusal.
+        let kind = "file/open/deny";
+        let (whole, summarised) = written_and_counted(&lines, kind, &|l| l["decision"] == "deny" && l["op"] == "open");
+        let counted: Vec<&Value> = lines.iter().filter(|l| l["event"] == "evidence_counted").collect();
+        assert_eq!(counted.len(), 2, "one a run");
+        let not_kept: u64 = counted.iter().map(|c| c["refusals"][kind].as_u64().unwrap()).sum();
+        assert_eq!(whole + summarised + not_kept, 2 * events);
+        assert!(not_kept > events, "the second run found the file full: {not_kept}");
+        // The main log has the same notes.
+        let main = fs::read_to_string(&path).unwrap();
+        assert_eq!(main.matches("\"evidence_counted\"").count(), 2);
+        assert!(verify_files(&log_files(&path).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_evidence_chain_catches_tampering_and_its_torn_tail_is_cut() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        let write = |t: u64, names: &[&str]| {
+            let mut log = open(&path, Rotation::default(), t, |f| f).unwrap().log;
+            for (i, n) in names.iter().enumerate() {
+                log.record(&json!({"event": "dns", "name": n, "decision": "deny"}), t + i as u64).unwrap();
+            }
+        };
+        write(1, &["a.evil.example", "b.evil.example", "c.evil.example"]);
+        let evidence = evidence_path(&path);
+        let text = fs::read_to_string(&evidence).unwrap();
+        let main = verify_files(&log_files(&path).unwrap()).unwrap();
+        assert_eq!(verify_evidence(&evidence).unwrap().lines, 3);
+        assert_eq!(evidence_report(&path, &main).unwrap().unwrap().older_lines, 0);
+
+        // Edited, removed, beheaded: caught, naming the file.
+        let lines: Vec<&str> = text.lines().collect();
+        let edited = text.replacen("a.evil.example", "a.good.example", 1);
+        let removed = format!("{}\n{}\n", lines[0], lines[2]);
+        let beheaded = format!("{}\n{}\n", lines[1], lines[2]);
+        for (bad, line) in [(edited, 2), (removed, 2), (beheaded, 1)] {
+            fs::write(&evidence, bad).unwrap();
+            let err = verify_evidence(&evidence).unwrap_err();
+            assert!(
+                matches!(&err, Error::InFile { file, source } if *file == evidence
+                    && matches!(**source, Error::Broken { line: l, .. } if l == line)),
+                "{err}"
+            );
+            assert!(evidence_report(&path, &main).is_err(), "sbx log --audit refuses it");
+        }
+
+        // A torn tail: reported, then cut on open, saying so in both files.
+        let mut torn = text.clone().into_bytes();
+        torn.extend_from_slice(b"{\"seq\":4,\"ts\":9,\"pre");
+        fs::write(&evidence, &torn).unwrap();
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!(v.torn_tail, Some(TornTail { offset: text.len() as u64, bytes: 20 }));
+        let opened = open(&path, Rotation::default(), 50, |f| f).unwrap();
+        assert!(opened.notes.len() == 1 && opened.notes[0].contains("audit-evidence.log"), "{:?}", opened.notes);
+        drop(opened);
+        let v = verify_evidence(&evidence).unwrap();
+        assert_eq!((v.lines, v.torn_tail), (4, None));
+        let last = lines_of(&fs::read(&evidence).unwrap()).pop().unwrap();
+        assert_eq!(
+            (&last["event"], &last["log"], last["bytes"].as_u64()),
+            (&json!("torn_tail"), &json!("evidence"), Some(20))
+        );
+        assert!(fs::read_to_string(&path).unwrap().contains("\"torn_tail\""));
+
+        // A broken evidence file is kept aside, and a new chain says why.
+        fs::write(&evidence, text.replacen("b.evil.example", "b.good.example", 1)).unwrap();
+        let opened = open(&path, Rotation::default(), 77, |f| f).unwrap();
+        assert!(opened.evidence.is_none() && opened.notes[0].contains("broken-77"), "{:?}", opened.notes);
+        drop(opened);
+        assert!(dir.0.join("audit-evidence.log.broken-77").is_file());
+        let lines = lines_of(&fs::read(&evidence).unwrap());
+        assert_eq!((&lines[0]["event"], &lines[0]["log"]), (&json!("log_restarted"), &json!("evidence")));
+        assert!(verify_evidence(&evidence).is_ok());
+    }
+
+    #[test]
+    fn evidence_from_before_the_main_log_restarted_is_shown_as_older() {
+        let dir = TempDir::new();
+        let path = dir.log();
+        {
+            let mut log = open(&path, Rotation::default(), 1, |f| f).unwrap().log;
+            log.record(&leak("paste.evil.example"), 2).unwrap();
+            log.record(&json!({"event": "dns", "name": "ok.example", "decision": "allow"}), 3).unwrap();
+        }
+        // The main log is tampered with: kept aside, a new chain (seq 1
+        // again, so the old main_seq would look as if still there).
+        let text = fs::read_to_string(&path).unwrap().replacen("paste.evil", "paste.good", 1);
+        fs::write(&path, text).unwrap();
+        {
+            let mut log = open(&path, Rotation::default(), 10, |f| f).unwrap().log;
+            log.record(&json!({"event": "refused", "what": "UDP to 192.0.2.9:53"}), 11).unwrap();
+        }
+        let main = verify_files(&log_files(&path).unwrap()).unwrap();
+        let report = evidence_report(&path, &main).unwrap().unwrap();
+        let older = String::from_utf8(report.older).unwrap();
+        assert!(older.contains("paste.evil.example"), "{older}");
+        assert!(!older.contains("192.0.2.9"), "that one is in the kept main log");
+    }
+
+    #[test]
+    fn every_kind_of_allowed_event_is_aggregated_naming_where_it_went() {
+        let limits =
+            Limits { dns_burst: 3, request_burst: 4, routine_burst: 5, interval_ms: 1000, ..Limits::default() };
+        let mut log = AuditLog::new(Vec::new()).with_limits(limits);
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        log = log.with_evidence(Box::new(Shared(sink.clone())), None, 0, EvidenceCap::default());
+        for i in 0..1000u64 {
+            let host = format!("h{}.example", i % 40);
+            log.record(&json!({"event": "http", "host": host, "decision": "allow", "bytes_up": 10}), i).unwrap();
+            log.record(&json!({"event": "tls", "sni": host, "decision": "allow"}), i).unwrap();
+            log.record(&json!({"event": "dns", "name": host, "decision": "allow"}), i).unwrap();
+            log.record(&json!({"event": "upstream", "dst": "192.0.2.1:443", "error": "refused"}), i).unwrap();
+            log.record(&json!({"event": "conn_end", "dst": "192.0.2.1:443", "name": host}), i).unwrap();
+        }
+        log.flush_suppressed(1000).unwrap();
+        let lines = lines_of(log.get_ref());
+        let by = |kind: &str, burst: u64, is: &dyn Fn(&Value) -> bool| {
+            let (whole, counted) = written_and_counted(&lines, kind, is);
+            assert_eq!((whole, whole + counted), (burst, 1000), "{kind}");
+            let s = lines.iter().find(|l| l["event"] == "suppressed" && l["kind"] == kind).unwrap();
+            let named: u64 = s["targets"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+            assert_eq!(named + s["other_targets"].as_u64().unwrap_or(0), counted, "{s}");
+            s.clone()
+        };
+        let http = by("http/allow", 4, &|l| l["event"] == "http");
+        assert_eq!(http["targets"].as_object().unwrap().len(), MAX_TARGETS);
+        // Named: the first 32 hosts counted (h4..h35); the rest are h36..h39
+        // (25 each) and h0..h3 (written whole first, then 24 each).
+        assert_eq!(
+            (http["other_targets"].as_u64(), http["bytes_up"].as_u64()),
+            (Some(4 * 25 + 4 * 24), Some(996 * 10))
+        );
+        by("tls/allow", 4, &|l| l["event"] == "tls");
+        by("dns/allow", 3, &|l| l["event"] == "dns");
+        let upstream = by("upstream/error", 5, &|l| l["event"] == "upstream");
+        assert_eq!(upstream["targets"]["192.0.2.1:443"].as_u64(), Some(995));
+        by("conn_end", 5, &|l| l["event"] == "conn_end");
+        assert!(sink.lock().unwrap().is_empty(), "nothing routine goes to the evidence file");
+        assert!(verify(&log.get_ref()[..]).is_ok());
     }
 
     #[test]

@@ -24,9 +24,10 @@ pub enum Command {
     Stop { name: String },
     /// Remove a sandbox and everything it keeps.
     Rm { name: String },
-    /// Print a sandbox's console log, or with --audit its audit log: every
-    /// network request and every file change or refusal, after checking
-    /// its hash chain.
+    /// Print a sandbox's console log, or with --audit its audit log:
+    /// network requests and file changes (bursts whole, the rest counted),
+    /// refusals (also kept in audit-evidence.log: those rotated out of the
+    /// log are printed first), after checking both hash chains.
     Log {
         name: String,
         #[arg(long, visible_alias = "network")]

@@ -144,10 +144,13 @@ pub fn rm(name: &str) -> Result<()> {
 
 /// `sbx log NAME [--audit]`: the console log, or the audit log after its
 /// hash chain is verified; escaped either way (the guest wrote the
-/// console and chose the audit log's host and file names).
+/// console and chose the audit log's host and file names). With
+/// `--audit`, the evidence file's chain is verified too, and its refusals
+/// that the kept audit log no longer has are printed first.
 pub fn log(name: &str, audit: bool) -> Result<()> {
     let sb = Sandbox::open(&sandbox::home(), name)?;
     let path = if audit { sb.audit_log() } else { sb.console_log() };
+    let mut text = Vec::new();
     // Oldest first: the rotated files, then the current one.
     let files = if audit {
         let files = netstack::audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
@@ -158,6 +161,12 @@ pub fn log(name: &str, audit: bool) -> Result<()> {
         if verified.first_seq > 1 || verified.torn_tail.is_some() {
             eprintln!("sbx: {}: {verified}", path.display());
         }
+        if let Some(evidence) = netstack::audit::evidence_report(&path, &verified)? {
+            if evidence.older_lines > 0 || evidence.verified.torn_tail.is_some() {
+                eprintln!("sbx: {evidence}");
+            }
+            text = evidence.older;
+        }
         files
     } else {
         let files = console::log_files(&path);
@@ -166,7 +175,6 @@ pub fn log(name: &str, audit: bool) -> Result<()> {
         }
         files
     };
-    let mut text = Vec::new();
     for f in &files {
         text.extend(std::fs::read(f).map_err(|e| CommandError::Read(f.clone(), e.to_string()))?);
     }

@@ -229,7 +229,8 @@ impl Sandbox {
     }
 
     /// The audit log: network and file decisions, hash-chained JSON lines
-    /// kept across runs, rotated into `audit.log.1`, `.2`, … (see
+    /// kept across runs, rotated into `audit.log.1`, `.2`, …; its refusals
+    /// also kept, never rotated, in `audit-evidence.log` (see
     /// `netstack::audit`).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
