@@ -36,7 +36,8 @@ fn the_workspace_is_shared_under_the_policy() {
     // A real repository on the host, with a token in its remote's URL.
     let git_init = std::process::Command::new("git").args(["init", "-q"]).arg(&ws).status().unwrap();
     assert!(git_init.success());
-    let git_config = "[core]\n[remote \"origin\"]\n\turl = https://me:tok-secret-5@example.com/r.git\n";
+    let git_config = "[core]\n\thooksPath = .husky\n[include]\n\tpath = ../shared.gitconfig\n\
+                      [remote \"origin\"]\n\turl = https://me:tok-secret-5@example.com/r.git\n";
     fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
     fs::write(ws.join("id_rsa"), "rsa-secret-6\n").unwrap();
     fs::write(ws.join(".env"), "TOKEN=env-secret-1\n").unwrap();
@@ -46,6 +47,19 @@ fn the_workspace_is_shared_under_the_policy() {
     let markers = top_path.join("markers");
     fs::create_dir_all(&markers).unwrap();
     fs::write(ws.join(".git/hooks/pre-commit"), "#!/bin/sh\n").unwrap();
+    // Tools the user's next commit or `cd` runs, configured in the tree:
+    // husky's hooks (core.hooksPath), a config git includes, pre-commit,
+    // lefthook, direnv and what its .envrc adds to PATH.
+    fs::create_dir_all(ws.join(".husky")).unwrap();
+    fs::write(ws.join(".husky/pre-commit"), "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(ws.join(".husky/pre-commit"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(ws.join("shared.gitconfig"), "[user]\n\tname = host\n").unwrap();
+    fs::write(ws.join(".pre-commit-config.yaml"), "repos: []\n").unwrap();
+    fs::write(ws.join("lefthook.yml"), "pre-commit:\n").unwrap();
+    fs::write(ws.join(".envrc"), "PATH_add bin\n").unwrap();
+    // Spellings a case-folding filesystem would take for the rules' names.
+    fs::write(ws.join(".ENV"), "TOKEN=env-secret-7\n").unwrap();
+    fs::write(ws.join("ID_ED25519"), "ssh-secret-8\n").unwrap();
     fs::write(outside.join("secret"), "outside-secret-4\n").unwrap();
     fs::write(extra.join("README"), "extra docs\n").unwrap();
     // Ways out already on the host: links, absolute and relative, to a
@@ -163,6 +177,7 @@ fn the_workspace_is_shared_under_the_policy() {
     assert!(out.contains("url = https://example.com/r.git") && !out.contains("tok-secret-5"), "{out}");
     let host_log = std::process::Command::new("git").arg("-C").arg(&ws).args(["log", "--format=%s"]).output().unwrap();
     assert_eq!(text(&host_log.stdout), "host-repo\n", "{}", text(&host_log.stderr));
+    assert!(!out.contains("env-secret-7") && !out.contains("ssh-secret-8"));
     assert!(ws.join("nested/f").exists() && !ws.join("nested/.git").exists() && !ws.join("sub/.git").exists());
     assert!(!ws.join("bare/config").exists());
     assert!(!ws.join(".git/objects/e/config").exists());
@@ -172,6 +187,36 @@ fn the_workspace_is_shared_under_the_policy() {
     for dir in [ws.clone(), ws.join("nested"), ws.join("sub"), ws.join("bare")] {
         let _ = std::process::Command::new("git").arg("-C").arg(&dir).arg("status").output().unwrap();
     }
+    // The tools configured in the tree: each file they run or read is
+    // read-only, and so is what .envrc puts on PATH.
+    for attack in [
+        format!("echo 'touch {m}/h1' >> .husky/pre-commit"),
+        format!("printf '#!/bin/sh\\ntouch {m}/h2\\n' > .husky/post-commit"),
+        "mv .husky husky-old".to_string(),
+        format!("printf '[core]\\n\\tfsmonitor = touch {m}/h3\\n' >> shared.gitconfig"),
+        format!("printf 'repos:\\n- repo: local\\n  hooks: [{{id: x, entry: touch {m}/h4, language: system}}]\\n' > .pre-commit-config.yaml"),
+        format!("printf 'pre-commit:\\n  commands:\\n    x:\\n      run: touch {m}/h5\\n' > lefthook.yml"),
+        format!("mkdir -p bin && printf '#!/bin/sh\\ntouch {m}/h6\\n' > bin/git && chmod +x bin/git"),
+        "echo 'PATH_add /tmp' >> .envrc".to_string(),
+        format!("printf '[core]\\n\\tfsmonitor = touch {m}/h7\\n' > .git/CONFIG"),
+        "cat .ENV".to_string(),
+        "cat ID_ED25519".to_string(),
+    ] {
+        fails(&sbx, &attack, "secret");
+    }
+    assert_eq!(fs::read_to_string(ws.join(".husky/pre-commit")).unwrap(), "#!/bin/sh\nexit 0\n");
+    assert_eq!(fs::read_to_string(ws.join("shared.gitconfig")).unwrap(), "[user]\n\tname = host\n");
+    assert!(
+        !ws.join("bin/git").exists() && !ws.join(".git/CONFIG").exists() && !ws.join(".husky/post-commit").exists()
+    );
+    // The user's own commit runs husky's hook as it was, and nothing else.
+    let commit = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&ws)
+        .args(["-c", "user.email=h@h", "commit", "--allow-empty", "-qm", "host-commit"])
+        .output()
+        .unwrap();
+    assert!(commit.status.success(), "{}", text(&commit.stderr));
     let planted: Vec<_> = fs::read_dir(&markers).unwrap().collect();
     assert!(planted.is_empty(), "the host's git ran what the guest planted: {planted:?}");
 
