@@ -38,6 +38,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vmm::fs::fuse::{self, Op, Opcode, ParseError};
 use vmm::fs::policy::{Access, FsPolicy};
+use vmm::fs::quota::Quota;
 use vmm::fs::server::FileServer;
 use vmm::fs::share::Share;
 use vmm_fuzz::Input;
@@ -548,8 +549,12 @@ fuzz_target!(|data: &[u8]| {
     let share =
         Share::open(&tree.work, FsPolicy::default(), read_only).unwrap().with_git_shadow(tree.base.join("shadow"));
     let failed = Arc::new(AtomicBool::new(false));
+    // Half the inputs run under a workspace quota (small enough to be hit),
+    // so that check_accounting checks its count against the tree too.
+    let quota = (setup & 2 != 0).then(|| Arc::new(Quota::new(64 * 1024 + u64::from(setup >> 2) * 4096)));
     let mut server = FileServer::new(share, tree.work.clone(), Box::new(move |e| sink.lock().unwrap().push(e)))
-        .fail_closed_on(failed.clone());
+        .fail_closed_on(failed.clone())
+        .with_quota(quota);
 
     // SBX_FUZZ_TRACE=1: each request, its answer and its audit events.
     let trace = std::env::var_os("SBX_FUZZ_TRACE").is_some();

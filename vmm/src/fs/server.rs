@@ -860,21 +860,29 @@ impl FileServer {
     /// SETATTR's changes to `entry` (node `nodeid`, `st` its attributes
     /// before, `path` its path for the audit lines): mode, size, times.
     fn set_attrs(&mut self, nodeid: u64, s: &SetAttr, entry: &Entry, st: &libc::stat, path: String) -> Result<(), i32> {
+        // The file to truncate is opened (and so checked) before anything
+        // changes: a request refused in part changes nothing.
+        let truncate = match s.size {
+            None => None,
+            Some(size) => {
+                let via_handle = match s.fh.map(|fh| self.handle_of(fh, nodeid)) {
+                    Some(Ok(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
+                    Some(Err(e)) => return Err(e),
+                    _ => None,
+                };
+                let file = match via_handle {
+                    Some(f) => f.map_err(|e| errno_of(&e))?,
+                    None => File::from(self.share.open_file(entry, true).map_err(|r| self.refused("truncate", r))?),
+                };
+                Some((file, size))
+            }
+        };
         if let Some(mode) = s.mode.filter(|m| (m & CHMOD_BITS) != (st.st_mode & CHMOD_BITS)) {
             self.share.chmod(entry, mode).map_err(|r| self.refused("chmod", r))?;
             let applied = mode & super::share::GUEST_MODE_BITS;
             self.record(json!({ "op": "chmod", "path": path, "mode": format!("{applied:o}") }));
         }
-        if let Some(size) = s.size {
-            let via_handle = match s.fh.map(|fh| self.handle_of(fh, nodeid)) {
-                Some(Ok(Handle::File { file, writable: true, .. })) => Some(file.try_clone()),
-                Some(Err(e)) => return Err(e),
-                _ => None,
-            };
-            let file = match via_handle {
-                Some(f) => f.map_err(|e| errno_of(&e))?,
-                None => File::from(self.share.open_file(entry, true).map_err(|r| self.refused("truncate", r))?),
-            };
+        if let Some((file, size)) = truncate {
             file.set_len(size).map_err(|e| errno_of(&e))?;
             self.record(json!({ "op": "truncate", "path": path, "size": size }));
         }
@@ -1292,6 +1300,27 @@ mod tests {
         assert_eq!(g.create(hooks, "pre-commit"), Err(libc::EROFS));
         assert_eq!(fs::read_to_string(g.root.join(".git/config")).unwrap(), "[core]");
         assert!(g.events().iter().any(|e| e.contains("Read-only by policy")));
+    }
+
+    /// Found by the fs_server fuzz target: a SETATTR refused in part (its
+    /// truncate) applied its chmod first, and a git directory's mode could
+    /// be changed (the user's git then cannot enter it).
+    #[test]
+    fn a_git_directory_keeps_its_mode_and_a_refused_setattr_changes_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut g = Guest::new();
+        let (git, _, _) = g.lookup(fuse::ROOT_ID, ".git").unwrap();
+        let mode_of = |g: &Guest, p: &str| fs::metadata(g.root.join(p)).unwrap().permissions().mode() & 0o7777;
+        let before = mode_of(&g, ".git");
+        let mut a = setattr_args(fuse::FATTR_MODE, 0, 0);
+        a[68..72].copy_from_slice(&0o644u32.to_le_bytes());
+        assert_eq!(g.call(Opcode::SetAttr, git, &a).map(|_| ()), Err(libc::EROFS));
+        let mut both = setattr_args(fuse::FATTR_MODE | fuse::FATTR_SIZE, 0, 0);
+        both[68..72].copy_from_slice(&0o600u32.to_le_bytes());
+        let (src, _, _) = g.lookup(fuse::ROOT_ID, "src").unwrap();
+        let src_before = mode_of(&g, "src");
+        assert!(g.call(Opcode::SetAttr, src, &both).is_err(), "a directory cannot be truncated");
+        assert_eq!((mode_of(&g, ".git"), mode_of(&g, "src")), (before, src_before));
     }
 
     #[test]

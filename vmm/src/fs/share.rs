@@ -697,6 +697,11 @@ impl Share {
     /// others are never given.
     pub fn chmod(&self, entry: &Entry, mode: u32) -> Result<(), Refused> {
         self.check_writable(entry)?;
+        // A host git directory (and what else may not be moved) keeps its
+        // mode too: the user's git must still be able to enter it.
+        if self.pinned(entry) {
+            return Err(Refused::ReadOnly(entry.rel.clone()));
+        }
         let fd = match entry.kind {
             Kind::Dir => self.open_dir(entry)?,
             Kind::File => self.open_file(entry, true)?,
