@@ -456,7 +456,8 @@ const MAX_FILTER_BITS: u32 = 26;
 /// behind a one-bit-per-hash prefilter so that a byte that starts no
 /// piece costs one multiply, one shift and one bit test. Forms: the value
 /// itself; hex (lower and upper case); percent-encoded (unreserved
-/// characters kept, the rest `%XX` in either case); JSON-escaped (`\"`,
+/// characters kept, the rest `%XX`, or every byte `%XX`, in either case);
+/// JSON-escaped (`\"`,
 /// `\\`, with and without `\/`, and with every other punctuation
 /// character as `\u00xx`, either case); HTML-escaped; base64 (standard and
 /// URL alphabets) at each of the three alignments, only the characters
@@ -480,11 +481,11 @@ impl fmt::Debug for Pieces {
 }
 
 const FILTER_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
-const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+pub(crate) const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// The base64 characters of `bytes`' complete 3-byte groups.
-fn base64_groups(bytes: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
+pub(crate) fn base64_groups(bytes: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() / 3 * 4);
     for g in bytes.chunks_exact(3) {
         let n = u32::from(g[0]) << 16 | u32::from(g[1]) << 8 | u32::from(g[2]);
@@ -515,6 +516,8 @@ fn forms(s: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
         each(s, |b| format!("{b:02X}")),
         each(s, |b| if unreserved(b) { (b as char).to_string() } else { format!("%{b:02X}") }),
         each(s, |b| if unreserved(b) { (b as char).to_string() } else { format!("%{b:02x}") }),
+        each(s, |b| format!("%{b:02X}")),
+        each(s, |b| format!("%{b:02x}")),
         each(s, |b| json(b, false)),
         each(s, |b| json(b, true)),
         each(s, |b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("\\u{b:04x}") }),
@@ -589,6 +592,15 @@ impl Pieces {
     }
 }
 
+/// The streams of a connection's responses searched on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// Body content (and bytes of unknown structure).
+    Text,
+    Head,
+    Framing,
+}
+
 /// The last [`MIN_PIECE`] bytes of one stream of a response and where
 /// each of them is in the upstream's byte stream.
 #[derive(Default)]
@@ -652,8 +664,10 @@ pub struct Scrubber {
     /// Bytes not released yet; `pending[0]` is byte `base` of the stream.
     pending: Vec<u8>,
     base: u64,
-    /// Heads and content.
+    /// Content, of all the responses: one stream.
     text: Window,
+    /// The head being read.
+    head: Window,
     /// Chunked framing, while it lasts.
     framing: Window,
     /// Where the head being read started.
@@ -714,6 +728,7 @@ impl Scrubber {
                 }
                 Mark::HeadEnd { at, informational, coded } => {
                     let head = self.head_from.take();
+                    self.head.reset();
                     if let (true, false, Some(coding)) = (strict, informational, coded) {
                         // Nothing of this head leaves.
                         let keep = head.map_or(start + *at as u64, |h| h.max(self.base));
@@ -744,48 +759,58 @@ impl Scrubber {
     /// Searches `data[from..to]` (at stream offset `start`) as `part`,
     /// masking what is still pending.
     fn search(&mut self, pieces: &Pieces, data: &[u8], start: u64, from: usize, to: usize, part: Part) {
-        let framing = part == Part::Framing;
-        if !framing && from < to {
+        let stream = match part {
+            Part::Head => Stream::Head,
+            Part::Framing => Stream::Framing,
+            Part::Content | Part::Unknown => Stream::Text,
+        };
+        if stream != Stream::Framing && from < to {
             // Framing is one stream only while it lasts: what it held
-            // back is released once content follows.
+            // back is released once something else follows.
             self.framing.reset();
         }
         for (i, &b) in data[from..to].iter().enumerate() {
             let at = start + (from + i) as u64;
-            let win = if framing { &mut self.framing } else { &mut self.text };
+            let win = self.window(stream);
             win.push(b, at);
             if win.n >= MIN_PIECE as u64 {
                 if let Some(id) = pieces.lookup(win.w) {
-                    self.mask(framing, MIN_PIECE, id);
+                    self.mask(stream, MIN_PIECE, id);
                 }
             }
             if !pieces.short.is_empty() {
-                let win = if framing { &self.framing } else { &self.text };
-                let hits: Vec<(usize, u16)> = pieces
-                    .short
-                    .iter()
-                    .filter(|(len, value, _)| win.n >= *len as u64 && win.w & ((1u64 << (8 * len)) - 1) == *value)
-                    .map(|(len, _, id)| (*len, *id))
-                    .collect();
-                for (len, id) in hits {
-                    self.mask(framing, len, id);
+                let win = self.window(stream);
+                let (n, w) = (win.n, win.w);
+                for &(len, value, id) in pieces.short.iter() {
+                    if n >= len as u64 && w & ((1u64 << (8 * len)) - 1) == value {
+                        self.mask(stream, len, id);
+                    }
                 }
             }
         }
     }
 
+    fn window(&mut self, stream: Stream) -> &mut Window {
+        match stream {
+            Stream::Text => &mut self.text,
+            Stream::Head => &mut self.head,
+            Stream::Framing => &mut self.framing,
+        }
+    }
+
     /// Masks the last `len` bytes of a stream, those still pending.
-    fn mask(&mut self, framing: bool, len: usize, id: u16) {
-        let win = if framing { &self.framing } else { &self.text };
+    fn mask(&mut self, stream: Stream, len: usize, id: u16) {
+        let base = self.base;
+        let ats: Vec<u64> = {
+            let win = self.window(stream);
+            (0..len).map(|j| win.at_back(j)).filter(|at| *at >= base).collect()
+        };
         let mut count = 0;
-        for j in 0..len {
-            let at = win.at_back(j);
-            if at >= self.base {
-                let b = &mut self.pending[(at - self.base) as usize];
-                if *b != b'*' {
-                    *b = b'*';
-                    count += 1;
-                }
+        for at in ats {
+            let b = &mut self.pending[(at - base) as usize];
+            if *b != b'*' {
+                *b = b'*';
+                count += 1;
             }
         }
         if count > 0 {
