@@ -280,8 +280,8 @@ pub struct Conn {
     guest_tls: Option<GuestTls>,
     /// Looks for credential placeholders in the current request's body.
     leak_scan: LeakScanner,
-    /// A credential was injected on this connection: responses are
-    /// scrubbed of the real values.
+    /// A credential was injected on this connection (responses are
+    /// scrubbed on every HTTP connection of a sandbox with credentials).
     injected: bool,
     scrubber: Scrubber,
     /// The address connected to, for the audit.
@@ -944,7 +944,7 @@ impl Conn {
                 }
             }
         }
-        self.from_upstream(&fresh);
+        self.upstream_bytes(&fresh);
         if self.speaks_http() && self.responses.is_lost() && matches!(self.phase, Phase::Head) {
             self.drain();
         }
@@ -963,8 +963,9 @@ impl Conn {
     /// Bytes from upstream: responses tracked and, where credentials are
     /// about (any HTTP connection, plain or terminated, of a sandbox with
     /// credentials), scrubbed of secrets ([`Scrubber`]; strictly, coded
-    /// bodies refused, for a host a credential is bound to).
-    fn from_upstream(&mut self, data: &[u8]) {
+    /// bodies refused, for a host a credential is bound to over TLS
+    /// terminated here).
+    fn upstream_bytes(&mut self, data: &[u8]) {
         let creds = match &self.termination {
             Some(t) if self.speaks_http() && !t.credentials.is_empty() => t.clone(),
             _ => {
@@ -978,7 +979,9 @@ impl Conn {
         let creds = &creds.credentials;
         let mut marks = Vec::new();
         let done = self.track_responses(data, |m| marks.push(m));
-        let strict = self.name.as_ref().is_some_and(|n| creds.any_bound_to(n));
+        // Where identity was asked for (terminated, bound host), a coded
+        // body is refused.
+        let strict = self.guest_tls.is_some() && self.name.as_ref().is_some_and(|n| creds.any_bound_to(n));
         let out = self.scrubber.feed_marked(creds, data, &marks, strict);
         self.to_guest.extend(out);
         let host = self.name.as_ref().map(|n| n.as_str()).unwrap_or("?");

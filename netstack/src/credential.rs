@@ -12,6 +12,74 @@
 //! HTTP. Upstream responses that carry a real value back have it masked
 //! before the guest sees them ([`Scrubber`]).
 //!
+//! Echoes. The guest cannot read the secret, but it can ask a bound
+//! upstream that reflects what it receives (an echo endpoint, an error
+//! message quoting a header, a store it can read back) to send the value
+//! back, sliced, framed or encoded as it likes. What netstack guarantees,
+//! on every HTTP connection (plain, or TLS it terminated) of a sandbox
+//! that has credentials:
+//! - no response hands the guest a run of [`MIN_PIECE`] or more
+//!   consecutive bytes of any secret, nor of its hex (either case),
+//!   percent-encoded (reserved bytes only, or every byte; either case),
+//!   JSON-escaped (`\"`, `\/`, `\u00xx`), HTML-escaped or base64
+//!   (standard and URL alphabets, at each of the 3 alignments) forms
+//!   (`Pieces`): every byte of such a run is `*` (lengths, so framing,
+//!   unchanged). A value shorter than `MIN_PIECE` is masked whole;
+//! - this holds for what the guest's HTTP client reads, not the raw
+//!   bytes: chunked bodies are searched de-chunked (a chunk boundary in
+//!   the value hides nothing), chunk extensions and trailers on their own,
+//!   heads on their own; the bodies of all responses on a connection are
+//!   one stream, so a run split across pipelined responses is masked
+//!   except what the earlier response had already released, at most
+//!   `MIN_PIECE - 1` bytes of it; pieces split across reads are held back
+//!   (at most `MIN_PIECE - 1` bytes per stream, a response head until it
+//!   is whole), and released at each response's end;
+//! - requests to a bound host over a terminated connection lose
+//!   `Accept-Encoding`, `TE`, `Range` and `If-Range` ([`DROPPED_FIELDS`])
+//!   and ask for `Accept-Encoding: identity`, so a reflection comes back
+//!   whole and searchable; a response from such a host with a content or
+//!   transfer coding anyway (gzip, …) is refused before a byte of its
+//!   head leaves: a 502 naming the coding, an audit line, and nothing
+//!   more on that connection;
+//! - each response in which pieces were masked is an audit line
+//!   (`"leak"`: the credential's name, `"masked"`: bytes, `"echoes"`: such
+//!   responses so far in the whole sandbox, counted across its
+//!   connections, [`Credentials::echoes`]); never the value.
+//!
+//! Cost: the pieces are computed once per sandbox (18 forms of
+//! each secret, one `u64` per `MIN_PIECE`-byte run, sorted, behind a
+//! prefilter of 16 bits per piece, at most 8 MiB). Each response byte then
+//! costs a shift, a multiply and one bit test, plus a binary search over
+//! the pieces for the few bytes (about 1 in 16 at most) that pass the
+//! prefilter: linear in the response, whatever the secrets' lengths.
+//! Responses are parsed once, for the audit and the scrubber alike
+//! ([`crate::http::ResponseTracker::feed_parts`]).
+//!
+//! What remains (an upstream that transforms what it reflects can always
+//! win; bind credentials only to hosts that do not):
+//! - runs shorter than `MIN_PIECE`: an upstream that lets the guest pick
+//!   which few bytes of a request it reflects (a substring parameter, its
+//!   own offsets) gives the value away `MIN_PIECE - 1` bytes per response,
+//!   on different connections or interleaved with other bytes, unmasked
+//!   and unaudited; so does one that puts other bytes between the pieces
+//!   (the value across two header fields, a head and a body, two chunk
+//!   extensions);
+//! - other transformations: other encodings (base32, UTF-16, base64 with
+//!   line breaks, `\u` escapes of letters, quoted-printable), case
+//!   changes, reversal, compression the upstream applies inside a body
+//!   (a zip file, a gzip-encoded JSON field), encryption, hashes that can
+//!   be brute-forced piecewise;
+//! - a coded body from a host no credential is bound to (one that
+//!   received the value from a bound host) passes unsearched, as do
+//!   spliced TLS connections (netstack never sees their bytes) and
+//!   responses over plain HTTP (whose requests are never rewritten, so
+//!   may ask for compression);
+//! - a response the tracker cannot delimit is searched as one stream,
+//!   its last `MIN_PIECE - 1` bytes held until the upstream closes;
+//! - a `MIN_PIECE`-byte run of a secret that is public (a well-known key
+//!   prefix such as `sk-proj-`) is masked, and audited as an echo, in any
+//!   response on such a connection.
+//!
 //! The guest's bytes reach this module only after [`crate::http`] parsed
 //! the head (valid UTF-8, CRLF lines, bounded). Secrets are checked when
 //! loaded (visible ASCII, at most [`MAX_SECRET`] bytes: they go into a
@@ -427,7 +495,12 @@ impl LeakScanner {
     }
 }
 
-fn scan_stream<'c>(tail: &mut Vec<u8>, creds: &'c Credentials, host: &HostName, piece: &[u8]) -> Option<&'c Credential> {
+fn scan_stream<'c>(
+    tail: &mut Vec<u8>,
+    creds: &'c Credentials,
+    host: &HostName,
+    piece: &[u8],
+) -> Option<&'c Credential> {
     let keep = creds.longest_placeholder().saturating_sub(1);
     if keep == 0 || piece.is_empty() {
         return None;
@@ -440,7 +513,7 @@ fn scan_stream<'c>(tail: &mut Vec<u8>, creds: &'c Credentials, host: &HostName, 
     found
 }
 
-/// Shortest run of a secret (or of one of its encodings, [`Pieces`]) that
+/// Shortest run of a secret (or of one of its encodings, `Pieces`) that
 /// is masked wherever it appears in a response. Shorter runs pass: a
 /// response reveals at most `MIN_PIECE - 1` consecutive bytes of any
 /// form of a secret. (A secret shorter than this is masked whole.)
@@ -638,7 +711,7 @@ impl Window {
 /// Masks real secret values, and pieces of them, in what upstream sends
 /// back (an endpoint that echoes requests would otherwise hand the guest
 /// the value it never had): every byte of every run of at least
-/// [`MIN_PIECE`] bytes of a form of a secret ([`Pieces`]) is overwritten
+/// [`MIN_PIECE`] bytes of a form of a secret (`Pieces`) is overwritten
 /// with `*`, so response framing and lengths are unchanged.
 ///
 /// What is searched is what the guest's HTTP client reads, not the raw

@@ -1182,6 +1182,42 @@ HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
     }
 
     #[test]
+    fn every_response_byte_is_marked_once_with_what_it_is() {
+        let stream = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n\
+HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Encoding: gzip\r\n\r\nfgGARBAGE";
+        for step in [1, 3, stream.len()] {
+            let mut t = ResponseTracker::default();
+            let (mut parts, mut ends, mut codings, mut covered) = (Vec::new(), 0, Vec::new(), 0);
+            for (i, piece) in stream.chunks(step).enumerate() {
+                let base = i * step;
+                t.feed_parts(
+                    piece,
+                    || false,
+                    |m| match m {
+                        Mark::Run(part, from, to) => {
+                            assert_eq!(base + from, covered, "runs are contiguous and in order");
+                            covered = base + to;
+                            parts.extend(std::iter::repeat_n(part, to - from));
+                        }
+                        Mark::End { .. } => ends += 1,
+                        Mark::HeadEnd { coded, .. } => codings.push(coded),
+                    },
+                );
+            }
+            assert_eq!(covered, stream.len());
+            let of = |part: Part| -> String {
+                stream.iter().zip(&parts).filter(|(_, p)| **p == part).map(|(b, _)| *b as char).collect()
+            };
+            assert_eq!(of(Part::Content), "abcdefg", "step {step}");
+            assert_eq!(of(Part::Framing), "3;e=1\r\n\r\n2\r\n\r\n0\r\nX-T: 1\r\n\r\n");
+            assert!(of(Part::Head).ends_with("\r\n\r\nGARBAGE"), "what follows is the next head, so far");
+            assert_eq!(of(Part::Unknown), "");
+            assert_eq!(ends, 2);
+            assert_eq!(codings, vec![None, None, Some("Content-Encoding: gzip".to_string())]);
+        }
+    }
+
+    #[test]
     fn prefixes_and_corruptions_of_a_head_parse_within_their_bytes() {
         // A cheap deterministic stand-in for the fuzzer: every prefix and
         // every single-byte corruption of a valid head.

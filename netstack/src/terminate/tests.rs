@@ -115,8 +115,9 @@ fn tls_upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> (
                     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                     let reply =
                         if path == "/echo" { head.clone() } else { format!("ok {method} {path} {}", body.len()) };
-                    let out = reflect(path, &head)
-                        .unwrap_or_else(|| format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).into_bytes());
+                    let out = reflect(path, &head).unwrap_or_else(|| {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).into_bytes()
+                    });
                     log.lock().unwrap().push((head, body));
                     let w = tls.get_mut();
                     if w.write_all(&out).and_then(|_| w.flush()).is_err() {
@@ -179,7 +180,8 @@ fn reflect(path: &str, head: &str) -> Option<Vec<u8>> {
             out
         }
         "range" => {
-            let range = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string));
+            let range =
+                head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string));
             match range.and_then(|r| r.split_once('-').map(|(a, b)| (a.parse::<usize>(), b.parse::<usize>()))) {
                 Some((Ok(a), Ok(b))) => ok("206 Partial Content", "", &kb[a.min(kb.len())..(b + 1).min(kb.len())]),
                 _ => ok("200 OK", "", kb),
@@ -188,7 +190,7 @@ fn reflect(path: &str, head: &str) -> Option<Vec<u8>> {
         "b64" => {
             let mut input = vec![b'#'; args[0]];
             input.extend_from_slice(kb);
-            while input.len() % 3 != 0 {
+            while !input.len().is_multiple_of(3) {
                 input.push(b'#');
             }
             ok("200 OK", "", &crate::credential::base64_groups(&input, crate::credential::B64_STD))
@@ -678,8 +680,7 @@ fn bodies(raw: &str) -> Vec<String> {
         rest = &rest[end + 4..];
         if head.contains("transfer-encoding: chunked") {
             let mut body = String::new();
-            loop {
-                let Some((size, after)) = rest.split_once("\r\n") else { break };
+            while let Some((size, after)) = rest.split_once("\r\n") {
                 let n = usize::from_str_radix(size.split(';').next().unwrap_or(""), 16).unwrap_or(0);
                 rest = after;
                 if n == 0 {
@@ -788,7 +789,14 @@ fn pieces_on_other_connections_are_masked_too() {
 fn re_encoded_values_are_masked_and_coded_bodies_refused() {
     let (mut s, seen, addr) = setup();
     let encodings: Vec<(String, String)> = vec![
-        ("/r/b64/0".into(), String::from_utf8(crate::credential::base64_groups(format!("{SECRET}#").as_bytes(), crate::credential::B64_STD)).unwrap()),
+        (
+            "/r/b64/0".into(),
+            String::from_utf8(crate::credential::base64_groups(
+                format!("{SECRET}#").as_bytes(),
+                crate::credential::B64_STD,
+            ))
+            .unwrap(),
+        ),
         ("/r/b64/1".into(), String::new()),
         ("/r/b64/2".into(), String::new()),
         ("/r/hex".into(), SECRET.bytes().map(|b| format!("{b:02x}")).collect()),
@@ -822,11 +830,17 @@ fn re_encoded_values_are_masked_and_coded_bodies_refused() {
 fn a_placeholder_in_chunk_extensions_or_trailers_is_a_leak() {
     let (mut s, seen, _) = setup();
     let other = s.resolve("other.example.com");
-    for framing in [format!("1;k={PLACEHOLDER}\r\nx\r\n0\r\n\r\n"), format!("1\r\nx\r\n0\r\nX-T: {PLACEHOLDER}\r\n\r\n")] {
+    for framing in
+        [format!("1;k={PLACEHOLDER}\r\nx\r\n0\r\n\r\n"), format!("1\r\nx\r\n0\r\nX-T: {PLACEHOLDER}\r\n\r\n")]
+    {
         let req = format!("POST /c HTTP/1.1\r\nHost: other.example.com\r\nTransfer-Encoding: chunked\r\n\r\n{framing}");
         let out = s.https(other, "other.example.com", &[b"http/1.1"], req.as_bytes(), &|t| responded(t));
         assert!(out.text.contains("403") && out.text.contains("leak attempt"), "{framing:?}: {}", out.text);
     }
-    assert!(seen.lock().unwrap().iter().all(|(h, b)| !h.contains(PLACEHOLDER) && !String::from_utf8_lossy(b).contains(PLACEHOLDER)));
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(h, b)| !h.contains(PLACEHOLDER) && !String::from_utf8_lossy(b).contains(PLACEHOLDER)));
     assert_eq!(s.audit().matches("\"leak\":\"anthropic\"").count(), 2);
 }
