@@ -796,6 +796,12 @@ impl Scrubber {
                     if *part == Part::Head && self.head_from.is_none() {
                         self.head_from = Some(start + from as u64);
                     }
+                    if *part == Part::Unknown {
+                        // The tracker gave up (a head too large or
+                        // malformed): no head is held whole any more.
+                        self.head_from = None;
+                        self.head.reset();
+                    }
                     self.search(pieces, data, start, from.max(cursor), to, *part);
                     cursor = cursor.max(to);
                 }
@@ -1057,6 +1063,26 @@ pub(crate) mod tests {
         let mut out = s.feed(&c, b"plain");
         out.extend(s.flush());
         assert_eq!(out, b"plain");
+    }
+
+    #[test]
+    fn what_is_held_stays_bounded_when_responses_cannot_be_read() {
+        let c = creds();
+        let mut t = crate::http::ResponseTracker::default();
+        let mut s = Scrubber::default();
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        let endless = [head, vec![b'a'; 4 * crate::http::MAX_RESPONSE_HEAD]].concat();
+        for piece in endless.chunks(4096) {
+            let mut marks = Vec::new();
+            t.feed_parts(piece, || false, |m| marks.push(m));
+            out.extend(s.feed_marked(&c, piece, &marks, true));
+            assert!(s.held() <= crate::http::MAX_RESPONSE_HEAD + 4096, "held {}", s.held());
+        }
+        assert!(t.is_lost());
+        assert!(s.held() < MIN_PIECE, "once lost, only a piece's worth is held: {}", s.held());
+        out.extend(s.flush());
+        assert_eq!(out, endless);
     }
 
     #[test]
