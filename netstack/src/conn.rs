@@ -280,8 +280,8 @@ pub struct Conn {
     guest_tls: Option<GuestTls>,
     /// Looks for credential placeholders in the current request's body.
     leak_scan: LeakScanner,
-    /// A credential was injected on this connection: responses are
-    /// scrubbed of the real values.
+    /// A credential was injected on this connection (responses are
+    /// scrubbed on every HTTP connection of a sandbox with credentials).
     injected: bool,
     scrubber: Scrubber,
     /// The address connected to, for the audit.
@@ -547,9 +547,15 @@ impl Conn {
                     let fed = match (&self.termination, &self.name) {
                         (Some(t), Some(host)) if !t.credentials.is_empty() => {
                             let (creds, scan) = (&t.credentials, &mut self.leak_scan);
-                            scanner.feed_content(&self.inbox, |content| {
+                            // Content and framing (chunk extensions,
+                            // trailers) alike.
+                            scanner.feed_parts(&self.inbox, |content, bytes| {
                                 if leak.is_none() {
-                                    leak = scan.scan(creds, host, content).map(|c| c.name().to_string());
+                                    let found = match content {
+                                        true => scan.scan(creds, host, bytes),
+                                        false => scan.scan_framing(creds, host, bytes),
+                                    };
+                                    leak = found.map(|c| c.name().to_string());
                                 }
                             })
                         }
@@ -677,8 +683,10 @@ impl Conn {
         event["decision"] = json!("allow");
         let sent = match rewrite {
             Rewrite::Injected { head: injected, credentials } => {
-                event["credential"] = json!(credentials.join(","));
-                self.injected = true;
+                if !credentials.is_empty() {
+                    event["credential"] = json!(credentials.join(","));
+                    self.injected = true;
+                }
                 self.inbox.drain(..len);
                 self.to_upstream.extend_from_slice(&injected);
                 injected.len()
@@ -917,18 +925,13 @@ impl Conn {
         if done_sending && self.to_upstream.is_empty() && self.inbox.is_empty() && !self.upstream_shut {
             self.upstream_shut = up.shutdown_write();
         }
-        let scrub = self.injected.then_some(self.termination.as_ref()).flatten().map(|t| &t.credentials);
         let mut buf = [0u8; 16 * 1024];
         let mut fresh = Vec::new();
-        while self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof {
+        while self.to_guest.len() + fresh.len() < MAX_BUFFERED && !self.upstream_eof {
             match up.read(&mut buf) {
                 Ok(0) => self.upstream_eof = true,
                 Ok(n) => {
                     self.bytes_down += n as u64;
-                    match scrub {
-                        Some(creds) => self.to_guest.extend(self.scrubber.feed(creds, &buf[..n])),
-                        None => self.to_guest.extend_from_slice(&buf[..n]),
-                    }
                     fresh.extend_from_slice(&buf[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -941,11 +944,11 @@ impl Conn {
                 }
             }
         }
-        self.track_responses(&fresh);
+        self.upstream_bytes(&fresh);
         if self.speaks_http() && self.responses.is_lost() && matches!(self.phase, Phase::Head) {
             self.drain();
         }
-        if self.upstream_eof || self.responses.is_lost() {
+        if self.upstream_eof {
             let held = self.scrubber.flush();
             self.to_guest.extend(held);
         }
@@ -957,29 +960,90 @@ impl Conn {
         self.release_refusal();
     }
 
-    /// Matches responses from upstream to the requests they answer.
-    fn track_responses(&mut self, data: &[u8]) {
-        if !self.speaks_http() {
+    /// Bytes from upstream: responses tracked and, where credentials are
+    /// about (any HTTP connection, plain or terminated, of a sandbox with
+    /// credentials), scrubbed of secrets ([`Scrubber`]; strictly, coded
+    /// bodies refused, for a host a credential is bound to over TLS
+    /// terminated here).
+    fn upstream_bytes(&mut self, data: &[u8]) {
+        let creds = match &self.termination {
+            Some(t) if self.speaks_http() && !t.credentials.is_empty() => t.clone(),
+            _ => {
+                self.to_guest.extend_from_slice(data);
+                for r in self.track_responses(data, |_| {}) {
+                    self.response_done(r);
+                }
+                return;
+            }
+        };
+        let creds = &creds.credentials;
+        let mut marks = Vec::new();
+        let done = self.track_responses(data, |m| marks.push(m));
+        // Where identity was asked for (terminated, bound host), a coded
+        // body is refused.
+        let strict = self.guest_tls.is_some() && self.name.as_ref().is_some_and(|n| creds.any_bound_to(n));
+        let out = self.scrubber.feed_marked(creds, data, &marks, strict);
+        self.to_guest.extend(out);
+        let host = self.name.as_ref().map(|n| n.as_str()).unwrap_or("?");
+        for e in self.scrubber.take_echoes(creds) {
+            let reason = format!(
+                "a response from {host} carried pieces of credential '{}' ({} bytes masked; {} such responses in this sandbox): its value was echoed (leak attempt)",
+                e.credential, e.masked, e.echoes
+            );
+            self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(), "decision": "deny",
+                "leak": e.credential, "masked": e.masked, "echoes": e.echoes, "reason": reason}));
+        }
+        if let Some(coding) = self.scrubber.refused().map(str::to_string) {
+            if !matches!(self.phase, Phase::Refusing) || !self.upstream_eof {
+                self.coded_response(host.to_string(), &coding);
+            }
             return;
         }
-        // The next response head answers the first pending request, or the
-        // second if the first one's response is still under way.
-        let mut index = usize::from(self.responses.in_response());
-        let pending = &self.pending;
-        let done = self.responses.feed(data, || {
-            let head = pending.get(index).is_some_and(|p| p.1);
-            index += 1;
-            head
-        });
         for r in done {
             self.response_done(r);
         }
     }
 
+    /// A response from a host a credential is bound to has a coded body
+    /// (it was asked for none): a 502 in its place, and nothing more
+    /// passes.
+    fn coded_response(&mut self, host: String, coding: &str) {
+        let reason = format!(
+            "the response from {host}, which a credential is bound to, has {coding}; netstack asked for none, and a coded body cannot be searched for echoed secrets"
+        );
+        self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(), "decision": "deny",
+            "reason": reason}));
+        self.to_guest.extend_from_slice(&plain_response("502 Bad Gateway", &reason));
+        self.upstream_eof = true;
+        self.inbox.clear();
+        self.to_upstream.clear();
+        self.refusal = None;
+        self.stalled = false;
+        self.phase = Phase::Refusing;
+    }
+
+    /// Matches responses from upstream to the requests they answer (what
+    /// each byte is goes to `mark`); returns those that completed.
+    fn track_responses(&mut self, data: &[u8], mark: impl FnMut(http::Mark)) -> Vec<http::Response> {
+        if !self.speaks_http() {
+            return Vec::new();
+        }
+        // The next response head answers the first pending request, or the
+        // second if the first one's response is still under way.
+        let mut index = usize::from(self.responses.in_response());
+        let pending = &self.pending;
+        self.responses.feed_parts(
+            data,
+            || {
+                let head = pending.get(index).is_some_and(|p| p.1);
+                index += 1;
+                head
+            },
+            mark,
+        )
+    }
+
     fn response_done(&mut self, r: http::Response) {
-        // A secret cannot continue past the end of a response.
-        let held = self.scrubber.flush();
-        self.to_guest.extend(held);
         if let Some((mut event, _, up)) = self.pending.pop_front() {
             event["status"] = json!(r.status);
             event["bytes_up"] = json!(up);

@@ -12,6 +12,74 @@
 //! HTTP. Upstream responses that carry a real value back have it masked
 //! before the guest sees them ([`Scrubber`]).
 //!
+//! Echoes. The guest cannot read the secret, but it can ask a bound
+//! upstream that reflects what it receives (an echo endpoint, an error
+//! message quoting a header, a store it can read back) to send the value
+//! back, sliced, framed or encoded as it likes. What netstack guarantees,
+//! on every HTTP connection (plain, or TLS it terminated) of a sandbox
+//! that has credentials:
+//! - no response hands the guest a run of [`MIN_PIECE`] or more
+//!   consecutive bytes of any secret, nor of its hex (either case),
+//!   percent-encoded (reserved bytes only, or every byte; either case),
+//!   JSON-escaped (`\"`, `\/`, `\u00xx`), HTML-escaped or base64
+//!   (standard and URL alphabets, at each of the 3 alignments) forms
+//!   (`Pieces`): every byte of such a run is `*` (lengths, so framing,
+//!   unchanged). A value shorter than `MIN_PIECE` is masked whole;
+//! - this holds for what the guest's HTTP client reads, not the raw
+//!   bytes: chunked bodies are searched de-chunked (a chunk boundary in
+//!   the value hides nothing), chunk extensions and trailers on their own,
+//!   heads on their own; the bodies of all responses on a connection are
+//!   one stream, so a run split across pipelined responses is masked
+//!   except what the earlier response had already released, at most
+//!   `MIN_PIECE - 1` bytes of it; pieces split across reads are held back
+//!   (at most `MIN_PIECE - 1` bytes per stream, a response head until it
+//!   is whole), and released at each response's end;
+//! - requests to a bound host over a terminated connection lose
+//!   `Accept-Encoding`, `TE`, `Range` and `If-Range` ([`DROPPED_FIELDS`])
+//!   and ask for `Accept-Encoding: identity`, so a reflection comes back
+//!   whole and searchable; a response from such a host with a content or
+//!   transfer coding anyway (gzip, …) is refused before a byte of its
+//!   head leaves: a 502 naming the coding, an audit line, and nothing
+//!   more on that connection;
+//! - each response in which pieces were masked is an audit line
+//!   (`"leak"`: the credential's name, `"masked"`: bytes, `"echoes"`: such
+//!   responses so far in the whole sandbox, counted across its
+//!   connections, [`Credentials::echoes`]); never the value.
+//!
+//! Cost: the pieces are computed once per sandbox (18 forms of
+//! each secret, one `u64` per `MIN_PIECE`-byte run, sorted, behind a
+//! prefilter of 16 bits per piece, at most 8 MiB). Each response byte then
+//! costs a shift, a multiply and one bit test, plus a binary search over
+//! the pieces for the few bytes (about 1 in 16 at most) that pass the
+//! prefilter: linear in the response, whatever the secrets' lengths.
+//! Responses are parsed once, for the audit and the scrubber alike
+//! ([`crate::http::ResponseTracker::feed_parts`]).
+//!
+//! What remains (an upstream that transforms what it reflects can always
+//! win; bind credentials only to hosts that do not):
+//! - runs shorter than `MIN_PIECE`: an upstream that lets the guest pick
+//!   which few bytes of a request it reflects (a substring parameter, its
+//!   own offsets) gives the value away `MIN_PIECE - 1` bytes per response,
+//!   on different connections or interleaved with other bytes, unmasked
+//!   and unaudited; so does one that puts other bytes between the pieces
+//!   (the value across two header fields, a head and a body, two chunk
+//!   extensions);
+//! - other transformations: other encodings (base32, UTF-16, base64 with
+//!   line breaks, `\u` escapes of letters, quoted-printable), case
+//!   changes, reversal, compression the upstream applies inside a body
+//!   (a zip file, a gzip-encoded JSON field), encryption, hashes that can
+//!   be brute-forced piecewise;
+//! - a coded body from a host no credential is bound to (one that
+//!   received the value from a bound host) passes unsearched, as do
+//!   spliced TLS connections (netstack never sees their bytes) and
+//!   responses over plain HTTP (whose requests are never rewritten, so
+//!   may ask for compression);
+//! - a response the tracker cannot delimit is searched as one stream,
+//!   its last `MIN_PIECE - 1` bytes held until the upstream closes;
+//! - a `MIN_PIECE`-byte run of a secret that is public (a well-known key
+//!   prefix such as `sk-proj-`) is masked, and audited as an echo, in any
+//!   response on such a connection.
+//!
 //! The guest's bytes reach this module only after [`crate::http`] parsed
 //! the head (valid UTF-8, CRLF lines, bounded). Secrets are checked when
 //! loaded (visible ASCII, at most [`MAX_SECRET`] bytes: they go into a
@@ -20,12 +88,15 @@
 //! the credential, never its value.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::host::HostName;
+use crate::http::{Mark, Part};
 use crate::policy::{Origin, Pattern};
 
 /// Longest secret accepted, in bytes.
@@ -251,22 +322,38 @@ impl Credential {
     }
 }
 
+/// Request fields dropped from every request to a bound host over a
+/// terminated connection: each lets the guest have a reflecting upstream
+/// send the value back compressed (`Accept-Encoding`, `TE`) or in slices
+/// of its choice (`Range`, `If-Range`), which the [`Scrubber`] could not
+/// see whole.
+pub const DROPPED_FIELDS: &[&str] = &["accept-encoding", "te", "range", "if-range"];
+
 /// What happens to a request head.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rewrite {
     /// Forward the head as it is.
     Unchanged,
-    /// Forward this head instead: the named credentials were injected.
+    /// Forward this head instead: the named credentials (possibly none)
+    /// were injected, the fields of [`DROPPED_FIELDS`] dropped and
+    /// `Accept-Encoding: identity` added (a request to a bound host over
+    /// a terminated connection).
     Injected { head: Zeroizing<Vec<u8>>, credentials: Vec<String> },
     /// The placeholder of this credential went to a host it is not bound
     /// to: refuse the request.
     Leak { credential: String },
 }
 
-/// The credentials of one sandbox run.
+/// The credentials of one sandbox run, with what the [`Scrubber`]s of all
+/// its connections share: the pieces to mask (computed once) and how many
+/// echoes of each credential were seen in the whole sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     list: Vec<Credential>,
+    pieces: Arc<Pieces>,
+    /// Per credential (same order as `list`): responses, on any
+    /// connection of this sandbox, in which pieces of it were masked.
+    echoes: Arc<Vec<AtomicU32>>,
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> bool {
@@ -275,7 +362,16 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
 
 impl Credentials {
     pub fn new(list: Vec<Credential>) -> Credentials {
-        Credentials { list }
+        let pieces = Arc::new(Pieces::new(&list));
+        let echoes = Arc::new(list.iter().map(|_| AtomicU32::new(0)).collect());
+        Credentials { list, pieces, echoes }
+    }
+
+    /// Echoes of credential `name` seen in this sandbox so far (each a
+    /// response of which pieces were masked).
+    pub fn echoes(&self, name: &str) -> u32 {
+        let i = self.list.iter().position(|c| c.rule.name == name);
+        i.and_then(|i| self.echoes.get(i)).map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -305,7 +401,11 @@ impl Credentials {
     /// Decides what becomes of a request head (`raw`, as parsed by
     /// [`crate::http::parse_request_head`]) to `host`. `terminated`: the
     /// request came over a TLS connection netstack terminated (the only
-    /// place a secret is ever put).
+    /// place a secret is ever put). There, every request to a host some
+    /// credential is bound to is forwarded without the fields of
+    /// [`DROPPED_FIELDS`] and with `Accept-Encoding: identity`, so that what
+    /// its upstream reflects comes back whole and uncompressed (where the
+    /// [`Scrubber`] can see it), whether or not a credential is injected.
     pub fn rewrite(&self, host: &HostName, raw: &[u8], terminated: bool) -> Rewrite {
         if let Some(c) = self.leaked_to(host, raw) {
             return Rewrite::Leak { credential: c.rule.name.clone() };
@@ -314,7 +414,7 @@ impl Credentials {
             return Rewrite::Unchanged;
         }
         let bound: Vec<&Credential> = self.list.iter().filter(|c| c.rule.bound_to(host)).collect();
-        if bound.is_empty() || !bound.iter().any(|c| find(raw, c.placeholder.as_bytes())) {
+        if bound.is_empty() {
             return Rewrite::Unchanged;
         }
         // The parser checked the head: UTF-8, CRLF lines, one empty line
@@ -324,7 +424,11 @@ impl Credentials {
         let mut out = Zeroizing::new(Vec::with_capacity(raw.len() + 256));
         let mut injected: Vec<String> = Vec::new();
         for (i, line) in body.split("\r\n").enumerate() {
-            let replaced = (i > 0).then(|| line.split_once(':')).flatten().and_then(|(name, value)| {
+            let field = (i > 0).then(|| line.split_once(':')).flatten();
+            if field.is_some_and(|(name, _)| DROPPED_FIELDS.iter().any(|d| name.eq_ignore_ascii_case(d))) {
+                continue;
+            }
+            let replaced = field.and_then(|(name, value)| {
                 let value = value.trim_matches([' ', '\t']);
                 let c = bound.iter().find(|c| name.eq_ignore_ascii_case(&c.rule.header) && c.matches_value(value))?;
                 Some((name, c))
@@ -342,10 +446,7 @@ impl Credentials {
             }
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(b"\r\n");
-        if injected.is_empty() {
-            return Rewrite::Unchanged;
-        }
+        out.extend_from_slice(b"Accept-Encoding: identity\r\n\r\n");
         Rewrite::Injected { head: out, credentials: injected }
     }
 
@@ -363,82 +464,470 @@ impl Credentials {
 
 /// Finds placeholders in a body as it passes in pieces, remembering the
 /// end of the previous piece so that one split across pieces is found
-/// (before the piece that completes it is forwarded).
+/// (before the piece that completes it is forwarded). A chunked body's
+/// content ([`LeakScanner::scan`]) and its framing (chunk extensions and
+/// trailers, [`LeakScanner::scan_framing`]) are two streams, each
+/// remembered on its own, so that a placeholder split across chunks is
+/// found in the content and one in an extension or a trailer in the
+/// framing.
 #[derive(Debug, Default)]
 pub struct LeakScanner {
     tail: Vec<u8>,
+    framing_tail: Vec<u8>,
 }
 
 impl LeakScanner {
     /// The first credential not bound to `host` whose placeholder ends in
-    /// `piece`.
+    /// `piece` of the body's content.
     pub fn scan<'c>(&mut self, creds: &'c Credentials, host: &HostName, piece: &[u8]) -> Option<&'c Credential> {
-        let keep = creds.longest_placeholder().saturating_sub(1);
-        if keep == 0 || piece.is_empty() {
-            return None;
-        }
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(piece);
-        let found = creds.leaked_to(host, &window);
-        let from = window.len().saturating_sub(keep);
-        self.tail = window.split_off(from);
-        found
+        scan_stream(&mut self.tail, creds, host, piece)
+    }
+
+    /// The same for `piece` of a chunked body's framing (size lines with
+    /// their extensions, trailers).
+    pub fn scan_framing<'c>(
+        &mut self,
+        creds: &'c Credentials,
+        host: &HostName,
+        piece: &[u8],
+    ) -> Option<&'c Credential> {
+        scan_stream(&mut self.framing_tail, creds, host, piece)
     }
 }
 
-/// Masks real secret values in what upstream sends back (an endpoint that
-/// echoes request headers would otherwise hand the guest the value it
-/// never had): each occurrence is overwritten with `*` of the same length,
-/// so response framing is unchanged. A value split across reads is caught
-/// by holding back the bytes that could start one, until the next read,
-/// the end of the response or the end of the stream releases them.
-#[derive(Debug, Default)]
+fn scan_stream<'c>(
+    tail: &mut Vec<u8>,
+    creds: &'c Credentials,
+    host: &HostName,
+    piece: &[u8],
+) -> Option<&'c Credential> {
+    let keep = creds.longest_placeholder().saturating_sub(1);
+    if keep == 0 || piece.is_empty() {
+        return None;
+    }
+    let mut window = std::mem::take(tail);
+    window.extend_from_slice(piece);
+    let found = creds.leaked_to(host, &window);
+    let from = window.len().saturating_sub(keep);
+    *tail = window.split_off(from);
+    found
+}
+
+/// Shortest run of a secret (or of one of its encodings, `Pieces`) that
+/// is masked wherever it appears in a response. Shorter runs pass: a
+/// response reveals at most `MIN_PIECE - 1` consecutive bytes of any
+/// form of a secret. (A secret shorter than this is masked whole.)
+pub const MIN_PIECE: usize = 8;
+/// Fewest bits in the prefilter of [`Pieces`].
+const MIN_FILTER_BITS: u32 = 16;
+/// Most bits in it (8 MiB).
+const MAX_FILTER_BITS: u32 = 26;
+
+/// Every [`MIN_PIECE`]-byte run of every form of every secret, to look up
+/// a response's last `MIN_PIECE` bytes in one step: each run is a `u64`
+/// (its bytes big-endian), kept sorted with the credential it belongs to,
+/// behind a one-bit-per-hash prefilter so that a byte that starts no
+/// piece costs one multiply, one shift and one bit test. Forms: the value
+/// itself; hex (lower and upper case); percent-encoded (unreserved
+/// characters kept, the rest `%XX`, or every byte `%XX`, in either case);
+/// JSON-escaped (`\"`,
+/// `\\`, with and without `\/`, and with every other punctuation
+/// character as `\u00xx`, either case); HTML-escaped; base64 (standard and
+/// URL alphabets) at each of the three alignments, only the characters
+/// that the secret's bytes alone determine. Zeroed when dropped.
+#[derive(Default)]
+pub(crate) struct Pieces {
+    /// Sorted, no duplicates.
+    grams: Zeroizing<Vec<u64>>,
+    /// The credential (index) each gram belongs to.
+    owner: Vec<u16>,
+    /// Forms shorter than MIN_PIECE: (length, value, credential).
+    short: Zeroizing<Vec<(usize, u64, u16)>>,
+    filter: Zeroizing<Vec<u64>>,
+    shift: u32,
+}
+
+impl fmt::Debug for Pieces {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pieces({} pieces, <redacted>)", self.grams.len() + self.short.len())
+    }
+}
+
+const FILTER_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+pub(crate) const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// The base64 characters of `bytes`' complete 3-byte groups.
+pub(crate) fn base64_groups(bytes: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 3 * 4);
+    for g in bytes.chunks_exact(3) {
+        let n = u32::from(g[0]) << 16 | u32::from(g[1]) << 8 | u32::from(g[2]);
+        for shift in [18, 12, 6, 0] {
+            out.push(alphabet[(n >> shift & 63) as usize]);
+        }
+    }
+    out
+}
+
+/// `s` with each byte replaced by `f`'s spelling of it.
+fn each(s: &[u8], f: impl Fn(u8) -> String) -> Vec<u8> {
+    s.iter().flat_map(|&b| f(b).into_bytes()).collect()
+}
+
+/// The spellings of a secret that an upstream commonly sends back.
+fn forms(s: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    let json = |b: u8, slash: bool| match b {
+        b'"' => "\\\"".to_string(),
+        b'\\' => "\\\\".to_string(),
+        b'/' if slash => "\\/".to_string(),
+        _ => (b as char).to_string(),
+    };
+    let mut out: Vec<Zeroizing<Vec<u8>>> = vec![
+        s.to_vec(),
+        each(s, |b| format!("{b:02x}")),
+        each(s, |b| format!("{b:02X}")),
+        each(s, |b| if unreserved(b) { (b as char).to_string() } else { format!("%{b:02X}") }),
+        each(s, |b| if unreserved(b) { (b as char).to_string() } else { format!("%{b:02x}") }),
+        each(s, |b| format!("%{b:02X}")),
+        each(s, |b| format!("%{b:02x}")),
+        each(s, |b| json(b, false)),
+        each(s, |b| json(b, true)),
+        each(s, |b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("\\u{b:04x}") }),
+        each(s, |b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("\\u{b:04X}") }),
+        each(s, |b| match b {
+            b'&' => "&amp;".into(),
+            b'<' => "&lt;".into(),
+            b'>' => "&gt;".into(),
+            b'"' => "&quot;".into(),
+            b'\'' => "&#39;".into(),
+            _ => (b as char).to_string(),
+        }),
+    ]
+    .into_iter()
+    .map(Zeroizing::new)
+    .collect();
+    for alphabet in [B64_STD, B64_URL] {
+        for k in 0..3 {
+            out.push(Zeroizing::new(base64_groups(s.get(k..).unwrap_or_default(), alphabet)));
+        }
+    }
+    out.retain(|f| !f.is_empty());
+    out
+}
+
+/// `bytes` (at most 8) as a big-endian number.
+fn gram(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0, |w, &b| w << 8 | u64::from(b))
+}
+
+impl Pieces {
+    fn new(list: &[Credential]) -> Pieces {
+        let mut all: Zeroizing<Vec<(u64, u16)>> = Zeroizing::new(Vec::new());
+        let mut short = Zeroizing::new(Vec::new());
+        for (id, c) in list.iter().enumerate() {
+            // At most MAX_CREDENTIALS: fits.
+            let id = id as u16;
+            for f in forms(c.secret.expose().as_bytes()) {
+                if f.len() < MIN_PIECE {
+                    short.push((f.len(), gram(&f), id));
+                } else {
+                    all.extend(f.windows(MIN_PIECE).map(|w| (gram(w), id)));
+                }
+            }
+        }
+        all.sort_unstable();
+        all.dedup_by_key(|g| g.0);
+        short.sort_unstable();
+        short.dedup();
+        let bits = (all.len() * 16).next_power_of_two().trailing_zeros().clamp(MIN_FILTER_BITS, MAX_FILTER_BITS);
+        let mut filter = Zeroizing::new(vec![0u64; 1 << (bits - 6)]);
+        let shift = 64 - bits;
+        for (g, _) in all.iter() {
+            let h = g.wrapping_mul(FILTER_MUL) >> shift;
+            filter[(h >> 6) as usize] |= 1 << (h & 63);
+        }
+        let grams = Zeroizing::new(all.iter().map(|g| g.0).collect());
+        let owner = all.iter().map(|g| g.1).collect();
+        Pieces { grams, owner, short, filter, shift }
+    }
+
+    /// The credential whose piece the last MIN_PIECE bytes `w` are.
+    fn lookup(&self, w: u64) -> Option<u16> {
+        if self.grams.is_empty() {
+            return None;
+        }
+        let h = w.wrapping_mul(FILTER_MUL) >> self.shift;
+        if self.filter[(h >> 6) as usize] & (1 << (h & 63)) == 0 {
+            return None;
+        }
+        self.grams.binary_search(&w).ok().map(|i| self.owner[i])
+    }
+}
+
+/// The streams of a connection's responses searched on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// Body content (and bytes of unknown structure).
+    Text,
+    Head,
+    Framing,
+}
+
+/// The last [`MIN_PIECE`] bytes of one stream of a response and where
+/// each of them is in the upstream's byte stream.
+#[derive(Default)]
+struct Window {
+    w: u64,
+    /// Bytes pushed so far.
+    n: u64,
+    at: [u64; MIN_PIECE],
+}
+
+impl Window {
+    fn push(&mut self, b: u8, at: u64) {
+        self.w = self.w << 8 | u64::from(b);
+        self.at[(self.n % MIN_PIECE as u64) as usize] = at;
+        self.n += 1;
+    }
+
+    /// Where the `j`-th last byte is (`j` < MIN_PIECE, < n).
+    fn at_back(&self, j: usize) -> u64 {
+        self.at[((self.n - 1 - j as u64) % MIN_PIECE as u64) as usize]
+    }
+
+    /// The earliest byte a piece completed later could still include.
+    fn hold(&self) -> Option<u64> {
+        let k = self.n.min(MIN_PIECE as u64 - 1) as usize;
+        (k > 0).then(|| self.at_back(k - 1))
+    }
+
+    fn reset(&mut self) {
+        self.n = 0;
+        self.w = 0;
+    }
+}
+
+/// Masks real secret values, and pieces of them, in what upstream sends
+/// back (an endpoint that echoes requests would otherwise hand the guest
+/// the value it never had): every byte of every run of at least
+/// [`MIN_PIECE`] bytes of a form of a secret (`Pieces`) is overwritten
+/// with `*`, so response framing and lengths are unchanged.
+///
+/// What is searched is what the guest's HTTP client reads, not the raw
+/// bytes: given the [`Mark`]s of a [`crate::http::ResponseTracker`], a
+/// chunked body is searched without its framing (a value split by chunk
+/// boundaries is found), the framing (extensions, trailers) on its own;
+/// heads and bodies of all the responses of the connection are one
+/// stream (a value split across two responses is found: what the first
+/// response released is at most `MIN_PIECE - 1` bytes of it, the rest is
+/// masked). A piece split across reads is caught by holding back the
+/// last `MIN_PIECE - 1` bytes of each stream until the next read, and a
+/// response head until it is whole; the end of each response (and of each
+/// informational head) and the end of the stream release everything.
+/// What is held is bounded by a response head
+/// ([`crate::http::MAX_RESPONSE_HEAD`]) or `MIN_PIECE - 1` chunks' size
+/// lines ([`crate::http::MAX_CHUNK_LINE`]).
+///
+/// With `strict` (a host a credential is bound to) a response whose body
+/// has a content or transfer coding (gzip, …) is refused before a byte
+/// of its head leaves: it could carry a secret that cannot be searched.
+#[derive(Default)]
 pub struct Scrubber {
-    held: Vec<u8>,
+    /// Bytes not released yet; `pending[0]` is byte `base` of the stream.
+    pending: Vec<u8>,
+    base: u64,
+    /// Content, of all the responses: one stream.
+    text: Window,
+    /// The head being read.
+    head: Window,
+    /// Chunked framing, while it lasts.
+    framing: Window,
+    /// Where the head being read started.
+    head_from: Option<u64>,
+    /// Bytes masked per credential (index) since [`Scrubber::take_echoes`].
+    masked: Vec<(u16, u64)>,
+    refused: Option<String>,
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scrubber(held {}, <redacted>)", self.pending.len())
+    }
+}
+
+/// One credential's pieces masked since the last
+/// [`Scrubber::take_echoes`]: its name, the bytes masked, and the echoes
+/// of it now counted in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Echo {
+    pub credential: String,
+    pub masked: u64,
+    pub echoes: u32,
 }
 
 impl Scrubber {
-    /// Scrubs `data` (appended to what was held); returns what may go to
-    /// the guest now.
+    /// Scrubs `data` as one stream of unknown structure (no framing
+    /// known); returns what may go to the guest now.
     pub fn feed(&mut self, creds: &Credentials, data: &[u8]) -> Vec<u8> {
-        let mut buf = std::mem::take(&mut self.held);
-        buf.extend_from_slice(data);
-        for c in &creds.list {
-            let s = c.secret.expose().as_bytes();
-            let mut i = 0;
-            while i + s.len() <= buf.len() {
-                if &buf[i..i + s.len()] == s {
-                    buf[i..i + s.len()].fill(b'*');
-                    i += s.len();
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        // Hold back the longest end of `buf` that starts some secret.
-        let mut hold = 0;
-        for c in &creds.list {
-            let s = c.secret.expose().as_bytes();
-            for n in (1..=s.len().saturating_sub(1).min(buf.len())).rev() {
-                if n > hold && buf.ends_with(&s[..n]) {
-                    hold = n;
-                    break;
-                }
-            }
-        }
-        self.held = buf.split_off(buf.len() - hold);
-        buf
+        self.feed_marked(creds, data, &[Mark::Run(Part::Unknown, 0, data.len())], false)
     }
 
-    /// Releases what was held (the response or the stream ended: a value
-    /// cannot continue there).
+    /// Scrubs `data`, whose structure `marks` gives (from
+    /// [`crate::http::ResponseTracker::feed_parts`] on the same bytes;
+    /// bytes no mark covers are searched as text); returns what may go to
+    /// the guest now. Once refused ([`Scrubber::refused`]), nothing more.
+    pub fn feed_marked(&mut self, creds: &Credentials, data: &[u8], marks: &[Mark], strict: bool) -> Vec<u8> {
+        if self.refused.is_some() {
+            return Vec::new();
+        }
+        let pieces = &creds.pieces;
+        let start = self.base + self.pending.len() as u64;
+        self.pending.extend_from_slice(data);
+        let mut released = self.base;
+        let mut cursor = 0;
+        for m in marks {
+            match m {
+                Mark::Run(part, from, to) => {
+                    let (from, to) = ((*from).min(data.len()), (*to).min(data.len()));
+                    if from > cursor {
+                        self.search(pieces, data, start, cursor, from, Part::Unknown);
+                    }
+                    if *part == Part::Head && self.head_from.is_none() {
+                        self.head_from = Some(start + from as u64);
+                    }
+                    if *part == Part::Unknown {
+                        // The tracker gave up (a head too large or
+                        // malformed): no head is held whole any more.
+                        self.head_from = None;
+                        self.head.reset();
+                    }
+                    self.search(pieces, data, start, from.max(cursor), to, *part);
+                    cursor = cursor.max(to);
+                }
+                Mark::HeadEnd { at, informational, coded } => {
+                    let head = self.head_from.take();
+                    self.head.reset();
+                    if let (true, false, Some(coding)) = (strict, informational, coded) {
+                        // Nothing of this head leaves.
+                        let keep = head.map_or(start + *at as u64, |h| h.max(self.base));
+                        self.pending.truncate((keep - self.base) as usize);
+                        self.refused = Some(coding.clone());
+                        let out = std::mem::take(&mut self.pending);
+                        self.base = keep;
+                        return out;
+                    }
+                    if *informational {
+                        released = released.max(start + *at as u64);
+                    }
+                }
+                Mark::End { at } => released = released.max(start + *at as u64),
+            }
+        }
+        if cursor < data.len() {
+            self.search(pieces, data, start, cursor, data.len(), Part::Unknown);
+        }
+        let end = self.base + self.pending.len() as u64;
+        let hold = [self.text.hold(), self.framing.hold(), self.head_from].into_iter().flatten().min();
+        let upto = hold.map_or(end, |h| h.max(released)).clamp(self.base, end);
+        let rest = self.pending.split_off((upto - self.base) as usize);
+        self.base = upto;
+        std::mem::replace(&mut self.pending, rest)
+    }
+
+    /// Searches `data[from..to]` (at stream offset `start`) as `part`,
+    /// masking what is still pending.
+    fn search(&mut self, pieces: &Pieces, data: &[u8], start: u64, from: usize, to: usize, part: Part) {
+        let stream = match part {
+            Part::Head => Stream::Head,
+            Part::Framing => Stream::Framing,
+            Part::Content | Part::Unknown => Stream::Text,
+        };
+        if stream != Stream::Framing && from < to {
+            // Framing is one stream only while it lasts: what it held
+            // back is released once something else follows.
+            self.framing.reset();
+        }
+        for (i, &b) in data[from..to].iter().enumerate() {
+            let at = start + (from + i) as u64;
+            let win = self.window(stream);
+            win.push(b, at);
+            if win.n >= MIN_PIECE as u64 {
+                if let Some(id) = pieces.lookup(win.w) {
+                    self.mask(stream, MIN_PIECE, id);
+                }
+            }
+            if !pieces.short.is_empty() {
+                let win = self.window(stream);
+                let (n, w) = (win.n, win.w);
+                for &(len, value, id) in pieces.short.iter() {
+                    if n >= len as u64 && w & ((1u64 << (8 * len)) - 1) == value {
+                        self.mask(stream, len, id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn window(&mut self, stream: Stream) -> &mut Window {
+        match stream {
+            Stream::Text => &mut self.text,
+            Stream::Head => &mut self.head,
+            Stream::Framing => &mut self.framing,
+        }
+    }
+
+    /// Masks the last `len` bytes of a stream, those still pending.
+    fn mask(&mut self, stream: Stream, len: usize, id: u16) {
+        let base = self.base;
+        let ats: Vec<u64> = {
+            let win = self.window(stream);
+            (0..len).map(|j| win.at_back(j)).filter(|at| *at >= base).collect()
+        };
+        let mut count = 0;
+        for at in ats {
+            let b = &mut self.pending[(at - base) as usize];
+            if *b != b'*' {
+                *b = b'*';
+                count += 1;
+            }
+        }
+        if count > 0 {
+            match self.masked.iter_mut().find(|m| m.0 == id) {
+                Some(m) => m.1 += count,
+                None => self.masked.push((id, count)),
+            }
+        }
+    }
+
+    /// Releases what was held (the stream ended: nothing can continue it).
     pub fn flush(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.held)
+        self.base += self.pending.len() as u64;
+        std::mem::take(&mut self.pending)
     }
 
     /// Bytes held back now.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.pending.len()
+    }
+
+    /// The coding for which a response was refused ([`Scrubber::feed_marked`]
+    /// with `strict`): nothing more from upstream goes to the guest.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// The credentials pieces of which were masked since the last call,
+    /// each counted as one more echo of it in the sandbox.
+    pub fn take_echoes(&mut self, creds: &Credentials) -> Vec<Echo> {
+        std::mem::take(&mut self.masked)
+            .into_iter()
+            .filter_map(|(id, masked)| {
+                let c = creds.list.get(usize::from(id))?;
+                let echoes = creds.echoes.get(usize::from(id)).map_or(0, |n| n.fetch_add(1, Ordering::Relaxed) + 1);
+                Some(Echo { credential: c.rule.name.clone(), masked, echoes })
+            })
+            .collect()
     }
 }
 
@@ -483,6 +972,17 @@ pub(crate) mod tests {
         creds().rewrite(&host(host_name), head.as_bytes(), terminated)
     }
 
+    /// A terminated request's head as forwarded, without the
+    /// `Accept-Encoding: identity` always added, and what was injected.
+    fn filtered(host_name: &str, head: &str) -> (String, Vec<String>) {
+        let Rewrite::Injected { head: out, credentials } = rewrite(host_name, head, true) else {
+            panic!("a bound host's head is always rewritten")
+        };
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let text = text.strip_suffix("Accept-Encoding: identity\r\n\r\n").expect("identity asked for");
+        (format!("{text}\r\n"), credentials)
+    }
+
     #[test]
     fn the_bound_header_gets_the_real_value_on_a_terminated_connection_only() {
         let head = "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Api-Key: sbx-placeholder-anthropic-0001\r\nContent-Length: 2\r\n\r\n";
@@ -491,7 +991,8 @@ pub(crate) mod tests {
         };
         assert_eq!(credentials, vec!["anthropic".to_string()]);
         let text = String::from_utf8(out.to_vec()).unwrap();
-        assert_eq!(text, head.replace("sbx-placeholder-anthropic-0001", "sk-real-anthropic"));
+        let want = head.replace("sbx-placeholder-anthropic-0001", "sk-real-anthropic");
+        assert_eq!(text, want.replace("\r\n\r\n", "\r\nAccept-Encoding: identity\r\n\r\n"));
         assert_eq!(rewrite("api.anthropic.com", head, false), Rewrite::Unchanged, "never over plain HTTP");
         // A scheme: exactly `Bearer <placeholder>`, the scheme in any case.
         let bearer =
@@ -499,7 +1000,7 @@ pub(crate) mod tests {
         let Rewrite::Injected { head: out, .. } = rewrite("api.openai.com", bearer, true) else { panic!() };
         assert!(String::from_utf8_lossy(&out).contains("authorization: Bearer sk-real-openai\r\n"));
         let bare = "GET / HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: sbx-placeholder-openai-0002\r\n\r\n";
-        assert_eq!(rewrite("api.openai.com", bare, true), Rewrite::Unchanged, "scheme missing: not replaced");
+        assert_eq!(filtered("api.openai.com", bare), (bare.to_string(), vec![]), "scheme missing: not replaced");
     }
 
     #[test]
@@ -509,7 +1010,7 @@ pub(crate) mod tests {
             "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Other: sbx-placeholder-anthropic-0001\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Api-Key: x sbx-placeholder-anthropic-0001\r\n\r\n",
         ] {
-            assert_eq!(rewrite("api.anthropic.com", unchanged, true), Rewrite::Unchanged, "{unchanged:?}");
+            assert_eq!(filtered("api.anthropic.com", unchanged), (unchanged.to_string(), vec![]), "{unchanged:?}");
         }
         for leak in [
             "GET / HTTP/1.1\r\nHost: evil.example\r\nX-Api-Key: sbx-placeholder-anthropic-0001\r\n\r\n",
@@ -548,15 +1049,40 @@ pub(crate) mod tests {
     fn echoed_secrets_are_masked_even_when_split() {
         let c = creds();
         let mut s = Scrubber::default();
-        assert_eq!(s.feed(&c, b"key=sk-real-anthropic;"), b"key=*****************;");
-        let mut out = s.feed(&c, b"head sk-real-");
-        assert_eq!(s.held(), "sk-real-".len());
-        out.extend(s.feed(&c, b"openai tail"));
+        let mut out = s.feed(&c, b"key=sk-real-anthropic;");
+        assert_eq!(s.held(), MIN_PIECE - 1, "what a piece completed later could include");
+        out.extend(s.flush());
+        assert_eq!(out, b"key=*****************;");
+        let mut out = s.feed(&c, b"head sk-rea");
+        out.extend(s.feed(&c, b"l-openai tail"));
+        out.extend(s.flush());
         assert_eq!(String::from_utf8(out).unwrap(), "head ************** tail");
         let mut out = s.feed(&c, b"ends with sk");
         out.extend(s.flush());
         assert_eq!(out, b"ends with sk", "released at the end");
-        assert_eq!(s.feed(&c, b"plain"), b"plain");
+        let mut out = s.feed(&c, b"plain");
+        out.extend(s.flush());
+        assert_eq!(out, b"plain");
+    }
+
+    #[test]
+    fn what_is_held_stays_bounded_when_responses_cannot_be_read() {
+        let c = creds();
+        let mut t = crate::http::ResponseTracker::default();
+        let mut s = Scrubber::default();
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        let endless = [head, vec![b'a'; 4 * crate::http::MAX_RESPONSE_HEAD]].concat();
+        for piece in endless.chunks(4096) {
+            let mut marks = Vec::new();
+            t.feed_parts(piece, || false, |m| marks.push(m));
+            out.extend(s.feed_marked(&c, piece, &marks, true));
+            assert!(s.held() <= crate::http::MAX_RESPONSE_HEAD + 4096, "held {}", s.held());
+        }
+        assert!(t.is_lost());
+        assert!(s.held() < MIN_PIECE, "once lost, only a piece's worth is held: {}", s.held());
+        out.extend(s.flush());
+        assert_eq!(out, endless);
     }
 
     #[test]

@@ -557,25 +557,53 @@ impl BodyScanner {
     /// content (a Content-Length body's bytes, or chunk data without the
     /// chunked framing) to `content`, in order.
     pub fn feed_content(&mut self, data: &[u8], mut content: impl FnMut(&[u8])) -> Result<usize, Error> {
-        let mut used = 0;
-        while used < data.len() && !self.is_done() {
-            let rest = &data[used..];
-            let n = match self {
-                BodyScanner::Length(k) | BodyScanner::ChunkData(k) => {
-                    let take = (*k).min(rest.len() as u64) as usize;
-                    content(&rest[..take]);
-                    self.feed(&rest[..take])?
-                }
-                // Framing: a byte at a time, so that data is never passed
-                // over unseen.
-                _ => self.feed(&rest[..1])?,
-            };
-            if n == 0 {
-                break;
+        self.feed_parts(data, |is_content, bytes| {
+            if is_content {
+                content(bytes)
             }
-            used += n;
+        })
+    }
+
+    /// As [`BodyScanner::feed`], handing every byte used to `part`, in
+    /// order and in runs: `true` with body content (a Content-Length
+    /// body's bytes, or chunk data), `false` with chunked framing (size
+    /// lines with their extensions, the CRLF after data, trailers). A run
+    /// of framing is handed on whole (not a byte at a time) once the content
+    /// after it starts or `data` ends. On an error, what was used before it
+    /// has been handed on.
+    pub fn feed_parts(&mut self, data: &[u8], mut part: impl FnMut(bool, &[u8])) -> Result<usize, Error> {
+        let mut used = 0;
+        // Start of the framing run not handed on yet.
+        let mut framing = 0;
+        let result = (|| {
+            while used < data.len() && !self.is_done() {
+                let rest = &data[used..];
+                let n = match self {
+                    BodyScanner::Length(k) | BodyScanner::ChunkData(k) => {
+                        let take = (*k).min(rest.len() as u64) as usize;
+                        if framing < used {
+                            part(false, &data[framing..used]);
+                        }
+                        part(true, &rest[..take]);
+                        let n = self.feed(&rest[..take])?;
+                        framing = used + n;
+                        n
+                    }
+                    // Framing: a byte at a time, so that data is never
+                    // passed over unseen.
+                    _ => self.feed(&rest[..1])?,
+                };
+                if n == 0 {
+                    break;
+                }
+                used += n;
+            }
+            Ok(used)
+        })();
+        if framing < used {
+            part(false, &data[framing..used]);
         }
-        Ok(used)
+        result
     }
 }
 
@@ -616,28 +644,87 @@ pub struct Response {
     pub bytes: u64,
 }
 
+/// What a run of upstream bytes is ([`ResponseTracker::feed_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// A response head (status line and fields).
+    Head,
+    /// Body content: a Content-Length or until-close body, or chunk data
+    /// without its framing.
+    Content,
+    /// Chunked framing: size lines with their extensions, the CRLF after
+    /// chunk data, the trailer section.
+    Framing,
+    /// Bytes that could not be read as responses (once lost).
+    Unknown,
+}
+
+/// What [`ResponseTracker::feed_parts`] reports, with offsets into the
+/// bytes fed, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mark {
+    /// The bytes `from..to` are a run of this part.
+    Run(Part, usize, usize),
+    /// A response head ends before offset `at` (an informational one too);
+    /// `coded` names a content or transfer coding other than `identity`
+    /// and one `chunked` that its body carries, if any.
+    HeadEnd { at: usize, informational: bool, coded: Option<String> },
+    /// A response ends before offset `at`.
+    End { at: usize },
+}
+
 impl ResponseTracker {
     /// Feeds bytes from upstream; `head_request` says, for each response
     /// that starts, whether it answers a HEAD (no body). Returns the
     /// responses that completed.
-    pub fn feed(&mut self, mut data: &[u8], mut head_request: impl FnMut() -> bool) -> Vec<Response> {
+    pub fn feed(&mut self, data: &[u8], head_request: impl FnMut() -> bool) -> Vec<Response> {
+        self.feed_parts(data, head_request, |_| {})
+    }
+
+    /// As [`ResponseTracker::feed`], telling `mark` what each byte is
+    /// and where heads and responses end (every byte of `data` is in
+    /// exactly one [`Mark::Run`]).
+    pub fn feed_parts(
+        &mut self,
+        data: &[u8],
+        mut head_request: impl FnMut() -> bool,
+        mut mark: impl FnMut(Mark),
+    ) -> Vec<Response> {
         let mut done = Vec::new();
+        let all = data;
+        let mut data = data;
+        let at = |rest: &[u8]| all.len() - rest.len();
         while !data.is_empty() && !self.lost {
             if let Some((_, n)) = self.until_close.as_mut() {
                 *n += data.len() as u64;
+                mark(Mark::Run(Part::Content, at(data), all.len()));
                 return done;
             }
             if let Some((status, scanner, n)) = self.body.as_mut() {
-                match scanner.feed(data) {
+                let from = at(data);
+                let mut marked = from;
+                let fed = scanner.feed_parts(data, |is_content, bytes| {
+                    // `bytes` is a run of `data`, in order.
+                    let part = if is_content { Part::Content } else { Part::Framing };
+                    mark(Mark::Run(part, marked, marked + bytes.len()));
+                    marked += bytes.len();
+                });
+                match fed {
                     Ok(used) => {
                         *n += used as u64;
                         data = &data[used..];
                         if scanner.is_done() {
                             done.push(Response { status: Some(*status), bytes: *n });
                             self.body = None;
+                            mark(Mark::End { at: from + used });
                         }
                     }
-                    Err(_) => self.lost = true,
+                    Err(_) => {
+                        // What was used before the error was marked; the
+                        // rest is unknown.
+                        data = &all[marked..];
+                        self.lost = true;
+                    }
                 }
                 continue;
             }
@@ -647,32 +734,43 @@ impl ResponseTracker {
             self.head.extend_from_slice(&data[..take]);
             match self.head[start..].windows(4).position(|w| w == b"\r\n\r\n") {
                 None if self.head.len() >= MAX_RESPONSE_HEAD => {
+                    mark(Mark::Run(Part::Head, at(data), at(data) + take));
+                    data = &data[take..];
                     self.lost = true;
                 }
-                None => return done,
+                None => {
+                    mark(Mark::Run(Part::Head, at(data), at(data) + take));
+                    return done;
+                }
                 Some(i) => {
                     let head_len = start + i + 4;
                     let consumed = take - (self.head.len() - head_len);
+                    mark(Mark::Run(Part::Head, at(data), at(data) + consumed));
                     data = &data[consumed..];
                     let head = std::mem::take(&mut self.head);
-                    let Some((status, body)) = parse_response_head(&head[..head_len]) else {
+                    let Some((status, body, coded)) = parse_response_head(&head[..head_len]) else {
                         self.lost = true;
                         break;
                     };
                     let informational = (100..200).contains(&status) && status != 101;
+                    mark(Mark::HeadEnd { at: at(data), informational, coded });
                     if informational {
                         continue;
                     }
                     let no_body = head_request() || status == 204 || status == 304;
                     match (no_body, body) {
                         (true, _) | (false, Some(Body::None)) => {
-                            done.push(Response { status: Some(status), bytes: head_len as u64 })
+                            done.push(Response { status: Some(status), bytes: head_len as u64 });
+                            mark(Mark::End { at: at(data) });
                         }
                         (false, Some(b)) => self.body = Some((status, BodyScanner::new(b), head_len as u64)),
                         (false, None) => self.until_close = Some((status, head_len as u64)),
                     }
                 }
             }
+        }
+        if !data.is_empty() {
+            mark(Mark::Run(Part::Unknown, at(data), all.len()));
         }
         done
     }
@@ -695,8 +793,10 @@ impl ResponseTracker {
     }
 }
 
-/// Status and framing of a response head (None for the framing: until close).
-fn parse_response_head(head: &[u8]) -> Option<(u16, Option<Body>)> {
+/// Status and framing of a response head (None for the framing: until
+/// close), and any coding of its body other than `identity` and one
+/// `chunked` (named, for the refusal).
+fn parse_response_head(head: &[u8]) -> Option<(u16, Option<Body>, Option<String>)> {
     let text = std::str::from_utf8(head).ok()?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next()?;
@@ -708,18 +808,32 @@ fn parse_response_head(head: &[u8]) -> Option<(u16, Option<Body>)> {
     let status: u16 = parts.next()?.parse().ok().filter(|s| (100..600).contains(s))?;
     let mut length = None;
     let mut chunked = false;
+    let mut coded: Option<String> = None;
     for line in lines {
         let Some((k, v)) = line.split_once(':') else { continue };
         let k = k.trim().to_ascii_lowercase();
+        let v = v.trim().to_ascii_lowercase();
         if k == "content-length" {
-            length = v.trim().parse::<u64>().ok();
-        } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
+            length = v.parse::<u64>().ok();
+        } else if k == "transfer-encoding" {
+            if v.contains("chunked") {
+                chunked = true;
+            }
+            if v != "chunked" && coded.is_none() {
+                coded = Some(format!("Transfer-Encoding: {}", cut_field(&v)));
+            }
+        } else if k == "content-encoding" && v.split(',').any(|c| !c.trim().is_empty() && c.trim() != "identity") {
+            coded.get_or_insert_with(|| format!("Content-Encoding: {}", cut_field(&v)));
         }
     }
     let body =
         if chunked { Some(Body::Chunked) } else { length.map(|n| if n == 0 { Body::None } else { Body::Length(n) }) };
-    Some((status, body))
+    Some((status, body, coded))
+}
+
+/// An upstream's field value as named in a refusal: at most 64 characters.
+fn cut_field(v: &str) -> String {
+    v.chars().take(64).collect()
 }
 
 #[cfg(test)]
@@ -1065,6 +1179,42 @@ HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
         let mut t = ResponseTracker::default();
         assert!(t.feed(b"SSH-2.0-x\r\n\r\nmore", || false).is_empty());
         assert!(t.feed(&vec![b'a'; 2 * MAX_RESPONSE_HEAD], || false).is_empty());
+    }
+
+    #[test]
+    fn every_response_byte_is_marked_once_with_what_it_is() {
+        let stream = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n\
+HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Encoding: gzip\r\n\r\nfgGARBAGE";
+        for step in [1, 3, stream.len()] {
+            let mut t = ResponseTracker::default();
+            let (mut parts, mut ends, mut codings, mut covered) = (Vec::new(), 0, Vec::new(), 0);
+            for (i, piece) in stream.chunks(step).enumerate() {
+                let base = i * step;
+                t.feed_parts(
+                    piece,
+                    || false,
+                    |m| match m {
+                        Mark::Run(part, from, to) => {
+                            assert_eq!(base + from, covered, "runs are contiguous and in order");
+                            covered = base + to;
+                            parts.extend(std::iter::repeat_n(part, to - from));
+                        }
+                        Mark::End { .. } => ends += 1,
+                        Mark::HeadEnd { coded, .. } => codings.push(coded),
+                    },
+                );
+            }
+            assert_eq!(covered, stream.len());
+            let of = |part: Part| -> String {
+                stream.iter().zip(&parts).filter(|(_, p)| **p == part).map(|(b, _)| *b as char).collect()
+            };
+            assert_eq!(of(Part::Content), "abcdefg", "step {step}");
+            assert_eq!(of(Part::Framing), "3;e=1\r\n\r\n2\r\n\r\n0\r\nX-T: 1\r\n\r\n");
+            assert!(of(Part::Head).ends_with("\r\n\r\nGARBAGE"), "what follows is the next head, so far");
+            assert_eq!(of(Part::Unknown), "");
+            assert_eq!(ends, 2);
+            assert_eq!(codings, vec![None, None, Some("Content-Encoding: gzip".to_string())]);
+        }
     }
 
     #[test]

@@ -115,10 +115,12 @@ fn tls_upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> (
                     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                     let reply =
                         if path == "/echo" { head.clone() } else { format!("ok {method} {path} {}", body.len()) };
+                    let out = reflect(path, &head).unwrap_or_else(|| {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).into_bytes()
+                    });
                     log.lock().unwrap().push((head, body));
-                    let out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len());
                     let w = tls.get_mut();
-                    if w.write_all(out.as_bytes()).and_then(|_| w.flush()).is_err() {
+                    if w.write_all(&out).and_then(|_| w.flush()).is_err() {
                         return;
                     }
                 }
@@ -126,6 +128,89 @@ fn tls_upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> (
         }
     });
     (addr, seen)
+}
+
+/// What a reflecting upstream last received in an x-api-key field, for
+/// `/r/stored` (an upstream that keeps what it was sent: shared by every
+/// connection, like a paste service's storage).
+static STORED: Mutex<String> = Mutex::new(String::new());
+
+/// The x-api-key field of a request head ("" if none).
+fn api_key(head: &str) -> String {
+    let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("x-api-key:")).unwrap_or("x-api-key:");
+    line["x-api-key:".len()..].trim().to_string()
+}
+
+/// A reflecting upstream's answers under /r/, whole responses: the key it
+/// was sent, in slices, framings and encodings of the guest's choosing.
+/// - `/r/piece/A/B`: bytes A..B of the key;
+/// - `/r/chunked/N`: `key=` and the key, chunked with a chunk boundary
+///   after N bytes of it;
+/// - `/r/range`: the key, or the slice a `Range: bytes=A-B` asks for (206);
+/// - `/r/b64/K`: base64 of K bytes of junk then the key;
+/// - `/r/hex`, `/r/pct`, `/r/json`: hex, all-percent-escaped, JSON
+///   `\u00xx`-escaped punctuation;
+/// - `/r/gzip`: the key, labelled `Content-Encoding: gzip`;
+/// - `/r/stored`: the key some earlier request (any connection) carried.
+fn reflect(path: &str, head: &str) -> Option<Vec<u8>> {
+    let rest = path.strip_prefix("/r/")?;
+    let mut key = api_key(head);
+    if !key.is_empty() {
+        *STORED.lock().unwrap() = key.clone();
+    }
+    let ok = |status: &str, extra: &str, body: &[u8]| {
+        let mut out = format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        out.extend_from_slice(body);
+        out
+    };
+    let args: Vec<usize> = rest.split('/').skip(1).filter_map(|a| a.parse().ok()).collect();
+    let kb = key.as_bytes();
+    Some(match rest.split('/').next()? {
+        "piece" => ok("200 OK", "", &kb[args[0].min(kb.len())..args[1].min(kb.len())]),
+        "chunked" => {
+            let (a, b) = kb.split_at(args[0].min(kb.len()));
+            let first = [b"key=", a].concat();
+            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for c in [&first[..], b] {
+                out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                out.extend_from_slice(c);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        }
+        "range" => {
+            let range =
+                head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string));
+            match range.and_then(|r| r.split_once('-').map(|(a, b)| (a.parse::<usize>(), b.parse::<usize>()))) {
+                Some((Ok(a), Ok(b))) => ok("206 Partial Content", "", &kb[a.min(kb.len())..(b + 1).min(kb.len())]),
+                _ => ok("200 OK", "", kb),
+            }
+        }
+        "b64" => {
+            let mut input = vec![b'#'; args[0]];
+            input.extend_from_slice(kb);
+            while !input.len().is_multiple_of(3) {
+                input.push(b'#');
+            }
+            ok("200 OK", "", &crate::credential::base64_groups(&input, crate::credential::B64_STD))
+        }
+        "hex" => ok("200 OK", "", kb.iter().map(|b| format!("{b:02x}")).collect::<String>().as_bytes()),
+        "pct" => ok("200 OK", "", kb.iter().map(|b| format!("%{b:02X}")).collect::<String>().as_bytes()),
+        "json" => {
+            let esc: String = key
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("\\u{:04x}", c as u32) })
+                .collect();
+            ok("200 OK", "Content-Type: application/json\r\n", format!("{{\"key\":\"{esc}\"}}").as_bytes())
+        }
+        "gzip" => ok("200 OK", "Content-Encoding: gzip\r\n", kb),
+        "stored" => {
+            key = STORED.lock().unwrap().clone();
+            ok("200 OK", "", key.as_bytes())
+        }
+        _ => return None,
+    })
 }
 
 /// A plain HTTP upstream (port 80 tests): answers "plain PATH" and keeps
@@ -583,4 +668,179 @@ fn passthrough_hosts_are_still_spliced_and_l7_hosts_fail_closed_without_a_ca() {
     assert!(!p.terminates(&HostName::parse("other.example.com").unwrap(), 443));
     assert!(p.terminates(&HostName::parse("files.example.org").unwrap(), 443), "method/path rules");
     assert!(p.terminates(&HostName::parse("files.example.org").unwrap(), 443));
+}
+
+/// The bodies of the responses in `raw` (the guest's plaintext), chunked
+/// ones de-chunked: what the guest's HTTP client hands its program.
+fn bodies(raw: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(end) = rest.find("\r\n\r\n") {
+        let head = rest[..end].to_ascii_lowercase();
+        rest = &rest[end + 4..];
+        if head.contains("transfer-encoding: chunked") {
+            let mut body = String::new();
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let n = usize::from_str_radix(size.split(';').next().unwrap_or(""), 16).unwrap_or(0);
+                rest = after;
+                if n == 0 {
+                    rest = rest.split_once("\r\n\r\n").map_or("", |(_, r)| r);
+                    break;
+                }
+                body.push_str(&rest[..n.min(rest.len())]);
+                rest = rest.get(n + 2..).unwrap_or("");
+            }
+            out.push(body);
+        } else {
+            let n = head
+                .split("content-length:")
+                .nth(1)
+                .and_then(|v| v.split("\r\n").next())
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(rest.len());
+            out.push(rest[..n.min(rest.len())].to_string());
+            rest = &rest[n.min(rest.len())..];
+        }
+    }
+    out
+}
+
+/// The longest run of SECRET's bytes that `text` holds.
+fn longest_piece(text: &str) -> usize {
+    let s = SECRET.as_bytes();
+    (1..=s.len()).rev().find(|&n| s.windows(n).any(|w| text.as_bytes().windows(n).any(|t| t == w))).unwrap_or(0)
+}
+
+fn with_key(path: &str) -> Vec<u8> {
+    get("api.example.com", path, &format!("x-api-key: {PLACEHOLDER}\r\n"))
+}
+
+/// Bypass 1: a value split across pipelined responses on one connection,
+/// each piece shorter than MIN_PIECE (the old scrubber released the held
+/// prefix at the end of each response).
+#[test]
+fn a_secret_split_across_pipelined_responses_is_masked() {
+    let (mut s, _, addr) = setup();
+    let cuts = [0, 7, 14, 21, 28, SECRET.len()];
+    let req: Vec<u8> = cuts.windows(2).flat_map(|c| with_key(&format!("/r/piece/{}/{}", c[0], c[1]))).collect();
+    let out = s.https(addr, "api.example.com", &[b"http/1.1"], &req, &|t| bodies(t).len() == 5);
+    let got = bodies(&out.text);
+    assert_eq!(got.len(), 5, "{}", out.text);
+    let joined = got.concat();
+    assert_eq!(joined.len(), SECRET.len(), "lengths unchanged: {joined}");
+    assert!(longest_piece(&joined) < crate::credential::MIN_PIECE, "{joined}");
+    assert_eq!(&joined[..7], &SECRET[..7], "the first response's 7 bytes had left before the rest came (the residue)");
+    assert!(joined[7..].bytes().all(|b| b == b'*'), "{joined}");
+    let log = s.audit();
+    assert!(log.contains("\"leak\":\"anthropic\"") && log.contains("echoed"), "{log}");
+    assert!(!log.contains(SECRET));
+}
+
+/// Bypass 2: a chunk boundary inside the value.
+#[test]
+fn a_chunk_boundary_inside_the_value_does_not_hide_it() {
+    let (mut s, _, addr) = setup();
+    for cut in [1, 10, 20, 30] {
+        let out = s.https(addr, "api.example.com", &[b"http/1.1"], &with_key(&format!("/r/chunked/{cut}")), &|t| {
+            t.ends_with("0\r\n\r\n")
+        });
+        let got = bodies(&out.text);
+        assert_eq!(got, vec![format!("key={}", "*".repeat(SECRET.len()))], "cut {cut}: {}", out.text);
+    }
+}
+
+/// Bypass 3: pieces on different connections: by Range (now dropped
+/// upstream, so the whole value comes back and is masked), and from an
+/// upstream that stored the value, to a connection that injected nothing.
+#[test]
+fn pieces_on_other_connections_are_masked_too() {
+    let (mut s, seen, addr) = setup();
+    let mut joined = String::new();
+    for (a, b) in [(0, 15), (16, 30)] {
+        let req = get("api.example.com", "/r/range", &format!("x-api-key: {PLACEHOLDER}\r\nRange: bytes={a}-{b}\r\n"));
+        let out = s.https(addr, "api.example.com", &[b"http/1.1"], &req, &|t| bodies(t).len() == 1);
+        assert!(out.text.starts_with("HTTP/1.1 200"), "the Range never reached the upstream: {}", out.text);
+        joined.push_str(&bodies(&out.text).concat());
+    }
+    assert!(longest_piece(&joined) == 0, "{joined}");
+    assert!(seen.lock().unwrap().iter().all(|(h, _)| !h.to_ascii_lowercase().contains("range:")));
+    // A second connection without the credential: its responses are
+    // scrubbed as well.
+    let out = s.https(addr, "api.example.com", &[b"http/1.1"], &get("api.example.com", "/r/stored", ""), &|t| {
+        bodies(t).len() == 1
+    });
+    assert_eq!(bodies(&out.text), vec!["*".repeat(SECRET.len())], "{}", out.text);
+    // Pieces of at least MIN_PIECE bytes are masked wherever they are.
+    let out = s.https(addr, "api.example.com", &[b"http/1.1"], &with_key("/r/piece/3/11"), &|t| bodies(t).len() == 1);
+    assert_eq!(bodies(&out.text), vec!["*".repeat(8)]);
+    let log = s.audit();
+    let echoes: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["leak"] == "anthropic")
+        .filter_map(|v| v["echoes"].as_u64())
+        .collect();
+    assert_eq!(echoes, vec![1, 2, 3, 4], "counted across the sandbox's connections: {log}");
+    assert!(!log.contains(SECRET));
+}
+
+/// Bypass 4: the value sent back re-encoded, or compressed.
+#[test]
+fn re_encoded_values_are_masked_and_coded_bodies_refused() {
+    let (mut s, seen, addr) = setup();
+    let encodings: Vec<(String, String)> = vec![
+        (
+            "/r/b64/0".into(),
+            String::from_utf8(crate::credential::base64_groups(
+                format!("{SECRET}#").as_bytes(),
+                crate::credential::B64_STD,
+            ))
+            .unwrap(),
+        ),
+        ("/r/b64/1".into(), String::new()),
+        ("/r/b64/2".into(), String::new()),
+        ("/r/hex".into(), SECRET.bytes().map(|b| format!("{b:02x}")).collect()),
+        ("/r/pct".into(), SECRET.bytes().map(|b| format!("%{b:02X}")).collect()),
+        ("/r/json".into(), SECRET.replace('-', "\\u002d")),
+    ];
+    for (path, plain) in &encodings {
+        let out = s.https(addr, "api.example.com", &[b"http/1.1"], &with_key(path), &|t| bodies(t).len() == 1);
+        let body = bodies(&out.text).concat();
+        let stars = body.bytes().filter(|b| *b == b'*').count();
+        // All but at most the few characters that also depend on the
+        // bytes around the value.
+        assert!(stars + 4 >= body.len().saturating_sub(10), "{path}: {body}");
+        if !plain.is_empty() {
+            assert!(!body.contains(&plain[..plain.len() / 2]), "{path}: {body}");
+        }
+    }
+    // Compression: never asked for, and refused when it comes anyway.
+    let req = get("api.example.com", "/r/gzip", &format!("x-api-key: {PLACEHOLDER}\r\nAccept-Encoding: gzip, br\r\n"));
+    let out = s.https(addr, "api.example.com", &[b"http/1.1"], &req, &|t| responded(t));
+    assert!(out.text.starts_with("HTTP/1.1 502") && out.text.contains("Content-Encoding: gzip"), "{}", out.text);
+    assert!(!out.text.contains(SECRET) && !out.text.contains("200 OK"));
+    let head = seen.lock().unwrap().last().unwrap().0.to_ascii_lowercase();
+    assert!(head.contains("accept-encoding: identity\r\n") && !head.contains("br"), "{head}");
+    assert!(s.audit().contains("cannot be searched"));
+}
+
+/// A placeholder in a chunk extension or a trailer of a request body to a
+/// host it is not bound to is a leak attempt, like one in the body.
+#[test]
+fn a_placeholder_in_chunk_extensions_or_trailers_is_a_leak() {
+    let (mut s, seen, _) = setup();
+    let other = s.resolve("other.example.com");
+    for framing in
+        [format!("1;k={PLACEHOLDER}\r\nx\r\n0\r\n\r\n"), format!("1\r\nx\r\n0\r\nX-T: {PLACEHOLDER}\r\n\r\n")]
+    {
+        let req = format!("POST /c HTTP/1.1\r\nHost: other.example.com\r\nTransfer-Encoding: chunked\r\n\r\n{framing}");
+        let out = s.https(other, "other.example.com", &[b"http/1.1"], req.as_bytes(), &|t| responded(t));
+        assert!(out.text.contains("403") && out.text.contains("leak attempt"), "{framing:?}: {}", out.text);
+    }
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(h, b)| !h.contains(PLACEHOLDER) && !String::from_utf8_lossy(b).contains(PLACEHOLDER)));
+    assert_eq!(s.audit().matches("\"leak\":\"anthropic\"").count(), 2);
 }
