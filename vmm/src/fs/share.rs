@@ -55,7 +55,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::gitconfig;
-use super::policy::{self, is_git_dir_name, Access, FsPolicy, GIT_DIR, GIT_SHADOWED, GIT_WRITABLE_DIRS};
+use super::policy::{
+    self, is_git_dir_name, is_one_of, same_name, Access, FsPolicy, GIT_DIR, GIT_SHADOWED, GIT_WRITABLE_DIRS,
+};
 use crate::sys;
 
 pub const MAX_NAME: usize = 255;
@@ -410,7 +412,7 @@ impl Share {
         let d = depth(&entry.rel);
         let git_dir_child = entry.git_root == Some(d.saturating_sub(1))
             && d > 0
-            && entry.name().to_str().is_some_and(|n| GIT_WRITABLE_DIRS.contains(&n) || GIT_SHADOWED.contains(&n));
+            && entry.name().to_str().is_some_and(|n| is_one_of(n, GIT_WRITABLE_DIRS) || is_one_of(n, GIT_SHADOWED));
         entry.git_root == Some(d) || git_dir_child || self.policy.protects_below(&entry.rel)
     }
 
@@ -442,7 +444,7 @@ impl Share {
         let mut seen = 0;
         for n in names {
             seen += 1;
-            if seen > MAX_CASE_SCAN || n.to_str().is_some_and(|n| n.eq_ignore_ascii_case(name)) {
+            if seen > MAX_CASE_SCAN || n.to_str().is_some_and(|n| same_name(n, name)) {
                 return true;
             }
         }
@@ -719,7 +721,7 @@ impl Share {
         // repository and obey that config.
         let is_git_root = dir.git_root == Some(depth(&dir.rel));
         let fd = place.fd.as_fd();
-        let is = |a: &str| name.to_str().is_some_and(|n| n.eq_ignore_ascii_case(a));
+        let is = |a: &str| name.to_str().is_some_and(|n| same_name(n, a));
         let bare = if is(GIT_HEAD) {
             GIT_CONFIG_NAMES.iter().any(|n| Self::has_any_case(fd, n))
         } else {
@@ -1566,6 +1568,36 @@ mod tests {
         fs::create_dir_all(t2.path().join("work/.git/sequencer")).unwrap();
         let seq = s2.lookup(&git, os("sequencer")).unwrap();
         assert!(!seq.shadow && s2.create(&seq, os("todo"), 0o644).is_err(), "the host's own is read-only");
+    }
+
+    #[test]
+    fn every_rule_holds_for_names_in_another_case() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        fs::write(w.join(".ENV"), "TOKEN=secret").unwrap();
+        fs::write(w.join("ID_ED25519"), "key").unwrap();
+        fs::create_dir_all(w.join(".GIT/OBJECTS/INFO")).unwrap();
+        fs::write(w.join(".GIT/CONFIG"), "[remote \"o\"]\n\turl = https://u:tok-SECRET@h/r\n").unwrap();
+        for name in [".ENV", "ID_ED25519"] {
+            assert!(matches!(s.lookup(s.root(), os(name)), Err(Refused::Hidden(_))), "{name}");
+            assert!(!s.list(s.root()).unwrap().iter().any(|l| l.name == name), "{name} listed");
+        }
+        for name in [".Env.Local", "Id_Rsa", "X.PEM"] {
+            assert!(matches!(s.create(s.root(), os(name), 0o644), Err(Refused::Hidden(_))), "{name}");
+        }
+        let git = s.lookup(s.root(), os(".GIT")).unwrap();
+        let config = s.lookup(&git, os("CONFIG")).unwrap();
+        assert!(matches!(s.open_file(&config, true), Err(Refused::ReadOnly(_))));
+        let mut seen = String::new();
+        use std::io::Read;
+        fs::File::from(s.open_file(&config, false).unwrap()).read_to_string(&mut seen).unwrap();
+        assert!(!seen.contains("SECRET"), "read without its secrets: {seen}");
+        let objects = s.lookup(&git, os("OBJECTS")).unwrap();
+        let info = s.lookup(&objects, os("INFO")).unwrap();
+        assert!(matches!(s.create(&info, os("ALTERNATES"), 0o644), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.create(s.root(), os(".ENVRC"), 0o644), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.mkdir(s.root(), os(".Husky"), 0o755), Err(Refused::ReadOnly(_))));
+        assert!(!w.join(".GIT/OBJECTS/INFO/ALTERNATES").exists() && !w.join(".ENVRC").exists());
     }
 
     #[test]
