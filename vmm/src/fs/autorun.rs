@@ -74,7 +74,6 @@ pub const GIT_PATH_KEYS: &[&str] = &[
     "sslcert",
     "sslkey",
     "attributesfile",
-    "worktree",
 ];
 
 /// Git config keys (the last part, folded) whose value is a command.
@@ -102,9 +101,13 @@ pub const GIT_COMMAND_KEYS: &[&str] = &[
     "tool",
 ];
 
-/// Sections all of whose values are commands (`alias.x = !cmd`,
-/// `pager.log = cmd`).
-const GIT_COMMAND_SECTIONS: &[&str] = &["alias", "pager"];
+/// Sections all of whose values are commands (`pager.log = cmd`; an
+/// alias only when it starts with `!`, else it is git's own arguments).
+const GIT_COMMAND_SECTIONS: &[&str] = &["pager"];
+
+/// Sections whose `path` is not a program or config (a submodule's is
+/// its checkout).
+const GIT_PATH_DATA_SECTIONS: &[&str] = &["submodule"];
 
 /// Environment variables a `.envrc` may export that make the user's shell
 /// or tools run, load or take config from a path.
@@ -340,7 +343,7 @@ impl Scan {
                     repos.push(dir.clone());
                     continue;
                 }
-                if n == ".envrc" && m.is_file() {
+                if same_name(n, ".envrc") && m.is_file() {
                     envrcs.push(e.path());
                 }
                 if m.is_dir() && m.dev() == dev && depth < MAX_TREE_DEPTH && n != "node_modules" {
@@ -418,12 +421,15 @@ impl Scan {
                     None => base.join(&value),
                 };
                 self.git_config(&target, work, depth + 1);
-            } else if GIT_PATH_KEYS.contains(&key.as_str()) {
+            } else if GIT_PATH_KEYS.contains(&key.as_str())
+                && !GIT_PATH_DATA_SECTIONS.iter().any(|s| section.split('.').next() == Some(*s))
+            {
                 if !value.is_empty() {
                     self.take(work, Path::new(&value));
                 }
             } else if GIT_COMMAND_KEYS.contains(&key.as_str())
                 || GIT_COMMAND_SECTIONS.iter().any(|s| section.split('.').next() == Some(*s))
+                || section == "alias" && value.starts_with('!')
             {
                 for word in words(value.trim_start_matches('!')) {
                     if word.contains('/') && !word.contains("://") {
@@ -738,4 +744,88 @@ fn git_entries(text: &str) -> Vec<(String, String, String)> {
         out.push((section.clone(), key.to_string(), val.trim_end().to_string()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn found(setup: impl FnOnce(&Path)) -> (tempfile::TempDir, Found) {
+        let t = tempfile::tempdir().unwrap();
+        let w = t.path().join("work");
+        fs::create_dir_all(w.join(".git")).unwrap();
+        setup(&w);
+        let f = scan(&w);
+        (t, f)
+    }
+
+    fn has(f: &Found, p: &str) -> bool {
+        f.paths.contains(Path::new(p))
+    }
+
+    #[test]
+    fn shell_lines_split_into_commands_and_words() {
+        assert_eq!(
+            commands("PATH_add 'a b' \"c\"d && use flake; x|y # PATH_add z"),
+            vec![vec!["PATH_add", "a b", "cd"], vec!["use", "flake"], vec!["x"], vec!["y"]]
+        );
+        assert_eq!(commands("  # only a comment"), Vec::<Vec<String>>::new());
+        assert_eq!(commands(r"a\ b c#d"), vec![vec!["a b", "c#d"]]);
+    }
+
+    #[test]
+    fn git_config_entries_as_git_reads_them() {
+        let e = git_entries(
+            "[core] hooksPath = \"my hooks\" ; c\n[includeIf \"gitdir:~/w/\"]\n\tpath = a\\\nb\n[x.y]\nflag\n# k = v\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                ("core".into(), "hooksPath".into(), "my hooks".into()),
+                ("includeIf.gitdir:~/w/".into(), "path".into(), "ab".into()),
+                ("x.y".into(), "flag".into(), "".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_what_runs_or_configs_is_taken() {
+        let (t, f) = found(|w| {
+            fs::write(
+                w.join(".git/config"),
+                "[alias]\n\tco = checkout src/\n\tx = !sh tools/x.sh\n[submodule \"v\"]\n\tpath = vendor/v\n\
+                 [remote \"o\"]\n\turl = ./\n[commit]\n\ttemplate = docs/msg.txt\n[core]\n\tsshCommand = ssh -i keys/id\n",
+            )
+            .unwrap();
+        });
+        assert!(has(&f, "tools/x.sh") && has(&f, "keys/id"), "{:?}", f.paths);
+        for p in ["src", "src/", "vendor/v", "docs/msg.txt"] {
+            assert!(!has(&f, p), "{p}: {:?}", f.paths);
+        }
+        assert!(!f.whole_folder);
+        drop(t);
+        // Through a link in the folder: the link and where it leads.
+        let (_t, f) = found(|w| {
+            fs::create_dir_all(w.join("real/hooks")).unwrap();
+            std::os::unix::fs::symlink("real/hooks", w.join("hooks")).unwrap();
+            fs::write(w.join(".git/config"), "[core]\n\thooksPath = hooks\n").unwrap();
+        });
+        assert!(has(&f, "hooks") && has(&f, "real/hooks"), "{:?}", f.paths);
+        // A hooks directory that is the folder itself.
+        let (_t, f) = found(|w| fs::write(w.join(".git/config"), "[core]\n\thooksPath = .\n").unwrap());
+        assert!(f.whole_folder);
+    }
+
+    #[test]
+    fn a_repository_above_the_folder_counts() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("repo");
+        fs::create_dir_all(repo.join(".git")).unwrap();
+        fs::create_dir_all(repo.join("sub")).unwrap();
+        fs::write(repo.join(".git/config"), "[core]\n\thooksPath = sub/hooks\n").unwrap();
+        fs::write(repo.join(".envrc"), "PATH_add sub/bin\n").unwrap();
+        let f = scan(&repo.join("sub"));
+        assert!(has(&f, "hooks") && has(&f, "bin"), "{:?}", f.paths);
+    }
 }

@@ -15,7 +15,74 @@
 //!   at the share's root; `**` stands for any number of names (none too).
 //! - In a name, `*` matches any run of characters and `?` one character.
 //!
+//! - Names are compared folded ([`fold`]): ASCII case, and the few
+//!   other characters case folding or NFD turn into ASCII letters.
+//! - [`FsPolicy::add_read_only_path`] adds one literal path (no pattern
+//!   characters), for paths named at run time.
+//!
 //! Hidden beats read-only; everything else is read-write.
+//!
+//! # Case and Unicode
+//!
+//! Every rule — hidden, read-only, git directory names, git's writable
+//! lists, the names of git configs read without their secrets, bare
+//! repository detection (in `share`) — matches names folded, always, not
+//! only where the folder's filesystem folds case: macOS (APFS, HFS+),
+//! NTFS through WSL, vfat and ext4 `casefold` directories (set per
+//! directory, so no probe of the folder's root could tell) take `.ENV`
+//! for `.env` and `.GIT/CONFIG` for `.git/config`. What always folding
+//! costs: on a case-sensitive filesystem `.Env` and `ID_RSA` are hidden
+//! too, and `.git/Index` is as writable as `.git/index` (harmless: git
+//! there ignores it). Unicode normalization (macOS stores or compares
+//! NFD) changes no ASCII name, and no sequence of other characters
+//! normalizes to ASCII only except the Kelvin sign (`K`), which [`fold`]
+//! maps, and two punctuation marks (`;`, `` ` ``) no pattern names; so a
+//! name matches a pattern in one normalization exactly when it does in
+//! the other. Names that are not UTF-8 are hidden.
+//!
+//! # What the host runs on its own
+//!
+//! The guest must not be able to write anything the user's own tools run,
+//! or read as configuration, without the user asking: on a `cd` (direnv,
+//! a prompt's git), an editor opening the folder, or `git commit`.
+//! Decided per tool:
+//!
+//! - git: its directory (below); hook managers' hooks and configs:
+//!   husky's `.husky/` (the hooks git runs are in `.husky/_/`, through
+//!   `core.hooksPath`), `.githooks/`, pre-commit's
+//!   `.pre-commit-config.yaml|yml` and `.pre-commit-hooks.yaml`,
+//!   lefthook's `lefthook.*`, `.lefthook.*`, `lefthook-local.*`,
+//!   `.lefthook-local.*`, its default script directories `.lefthook/`
+//!   and `.lefthook-local/`, and `.config/` (where lefthook, mise and
+//!   others also look; in a home folder, every tool's config); a shared
+//!   `.gitconfig` a repository's config may include. And, found at share
+//!   set-up in the host's own files (`autorun`): what the repository's
+//!   config, the user's global config and the files they include name in
+//!   `core.hooksPath`, `include.path`, `includeIf.*.path`,
+//!   `init.templateDir`, command values (`core.fsmonitor`, filters,
+//!   drivers, helpers, `hook.*.command`, `!` aliases) and other path
+//!   keys; lefthook's configured `source_dir`.
+//! - direnv: `.envrc` and `.direnv/`, and what each `.envrc` in or above
+//!   the folder names, parsed at set-up (`autorun`): `PATH_add`
+//!   directories (the guest would write `DIR/git`), sourced files,
+//!   dotenv files, watched files, `layout` directories
+//!   (`node_modules/.bin` for `layout node`, `vendor/bin` for `php`,
+//!   `.venv`), `use nix|flake|devenv|guix` files, and exported `PATH`,
+//!   `LD_*`, `GIT_*`, `EDITOR`-like variables. A word with a variable
+//!   sbx cannot know is reported (`Share::notes`), and what it names
+//!   stays writable. `.env` and `.env.*` are hidden.
+//! - mise (`mise.toml`, `.mise.toml`, `mise.*.toml`, `.mise/`, `mise/`),
+//!   yarn (`.yarnrc*`), pnpm (`.pnpmfile.cjs`), editors (`.vscode/`,
+//!   `.idea/`), other version control (`.hg/`, `.jj/`).
+//! - Not protected, as data a trusted tool reads, not code: asdf's
+//!   `.tool-versions` (asdf runs its installed plugins, not the file),
+//!   `.nvmrc`, `.node-version`, `.python-version`, `.gitattributes`
+//!   (it selects filters; their commands are in the config).
+//! - Yours to review, as the project's code: `Makefile`, `package.json`
+//!   scripts, `Cargo.toml` build scripts, test suites — and what a hook
+//!   runs (`npx lint-staged`, `cargo test`, a pre-commit `repo: local`
+//!   entry): a protected hook that runs project code runs what the guest
+//!   wrote. `git commit --no-verify` skips hooks.
 //!
 //! # Git directories
 //!

@@ -37,6 +37,12 @@
 //!   can turn it outward;
 //! - permission bits the guest sets never give group or others write
 //!   access, nor set-id bits;
+//! - at set-up, what the host's own git configs and `.envrc` files name
+//!   for the host's tools to run or load (a `core.hooksPath`, an
+//!   `include.path`, a `PATH_add` directory) is made read-only
+//!   ([`autorun`]), and so are the integrator's own files in the folder
+//!   ([`Share::with_read_only_paths`]); the directories above such a path
+//!   can be neither moved nor removed, so it cannot be made again;
 //! - a host repository's git configuration is read with its secrets
 //!   (tokens in URLs, extra headers) taken out ([`gitconfig`]); it is
 //!   read-only, so the guest never writes the view back.
