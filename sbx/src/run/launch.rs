@@ -109,6 +109,11 @@ fn shared_folders(
         let fail = |e: String| LaunchError::Share(share.dir.clone(), e);
         let mut opened =
             Share::open(&share.dir, share.policy.clone(), share.read_only).map_err(|e| fail(e.to_string()))?;
+        // What the host's git configs and .envrc files name could not all
+        // be resolved before they run: the user is told what stays open.
+        for note in opened.notes() {
+            eprintln!("sbx: {}: {}", crate::escape::line(&share.dir.display().to_string()), crate::escape::line(note));
+        }
         if !share.read_only {
             opened = opened.with_git_shadow(plan.sandbox.git_shadow());
         }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod autorun;
 pub mod fuse;
 pub mod gitconfig;
 pub mod policy;

@@ -15,7 +15,74 @@
 //!   at the share's root; `**` stands for any number of names (none too).
 //! - In a name, `*` matches any run of characters and `?` one character.
 //!
+//! - Names are compared folded ([`fold`]): ASCII case, and the few
+//!   other characters case folding or NFD turn into ASCII letters.
+//! - [`FsPolicy::add_read_only_path`] adds one literal path (no pattern
+//!   characters), for paths named at run time.
+//!
 //! Hidden beats read-only; everything else is read-write.
+//!
+//! # Case and Unicode
+//!
+//! Every rule — hidden, read-only, git directory names, git's writable
+//! lists, the names of git configs read without their secrets, bare
+//! repository detection (in `share`) — matches names folded, always, not
+//! only where the folder's filesystem folds case: macOS (APFS, HFS+),
+//! NTFS through WSL, vfat and ext4 `casefold` directories (set per
+//! directory, so no probe of the folder's root could tell) take `.ENV`
+//! for `.env` and `.GIT/CONFIG` for `.git/config`. What always folding
+//! costs: on a case-sensitive filesystem `.Env` and `ID_RSA` are hidden
+//! too, and `.git/Index` is as writable as `.git/index` (harmless: git
+//! there ignores it). Unicode normalization (macOS stores or compares
+//! NFD) changes no ASCII name, and no sequence of other characters
+//! normalizes to ASCII only except the Kelvin sign (`K`), which [`fold`]
+//! maps, and two punctuation marks (`;`, `` ` ``) no pattern names; so a
+//! name matches a pattern in one normalization exactly when it does in
+//! the other. Names that are not UTF-8 are hidden.
+//!
+//! # What the host runs on its own
+//!
+//! The guest must not be able to write anything the user's own tools run,
+//! or read as configuration, without the user asking: on a `cd` (direnv,
+//! a prompt's git), an editor opening the folder, or `git commit`.
+//! Decided per tool:
+//!
+//! - git: its directory (below); hook managers' hooks and configs:
+//!   husky's `.husky/` (the hooks git runs are in `.husky/_/`, through
+//!   `core.hooksPath`), `.githooks/`, pre-commit's
+//!   `.pre-commit-config.yaml|yml` and `.pre-commit-hooks.yaml`,
+//!   lefthook's `lefthook.*`, `.lefthook.*`, `lefthook-local.*`,
+//!   `.lefthook-local.*`, its default script directories `.lefthook/`
+//!   and `.lefthook-local/`, and `.config/` (where lefthook, mise and
+//!   others also look; in a home folder, every tool's config); a shared
+//!   `.gitconfig` a repository's config may include. And, found at share
+//!   set-up in the host's own files (`autorun`): what the repository's
+//!   config, the user's global config and the files they include name in
+//!   `core.hooksPath`, `include.path`, `includeIf.*.path`,
+//!   `init.templateDir`, command values (`core.fsmonitor`, filters,
+//!   drivers, helpers, `hook.*.command`, `!` aliases) and other path
+//!   keys; lefthook's configured `source_dir`.
+//! - direnv: `.envrc` and `.direnv/`, and what each `.envrc` in or above
+//!   the folder names, parsed at set-up (`autorun`): `PATH_add`
+//!   directories (the guest would write `DIR/git`), sourced files,
+//!   dotenv files, watched files, `layout` directories
+//!   (`node_modules/.bin` for `layout node`, `vendor/bin` for `php`,
+//!   `.venv`), `use nix|flake|devenv|guix` files, and exported `PATH`,
+//!   `LD_*`, `GIT_*`, `EDITOR`-like variables. A word with a variable
+//!   sbx cannot know is reported (`Share::notes`), and what it names
+//!   stays writable. `.env` and `.env.*` are hidden.
+//! - mise (`mise.toml`, `.mise.toml`, `mise.*.toml`, `.mise/`, `mise/`),
+//!   yarn (`.yarnrc*`), pnpm (`.pnpmfile.cjs`), editors (`.vscode/`,
+//!   `.idea/`), other version control (`.hg/`, `.jj/`).
+//! - Not protected, as data a trusted tool reads, not code: asdf's
+//!   `.tool-versions` (asdf runs its installed plugins, not the file),
+//!   `.nvmrc`, `.node-version`, `.python-version`, `.gitattributes`
+//!   (it selects filters; their commands are in the config).
+//! - Yours to review, as the project's code: `Makefile`, `package.json`
+//!   scripts, `Cargo.toml` build scripts, test suites — and what a hook
+//!   runs (`npx lint-staged`, `cargo test`, a pre-commit `repo: local`
+//!   entry): a protected hook that runs project code runs what the guest
+//!   wrote. `git commit --no-verify` skips hooks.
 //!
 //! # Git directories
 //!
@@ -94,17 +161,53 @@ pub const DEFAULT_HIDDEN: &[&str] = &[
 /// package managers' and tool managers' per-project hooks. (Git's own
 /// files are covered at any depth by the git rules.)
 pub const DEFAULT_READ_ONLY: &[&str] = &[
+    // direnv: the file, and its layouts' directory (`layout python` puts
+    // a virtualenv there and its `bin/` on PATH).
     ".envrc",
+    ".direnv/",
+    // Editors' workspace settings.
     ".vscode/",
     ".idea/",
+    // Other version control systems' repositories.
     ".hg/",
     ".jj/",
+    // A project's shared git config (`include.path = ../.gitconfig`).
+    ".gitconfig",
+    // Hook managers: husky (`core.hooksPath = .husky/_`), a plain hooks
+    // directory, pre-commit, lefthook (its configs, and the scripts of
+    // its default `source_dir` and `source_dir_local`).
+    ".husky/",
+    ".githooks/",
+    ".pre-commit-config.yaml",
+    ".pre-commit-config.yml",
+    ".pre-commit-hooks.yaml",
+    "lefthook.yml",
+    "lefthook.yaml",
+    "lefthook.json",
+    "lefthook.jsonc",
+    "lefthook.toml",
+    ".lefthook.yml",
+    ".lefthook.yaml",
+    ".lefthook.json",
+    ".lefthook.jsonc",
+    ".lefthook.toml",
+    "lefthook-local.*",
+    ".lefthook-local.*",
+    ".lefthook/",
+    ".lefthook-local/",
+    // Tools' per-project configuration directory (lefthook, mise and
+    // others read `.config/NAME*`); a home folder's is all of its tools'.
+    ".config/",
+    // Package managers' and tool managers' per-project hooks.
     ".yarnrc",
     ".yarnrc.yml",
     ".pnpmfile.cjs",
     ".mise.toml",
     "mise.toml",
+    "mise.*.toml",
+    ".mise.*.toml",
     ".mise/",
+    "mise/",
 ];
 
 /// Directories inside a git directory that git writes during ordinary
@@ -156,13 +259,17 @@ const GIT_OBJECT_REDIRECTS: &[&str] = &["info/alternates", "info/http-alternates
 /// its lock files in it).
 fn git_internal(rest: &[&str]) -> Access {
     let Some((first, below)) = rest.split_first() else { return Access::ReadWrite };
-    if GIT_WRITABLE_DIRS.contains(first) {
-        let redirect =
-            *first == "objects" && GIT_OBJECT_REDIRECTS.iter().any(|r| r.split('/').eq(below.iter().copied()));
+    if is_one_of(first, GIT_WRITABLE_DIRS) {
+        let redirect = same_name(first, "objects")
+            && GIT_OBJECT_REDIRECTS.iter().any(|r| {
+                let parts: Vec<&str> = r.split('/').collect();
+                parts.len() == below.len() && parts.iter().zip(below).all(|(a, b)| same_name(a, b))
+            });
         return if redirect { Access::ReadOnly } else { Access::ReadWrite };
     }
-    let name = first.strip_suffix(".lock").unwrap_or(first);
-    if below.is_empty() && GIT_WRITABLE_FILES.iter().any(|f| glob(f.as_bytes(), name.as_bytes())) {
+    let folded = fold(first);
+    let name = folded.strip_suffix(".lock").unwrap_or(&folded);
+    if below.is_empty() && GIT_WRITABLE_FILES.iter().any(|f| glob(fold(f).as_bytes(), name.as_bytes())) {
         Access::ReadWrite
     } else {
         Access::ReadOnly
@@ -181,8 +288,11 @@ pub fn is_git_config(rel: &Path) -> bool {
 }
 
 /// Like [`is_git_config`], for `rest`, the path below a git directory.
+/// Names compare folded (see [`fold`]).
 pub fn is_git_config_in(rest: &[&str]) -> bool {
-    match rest {
+    let folded: Vec<String> = rest.iter().map(|n| fold(n).into_owned()).collect();
+    let names: Vec<&str> = folded.iter().map(String::as_str).collect();
+    match names.as_slice() {
         ["config" | "config.worktree"] | ["worktrees", _, "config.worktree"] => true,
         ["modules", middle @ .., "config"] => !middle.is_empty(),
         _ => false,
@@ -192,7 +302,47 @@ pub fn is_git_config_in(rest: &[&str]) -> bool {
 /// True if `name` is git's directory name in any spelling a case-folding
 /// filesystem would take for it.
 pub fn is_git_dir_name(name: &str) -> bool {
-    name.eq_ignore_ascii_case(GIT_DIR)
+    same_name(name, GIT_DIR)
+}
+
+/// A name as a case-folding filesystem compares it: ASCII letters in
+/// lower case, and the few other characters that Unicode's case folding
+/// (and NFD, for the Kelvin sign) turns into ASCII letters (`K` Kelvin
+/// sign, `ſ` long s, `ß`/`ẞ`, the Latin ligatures `ﬀ` `ﬁ` `ﬂ` `ﬃ` `ﬄ`
+/// `ﬅ` `ﬆ`) replaced by those letters. Every other character stays: no
+/// sequence of them folds or normalizes to ASCII only, so no such name
+/// can stand for an ASCII one on any filesystem (a pattern's own
+/// non-ASCII characters are compared as they are written).
+pub fn fold(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '\u{212A}' => out.push('k'),
+            '\u{017F}' => out.push('s'),
+            '\u{00DF}' | '\u{1E9E}' => out.push_str("ss"),
+            '\u{FB00}' => out.push_str("ff"),
+            '\u{FB01}' => out.push_str("fi"),
+            '\u{FB02}' => out.push_str("fl"),
+            '\u{FB03}' => out.push_str("ffi"),
+            '\u{FB04}' => out.push_str("ffl"),
+            '\u{FB05}' | '\u{FB06}' => out.push_str("st"),
+            c => out.push(c.to_ascii_lowercase()),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// True if a case-folding filesystem would take `a` and `b` for one name.
+pub fn same_name(a: &str, b: &str) -> bool {
+    fold(a) == fold(b)
+}
+
+/// True if `name` is, folded, one of `names`.
+pub fn is_one_of(name: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| same_name(name, n))
 }
 
 /// The components below the innermost `.git` of `names`, if there is one
@@ -201,6 +351,8 @@ fn below_git<'a, 'b>(names: &'a [&'b str]) -> Option<&'a [&'b str]> {
     names.iter().rposition(|n| is_git_dir_name(n)).map(|i| &names[i + 1..])
 }
 
+/// Patterns hold their text folded (see [`fold`]), and are matched
+/// against folded names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
     /// Matches one name at any depth (and what is below it).
@@ -210,7 +362,13 @@ enum Pattern {
     /// Anchored at the root, component by component; "**" spans any
     /// number of components.
     Anchored(Vec<String>),
+    /// One path from the root, its names taken literally (no `*`, `?` or
+    /// `**`): what is there and below it.
+    Exact(Vec<String>),
 }
+
+/// Longest path an exact rule may name (as Linux's PATH_MAX).
+const MAX_EXACT_PATH: usize = 4096;
 
 /// `*` and `?` matching without recursion: on a mismatch, go back to the
 /// last `*` and let it take one more character. O(pattern x name) at
@@ -261,6 +419,12 @@ fn anchored_at_or_below(pattern: &[String], names: &[&str]) -> bool {
     }
 }
 
+/// True if one of the two (literal) paths is a prefix of the other: the
+/// exact path is at, below or above `names`.
+fn on_one_line(exact: &[String], names: &[&str]) -> bool {
+    exact.iter().zip(names).all(|(a, b)| a == b)
+}
+
 impl Pattern {
     fn parse(raw: &str) -> Result<Pattern, Error> {
         let bad = |why| Error::Pattern(raw.to_string(), why);
@@ -270,6 +434,7 @@ impl Pattern {
         if raw.starts_with('/') {
             return Err(bad("patterns are relative to the shared folder; drop the leading '/'"));
         }
+        let raw = &*fold(raw);
         if let Some(dir) = raw.strip_suffix('/') {
             if dir.contains('/') || dir.is_empty() {
                 return Err(bad("a directory pattern is one name followed by '/'"));
@@ -286,10 +451,31 @@ impl Pattern {
         Ok(Pattern::Anchored(parts))
     }
 
-    /// `names`: the path's components from the root; `is_dir`: the last
-    /// one is a directory.
+    /// A literal path from the root (see [`Pattern::Exact`]).
+    fn exact(rel: &Path) -> Result<Pattern, Error> {
+        let bad = |why| Error::Pattern(rel.display().to_string(), why);
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => match n.to_str() {
+                    Some(s) => parts.push(fold(s).into_owned()),
+                    None => return Err(bad("not UTF-8")),
+                },
+                Component::CurDir => {}
+                _ => return Err(bad("a path inside the shared folder, relative to it, without '..'")),
+            }
+        }
+        if parts.is_empty() || rel.as_os_str().len() > MAX_EXACT_PATH {
+            return Err(bad("empty (the folder itself) or too long"));
+        }
+        Ok(Pattern::Exact(parts))
+    }
+
+    /// `names`: the path's components from the root, folded; `is_dir`:
+    /// the last one is a directory.
     fn matches(&self, names: &[&str], is_dir: bool) -> bool {
         match self {
+            Pattern::Exact(parts) => parts.len() <= names.len() && on_one_line(parts, names),
             Pattern::Name(p) => names.iter().any(|n| glob(p.as_bytes(), n.as_bytes())),
             Pattern::Dir(p) => {
                 let dirs = if is_dir { names.len() } else { names.len().saturating_sub(1) };
@@ -326,17 +512,33 @@ impl FsPolicy {
         Ok(p)
     }
 
+    /// Makes `rel` (a path from the share's root, taken literally: no
+    /// pattern characters) read-only, with all that is below it; the
+    /// directories above it can then be neither moved nor removed (see
+    /// [`FsPolicy::protects_below`]), so it cannot be replaced by moving a
+    /// directory there either. For paths named at run time: a file sbx
+    /// reads, a hooks directory a host config names.
+    pub fn add_read_only_path(&mut self, rel: &Path) -> Result<(), Error> {
+        let p = Pattern::exact(rel)?;
+        if !self.read_only.contains(&p) {
+            self.read_only.push(p);
+        }
+        Ok(())
+    }
+
     /// True if moving the directory `rel` (to or from there) would change
     /// what a root-anchored pattern protects: `.git` holds `.git/config`,
     /// so `.git` may be neither renamed away nor made by a rename.
     /// A git directory, or a directory in it that git does not write,
     /// holds read-only paths too.
     pub fn protects_below(&self, rel: &Path) -> bool {
-        let names: Vec<&str> = rel.iter().filter_map(|n| n.to_str()).collect();
+        let folded: Vec<String> = rel.iter().filter_map(|n| n.to_str()).map(|n| fold(n).into_owned()).collect();
+        let names: Vec<&str> = folded.iter().map(String::as_str).collect();
         let in_git = below_git(&names).is_some_and(|rest| rest.is_empty() || git_internal(rest) == Access::ReadOnly);
         in_git
             || self.hidden.iter().chain(&self.read_only).any(|p| match p {
                 Pattern::Anchored(parts) => anchored_at_or_below(parts, &names),
+                Pattern::Exact(parts) => on_one_line(parts, &names),
                 _ => false,
             })
     }
@@ -355,17 +557,18 @@ impl FsPolicy {
     /// bare repository the share found by its contents), so git's rules
     /// apply below them.
     pub fn access_at(&self, rel: &Path, is_dir: bool, git_root: Option<usize>) -> Access {
-        let mut names = Vec::new();
+        let mut folded = Vec::new();
         for c in rel.components() {
             match c {
                 Component::Normal(n) => match n.to_str() {
-                    Some(s) => names.push(s),
+                    Some(s) => folded.push(fold(s)),
                     None => return Access::Hidden,
                 },
                 Component::CurDir => {}
                 _ => return Access::Hidden,
             }
         }
+        let names: Vec<&str> = folded.iter().map(|n| &**n).collect();
         if self.hidden.iter().any(|p| p.matches(&names, is_dir)) {
             Access::Hidden
         } else if self.read_only.iter().any(|p| p.matches(&names, is_dir)) {
@@ -534,6 +737,96 @@ mod tests {
         assert!(p.protects_below(Path::new("sub/.git/modules/x")));
         assert!(!p.protects_below(Path::new(".git/refs/heads")), "git's own directories may move");
         assert!(!p.protects_below(Path::new("sub")));
+    }
+
+    #[test]
+    fn hook_managers_and_their_scripts_are_read_only() {
+        let p = FsPolicy::default();
+        for (path, dir) in [
+            (".husky", true),
+            (".husky/pre-commit", false),
+            (".husky/_/pre-commit", false),
+            (".husky/_/husky.sh", false),
+            ("web/.husky/pre-push", false),
+            (".githooks/pre-commit", false),
+            (".pre-commit-config.yaml", false),
+            (".pre-commit-config.yml", false),
+            (".pre-commit-hooks.yaml", false),
+            ("lefthook.yml", false),
+            ("lefthook.toml", false),
+            (".lefthook.json", false),
+            ("lefthook-local.yml", false),
+            (".lefthook-local.yaml", false),
+            (".lefthook/pre-commit/lint.sh", false),
+            (".lefthook-local/pre-push/x", false),
+            (".config/lefthook.yml", false),
+            (".config/mise/config.toml", false),
+            (".direnv/python-3.12/bin/python", false),
+            (".gitconfig", false),
+            ("mise.dev.toml", false),
+        ] {
+            assert_eq!(access(&p, path, dir), Access::ReadOnly, "{path}");
+        }
+        for path in ["src/lefthook.rs", "husky.md", "hooks/pre-commit", "pre-commit-config.yaml", "config/app.yml"] {
+            assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_rule_matches_in_any_case() {
+        let p = FsPolicy::with(&["Secrets/".into()], &["Vendor/**".into()]).unwrap();
+        for path in
+            [".ENV", ".Env.Local", "ID_ED25519", "Id_Rsa", "CERT.PEM", ".SSH/id_rsa", "secrets/x", ".\u{17F}sh/x"]
+        {
+            assert_eq!(access(&p, path, false), Access::Hidden, "{path}");
+        }
+        for path in [
+            ".ENVRC",
+            ".HUSKY/pre-commit",
+            ".Vscode/settings.json",
+            ".GIT/CONFIG",
+            ".Git/Hooks/pre-commit",
+            ".git/Config",
+            ".git/objects/INFO/ALTERNATES",
+            ".git/OBJECTS/info/alternates",
+            "vendor/x.c",
+            "LEFTHOOK.YML",
+        ] {
+            assert_eq!(access(&p, path, false), Access::ReadOnly, "{path}");
+        }
+        // What git writes stays writable in any case (on a case-folding
+        // filesystem it is the same file).
+        for path in [".GIT/HEAD", ".git/Index.LOCK", ".Git/Objects/ab/cd", ".git/REFS/heads/main"] {
+            assert_eq!(access(&p, path, false), Access::ReadWrite, "{path}");
+        }
+        for path in [".GIT/CONFIG", ".git/Config.Worktree", ".git/MODULES/m/CONFIG"] {
+            assert!(is_git_config(Path::new(path)), "{path}: read without its secrets");
+        }
+        assert!(p.protects_below(Path::new(".GIT")) && p.protects_below(Path::new(".git/HOOKS")));
+        assert!(!p.protects_below(Path::new(".git/REFS")), "git's own directories may move");
+        // The Kelvin sign is `K` after NFD, and `k` folded.
+        assert_eq!(access(&p, "a.\u{212A}ey", false), Access::Hidden);
+        assert_eq!(fold("A\u{FB06}\u{DF}"), "astss");
+        assert_eq!(fold("caf\u{E9}"), "caf\u{E9}", "other characters stay");
+    }
+
+    #[test]
+    fn exact_read_only_paths_and_what_holds_them() {
+        let mut p = FsPolicy::default();
+        p.add_read_only_path(Path::new("conf/sbx/policy*.toml")).unwrap();
+        assert_eq!(access(&p, "conf/sbx/policy*.toml", false), Access::ReadOnly);
+        assert_eq!(access(&p, "CONF/Sbx/POLICY*.toml", false), Access::ReadOnly);
+        assert_eq!(access(&p, "conf/sbx/policy-x.toml", false), Access::ReadWrite, "taken literally");
+        assert_eq!(access(&p, "conf/sbx", true), Access::ReadWrite);
+        for dir in ["conf", "conf/sbx", "Conf"] {
+            assert!(p.protects_below(Path::new(dir)), "{dir}");
+        }
+        assert!(!p.protects_below(Path::new("conf/other")) && !p.protects_below(Path::new("src")));
+        p.add_read_only_path(Path::new("tools/hooks")).unwrap();
+        assert_eq!(access(&p, "tools/hooks/pre-commit", false), Access::ReadOnly, "below it too");
+        for bad in ["", ".", "../x", "/abs", "a/../b"] {
+            assert!(p.add_read_only_path(Path::new(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

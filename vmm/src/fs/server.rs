@@ -1929,4 +1929,52 @@ mod tests {
         assert_eq!(fs::metadata(g.root.join("f")).unwrap().len(), 0);
         assert_eq!(quota.used(), used);
     }
+
+    /// The share opened again on the same folder: set-up reads the host's
+    /// files as they are now.
+    fn reopened(g: &mut Guest) {
+        let share = Share::open(&g.root, FsPolicy::default(), false).unwrap();
+        let log = g.log.clone();
+        g.server = FileServer::new(share, g.root.clone(), Box::new(move |e| log.lock().unwrap().push(e)));
+    }
+
+    #[test]
+    fn what_host_tools_run_on_their_own_the_guest_cannot_write() {
+        let mut g = Guest::new();
+        for d in [".husky/_", "tools/hooks", "bin", ".GIT"] {
+            fs::create_dir_all(g.root.join(d)).unwrap();
+        }
+        let config = "[core]\n\thooksPath = tools/hooks\n[include]\n\tpath = ../team.gitconfig\n";
+        fs::write(g.root.join(".git/config"), config).unwrap();
+        fs::write(g.root.join(".envrc"), "PATH_add bin\n").unwrap();
+        fs::write(g.root.join(".ENV"), "TOKEN=secret").unwrap();
+        fs::write(g.root.join("ID_ED25519"), "key").unwrap();
+        fs::write(g.root.join(".GIT/CONFIG"), "[core]\n").unwrap();
+        reopened(&mut g);
+        let root = fuse::ROOT_ID;
+        let husky = g.lookup(root, ".husky").unwrap().0;
+        let underscore = g.lookup(husky, "_").unwrap().0;
+        let tools = g.lookup(root, "tools").unwrap().0;
+        let hooks = g.lookup(tools, "hooks").unwrap().0;
+        let bin = g.lookup(root, "bin").unwrap().0;
+        for (dir, name) in [
+            (husky, "pre-commit"),
+            (underscore, "pre-commit"),
+            (hooks, "pre-commit"),
+            (bin, "git"),
+            (root, "team.gitconfig"),
+            (root, ".pre-commit-config.yaml"),
+            (root, "lefthook.yml"),
+        ] {
+            assert_eq!(g.create(dir, name).map(|_| ()), Err(libc::EROFS), "{name}");
+        }
+        for name in [".ENV", "ID_ED25519"] {
+            assert_eq!(g.lookup(root, name).map(|_| ()), Err(libc::ENOENT), "{name}");
+        }
+        let upper_git = g.lookup(root, ".GIT").unwrap().0;
+        let upper_config = g.lookup(upper_git, "CONFIG").unwrap().0;
+        assert_eq!(g.open(upper_config, libc::O_RDWR), Err(libc::EROFS));
+        assert!(!g.root.join("tools/hooks/pre-commit").exists() && !g.root.join("bin/git").exists());
+        assert!(g.events().iter().filter(|e| e.contains("Read-only by policy")).count() >= 7);
+    }
 }

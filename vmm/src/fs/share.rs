@@ -37,6 +37,12 @@
 //!   can turn it outward;
 //! - permission bits the guest sets never give group or others write
 //!   access, nor set-id bits;
+//! - at set-up, what the host's own git configs and `.envrc` files name
+//!   for the host's tools to run or load (a `core.hooksPath`, an
+//!   `include.path`, a `PATH_add` directory) is made read-only
+//!   ([`autorun`]), and so are the integrator's own files in the folder
+//!   ([`Share::with_read_only_paths`]); the directories above such a path
+//!   can be neither moved nor removed, so it cannot be made again;
 //! - a host repository's git configuration is read with its secrets
 //!   (tokens in URLs, extra headers) taken out ([`gitconfig`]); it is
 //!   read-only, so the guest never writes the view back.
@@ -55,8 +61,10 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::gitconfig;
-use super::policy::{self, is_git_dir_name, Access, FsPolicy, GIT_DIR, GIT_SHADOWED, GIT_WRITABLE_DIRS};
+use super::policy::{
+    self, is_git_dir_name, is_one_of, same_name, Access, FsPolicy, GIT_DIR, GIT_SHADOWED, GIT_WRITABLE_DIRS,
+};
+use super::{autorun, gitconfig};
 use crate::sys;
 
 pub const MAX_NAME: usize = 255;
@@ -220,6 +228,8 @@ pub struct Share {
     shadow: Option<PathBuf>,
     /// Shadow containers made so far (for the workspace quota).
     containers_made: AtomicU64,
+    /// What the set-up could not resolve, for the user (see [`autorun`]).
+    notes: Vec<String>,
 }
 
 const RESOLVE: u64 =
@@ -327,8 +337,33 @@ pub enum RenameMode {
 
 impl Share {
     /// Opens the folder at `path` to share under `policy`; `read_only`
-    /// makes every path in it read-only.
+    /// makes every path in it read-only. A writable folder's paths that
+    /// the host's tools run or load, as the host's own configs and
+    /// `.envrc` files name them ([`autorun::scan`]), are read-only too;
+    /// what could not be resolved is in [`Share::notes`].
     pub fn open(path: &Path, policy: FsPolicy, read_only: bool) -> io::Result<Share> {
+        let mut policy = policy;
+        let mut read_only = read_only;
+        let mut notes = Vec::new();
+        if !read_only {
+            let found = autorun::scan(path);
+            for rel in &found.paths {
+                if let Err(e) = policy.add_read_only_path(rel) {
+                    // Not one rule can stand for it: all of the folder.
+                    notes.push(format!("{e}: the whole folder is read-only"));
+                    read_only = true;
+                }
+            }
+            if found.whole_folder {
+                notes.push(format!(
+                    "{}: the host's tools run what is at the folder's top (a PATH entry or hooks directory); \
+                     the whole folder is read-only",
+                    path.display()
+                ));
+                read_only = true;
+            }
+            notes.extend(found.notes);
+        }
         let c = cstr(path.as_os_str())?;
         let fd = sys::open(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
         let st = fstat(fd.as_fd())?;
@@ -350,7 +385,59 @@ impl Share {
         let owner = (st.st_uid, st.st_gid);
         let chown_to = (euid == 0 && owner.0 != 0).then_some(owner);
         let containers_made = AtomicU64::new(0);
-        Ok(Share { root, path: path.to_path_buf(), policy, read_only, chown_to, owner, shadow: None, containers_made })
+        Ok(Share {
+            root,
+            path: path.to_path_buf(),
+            policy,
+            read_only,
+            chown_to,
+            owner,
+            shadow: None,
+            containers_made,
+            notes,
+        })
+    }
+
+    /// What the set-up could not resolve statically (an `.envrc` word
+    /// with a variable, an unknown `use`), or widened: one line each,
+    /// for the user.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Makes these host paths read-only to the guest, if they are in the
+    /// folder (others are ignored): a file the integrator reads at start
+    /// (a `--policy` or `--upstream-ca` file) must not be the guest's to
+    /// change. Both the path as given and the path its links resolve to
+    /// on the host are covered, with all that is below them; the
+    /// directories above them can be neither renamed, removed nor
+    /// replaced, and the paths can be neither removed, replaced nor
+    /// created (see [`FsPolicy::add_read_only_path`]). Call before the
+    /// share is served.
+    pub fn with_read_only_paths(mut self, host_paths: &[PathBuf]) -> Result<Share, policy::Error> {
+        let mut roots = vec![self.path.clone()];
+        if let Ok(c) = std::fs::canonicalize(&self.path) {
+            roots.push(c);
+        }
+        for p in host_paths {
+            let mut candidates = vec![p.clone()];
+            if let Ok(c) = std::fs::canonicalize(p) {
+                candidates.push(c);
+            }
+            for c in &candidates {
+                for root in &roots {
+                    if let Ok(rel) = c.strip_prefix(root) {
+                        if rel.as_os_str().is_empty() {
+                            self.read_only = true;
+                            self.root.access = Access::ReadOnly;
+                        } else {
+                            self.policy.add_read_only_path(rel)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// Keeps the git directories the guest makes in `dir` (which must be
@@ -424,7 +511,7 @@ impl Share {
         let d = depth(&entry.rel);
         let git_dir_child = entry.git_root == Some(d.saturating_sub(1))
             && d > 0
-            && entry.name().to_str().is_some_and(|n| GIT_WRITABLE_DIRS.contains(&n) || GIT_SHADOWED.contains(&n));
+            && entry.name().to_str().is_some_and(|n| is_one_of(n, GIT_WRITABLE_DIRS) || is_one_of(n, GIT_SHADOWED));
         entry.git_root == Some(d) || git_dir_child || self.policy.protects_below(&entry.rel)
     }
 
@@ -456,7 +543,7 @@ impl Share {
         let mut seen = 0;
         for n in names {
             seen += 1;
-            if seen > MAX_CASE_SCAN || n.to_str().is_some_and(|n| n.eq_ignore_ascii_case(name)) {
+            if seen > MAX_CASE_SCAN || n.to_str().is_some_and(|n| same_name(n, name)) {
                 return true;
             }
         }
@@ -738,7 +825,7 @@ impl Share {
         // repository and obey that config.
         let is_git_root = dir.git_root == Some(depth(&dir.rel));
         let fd = place.fd.as_fd();
-        let is = |a: &str| name.to_str().is_some_and(|n| n.eq_ignore_ascii_case(a));
+        let is = |a: &str| name.to_str().is_some_and(|n| same_name(n, a));
         let bare = if is(GIT_HEAD) {
             GIT_CONFIG_NAMES.iter().any(|n| Self::has_any_case(fd, n))
         } else {
@@ -1585,6 +1672,237 @@ mod tests {
         fs::create_dir_all(t2.path().join("work/.git/sequencer")).unwrap();
         let seq = s2.lookup(&git, os("sequencer")).unwrap();
         assert!(!seq.shadow && s2.create(&seq, os("todo"), 0o644).is_err(), "the host's own is read-only");
+    }
+
+    #[test]
+    fn every_rule_holds_for_names_in_another_case() {
+        let (t, s) = tree();
+        let w = t.path().join("work");
+        fs::write(w.join(".ENV"), "TOKEN=secret").unwrap();
+        fs::write(w.join("ID_ED25519"), "key").unwrap();
+        fs::create_dir_all(w.join(".GIT/OBJECTS/INFO")).unwrap();
+        fs::write(w.join(".GIT/CONFIG"), "[remote \"o\"]\n\turl = https://u:tok-SECRET@h/r\n").unwrap();
+        for name in [".ENV", "ID_ED25519"] {
+            assert!(matches!(s.lookup(s.root(), os(name)), Err(Refused::Hidden(_))), "{name}");
+            assert!(!s.list(s.root()).unwrap().iter().any(|l| l.name == name), "{name} listed");
+        }
+        for name in [".Env.Local", "Id_Rsa", "X.PEM"] {
+            assert!(matches!(s.create(s.root(), os(name), 0o644), Err(Refused::Hidden(_))), "{name}");
+        }
+        let git = s.lookup(s.root(), os(".GIT")).unwrap();
+        let config = s.lookup(&git, os("CONFIG")).unwrap();
+        assert!(matches!(s.open_file(&config, true), Err(Refused::ReadOnly(_))));
+        let mut seen = String::new();
+        use std::io::Read;
+        fs::File::from(s.open_file(&config, false).unwrap()).read_to_string(&mut seen).unwrap();
+        assert!(!seen.contains("SECRET"), "read without its secrets: {seen}");
+        let objects = s.lookup(&git, os("OBJECTS")).unwrap();
+        let info = s.lookup(&objects, os("INFO")).unwrap();
+        assert!(matches!(s.create(&info, os("ALTERNATES"), 0o644), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.create(s.root(), os(".ENVRC"), 0o644), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.mkdir(s.root(), os(".Husky"), 0o755), Err(Refused::ReadOnly(_))));
+        assert!(!w.join(".GIT/OBJECTS/INFO/ALTERNATES").exists() && !w.join(".ENVRC").exists());
+    }
+
+    /// A share of `work` in a fresh temporary directory, opened after
+    /// `setup` made its host files.
+    fn share_after(setup: impl FnOnce(&Path)) -> (tempfile::TempDir, Share) {
+        let t = tempfile::tempdir().unwrap();
+        let w = t.path().join("work");
+        fs::create_dir_all(w.join(".git/hooks")).unwrap();
+        fs::write(w.join(".git/config"), "[core]\n").unwrap();
+        setup(&w);
+        let share = Share::open(&w, FsPolicy::default(), false).unwrap();
+        (t, share)
+    }
+
+    /// Looks up a path from the root, name by name.
+    fn at_path(s: &Share, path: &str) -> Entry {
+        let mut e = s.root().clone();
+        for n in path.split('/').filter(|n| !n.is_empty()) {
+            e = s.lookup(&e, os(n)).unwrap_or_else(|r| panic!("{path}: {r}"));
+        }
+        e
+    }
+
+    /// Creating `path` (its directory must exist) is refused as read-only.
+    fn assert_create_refused(s: &Share, path: &str) {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let d = at_path(s, dir);
+        let r = s.create(&d, os(name), 0o755);
+        assert!(matches!(r, Err(Refused::ReadOnly(_))), "{path}: {:?}", r.map(|e| e.0.rel));
+        let r = s.mkdir(&d, os(name), 0o755);
+        assert!(matches!(r, Err(Refused::ReadOnly(_))), "{path} (mkdir): {:?}", r.map(|e| e.rel));
+    }
+
+    #[test]
+    fn hook_managers_files_are_read_only() {
+        let (t, s) = share_after(|w| {
+            fs::create_dir_all(w.join(".husky/_")).unwrap();
+            fs::write(w.join(".husky/pre-commit"), "npx lint-staged\n").unwrap();
+            fs::write(w.join(".pre-commit-config.yaml"), "repos: []\n").unwrap();
+            fs::write(w.join("lefthook.yml"), "source_dir: ci/hooks\npre-commit:\n").unwrap();
+            fs::create_dir_all(w.join("ci/hooks")).unwrap();
+        });
+        let husky = at_path(&s, ".husky");
+        let hook = s.lookup(&husky, os("pre-commit")).unwrap();
+        assert!(matches!(s.open_file(&hook, true), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.remove(&husky, os("pre-commit"), false), Err(Refused::ReadOnly(_))));
+        for path in [".husky/_/pre-commit", ".husky/pre-push", "lefthook.yaml", "ci/hooks/x"] {
+            assert_create_refused(&s, path);
+        }
+        for name in [".githooks", ".lefthook", ".lefthook-local"] {
+            assert!(matches!(s.mkdir(s.root(), os(name), 0o755), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        for name in [".pre-commit-config.yaml", "lefthook.yml"] {
+            let e = s.lookup(s.root(), os(name)).unwrap();
+            assert!(matches!(s.open_file(&e, true), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        // Neither replaced by a directory moved there.
+        let d = s.mkdir(s.root(), os("d"), 0o755).unwrap();
+        s.create(&d, os("pre-commit"), 0o755).unwrap();
+        let r = s.rename(s.root(), os("d"), s.root(), os(".husky"), RenameMode::Replace);
+        assert!(matches!(r, Err(Refused::ReadOnly(_))), "{r:?}");
+        assert_eq!(fs::read_to_string(t.path().join("work/.husky/pre-commit")).unwrap(), "npx lint-staged\n");
+    }
+
+    #[test]
+    fn what_the_hosts_git_config_names_is_read_only() {
+        let (t, s) = share_after(|w| {
+            fs::write(
+                w.join(".git/config"),
+                "[core]\n\thooksPath = tools/hooks\n\tfsmonitor = scripts/fsmon.sh\n\
+                 [include]\n\tpath = ../shared.gitconfig\n\
+                 [includeIf \"gitdir:/nowhere/\"]\n\tpath = ../cond.gitconfig\n\
+                 [filter \"x\"]\n\tclean = ./bin/clean --opt %f\n\
+                 [remote \"origin\"]\n\turl = .\n",
+            )
+            .unwrap();
+            fs::write(
+                w.join("shared.gitconfig"),
+                "[core]\n\teditor = sh tools/ed.sh\n[include]\n\tpath = nested.inc\n",
+            )
+            .unwrap();
+            fs::write(w.join("nested.inc"), "[alias]\n\tx = !./al.sh\n[hook \"lint\"]\n\tcommand = ci/lint\n").unwrap();
+            for d in ["tools/hooks", "scripts", "bin", "ci", "src"] {
+                fs::create_dir_all(w.join(d)).unwrap();
+            }
+        });
+        for path in [
+            "tools/hooks/pre-commit",
+            "tools/hooks",
+            "scripts/fsmon.sh",
+            "cond.gitconfig",
+            "bin/clean",
+            "tools/ed.sh",
+            "al.sh",
+            "ci/lint",
+        ] {
+            assert_create_refused(&s, path);
+        }
+        for name in ["shared.gitconfig", "nested.inc"] {
+            let e = s.lookup(s.root(), os(name)).unwrap();
+            assert!(matches!(s.open_file(&e, true), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        // The hooks directory stays where it is, and so does what holds it.
+        let tools = at_path(&s, "tools");
+        for (dir, name) in [(s.root(), "tools"), (&tools, "hooks")] {
+            let r = s.rename(dir, os(name), s.root(), os("moved"), RenameMode::Replace);
+            assert!(matches!(r, Err(Refused::ReadOnly(_))), "{name}: {r:?}");
+        }
+        assert!(matches!(s.remove(&tools, os("hooks"), true), Err(Refused::ReadOnly(_))));
+        // `url = .` is not a command: the folder stays writable.
+        s.create(&at_path(&s, "src"), os("main.rs"), 0o644).unwrap();
+        assert!(!t.path().join("work/tools/hooks/pre-commit").exists());
+    }
+
+    #[test]
+    fn what_an_envrc_runs_is_read_only() {
+        let (t, s) = share_after(|w| {
+            fs::write(
+                w.join(".envrc"),
+                "# direnv\nPATH_add bin\npath_add PATH \"$PWD/tools/bin\"\nsource_env_if_exists .envrc.private\n\
+                 dotenv_if_exists local.env\nuse flake\nlayout node && watch_file nix/devshell.toml\n\
+                 export PATH=$PWD/scripts:$PATH\nPATH_add $SOMEVAR/x\n",
+            )
+            .unwrap();
+            fs::write(w.join("local.env"), "PATH=./dotbin:$PATH\nNAME=x/y\n").unwrap();
+            fs::create_dir_all(w.join("sub")).unwrap();
+            fs::write(w.join("sub/.envrc"), "PATH_add ../sub-bin\nsource_up .envrc.up\n").unwrap();
+            for d in ["tools", "node_modules", "nix", "x", "src"] {
+                fs::create_dir_all(w.join(d)).unwrap();
+            }
+        });
+        for path in [
+            "bin",
+            "tools/bin",
+            ".envrc.private",
+            "flake.nix",
+            "flake.lock",
+            "node_modules/.bin",
+            "nix/devshell.toml",
+            "scripts",
+            "dotbin",
+            "sub-bin",
+            ".envrc.up",
+        ] {
+            assert_create_refused(&s, path);
+        }
+        let env = s.lookup(s.root(), os("local.env")).unwrap();
+        assert!(matches!(s.open_file(&env, true), Err(Refused::ReadOnly(_))));
+        // What cannot be known is said, and the rest is writable.
+        assert!(s.notes().iter().any(|n| n.contains("$SOMEVAR/x")), "{:?}", s.notes());
+        s.create(&at_path(&s, "x"), os("y"), 0o644).unwrap();
+        s.create(&at_path(&s, "src"), os("lib.rs"), 0o644).unwrap();
+        assert!(!t.path().join("work/bin").exists());
+        // A PATH entry at the folder's top: all of it is read-only.
+        let (_t2, s2) = share_after(|w| fs::write(w.join(".envrc"), "PATH_add .\n").unwrap());
+        assert!(matches!(s2.create(s2.root(), os("git"), 0o755), Err(Refused::ReadOnly(_))));
+        assert!(s2.notes().iter().any(|n| n.contains("whole folder")), "{:?}", s2.notes());
+    }
+
+    #[test]
+    fn extra_read_only_paths_cannot_be_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let w = t.path().join("work");
+        fs::create_dir_all(w.join("conf/sbx")).unwrap();
+        fs::write(w.join("conf/sbx/policy.toml"), "[net]\n").unwrap();
+        fs::write(t.path().join("ca.pem"), "outside").unwrap();
+        let s = Share::open(&w, FsPolicy::default(), false)
+            .unwrap()
+            .with_read_only_paths(&[w.join("conf/sbx/policy.toml"), w.join("conf/ca.crt"), t.path().join("ca.pem")])
+            .unwrap();
+        let sbx = at_path(&s, "conf/sbx");
+        let file = s.lookup(&sbx, os("policy.toml")).unwrap();
+        assert!(matches!(s.open_file(&file, true), Err(Refused::ReadOnly(_))));
+        assert!(matches!(s.chmod(&file, 0o600), Err(Refused::ReadOnly(_))));
+        // Not deleted (to be made again), nor moved away.
+        assert!(matches!(s.remove(&sbx, os("policy.toml"), false), Err(Refused::ReadOnly(_))));
+        let r = s.rename(&sbx, os("policy.toml"), &sbx, os("old.toml"), RenameMode::Replace);
+        assert!(matches!(r, Err(Refused::ReadOnly(_))), "{r:?}");
+        // Its directories neither renamed (to make the path again) nor
+        // removed, nor replaced by a directory moved over them.
+        let conf = at_path(&s, "conf");
+        for (dir, name) in [(s.root(), "conf"), (&conf, "sbx")] {
+            let r = s.rename(dir, os(name), s.root(), os("elsewhere"), RenameMode::Replace);
+            assert!(matches!(r, Err(Refused::ReadOnly(_))), "{name}: {r:?}");
+            assert!(matches!(s.remove(dir, os(name), true), Err(Refused::ReadOnly(_))), "{name}");
+        }
+        let decoy = s.mkdir(s.root(), os("decoy"), 0o755).unwrap();
+        let inner = s.mkdir(&decoy, os("sbx"), 0o755).unwrap();
+        s.create(&inner, os("policy.toml"), 0o644).unwrap();
+        for (dir, name) in [(s.root(), "conf"), (&conf, "sbx")] {
+            let from = if name == "conf" { (s.root(), "decoy") } else { (&decoy, "sbx") };
+            let r = s.rename(from.0, os(from.1), dir, os(name), RenameMode::Replace);
+            assert!(matches!(r, Err(Refused::ReadOnly(_))), "over {name}: {r:?}");
+        }
+        // A path not there yet cannot be made, in any case.
+        assert_create_refused(&s, "conf/ca.crt");
+        assert!(matches!(s.create(&conf, os("CA.CRT"), 0o644), Err(Refused::ReadOnly(_))));
+        assert_eq!(fs::read_to_string(w.join("conf/sbx/policy.toml")).unwrap(), "[net]\n");
+        // Writable around it.
+        s.create(&sbx, os("other.toml"), 0o644).unwrap();
+        s.create(s.root(), os("ca.pem.txt"), 0o644).unwrap();
     }
 
     #[test]
