@@ -274,10 +274,10 @@ impl RunPlan {
         // the guest wherever a read-write share holds them.
         let start_files: Vec<PathBuf> = args.policy.iter().chain(&args.upstream_ca).cloned().collect();
         let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<SharePatterns>, PlanError> {
-            folders::check_overlaps(shares)?;
             folders::check_state(&state, shares)?;
             folders::check_state(&config, shares)?;
             let hide = folders::boot_files_to_hide(&boot, shares)?;
+            folders::check_overlaps(shares)?;
             let protect = folders::start_files_to_protect(&start_files, shares)?;
             Ok(hide.into_iter().zip(protect).collect())
         };
