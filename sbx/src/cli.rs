@@ -52,16 +52,41 @@ pub enum SecretCommand {
         /// `sbx run`.
         #[arg(long, value_name = "VAR")]
         from_env: Option<String>,
+        /// Which runs get it: global, workspace[=DIR] (the current folder
+        /// without DIR) or sandbox=NAME. For one name the most specific
+        /// scope that matches a run wins.
+        #[arg(long, default_value = "global")]
+        scope: String,
+        /// Refuse it to runs after this: an RFC 3339 date or date-time
+        /// (2025-01-31, 2025-01-31T12:00:00Z), or 30d, 12h from now.
+        #[arg(long, value_name = "DATE|Nd|Nh")]
+        expires: Option<String>,
     },
-    /// List secrets: names, where their values come from, and the hosts
-    /// they are bound to (never values).
+    /// Give secret NAME a new value (read like `set`); the old one is gone
+    /// at once. Keeps its scope, and its lifetime's length unless
+    /// --expires is given.
+    Rotate {
+        name: String,
+        /// The scope of the secret to rotate.
+        #[arg(long, default_value = "global")]
+        scope: String,
+        /// A new expiry, as for `set`.
+        #[arg(long, value_name = "DATE|Nd|Nh")]
+        expires: Option<String>,
+    },
+    /// List secrets: names, scopes, where their values come from, expiry,
+    /// last rotation and the hosts they are bound to (never values).
     Ls {
         /// Also show the bindings of this policy file.
         #[arg(long)]
         policy: Option<PathBuf>,
     },
-    /// Remove secret NAME.
-    Rm { name: String },
+    /// Remove secret NAME (of one scope).
+    Rm {
+        name: String,
+        #[arg(long, default_value = "global")]
+        scope: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -183,7 +183,7 @@ pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanEr
 
 /// The network: the policy's rules, the agent's needs, `--allow`,
 /// `--resolve`.
-fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
+fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Result<NetPlan, PlanError> {
     policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
     for host in &args.allow {
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
@@ -201,7 +201,7 @@ fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
     if let Some(extra) = &args.upstream_ca {
         terminate::add_pem_roots(&mut roots, extra)?;
     }
-    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest)?;
+    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest, scope, secrets::now_unix())?;
     for note in &run.notes {
         eprintln!("sbx: {note}");
     }
@@ -253,7 +253,15 @@ impl RunPlan {
             Some(path) => SandboxPolicy::read(path)?,
             None => SandboxPolicy::locked()?,
         };
-        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone())?) };
+        // The secrets a run gets depend on its sandbox's name and workspace:
+        // an existing sandbox keeps its own (checked below, before any start).
+        let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
+        let run_workspace = match Sandbox::open(&sandbox::home(), &name) {
+            Ok(sb) => sb.settings.workspace,
+            Err(_) => workspace.clone(),
+        };
+        let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
+        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope)?) };
 
         // sbx's own state and the files it boots from stay out of the
         // guest's reach: checked before the sandbox's folder is made, and
@@ -282,7 +290,6 @@ impl RunPlan {
             Ok(hide.into_iter().zip(protect).collect())
         };
         check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
-        let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
         let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
         // The folder asked for: --workspace, or the current one when the
         // name comes from it.
