@@ -136,6 +136,30 @@ pub struct RunPlan {
     pub interactive: bool,
     pub rows: u16,
     pub cols: u16,
+    /// For the audit log's `run` line: the SHA-256 of the policy document
+    /// as read (the built-in locked preset's name when there is none),
+    /// then each `--allow`, and where it came from.
+    pub policy_sha256: String,
+    pub policy_source: String,
+}
+
+/// The SHA-256 (hex) of the effective policy document's text: the file's
+/// bytes (or the built-in preset's name) and a `# --allow HOST` line for
+/// each `--allow`.
+fn policy_digest(args: &RunArgs) -> Result<(String, String), PlanError> {
+    use sha2::Digest;
+    let (mut text, source) = match &args.policy {
+        Some(path) => {
+            let read = std::fs::read(path).map_err(|e| policy_doc::Error::Read(path.clone(), e))?;
+            (read, path.display().to_string())
+        }
+        None => (b"builtin: locked preset".to_vec(), "the locked preset".to_string()),
+    };
+    for host in &args.allow {
+        text.extend_from_slice(format!("\n# --allow {host}").as_bytes());
+    }
+    let digest = sha2::Sha256::digest(&text);
+    Ok((digest.iter().map(|b| format!("{b:02x}")).collect(), source))
 }
 
 /// Where `cargo xtask` puts kernels and images: $SBX_ASSETS, or target/sbx
@@ -312,6 +336,7 @@ impl RunPlan {
             shares.push(SharePlan { dir, read_only, policy });
         }
 
+        let (policy_sha256, policy_source) = policy_digest(args)?;
         let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
         let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
         Ok(RunPlan {
@@ -342,6 +367,8 @@ impl RunPlan {
             interactive,
             rows,
             cols,
+            policy_sha256,
+            policy_source,
         })
     }
 }
