@@ -237,11 +237,13 @@ pub fn anchor(log_path: &Path, sandbox_name: &str, to: &Path, now_ms: u64) -> Re
     let files = log::log_files(log_path).map_err(|e| Error::Io(log_path.to_path_buf(), e))?;
     let main = walk(&files, true, &BTreeSet::new(), &mut |_| {})?;
     let evidence_file = log::evidence_path(log_path);
-    let evidence =
-        if evidence_file.is_file() { Some(walk(&[evidence_file], false, &BTreeSet::new(), &mut |_| {})?) } else { None };
-    let head = |w: &Walked| {
-        (w.verified.lines > 0).then(|| json!({"seq": w.verified.last_seq, "hash": w.verified.last_hash}))
+    let evidence = if evidence_file.is_file() {
+        Some(walk(&[evidence_file], false, &BTreeSet::new(), &mut |_| {})?)
+    } else {
+        None
     };
+    let head =
+        |w: &Walked| (w.verified.lines > 0).then(|| json!({"seq": w.verified.last_seq, "hash": w.verified.last_hash}));
     let current = main.files.iter().rev().find(|f| f.seqs.is_some()).map(|f| f.file.display().to_string());
     let event = json!({
         "event": "anchor",
@@ -266,11 +268,7 @@ pub fn anchor(log_path: &Path, sandbox_name: &str, to: &Path, now_ms: u64) -> Re
     if verified.torn_tail.is_some() || (verified.lines > 0 && verified.first_seq != 1) {
         return Err(write_err(format!("{verified}: fix or move it first")));
     }
-    let mut chained = if verified.lines == 0 {
-        log::AuditLog::new(f)
-    } else {
-        log::AuditLog::resume(f, &verified)
-    };
+    let mut chained = if verified.lines == 0 { log::AuditLog::new(f) } else { log::AuditLog::resume(f, &verified) };
     chained.record(&event, now_ms).map_err(|e| write_err(e.to_string()))?;
     chained.flush_suppressed(now_ms).map_err(|e| write_err(e.to_string()))?;
     Ok(event)
@@ -523,7 +521,8 @@ pub fn anchors_from_env() -> Option<PathBuf> {
 /// failure is said, not fatal: the run is over).
 pub fn anchor_after_run(sb: &Sandbox) {
     let Some(to) = anchors_from_env() else { return };
-    let r = check_anchor_place(&to, sb).and_then(|_| anchor(&sb.audit_log(), &sb.settings.name, &to, sandbox::now_unix_ms()));
+    let r = check_anchor_place(&to, sb)
+        .and_then(|_| anchor(&sb.audit_log(), &sb.settings.name, &to, sandbox::now_unix_ms()));
     if let Err(e) = r {
         eprintln!("sbx: SBX_AUDIT_ANCHORS: {}", escape::escape(e.to_string().as_bytes(), Layout::Line));
     }
@@ -555,7 +554,13 @@ fn first_seq(file: &Path) -> Option<u64> {
 
 impl Follower {
     pub fn new(path: &Path) -> Follower {
-        Follower { path: path.to_path_buf(), checker: LineChecker::new(true), cur: None, partial: Vec::new(), started: false }
+        Follower {
+            path: path.to_path_buf(),
+            checker: LineChecker::new(true),
+            cur: None,
+            partial: Vec::new(),
+            started: false,
+        }
     }
 
     /// Where the chain goes on: the oldest file at the start, then the one
@@ -629,14 +634,20 @@ impl Follower {
                 let line: Vec<u8> = self.partial.drain(..=end).collect();
                 let line = &line[..line.len() - 1];
                 *n += 1;
-                let broken = |why: String| Error::Broken(Break { file: file.clone(), line: *n, seq: seq_of(line), why });
+                let broken =
+                    |why: String| Error::Broken(Break { file: file.clone(), line: *n, seq: seq_of(line), why });
                 let text = std::str::from_utf8(line).map_err(|_| broken("not UTF-8".into()))?;
                 self.checker.check(text).map_err(broken)?;
                 out(text)?;
             }
             if self.partial.len() > MAX_LINE {
                 let n = *n + 1;
-                return Err(Error::Broken(Break { file: file.clone(), line: n, seq: None, why: format!("longer than {MAX_LINE} bytes") }));
+                return Err(Error::Broken(Break {
+                    file: file.clone(),
+                    line: n,
+                    seq: None,
+                    why: format!("longer than {MAX_LINE} bytes"),
+                }));
             }
         }
     }
@@ -652,7 +663,13 @@ impl Follower {
 /// the terminal, or with `json` exactly as written. `--follow` goes on as
 /// lines are appended, across rotation, until `stop` is set (a signal) or,
 /// with `until_stopped`, until the sandbox is not running and all is read.
-pub fn print_log(name: &str, json_out: bool, follow: bool, until_stopped: bool, stop: &AtomicBool) -> Result<(), Error> {
+pub fn print_log(
+    name: &str,
+    json_out: bool,
+    follow: bool,
+    until_stopped: bool,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
     let sb = Sandbox::open(&sandbox::home(), name)?;
     let path = sb.audit_log();
     let files = log::log_files(&path).map_err(|e| Error::Io(path.clone(), e))?;
@@ -672,11 +689,14 @@ pub fn print_log(name: &str, json_out: bool, follow: bool, until_stopped: bool, 
         eprintln!("sbx: escaped for the terminal (guest-chosen text shown as \\u escapes); --json for the verified lines exactly");
     }
     if !files.is_empty() {
-        let verified = log::verify_files(&files).map_err(|e| Error::Io(path.clone(), io::Error::other(e.to_string())))?;
+        let verified =
+            log::verify_files(&files).map_err(|e| Error::Io(path.clone(), io::Error::other(e.to_string())))?;
         if verified.first_seq > 1 || verified.torn_tail.is_some() {
             eprintln!("sbx: {}: {verified}", path.display());
         }
-        if let Some(evidence) = log::evidence_report(&path, &verified).map_err(|e| Error::Io(path.clone(), io::Error::other(e.to_string())))? {
+        if let Some(evidence) = log::evidence_report(&path, &verified)
+            .map_err(|e| Error::Io(path.clone(), io::Error::other(e.to_string())))?
+        {
             if evidence.older_lines > 0 || evidence.verified.torn_tail.is_some() {
                 eprintln!("sbx: {evidence}");
             }
@@ -793,19 +813,18 @@ pub fn to_ocsf(v: &Map<String, Value>, context: &Value) -> Value {
     );
     // The guest's side is the source; where it went the destination.
     let dst = s("dst").map(|d| match d.rsplit_once(':') {
-        Some((ip, port)) if port.parse::<u16>().is_ok() => json!({"ip": ip.trim_matches(['[', ']']), "port": port.parse::<u16>().unwrap_or(0)}),
+        Some((ip, port)) if port.parse::<u16>().is_ok() => {
+            json!({"ip": ip.trim_matches(['[', ']']), "port": port.parse::<u16>().unwrap_or(0)})
+        }
         _ => json!({"ip": d}),
     });
-    match class_uid {
-        4001..=4003 => {
-            o.insert("src_endpoint".into(), json!({"hostname": context["sandbox"], "type": "Virtual Machine"}));
-            let mut d = dst.unwrap_or_else(|| json!({}));
-            if let Some(host) = s("host").or(s("sni")).or(s("name")) {
-                d["hostname"] = json!(host);
-            }
-            o.insert("dst_endpoint".into(), d);
+    if (4001..=4003).contains(&class_uid) {
+        o.insert("src_endpoint".into(), json!({"hostname": context["sandbox"], "type": "Virtual Machine"}));
+        let mut d = dst.unwrap_or_else(|| json!({}));
+        if let Some(host) = s("host").or(s("sni")).or(s("name")) {
+            d["hostname"] = json!(host);
         }
-        _ => {}
+        o.insert("dst_endpoint".into(), d);
     }
     match event {
         "http" => {
@@ -929,5 +948,262 @@ pub fn command(cmd: &crate::cli::AuditCommand) -> Result<ExitCode, Box<dyn std::
             }
             r => Ok(r?),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netstack::audit::Rotation;
+
+    /// Writes `hosts` as allowed requests to the log at `path` (continuing
+    /// it), rotated at `cap` bytes.
+    fn append(path: &Path, hosts: &[&str], cap: u64) {
+        let rotation = Rotation { cap, keep: log::KEEP_FILES };
+        let mut opened = log::open(path, rotation, 1, |f| f).unwrap();
+        assert!(opened.notes.is_empty(), "{:?}", opened.notes);
+        for (i, h) in hosts.iter().enumerate() {
+            opened
+                .log
+                .record(&json!({"event": "http", "method": "GET", "host": h, "decision": "allow"}), 10 + i as u64)
+                .unwrap();
+        }
+        opened.log.record(&json!({"event": "dns", "name": "x.test", "decision": "deny"}), 100).unwrap();
+    }
+
+    fn report(path: &Path, anchors: &Path) -> (Vec<String>, bool) {
+        verify_report(path.to_str().unwrap(), Some(anchors)).unwrap()
+    }
+
+    fn broken(lines: &[String], what: &str) -> bool {
+        lines.iter().any(|l| l.starts_with("BROKEN: ") && l.contains(what))
+    }
+
+    fn hosts(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}.test")).collect()
+    }
+
+    #[test]
+    fn anchors_catch_deletion_truncation_and_rewritten_history() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, anchors) = (t.path().join("sb"), t.path().join("anchors.log"));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.log");
+        let names = hosts("a", 6);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        append(&path, &names, u64::MAX);
+        anchor(&path, "sb", &anchors, 1_000).unwrap();
+        let (lines, ok) = report(&path, &anchors);
+        assert!(ok && lines.iter().any(|l| l.contains("1 anchors agree")), "{lines:?}");
+        let intact = fs::read_to_string(&path).unwrap();
+
+        // Cut back past the anchor: the chain itself still verifies.
+        let kept: String = intact.lines().take(4).map(|l| format!("{l}\n")).collect();
+        fs::write(&path, &kept).unwrap();
+        assert!(log::verify_files(std::slice::from_ref(&path)).is_ok());
+        let (lines, ok) = report(&path, &anchors);
+        assert!(!ok && broken(&lines, "ends at seq 4") && broken(&lines, "cut off its end"), "{lines:?}");
+
+        // A whole new history of the same length.
+        fs::remove_file(&path).unwrap();
+        fs::remove_file(log::evidence_path(&path)).unwrap();
+        let mut other = names.clone();
+        other[2] = "rewritten.test";
+        append(&path, &other, u64::MAX);
+        let (lines, ok) = report(&path, &anchors);
+        assert!(!ok && broken(&lines, "history was rewritten"), "{lines:?}");
+
+        // The files deleted.
+        fs::remove_file(&path).unwrap();
+        fs::remove_file(log::evidence_path(&path)).unwrap();
+        let (lines, ok) = report(&path, &anchors);
+        assert!(!ok && broken(&lines, "audit log is gone") && broken(&lines, "evidence file is gone"), "{lines:?}");
+
+        // The main log back as it was: only the evidence file is missing.
+        fs::write(&path, &intact).unwrap();
+        let (lines, _) = report(&path, &anchors);
+        assert!(!broken(&lines, "audit log") && broken(&lines, "evidence file is gone"), "{lines:?}");
+
+        // The anchors file's own chain is checked (all but its last line:
+        // hence a second anchor here).
+        anchor(&dir.join("other.log"), "other", &anchors, 2_000).unwrap();
+        let text = fs::read_to_string(&anchors).unwrap().replacen("\"seq\":7", "\"seq\":3", 1);
+        fs::write(&anchors, text).unwrap();
+        assert!(matches!(verify_report(path.to_str().unwrap(), Some(&anchors)), Err(Error::AnchorsBroken(..))));
+    }
+
+    #[test]
+    fn rotation_is_expected_but_deleted_old_files_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, anchors) = (t.path().join("sb"), t.path().join("anchors.log"));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.log");
+        let cap = 300; // about two lines a file
+        let first = hosts("a", 2);
+        append(&path, &first.iter().map(String::as_str).collect::<Vec<_>>(), cap);
+        anchor(&path, "sb", &anchors, 1_000).unwrap();
+        // Enough to rotate the anchored lines away: KEEP_FILES files kept.
+        let more = hosts("b", 20);
+        append(&path, &more.iter().map(String::as_str).collect::<Vec<_>>(), cap);
+        let files = log::log_files(&path).unwrap();
+        assert_eq!(files.len(), log::KEEP_FILES);
+        let (lines, ok) = report(&path, &anchors);
+        assert!(ok, "rotated away as rotation does: {lines:?}");
+        anchor(&path, "sb", &anchors, 2_000).unwrap();
+        assert!(report(&path, &anchors).1);
+        // The oldest kept file deleted: the set is short of a full one.
+        fs::remove_file(&files[0]).unwrap();
+        let (lines, ok) = report(&path, &anchors);
+        assert!(!ok && broken(&lines, "older files were deleted"), "{lines:?}");
+        // A file in the middle deleted: the chain itself breaks, naming where.
+        fs::remove_file(&files[2]).unwrap();
+        match verify_report(path.to_str().unwrap(), None) {
+            Err(Error::Broken(b)) => {
+                assert_eq!((b.file.clone(), b.line), (files[3].clone(), 1), "{b}");
+                assert!(b.seq.is_some() && b.why.contains("sequence number"), "{b}");
+            }
+            r => panic!("{:?}", r.map(|r| r.0)),
+        }
+    }
+
+    #[test]
+    fn a_broken_line_is_named_by_file_line_and_seq() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("audit.log");
+        let names = hosts("a", 5);
+        append(&path, &names.iter().map(String::as_str).collect::<Vec<_>>(), u64::MAX);
+        let text = fs::read_to_string(&path).unwrap().replacen("a1.test", "b1.test", 1);
+        fs::write(&path, text).unwrap();
+        match verify_report(path.to_str().unwrap(), None) {
+            Err(Error::Broken(b)) => {
+                assert_eq!((b.file, b.line, b.seq), (path.clone(), 3, Some(3)));
+                assert!(b.why.contains("does not follow the line before it"));
+            }
+            r => panic!("{:?}", r.map(|r| r.0)),
+        }
+        assert!(matches!(verify_report(t.path().join("none.log").to_str().unwrap(), None), Err(Error::NoLog(_))));
+    }
+
+    #[test]
+    fn following_reads_every_line_once_across_rotations_and_stops_at_a_break() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("audit.log");
+        let rotation = Rotation { cap: 400, keep: log::KEEP_FILES };
+        let mut opened = log::open(&path, rotation, 1, |f| f).unwrap();
+        let mut follower = Follower::new(&path);
+        let mut seen: Vec<u64> = Vec::new();
+        let mut collect = |l: &str| -> Result<(), Error> {
+            seen.push(serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap());
+            Ok(())
+        };
+        follower.poll(&mut collect).unwrap();
+        let mut written = 0;
+        for round in 0..6 {
+            // About one rotation a round: fewer than KEEP_FILES between polls.
+            for i in 0..3 {
+                let host = format!("h{round}-{i}.test");
+                opened.log.record(&json!({"event": "http", "host": host, "decision": "allow"}), 5).unwrap();
+                written += 1;
+            }
+            follower.poll(&mut collect).unwrap();
+        }
+        assert_eq!(seen, (1..=written).collect::<Vec<u64>>());
+        assert!(log::log_files(&path).unwrap().len() > 1, "it rotated");
+        // Lines rotated away before they were read are a gap, not a skip.
+        let mut late = Follower::new(&path);
+        let mut none = |_: &str| -> Result<(), Error> { Ok(()) };
+        late.poll(&mut none).unwrap();
+        for i in 0..40 {
+            opened.log.record(&json!({"event": "http", "host": format!("x{i}.test"), "decision": "allow"}), 5).unwrap();
+        }
+        let e = late.poll(&mut none).err().unwrap();
+        assert!(matches!(&e, Error::Broken(b) if b.why.contains("rotated away before they were read")), "{e}");
+        // A forged line appended breaks the chain where it is.
+        let mut follower = Follower::new(&path);
+        follower.poll(&mut none).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        writeln!(f, "{}", json!({"seq": 999, "ts": 1, "prev": "00", "event": "forged"})).unwrap();
+        let e = follower.poll(&mut none).err().unwrap();
+        assert!(matches!(&e, Error::Broken(b) if b.seq == Some(999) && b.file == path), "{e}");
+    }
+
+    #[test]
+    fn each_event_kind_maps_to_its_ocsf_class() {
+        let context = json!({"schema": SCHEMA, "sandbox": "sb", "agent": "claude", "workspace": "/w", "log": "main"});
+        let cases = [
+            (
+                json!({"event": "dns", "name": "a.test", "decision": "allow", "answer": "1.2.3.4"}),
+                4003,
+                1,
+                Some("Allowed"),
+            ),
+            (json!({"event": "dns", "name": "b.test", "decision": "deny"}), 4003, 1, Some("Blocked")),
+            (
+                json!({"event": "http", "method": "POST", "host": "a.test", "path": "/x", "dst": "1.2.3.4:80", "decision": "allow"}),
+                4002,
+                6,
+                Some("Allowed"),
+            ),
+            (
+                json!({"event": "http", "method": "GET", "host": "a.test", "decision": "deny", "leak": "gh"}),
+                4002,
+                3,
+                Some("Blocked"),
+            ),
+            (
+                json!({"event": "tls", "sni": "a.test", "dst": "1.2.3.4:443", "decision": "allow"}),
+                4001,
+                1,
+                Some("Allowed"),
+            ),
+            (
+                json!({"event": "upstream", "dst": "1.2.3.4:443", "decision": "deny", "error": "cert"}),
+                4001,
+                5,
+                Some("Blocked"),
+            ),
+            (json!({"event": "refused", "what": "TCP to 1.2.3.4:22"}), 4001, 5, Some("Blocked")),
+            (json!({"event": "conn_end", "dst": "1.2.3.4:443", "bytes_up": 1, "bytes_down": 2}), 4001, 2, None),
+            (json!({"event": "file", "op": "write", "path": "/w/a.rs", "decision": "allow"}), 1001, 3, Some("Allowed")),
+            (
+                json!({"event": "file", "op": "open", "path": "/w/.env", "decision": "deny", "reason": "hidden"}),
+                1001,
+                2,
+                Some("Blocked"),
+            ),
+            (json!({"event": "file", "op": "unlink", "path": "/w/x", "decision": "allow"}), 1001, 4, Some("Allowed")),
+            (json!({"event": "run", "agent": "claude"}), 0, 0, None),
+        ];
+        for (mut line, class, activity, disposition) in cases {
+            line["seq"] = json!(7);
+            line["ts"] = json!(1_700_000_000_000u64);
+            let o = to_ocsf(line.as_object().unwrap(), &context);
+            assert_eq!((o["class_uid"].as_u64(), o["activity_id"].as_u64()), (Some(class), Some(activity)), "{line}");
+            assert_eq!(o["type_uid"].as_u64(), Some(class * 100 + activity));
+            assert_eq!(o["disposition"].as_str(), disposition, "{line}");
+            assert_eq!(o["time"], 1_700_000_000_000u64);
+            assert_eq!(o["metadata"]["product"]["name"], "sbx");
+            assert_eq!(o["metadata"]["version"], OCSF_VERSION);
+            assert_eq!(o["metadata"]["uid"], "sb:7");
+            assert_eq!(o["unmapped"]["line"], line, "the original line, whole");
+            assert_eq!(o["unmapped"]["sbx"]["workspace"], "/w");
+        }
+        let leak = to_ocsf(json!({"event": "http", "decision": "deny", "leak": "gh"}).as_object().unwrap(), &context);
+        assert_eq!(leak["severity"], "High");
+        let http = to_ocsf(
+            json!({"event": "http", "method": "GET", "host": "a.test", "path": "/p", "dst": "1.2.3.4:80"})
+                .as_object()
+                .unwrap(),
+            &context,
+        );
+        assert_eq!(http["dst_endpoint"], json!({"ip": "1.2.3.4", "port": 80, "hostname": "a.test"}));
+        assert_eq!(http["http_request"]["url"]["path"], "/p");
+        assert_eq!(http["src_endpoint"]["hostname"], "sb");
+        let rec: Value =
+            serde_json::from_str(&export_record(r#"{"seq":1,"event":"dns"}"#, "jsonl", &context).unwrap()).unwrap();
+        assert_eq!(
+            (rec["schema"].as_str(), rec["agent"].as_str(), rec["event"]["event"].as_str()),
+            (Some(SCHEMA), Some("claude"), Some("dns"))
+        );
     }
 }
