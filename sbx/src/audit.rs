@@ -423,8 +423,7 @@ fn verify_report(target: &str, anchors_file: Option<&Path>) -> Result<(Vec<Strin
     let say = |what: &Path, w: &Walked| {
         let mut s = format!("{}: {}", what.display(), w.verified);
         if let Some((f, t)) = &w.torn_tail {
-            s.push_str(&format!(" ({})", f.display()));
-            let _ = t;
+            s.push_str(&format!("; {}: {t}", f.display()));
         }
         s
     };
@@ -652,7 +651,7 @@ impl Follower {
         }
     }
 
-    /// Stops reading the current file (for tests: rewinds nothing).
+    /// What the lines read so far end with.
     pub fn verified(&self) -> &Verified {
         self.checker.verified()
     }
