@@ -1094,6 +1094,37 @@ impl Chain {
     }
 }
 
+/// Checks lines one at a time, as [`verify_files`] does, for readers that
+/// need each line's place or read as lines are appended (`sbx audit
+/// verify`, `sbx log --follow`). Read side only: writes nothing.
+pub struct LineChecker(Chain);
+
+impl LineChecker {
+    /// `late_start`: the first line may continue a chain whose start was
+    /// rotated away (a main log's oldest file), else it must be seq 1.
+    pub fn new(late_start: bool) -> LineChecker {
+        LineChecker(Chain::new(late_start))
+    }
+
+    /// Checks one whole line (without its line end) against the lines
+    /// before it: its seq, or why it breaks the chain.
+    pub fn check(&mut self, line: &str) -> Result<u64, String> {
+        self.0.check(line)?;
+        Ok(self.0.v.last_seq)
+    }
+
+    /// What the lines checked so far end with (`torn_tail` is never set).
+    pub fn verified(&self) -> &Verified {
+        &self.0.v
+    }
+}
+
+/// The hash the next line's `prev` carries for `line` (without its end):
+/// what an anchor keeps.
+pub fn hash_of_line(line: &str) -> String {
+    line_hash(line)
+}
+
 /// Checks every line's chain link and sequence number, from the chain's
 /// start. A partial last line is reported in [`Verified::torn_tail`].
 pub fn verify<R: BufRead>(input: R) -> Result<Verified, Error> {

@@ -28,10 +28,24 @@ pub enum Command {
     /// network requests and file changes (bursts whole, the rest counted),
     /// refusals (also kept in audit-evidence.log: those rotated out of the
     /// log are printed first), after checking both hash chains.
+    ///
+    /// Printed escaped for the terminal (the guest chose much of it);
+    /// --json prints the verified lines exactly as written.
     Log {
         name: String,
         #[arg(long, visible_alias = "network")]
         audit: bool,
+        /// With --audit: the verified JSON lines exactly, for programs.
+        #[arg(long, requires = "audit")]
+        json: bool,
+        /// With --audit: keep printing lines as they are appended (across
+        /// rotation), each verified against the one before, until Ctrl-C.
+        #[arg(long, requires = "audit")]
+        follow: bool,
+        /// With --follow: stop once the sandbox is not running and every
+        /// line is printed.
+        #[arg(long, requires = "follow")]
+        until_stopped: bool,
     },
     /// Network policy tools.
     #[command(subcommand)]
@@ -40,6 +54,51 @@ pub enum Command {
     /// policy binds them to (the guest only ever sees a placeholder).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Audit trail tools: verify the hash chains, anchor them, export them.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+// ---- `sbx audit` (governance: docs/audit.md) ----
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check a sandbox's audit log (its rotated files and evidence file),
+    /// or a log FILE, offline: exit 0 intact, 1 broken (the first broken
+    /// line: file, line, seq, why), 2 bad input.
+    Verify {
+        /// A sandbox name, or a log file's path.
+        #[arg(value_name = "NAME|FILE")]
+        target: String,
+        /// Also check the anchors kept for this log in FILE: deleted files,
+        /// truncation, rewritten history.
+        #[arg(long, value_name = "FILE")]
+        anchors: Option<PathBuf>,
+    },
+    /// Append the sandbox's chain heads (seq and hash of the last line of
+    /// its audit log and evidence file, and the time) to FILE, a
+    /// hash-chained file outside sbx's state and the workspace. `sbx run`
+    /// does this at its end when SBX_AUDIT_ANCHORS names such a file.
+    Anchor {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Export verified audit events with their sandbox, agent and
+    /// workspace: as JSON lines (schema sbx-audit/1) or OCSF-shaped JSON
+    /// lines, one file per sandbox in DIR, or all to stdout with '-'.
+    Export {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every sandbox.
+        #[arg(long)]
+        all: bool,
+        /// jsonl or ocsf.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[arg(long, value_name = "DIR|-")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -52,16 +111,41 @@ pub enum SecretCommand {
         /// `sbx run`.
         #[arg(long, value_name = "VAR")]
         from_env: Option<String>,
+        /// Which runs get it: global, workspace[=DIR] (the current folder
+        /// without DIR) or sandbox=NAME. For one name the most specific
+        /// scope that matches a run wins.
+        #[arg(long, default_value = "global")]
+        scope: String,
+        /// Refuse it to runs after this: an RFC 3339 date or date-time
+        /// (2025-01-31, 2025-01-31T12:00:00Z), or 30d, 12h from now.
+        #[arg(long, value_name = "DATE|Nd|Nh")]
+        expires: Option<String>,
     },
-    /// List secrets: names, where their values come from, and the hosts
-    /// they are bound to (never values).
+    /// Give secret NAME a new value (read like `set`); the old one is gone
+    /// at once. Keeps its scope, and its lifetime's length unless
+    /// --expires is given.
+    Rotate {
+        name: String,
+        /// The scope of the secret to rotate.
+        #[arg(long, default_value = "global")]
+        scope: String,
+        /// A new expiry, as for `set`.
+        #[arg(long, value_name = "DATE|Nd|Nh")]
+        expires: Option<String>,
+    },
+    /// List secrets: names, scopes, where their values come from, expiry,
+    /// last rotation and the hosts they are bound to (never values).
     Ls {
         /// Also show the bindings of this policy file.
         #[arg(long)]
         policy: Option<PathBuf>,
     },
-    /// Remove secret NAME.
-    Rm { name: String },
+    /// Remove secret NAME (of one scope).
+    Rm {
+        name: String,
+        #[arg(long, default_value = "global")]
+        scope: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -4,9 +4,11 @@
 //! disk, the control channel's client, the user's terminal and signals,
 //! which folders may be shared, escaping guest text for the terminal,
 //! kernel symbols for profiles, the secrets and CA netstack uses, the
-//! sandbox's resource limits (cgroup v2).
+//! sandbox's resource limits (cgroup v2), the audit trail's commands
+//! (verify, anchor, export, follow).
 
 pub mod agents;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::Parser;
 use sbx::cli::{Cli, Command, PolicyCommand};
 use sbx::escape::{self, Layout};
-use sbx::{commands, run, secrets};
+use sbx::{audit, commands, run, secrets};
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -21,7 +21,14 @@ fn main() -> ExitCode {
         Command::Ls => commands::ls().map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Stop { name } => commands::stop(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Rm { name } => commands::rm(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),
-        Command::Log { name, audit } => commands::log(&name, audit).map(|_| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Log { name, audit: false, .. } => {
+            commands::log(&name, false).map(|_| ExitCode::SUCCESS).map_err(Into::into)
+        }
+        Command::Log { name, audit: true, json, follow, until_stopped } => {
+            let stop = sbx::audit::stop_on_signals();
+            audit::print_log(&name, json, follow, until_stopped, &stop).map(|_| ExitCode::SUCCESS).map_err(Into::into)
+        }
+        Command::Audit(cmd) => audit::command(&cmd),
         Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
             commands::policy_explain(&url, policy.as_deref(), &preset, &method).map_err(Into::into)
         }

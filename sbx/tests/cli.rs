@@ -266,3 +266,171 @@ fn run_checks_a_sandbox_settings_like_user_input() {
         assert!(err.contains(&format!("Sandbox state in {} is corrupt", dir.join("sandbox.json").display())), "{err}");
     }
 }
+
+// ---- Governance: `sbx audit`, `sbx log --audit --json|--follow`, `sbx secret` scopes ----
+
+/// A sandbox "g" in `home` whose audit log holds `n` allowed requests and
+/// a refusal, as netstack writes them.
+fn sandbox_with_audit(home: &Path, n: usize) -> PathBuf {
+    let dir = make_sandbox(home, "g", &settings_json("g", "/w"));
+    let rotation = netstack::audit::Rotation::default();
+    let mut opened = netstack::audit::open(&dir.join("audit.log"), rotation, 1, |f| f).unwrap();
+    for i in 0..n {
+        let host = format!("h{i}.test\u{1b}]0;x\u{7}");
+        opened
+            .log
+            .record(&serde_json::json!({"event": "http", "method": "GET", "host": host, "decision": "allow"}), 5)
+            .unwrap();
+    }
+    opened.log.record(&serde_json::json!({"event": "dns", "name": "evil.test", "decision": "deny"}), 6).unwrap();
+    dir
+}
+
+#[test]
+fn audit_verify_reports_the_first_broken_line_and_exits_0_1_2() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let dir = sandbox_with_audit(&home, 4);
+    let env = [("SBX_HOME", home.as_path())];
+    let (code, out, err) = sbx_in(&["audit", "verify", "g"], &env, t.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("chain verified: seq 1 to 5"), "{out}");
+    let log = dir.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap().replacen("h1.test", "h9.test", 1);
+    std::fs::write(&log, text).unwrap();
+    let (code, out, _) = sbx_in(&["audit", "verify", "g"], &env, t.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("BROKEN: {} line 3 (seq 3): does not follow", log.display())), "{out}");
+    let (code, out, _) = sbx_in(&["audit", "verify", log.to_str().unwrap()], &env, t.path());
+    assert_eq!(code, Some(1), "a file too: {out}");
+    let (code, _, err) = sbx_in(&["audit", "verify", "nope"], &env, t.path());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("No sandbox named 'nope'"), "{err}");
+}
+
+#[test]
+fn audit_anchors_catch_a_log_cut_back_and_refuse_the_sandbox_state() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let dir = sandbox_with_audit(&home, 4);
+    let env = [("SBX_HOME", home.as_path())];
+    let anchors = t.path().join("anchors.log");
+    let a = anchors.to_str().unwrap();
+    let (code, _, err) = sbx_in(&["audit", "anchor", "g", "--to", a], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("audit log seq 5"), "{err}");
+    let inside = dir.join("anchors.log");
+    let (code, _, err) = sbx_in(&["audit", "anchor", "g", "--to", inside.to_str().unwrap()], &env, t.path());
+    assert_eq!(code, Some(125));
+    assert!(err.contains("Refusing to keep anchors in"), "{err}");
+    let (code, out, _) = sbx_in(&["audit", "verify", "g", "--anchors", a], &env, t.path());
+    assert_eq!(code, Some(0), "{out}");
+    // The last two lines dropped: the chain alone cannot tell.
+    let log = dir.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, kept).unwrap();
+    let (code, _, _) = sbx_in(&["audit", "verify", "g"], &env, t.path());
+    assert_eq!(code, Some(0));
+    let (code, out, _) = sbx_in(&["audit", "verify", "g", "--anchors", a], &env, t.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("BROKEN: the audit log ends at seq 3") && out.contains("up to seq 5"), "{out}");
+}
+
+#[test]
+fn audit_log_json_is_the_lines_exactly_and_the_default_says_it_is_escaped() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let dir = sandbox_with_audit(&home, 3);
+    let env = [("SBX_HOME", home.as_path())];
+    let written = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    let (code, out, _) = sbx_in(&["log", "g", "--audit", "--json"], &env, t.path());
+    assert_eq!(code, Some(0));
+    // The evidence file's refusal is also in the kept log: not repeated.
+    assert_eq!(out, written);
+    let (code, out, err) = sbx_in(&["log", "g", "--audit"], &env, t.path());
+    assert_eq!(code, Some(0));
+    assert!(err.contains("escaped for the terminal"), "{err}");
+    assert!(!out.contains('\u{1b}') && out.lines().count() == 4, "{out}");
+    // Following a stopped sandbox: everything, then it ends.
+    let (code, out, _) = sbx_in(&["log", "g", "--audit", "--json", "--follow", "--until-stopped"], &env, t.path());
+    assert_eq!(code, Some(0));
+    assert_eq!(out, written);
+}
+
+#[test]
+fn audit_export_writes_jsonl_and_ocsf_with_the_sandbox_it_came_from() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    sandbox_with_audit(&home, 2);
+    let env = [("SBX_HOME", home.as_path())];
+    let (code, out, err) = sbx_in(&["audit", "export", "g", "--format", "jsonl", "--to", "-"], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    let recs: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[0]["schema"], "sbx-audit/1");
+    assert_eq!(
+        (recs[0]["sandbox"].as_str(), recs[0]["agent"].as_str(), recs[0]["workspace"].as_str()),
+        (Some("g"), Some("shell"), Some("/w"))
+    );
+    assert_eq!(recs[2]["event"]["name"], "evil.test");
+    let to = t.path().join("out");
+    let (code, _, err) =
+        sbx_in(&["audit", "export", "--all", "--format", "ocsf", "--to", to.to_str().unwrap()], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    let text = std::fs::read_to_string(to.join("g.ocsf.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!((last["class_uid"].as_u64(), last["disposition"].as_str()), (Some(4003), Some("Blocked")));
+    assert_eq!(last["metadata"]["product"]["name"], "sbx");
+    let (code, _, err) = sbx_in(&["audit", "export", "g", "--format", "xml", "--to", "-"], &env, t.path());
+    assert_eq!(code, Some(125));
+    assert!(err.contains("expected jsonl or ocsf"), "{err}");
+}
+
+/// `sbx secret ARGS` with the value `stdin`.
+fn secret(config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sbx"));
+    cmd.arg("secret").args(args).env("SBX_CONFIG", config);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn secrets_keep_their_scope_expiry_and_rotation_and_log_each_change() {
+    let t = tempfile::tempdir().unwrap();
+    let config = t.path().join("cfg");
+    let ws = t.path().canonicalize().unwrap();
+    let scope = format!("workspace={}", ws.display());
+    let (code, _, err) = secret(&config, &["set", "anthropic", "--scope", &scope, "--expires", "30d"], "sk-one\n");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = secret(&config, &["set", "openai"], "sk-two\n");
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = secret(&config, &["ls"], "");
+    let line = out.lines().find(|l| l.starts_with("anthropic\t")).unwrap();
+    assert!(line.contains(&format!("\t{scope}\tstored\texpires 20")) && line.contains("\trotated 20"), "{line}");
+    assert!(out.lines().any(|l| l.starts_with("openai\tglobal\tstored\tnever expires")), "{out}");
+    assert!(!out.contains("sk-"), "{out}");
+    let (code, _, err) = secret(&config, &["rotate", "anthropic", "--scope", &scope], "sk-three\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("rotated, expires 20") && err.contains("the old value is gone"), "{err}");
+    let (code, _, err) = secret(&config, &["rotate", "anthropic"], "x\n");
+    assert_eq!(code, Some(125), "no global one to rotate");
+    assert!(err.contains("No secret named 'anthropic'"), "{err}");
+    let (code, _, err) = secret(&config, &["set", "x", "--expires", "yesterday"], "v\n");
+    assert_eq!(code, Some(125));
+    assert!(err.contains("Bad --expires 'yesterday'"), "{err}");
+    let log = std::fs::read_to_string(config.join("secrets-audit.log")).unwrap();
+    let actions: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["action"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(actions, ["set", "set", "rotate"]);
+    assert!(!log.contains("sk-"));
+    let (code, out, _) =
+        sbx_in(&["audit", "verify", config.join("secrets-audit.log").to_str().unwrap()], &[], t.path());
+    assert_eq!(code, Some(0), "{out}");
+}

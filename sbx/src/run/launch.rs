@@ -259,7 +259,19 @@ pub fn launch(
     let running = sb.mark_running().map_err(|e| LaunchError::Sandbox(name.clone(), e))?;
     let data_disk = sb.data_disk(plan.disk_gib).map_err(|e| LaunchError::Sandbox(name.clone(), e))?;
     let (job, open) = job_and_session(plan);
-    let audit = open_audit_log(&sb.audit_log())?.shared();
+    let mut opened = open_audit_log(&sb.audit_log())?;
+    // Whose decisions follow: the run's header line.
+    let header = serde_json::json!({
+        "event": "run",
+        "agent": plan.agent,
+        "sandbox": sb.settings.name,
+        "workspace": sb.settings.workspace.display().to_string(),
+        "policy_sha256": plan.policy_sha256,
+        "policy_source": plan.policy_source,
+        "sbx_version": env!("CARGO_PKG_VERSION"),
+    });
+    opened.record(&header, sandbox::now_unix_ms()).map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
+    let audit = opened.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
     publish_fs_stats(sb.fs_stats(), fs_counts.clone(), control_reach.clone());

@@ -91,6 +91,9 @@ fn control_reach(plan: &plan::RunPlan, cgroup: Option<&limits::Cgroup>) -> vmm::
         paths.push(rw(parent));
     }
     paths.extend(cgroup.map(|c| rw(&c.parent)));
+    // SBX_AUDIT_ANCHORS: its folder, where the run's end appends (and locks).
+    let anchors = crate::audit::anchors_from_env().and_then(|a| crate::folders::canonical_lenient(&a).ok());
+    paths.extend(anchors.as_deref().and_then(|a| a.parent()).map(rw));
     Reach::Only(paths)
 }
 
@@ -142,6 +145,8 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
             eprintln!("sbx: {e}");
         }
     }
+    // SBX_AUDIT_ANCHORS: the chain heads kept outside the sandbox's state.
+    crate::audit::anchor_after_run(&plan.sandbox);
     let launched = match launched {
         Ok(l) => l,
         Err(e) => {

@@ -136,6 +136,30 @@ pub struct RunPlan {
     pub interactive: bool,
     pub rows: u16,
     pub cols: u16,
+    /// For the audit log's `run` line: the SHA-256 of the policy document
+    /// as read (the built-in locked preset's name when there is none),
+    /// then each `--allow`, and where it came from.
+    pub policy_sha256: String,
+    pub policy_source: String,
+}
+
+/// The SHA-256 (hex) of the effective policy document's text: the file's
+/// bytes (or the built-in preset's name) and a `# --allow HOST` line for
+/// each `--allow`.
+fn policy_digest(args: &RunArgs) -> Result<(String, String), PlanError> {
+    use sha2::Digest;
+    let (mut text, source) = match &args.policy {
+        Some(path) => {
+            let read = std::fs::read(path).map_err(|e| policy_doc::Error::Read(path.clone(), e))?;
+            (read, path.display().to_string())
+        }
+        None => (b"builtin: locked preset".to_vec(), "the locked preset".to_string()),
+    };
+    for host in &args.allow {
+        text.extend_from_slice(format!("\n# --allow {host}").as_bytes());
+    }
+    let digest = sha2::Sha256::digest(&text);
+    Ok((digest.iter().map(|b| format!("{b:02x}")).collect(), source))
 }
 
 /// Where `cargo xtask` puts kernels and images: $SBX_ASSETS, or target/sbx
@@ -183,7 +207,7 @@ pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanEr
 
 /// The network: the policy's rules, the agent's needs, `--allow`,
 /// `--resolve`.
-fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
+fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Result<NetPlan, PlanError> {
     policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
     for host in &args.allow {
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
@@ -201,7 +225,7 @@ fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
     if let Some(extra) = &args.upstream_ca {
         terminate::add_pem_roots(&mut roots, extra)?;
     }
-    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest)?;
+    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest, scope, secrets::now_unix())?;
     for note in &run.notes {
         eprintln!("sbx: {note}");
     }
@@ -253,7 +277,15 @@ impl RunPlan {
             Some(path) => SandboxPolicy::read(path)?,
             None => SandboxPolicy::locked()?,
         };
-        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone())?) };
+        // The secrets a run gets depend on its sandbox's name and workspace:
+        // an existing sandbox keeps its own (checked below, before any start).
+        let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
+        let run_workspace = match Sandbox::open(&sandbox::home(), &name) {
+            Ok(sb) => sb.settings.workspace,
+            Err(_) => workspace.clone(),
+        };
+        let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
+        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope)?) };
 
         // sbx's own state and the files it boots from stay out of the
         // guest's reach: checked before the sandbox's folder is made, and
@@ -282,7 +314,6 @@ impl RunPlan {
             Ok(hide.into_iter().zip(protect).collect())
         };
         check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
-        let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
         let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
         // The folder asked for: --workspace, or the current one when the
         // name comes from it.
@@ -305,6 +336,7 @@ impl RunPlan {
             shares.push(SharePlan { dir, read_only, policy });
         }
 
+        let (policy_sha256, policy_source) = policy_digest(args)?;
         let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
         let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
         Ok(RunPlan {
@@ -335,6 +367,8 @@ impl RunPlan {
             interactive,
             rows,
             cols,
+            policy_sha256,
+            policy_source,
         })
     }
 }
