@@ -142,7 +142,7 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
         grep -rl sk-e2e- /etc /home /root /tmp /run 2>/dev/null | wc -l | sed 's/^/file_hits=/'
         # What the next `sbx run` reads from the workspace cannot be changed.
         echo '[[rule]]' >> policy.toml && echo policy_appended
-        : > upstream-root.pem && echo ca_truncated
+        true > upstream-root.pem && echo ca_truncated
         rm -f policy.toml && echo policy_removed
         mv policy.toml p2.toml && echo policy_moved
         mkdir -p d && mv upstream-root.pem d/ && echo ca_moved
