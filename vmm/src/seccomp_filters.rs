@@ -19,6 +19,20 @@
 //! setuid and capabilities, signals to other processes, terminal input
 //! injection (`TIOCSTI`), and executable memory outside the network kind
 //! (whose host resolver may load NSS modules).
+//!
+//! UNIX sockets, kind by kind (issue 26: reaching ssh-agent, D-Bus or
+//! docker.sock): the network threads create none — glibc's resolver
+//! tries nscd's socket (/var/run/nscd/socket) and NSS modules may try
+//! systemd's or avahi's, so `socket(AF_UNIX)` is answered EACCES, not
+//! trapped, and glibc goes on to the files and DNS (its wake socket is a
+//! socketpair made before the thread starts); the control channel
+//! creates no socket and connects nowhere (it accepts on the control
+//! socket, bound before it starts); the control threads create UNIX
+//! sockets for one connect, the main session's to the control socket,
+//! and bind and listen on none. vCPUs and file servers create no socket.
+//! Seccomp cannot read connect's path: where the kernel has Landlock ABI
+//! 9 the path is confined too, and abstract sockets are Landlock's on
+//! every kind ([`crate::threads`]).
 
 use std::collections::BTreeMap;
 
@@ -217,8 +231,6 @@ const VSOCK: Sys = sys!(SYS_accept4);
 /// terminal, the sandbox's state files, the audit log, the end of the run.
 const CONTROL: Sys = sys!(
     SYS_connect,
-    SYS_bind,
-    SYS_listen,
     SYS_accept4,
     SYS_socketpair,
     SYS_pipe2,
@@ -409,6 +421,8 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Rules {
             r.allow(AUDIT);
             r.allow(SOCKET_IO);
             r.allow(NET);
+            // AF_UNIX is allowed here only so that the first program's
+            // EACCES is the answer rather than a trap ([`programs`]).
             allow_sockets(&mut r, &[libc::AF_INET, libc::AF_INET6, libc::AF_UNIX]);
             allow_ioctls(&mut r, &[libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD]);
             allow_threads(&mut r);
@@ -450,14 +464,35 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Rules {
     r
 }
 
+/// What the network kind's `socket(AF_UNIX, ..)` returns.
+pub const NO_UNIX_SOCKET: i32 = libc::EACCES;
+
 /// The filter programs of thread kind `kind`, in the order to install
-/// them: the one that answers `clone3` with ENOSYS, then the allow-list
+/// them: for the network kind the one that answers `socket(AF_UNIX)` with
+/// [`NO_UNIX_SOCKET`], the one that answers `clone3` with ENOSYS, then the allow-list
 /// (anything else traps; installing filters is not allowed, so it comes
 /// last).
 pub fn programs(kind: ThreadKind, ctx: &Context) -> Result<Vec<BpfProgram>, Error> {
     let name = kind.as_str();
     let build = |source| Error::Build { kind: name, source };
     let compile = |source| Error::Compile { kind: name, source };
+    let mut programs = Vec::new();
+    if kind == ThreadKind::Net {
+        // No UNIX socket, with an answer glibc's resolver takes as "no
+        // nscd, no such service" (an errno outranks the allow-list's
+        // allow, which keeps this call from trapping).
+        let no_unix = SeccompFilter::new(
+            BTreeMap::from([(
+                libc::SYS_socket,
+                vec![SeccompRule::new(vec![eq(0, libc::AF_UNIX as u64)]).expect("a rule with a condition")],
+            )]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(NO_UNIX_SOCKET as u32),
+            ARCH,
+        )
+        .map_err(build)?;
+        programs.push(no_unix.try_into().map_err(compile)?);
+    }
     let allow = SeccompFilter::new(rules(kind, ctx).into_map(), SeccompAction::Trap, SeccompAction::Allow, ARCH)
         .map_err(build)?;
     let no_clone3 = SeccompFilter::new(
@@ -467,7 +502,9 @@ pub fn programs(kind: ThreadKind, ctx: &Context) -> Result<Vec<BpfProgram>, Erro
         ARCH,
     )
     .map_err(build)?;
-    Ok(vec![no_clone3.try_into().map_err(compile)?, allow.try_into().map_err(compile)?])
+    programs.push(no_clone3.try_into().map_err(compile)?);
+    programs.push(allow.try_into().map_err(compile)?);
+    Ok(programs)
 }
 
 #[cfg(test)]
@@ -482,8 +519,10 @@ mod tests {
     fn every_kind_compiles_and_names_are_found() {
         for kind in ThreadKind::ALL {
             let p = programs(kind, &ctx()).unwrap();
-            assert_eq!(p.len(), 2);
-            assert!(p[1].len() > 10 && p[1].len() < 4096, "{kind:?}: {} instructions", p[1].len());
+            // The network kind's no-UNIX-socket program comes first.
+            assert_eq!(p.len(), if kind == ThreadKind::Net { 3 } else { 2 }, "{kind:?}");
+            let allow = p.last().unwrap();
+            assert!(allow.len() > 10 && allow.len() < 4096, "{kind:?}: {} instructions", allow.len());
         }
         assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
         assert_eq!(syscall_name(libc::SYS_openat), Some("openat"));
@@ -527,5 +566,29 @@ mod tests {
             rules(**k, &ctx()).0.get(&libc::SYS_socket).is_some_and(|r| r.as_ref().is_some_and(|v| v.len() > 1))
         });
         assert_eq!(only_net_creates_inet_sockets.collect::<Vec<_>>(), [&ThreadKind::Net]);
+    }
+
+    #[test]
+    fn unix_sockets_only_where_a_kind_needs_them() {
+        let has = |kind, nr| rules(kind, &ctx()).0.contains_key(&nr);
+        // The control channel accepts on a socket bound before it starts:
+        // it creates none, connects nowhere.
+        for nr in [libc::SYS_socket, libc::SYS_socketpair, libc::SYS_connect, libc::SYS_bind, libc::SYS_listen] {
+            assert!(!has(ThreadKind::Vsock, nr), "control channel allows {:?}", syscall_name(nr));
+        }
+        // No kind binds or listens (the control socket is bound before
+        // any confined thread exists).
+        for kind in ThreadKind::ALL {
+            for nr in [libc::SYS_bind, libc::SYS_listen] {
+                if kind != ThreadKind::Net || nr == libc::SYS_listen {
+                    assert!(!has(kind, nr), "{kind:?} allows {:?}", syscall_name(nr));
+                }
+            }
+        }
+        // vCPUs and file servers create no socket at all.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Fs] {
+            assert!(!has(kind, libc::SYS_socket), "{kind:?} creates sockets");
+            assert!(!has(kind, libc::SYS_connect), "{kind:?} connects");
+        }
     }
 }

@@ -362,6 +362,16 @@ pub fn set_no_new_privs() -> io::Result<()> {
     Ok(())
 }
 
+/// Sets whether the process is dumpable (`PR_SET_DUMPABLE`): not
+/// dumpable, it leaves no core file, other processes of its user cannot
+/// ptrace it or read its memory (`/proc/PID/mem`), and its `/proc/PID`
+/// files belong to root (its own threads still read them).
+pub fn set_dumpable(dumpable: bool) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(dumpable), 0, 0, 0) })?;
+    Ok(())
+}
+
 /// Makes the calling thread (only it: raw system calls, not glibc's
 /// process-wide wrappers) user `uid`, group `gid`, with no supplementary
 /// groups. From root to another user the thread loses every capability.

@@ -2,8 +2,13 @@
 //! them. Each thread has a [`ThreadKind`] saying what it runs (a vCPU, a
 //! device worker, the control threads); once [`enable_jail`] has been
 //! called, every thread is confined before its work starts: Landlock to
-//! the paths it was given (the file server: its shared folder), then its
-//! kind's seccomp filter ([`crate::seccomp_filters`]). A thread that makes
+//! the paths it was given (the file server: its shared folder; netstack:
+//! the resolver's files, [`resolver_reach`]) and to no abstract UNIX
+//! socket made outside it, its capabilities cut to its kind's (the
+//! network threads: none; the control channel: nobody's), then its
+//! kind's seccomp filter ([`crate::seccomp_filters`]). The process as a
+//! whole is hardened first ([`harden_process`]: no core dumps, not
+//! dumpable, `no_new_privs`, capabilities). A thread that makes
 //! a call its filter forbids is stopped on the spot (it never returns to
 //! its code: [`forbidden_syscall`]) and the VM stops with the reason
 //! ([`StopReason::SyscallForbidden`]); should the orderly stop not finish
@@ -28,7 +33,7 @@ use std::time::Duration;
 
 use landlock::{
     path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, ABI,
+    RulesetStatus, Scope, ABI,
 };
 use seccompiler::BpfProgram;
 
@@ -81,6 +86,63 @@ impl ThreadKind {
 /// becomes.
 pub const NOBODY: u32 = 65534;
 
+/// The Landlock ABI whose rights cover connecting to pathname UNIX
+/// sockets (`LANDLOCK_ACCESS_FS_RESOLVE_UNIX`, Linux 7.1).
+const LANDLOCK_ABI_UNIX_PATHS: u32 = 9;
+
+/// The files glibc's resolver reads (strace of getaddrinfo: the NSS
+/// configuration, host.conf, resolv.conf, hosts; gai.conf to sort
+/// addresses, services and protocols for named ports, ld.so.cache and
+/// mdns.allow where an NSS module is loaded): the network threads may
+/// read these files, not the rest of /etc.
+pub const RESOLVER_FILES: &[&str] = &[
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/ld.so.cache",
+    "/etc/mdns.allow",
+];
+/// Where the NSS modules (libnss_*.so) and the libraries they load are:
+/// the network threads may read (and map) them.
+pub const LIBRARY_DIRS: &[&str] = &["/usr/lib", "/usr/lib64", "/lib", "/lib64"];
+
+/// How deep the directory of resolv.conf's target must be (`/`, `run`,
+/// `resolvconf`) to be allowed whole: never all of /run or /etc.
+pub const MANAGER_DIR_COMPONENTS: usize = 3;
+
+/// What the network threads may read for the host resolver: each of
+/// [`RESOLVER_FILES`] there is (a rule on a file follows its symlink: the
+/// target is what is allowed), the [`LIBRARY_DIRS`], and, when
+/// /etc/resolv.conf is a link out of /etc (systemd-resolved's
+/// /run/systemd/resolve/stub-resolv.conf, resolvconf's, NetworkManager's),
+/// the directory of its target if it is one of the manager's own (at
+/// least [`MANAGER_DIR_COMPONENTS`] deep): the manager replaces that file (a new
+/// one, which a rule on the old one would not cover) whenever the
+/// network changes. Nothing else of /etc or /run: not /etc/shadow, not
+/// the sockets there.
+///
+/// A file of /etc itself replaced while the sandbox runs (an editor's
+/// new /etc/hosts, a DHCP client rewriting a plain /etc/resolv.conf) is
+/// out of reach until the next run: glibc then finds no hosts file, or
+/// no resolv.conf (and asks 127.0.0.1).
+pub fn resolver_reach() -> Vec<PathRule> {
+    let ro = |p: PathBuf| PathRule { path: p, write: false };
+    let mut rules: Vec<PathRule> = RESOLVER_FILES.iter().map(PathBuf::from).filter(|p| p.exists()).map(ro).collect();
+    let managed = std::fs::canonicalize("/etc/resolv.conf")
+        .ok()
+        .and_then(|t| t.parent().map(PathBuf::from))
+        // A manager's own directory (/run/x/...), never a whole /etc or
+        // /run: else only the file.
+        .filter(|dir| dir.components().count() >= MANAGER_DIR_COMPONENTS);
+    rules.extend(managed.map(ro));
+    rules.extend(LIBRARY_DIRS.iter().map(PathBuf::from).filter(|p| p.exists()).map(ro));
+    rules
+}
+
 /// How long the VM has to stop in order after a thread made a forbidden
 /// call before the process exits.
 pub const VIOLATION_GRACE: Duration = Duration::from_secs(10);
@@ -112,6 +174,10 @@ pub enum JailError {
     Watcher(io::Error),
     #[error("Cannot set no_new_privs: {0}")]
     NoNewPrivs(io::Error),
+    #[error("Cannot turn core dumps off (RLIMIT_CORE 0): {0}")]
+    CoreLimit(io::Error),
+    #[error("Cannot make the process non-dumpable (PR_SET_DUMPABLE 0): {0}")]
+    Dumpable(io::Error),
     #[error("Cannot drop capabilities: {0}")]
     Capabilities(io::Error),
     #[error("Cannot make a {kind} thread an unprivileged user: {source}")]
@@ -200,10 +266,20 @@ const CAP_CHOWN: u64 = 0;
 const CAP_DAC_OVERRIDE: u64 = 1;
 const CAP_FOWNER: u64 = 3;
 
-/// Hardens the calling thread before it starts any other: `no_new_privs`,
-/// and when it has capabilities (sbx run as root) all but
-/// [`KEPT_CAPABILITIES`] dropped. Threads started afterwards inherit both.
+/// Hardens the calling thread before it starts any other (and before the
+/// process reads any secret): no core dumps (RLIMIT_CORE 0, soft and
+/// hard, and not dumpable: a crash leaves no memory image in the working
+/// directory, and other processes of the user can neither ptrace the
+/// VMM nor read its memory through /proc), `no_new_privs`, and when it
+/// has capabilities (sbx run as root) all but [`KEPT_CAPABILITIES`]
+/// dropped. Threads started afterwards inherit all of it.
+///
+/// Not dumpable, the process's /proc files belong to root; its own
+/// threads still read them (status, smaps, mountinfo, cgroup: the kernel
+/// lets a process inspect itself).
 pub fn harden_process() -> Result<(), JailError> {
+    sys::setrlimit(libc::RLIMIT_CORE, &libc::rlimit { rlim_cur: 0, rlim_max: 0 }).map_err(JailError::CoreLimit)?;
+    sys::set_dumpable(false).map_err(JailError::Dumpable)?;
     sys::set_no_new_privs().map_err(JailError::NoNewPrivs)?;
     let (effective, permitted, inheritable) = sys::capabilities().map_err(JailError::Capabilities)?;
     if effective | permitted | inheritable != 0 {
@@ -348,16 +424,24 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
     }
     // The control channel's worker needs no file and no privilege: as
     // root it runs as nobody (this thread only; the others keep what
-    // writing the sandbox's state needs).
+    // writing the sandbox's state needs). The network threads need no
+    // capability either (netstack binds no privileged port and serves no
+    // other user's file): they lose every one but stay uid 0, because
+    // they append to and rotate the audit log in root's sandbox
+    // directory (as nobody they could not make its next file); Landlock,
+    // not the uid, keeps them from root's files (uid 0 owns /etc/shadow
+    // and /root, capabilities or not).
     let identity = |e| JailError::Identity { kind: kind.as_str(), source: e };
     if sys::geteuid() == 0 {
-        if kind == ThreadKind::Vsock {
-            // CAP_SETUID/SETGID, kept permitted for this ([`harden_process`]).
-            sys::restrict_capabilities(KEPT_CAPABILITIES | SWITCH_USER, 0).map_err(identity)?;
-            sys::become_user_this_thread(NOBODY, NOBODY).map_err(identity)?;
-        } else {
+        match kind {
+            ThreadKind::Vsock => {
+                // CAP_SETUID/SETGID, kept permitted for this ([`harden_process`]).
+                sys::restrict_capabilities(KEPT_CAPABILITIES | SWITCH_USER, 0).map_err(identity)?;
+                sys::become_user_this_thread(NOBODY, NOBODY).map_err(identity)?;
+            }
+            ThreadKind::Net => sys::restrict_capabilities(0, 0).map_err(identity)?,
             // The other kinds never switch users: gone from this thread.
-            sys::restrict_capabilities(KEPT_CAPABILITIES, 0).map_err(identity)?;
+            _ => sys::restrict_capabilities(KEPT_CAPABILITIES, 0).map_err(identity)?,
         }
     }
     KIND.with(|k| k.set(kind.code()));
@@ -369,7 +453,20 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
 }
 
 /// Landlock: the calling thread may reach `paths` only (read, or read and
-/// write), whatever path it is given.
+/// write), whatever path it is given; and it cannot connect to an abstract
+/// UNIX socket (`@name`: D-Bus's, X11's, any other program's) made outside
+/// its own domain (`LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET`, ABI 6).
+///
+/// Pathname UNIX sockets (ssh-agent's, D-Bus's /run/user/UID/bus,
+/// docker.sock): Landlock covers connect(2) to them only from ABI 9
+/// (Linux 7.1, `LANDLOCK_ACCESS_FS_RESOLVE_UNIX`), asked for where the
+/// kernel has it: a thread then connects only to sockets under the paths
+/// it may write (the control socket in the sandbox's directory). Below
+/// ABI 9 (Linux 6.18 has 7) the seccomp filters are what holds: no
+/// kind but the control threads may create a UNIX socket (the network
+/// kind's attempt is answered EACCES), and the control threads' one
+/// connect is the main session's to the control socket; the rest is the
+/// host's file permissions.
 fn landlock_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailError> {
     let fail = |message: String| JailError::Landlock {
         kind: kind.as_str(),
@@ -380,11 +477,16 @@ fn landlock_current(kind: ThreadKind, paths: &[PathRule]) -> Result<(), JailErro
         },
         message,
     };
-    let abi = ABI::V6;
+    // The rights of ABI 6, and of ABI 9 (pathname sockets) where the
+    // kernel has them: an older kernel is not reported as enforcing only
+    // part of what was asked for a right it never had (ABIs 7 and 8 add
+    // no right to the file system's).
+    let abi = if sys::landlock_abi().is_some_and(|v| v >= LANDLOCK_ABI_UNIX_PATHS) { ABI::V9 } else { ABI::V6 };
     let (rw, ro): (Vec<_>, Vec<_>) = paths.iter().partition(|p| p.write);
     let status = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.scope(Scope::AbstractUnixSocket))
         .and_then(|r| r.create())
         .and_then(|r| r.add_rules(path_beneath_rules(rw.iter().map(|p| &p.path), AccessFs::from_all(abi))))
         .and_then(|r| r.add_rules(path_beneath_rules(ro.iter().map(|p| &p.path), AccessFs::from_read(abi))))

@@ -8,7 +8,6 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -87,11 +86,7 @@ fn each_kind_runs_its_work_under_its_filter() {
         let (mut s, _) = listener.accept().unwrap();
         s.write_all(b"pong").unwrap();
     });
-    let system: Vec<PathRule> = ["/etc", "/run", "/usr/lib", "/lib", "/lib64"]
-        .iter()
-        .filter(|p| Path::new(p).exists())
-        .map(|p| PathRule { path: p.into(), write: false })
-        .collect();
+    let system = threads::resolver_reach();
     let home = std::env::var("HOME").unwrap_or("/root".into());
     let (got, resolved, home_read) = confined(ThreadKind::Net, Reach::Only(system), move || {
         let resolved = ("localhost", 80).to_socket_addrs().map(|a| a.count()).map_err(|e| e.to_string());
@@ -195,6 +190,167 @@ fn the_file_server_reaches_its_folder_and_nothing_else() {
     assert_eq!(result.5, Err(Some(libc::EACCES)), "`..` does not lead out");
     assert_eq!(std::fs::read_to_string(share.join("a/g")).unwrap(), "data");
     assert_eq!(threads::landlock_state(), threads::LandlockState::Enforced);
+}
+
+/// The first name /etc/hosts gives that is not localhost's.
+fn a_hosts_name() -> Option<String> {
+    let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
+    hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .flat_map(|l| l.split_whitespace().skip(1))
+        .find(|n| !n.starts_with("localhost") && !n.starts_with("ip6-"))
+        .map(str::to_string)
+}
+
+#[test]
+fn the_network_threads_resolve_but_reach_no_unix_socket_no_secret_and_no_capability() {
+    let t = tempfile::tempdir().unwrap();
+    let sock = t.path().join("agent.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let hosts_name = a_hosts_name();
+    let mut reach = vec![PathRule { path: t.path().to_path_buf(), write: true }];
+    reach.extend(threads::resolver_reach());
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let stop = jail();
+    let h = threads::spawn(ThreadKind::Net, "test-net", PanicReport::to(&stop), Reach::Only(reach), move || {
+        let err = |e: std::io::Error| e.raw_os_error();
+        let localhost = ("localhost", 80).to_socket_addrs().map(|a| a.count()).map_err(|e| e.to_string());
+        let named =
+            hosts_name.map(|n| (n.as_str(), 80).to_socket_addrs().map(|a| a.count()).map_err(|e| e.to_string()));
+        // UNIX sockets: refused with an errno, not a trap (a pathname
+        // one in a directory it may even write, and none to create).
+        let unix = UnixStream::connect(&sock).map(drop).map_err(err);
+        let datagram = std::os::unix::net::UnixDatagram::unbound().map(drop).map_err(err);
+        // Root's secrets: uid 0 owns them (so capabilities alone do not
+        // keep them), Landlock does.
+        let shadow = std::fs::read("/etc/shadow").map(drop).map_err(err);
+        let passwd = std::fs::read("/etc/passwd").map(drop).map_err(err);
+        let root_home = std::fs::read_dir("/root").map(drop).map_err(err);
+        let root_file = std::fs::read("/root/.profile").map(drop).map_err(err);
+        // Its capabilities, read by the test from /proc (which this
+        // thread does not reach) while it waits.
+        // SAFETY: gettid has no preconditions and cannot fail.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        let _ = done_rx.recv();
+        (localhost, named, unix, datagram, shadow, passwd, root_home, root_file)
+    })
+    .unwrap();
+    let tid = tid_rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        panic!("the network thread did not get this far: {:?} {:?}", threads::violation(), stop.reason())
+    });
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let field = |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).unwrap_or_default().trim().to_string();
+    let (eff, prm) = (field("CapEff:"), field("CapPrm:"));
+    done_tx.send(()).unwrap();
+    let r = h.join().unwrap().unwrap_or_else(|| panic!("the network thread failed: {:?}", stop.reason()));
+    assert!(threads::violation().is_none(), "{:?}", threads::violation());
+    assert!(r.0.as_ref().is_ok_and(|n| *n > 0), "localhost resolves: {:?}", r.0);
+    if let Some(named) = &r.1 {
+        assert!(named.as_ref().is_ok_and(|n| *n > 0), "a name of /etc/hosts resolves: {named:?}");
+    }
+    let refused = Err(Some(vmm::seccomp_filters::NO_UNIX_SOCKET));
+    assert_eq!(r.2, refused, "no connect to a UNIX socket (ssh-agent's, docker.sock)");
+    assert_eq!(r.3, refused, "no UNIX socket at all");
+    assert_eq!(r.4, Err(Some(libc::EACCES)), "/etc/shadow is out of reach");
+    assert_eq!(r.5, Err(Some(libc::EACCES)), "what the resolver does not read of /etc is out of reach");
+    assert_eq!(r.6, Err(Some(libc::EACCES)), "root's home is out of reach");
+    assert!(matches!(r.7, Err(Some(libc::EACCES | libc::ENOENT))), "{:?}", r.7);
+    if is_root() {
+        assert_eq!((eff.as_str(), prm.as_str()), ("0000000000000000", "0000000000000000"), "no capability left");
+    }
+}
+
+#[test]
+fn no_kind_connects_to_an_abstract_socket_made_outside_it() {
+    use std::os::linux::net::SocketAddrExt;
+    if threads::landlock_abi().is_none_or(|v| v < 6) {
+        eprintln!("skipped: Landlock below ABI 6 has no scope for abstract sockets");
+        return;
+    }
+    let name = format!("sbx-jail-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = UnixListener::bind_addr(&addr).unwrap();
+    // Reachable from an unconfined thread (the test's).
+    assert!(UnixStream::connect_addr(&addr).is_ok());
+    let t = tempfile::tempdir().unwrap();
+    let sock = t.path().join("control.sock");
+    let control = UnixListener::bind(&sock).unwrap();
+    let reach = Reach::Only(vec![PathRule { path: t.path().to_path_buf(), write: true }]);
+    let (abstract_connect, control_connect) = confined(ThreadKind::Control, reach, move || {
+        let abstract_connect = UnixStream::connect_addr(&addr).map(drop).map_err(|e| e.raw_os_error());
+        // The one connect the control threads make: to the control socket.
+        let control_connect = UnixStream::connect(&sock).map(drop).map_err(|e| e.raw_os_error());
+        (abstract_connect, control_connect)
+    });
+    assert_eq!(abstract_connect, Err(Some(libc::EPERM)), "D-Bus's or X11's abstract socket is out of reach");
+    assert_eq!(control_connect, Ok(()), "the main session still connects to the control socket");
+    drop(control);
+}
+
+#[test]
+fn hardening_turns_core_dumps_off_and_the_process_still_reads_its_proc() {
+    let exe = std::env::current_exe().unwrap();
+    let users: &[&str] = if is_root() { &["self", "nobody"] } else { &["self"] };
+    for user in users {
+        let out = Command::new(&exe)
+            .args(["--exact", "harden_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("SBX_JAIL_CHILD", user)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let case = format!("as {user}: {:?}\nstdout {stdout}\nstderr {stderr}", out.status);
+        assert_eq!(out.status.code(), Some(0), "{case}");
+        assert!(stdout.contains("CORE LIMIT 0 0"), "{case}");
+        assert!(stdout.contains("DUMPABLE 0"), "{case}");
+        assert!(stdout.contains("PROC READ"), "{case}");
+        assert!(stdout.contains("CONFINED PROC READ"), "{case}");
+    }
+}
+
+/// The hardening in a process of its own (it is process-wide): run by the
+/// test above, as this user and, for root, as nobody.
+#[test]
+#[ignore = "a child of hardening_turns_core_dumps_off_and_the_process_still_reads_its_proc"]
+fn harden_child() {
+    let user = std::env::var("SBX_JAIL_CHILD").expect("run by its parent test");
+    if user == "nobody" {
+        // SAFETY: integer arguments only (setgroups with a null list of
+        // size 0); glibc applies them to every thread of the process.
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+            assert_eq!(libc::setresgid(threads::NOBODY, threads::NOBODY, threads::NOBODY), 0);
+            assert_eq!(libc::setresuid(threads::NOBODY, threads::NOBODY, threads::NOBODY), 0);
+        }
+    }
+    threads::harden_process().unwrap();
+    let mut lim = libc::rlimit { rlim_cur: 1, rlim_max: 1 };
+    // SAFETY: lim is a valid rlimit to write.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut lim) }, 0);
+    println!("CORE LIMIT {} {}", lim.rlim_cur, lim.rlim_max);
+    // SAFETY: prctl with integer arguments only.
+    println!("DUMPABLE {}", unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) });
+    // What sbx reads of itself: its status, memory (metrics), mounts and
+    // cgroup (limits).
+    let own = ["/proc/self/status", "/proc/self/smaps", "/proc/self/mountinfo", "/proc/self/cgroup"];
+    for f in own {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(!text.is_empty(), "{f}");
+    }
+    assert_eq!(status_field("NoNewPrivs:"), "1");
+    println!("PROC READ");
+    // And a control thread, confined to /proc/self as sbx's are.
+    let reach = Reach::Only(vec![PathRule { path: "/proc/self".into(), write: false }]);
+    let read = confined(ThreadKind::Control, reach, move || {
+        own.iter()
+            .map(|f| std::fs::read_to_string(f).map(|t| t.len()).map_err(|e| format!("{f}: {e}")))
+            .collect::<Vec<_>>()
+    });
+    for r in read {
+        assert!(r.as_ref().is_ok_and(|n| *n > 0), "{r:?}");
+    }
+    println!("CONFINED PROC READ");
 }
 
 #[test]

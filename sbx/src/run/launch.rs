@@ -166,12 +166,6 @@ fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, reach: Reach) {
     });
 }
 
-/// What the host's resolver reads (glibc: nsswitch.conf, hosts,
-/// resolv.conf — often a link into /run —, NSS modules and their
-/// libraries): netstack's threads may read these, and nothing else of the
-/// host but the sandbox's directory.
-const RESOLVER_PATHS: &[&str] = &["/etc", "/run", "/usr/lib", "/lib", "/lib64", "/usr/lib64", "/var/run"];
-
 /// The sandbox's network: its policy and upstream overrides, and the
 /// sandbox's audit log (in `sandbox_dir`, which it rotates).
 fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> GuestNet {
@@ -180,10 +174,12 @@ fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
     let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    // netstack's threads may read what the host's resolver reads
+    // (resolv.conf, hosts, the NSS configuration and modules: not the rest
+    // of /etc or /run), and nothing else of the host but the sandbox's
+    // directory (the audit log).
     let mut paths = vec![PathRule { path: sandbox_dir.to_path_buf(), write: true }];
-    paths.extend(
-        RESOLVER_PATHS.iter().map(Path::new).filter(|p| p.exists()).map(|p| PathRule { path: p.into(), write: false }),
-    );
+    paths.extend(threads::resolver_reach());
     GuestNet {
         mac: GUEST_MAC,
         mtu,
