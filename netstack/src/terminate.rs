@@ -222,6 +222,11 @@ impl GuestTls {
         &mut self.wire
     }
 
+    /// Ciphertext bytes waiting for the guest.
+    pub(crate) fn wire_len(&self) -> usize {
+        self.wire.len()
+    }
+
     pub(crate) fn wire_is_empty(&self) -> bool {
         self.wire.is_empty() && !self.conn.wants_write()
     }
