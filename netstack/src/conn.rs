@@ -31,6 +31,9 @@
 //! ([`ConnectSlots`]); a connection waits for a slot up to
 //! [`MAX_CONNECT_WAIT`], then gets a 502. A connect thread whose connection
 //! went away does not connect; one that already did drops its socket.
+//! Time limits per connection (response head, upstream silence, a guest
+//! that reads nothing) are the stack's, see [`crate::limits`]
+//! ([`Conn::activity`], [`Conn::time_out`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -1028,7 +1031,7 @@ impl Conn {
 
 /// What the stack's time limits look at, and what they do ([`crate::limits`]).
 impl Conn {
-    /// This poll's state for [`crate::limits::Watch`].
+    /// This poll's state, for the stack's time limits.
     pub fn activity(&self) -> crate::limits::Activity {
         crate::limits::Activity {
             in_flight: self.pending.len(),

@@ -111,7 +111,7 @@ impl fmt::Display for Timeout {
     }
 }
 
-/// What a connection is doing, as [`Watch`] needs it (from
+/// What a connection is doing, as the time limits need it (from
 /// [`crate::conn::Conn::activity`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {

@@ -17,11 +17,16 @@
 //!
 //! Limits: at most [`MAX_QUEUED_FRAMES`] frames wait in each direction
 //! (more are dropped, as a full NIC would), frames are at most the MTU;
-//! at most [`MAX_CONNS`] TCP connections (further SYNs find no listener
-//! and are reset), each with 64 KiB socket buffers, the buffers of
+//! at most [`MAX_CONNS`] TCP connections (each SYN of a burst gets a
+//! listener up to that cap; then the oldest idle connection is reclaimed,
+//! else the SYN is reset, counted and audited once per burst, see
+//! [`crate::limits`]), each with [`TCP_BUFFER`] socket buffers, the buffers of
 //! [`crate::conn::MAX_BUFFERED`] and at most [`crate::conn::MAX_IN_FLIGHT`]
 //! requests awaiting responses; at most [`crate::conn::MAX_CONNECT_THREADS`]
-//! connect threads at once; a connection idle for [`IDLE_MS`] is reset.
+//! connect threads at once; a connection idle for [`IDLE_MS`] is reset,
+//! and the time limits of [`crate::limits`] end one whose upstream or
+//! guest stalls. [`NetStack::counters`] says how many are open, held,
+//! refused, reclaimed and timed out.
 //! Everything else that grows with guest input is bounded where it is
 //! parsed: [`MAX_NAMES`] bound names, the DNS socket's [`DNS_QUEUE`] messages,
 //! heads and chunk lines in [`crate::http`], the ClientHello record in

@@ -278,3 +278,48 @@ fn a_hostile_upstream_never_starves_the_next_ordinary_request() {
     assert_eq!(log.matches("\"limit\":\"upstream_idle\"").count(), 40);
     assert!(crate::audit::verify(log.as_bytes()).is_ok());
 }
+
+/// A guest opening far more connections than the cap: the stack holds at
+/// most [`MAX_CONNS`], refuses the rest with one audit line per burst, and
+/// reclaims the oldest idle connections for later ones, which are served.
+#[test]
+fn a_connection_flood_is_capped_and_idle_connections_are_reclaimed() {
+    let up = hostile_upstream();
+    let mut net = net_to(up.addr);
+    let (mut guest, mut now) = (Guest::new(1500), 0);
+    let addr = resolve(&mut net, &mut guest, &mut now);
+    let flood = MAX_CONNS + 50;
+    let mut idle: Vec<Client> = (0..flood).map(|_| client(&mut guest, addr, "/", 1024, true)).collect();
+    for c in &mut idle {
+        c.request.clear();
+    }
+    let mut all: Vec<&mut Client> = idle.iter_mut().collect();
+    run(&mut net, &mut guest, &mut now, &mut all, 20, 1);
+    let c = net.counters();
+    assert!(c.open <= MAX_CONNS && c.open >= MAX_CONNS - 2 * LISTENERS_PER_PORT, "{c:?}");
+    assert_eq!(c.refused_for_limit as usize, flood - c.open, "{c:?}");
+    let established = idle.iter().filter(|c| c.state(&mut guest) == tcp::State::Established).count();
+    assert_eq!(established, c.open, "the rest were refused with a reset");
+    let log = audit(&net);
+    assert_eq!(log.matches("\"limit\":\"connections\"").count(), 1, "one audit line for the burst");
+
+    // Later, a few more: the oldest idle ones make room, and they are served.
+    now += 10 * BURST_MS_FOR_TEST;
+    let mut fresh: Vec<Client> = (0..5).map(|i| client(&mut guest, addr, &format!("/fresh{i}"), 4096, true)).collect();
+    let mut all: Vec<&mut Client> = fresh.iter_mut().collect();
+    for _ in 0..3000 {
+        if all.iter().all(|c| String::from_utf8_lossy(&c.got).contains("ok /fresh")) {
+            break;
+        }
+        run(&mut net, &mut guest, &mut now, &mut all, 1, 0);
+    }
+    for c in &fresh {
+        assert!(String::from_utf8_lossy(&c.got).contains("ok /fresh"), "{}", String::from_utf8_lossy(&c.got));
+    }
+    let c2 = net.counters();
+    assert!(c2.reclaimed >= 5 && c2.open <= MAX_CONNS, "{c2:?}");
+    assert_eq!(c2.refused_for_limit, c.refused_for_limit, "nothing refused while idle ones could go");
+    assert!(audit(&net).contains("\"event\":\"reclaimed\""));
+}
+
+const BURST_MS_FOR_TEST: u64 = crate::limits::BURST_MS;
