@@ -31,6 +31,9 @@
 //! ([`ConnectSlots`]); a connection waits for a slot up to
 //! [`MAX_CONNECT_WAIT`], then gets a 502. A connect thread whose connection
 //! went away does not connect; one that already did drops its socket.
+//! Time limits per connection (response head, upstream silence, a guest
+//! that reads nothing) are the stack's, see [`crate::limits`]
+//! ([`Conn::activity`], [`Conn::time_out`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -63,7 +66,10 @@ pub const MAX_CONNECT_THREADS: usize = 16;
 pub const MAX_CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// Addresses of one name considered; the rest of the answer is ignored.
 pub const MAX_CANDIDATES: usize = 32;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest TCP connect to an upstream (on its connect thread).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from an upstream socket at a time.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Where a name's upstream addresses came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +181,8 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 pub struct ConnectSlots {
     running: AtomicUsize,
     cap: usize,
+    /// Connections that gave up waiting for a slot ([`UpstreamError::Busy`]).
+    busy: AtomicUsize,
     waker: std::sync::Mutex<Option<WakeFn>>,
 }
 
@@ -203,7 +211,12 @@ impl Drop for Slot {
 impl ConnectSlots {
     /// Room for `cap` connect threads at once.
     pub fn new(cap: usize) -> Arc<ConnectSlots> {
-        Arc::new(ConnectSlots { running: AtomicUsize::new(0), cap, waker: std::sync::Mutex::new(None) })
+        Arc::new(ConnectSlots {
+            running: AtomicUsize::new(0),
+            cap,
+            busy: AtomicUsize::new(0),
+            waker: std::sync::Mutex::new(None),
+        })
     }
 
     /// Calls `waker` each time a connect thread ends.
@@ -214,6 +227,11 @@ impl ConnectSlots {
     /// Connect threads running now.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Connections that got a 502 because no slot became free in time.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
@@ -349,6 +367,7 @@ fn connect(
             let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
                 .map_err(|e| UpstreamError::Connect(addr, e.to_string()))?;
             let _ = stream.set_nodelay(true);
+            crate::limits::bound_receive_buffer(&stream);
             let upstream = match &tls {
                 Some(config) => terminate::handshake(
                     stream.try_clone().map_err(|e| UpstreamError::Connect(addr, e.to_string()))?,
@@ -828,7 +847,10 @@ impl Conn {
                             let (name, permitted, tls) = (name.clone(), std::mem::take(permitted), tls.take());
                             *dial = connect(name, self.port, permitted, tls, resolver, slot);
                         }
-                        None if since.elapsed() >= MAX_CONNECT_WAIT => *dial = failed(UpstreamError::Busy),
+                        None if since.elapsed() >= MAX_CONNECT_WAIT => {
+                            self.slots.busy.fetch_add(1, Ordering::AcqRel);
+                            *dial = failed(UpstreamError::Busy)
+                        }
                         None => return,
                     }
                 }
@@ -925,7 +947,7 @@ impl Conn {
         if done_sending && self.to_upstream.is_empty() && self.inbox.is_empty() && !self.upstream_shut {
             self.upstream_shut = up.shutdown_write();
         }
-        let mut buf = [0u8; 16 * 1024];
+        let mut buf = [0u8; READ_CHUNK];
         let mut fresh = Vec::new();
         while self.to_guest.len() + fresh.len() < MAX_BUFFERED && !self.upstream_eof {
             match up.read(&mut buf) {
@@ -1068,6 +1090,64 @@ impl Conn {
             "name": self.name.as_ref().map(|n| n.as_str()), "upstream": self.upstream_addr.map(|a| a.to_string()),
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}));
         out
+    }
+}
+
+/// What the stack's time limits look at, and what they do ([`crate::limits`]).
+impl Conn {
+    /// This poll's state, for the stack's time limits.
+    pub fn activity(&self) -> crate::limits::Activity {
+        crate::limits::Activity {
+            in_flight: self.pending.len(),
+            head_partial: self.responses.head_partial(),
+            reading_upstream: self.upstream.is_some() && self.to_guest.len() < MAX_BUFFERED && !self.upstream_eof,
+            bytes_down: self.bytes_down,
+            to_guest: self.to_guest.len() + self.guest_tls.as_ref().map_or(0, |t| t.wire_len()),
+        }
+    }
+
+    /// A time limit fired: the upstream socket is closed. If nothing of a
+    /// response is on its way to the guest, it gets a 504 naming the limit
+    /// and the connection closes after it (true); else false, and the
+    /// caller resets the connection.
+    pub fn time_out(&mut self, why: &crate::limits::Timeout) -> bool {
+        self.upstream = None;
+        self.upstream_eof = true;
+        self.inbox.clear();
+        self.to_upstream.clear();
+        self.stalled = false;
+        self.refusal = None;
+        for (mut e, _, up) in self.pending.drain(..) {
+            e["status"] = Value::Null;
+            e["bytes_up"] = json!(up);
+            e["timeout"] = json!(why.name());
+            self.events.push(e);
+        }
+        let clean = self.speaks_http()
+            && self.to_guest.is_empty()
+            && self.guest_tls.as_ref().is_none_or(|t| t.wire_len() == 0)
+            && !self.responses.in_response()
+            && !self.responses.head_partial()
+            && !self.responses.is_lost();
+        if clean {
+            self.to_guest.extend_from_slice(&plain_response("504 Gateway Timeout", &why.to_string()));
+            self.phase = Phase::Refusing;
+        } else {
+            self.phase = Phase::Reset;
+        }
+        clean
+    }
+
+    /// Nothing in flight, nothing buffered either way, no connect under
+    /// way: the connection may be reclaimed for a new one.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.inbox.is_empty()
+            && self.to_upstream.is_empty()
+            && self.to_guest.is_empty()
+            && !self.stalled
+            && !matches!(self.phase, Phase::Connecting(..))
+            && self.guest_tls.as_ref().is_none_or(|t| t.wire_len() == 0)
     }
 }
 

@@ -782,6 +782,11 @@ impl ResponseTracker {
         self.lost
     }
 
+    /// True while part of a response head has come, not its end.
+    pub fn head_partial(&self) -> bool {
+        !self.head.is_empty() && !self.lost
+    }
+
     /// True while a response's body is passing.
     pub fn in_response(&self) -> bool {
         self.body.is_some() || self.until_close.is_some()

@@ -22,6 +22,9 @@
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
+//! - [`limits`]: per-connection time limits (a hostile upstream or guest
+//!   holds at most its own connection, for a named time), the connection
+//!   cap and the per-sandbox [`limits::NetCounters`];
 //! - [`sim`]: the in-process simulated guest used by the tests and by
 //!   `cargo bench -p netstack --bench net`.
 //!
@@ -37,6 +40,7 @@ pub mod credential;
 pub mod dns;
 pub mod host;
 pub mod http;
+pub mod limits;
 pub mod policy;
 pub mod sim;
 pub mod stack;

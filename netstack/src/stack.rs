@@ -17,11 +17,16 @@
 //!
 //! Limits: at most [`MAX_QUEUED_FRAMES`] frames wait in each direction
 //! (more are dropped, as a full NIC would), frames are at most the MTU;
-//! at most [`MAX_CONNS`] TCP connections (further SYNs find no listener
-//! and are reset), each with 64 KiB socket buffers, the buffers of
+//! at most [`MAX_CONNS`] TCP connections (each SYN of a burst gets a
+//! listener up to that cap; then the oldest idle connection is reclaimed,
+//! else the SYN is reset, counted and audited once per burst, see
+//! [`crate::limits`]), each with [`TCP_BUFFER`] socket buffers, the buffers of
 //! [`crate::conn::MAX_BUFFERED`] and at most [`crate::conn::MAX_IN_FLIGHT`]
 //! requests awaiting responses; at most [`crate::conn::MAX_CONNECT_THREADS`]
-//! connect threads at once; a connection idle for [`IDLE_MS`] is reset.
+//! connect threads at once; a connection idle for [`IDLE_MS`] is reset,
+//! and the time limits of [`crate::limits`] end one whose upstream or
+//! guest stalls. [`NetStack::counters`] says how many are open, held,
+//! refused, reclaimed and timed out.
 //! Everything else that grows with guest input is bounded where it is
 //! parsed: [`MAX_NAMES`] bound names, the DNS socket's [`DNS_QUEUE`] messages,
 //! heads and chunk lines in [`crate::http`], the ClientHello record in
@@ -47,6 +52,7 @@ use crate::audit::SharedLog;
 use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
+use crate::limits::{Burst, NetCounters, Watch, GUEST_HANDSHAKE_MS};
 use crate::policy::{Action, Policy};
 use crate::terminate::Termination;
 
@@ -64,7 +70,8 @@ pub const IDLE_MS: u64 = 10 * 60 * 1000;
 /// asks for a look at connections waiting for one.
 pub const SLOT_RECHECK_MS: u64 = 1000;
 const LISTENERS_PER_PORT: usize = 4;
-const TCP_BUFFER: usize = 64 * 1024;
+/// Each guest socket's receive and send buffer.
+pub const TCP_BUFFER: usize = 64 * 1024;
 /// DNS messages queued in each direction on the DNS socket.
 const DNS_QUEUE: usize = 64;
 /// Bytes taken from a guest socket at a time: a connection's inbox holds
@@ -350,8 +357,9 @@ pub struct NetStack<W: Write> {
     resolver: Arc<dyn Resolve>,
     audit: SharedLog<W>,
     listeners: Vec<(SocketHandle, u16)>,
-    /// Guest connections: socket, connection, last active (ms), id.
-    conns: Vec<(SocketHandle, Conn, u64, u64)>,
+    /// Guest connections: socket, connection, last active (ms), id, and
+    /// its time limits' clocks.
+    conns: Vec<(SocketHandle, Conn, u64, u64, Watch)>,
     /// The next connection's id (never reused: it names the connection's
     /// upstream socket to an event loop, [`NetStack::upstream_interests`]).
     next_conn_id: u64,
@@ -360,6 +368,11 @@ pub struct NetStack<W: Write> {
     /// TLS termination and credentials, if given ([`NetStack::terminating`]).
     termination: Option<Arc<Termination>>,
     now_ms: u64,
+    /// SYNs to each policed port queued since the last poll: each gets a
+    /// listener if the connection cap allows.
+    syns: [usize; POLICED_PORTS.len()],
+    counters: NetCounters,
+    burst: Burst,
 }
 
 impl<W: Write> NetStack<W> {
@@ -415,6 +428,9 @@ impl<W: Write> NetStack<W> {
             connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
             termination: None,
             now_ms: 0,
+            syns: [0; POLICED_PORTS.len()],
+            counters: NetCounters::default(),
+            burst: Burst::default(),
         };
         net.replenish_listeners();
         net
@@ -438,10 +454,32 @@ impl<W: Write> NetStack<W> {
         self.connect_slots.running()
     }
 
+    /// This sandbox's network counters now (see [`crate::limits`]).
+    pub fn counters(&self) -> NetCounters {
+        let mut c = self.counters;
+        c.open = self.conns.len();
+        c.held = self
+            .conns
+            .iter()
+            .filter(|(h, conn, ..)| {
+                let a = conn.activity();
+                a.in_flight > 0 || a.to_guest > 0 || self.sockets.get::<tcp::Socket>(*h).send_queue() > 0
+            })
+            .count();
+        c.connect_threads = self.connect_slots.running();
+        c.connect_busy = self.connect_slots.busy() as u64;
+        c
+    }
+
     /// A frame from the guest. Frames beyond the queue limit are dropped.
     pub fn push_frame(&mut self, frame: Vec<u8>) {
         match self.classify(&frame) {
-            Verdict::Pass if self.frames.rx.len() < MAX_QUEUED_FRAMES => self.frames.rx.push_back(frame),
+            Verdict::Pass if self.frames.rx.len() < MAX_QUEUED_FRAMES => {
+                if let Some(i) = syn_port(&frame).and_then(|p| POLICED_PORTS.iter().position(|&q| q == p)) {
+                    self.syns[i] += 1;
+                }
+                self.frames.rx.push_back(frame)
+            }
             Verdict::Pass => {}
             Verdict::Drop(what) => self.log(serde_json::json!({"event": "refused", "what": what})),
             Verdict::Refuse(what, reset) => {
@@ -482,14 +520,21 @@ impl<W: Write> NetStack<W> {
         let smol = self.iface.poll_at(now, &self.sockets).map(|t| (t.total_micros().max(0) as u64).div_ceil(1000));
         let idle = self.conns.iter().map(|c| c.2.saturating_add(IDLE_MS + 1)).min();
         let slots = (self.connect_slots.running() >= MAX_CONNECT_THREADS).then(|| now_ms + SLOT_RECHECK_MS);
-        [smol, idle, slots].into_iter().flatten().min()
+        let limits = self
+            .conns
+            .iter()
+            .filter_map(|(h, conn, _, _, watch)| {
+                watch.due(conn.activity(), self.sockets.get::<tcp::Socket>(*h).send_queue())
+            })
+            .min();
+        [smol, idle, slots, limits].into_iter().flatten().min()
     }
 
     /// The upstream sockets and whether each has work for
     /// [`NetStack::poll`] when readable or writable:
     /// `(connection id, fd, read, write)`.
     pub fn upstream_interests(&self, out: &mut Vec<(u64, RawFd, bool, bool)>) {
-        for (_, conn, _, id) in &self.conns {
+        for (_, conn, _, id, _) in &self.conns {
             if let Some((fd, read, write)) = conn.upstream_interest() {
                 out.push((*id, fd, read, write));
             }
@@ -501,26 +546,119 @@ impl<W: Write> NetStack<W> {
     pub fn poll(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         let now = Instant::from_millis(now_ms as i64);
+        self.make_room_for_syns();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
+        self.syns = [0; POLICED_PORTS.len()];
         self.serve_dns();
         self.accept();
         self.serve_tcp();
         self.replenish_listeners();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
+        self.sweep_closed();
+    }
+
+    /// Forgets connections whose sockets are closed, after the last
+    /// interface poll of the round (so that a reset decided this round
+    /// went out to the guest first).
+    fn sweep_closed(&mut self) {
+        let mut events = Vec::new();
+        let mut i = 0;
+        while i < self.conns.len() {
+            let state = self.sockets.get::<tcp::Socket>(self.conns[i].0).state();
+            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+                let (h, mut conn, ..) = self.conns.swap_remove(i);
+                events.extend(conn.end_events());
+                self.sockets.remove(h);
+            } else {
+                i += 1;
+            }
+        }
+        for e in events {
+            self.log(e);
+        }
     }
 
     fn replenish_listeners(&mut self) {
         for port in POLICED_PORTS {
-            while self.listeners.iter().filter(|(_, p)| *p == port).count() < LISTENERS_PER_PORT
-                && self.listeners.len() + self.conns.len() < MAX_CONNS
-            {
-                let buf = || tcp::SocketBuffer::new(vec![0; TCP_BUFFER]);
-                let mut socket = tcp::Socket::new(buf(), buf());
-                // Listening on a fixed, non-zero port cannot fail.
-                let _ = socket.listen(port);
-                let h = self.sockets.add(socket);
-                self.listeners.push((h, port));
+            self.listen_on(port, LISTENERS_PER_PORT);
+        }
+    }
+
+    /// Listeners on `port` up to `want`, within [`MAX_CONNS`]; how many
+    /// there are.
+    fn listen_on(&mut self, port: u16, want: usize) -> usize {
+        let mut have = self.listeners.iter().filter(|(_, p)| *p == port).count();
+        while have < want && self.listeners.len() + self.conns.len() < MAX_CONNS {
+            let buf = || tcp::SocketBuffer::new(vec![0; TCP_BUFFER]);
+            let mut socket = tcp::Socket::new(buf(), buf());
+            // A handshake the guest never completes holds no slot for
+            // long (lifted once established, see `serve_tcp`).
+            socket.set_timeout(Some(smoltcp::time::Duration::from_millis(GUEST_HANDSHAKE_MS)));
+            // Listening on a fixed, non-zero port cannot fail.
+            let _ = socket.listen(port);
+            let h = self.sockets.add(socket);
+            self.listeners.push((h, port));
+            have += 1;
+        }
+        have
+    }
+
+    /// Before smoltcp sees this round's frames: a listener for each SYN
+    /// queued (a burst of connects is not refused for want of the few
+    /// listeners kept ready); at the cap, the oldest idle connections are
+    /// reclaimed for them; SYNs still without one are refused (smoltcp
+    /// resets them), counted and audited once per burst.
+    fn make_room_for_syns(&mut self) {
+        for (i, port) in POLICED_PORTS.into_iter().enumerate() {
+            let want = self.syns[i];
+            if want == 0 {
+                continue;
             }
+            let have = self.listeners.iter().filter(|(_, p)| *p == port).count();
+            let free = MAX_CONNS.saturating_sub(self.listeners.len() + self.conns.len());
+            let short = want.saturating_sub(have + free);
+            if short > 0 {
+                self.reclaim_idle(short);
+            }
+            let have = self.listen_on(port, want);
+            let refused = want.saturating_sub(have) as u64;
+            if refused > 0 {
+                self.counters.refused_for_limit += refused;
+                if let Some(event) = self.burst.refused(self.now_ms, refused) {
+                    self.log(event);
+                }
+            }
+        }
+    }
+
+    /// Closes up to `n` idle connections, least recently active first.
+    /// Their sockets go at once (no reset now: the guest's next segment on
+    /// one gets it).
+    fn reclaim_idle(&mut self, n: usize) {
+        let mut idle: Vec<(u64, usize)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, (h, conn, ..))| {
+                let s = self.sockets.get::<tcp::Socket>(*h);
+                conn.is_idle() && s.send_queue() == 0 && s.recv_queue() == 0
+            })
+            .map(|(i, c)| (c.2, i))
+            .collect();
+        idle.sort_unstable();
+        let mut gone: Vec<usize> = idle.into_iter().take(n).map(|(_, i)| i).collect();
+        gone.sort_unstable();
+        let mut events = Vec::new();
+        for i in gone.into_iter().rev() {
+            let (h, mut conn, ..) = self.conns.swap_remove(i);
+            events.push(serde_json::json!({"event": "reclaimed", "dst": conn.dst.to_string(), "port": conn.port,
+                "reason": format!("idle, and {MAX_CONNS} connections were open (the limit)")}));
+            events.extend(conn.end_events());
+            self.sockets.remove(h);
+            self.counters.reclaimed += 1;
+        }
+        for e in events {
+            self.log(e);
         }
     }
 
@@ -540,8 +678,10 @@ impl<W: Write> NetStack<W> {
                     let name = self.names.name_of(dst).cloned();
                     let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone())
                         .with_termination(self.termination.clone());
-                    self.conns.push((h, conn, self.now_ms, self.next_conn_id));
+                    self.conns.push((h, conn, self.now_ms, self.next_conn_id, Watch::new(self.now_ms)));
                     self.next_conn_id += 1;
+                    self.counters.accepted += 1;
+                    self.counters.peak_open = self.counters.peak_open.max(self.conns.len());
                 }
                 _ => {
                     self.sockets.remove(h);
@@ -552,10 +692,12 @@ impl<W: Write> NetStack<W> {
 
     fn serve_tcp(&mut self) {
         let mut events = Vec::new();
-        let mut finished = Vec::new();
         let mut buf = vec![0u8; READ_CHUNK];
-        for (idx, (h, conn, last_active, _)) in self.conns.iter_mut().enumerate() {
+        for (h, conn, last_active, _, watch) in self.conns.iter_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(*h);
+            if socket.timeout().is_some() && socket.state() != tcp::State::SynReceived {
+                socket.set_timeout(None);
+            }
             let before = (conn.bytes_up, conn.bytes_down);
             conn.poll_connect(&self.policy, &self.resolver);
             while conn.wants_guest_bytes() && socket.can_recv() {
@@ -570,11 +712,21 @@ impl<W: Write> NetStack<W> {
             conn.pump_upstream(!socket.may_recv());
             // A response may have freed an in-flight place.
             conn.resume(&self.policy, &self.resolver);
+            if let Some(limit) = watch.check(self.now_ms, conn.activity(), socket.send_queue()) {
+                events.push(serde_json::json!({"event": "timeout", "limit": limit.name(), "limit_ms": limit.limit_ms(),
+                    "dst": conn.dst.to_string(), "port": conn.port, "name": self.names.name_of(conn.dst).map(|n| n.as_str()),
+                    "reason": limit.to_string()}));
+                self.counters.timed_out += 1;
+                if !conn.time_out(&limit) {
+                    socket.abort();
+                }
+            }
             let out = conn.to_guest();
             while !out.is_empty() && socket.can_send() {
                 match socket.send_slice(out) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        watch.written += n as u64;
                         out.drain(..n);
                     }
                 }
@@ -588,14 +740,6 @@ impl<W: Write> NetStack<W> {
             } else if conn.finished() {
                 socket.close();
             }
-            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
-                finished.push(idx);
-            }
-        }
-        for idx in finished.into_iter().rev() {
-            let (h, mut conn, _, _) = self.conns.swap_remove(idx);
-            events.extend(conn.end_events());
-            self.sockets.remove(h);
         }
         for e in events {
             self.log(e);
@@ -736,6 +880,20 @@ impl<W: Write> NetStack<W> {
     }
 }
 
+/// The destination port of a TCP SYN (without ACK) in an Ethernet frame.
+fn syn_port(frame: &[u8]) -> Option<u16> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
+}
+
 /// The answer to one query and its audit line.
 fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8>, serde_json::Value) {
     let Some(host) = query.host() else {
@@ -760,6 +918,9 @@ fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8
     let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "allow", "rule": rule, "qtype": query.qtype});
     (reply, event)
 }
+
+#[cfg(test)]
+mod resilience;
 
 #[cfg(test)]
 mod tests {
@@ -1621,7 +1782,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(count.load(Ordering::SeqCst), MAX_IN_FLIGHT);
-        let (sh, conn, _, _) = &net.conns[0];
+        let (sh, conn, ..) = &net.conns[0];
         assert_eq!(conn.in_flight(), MAX_IN_FLIGHT);
         assert!(!conn.wants_guest_bytes());
         let unread = net.sockets.get::<tcp::Socket>(*sh).recv_queue();

@@ -222,6 +222,11 @@ impl GuestTls {
         &mut self.wire
     }
 
+    /// Ciphertext bytes waiting for the guest.
+    pub(crate) fn wire_len(&self) -> usize {
+        self.wire.len()
+    }
+
     pub(crate) fn wire_is_empty(&self) -> bool {
         self.wire.is_empty() && !self.conn.wants_write()
     }
@@ -339,7 +344,7 @@ impl Upstream {
 }
 
 /// Sets up netstack's TLS session to the upstream over `stream` (still
-/// blocking; at most [`HANDSHAKE_TIMEOUT`]), verified for `name`.
+/// blocking; at most [`HANDSHAKE_TIMEOUT`] in all), verified for `name`.
 pub(crate) fn handshake(
     mut stream: TcpStream,
     config: &Arc<ClientConfig>,
@@ -347,9 +352,16 @@ pub(crate) fn handshake(
 ) -> Result<Upstream, String> {
     let server = ServerName::try_from(name.as_str().to_string()).map_err(|e| e.to_string())?;
     let mut conn = ClientConnection::new(config.clone(), server).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    // In all, not per read: an upstream that drips its handshake a byte
+    // at a time holds the connect thread no longer.
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("handshake not done within {}s", HANDSHAKE_TIMEOUT.as_secs()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
         conn.complete_io(&mut stream).map_err(|e| {
             match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(tls) => tls.to_string(),
