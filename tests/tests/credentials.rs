@@ -130,7 +130,8 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
     let ls =
         sbx.cmd().env("SBX_CONFIG", config.path()).args(["secret", "ls", "--policy"]).arg(&policy).output().unwrap();
     let listed = text(&ls.stdout);
-    assert!(listed.contains("testkey\tstored\tapi.creds.test in x-api-key"), "{listed}");
+    assert!(listed.starts_with("testkey\tglobal\tstored\tnever expires\t"), "{listed}");
+    assert!(listed.contains("\tapi.creds.test in x-api-key"), "{listed}");
     assert!(!listed.contains(&secret));
 
     let script = "
