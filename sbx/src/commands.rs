@@ -91,7 +91,11 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
 pub fn ls() -> Result<()> {
     let list = Sandbox::list(&sandbox::home())?;
     let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{:<24} {:<8} {:<10} {:<6} WORKSPACE", "NAME", "AGENT", "STATE", "LAST");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<8} {:<10} {:<6} {:<24} WORKSPACE",
+        "NAME", "AGENT", "STATE", "LAST", "NET open/held/lim/tmo"
+    );
     for sb in list {
         let state = match sb.running_pid() {
             Some(pid) => format!("running:{pid}"),
@@ -100,15 +104,32 @@ pub fn ls() -> Result<()> {
         let last = sb.last_run().ok().flatten().map(|l| l.exit_code.to_string()).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<24} {:<8} {:<10} {:<6} {}",
+            "{:<24} {:<8} {:<10} {:<6} {:<24} {}",
             escape::line(&sb.settings.name),
             escape::line(&sb.settings.agent),
             state,
             last,
+            net_figures(&sb.net_stats()),
             escape::escape(sb.settings.workspace.as_os_str().as_encoded_bytes(), Layout::Line)
         );
     }
     Ok(())
+}
+
+/// netstack's connection counters of a sandbox's (last) run, as `sbx ls`
+/// shows them: connections open now, held (awaiting a response or the
+/// guest), refused for the connection limit, ended by a time limit; "-"
+/// when there are none (no network, never run). The file is the VMM's
+/// (it runs as the user), read as untrusted: only the numbers are used.
+fn net_figures(path: &std::path::Path) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(64 * 1024).read_to_string(&mut text));
+    let Some(v) = read.ok().and_then(|_| serde_json::from_str::<serde_json::Value>(&text).ok()) else {
+        return "-".into();
+    };
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    format!("{}/{}/{}/{}", n("open"), n("held"), n("refused_for_limit"), n("timed_out"))
 }
 
 /// `sbx stop`: the VMM turns SIGTERM into an orderly stop; waits for it.

@@ -8,9 +8,10 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use netstack::limits::NetCounters;
 use netstack::stack::NetStack;
 use vmm::devices::virtio::net::FrameBackend;
 use vmm::devices::virtio::worker::Interest;
@@ -34,6 +35,8 @@ pub struct NetBackend<W: Write> {
     /// to the other end when they finish.
     wake: Option<UnixStream>,
     upstreams: Vec<(u64, std::os::fd::RawFd, bool, bool)>,
+    /// netstack's connection counters after each round, for `sbx ls`.
+    stats: Arc<Mutex<NetCounters>>,
 }
 
 impl<W: Write> NetBackend<W> {
@@ -58,7 +61,12 @@ impl<W: Write> NetBackend<W> {
                 None
             }
         };
-        NetBackend { stack, wake, upstreams: Vec::new() }
+        NetBackend { stack, wake, upstreams: Vec::new(), stats: Arc::default() }
+    }
+
+    /// The counters as of the last round (shared; updated by `poll`).
+    pub fn stats(&self) -> Arc<Mutex<NetCounters>> {
+        self.stats.clone()
     }
 
     fn drain_wake(&mut self) {
@@ -87,6 +95,7 @@ impl<W: Write + Send + 'static> FrameBackend for NetBackend<W> {
         // Drained first: a connect that ends during the poll wakes it again.
         self.drain_wake();
         self.stack.poll(unix_ms());
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.stack.counters();
     }
 
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {

@@ -238,6 +238,12 @@ impl Sandbox {
 
     /// Requests served by each shared folder's file server so far (JSON,
     /// rewritten while the sandbox runs; for figures).
+    /// netstack's connection counters while it runs (and the last ones
+    /// after): open, held, refused for limits, timed out.
+    pub fn net_stats(&self) -> PathBuf {
+        self.dir.join("net-stats.json")
+    }
+
     pub fn fs_stats(&self) -> PathBuf {
         self.dir.join("fs-stats.json")
     }

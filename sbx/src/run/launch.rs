@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -144,21 +144,28 @@ fn shared_folders(
 
 /// Keeps `path` up to date (when changed) with the file servers' request
 /// counts, for benchmarks to read while the sandbox runs.
-fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, reach: Reach) {
+fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, net: Option<(PathBuf, NetStats)>, reach: Reach) {
     let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
         if let Err(e) = threads::confine_current(ThreadKind::Control, &reach) {
             eprintln!("sbx: file server statistics: {e}");
             return;
         }
-        let mut last = String::new();
+        let write = |path: &Path, text: &str| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_ok()
+        };
+        let (mut last, mut last_net) = (String::new(), String::new());
         loop {
             let now: Vec<serde_json::Value> =
                 counts.iter().map(|c| serde_json::json!(*c.lock().unwrap_or_else(|p| p.into_inner()))).collect();
             let text = serde_json::Value::from(now).to_string();
-            if text != last {
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).is_ok() {
-                    last = text;
+            if text != last && write(&path, &text) {
+                last = text;
+            }
+            if let Some((net_path, stats)) = &net {
+                let text = serde_json::json!(*stats.lock().unwrap_or_else(|p| p.into_inner())).to_string();
+                if text != last_net && write(net_path, &text) {
+                    last_net = text;
                 }
             }
             thread::sleep(FS_STATS_EVERY);
@@ -166,9 +173,12 @@ fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, reach: Reach) {
     });
 }
 
+/// netstack's connection counters, as the network backend last left them.
+type NetStats = Arc<Mutex<netstack::limits::NetCounters>>;
+
 /// The sandbox's network: its policy and upstream overrides, and the
 /// sandbox's audit log (in `sandbox_dir`, which it rotates).
-fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> GuestNet {
+fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> (GuestNet, NetStats) {
     let mut resolver = Resolver { system: true, ..Resolver::default() };
     resolver.overrides.extend(net.overrides.iter().cloned());
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
@@ -180,12 +190,9 @@ fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox
     // directory (the audit log).
     let mut paths = vec![PathRule { path: sandbox_dir.to_path_buf(), write: true }];
     paths.extend(threads::resolver_reach());
-    GuestNet {
-        mac: GUEST_MAC,
-        mtu,
-        backend: Box::new(crate::netback::NetBackend::new(stack)),
-        reach: Reach::Only(paths),
-    }
+    let backend = crate::netback::NetBackend::new(stack);
+    let stats = backend.stats();
+    (GuestNet { mac: GUEST_MAC, mtu, backend: Box::new(backend), reach: Reach::Only(paths) }, stats)
 }
 
 /// The boot job guest-init reads, and the main session's request.
@@ -270,8 +277,11 @@ pub fn launch(
     let audit = opened.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
-    publish_fs_stats(sb.fs_stats(), fs_counts.clone(), control_reach.clone());
-    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir()));
+    let (net, net_stats) = match plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir())) {
+        Some((net, stats)) => (Some(net), Some((sb.net_stats(), stats))),
+        None => (None, None),
+    };
+    publish_fs_stats(sb.fs_stats(), fs_counts.clone(), net_stats, control_reach.clone());
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
 
