@@ -420,9 +420,10 @@ impl<W: Write> NetStack<W> {
         net
     }
 
-    /// The same stack, terminating TLS where the policy says so (see
+    /// The same stack, terminating TLS where the policy says so (every
+    /// allowed host unless it opts into passthrough; see
     /// [`crate::terminate`]) and injecting the credentials given. Without
-    /// it, HTTPS is only ever spliced by SNI.
+    /// it, HTTPS is only ever spliced by SNI (tests, benchmarks).
     pub fn terminating(mut self, termination: Arc<Termination>) -> NetStack<W> {
         self.termination = Some(termination);
         self
