@@ -1145,6 +1145,8 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["api.example.com"])]);
+        // TLS 1.2: the client's ChangeCipherSpec, then encrypted bytes.
+        hello.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
         hello.extend_from_slice(b"opaque application data");
         let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &hello, |g| g.len() >= hello.len());
         assert_eq!(got, hello, "bytes pass through untouched");
@@ -1161,6 +1163,62 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(count.load(Ordering::SeqCst), 1, "no upstream for refused handshakes");
         let log = audit(&net);
         assert!(log.contains("SNI is not the name") && log.contains("no SNI"), "{log}");
+    }
+
+    #[test]
+    fn a_spliced_connection_is_reset_when_a_later_hello_names_another_server() {
+        use crate::tls::tests::{hello, sni_ext};
+        let (up, count) = echo_upstream();
+        let policy = "version = 1\nhttps = \"passthrough\"\n[[rule]]\nallow = \"*.example.com\"\n";
+        let mut net = net_with(policy, &[("api.example.com", 443, up), ("www.example.com", 443, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let versions = [0u8, 43, 0, 3, 2, 3, 4]; // supported_versions: TLS 1.3
+        let first = [hello(&[sni_ext(&["api.example.com"]), versions.to_vec()]), vec![20, 3, 3, 0, 1, 1]].concat();
+        let retry = hello(&[sni_ext(&["www.example.com"]), versions.to_vec()]);
+        // In one go: refused before any upstream connection.
+        let both = [first.clone(), retry.clone()].concat();
+        let (got, state) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &both, |_| false);
+        assert!(got.is_empty() && state == tcp::State::Closed, "reset");
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        // Spliced first, the retried hello later: reset, never forwarded.
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 443), 40123).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut got = Vec::new();
+        let mut rx = vec![0u8; 64 * 1024];
+        let (mut sent_first, mut sent_retry) = (false, false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && !sent_first {
+                assert_eq!(s.send_slice(&first).unwrap(), first.len());
+                sent_first = true;
+            }
+            while s.can_recv() {
+                let n = s.recv_slice(&mut rx).unwrap_or(0);
+                got.extend_from_slice(&rx[..n]);
+            }
+            if got.len() >= first.len() && !sent_retry {
+                assert_eq!(got, first, "the first flight is spliced");
+                assert_eq!(s.send_slice(&retry).unwrap(), retry.len());
+                sent_retry = true;
+            }
+            if s.state() == tcp::State::Closed || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(sent_retry);
+        assert_eq!(guest.sockets.get_mut::<tcp::Socket>(h).state(), tcp::State::Closed, "reset");
+        assert_eq!(got, first, "the retried hello never reached the upstream (nothing more echoed)");
+        let log = audit(&net);
+        assert!(
+            log.contains("later handshake record refused") && log.contains("names another server"),
+            "{log}"
+        );
     }
 
     #[test]
