@@ -106,7 +106,9 @@
 //! escape, `..` above the root, a backslash, `..;`).
 //!
 //! Upstream addresses: an allowed name is resolved on the host when the
-//! guest connects, and netstack connects only to a global unicast address
+//! guest connects, as an absolute name (the host's /etc/hosts, then its
+//! resolver for `name.`: never the host's search domains, so `api` is
+//! not `api.corp.example`), and netstack connects only to a global unicast address
 //! (the first one in the answer; never loopback, private, link-local
 //! including cloud metadata at 169.254.169.254, CGNAT, unique-local,
 //! multicast, documentation, benchmarking or other reserved ranges, nor
