@@ -86,7 +86,10 @@
 //! Credentials (`[[credential]]`, [`crate::credential`]): the guest gets a
 //! placeholder in `env`; netstack puts the real value in `header` only on
 //! requests to `hosts` over a terminated connection, and refuses a request
-//! that carries a placeholder to any other host. Agents come with theirs
+//! that carries a placeholder to any other host. A wildcard in `hosts`
+//! (`*.corp.example`) is refused where others can own names below it (a
+//! top-level domain, `*.co.uk`, `*.github.io`, `*.s3.amazonaws.com`: see
+//! [`crate::credential::shared_suffix`]); list those hosts instead. Agents come with theirs
 //! (`claude`: `anthropic` in `x-api-key`; `codex`: `openai` in
 //! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`); a
 //! file's credential of the same name replaces the agent's.

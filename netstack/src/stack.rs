@@ -1269,10 +1269,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(guest.sockets.get_mut::<tcp::Socket>(h).state(), tcp::State::Closed, "reset");
         assert_eq!(got, first, "the retried hello never reached the upstream (nothing more echoed)");
         let log = audit(&net);
-        assert!(
-            log.contains("later handshake record refused") && log.contains("names another server"),
-            "{log}"
-        );
+        assert!(log.contains("later handshake record refused") && log.contains("names another server"), "{log}");
     }
 
     #[test]
@@ -1568,7 +1565,8 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(missing, Lookup::NotFound);
         // This host's real hosts file and resolver: `localhost` still
         // resolves (from the file: glibc does not find `localhost.` there).
-        let localhost = Resolver { system: true, ..Resolver::default() }.lookup(&HostName::parse("localhost").unwrap(), 80);
+        let localhost =
+            Resolver { system: true, ..Resolver::default() }.lookup(&HostName::parse("localhost").unwrap(), 80);
         let Lookup::Resolved(found) = localhost else { panic!("{localhost:?}") };
         assert!(!found.is_empty() && found.iter().all(|a| a.ip().is_loopback()), "{found:?}");
     }

@@ -346,7 +346,8 @@ impl HandshakeWatch {
 
     fn handshake(&mut self, body: &[u8]) -> Result<(), Error> {
         let first = body[0];
-        let declared = (body.len() >= 4).then(|| ((body[1] as usize) << 16) | ((body[2] as usize) << 8) | body[3] as usize);
+        let declared =
+            (body.len() >= 4).then(|| ((body[1] as usize) << 16) | ((body[2] as usize) << 8) | body[3] as usize);
         self.stage = match self.stage {
             Stage::Unknown { ccs } => {
                 let hello_like = first == HANDSHAKE_CLIENT_HELLO && declared.is_none_or(|n| n <= MAX_HELLO_MESSAGE);
@@ -562,7 +563,7 @@ pub(crate) mod tests {
             (hello(&[ext(EXT_SUPPORTED_VERSIONS, &VERSIONS)]), Error::NoSni),
             (hello(&[sni_ext(&["a.com"]), ext(EXT_ENCRYPTED_CLIENT_HELLO, &[0; 8])]), Error::EncryptedClientHello),
         ] {
-            assert_eq!(watch(&first, &[retry.clone()]), Err(err.clone()), "no compatibility CCS");
+            assert_eq!(watch(&first, std::slice::from_ref(&retry)), Err(err.clone()), "no compatibility CCS");
             assert_eq!(watch(&first, &[CCS.to_vec(), retry.clone()]), Err(err.clone()), "after the CCS");
             // After 0-RTT data the server may still ask for a retry.
             assert_eq!(watch(&first, &[data.clone(), retry]), Err(err), "after early data");
@@ -574,7 +575,10 @@ pub(crate) mod tests {
         // A retried hello split over records, or sharing one, is refused.
         let whole = hello13("b.com");
         let (a, b) = whole[5..].split_at(40);
-        assert_eq!(watch(&first, &[record(CONTENT_HANDSHAKE, a), record(CONTENT_HANDSHAKE, b)]), Err(Error::Fragmented));
+        assert_eq!(
+            watch(&first, &[record(CONTENT_HANDSHAKE, a), record(CONTENT_HANDSHAKE, b)]),
+            Err(Error::Fragmented)
+        );
         assert_eq!(
             watch(&first, &[CCS.to_vec(), record(CONTENT_HANDSHAKE, a), record(CONTENT_HANDSHAKE, b)]),
             Err(Error::Fragmented)
@@ -591,7 +595,7 @@ pub(crate) mod tests {
         let garbage = b"anything at all, encrypted".to_vec();
         // No supported_versions: TLS 1.2 at most.
         let old = hello(&[sni_ext(&["a.com"])]);
-        assert_eq!(watch(&old, &[key_exchange.clone()]), Ok(false));
+        assert_eq!(watch(&old, std::slice::from_ref(&key_exchange)), Ok(false));
         assert_eq!(watch(&old, &[key_exchange.clone(), CCS.to_vec(), encrypted.clone(), garbage.clone()]), Ok(true));
         assert_eq!(watch(&old, &[CCS.to_vec(), garbage.clone()]), Ok(true), "resumption");
         assert_eq!(
