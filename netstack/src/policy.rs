@@ -7,6 +7,7 @@
 //! ```toml
 //! version = 1
 //! preset = "balanced"          # optional: locked (default), balanced, open
+//! https = "terminate"          # the default; "passthrough" splices every host
 //!
 //! [[rule]]
 //! allow = "api.example.com"    # exactly one of allow / deny
@@ -17,7 +18,7 @@
 //!
 //! [[rule]]
 //! allow = "files.example.net"
-//! methods = ["GET", "HEAD"]    # plain HTTP only, see below
+//! methods = ["GET", "HEAD"]    # checked per request (HTTP; HTTPS terminated), see below
 //! path_prefix = "/public/"
 //!
 //! [[rule]]
@@ -30,8 +31,6 @@
 //! [[rule]]
 //! allow = "pinned.example.com"
 //! passthrough = true           # allow rules only: spliced by SNI, not terminated
-//!
-//! https = "terminate"          # the default; "passthrough" splices every host
 //!
 //! [[credential]]               # a secret sbx keeps (`sbx secret set anthropic`)
 //! name = "anthropic"
