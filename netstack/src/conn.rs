@@ -4,12 +4,15 @@
 //! policy by method and normalised path) before a byte goes upstream;
 //! bodies are tracked so that the next request on a kept-alive connection
 //! is checked too. Port 443: the ClientHello's SNI must be that name and
-//! allowed; then either bytes are spliced without decrypting, or, for a
-//! host the policy has netstack terminate ([`Policy::terminates`]), the TLS
-//! session ends here ([`crate::terminate`]) and the requests inside are
+//! allowed; then, for a host the policy has netstack terminate (every host
+//! but those it opts out, [`Policy::terminates`]), the TLS session ends
+//! here ([`crate::terminate`]) and the requests inside are
 //! handled exactly like port 80's, with a TLS session of netstack's own to
 //! the upstream; there, and only there, credentials are injected
-//! ([`crate::credential`]). Refused: HTTP 403 naming the rule (inside TLS
+//! ([`crate::credential`]); else (passthrough, or no CA) bytes are spliced
+//! without decrypting, every handshake record the guest sends before
+//! encryption starts still parsed ([`tls::HandshakeWatch`]: a second
+//! ClientHello must name the same server). Refused: HTTP 403 naming the rule (inside TLS
 //! when terminated), or a reset for spliced TLS; no upstream socket is
 //! opened for a refused request. A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
@@ -269,8 +272,9 @@ enum Phase {
     Head,
     /// Passing a request body upstream.
     Body(BodyScanner),
-    /// TLS allowed: bytes pass both ways untouched.
-    Splice,
+    /// TLS allowed: bytes pass both ways untouched; the guest's are
+    /// watched while its handshake may still be in plaintext.
+    Splice(Option<Box<tls::HandshakeWatch>>),
     /// Resolving and connecting upstream on a helper thread (so that a
     /// slow upstream never stalls other connections); what the guest sends
     /// meanwhile waits in the buffers.
@@ -455,7 +459,7 @@ impl Conn {
     pub fn wants_guest_bytes(&self) -> bool {
         let phase_reads = match self.phase {
             Phase::Head => !self.stalled,
-            Phase::Body(_) | Phase::Splice | Phase::Connecting(..) => true,
+            Phase::Body(_) | Phase::Splice(_) | Phase::Connecting(..) => true,
             Phase::Draining | Phase::Refusing | Phase::Reset => false,
         };
         phase_reads && self.inbox.len() < MAX_BUFFERED && self.to_upstream.len() < MAX_BUFFERED
@@ -555,7 +559,13 @@ impl Conn {
             let http = self.speaks_http();
             match &mut self.phase {
                 Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) => return,
-                Phase::Splice => {
+                Phase::Splice(watch) => {
+                    let watched = watch.as_mut().map(|w| w.feed(&self.inbox).map(|()| w.is_done()));
+                    match watched {
+                        Some(Err(e)) => return self.handshake_refused(e),
+                        Some(Ok(true)) => *watch = None,
+                        _ => {}
+                    }
                     self.to_upstream.append(&mut self.inbox);
                     return;
                 }
@@ -768,9 +778,9 @@ impl Conn {
     }
 
     fn tls_hello(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
-        let sni = match tls::parse_client_hello(&self.inbox) {
+        let (sni, hello_len) = match tls::parse_client_hello(&self.inbox) {
             Ok(tls::Parsed::Incomplete) => return,
-            Ok(tls::Parsed::ServerName(name, _)) => name,
+            Ok(tls::Parsed::ServerName(name, len)) => (name, len),
             Err(e) => {
                 self.events.push(
                     json!({"event": "tls", "dst": self.dst.to_string(), "decision": "deny", "reason": e.to_string()}),
@@ -801,10 +811,29 @@ impl Conn {
             self.terminate(sni, event);
             return;
         }
+        // Spliced: what follows the hello is watched too, from here on.
+        let watch = tls::HandshakeWatch::new(&self.inbox[..hello_len]).and_then(|mut w| {
+            w.feed(&self.inbox[hello_len..])?;
+            Ok((!w.is_done()).then(|| Box::new(w)))
+        });
+        let watch = match watch {
+            Ok(w) => w,
+            Err(e) => return self.deny(event, e.to_string()),
+        };
         event["decision"] = json!("allow");
+        event["spliced"] = json!(true);
         self.events.push(event);
         self.to_upstream.append(&mut self.inbox);
-        self.start_connect(sni, policy, resolver, Phase::Splice);
+        self.start_connect(sni, policy, resolver, Phase::Splice(watch));
+    }
+
+    /// A spliced connection's later handshake record was refused
+    /// ([`tls::HandshakeWatch`]): logged, and the connection reset.
+    fn handshake_refused(&mut self, e: tls::Error) {
+        self.events.push(json!({"event": "tls", "dst": self.dst.to_string(),
+            "sni": self.name.as_ref().map(|n| n.as_str()), "spliced": true, "decision": "deny",
+            "reason": format!("later handshake record refused: {e}")}));
+        self.refuse(e.to_string());
     }
 
     /// Ends the guest's TLS session here, with a leaf for `sni`: what it

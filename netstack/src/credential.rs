@@ -80,6 +80,17 @@
 //!   prefix such as `sk-proj-`) is masked, and audited as an echo, in any
 //!   response on such a connection.
 //!
+//! Host patterns: `*.suffix` binds a credential to every name below the
+//! suffix, so it is refused where others can own names there
+//! ([`shared_suffix`]): a single-label suffix (`*.com`, `*.internal`), a
+//! common two-label public suffix (`*.co.uk`, `*.com.au`), a hosting
+//! platform where each tenant gets a subdomain (`*.github.io`,
+//! `*.herokuapp.com`, [`SHARED_SUFFIXES`]), or anything at or below a
+//! cloud domain whose names belong to many customers at every depth
+//! (`*.s3.amazonaws.com`, `*.blob.core.windows.net`,
+//! [`SHARED_AT_ANY_DEPTH`]). A small built-in list, not the whole Public
+//! Suffix List: the cure is always to list the hosts themselves.
+//!
 //! The guest's bytes reach this module only after [`crate::http`] parsed
 //! the head (valid UTF-8, CRLF lines, bounded). Secrets are checked when
 //! loaded (visible ASCII, at most [`MAX_SECRET`] bytes: they go into a
@@ -126,6 +137,10 @@ pub enum Error {
     Pattern(String, String, String),
     #[error("credential '{0}': '*' would send it to every host; name the hosts")]
     AnyHost(String),
+    #[error(
+        "credential '{0}': '{1}' would send it to every name under {2}, where others can own names ({3}); list the hosts it is for instead (e.g. 'api.{2}')"
+    )]
+    SharedSuffix(String, String, String, &'static str),
     #[error("credential '{0}': bad header name '{1}'")]
     Header(String, String),
     #[error("credential '{0}': header '{1}' frames or routes requests and cannot carry a credential")]
@@ -198,6 +213,94 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Hosting platforms and shared services whose direct subdomains belong
+/// to different tenants (a credential may go to `app.herokuapp.com`, not
+/// to `*.herokuapp.com`).
+pub const SHARED_SUFFIXES: &[&str] = &[
+    "github.io",
+    "githubusercontent.com",
+    "gitlab.io",
+    "bitbucket.io",
+    "herokuapp.com",
+    "herokudns.com",
+    "vercel.app",
+    "now.sh",
+    "netlify.app",
+    "netlify.com",
+    "pages.dev",
+    "workers.dev",
+    "r2.dev",
+    "web.app",
+    "firebaseapp.com",
+    "appspot.com",
+    "run.app",
+    "cloudfunctions.net",
+    "googleusercontent.com",
+    "elasticbeanstalk.com",
+    "azurewebsites.net",
+    "azurestaticapps.net",
+    "azureedge.net",
+    "cloudapp.net",
+    "trafficmanager.net",
+    "fastly.net",
+    "akamaihd.net",
+    "akamaized.net",
+    "edgekey.net",
+    "edgesuite.net",
+    "digitaloceanspaces.com",
+    "ondigitalocean.app",
+    "onrender.com",
+    "fly.dev",
+    "railway.app",
+    "deno.dev",
+    "glitch.me",
+    "repl.co",
+    "replit.dev",
+    "hf.space",
+    "pythonanywhere.com",
+    "readthedocs.io",
+    "surge.sh",
+    "blogspot.com",
+    "wordpress.com",
+    "myshopify.com",
+    "ngrok.io",
+    "ngrok.app",
+    "ngrok-free.app",
+    "duckdns.org",
+    "ddns.net",
+    "dyndns.org",
+    "no-ip.org",
+    "nip.io",
+    "sslip.io",
+];
+
+/// Cloud domains whose names belong to many customers at every depth
+/// (buckets, functions, regional endpoints): no wildcard at or below them.
+pub const SHARED_AT_ANY_DEPTH: &[&str] =
+    &["amazonaws.com", "cloudfront.net", "on.aws", "windows.net", "azure.com", "googleapis.com"];
+
+/// First labels of common two-label public suffixes under a country code
+/// (`co.uk`, `com.au`, `ne.jp`).
+const SECOND_LEVEL_PUBLIC: &[&str] = &["ac", "co", "com", "edu", "gob", "go", "gov", "mil", "ne", "net", "or", "org"];
+
+/// Why a credential must not go to every name below `parent`, if it must
+/// not (see the module docs).
+pub fn shared_suffix(parent: &HostName) -> Option<&'static str> {
+    let name = parent.as_str();
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() == 1 {
+        return Some("a top-level domain");
+    }
+    if labels.len() == 2 && labels[1].len() == 2 && SECOND_LEVEL_PUBLIC.contains(&labels[0]) {
+        return Some("a public suffix");
+    }
+    if SHARED_SUFFIXES.contains(&name) {
+        return Some("a hosting platform whose subdomains are its tenants'");
+    }
+    let shared = |s: &&str| HostName::parse(s).is_ok_and(|s| parent.is_within(&s));
+    SHARED_AT_ANY_DEPTH.iter().any(shared).then_some("a cloud domain whose names are its customers'")
+}
+
 /// Header fields that frame or route a request: a credential there could
 /// change how the upstream reads the bytes.
 const FORBIDDEN_HEADERS: &[&str] =
@@ -226,6 +329,11 @@ impl CredentialRule {
             let p = Pattern::parse(h).map_err(|e| Error::Pattern(name.clone(), h.clone(), e.to_string()))?;
             if p == Pattern::Any {
                 return Err(Error::AnyHost(name));
+            }
+            if let Pattern::Below(parent) = &p {
+                if let Some(why) = shared_suffix(parent) {
+                    return Err(Error::SharedSuffix(name, h.clone(), parent.to_string(), why));
+                }
             }
             hosts.push(p);
         }
@@ -1083,6 +1191,54 @@ pub(crate) mod tests {
         assert!(s.held() < MIN_PIECE, "once lost, only a piece's worth is held: {}", s.held());
         out.extend(s.flush());
         assert_eq!(out, endless);
+    }
+
+    #[test]
+    fn wildcards_over_names_others_can_own_are_refused() {
+        let parse = |hosts: &[&str]| {
+            CredentialRule::parse(
+                FileCredential {
+                    name: "k".into(),
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    header: "x-api-key".into(),
+                    scheme: None,
+                    env: None,
+                },
+                Origin::File(1),
+            )
+        };
+        for shared in [
+            "*.com",
+            "*.internal",
+            "*.co.uk",
+            "*.com.au",
+            "*.github.io",
+            "*.herokuapp.com",
+            "*.s3.amazonaws.com",
+            "*.amazonaws.com",
+            "*.s3.us-east-1.amazonaws.com",
+            "*.blob.core.windows.net",
+            "*.googleapis.com",
+            "*.storage.googleapis.com",
+            "*.Vercel.App.",
+        ] {
+            let e = parse(&["api.example.com", shared]).unwrap_err();
+            assert!(matches!(e, Error::SharedSuffix(..)), "{shared}: {e}");
+            assert!(e.to_string().contains("list the hosts"), "{e}");
+        }
+        // Names a single owner holds, and exact hosts anywhere, are fine.
+        for own in ["*.example.com", "*.corp.example", "*.myapp.herokuapp.com", "*.me.github.io", "*.example.co.uk"] {
+            assert!(parse(&[own]).is_ok(), "{own}");
+        }
+        for exact in ["app.herokuapp.com", "generativelanguage.googleapis.com", "bucket.s3.amazonaws.com", "co.uk"] {
+            assert!(parse(&[exact]).is_ok(), "{exact}");
+        }
+        // The agents' own credentials are bound to exact hosts.
+        for agent in ["claude", "codex", "gemini"] {
+            let creds = crate::policy::agent_credentials(agent);
+            assert_eq!(creds.len(), 1, "{agent}");
+            assert!(creds[0].hosts.iter().all(|h| matches!(h, Pattern::Exact(_))), "{agent}");
+        }
     }
 
     #[test]

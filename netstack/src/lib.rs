@@ -11,11 +11,13 @@
 //!   strict, bounded; Host must be the name bound to the address; policy by
 //!   method and path; 403 naming the rule) and forwarded with its body
 //!   framing tracked, each response's status and size read (never changed)
-//!   for the request's audit line; TLS allowed by SNI ([`tls`]) and either
-//!   spliced or, for hosts with credentials or method/path rules (or all,
-//!   by policy), terminated ([`terminate`], leaves minted by the
-//!   per-installation CA of [`ca`]) so that the same checks apply inside,
-//!   with a verified TLS session of netstack's own upstream;
+//!   for the request's audit line; TLS allowed by SNI ([`tls`]) and
+//!   terminated by default ([`terminate`], leaves minted by the
+//!   per-installation CA of [`ca`]) so that the same checks apply inside
+//!   (each request's Host must be the SNI's name), with a verified TLS
+//!   session of netstack's own upstream; spliced by SNI only where the
+//!   policy opts in (`passthrough`, for clients that pin certificates;
+//!   every plaintext handshake record checked) or no CA was given;
 //! - [`credential`]: secrets bound to hosts and a header, injected in place
 //!   of a placeholder on terminated connections only; placeholders sent
 //!   elsewhere refused as leak attempts; echoed values masked;

@@ -7,6 +7,7 @@
 //! ```toml
 //! version = 1
 //! preset = "balanced"          # optional: locked (default), balanced, open
+//! https = "terminate"          # the default; "passthrough" splices every host
 //!
 //! [[rule]]
 //! allow = "api.example.com"    # exactly one of allow / deny
@@ -17,7 +18,7 @@
 //!
 //! [[rule]]
 //! allow = "files.example.net"
-//! methods = ["GET", "HEAD"]    # plain HTTP only, see below
+//! methods = ["GET", "HEAD"]    # checked per request (HTTP; HTTPS terminated), see below
 //! path_prefix = "/public/"
 //!
 //! [[rule]]
@@ -27,7 +28,9 @@
 //! allow = "wiki.corp.example"
 //! addresses = ["10.0.0.5"]     # allow rules only: non-public upstreams
 //!
-//! https = "passthrough"        # or "terminate" (see HTTPS below)
+//! [[rule]]
+//! allow = "pinned.example.com"
+//! passthrough = true           # allow rules only: spliced by SNI, not terminated
 //!
 //! [[credential]]               # a secret sbx keeps (`sbx secret set anthropic`)
 //! name = "anthropic"
@@ -52,18 +55,40 @@
 //! has them denies it outright — both fail closed.
 //!
 //! HTTPS: netstack terminates TLS (with the per-installation CA of
-//! [`crate::ca`], which guests trust) for every host that has a credential
-//! or a rule with `methods` or `path_prefix` ([`Policy::terminates`]); the
-//! requests inside are then checked like plain HTTP, rule by rule.
-//! `https = "terminate"` terminates every allowed HTTPS host;
-//! `"passthrough"` (the default) splices the others by SNI without
-//! decrypting. Where netstack cannot terminate (no CA given), HTTPS to a
-//! host with method/path rules fails closed as described above.
+//! [`crate::ca`], which the guest trusts: sbx gives it to the guest, which
+//! puts it in its trust store) for every allowed host by default
+//! (`https = "terminate"`, [`Policy::terminates`]); the requests inside are
+//! then checked like plain HTTP, rule by rule, over HTTP/1.1 only (ALPN):
+//! each request's Host must be the name the SNI gave (and the address was
+//! resolved for), so neither an HTTP/2 connection reused for another name
+//! (coalescing) nor a Host other than the SNI (domain fronting) reaches
+//! another tenant of the same front end.
+//!
+//! Passthrough (splicing the guest's bytes by SNI, never decrypting) is an
+//! explicit opt-in, for clients that pin certificates and so refuse
+//! netstack's leaf: `https = "passthrough"` for every host, or
+//! `passthrough = true` on an allow rule for the hosts it matches. It is
+//! weaker: only the ClientHello's server name is checked (every handshake
+//! record the guest sends before encryption starts, [`crate::tls`]), and
+//! what is sent inside the encrypted session is not seen; a front end
+//! shared by many tenants (a CDN, `*.googleapis.com`, `*.cloudfront.net`)
+//! routes by the encrypted Host header, so a spliced connection to an
+//! allowed name can reach any other tenant of that front end (domain
+//! fronting). Use it only for hosts that need it.
+//!
+//! A host with a credential or a rule with `methods` or `path_prefix` is
+//! terminated whatever `https` and `passthrough` say (a rule cannot have
+//! both `passthrough` and `methods`/`path_prefix`). Where netstack cannot
+//! terminate (a stack given no CA, as in some tests), HTTPS is spliced,
+//! and to a host with method/path rules fails closed as described above.
 //!
 //! Credentials (`[[credential]]`, [`crate::credential`]): the guest gets a
 //! placeholder in `env`; netstack puts the real value in `header` only on
 //! requests to `hosts` over a terminated connection, and refuses a request
-//! that carries a placeholder to any other host. Agents come with theirs
+//! that carries a placeholder to any other host. A wildcard in `hosts`
+//! (`*.corp.example`) is refused where others can own names below it (a
+//! top-level domain, `*.co.uk`, `*.github.io`, `*.s3.amazonaws.com`: see
+//! [`crate::credential::shared_suffix`]); list those hosts instead. Agents come with theirs
 //! (`claude`: `anthropic` in `x-api-key`; `codex`: `openai` in
 //! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`); a
 //! file's credential of the same name replaces the agent's.
@@ -83,7 +108,9 @@
 //! escape, `..` above the root, a backslash, `..;`).
 //!
 //! Upstream addresses: an allowed name is resolved on the host when the
-//! guest connects, and netstack connects only to a global unicast address
+//! guest connects, as an absolute name (the host's /etc/hosts, then its
+//! resolver for `name.`: never the host's search domains, so `api` is
+//! not `api.corp.example`), and netstack connects only to a global unicast address
 //! (the first one in the answer; never loopback, private, link-local
 //! including cloud metadata at 169.254.169.254, CGNAT, unique-local,
 //! multicast, documentation, benchmarking or other reserved ranges, nor
@@ -134,16 +161,25 @@ pub enum Error {
     Credential(#[from] credential::Error),
     #[error("Unknown https mode '{0}' (expected passthrough or terminate)")]
     Https(String),
+    #[error("Rule {0}: 'passthrough' can only be given on an allow rule")]
+    PassthroughOnDeny(usize),
+    #[error(
+        "Rule {0}: 'passthrough' cannot be combined with 'methods' or 'path_prefix' (those are checked only on terminated TLS); give them in separate rules"
+    )]
+    PassthroughNarrowed(usize),
 }
 
 /// What netstack does with HTTPS to an allowed host that has neither a
-/// credential nor a method/path rule (those are always terminated).
+/// credential nor a method/path rule (those are always terminated), when
+/// it has a CA to terminate with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Https {
-    /// Spliced by SNI, never decrypted.
-    #[default]
+    /// Spliced by SNI, never decrypted: opt-in (`https = "passthrough"`),
+    /// open to domain fronting (see the module docs).
     Passthrough,
-    /// Terminated: every request checked and logged like plain HTTP.
+    /// Terminated: every request checked and logged like plain HTTP
+    /// (the default; an allow rule's `passthrough` exempts its hosts).
+    #[default]
     Terminate,
 }
 
@@ -214,6 +250,9 @@ pub struct Rule {
     /// Allow rules only: non-global upstream addresses this rule's names
     /// may connect to (canonical: no IPv4-mapped IPv6 forms).
     pub addresses: Vec<IpAddr>,
+    /// Allow rules only: HTTPS to the names it matches is spliced by SNI
+    /// instead of terminated (see [`Policy::terminates`]).
+    pub passthrough: bool,
     pub origin: Origin,
 }
 
@@ -238,6 +277,9 @@ impl fmt::Display for Rule {
         if !self.addresses.is_empty() {
             let addrs: Vec<String> = self.addresses.iter().map(IpAddr::to_string).collect();
             write!(f, " addresses {}", addrs.join(","))?;
+        }
+        if self.passthrough {
+            write!(f, " passthrough")?;
         }
         Ok(())
     }
@@ -281,6 +323,7 @@ struct FileRule {
     methods: Option<Vec<String>>,
     path_prefix: Option<String>,
     addresses: Option<Vec<String>>,
+    passthrough: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +468,7 @@ fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
         methods: vec![],
         path_prefix: None,
         addresses: vec![],
+        passthrough: false,
         origin,
     }
 }
@@ -503,11 +547,19 @@ impl Policy {
             if action == Action::Deny && !addresses.is_empty() {
                 return Err(Error::AddressOnDeny(n));
             }
-            rules.push(Rule { action, pattern, ports, methods, path_prefix, addresses, origin: Origin::File(n) });
+            let passthrough = r.passthrough.unwrap_or(false);
+            if passthrough && action == Action::Deny {
+                return Err(Error::PassthroughOnDeny(n));
+            }
+            if passthrough && (!methods.is_empty() || path_prefix.is_some()) {
+                return Err(Error::PassthroughNarrowed(n));
+            }
+            let origin = Origin::File(n);
+            rules.push(Rule { action, pattern, ports, methods, path_prefix, addresses, passthrough, origin });
         }
         let https = match file.https.as_deref() {
-            None | Some("passthrough") => Https::Passthrough,
-            Some("terminate") => Https::Terminate,
+            None | Some("terminate") => Https::Terminate,
+            Some("passthrough") => Https::Passthrough,
             Some(other) => return Err(Error::Https(other.to_string())),
         };
         if file.credential.len() > credential::MAX_CREDENTIALS {
@@ -525,14 +577,17 @@ impl Policy {
     }
 
     /// Whether netstack terminates TLS to `host` on `port` (given a CA):
-    /// the host has a credential, or a rule for it has `methods` or
-    /// `path_prefix`, or `https = "terminate"`.
+    /// always if the host has a credential or a rule for it has `methods`
+    /// or `path_prefix`; else unless `https = "passthrough"` or an allow
+    /// rule matching name and port has `passthrough = true` (the opt-in
+    /// for clients that pin certificates; see the module docs for what
+    /// splicing cannot check).
     pub fn terminates(&self, host: &HostName, port: u16) -> bool {
-        self.https == Https::Terminate
-            || self.credentials.iter().any(|c| c.bound_to(host))
-            || self.rules.iter().any(|r| {
-                (!r.methods.is_empty() || r.path_prefix.is_some()) && r.pattern.matches(host) && r.ports.contains(&port)
-            })
+        let matching = |r: &&Rule| r.pattern.matches(host) && r.ports.contains(&port);
+        let must = self.credentials.iter().any(|c| c.bound_to(host))
+            || self.rules.iter().filter(matching).any(|r| !r.methods.is_empty() || r.path_prefix.is_some());
+        must || (self.https == Https::Terminate
+            && !self.rules.iter().filter(matching).any(|r| r.action == Action::Allow && r.passthrough))
     }
 
     /// Whether a terminated connection to `host` on `port` is worth
@@ -966,7 +1021,9 @@ mod tls_tests {
 
     #[test]
     fn credentials_and_method_path_rules_decide_what_is_terminated() {
-        let p = Policy::from_toml(FILE).unwrap();
+        // With https = "passthrough" (opt-in), hosts with neither a
+        // credential nor a method/path rule are spliced.
+        let p = Policy::from_toml(&FILE.replace("version = 1", "version = 1\nhttps = \"passthrough\"")).unwrap();
         assert_eq!(p.https, Https::Passthrough);
         assert!(p.terminates(&host("api.example.com"), 443), "credential");
         assert!(p.terminates(&host("x.corp.example"), 443), "credential, wildcard");
@@ -974,6 +1031,7 @@ mod tls_tests {
         assert!(!p.terminates(&host("www.example.com"), 443), "neither: passthrough");
         let all = Policy::from_toml(&FILE.replace("version = 1", "version = 1\nhttps = \"terminate\"")).unwrap();
         assert!(all.terminates(&host("www.example.com"), 443));
+        let p = Policy::from_toml(FILE).unwrap();
         let c = &p.credentials[0];
         assert_eq!(
             (c.name.as_str(), c.header.as_str(), c.scheme.as_deref()),
@@ -983,6 +1041,38 @@ mod tls_tests {
             c.to_string(),
             "credential corp: hosts api.example.com,*.corp.example header authorization scheme Bearer"
         );
+    }
+
+    #[test]
+    fn termination_is_the_default_and_passthrough_an_explicit_opt_in() {
+        let p = Policy::from_toml(FILE).unwrap();
+        assert_eq!(p.https, Https::Terminate);
+        assert!(p.terminates(&host("www.example.com"), 443), "no credential, no L7 rule: terminated all the same");
+        for agent in ["claude", "codex", "gemini", "shell"] {
+            assert_eq!(Policy::for_agent(agent).unwrap().https, Https::Terminate, "{agent}");
+        }
+        for preset in ["locked", "balanced", "open"] {
+            let p = Policy::preset(preset).unwrap();
+            assert_eq!(p.https, Https::Terminate, "{preset}");
+            assert!(p.terminates(&host("registry.npmjs.org"), 443), "{preset}");
+        }
+        // Per rule: its names on its ports are spliced; a credential or a
+        // method/path rule still terminates.
+        let text = format!(
+            "{FILE}\n[[rule]]\nallow = \"pinned.example.com\"\nports = [443]\npassthrough = true\n[[rule]]\nallow = \"*.corp.example\"\npassthrough = true\n"
+        );
+        let p = Policy::from_toml(&text).unwrap();
+        assert!(!p.terminates(&host("pinned.example.com"), 443));
+        assert!(p.terminates(&host("www.example.com"), 443));
+        assert!(p.terminates(&host("x.corp.example"), 443), "the credential wins");
+        assert!(p.rules.iter().any(|r| r.to_string() == "rule 4: allow pinned.example.com ports 443 passthrough"));
+        let err = |t: &str| Policy::from_toml(t).unwrap_err();
+        assert!(matches!(
+            err("version = 1\n[[rule]]\ndeny = \"a.com\"\npassthrough = true\n"),
+            Error::PassthroughOnDeny(1)
+        ));
+        let narrowed = err("version = 1\n[[rule]]\nallow = \"a.com\"\nmethods = [\"GET\"]\npassthrough = true\n");
+        assert!(matches!(narrowed, Error::PassthroughNarrowed(1)), "{narrowed}");
     }
 
     #[test]

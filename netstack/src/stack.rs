@@ -34,9 +34,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, Route, SocketHandle, SocketSet};
@@ -83,7 +84,8 @@ const POLICED_PORTS: [u16; 2] = [80, 443];
 /// and local services; used as given, whatever the address), then, if
 /// enabled, the host's resolver (run on the connection's connect thread,
 /// never in the poll loop; its answers are checked, see
-/// [`crate::conn::choose_upstream`]).
+/// [`crate::conn::choose_upstream`]) for the absolute name only, never
+/// with the host's search domains ([`system_lookup`]).
 #[derive(Default)]
 pub struct Resolver {
     pub overrides: HashMap<(HostName, u16), SocketAddr>,
@@ -109,11 +111,63 @@ impl Resolve for Resolver {
         if !self.system {
             return Lookup::NotFound;
         }
-        let Ok(found) = (name.as_str(), port).to_socket_addrs() else { return Lookup::NotFound };
-        let mut all: Vec<SocketAddr> = found.take(MAX_CANDIDATES).collect();
-        all.sort_by_key(|a| !a.is_ipv4());
-        Lookup::Resolved(all)
+        let hosts = read_hosts_file(Path::new(HOSTS_FILE));
+        system_lookup(name, port, hosts.as_deref(), |absolute, port| {
+            (absolute, port).to_socket_addrs().map(|found| found.take(MAX_CANDIDATES).collect())
+        })
     }
+}
+
+/// The host's table of static names, read before its resolver.
+pub const HOSTS_FILE: &str = "/etc/hosts";
+/// The most of [`HOSTS_FILE`] that is read.
+pub const MAX_HOSTS_FILE: u64 = 1 << 20;
+
+/// [`HOSTS_FILE`]'s text (its first [`MAX_HOSTS_FILE`] bytes), if readable.
+fn read_hosts_file(path: &Path) -> Option<String> {
+    let mut text = Vec::new();
+    std::fs::File::open(path).ok()?.take(MAX_HOSTS_FILE).read_to_end(&mut text).ok()?;
+    Some(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// The addresses a hosts file (`hosts`, in /etc/hosts syntax) gives
+/// `name`, in file order.
+fn hosts_entries(hosts: &str, name: &HostName) -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    for line in hosts.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_whitespace();
+        let Some(Ok(addr)) = fields.next().map(str::parse::<IpAddr>) else { continue };
+        if fields.any(|f| HostName::parse(f).is_ok_and(|h| h == *name)) && found.len() < MAX_CANDIDATES {
+            found.push(addr);
+        }
+    }
+    found
+}
+
+/// The host's answer for `name`: the hosts file's entries for it (as the
+/// host's own lookup reads them first), else `getaddrinfo`'s for the
+/// absolute name, `name.` — with its trailing dot, so that the resolver
+/// never tries the host's search domains (`api` must not become
+/// `api.corp.example`, nor `foo.internal` `foo.internal.corp.example`).
+/// IPv4 first.
+pub fn system_lookup(
+    name: &HostName,
+    port: u16,
+    hosts: Option<&str>,
+    getaddrinfo: impl FnOnce(&str, u16) -> std::io::Result<Vec<SocketAddr>>,
+) -> Lookup {
+    let from_file = hosts.map(|h| hosts_entries(h, name)).unwrap_or_default();
+    let mut all: Vec<SocketAddr> = if from_file.is_empty() {
+        match getaddrinfo(&format!("{name}."), port) {
+            Ok(found) => found.into_iter().take(MAX_CANDIDATES).collect(),
+            Err(_) => return Lookup::NotFound,
+        }
+    } else {
+        from_file.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+    };
+    all.sort_by_key(|a| !a.is_ipv4());
+    Lookup::Resolved(all)
 }
 
 /// What kind of address an upstream address is. Only [`AddrClass::Global`]
@@ -436,9 +490,10 @@ impl<W: Write> NetStack<W> {
         net
     }
 
-    /// The same stack, terminating TLS where the policy says so (see
+    /// The same stack, terminating TLS where the policy says so (every
+    /// allowed host unless it opts into passthrough; see
     /// [`crate::terminate`]) and injecting the credentials given. Without
-    /// it, HTTPS is only ever spliced by SNI.
+    /// it, HTTPS is only ever spliced by SNI (tests, benchmarks).
     pub fn terminating(mut self, termination: Arc<Termination>) -> NetStack<W> {
         self.termination = Some(termination);
         self
@@ -1061,7 +1116,7 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
-    use std::io::{BufRead, BufReader, Read as _};
+    use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -1305,6 +1360,8 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         let (mut guest, mut now) = (Guest::new(1500), 0);
         let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
         let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["api.example.com"])]);
+        // TLS 1.2: the client's ChangeCipherSpec, then encrypted bytes.
+        hello.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
         hello.extend_from_slice(b"opaque application data");
         let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &hello, |g| g.len() >= hello.len());
         assert_eq!(got, hello, "bytes pass through untouched");
@@ -1321,6 +1378,59 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(count.load(Ordering::SeqCst), 1, "no upstream for refused handshakes");
         let log = audit(&net);
         assert!(log.contains("SNI is not the name") && log.contains("no SNI"), "{log}");
+    }
+
+    #[test]
+    fn a_spliced_connection_is_reset_when_a_later_hello_names_another_server() {
+        use crate::tls::tests::{hello, sni_ext};
+        let (up, count) = echo_upstream();
+        let policy = "version = 1\nhttps = \"passthrough\"\n[[rule]]\nallow = \"*.example.com\"\n";
+        let mut net = net_with(policy, &[("api.example.com", 443, up), ("www.example.com", 443, up)]);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.example.com", &mut now));
+        let versions = [0u8, 43, 0, 3, 2, 3, 4]; // supported_versions: TLS 1.3
+        let first = [hello(&[sni_ext(&["api.example.com"]), versions.to_vec()]), vec![20, 3, 3, 0, 1, 1]].concat();
+        let retry = hello(&[sni_ext(&["www.example.com"]), versions.to_vec()]);
+        // In one go: refused before any upstream connection.
+        let both = [first.clone(), retry.clone()].concat();
+        let (got, state) = exchange(&mut net, &mut guest, &mut now, (addr, 443), &both, |_| false);
+        assert!(got.is_empty() && state == tcp::State::Closed, "reset");
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        // Spliced first, the retried hello later: reset, never forwarded.
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        socket.connect(guest.iface.context(), (addr, 443), 40123).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut got = Vec::new();
+        let mut rx = vec![0u8; 64 * 1024];
+        let (mut sent_first, mut sent_retry) = (false, false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            pump(&mut net, &mut guest, &mut now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && !sent_first {
+                assert_eq!(s.send_slice(&first).unwrap(), first.len());
+                sent_first = true;
+            }
+            while s.can_recv() {
+                let n = s.recv_slice(&mut rx).unwrap_or(0);
+                got.extend_from_slice(&rx[..n]);
+            }
+            if got.len() >= first.len() && !sent_retry {
+                assert_eq!(got, first, "the first flight is spliced");
+                assert_eq!(s.send_slice(&retry).unwrap(), retry.len());
+                sent_retry = true;
+            }
+            if s.state() == tcp::State::Closed || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(sent_retry);
+        assert_eq!(guest.sockets.get_mut::<tcp::Socket>(h).state(), tcp::State::Closed, "reset");
+        assert_eq!(got, first, "the retried hello never reached the upstream (nothing more echoed)");
+        let log = audit(&net);
+        assert!(log.contains("later handshake record refused") && log.contains("names another server"), "{log}");
     }
 
     #[test]
@@ -1588,6 +1698,38 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert!(got.is_empty() && state == tcp::State::Closed, "port 443 is not in the rule");
         pump(&mut net, &mut guest, &mut now);
         assert!(audit(&net).contains(&format!("\"upstream\":\"{up}\"")), "the address connected to is logged");
+    }
+
+    #[test]
+    fn the_host_resolver_is_asked_for_absolute_names_only() {
+        let name = HostName::parse("api").unwrap();
+        let mut asked = Vec::new();
+        let answer = |asked: &mut Vec<String>, hosts: Option<&str>| {
+            system_lookup(&name, 443, hosts, |n, port| {
+                asked.push(n.to_string());
+                Ok(vec![SocketAddr::new("2001:4860::1".parse().unwrap(), port), "8.8.8.8:443".parse().unwrap()])
+            })
+        };
+        let got = answer(&mut asked, None);
+        assert_eq!(asked, vec!["api.".to_string()], "a trailing dot: no search domain is tried");
+        let want: Vec<SocketAddr> = vec!["8.8.8.8:443".parse().unwrap(), "[2001:4860::1]:443".parse().unwrap()];
+        assert_eq!(got, Lookup::Resolved(want), "IPv4 first");
+        // A hosts file's entries come first and the resolver is not asked;
+        // names are compared whole (no `api.corp.example` for `api`).
+        let hosts = "# comment\n127.0.0.1 localhost\n10.1.2.3 api.corp.example\n10.0.0.7\tAPI. other # api\n::1 api\n";
+        asked.clear();
+        let got = answer(&mut asked, Some(hosts));
+        assert!(asked.is_empty(), "{asked:?}");
+        assert_eq!(got, Lookup::Resolved(vec!["10.0.0.7:443".parse().unwrap(), "[::1]:443".parse().unwrap()]));
+        let missing =
+            system_lookup(&name, 80, None, |_, _| Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no")));
+        assert_eq!(missing, Lookup::NotFound);
+        // This host's real hosts file and resolver: `localhost` still
+        // resolves (from the file: glibc does not find `localhost.` there).
+        let localhost =
+            Resolver { system: true, ..Resolver::default() }.lookup(&HostName::parse("localhost").unwrap(), 80);
+        let Lookup::Resolved(found) = localhost else { panic!("{localhost:?}") };
+        assert!(!found.is_empty() && found.iter().all(|a| a.ip().is_loopback()), "{found:?}");
     }
 
     #[test]

@@ -218,6 +218,11 @@ pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str
     let mut out = io::stdout().lock();
     if terminated {
         let _ = writeln!(out, "TLS terminated by netstack: the request is checked like plain HTTP");
+    } else if target.https {
+        let _ = writeln!(
+            out,
+            "TLS spliced by SNI (passthrough): only the server name is checked, not the method, path or Host inside, so other tenants of the same front end are reachable (domain fronting)"
+        );
     }
     for c in policy.credentials.iter().filter(|c| c.bound_to(&target.host)) {
         let _ = writeln!(out, "{c} (injected over terminated TLS)");

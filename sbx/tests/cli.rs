@@ -28,8 +28,14 @@ fn policy_explain_shows_matching_rules_and_the_decision() {
     let (code, out, _) = sbx(&["policy", "explain", "--policy", f, "http://bad.example.com/x"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("matches rule 1: allow *.example.com") && out.contains("denied by rule 2"), "{out}");
-    let (code, _, _) = sbx(&["policy", "explain", "--policy", f, "https://ok.example.com/"]);
+    let (code, out, _) = sbx(&["policy", "explain", "--policy", f, "https://ok.example.com/"]);
     assert_eq!(code, Some(0));
+    assert!(out.contains("TLS terminated by netstack"), "terminated by default: {out}");
+    // Passthrough only where asked for, and said to be weaker.
+    std::fs::write(&file, "version = 1\n[[rule]]\nallow = \"pinned.example.com\"\npassthrough = true\n").unwrap();
+    let (code, out, _) = sbx(&["policy", "explain", "--policy", f, "https://pinned.example.com/"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("TLS spliced by SNI (passthrough)") && out.contains("domain fronting"), "{out}");
 }
 
 #[test]

@@ -667,7 +667,54 @@ fn passthrough_hosts_are_still_spliced_and_l7_hosts_fail_closed_without_a_ca() {
     let p = Policy::from_toml(&policy).unwrap();
     assert!(!p.terminates(&HostName::parse("other.example.com").unwrap(), 443));
     assert!(p.terminates(&HostName::parse("files.example.org").unwrap(), 443), "method/path rules");
-    assert!(p.terminates(&HostName::parse("files.example.org").unwrap(), 443));
+    // Per rule: `passthrough = true` splices its host only.
+    let policy = format!(
+        "{}[[rule]]\nallow = \"other.example.com\"\npassthrough = true\n",
+        POLICY.replace("https = \"terminate\"\n", "")
+    );
+    let mut s = Setup::new(&policy, &routes, &root);
+    let other = s.resolve("other.example.com");
+    let out =
+        s.https(other, "other.example.com", &[b"http/1.1"], &get("other.example.com", "/", ""), &|t| responded(t));
+    assert!(out.error.is_some(), "spliced: the guest sees the upstream's certificate: {}", out.text);
+    let plain = s.resolve("plain.example.com");
+    let out =
+        s.https(plain, "plain.example.com", &[b"http/1.1"], &get("plain.example.com", "/", ""), &|t| responded(t));
+    assert!(out.text.contains("ok GET / 0"), "every other host is terminated: {}", out.text);
+}
+
+#[test]
+fn every_host_is_terminated_by_default_and_each_request_must_name_the_sni() {
+    // No `https` line: other.example.com has no credential and no
+    // method/path rule, and is terminated all the same.
+    let (root, cert, key) = test_pki(NAMES);
+    let (up, seen) = tls_upstream(cert, key);
+    let policy = POLICY.replace("https = \"terminate\"\n", "");
+    assert!(!policy.contains("https"));
+    let routes: Vec<(&str, u16, SocketAddr)> = NAMES.iter().map(|n| (*n, 443, up)).collect();
+    let mut s = Setup::new(&policy, &routes, &root);
+    let other = s.resolve("other.example.com");
+    let out = s.https(other, "other.example.com", &[b"h2", b"http/1.1"], &get("other.example.com", "/", ""), &|t| {
+        responded(t)
+    });
+    assert!(out.text.contains("ok GET / 0"), "terminated with netstack's leaf: {:?} {}", out.error, out.text);
+    assert_eq!(out.alpn.as_deref(), Some(&b"http/1.1"[..]), "HTTP/1.1 only: no h2 coalescing");
+    // Domain fronting: the SNI names an allowed host, the Host another
+    // tenant of the same front end.
+    let out = s.https(other, "other.example.com", &[b"http/1.1"], &get("api.example.com", "/", ""), &|t| responded(t));
+    assert!(out.text.starts_with("HTTP/1.1 403") && out.text.contains("not the name"), "{}", out.text);
+    // The same on the second request of a kept-alive connection.
+    let two = [get("other.example.com", "/1", ""), get("api.example.com", "/2", "")].concat();
+    let out = s.https(other, "other.example.com", &[b"http/1.1"], &two, &|t| t.contains("403"));
+    assert!(out.text.contains("ok GET /1 0") && out.text.contains("403 Forbidden"), "{}", out.text);
+    // An absolute-form target naming another authority is refused too.
+    let abs = b"GET https://api.example.com/ HTTP/1.1\r\nHost: other.example.com\r\n\r\n";
+    let out = s.https(other, "other.example.com", &[b"http/1.1"], abs, &|t| responded(t));
+    assert!(out.text.starts_with("HTTP/1.1 403"), "{}", out.text);
+    let paths: Vec<String> = seen.lock().unwrap().iter().map(|(h, _)| h.lines().next().unwrap().to_string()).collect();
+    assert_eq!(paths, vec!["GET / HTTP/1.1".to_string(), "GET /1 HTTP/1.1".to_string()]);
+    let log = s.audit();
+    assert!(log.contains("\"sni\":\"other.example.com\"") && log.contains("\"terminated\":true"), "{log}");
 }
 
 /// The bodies of the responses in `raw` (the guest's plaintext), chunked
