@@ -47,7 +47,8 @@ use crate::audit::SharedLog;
 use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
-use crate::policy::{Action, Policy};
+use crate::live::{self, Live, LiveRules};
+use crate::policy::Policy;
 use crate::terminate::Termination;
 
 /// Frames waiting in one direction before more are dropped.
@@ -359,6 +360,8 @@ pub struct NetStack<W: Write> {
     connect_slots: Arc<ConnectSlots>,
     /// TLS termination and credentials, if given ([`NetStack::terminating`]).
     termination: Option<Arc<Termination>>,
+    /// Live rules and held requests ([`NetStack::with_live`]).
+    live: Option<Arc<Live>>,
     now_ms: u64,
 }
 
@@ -414,6 +417,7 @@ impl<W: Write> NetStack<W> {
             next_conn_id: 0,
             connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
             termination: None,
+            live: None,
             now_ms: 0,
         };
         net.replenish_listeners();
@@ -425,6 +429,13 @@ impl<W: Write> NetStack<W> {
     /// it, HTTPS is only ever spliced by SNI.
     pub fn terminating(mut self, termination: Arc<Termination>) -> NetStack<W> {
         self.termination = Some(termination);
+        self
+    }
+
+    /// The same stack, judging with `live`'s rules and holding requests
+    /// for a person ([`crate::live`]).
+    pub fn with_live(mut self, live: Arc<Live>) -> NetStack<W> {
+        self.live = Some(live);
         self
     }
 
@@ -466,6 +477,9 @@ impl<W: Write> NetStack<W> {
     /// Calls `waker` (from another thread) whenever a connect thread ends:
     /// the stack then has its result to take ([`NetStack::poll`]).
     pub fn set_waker(&self, waker: crate::conn::Waker) {
+        if let Some(l) = &self.live {
+            l.set_waker(waker.clone());
+        }
         self.connect_slots.set_waker(waker);
     }
 
@@ -482,7 +496,8 @@ impl<W: Write> NetStack<W> {
         let smol = self.iface.poll_at(now, &self.sockets).map(|t| (t.total_micros().max(0) as u64).div_ceil(1000));
         let idle = self.conns.iter().map(|c| c.2.saturating_add(IDLE_MS + 1)).min();
         let slots = (self.connect_slots.running() >= MAX_CONNECT_THREADS).then(|| now_ms + SLOT_RECHECK_MS);
-        [smol, idle, slots].into_iter().flatten().min()
+        let live = self.live.as_ref().and_then(|l| l.next_due());
+        [smol, idle, slots, live].into_iter().flatten().min()
     }
 
     /// The upstream sockets and whether each has work for
@@ -500,6 +515,9 @@ impl<W: Write> NetStack<W> {
     /// clock; tests drive it by hand).
     pub fn poll(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        if let Some(l) = &self.live {
+            l.tick(now_ms);
+        }
         let now = Instant::from_millis(now_ms as i64);
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
         self.serve_dns();
@@ -507,6 +525,9 @@ impl<W: Write> NetStack<W> {
         self.serve_tcp();
         self.replenish_listeners();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
+        for e in self.live.as_ref().map(|l| l.take_events()).unwrap_or_default() {
+            self.log(e);
+        }
     }
 
     fn replenish_listeners(&mut self) {
@@ -539,7 +560,8 @@ impl<W: Write> NetStack<W> {
                 Some(IpAddress::Ipv4(dst)) => {
                     let name = self.names.name_of(dst).cloned();
                     let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone())
-                        .with_termination(self.termination.clone());
+                        .with_termination(self.termination.clone())
+                        .with_live(self.live.clone());
                     self.conns.push((h, conn, self.now_ms, self.next_conn_id));
                     self.next_conn_id += 1;
                 }
@@ -558,6 +580,7 @@ impl<W: Write> NetStack<W> {
             let socket = self.sockets.get_mut::<tcp::Socket>(*h);
             let before = (conn.bytes_up, conn.bytes_down);
             conn.poll_connect(&self.policy, &self.resolver);
+            conn.poll_held(&self.policy, &self.resolver);
             while conn.wants_guest_bytes() && socket.can_recv() {
                 match socket.recv_slice(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -615,6 +638,9 @@ impl<W: Write> NetStack<W> {
             eprintln!("netstack: the audit log cannot be written; every new request is refused from now on");
             if let Ok(none) = Policy::from_toml("version = 1\n") {
                 self.policy = none;
+            }
+            if let Some(l) = &self.live {
+                l.fail();
             }
         }
     }
@@ -720,7 +746,7 @@ impl<W: Write> NetStack<W> {
                         continue;
                     }
                 };
-                let (reply, event) = answer(&query, &self.policy, &mut self.names);
+                let (reply, event) = answer(&query, &self.policy, self.live.as_deref(), &mut self.names);
                 replies.push((reply, meta.endpoint));
                 events.push(event);
             }
@@ -737,14 +763,22 @@ impl<W: Write> NetStack<W> {
 }
 
 /// The answer to one query and its audit line.
-fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8>, serde_json::Value) {
+fn answer(
+    query: &dns::Query,
+    policy: &Policy,
+    live: Option<&Live>,
+    names: &mut NameTable,
+) -> (Vec<u8>, serde_json::Value) {
     let Some(host) = query.host() else {
         let event = serde_json::json!({"event": "dns", "name": query.raw_name, "decision": "deny", "reason": "not a host name (IP literal or malformed)"});
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     };
-    let decision = policy.resolvable(&host);
-    let rule = decision.rule.as_ref().map(|r| r.to_string());
-    if decision.action == Action::Deny {
+    let decision = match live {
+        Some(l) => l.judge_resolvable(policy, &host),
+        None => live::judge_resolvable(policy, &LiveRules::default(), &host, 0),
+    };
+    let rule = decision.rule.clone();
+    if !decision.allowed() {
         let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "deny", "rule": rule});
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     }
