@@ -1338,3 +1338,284 @@ impl Live {
         self.lock().rules.to_json()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(s: &str) -> HostName {
+        HostName::parse(s).unwrap()
+    }
+
+    fn spec(action: &str, h: &str) -> RuleSpec {
+        RuleSpec {
+            action: action.into(),
+            host: h.into(),
+            methods: vec![],
+            path: None,
+            for_secs: None,
+            uses: None,
+            until_exit: false,
+        }
+    }
+
+    fn pat(p: &str) -> PathPattern {
+        PathPattern::parse(p).unwrap()
+    }
+
+    #[test]
+    fn path_patterns_match_segment_by_segment() {
+        let merge = pat("/repos/*/*/pulls/*/merge");
+        for yes in ["/repos/o/r/pulls/1/merge", "/repos/o/r/pulls/1/merge/", "/repos/o/./r/pulls/1/merge", "/repos/o/x/../r/pulls/1/merge"] {
+            assert!(merge.matches(yes, false), "{yes}");
+        }
+        for no in ["/repos/o/pulls/1/merge", "/repos/o/r/pulls/1/merge/x", "/repos//r/pulls/1/merge", "/repos/o/r/pulls/1"] {
+            assert!(!merge.matches(no, false), "{no}");
+        }
+        assert!(!merge.matches("/REPOS/o/r/PULLS/1/MERGE", false), "allow rules: case matters");
+        assert!(merge.matches("/REPOS/o/r/PULLS/1/MERGE", true), "ask/deny rules: case does not");
+        assert!(merge.matches("/repos/o/r/pulls/1/%6derge", true), "escapes of unreserved characters decoded");
+        assert!(merge.matches("/repos/o/r%2fx/pulls/1/merge", true), "not normalisable: a strict rule matches");
+        assert!(!merge.matches("/repos/o/r%2fx/pulls/1/merge", false), "and an allow rule does not");
+        let refs = pat("/repos/*/*/git/refs/**");
+        assert!(refs.matches("/repos/o/r/git/refs", true) && refs.matches("/repos/o/r/git/refs/heads/main", true));
+        assert!(!refs.matches("/repos/o/r/git/other", true));
+        let push = pat("/**/git-receive-pack");
+        assert!(push.matches("/o/r.git/git-receive-pack", true) && push.matches("/a/b/c/r.git/git-receive-pack", true));
+        assert!(!push.matches("/o/r.git/git-upload-pack", true));
+        let all = pat("/**");
+        assert!(all.matches("/", false) && all.matches("/x/y", false));
+        assert!(pat("/").matches("/", false) && !pat("/").matches("/a", false));
+        let info = pat("/**/info/refs?service=git-receive-pack");
+        for yes in [
+            "/o/r.git/info/refs?service=git-receive-pack",
+            "/o/r.git/info/refs?x=1&service=git-receive-pack",
+            "/o/r.git/info/refs?service=git%2Dreceive-pack",
+            "/o/r.git/info/refs?service=GIT-RECEIVE-PACK",
+            "/o/r.git/info/refs?service=%zz",
+        ] {
+            assert!(info.matches(yes, true), "{yes}");
+        }
+        assert!(!info.matches("/o/r.git/info/refs?service=git-upload-pack", true));
+        assert!(!info.matches("/o/r.git/info/refs", true));
+        for bad in ["repos", "/a//b", "/a/", "/a*/b", "/**/x/**", "/a/../b", "/a?b", "/a#b", "/a b", "/a/%2f"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(PathPattern::parse(&format!("/{}", "a".repeat(MAX_PATH_PATTERN))).is_err());
+    }
+
+    #[test]
+    fn grants_expire_and_use_counts_run_out_on_a_fake_clock() {
+        let mut rules = LiveRules::default();
+        let h = host("api.example.com");
+        let req = Request { host: &h, port: 443, http: Some(("GET", "/")) };
+        let timed = rules.add(&RuleSpec { for_secs: Some(600), ..spec("allow", "api.example.com") }, 1_000, None, None);
+        let id = timed.unwrap();
+        assert_eq!(rules.matching(Action::Allow, &req, 1_000).map(|r| r.id), Some(id));
+        assert_eq!(rules.matching(Action::Allow, &req, 600_999).map(|r| r.id), Some(id));
+        assert!(rules.matching(Action::Allow, &req, 601_000).is_none(), "time up at exactly 600 s");
+        assert_eq!(rules.next_expiry(), Some(601_000));
+        assert_eq!(rules.expire(601_000).len(), 1);
+        assert!(rules.list().is_empty());
+        let used = rules.add(&RuleSpec { uses: Some(2), ..spec("allow", "api.example.com:443") }, 0, None, None).unwrap();
+        assert!(rules.consume(used).is_none(), "one use left");
+        assert_eq!(rules.list()[0].limit_text(0), "1 uses left");
+        assert_eq!(rules.consume(used).map(|r| r.id), Some(used), "the last use takes it out");
+        assert!(rules.matching(Action::Allow, &req, 0).is_none());
+        // Through Live: the stack's clock, and the end logged.
+        let live = Live::new("sb", LiveRules::default());
+        let p = Policy::from_toml("version = 1\n").unwrap();
+        live.tick(10_000);
+        live.add_rule(&RuleSpec { for_secs: Some(5), ..spec("allow", "api.example.com") }, Some(1000)).unwrap();
+        assert!(live.judge(&p, &req).allowed());
+        assert_eq!(live.next_due(), Some(15_000));
+        live.tick(15_000);
+        let j = live.judge(&p, &req);
+        assert_eq!(j.verdict, Verdict::Deny, "denied again: {}", j.reason);
+        let events = live.take_events();
+        assert!(events.iter().any(|e| e["change"] == "expired"), "{events:?}");
+        let once = live.add_rule(&RuleSpec { uses: Some(1), ..spec("allow", "api.example.com") }, None).unwrap();
+        let j = live.judge(&p, &req);
+        assert_eq!(j.grant, Some(once));
+        live.consume(once);
+        assert!(!live.judge(&p, &req).allowed());
+        assert!(live.take_events().iter().any(|e| e["change"] == "used up"));
+    }
+
+    #[test]
+    fn precedence_live_deny_static_deny_live_allow_ask_static_allow_default() {
+        let p = Policy::from_toml(
+            "version = 1\napproval = \"ask\"\n[[rule]]\nallow = \"*.a.com\"\n[[rule]]\ndeny = \"bad.a.com\"\n\
+             [[rule]]\nask = \"x.a.com\"\nmethods = [\"DELETE\"]\n",
+        )
+        .unwrap();
+        let mut live = LiveRules::default();
+        live.add(&spec("deny", "ld.a.com"), 0, None, None).unwrap();
+        live.add(&spec("allow", "ld.a.com"), 0, None, None).unwrap();
+        live.add(&spec("allow", "bad.a.com"), 0, None, None).unwrap();
+        live.add(&spec("allow", "elsewhere.org"), 0, None, None).unwrap();
+        let v = |h: &str, m: &str| {
+            let h = host(h);
+            judge(&p, &live, &Request { host: &h, port: 80, http: Some((m, "/")) }, 0).verdict
+        };
+        let ask = |h: &str, rule: Option<&str>| {
+            Verdict::Ask(QKey { host: host(h), port: 80, rule: rule.map(str::to_string) })
+        };
+        assert_eq!(v("ld.a.com", "GET"), Verdict::Deny, "live deny beats live allow and static allow");
+        assert_eq!(v("bad.a.com", "GET"), Verdict::Deny, "static deny beats live allow");
+        assert_eq!(v("elsewhere.org", "GET"), Verdict::Allow, "live allow beats the default");
+        assert_eq!(v("x.a.com", "DELETE"), ask("x.a.com", Some("rule 3: ask x.a.com ports 80,443 methods DELETE")));
+        assert_eq!(v("x.a.com", "GET"), Verdict::Allow, "the ask rule is narrowed");
+        assert_eq!(v("nowhere.net", "GET"), ask("nowhere.net", None), "approval = ask holds the default");
+        let mut lifted = live.clone();
+        lifted.add(&spec("allow", "x.a.com"), 0, None, None).unwrap();
+        let h = host("x.a.com");
+        let j = judge(&p, &lifted, &Request { host: &h, port: 80, http: Some(("DELETE", "/")) }, 0);
+        assert_eq!(j.verdict, Verdict::Allow, "a live allow lifts an ask rule");
+        let deny_default = Policy::from_toml("version = 1\n").unwrap();
+        let h = host("nowhere.net");
+        let j = judge(&deny_default, &live, &Request { host: &h, port: 80, http: None }, 0);
+        assert_eq!(j.verdict, Verdict::Deny);
+        assert!(j.reason.contains("default deny"), "{}", j.reason);
+        // DNS follows: held names resolve, denied ones do not.
+        let r = |pol: &Policy, h: &str| judge_resolvable(pol, &live, &host(h), 0).verdict;
+        assert_eq!(r(&p, "nowhere.net"), Verdict::Allow);
+        assert_eq!(r(&p, "bad.a.com"), Verdict::Deny);
+        assert_eq!(r(&p, "ld.a.com"), Verdict::Deny);
+        assert_eq!(r(&deny_default, "nowhere.net"), Verdict::Deny);
+        assert_eq!(r(&deny_default, "elsewhere.org"), Verdict::Allow);
+    }
+
+    #[test]
+    fn live_rules_persist_without_until_exit_ones_and_hostile_files_are_refused() {
+        let mut rules = LiveRules::default();
+        rules.add(&spec("allow", "a.com:8443"), 5, Some(1000), None).unwrap();
+        let mut narrowed = spec("deny", "*.b.com");
+        narrowed.methods = vec!["POST".into()];
+        narrowed.path = Some("/x/*/y".into());
+        rules.add(&narrowed, 5, None, Some("note".into())).unwrap();
+        rules.add(&RuleSpec { for_secs: Some(60), ..spec("allow", "c.com") }, 5, None, None).unwrap();
+        rules.add(&RuleSpec { until_exit: true, ..spec("allow", "d.com") }, 5, None, None).unwrap();
+        let text = rules.to_json();
+        let (back, expired) = LiveRules::from_json(text.as_bytes(), 10).unwrap();
+        assert_eq!(expired, 0);
+        assert_eq!(back.list().len(), 3, "until-exit is not kept");
+        assert_eq!(back.list(), &rules.list()[..3]);
+        let (later, expired) = LiveRules::from_json(text.as_bytes(), 60_005).unwrap();
+        assert_eq!((later.list().len(), expired), (2, 1), "expired grants are dropped when read");
+        let mut again = back.clone();
+        assert_eq!(again.add(&spec("allow", "e.com"), 0, None, None).unwrap(), 5, "ids are never reused");
+        let file = |rules: &str| format!("{{\"version\":1,\"next_id\":9,\"rules\":[{rules}]}}");
+        let rule = |fields: &str| {
+            file(&format!(
+                "{{\"id\":1,\"action\":\"allow\",\"host\":\"a.com\",\"ports\":[443],\"limit\":\"always\",\"created_ms\":0{fields}}}"
+            ))
+        };
+        assert!(LiveRules::from_json(rule("").as_bytes(), 0).is_ok());
+        for hostile in [
+            "not json".to_string(),
+            "{\"version\":2,\"next_id\":1,\"rules\":[]}".to_string(),
+            rule(",\"extra\":1"),
+            rule("").replace("a.com", "127.0.0.1"),
+            rule("").replace("a.com", "a.com\\u0000"),
+            rule("").replace("\"allow\"", "\"permit\""),
+            rule("").replace("[443]", "[0]"),
+            rule("").replace("[443]", "[]"),
+            rule("").replace("\"always\"", "\"until_exit\""),
+            rule("").replace("\"always\"", "{\"uses\":0}"),
+            rule(",\"methods\":[\"get\"]"),
+            rule(",\"path\":\"/a/../..\""),
+            rule("").replace("\"id\":1", "\"id\":9"),
+            rule(",\"note\":\"\\u001b[2J\"").to_string(),
+            file(&{
+                let one = "{\"id\":1,\"action\":\"allow\",\"host\":\"a.com\",\"ports\":[443],\"limit\":\"always\",\"created_ms\":0}";
+                format!("{one},{one}")
+            }),
+        ] {
+            assert!(LiveRules::from_json(hostile.as_bytes(), 0).is_err(), "{hostile}");
+        }
+        let huge = vec![b' '; MAX_LIVE_FILE + 1];
+        assert_eq!(LiveRules::from_json(&huge, 0), Err(Error::FileSize(MAX_LIVE_FILE + 1)));
+        let mut full = LiveRules::default();
+        for _ in 0..MAX_LIVE_RULES {
+            full.add(&spec("allow", "a.com"), 0, None, None).unwrap();
+        }
+        assert_eq!(full.add(&spec("allow", "a.com"), 0, None, None), Err(Error::TooMany));
+    }
+
+    #[test]
+    fn questions_gather_waiters_and_approval_adds_the_grant_asked_for() {
+        let live = Live::new("sb", LiveRules::default());
+        live.tick(1_000);
+        let key = QKey { host: host("x.com"), port: 443, rule: None };
+        let t1 = live.hold(key.clone(), None, None).unwrap();
+        let t2 = live.hold(key.clone(), None, None).unwrap();
+        assert_eq!(t1.id, t2.id, "one question for one host:port");
+        let q = &live.questions()[0];
+        assert_eq!((q.count, q.waiting, q.deadline_ms), (2, 2, 1_000 + DEFAULT_HOLD_MS));
+        drop(t2);
+        assert_eq!(live.questions()[0].waiting, 1);
+        assert_eq!(live.approve(t1.id, Grant::ForSecs(600), 1000).unwrap(), Some(1));
+        assert_eq!(live.answer(t1.id), Answer::Approved { by: 1000 });
+        assert_eq!(live.approve(t1.id, Grant::Once, 1000), Err(Error::Answered(t1.id)));
+        assert_eq!(live.rules().0.list()[0].limit, Limit::Until(601_000));
+        let events = live.take_events();
+        assert!(events.iter().any(|e| e["decision"] == "held") && events.iter().any(|e| e["by_uid"] == 1000));
+        // Time-out, and the bounds.
+        let other = QKey { host: host("y.com"), port: 80, rule: None };
+        let t3 = live.hold(other, None, Some(("GET", "/a"))).unwrap();
+        live.tick(1_000 + DEFAULT_HOLD_MS);
+        assert_eq!(live.answer(t3.id), Answer::TimedOut);
+        assert!(live.take_events().iter().any(|e| e["answer"] == "timed out"));
+        let mut tickets = Vec::new();
+        for i in 0..MAX_QUESTIONS {
+            tickets.push(live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None }, None, None).unwrap());
+        }
+        let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None }, None, None);
+        assert!(over.unwrap_err().contains("questions already wait"));
+        assert_eq!(live.reject(tickets[0].id, 0), Ok(()));
+        assert_eq!(live.reject(999, 0), Err(Error::NoQuestion(999)));
+    }
+
+    #[test]
+    fn shipped_ask_presets_parse_and_ask_what_they_say() {
+        for name in ASK_PRESETS {
+            let rows = match *name {
+                "github" => GITHUB,
+                _ => GITLAB,
+            };
+            let want: usize = rows.iter().map(|r| r.0.len()).sum();
+            assert_eq!(ask_preset(name).unwrap().len(), want, "every row of {name} parses");
+        }
+        let p = Policy::from_toml(
+            "version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\", \"ask:gitlab\"]\n[[rule]]\nallow = \"gitlab.com\"\n",
+        )
+        .unwrap();
+        let none = LiveRules::default();
+        let v = |h: &str, m: &str, path: &str| {
+            let h = host(h);
+            judge(&p, &none, &Request { host: &h, port: 443, http: Some((m, path)) }, 0).verdict
+        };
+        let asks = |h: &str, m: &str, path: &str| matches!(v(h, m, path), Verdict::Ask(_));
+        assert!(asks("api.github.com", "PUT", "/repos/o/r/pulls/7/merge"));
+        assert!(asks("api.github.com", "DELETE", "/repos/o/r/releases/1"));
+        assert!(asks("api.github.com", "POST", "/repos/o/r/git/refs"));
+        assert!(asks("api.github.com", "PATCH", "/repos/o/r/git/refs/heads/main"));
+        assert!(asks("api.github.com", "PUT", "/repos/o/r/collaborators/eve"));
+        assert!(asks("github.com", "POST", "/o/r.git/git-receive-pack"));
+        assert!(asks("github.com", "GET", "/o/r.git/info/refs?service=git-receive-pack"));
+        assert!(asks("gitlab.com", "PUT", "/api/v4/projects/5/merge_requests/3/merge"));
+        assert!(asks("gitlab.com", "POST", "/group/sub/r.git/git-receive-pack"));
+        assert_eq!(v("api.github.com", "GET", "/repos/o/r/pulls/7"), Verdict::Allow);
+        assert_eq!(v("api.github.com", "POST", "/repos/o/r/issues"), Verdict::Allow);
+        assert_eq!(v("github.com", "GET", "/o/r.git/info/refs?service=git-upload-pack"), Verdict::Allow, "fetch");
+        assert_eq!(v("github.com", "POST", "/o/r.git/git-upload-pack"), Verdict::Allow, "fetch");
+        assert!(terminates(&p, &none, &host("api.github.com"), 443), "asked hosts are terminated");
+        let err = |t: &str| Policy::from_toml(t).unwrap_err().to_string();
+        assert!(err("version = 1\ninclude = [\"ask:nope\"]").contains("Unknown include"));
+        assert!(err("version = 1\napproval = \"maybe\"").contains("Unknown approval"));
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\npath = \"/x\"").contains("for ask rules"));
+        assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\npath = \"x\"").contains("path pattern"));
+        assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\nallow = \"a.com\"").contains("exactly one"));
+    }
+}
