@@ -1831,4 +1831,163 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         net.upstream_interests(&mut interests);
         assert_eq!(interests.iter().map(|i| i.0).collect::<Vec<_>>(), vec![id], "the same id while it lives");
     }
+
+    // ---- held requests (crate::live) ----
+
+    use crate::live::{Answer, Grant, Live, LiveRules};
+
+    const ASK: &str = "version = 1\napproval = \"ask\"\n[[rule]]\ndeny = \"bad.example.com\"\n";
+
+    fn held_net(routes: &[(&str, u16, SocketAddr)], hold_ms: u64) -> (Net, Arc<Live>) {
+        let live = Live::with_hold("sb", LiveRules::default(), hold_ms);
+        (net_with(ASK, routes).with_live(live.clone()), live)
+    }
+
+    /// A guest connection to `to` with `data` sent.
+    fn open_and_send(net: &mut Net, guest: &mut Guest, now: &mut u64, to: (Ipv4Addr, u16), data: &[u8]) -> SocketHandle {
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        static PORT: AtomicUsize = AtomicUsize::new(40100);
+        let local = PORT.fetch_add(1, Ordering::SeqCst) as u16;
+        socket.connect(guest.iface.context(), to, local).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut sent = 0;
+        for _ in 0..1000 {
+            pump(net, guest, now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).unwrap_or(0);
+            }
+            if sent == data.len() {
+                pump(net, guest, now);
+                return h;
+            }
+        }
+        panic!("could not send");
+    }
+
+    /// Pumps (real time passing for the connect threads) until `done`
+    /// holds for what each connection received, or 10 s pass.
+    fn collect(net: &mut Net, guest: &mut Guest, now: &mut u64, hs: &[SocketHandle], done: impl Fn(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
+        collect_for(net, guest, now, hs, done, std::time::Duration::from_secs(10))
+    }
+
+    /// What comes back within a short while (for connections expected to
+    /// get nothing: a property, not a timing).
+    fn settle(net: &mut Net, guest: &mut Guest, now: &mut u64, hs: &[SocketHandle]) -> Vec<Vec<u8>> {
+        collect_for(net, guest, now, hs, |_| false, std::time::Duration::from_millis(300))
+    }
+
+    fn collect_for(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        hs: &[SocketHandle],
+        done: impl Fn(&[Vec<u8>]) -> bool,
+        limit: std::time::Duration,
+    ) -> Vec<Vec<u8>> {
+        let mut got = vec![Vec::new(); hs.len()];
+        let deadline = std::time::Instant::now() + limit;
+        let mut rx = vec![0u8; 64 * 1024];
+        while !done(&got) && std::time::Instant::now() < deadline {
+            pump(net, guest, now);
+            for (i, h) in hs.iter().enumerate() {
+                let s = guest.sockets.get_mut::<tcp::Socket>(*h);
+                while s.can_recv() {
+                    match s.recv_slice(&mut rx) {
+                        Ok(n) if n > 0 => got[i].extend_from_slice(&rx[..n]),
+                        _ => break,
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        got
+    }
+
+    #[test]
+    fn held_requests_wait_on_one_question_and_go_upstream_once_each_when_approved() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let reply = resolve(&mut net, &mut guest, "held.example.com", &mut now);
+        assert_eq!(reply[3] & 0xf, 0, "a held name resolves");
+        let addr = a_record(&reply);
+        let denied = resolve(&mut net, &mut guest, "bad.example.com", &mut now);
+        assert_eq!(denied[3] & 0xf, dns::RCODE_REFUSED, "a denied name does not");
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let waiting = settle(&mut net, &mut guest, &mut now, &[a, b]);
+        assert!(waiting.iter().all(Vec::is_empty), "nothing comes back while held");
+        let qs = live.questions();
+        assert_eq!(qs.len(), 1, "one question for both");
+        assert_eq!((qs[0].count, qs[0].waiting, qs[0].method.as_deref(), qs[0].path.as_deref()), (2, 2, Some("GET"), Some("/x")));
+        assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
+        assert_eq!(net.connect_threads(), 0, "not even a connect");
+        live.approve(qs[0].id, Grant::Once, 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a, b], |g| g.iter().all(|g| contains(g, "echo GET /x")));
+        assert!(got.iter().all(|g| contains(g, "echo GET /x 0")), "{got:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 2, "each held request went upstream once");
+        let log = audit(&net);
+        assert!(log.contains("\"decision\":\"held\"") && log.contains("\"answer\":\"approved\"") && log.contains("\"by_uid\":1000"), "{log}");
+        assert!(live.rules().0.list().is_empty(), "--once remembers nothing");
+        // A new connection asks again.
+        let c = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        settle(&mut net, &mut guest, &mut now, &[c]);
+        assert_eq!(live.questions().iter().filter(|q| q.answer == Answer::Pending).count(), 1);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_rejected_or_timed_out_request_gets_the_deny_answer_and_nothing_goes_upstream() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 5_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "held.example.com", &mut now));
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let id = live.questions()[0].id;
+        live.reject(id, 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a], |g| contains(&g[0], "\n\n") || contains(&g[0], "}\n"));
+        let text = String::from_utf8_lossy(&got[0]).to_string();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden") && text.contains("application/json"), "{text}");
+        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+        assert_eq!(body["error"], "sbx_denied");
+        assert_eq!(body["host"], "held.example.com");
+        assert_eq!(body["ask"], "sbx policy allow sb held.example.com");
+        assert!(body["reason"].as_str().unwrap().contains("rejected by uid 1000"), "{body}");
+        // Time-out: the clock passes the hold (the fake clock: pump adds 1 ms a round).
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        now += 5_000;
+        let got = collect(&mut net, &mut guest, &mut now, &[b], |g| contains(&g[0], "}\n"));
+        assert!(contains(&got[0], "403 Forbidden") && contains(&got[0], "nobody answered in time"), "{got:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        let log = audit(&net);
+        assert!(log.contains("\"answer\":\"rejected\"") && log.contains("\"answer\":\"timed out\""), "{log}");
+    }
+
+    #[test]
+    fn approval_after_the_guest_went_away_sends_nothing_and_a_grant_lets_later_requests_through() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "held.example.com", &mut now));
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        guest.sockets.get_mut::<tcp::Socket>(a).abort();
+        for _ in 0..5 {
+            pump(&mut net, &mut guest, &mut now);
+        }
+        assert_eq!(net.connections(), 0, "the held connection ended with the guest's");
+        let q = &live.questions()[0];
+        assert_eq!(q.waiting, 0);
+        live.approve(q.id, Grant::ForSecs(600), 1000).unwrap();
+        settle(&mut net, &mut guest, &mut now, &[]);
+        assert_eq!(count.load(Ordering::SeqCst), 0, "nobody waited: nothing went upstream");
+        // The grant: the next connection goes through without asking.
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), req, |g| contains(g, "echo GET /x"));
+        assert!(contains(&got, "echo GET /x 0"));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
 }
