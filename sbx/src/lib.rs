@@ -6,6 +6,7 @@
 //! kernel symbols for profiles, the secrets and CA netstack uses, the
 //! sandbox's resource limits (cgroup v2).
 
+pub mod admin;
 pub mod agents;
 pub mod cli;
 pub mod client;

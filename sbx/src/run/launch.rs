@@ -21,7 +21,8 @@ use vmm::devices::virtio::fs::{Counts, Fs};
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
-use vmm::threads::{self, PathRule, Reach, ThreadKind};
+use netstack::live::Live;
+use vmm::threads::{self, PanicReport, PathRule, Reach, ThreadKind};
 
 use super::plan::{NetPlan, RunPlan};
 use crate::client::{self, Outcome};
@@ -63,6 +64,10 @@ pub enum LaunchError {
     VmPanicked,
     #[error("Cannot jail the control thread: {0}")]
     Jail(#[source] threads::JailError),
+    #[error("Cannot start sandbox '{0}': {1}")]
+    Live(String, #[source] crate::admin::Error),
+    #[error("Cannot open the admin socket in {0}: {1}")]
+    Admin(PathBuf, io::Error),
 }
 
 /// What came back from a run: the VM's result, the main session's (the
@@ -169,12 +174,20 @@ const RESOLVER_PATHS: &[&str] = &["/etc", "/run", "/usr/lib", "/lib", "/lib64", 
 
 /// The sandbox's network: its policy and upstream overrides, and the
 /// sandbox's audit log (in `sandbox_dir`, which it rotates).
-fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> GuestNet {
+fn guest_network(
+    net: &NetPlan,
+    audit: SharedLog<Box<dyn Write + Send>>,
+    sandbox_dir: &Path,
+    live: Option<Arc<Live>>,
+) -> GuestNet {
     let mut resolver = Resolver { system: true, ..Resolver::default() };
     resolver.overrides.extend(net.overrides.iter().cloned());
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
-    let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    let mut stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    if let Some(live) = live {
+        stack = stack.with_live(live);
+    }
     let mut paths = vec![PathRule { path: sandbox_dir.to_path_buf(), write: true }];
     paths.extend(
         RESOLVER_PATHS.iter().map(Path::new).filter(|p| p.exists()).map(|p| PathRule { path: p.into(), write: false }),
@@ -258,7 +271,29 @@ pub fn launch(
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
     publish_fs_stats(sb.fs_stats(), fs_counts.clone(), control_reach.clone());
-    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir()));
+    // Live rules and held requests, steered through the admin socket.
+    let live = match &plan.net {
+        Some(n) => {
+            let rules = crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
+            let live = Live::with_hold(&name, rules, n.approval_wait_ms);
+            // One line per new question, on stderr, only without a pty
+            // (a TUI's screen is never written over).
+            if !plan.interactive {
+                live.set_announce(Arc::new(|line: &str| eprintln!("{line}")));
+            }
+            Some(live)
+        }
+        None => None,
+    };
+    let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir(), live.clone()));
+    if let (Some(live), Some(n)) = (&live, &plan.net) {
+        let listener = crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
+        let (live, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
+        threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), control_reach.clone(), move || {
+            crate::admin::serve(listener, live, policy, dir)
+        })
+        .map_err(LaunchError::Thread)?;
+    }
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
 
@@ -303,5 +338,11 @@ pub fn launch(
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);
     let result = vm.join().map_err(|_| LaunchError::VmPanicked)?;
+    // Uses counted and grants ended during the run are kept.
+    if let Some(live) = &live {
+        if let Err(e) = crate::admin::save(sb.dir(), &live.persisted()) {
+            eprintln!("sbx: {e}");
+        }
+    }
     Ok(Launched { result, session, report, fs_counts, running })
 }
