@@ -9,9 +9,13 @@
 //! session ends here ([`crate::terminate`]) and the requests inside are
 //! handled exactly like port 80's, with a TLS session of netstack's own to
 //! the upstream; there, and only there, credentials are injected
-//! ([`crate::credential`]). Refused: HTTP 403 naming the rule (inside TLS
-//! when terminated), or a reset for spliced TLS; no upstream socket is
-//! opened for a refused request. A credential's placeholder on its way to
+//! ([`crate::credential`]). Refused: HTTP 403 (inside TLS when terminated)
+//! with one JSON body whatever the cause, `{"error":"sbx_denied","rule":
+//! …,"host":…,"ask":"sbx policy allow NAME HOST","reason":"request
+//! refused: …"}`, or a reset for spliced TLS; no upstream socket is
+//! opened for a refused request. Decisions are [`crate::live::judge`]'s
+//! (live rules, the policy, ask rules); a request to be held waits in
+//! [`Phase::Held`], unread, until a person answers ([`Conn::poll_held`]). A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
 //!
 //! Upstream: the name is resolved once per connection on a connect thread

@@ -313,7 +313,8 @@ fn narrowed_matches(methods: &[String], path: Option<&PathPattern>, req: &Reques
     let narrowed = !methods.is_empty() || path.is_some();
     match req.http {
         Some((method, target)) => {
-            (methods.is_empty() || methods.iter().any(|m| m == method)) && path.is_none_or(|p| p.matches(target, strict))
+            (methods.is_empty() || methods.iter().any(|m| m == method))
+                && path.is_none_or(|p| p.matches(target, strict))
         }
         None => !narrowed || strict,
     }
@@ -389,7 +390,8 @@ impl AskRule {
     }
 
     fn matches(&self, req: &Request<'_>) -> bool {
-        self.pattern.matches(req.host) && self.ports.contains(&req.port)
+        self.pattern.matches(req.host)
+            && self.ports.contains(&req.port)
             && narrowed_matches(&self.methods, self.path.as_ref(), req, true)
     }
 }
@@ -633,7 +635,13 @@ impl LiveRules {
     }
 
     /// Adds a rule; its id.
-    pub fn add(&mut self, spec: &RuleSpec, now_ms: u64, by_uid: Option<u32>, note: Option<String>) -> Result<u64, Error> {
+    pub fn add(
+        &mut self,
+        spec: &RuleSpec,
+        now_ms: u64,
+        by_uid: Option<u32>,
+        note: Option<String>,
+    ) -> Result<u64, Error> {
         if self.rules.len() >= MAX_LIVE_RULES {
             return Err(Error::TooMany);
         }
@@ -854,9 +862,10 @@ pub fn judge_reachable(policy: &Policy, live: &LiveRules, host: &HostName, port:
     if let (Action::Deny, Some(rule)) = (d.action, &d.rule) {
         return Judgement::new(Verdict::Deny, Some(rule.to_string()), d.to_string());
     }
-    let live_allow = live.rules.iter().find(|r| {
-        r.action == Action::Allow && r.live_at(now_ms) && r.pattern.matches(host) && r.ports.contains(&port)
-    });
+    let live_allow = live
+        .rules
+        .iter()
+        .find(|r| r.action == Action::Allow && r.live_at(now_ms) && r.pattern.matches(host) && r.ports.contains(&port));
     if let Some(r) = live_allow {
         return Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
     }
@@ -921,8 +930,12 @@ pub fn terminates(policy: &Policy, live: &LiveRules, host: &HostName, port: u16)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     Pending,
-    Approved { by: u32 },
-    Rejected { by: u32 },
+    Approved {
+        by: u32,
+    },
+    Rejected {
+        by: u32,
+    },
     TimedOut,
     /// No such question (its connections all went away).
     Gone,
@@ -1168,7 +1181,12 @@ impl Live {
 
     /// Holds a request on the question for `key` (made if new). Err: the
     /// bounds are reached (the request is to be denied, with this reason).
-    pub fn hold(self: &Arc<Self>, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>) -> Result<Ticket, String> {
+    pub fn hold(
+        self: &Arc<Self>,
+        key: QKey,
+        ask: Option<AskRule>,
+        http: Option<(&str, &str)>,
+    ) -> Result<Ticket, String> {
         let mut s = self.lock();
         if s.held_conns >= MAX_HELD_CONNS {
             return Err(format!("denied: {MAX_HELD_CONNS} connections already wait for an answer"));
@@ -1366,10 +1384,17 @@ mod tests {
     #[test]
     fn path_patterns_match_segment_by_segment() {
         let merge = pat("/repos/*/*/pulls/*/merge");
-        for yes in ["/repos/o/r/pulls/1/merge", "/repos/o/r/pulls/1/merge/", "/repos/o/./r/pulls/1/merge", "/repos/o/x/../r/pulls/1/merge"] {
+        for yes in [
+            "/repos/o/r/pulls/1/merge",
+            "/repos/o/r/pulls/1/merge/",
+            "/repos/o/./r/pulls/1/merge",
+            "/repos/o/x/../r/pulls/1/merge",
+        ] {
             assert!(merge.matches(yes, false), "{yes}");
         }
-        for no in ["/repos/o/pulls/1/merge", "/repos/o/r/pulls/1/merge/x", "/repos//r/pulls/1/merge", "/repos/o/r/pulls/1"] {
+        for no in
+            ["/repos/o/pulls/1/merge", "/repos/o/r/pulls/1/merge/x", "/repos//r/pulls/1/merge", "/repos/o/r/pulls/1"]
+        {
             assert!(!merge.matches(no, false), "{no}");
         }
         assert!(!merge.matches("/REPOS/o/r/PULLS/1/MERGE", false), "allow rules: case matters");
@@ -1417,7 +1442,8 @@ mod tests {
         assert_eq!(rules.next_expiry(), Some(601_000));
         assert_eq!(rules.expire(601_000).len(), 1);
         assert!(rules.list().is_empty());
-        let used = rules.add(&RuleSpec { uses: Some(2), ..spec("allow", "api.example.com:443") }, 0, None, None).unwrap();
+        let used =
+            rules.add(&RuleSpec { uses: Some(2), ..spec("allow", "api.example.com:443") }, 0, None, None).unwrap();
         assert!(rules.consume(used).is_none(), "one use left");
         assert_eq!(rules.list()[0].limit_text(0), "1 uses left");
         assert_eq!(rules.consume(used).map(|r| r.id), Some(used), "the last use takes it out");
@@ -1569,7 +1595,8 @@ mod tests {
         assert!(live.take_events().iter().any(|e| e["answer"] == "timed out"));
         let mut tickets = Vec::new();
         for i in 0..MAX_QUESTIONS {
-            tickets.push(live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None }, None, None).unwrap());
+            tickets
+                .push(live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None }, None, None).unwrap());
         }
         let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None }, None, None);
         assert!(over.unwrap_err().contains("questions already wait"));

@@ -99,9 +99,9 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::credential::{self, CredentialRule, FileCredential};
-use crate::live::{self, Approval, AskRule};
 use crate::host::{self, HostName};
 use crate::http::{self, PathError};
+use crate::live::{self, Approval, AskRule};
 
 #[derive(Debug, Error)]
 pub enum Error {

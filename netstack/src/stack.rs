@@ -8,7 +8,11 @@
 //! and logged. No host socket is ever opened for a dropped frame.
 //!
 //! TCP to ports 80 and 443 of those addresses is terminated here and
-//! handled per connection by [`crate::conn`].
+//! handled per connection by [`crate::conn`]. With [`NetStack::with_live`],
+//! DNS and connections are judged with the sandbox's live rules, and held
+//! requests wait for a person ([`crate::live`]): the live state's clock is
+//! this stack's, its audit events are written here each poll, and
+//! [`NetStack::poll_at`] wakes for the next grant or hold to end.
 //!
 //! Upstream connections never reach the host's own network by accident:
 //! a name resolved on the host is connected to only at a global unicast
@@ -1844,7 +1848,13 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     }
 
     /// A guest connection to `to` with `data` sent.
-    fn open_and_send(net: &mut Net, guest: &mut Guest, now: &mut u64, to: (Ipv4Addr, u16), data: &[u8]) -> SocketHandle {
+    fn open_and_send(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        to: (Ipv4Addr, u16),
+        data: &[u8],
+    ) -> SocketHandle {
         let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
         let mut socket = tcp::Socket::new(buf(), buf());
         static PORT: AtomicUsize = AtomicUsize::new(40100);
@@ -1868,7 +1878,13 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
 
     /// Pumps (real time passing for the connect threads) until `done`
     /// holds for what each connection received, or 10 s pass.
-    fn collect(net: &mut Net, guest: &mut Guest, now: &mut u64, hs: &[SocketHandle], done: impl Fn(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
+    fn collect(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        hs: &[SocketHandle],
+        done: impl Fn(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
         collect_for(net, guest, now, hs, done, std::time::Duration::from_secs(10))
     }
 
@@ -1922,7 +1938,10 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert!(waiting.iter().all(Vec::is_empty), "nothing comes back while held");
         let qs = live.questions();
         assert_eq!(qs.len(), 1, "one question for both");
-        assert_eq!((qs[0].count, qs[0].waiting, qs[0].method.as_deref(), qs[0].path.as_deref()), (2, 2, Some("GET"), Some("/x")));
+        assert_eq!(
+            (qs[0].count, qs[0].waiting, qs[0].method.as_deref(), qs[0].path.as_deref()),
+            (2, 2, Some("GET"), Some("/x"))
+        );
         assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
         assert_eq!(net.connect_threads(), 0, "not even a connect");
         live.approve(qs[0].id, Grant::Once, 1000).unwrap();
@@ -1930,7 +1949,12 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert!(got.iter().all(|g| contains(g, "echo GET /x 0")), "{got:?}");
         assert_eq!(count.load(Ordering::SeqCst), 2, "each held request went upstream once");
         let log = audit(&net);
-        assert!(log.contains("\"decision\":\"held\"") && log.contains("\"answer\":\"approved\"") && log.contains("\"by_uid\":1000"), "{log}");
+        assert!(
+            log.contains("\"decision\":\"held\"")
+                && log.contains("\"answer\":\"approved\"")
+                && log.contains("\"by_uid\":1000"),
+            "{log}"
+        );
         assert!(live.rules().0.list().is_empty(), "--once remembers nothing");
         // A new connection asks again.
         let c = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
@@ -1989,5 +2013,97 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), req, |g| contains(g, "echo GET /x"));
         assert!(contains(&got, "echo GET /x 0"));
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn explain_and_enforcement_are_one_decision() {
+        use crate::live::{judge, RuleSpec, Verdict};
+        let (up, _) = http_upstream();
+        let policy = "version = 1\napproval = \"ask\"\n[[rule]]\nallow = \"*.example.com\"\n\
+            [[rule]]\ndeny = \"b.example.com\"\nmethods = [\"DELETE\"]\n\
+            [[rule]]\nallow = \"files.example.net\"\nmethods = [\"GET\"]\npath_prefix = \"/pub/\"\n\
+            [[rule]]\nask = \"c.example.com\"\nmethods = [\"POST\"]\npath = \"/repos/*/merge\"\n";
+        let names = [
+            "a.example.com",
+            "b.example.com",
+            "c.example.com",
+            "d.example.com",
+            "e.example.org",
+            "files.example.net",
+            "f.example.org",
+        ];
+        let routes: Vec<(&str, u16, SocketAddr)> = names.iter().map(|n| (*n, 80, up)).collect();
+        let live = Live::with_hold("sb", LiveRules::default(), 600_000);
+        let rule = |action: &str, host: &str| RuleSpec {
+            action: action.into(),
+            host: host.into(),
+            methods: vec![],
+            path: None,
+            for_secs: None,
+            uses: None,
+            until_exit: false,
+        };
+        live.add_rule(&rule("deny", "d.example.com"), None).unwrap();
+        live.add_rule(&rule("allow", "e.example.org:80"), None).unwrap();
+        let mut net = net_with(policy, &routes).with_live(live.clone());
+        let static_policy = Policy::from_toml(policy).unwrap();
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let cases = [
+            ("a.example.com", "GET", "/"),
+            ("b.example.com", "DELETE", "/x"),
+            ("b.example.com", "GET", "/x"),
+            ("c.example.com", "POST", "/repos/r/merge"),
+            ("c.example.com", "POST", "/repos/r/other"),
+            ("d.example.com", "GET", "/"),
+            ("e.example.org", "GET", "/"),
+            ("files.example.net", "GET", "/pub/a"),
+            ("files.example.net", "GET", "/pub/../priv"),
+            ("f.example.org", "GET", "/"),
+        ];
+        for (h, method, path) in cases {
+            let name = HostName::parse(h).unwrap();
+            // What `sbx policy explain` says (the same function, the same rules).
+            let (rules, clock) = live.rules();
+            let said = judge(
+                &static_policy,
+                &rules,
+                &crate::policy::Request { host: &name, port: 80, http: Some((method, path)) },
+                clock,
+            )
+            .verdict;
+            // What the stack does.
+            let reply = resolve(&mut net, &mut guest, h, &mut now);
+            let done = if reply[3] & 0xf != 0 {
+                "deny"
+            } else {
+                let questions = live.questions().len();
+                let req = format!("{method} {path} HTTP/1.1\r\nHost: {h}\r\nContent-Length: 0\r\n\r\n");
+                let c = open_and_send(&mut net, &mut guest, &mut now, (a_record(&reply), 80), req.as_bytes());
+                let got = collect_for(
+                    &mut net,
+                    &mut guest,
+                    &mut now,
+                    &[c],
+                    |g| contains(&g[0], "echo ") || contains(&g[0], "}\n"),
+                    std::time::Duration::from_millis(1500),
+                );
+                guest.sockets.get_mut::<tcp::Socket>(c).abort();
+                if contains(&got[0], "echo ") {
+                    "allow"
+                } else if contains(&got[0], "403 Forbidden") {
+                    "deny"
+                } else if got[0].is_empty() && live.questions().len() == questions + 1 {
+                    "ask"
+                } else {
+                    "other"
+                }
+            };
+            let want = match said {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+                Verdict::Ask(_) => "ask",
+            };
+            assert_eq!(done, want, "{method} {h}{path}");
+        }
     }
 }

@@ -176,7 +176,9 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
             let id = live.add_rule(rule, Some(uid)).map_err(|e| e.to_string())?;
             Ok(format!("live rule #{id} added"))
         }
-        Req::Rm { id } => live.remove_rule(*id, Some(uid)).map(|_| format!("live rule #{id} removed")).map_err(|e| e.to_string()),
+        Req::Rm { id } => {
+            live.remove_rule(*id, Some(uid)).map(|_| format!("live rule #{id} removed")).map_err(|e| e.to_string())
+        }
         Req::Reset {} => {
             live.reset(Some(uid));
             Ok("live rules reset".into())
@@ -187,14 +189,15 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
             Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added")),
             None => Ok(format!("question #{id} approved once")),
         },
-        Req::Reject { id } => live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string()),
+        Req::Reject { id } => {
+            live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string())
+        }
     }
 }
 
 fn ls_text(live: &Live, policy: Option<&Policy>) -> String {
-    let mut out = String::from(
-        "precedence: live deny > static deny > live allow > ask rules > static allow > default\n",
-    );
+    let mut out =
+        String::from("precedence: live deny > static deny > live allow > ask rules > static allow > default\n");
     let (rules, now) = live.rules();
     for r in rules.list() {
         let by = r.by_uid.map(|u| format!(", by uid {u}")).unwrap_or_default();
@@ -226,7 +229,10 @@ fn approvals_text(live: &Live) -> String {
         return "nothing waits\n".into();
     }
     let now = live.now();
-    let mut out = format!("{:<5} {:<9} {:<40} {:<7} {:>6} {:>5}  ASKED BY\n", "ID", "STATE", "HOST:PORT", "METHOD", "AGO", "COUNT");
+    let mut out = format!(
+        "{:<5} {:<9} {:<40} {:<7} {:>6} {:>5}  ASKED BY\n",
+        "ID", "STATE", "HOST:PORT", "METHOD", "AGO", "COUNT"
+    );
     for q in qs {
         let state = match q.answer {
             Answer::Pending => "waiting".to_string(),
@@ -328,11 +334,8 @@ pub fn request(name: &str, path: &Path, req: &Req) -> Result<Reply, Error> {
 /// else on its persisted live rules. Prints the reply (escaped).
 pub fn command(name: &str, req: Req) -> Result<ExitCode, Error> {
     let sb = Sandbox::open(&sandbox::home(), name)?;
-    let reply = if sb.running_pid().is_some() {
-        request(name, &sb.dir().join(SOCKET), &req)?
-    } else {
-        offline(&sb, &req)?
-    };
+    let reply =
+        if sb.running_pid().is_some() { request(name, &sb.dir().join(SOCKET), &req)? } else { offline(&sb, &req)? };
     if !reply.ok {
         return Err(Error::Refused(escape::escape(reply.text.as_bytes(), escape::Layout::Line)));
     }
@@ -459,7 +462,8 @@ mod tests {
         let script = r#"use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or die;
             connect(S, sockaddr_un($ARGV[0])) or do { print "connect: $!\n"; exit 0 };
             syswrite S, qq({"op":"add","rule":{"action":"allow","host":"a.com"}}\n); my $r = <S>; print $r;"#;
-        let out = std::process::Command::new("perl").arg("-e").arg(script).arg(sock).uid(uid).gid(uid).output().unwrap();
+        let out =
+            std::process::Command::new("perl").arg("-e").arg(script).arg(sock).uid(uid).gid(uid).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
@@ -517,7 +521,11 @@ mod tests {
         let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None };
         let t = live.hold(key, None, Some(("POST", "/v1/things"))).unwrap();
         let r = request("sb", &path, &Req::Approvals {}).unwrap();
-        assert!(r.text.contains("x.com:443/v1/things") && r.text.contains("waiting") && r.text.contains("POST"), "{}", r.text);
+        assert!(
+            r.text.contains("x.com:443/v1/things") && r.text.contains("waiting") && r.text.contains("POST"),
+            "{}",
+            r.text
+        );
         let r = request("sb", &path, &Req::Approve { id: t.id, grant: Grant::Always }).unwrap();
         assert!(r.ok && r.text.contains("live rule #1"), "{r:?}");
         assert_eq!(live.answer(t.id), Answer::Approved { by: own_uid() });

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netstack::audit::{AuditLog, SharedLog};
+use netstack::live::Live;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::Job;
 use thiserror::Error;
@@ -21,7 +22,6 @@ use vmm::devices::virtio::fs::{Counts, Fs};
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
-use netstack::live::Live;
 use vmm::threads::{self, PanicReport, PathRule, Reach, ThreadKind};
 
 use super::plan::{NetPlan, RunPlan};
@@ -274,7 +274,8 @@ pub fn launch(
     // Live rules and held requests, steered through the admin socket.
     let live = match &plan.net {
         Some(n) => {
-            let rules = crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
+            let rules =
+                crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
             let live = Live::with_hold(&name, rules, n.approval_wait_ms);
             // One line per new question, on stderr, only without a pty
             // (a TUI's screen is never written over).
@@ -287,7 +288,8 @@ pub fn launch(
     };
     let net = plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir(), live.clone()));
     if let (Some(live), Some(n)) = (&live, &plan.net) {
-        let listener = crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
+        let listener =
+            crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
         let (live, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
         threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), control_reach.clone(), move || {
             crate::admin::serve(listener, live, policy, dir)
