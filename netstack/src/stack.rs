@@ -610,12 +610,17 @@ impl<W: Write> NetStack<W> {
                 *last_active = self.now_ms;
             }
             events.append(&mut conn.events);
-            if conn.is_reset() || self.now_ms.saturating_sub(*last_active) > IDLE_MS {
+            let was_closed = socket.state() == tcp::State::Closed;
+            let abort = conn.is_reset() || self.now_ms.saturating_sub(*last_active) > IDLE_MS;
+            if abort {
                 socket.abort();
             } else if conn.finished() {
                 socket.close();
             }
-            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+            // An aborted socket sends its reset at the next dispatch: it is
+            // removed a poll later (removed now, a quiet guest would never
+            // hear of it).
+            if (!abort || was_closed) && matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 finished.push(idx);
             }
         }
@@ -2105,5 +2110,33 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             };
             assert_eq!(done, want, "{method} {h}{path}");
         }
+    }
+
+    #[test]
+    fn a_held_tls_connection_is_spliced_once_approved_and_reset_when_rejected() {
+        let (up, count) = echo_upstream();
+        let (mut net, live) = held_net(&[("tls.example.com", 443, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "tls.example.com", &mut now));
+        let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["tls.example.com"])]);
+        hello.extend_from_slice(b"opaque application data");
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 443), &hello);
+        assert!(settle(&mut net, &mut guest, &mut now, &[a])[0].is_empty());
+        assert_eq!(count.load(Ordering::SeqCst), 0, "no upstream while held");
+        let q = live.questions()[0].clone();
+        assert_eq!((q.key.port, q.method.as_deref()), (443, None), "SNI only: no method or path");
+        live.approve(q.id, Grant::Once, 0).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a], |g| g[0].len() >= hello.len());
+        assert_eq!(got[0], hello, "spliced, bytes untouched, once approved");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 443), &hello);
+        let id = live.questions().iter().find(|q| q.answer == Answer::Pending).map(|q| q.id).unwrap();
+        live.reject(id, 0).unwrap();
+        for _ in 0..20 {
+            pump(&mut net, &mut guest, &mut now);
+        }
+        let s = guest.sockets.get_mut::<tcp::Socket>(b);
+        assert_eq!(s.state(), tcp::State::Closed, "a rejected TLS connection is reset");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 }

@@ -91,7 +91,7 @@ pub struct SharePlan {
 
 /// Longest `--approval-wait`, in seconds (the guest's connection is held
 /// open that long; its idle limit is longer).
-pub const MAX_APPROVAL_WAIT: u64 = 3600;
+pub const MAX_APPROVAL_WAIT: u64 = 540;
 
 /// The guest's network, if it has one.
 #[derive(Debug, Clone)]
