@@ -951,6 +951,8 @@ pub enum Grant {
     ForSecs(u64),
     /// A live allow kept until reset.
     Always,
+    /// A live allow until this run of the sandbox ends (`sbx run --learn`).
+    UntilExit,
 }
 
 /// Requests to one host:port (and ask rule) waiting for a person.
@@ -984,6 +986,8 @@ struct State {
     failed: bool,
     /// Changed since last persisted (uses counted, grants expired).
     dirty: bool,
+    /// `sbx run --learn`: every question is answered yes at once.
+    learn: bool,
 }
 
 impl State {
@@ -1052,6 +1056,7 @@ impl Live {
                 hold_ms,
                 failed: false,
                 dirty: false,
+                learn: false,
             }),
             waker: Mutex::new(None),
             announce: Mutex::new(None),
@@ -1129,6 +1134,13 @@ impl Live {
         let s = self.lock();
         let q = s.questions.iter().filter(|q| q.answer == Answer::Pending).map(|q| q.deadline_ms).min();
         [q, s.rules.next_expiry()].into_iter().flatten().min()
+    }
+
+    /// Learning (`sbx run --learn`): each new question is answered yes at
+    /// once, until the run ends, and recorded as learned in the audit log
+    /// (for `sbx policy suggest`).
+    pub fn set_learn(&self, on: bool) {
+        self.lock().learn = on;
     }
 
     /// From now on everything is denied (the audit log cannot be written).
@@ -1241,6 +1253,11 @@ impl Live {
             }
         };
         s.held_conns += 1;
+        let learn = s.learn && s.questions.iter().any(|q| q.id == id && q.answer == Answer::Pending);
+        drop(s);
+        if learn {
+            let _ = self.answer_yes(id, Grant::UntilExit, 0, "learned");
+        }
         Ok(Ticket { live: self.clone(), id })
     }
 
@@ -1257,6 +1274,10 @@ impl Live {
 
     /// A person says yes to question `id`; `grant` says for how long.
     pub fn approve(&self, id: u64, grant: Grant, by: u32) -> Result<Option<u64>, Error> {
+        self.answer_yes(id, grant, by, "approved")
+    }
+
+    fn answer_yes(&self, id: u64, grant: Grant, by: u32, word: &str) -> Result<Option<u64>, Error> {
         let mut s = self.lock();
         let now = s.now_ms;
         let q = s.questions.iter_mut().find(|q| q.id == id).ok_or(Error::NoQuestion(id))?;
@@ -1278,16 +1299,17 @@ impl Live {
             Grant::Once => None,
             Grant::ForSecs(secs) => Some(spec((Some(secs), false))),
             Grant::Always => Some(spec((None, false))),
+            Grant::UntilExit => Some(spec((None, true))),
         };
         let mut added = None;
         if let Some(r) = rule {
-            let note = Some(format!("approval of question {id}"));
+            let note = Some(format!("{word}: question {id}"));
             let rid = s.rules.add(&r, now, Some(by), note)?;
             added = Some(rid);
             s.dirty = true;
         }
         s.event(json!({"event": "approval", "question": id, "host": q.key.host.as_str(), "port": q.key.port,
-            "decision": "allow", "answer": "approved", "by_uid": by, "grant": format!("{grant:?}"),
+            "decision": "allow", "answer": word, "by_uid": by, "method": q.method, "path": q.path, "rule": q.key.rule, "grant": format!("{grant:?}"),
             "live_rule": added, "requests": q.count}));
         drop(s);
         self.wake();
@@ -1602,6 +1624,20 @@ mod tests {
         assert!(over.unwrap_err().contains("questions already wait"));
         assert_eq!(live.reject(tickets[0].id, 0), Ok(()));
         assert_eq!(live.reject(999, 0), Err(Error::NoQuestion(999)));
+    }
+
+    #[test]
+    fn learning_answers_yes_at_once_until_exit_and_records_it() {
+        let live = Live::new("sb", LiveRules::default());
+        live.set_learn(true);
+        let key = QKey { host: host("new.com"), port: 443, rule: None };
+        let t = live.hold(key, None, Some(("GET", "/a"))).unwrap();
+        assert_eq!(live.answer(t.id), Answer::Approved { by: 0 });
+        let (rules, _) = live.rules();
+        assert_eq!(rules.list()[0].limit, Limit::UntilExit);
+        assert!(!live.persisted().contains("new.com"), "a learned grant is not kept");
+        let events = live.take_events();
+        assert!(events.iter().any(|e| e["answer"] == "learned" && e["path"] == "/a"), "{events:?}");
     }
 
     #[test]

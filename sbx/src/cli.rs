@@ -129,6 +129,17 @@ pub enum PolicyCommand {
     Rm { name: String, id: u64 },
     /// Remove every live rule of sandbox NAME.
     Reset { name: String },
+    /// Policy rules for what sandbox NAME's audit log shows was held,
+    /// learned (`sbx run --learn`) or denied by default (TOML to review).
+    Suggest { name: String },
+    /// Replays sandbox NAME's logged requests through a candidate policy:
+    /// what it would decide differently.
+    Test {
+        name: String,
+        /// The candidate policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+    },
     /// Explain whether a URL is allowed: every matching rule, in order.
     Explain {
         url: String,
@@ -274,6 +285,11 @@ pub struct RunArgs {
     /// (held for `sbx approve`; overrides the policy file's `approval`).
     #[arg(long, value_name = "ask|deny")]
     pub approval: Option<String>,
+    /// Learn: every request that would be held (or denied by default)
+    /// goes ahead at once, until the run ends, and is recorded in the
+    /// audit log for `sbx policy suggest`. Deny rules still deny.
+    #[arg(long)]
+    pub learn: bool,
     /// How long a held request waits for an answer, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub approval_wait: u64,

@@ -13,6 +13,7 @@ pub mod client;
 pub mod commands;
 pub mod escape;
 pub mod folders;
+pub mod learn;
 pub mod limits;
 pub mod netback;
 pub mod policy_doc;

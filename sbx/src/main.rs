@@ -31,6 +31,8 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Ls { name }) => admin::command(&name, Req::Ls {}).map_err(Into::into),
         Command::Policy(PolicyCommand::Rm { name, id }) => admin::command(&name, Req::Rm { id }).map_err(Into::into),
         Command::Policy(PolicyCommand::Reset { name }) => admin::command(&name, Req::Reset {}).map_err(Into::into),
+        Command::Policy(PolicyCommand::Suggest { name }) => sbx::learn::suggest(&name).map_err(Into::into),
+        Command::Policy(PolicyCommand::Test { name, policy }) => sbx::learn::test(&name, &policy).map_err(Into::into),
         Command::Approvals { name } => approvals(name.as_deref()),
         Command::Approve(a) => approve(a),
         Command::Reject { name, id } => admin::command(&name, Req::Reject { id }).map_err(Into::into),

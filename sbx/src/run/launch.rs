@@ -277,6 +277,7 @@ pub fn launch(
             let rules =
                 crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
             let live = Live::with_hold(&name, rules, n.approval_wait_ms);
+            live.set_learn(n.learn);
             // One line per new question, on stderr, only without a pty
             // (a TUI's screen is never written over).
             if !plan.interactive {

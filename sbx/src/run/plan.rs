@@ -108,6 +108,8 @@ pub struct NetPlan {
     pub guest_env: Vec<(String, String)>,
     /// How long a held request waits for a person (`--approval-wait`).
     pub approval_wait_ms: u64,
+    /// `--learn`: questions answered yes at once, recorded.
+    pub learn: bool,
 }
 
 /// Everything `sbx run` will do, checked.
@@ -195,7 +197,10 @@ pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanEr
 /// `--resolve`.
 fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
     policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
-    if let Some(a) = &args.approval {
+    if args.learn {
+        policy.approval = netstack::live::Approval::Ask;
+    }
+    if let Some(a) = args.approval.as_ref().filter(|_| !args.learn) {
         policy.approval = netstack::live::Approval::parse(a).ok_or_else(|| PlanError::Approval(a.clone()))?;
     }
     if !(1..=MAX_APPROVAL_WAIT).contains(&args.approval_wait) {
@@ -224,7 +229,15 @@ fn net_plan(args: &RunArgs, mut policy: Policy) -> Result<NetPlan, PlanError> {
     let ca_cert = authority.cert_pem().to_string();
     let termination = Arc::new(Termination::new(authority, roots, run.credentials)?);
     let approval_wait_ms = args.approval_wait * 1000;
-    Ok(NetPlan { policy, overrides, termination, ca_cert, guest_env: run.guest_env, approval_wait_ms })
+    Ok(NetPlan {
+        policy,
+        overrides,
+        termination,
+        ca_cert,
+        guest_env: run.guest_env,
+        approval_wait_ms,
+        learn: args.learn,
+    })
 }
 
 impl RunPlan {
