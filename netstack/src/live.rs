@@ -59,6 +59,12 @@
 //! [`MAX_QUESTIONS`] questions and [`MAX_HELD_CONNS`] held connections
 //! per sandbox; past that, a request that would be held is denied.
 //!
+//! `sbx run --learn` answers every new question yes at once (a live allow
+//! until the run ends, never kept) and logs it as `"answer":"learned"`;
+//! `sbx policy suggest` turns such lines (and held or default-denied
+//! ones) into rules to review, `sbx policy test` replays the logged
+//! requests through a candidate policy with [`judge`].
+//!
 //! Where method and path cannot be read (HTTPS spliced by SNI because
 //! netstack has no CA), an ask rule that names the host and port holds the
 //! whole connection (fail closed). Hosts with ask rules, or live rules

@@ -12,6 +12,13 @@
 //! done. When the sandbox is not running, the commands edit its persisted
 //! live rules (`live-policy.json`) directly, with the same checks.
 //!
+//! A new question is told on `sbx run`'s stderr in one line only when the
+//! session has no pty (`--no-tty`, or stdin/stdout not a terminal): a
+//! TUI's screen is never written over; with a pty, `sbx approvals` (from
+//! another terminal) is the way to see what waits. The socket is bound in
+//! the sandbox's 0700 directory and then made 0600, so no other user can
+//! reach it even in between.
+//!
 //! The guest can never reach the socket: its only ways out of the VM are
 //! netstack (which speaks TCP to ports 80/443 of names and never opens a
 //! host UNIX socket: upstreams are TCP only, by address), the vsock control
