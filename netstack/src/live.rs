@@ -1210,6 +1210,7 @@ impl Live {
             return Err(format!("denied: {MAX_HELD_CONNS} connections already wait for an answer"));
         }
         let now = s.now_ms;
+        let mut told = None;
         let id = match s.questions.iter_mut().find(|q| q.key == key && q.answer == Answer::Pending) {
             Some(q) => {
                 q.count += 1;
@@ -1251,16 +1252,19 @@ impl Live {
                     deadline_ms,
                     answer: Answer::Pending,
                 });
-                let announce = self.announce.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(a) = announce {
-                    a(&printable(&line));
-                }
+                told = Some(line);
                 id
             }
         };
         s.held_conns += 1;
         let learn = s.learn && s.questions.iter().any(|q| q.id == id && q.answer == Answer::Pending);
         drop(s);
+        // Told outside the lock (a slow stderr never stalls the stack's
+        // decisions).
+        let announce = self.announce.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(a), Some(line)) = (announce, told) {
+            a(&printable(&line));
+        }
         if learn {
             let _ = self.answer_yes(id, Grant::UntilExit, 0, "learned");
         }

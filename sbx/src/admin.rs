@@ -277,9 +277,16 @@ fn read_request(stream: &UnixStream) -> Result<Req, String> {
     serde_json::from_slice(&line).map_err(|e| format!("request refused: not a valid request: {e}"))
 }
 
-/// Answers one connection: the peer checked, the request read and done.
-/// Returns whether the live rules changed (to persist them).
-pub fn handle(stream: UnixStream, live: &Live, policy: Option<&Policy>, owner: u32) -> bool {
+/// Answers one connection: the peer checked, the request read and done,
+/// and `keep` called after a change, before the reply (so that "added"
+/// means kept). Returns whether the live rules changed.
+pub fn handle(
+    stream: UnixStream,
+    live: &Live,
+    policy: Option<&Policy>,
+    owner: u32,
+    keep: &dyn Fn(&Live) -> Result<(), String>,
+) -> bool {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     // Read (bounded) before anything is answered, so that the peer is
@@ -296,6 +303,13 @@ pub fn handle(stream: UnixStream, live: &Live, policy: Option<&Policy>, owner: u
         }
         (Ok(_), Err(e)) => (Err(e), false),
     };
+    let result = match result {
+        Ok(text) if changed => match keep(live) {
+            Ok(()) => Ok(text),
+            Err(e) => Err(format!("{text}, but it is not kept: {e}")),
+        },
+        other => other,
+    };
     let reply = match result {
         Ok(text) => Reply { ok: true, text },
         Err(text) => Reply { ok: false, text },
@@ -311,14 +325,19 @@ pub fn handle(stream: UnixStream, live: &Live, policy: Option<&Policy>, owner: u
 pub fn serve(listener: UnixListener, live: Arc<Live>, policy: Policy, dir: PathBuf) {
     let owner = own_uid();
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if handle(stream, &live, Some(&policy), owner) {
-            if let Some(json) = live.take_dirty() {
-                if let Err(e) = save(&dir, &json) {
-                    eprintln!("sbx: {e}");
-                }
-            }
-        }
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: not a busy loop.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        // The stack's clock moves only when it runs: a grant `--for` a
+        // time counts from now, not from the guest's last packet.
+        live.tick(sandbox::now_unix_ms());
+        let keep = |live: &Live| match live.take_dirty() {
+            Some(json) => save(&dir, &json).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        handle(stream, &live, Some(&policy), owner, &keep);
     }
 }
 
@@ -441,7 +460,7 @@ mod tests {
         let l = live.clone();
         std::thread::spawn(move || {
             for s in listener.incoming().flatten() {
-                handle(s, &l, None, owner);
+                handle(s, &l, None, owner, &|_| Ok(()));
             }
         });
         (dir, live)
@@ -550,6 +569,25 @@ mod tests {
         std::fs::write(dir.path().join(LIVE_FILE), b"{\"version\":1,\"next_id\":2,\"rules\":[{\"id\":1}]}").unwrap();
         let e = load(dir.path(), 0).unwrap_err().to_string();
         assert!(e.contains(LIVE_FILE) && e.contains("sbx policy reset"), "{e}");
+    }
+
+    #[test]
+    fn a_grant_counts_from_now_though_the_stack_was_idle_and_changes_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = listen(dir.path()).unwrap();
+        // The stack last ran at ms 5 (it runs only when something happens).
+        let live = Live::new("sb", LiveRules::default());
+        live.tick(5);
+        let (l, d) = (live.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || serve(listener, l, Policy::from_toml("version = 1\n").unwrap(), d));
+        let rule = RuleSpec { for_secs: Some(600), ..spec("a.com") };
+        assert!(request("sb", &dir.path().join(SOCKET), &Req::Add { rule }).unwrap().ok);
+        let before = sandbox::now_unix_ms();
+        match live.rules().0.list()[0].limit {
+            netstack::live::Limit::Until(t) => assert!(t >= before + 590_000, "from now, not from ms 5: {t}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(load(dir.path(), before).unwrap().list().len(), 1, "kept at once");
     }
 
     #[test]
