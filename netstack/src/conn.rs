@@ -12,9 +12,14 @@
 //! ([`crate::credential`]); else (passthrough, or no CA) bytes are spliced
 //! without decrypting, every handshake record the guest sends before
 //! encryption starts still parsed ([`tls::HandshakeWatch`]: a second
-//! ClientHello must name the same server). Refused: HTTP 403 naming the rule (inside TLS
-//! when terminated), or a reset for spliced TLS; no upstream socket is
-//! opened for a refused request. A credential's placeholder on its way to
+//! ClientHello must name the same server). Refused: HTTP 403 (inside TLS
+//! when terminated) with one JSON body whatever the cause,
+//! `{"error":"sbx_denied","rule":…,"host":…,"ask":"sbx policy allow NAME
+//! HOST","reason":"request refused: …"}`, or a reset for spliced TLS; no
+//! upstream socket is opened for a refused request. Decisions are
+//! [`crate::live::judge`]'s (live rules, the policy, ask rules); a request
+//! to be held waits in [`Phase::Held`], unread, until a person answers
+//! ([`Conn::poll_held`]). A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
 //!
 //! Upstream: the name is resolved once per connection on a connect thread
@@ -53,7 +58,8 @@ use serde_json::{json, Value};
 use crate::credential::{LeakScanner, Rewrite, Scrubber};
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
-use crate::policy::{Action, Policy, Request};
+use crate::live::{self, Answer, AskRule, Judgement, Live, LiveRules, QKey, Ticket, Verdict};
+use crate::policy::{Policy, Request};
 use crate::stack::{classify_ip, AddrClass};
 use crate::terminate::{self, GuestTls, Termination, Upstream};
 use crate::tls;
@@ -286,6 +292,9 @@ enum Phase {
     Refusing,
     /// Reset: nothing more passes.
     Reset,
+    /// Held for a person's answer ([`crate::live`]): the request head or
+    /// ClientHello waits in the inbox, nothing is read or sent upstream.
+    Held(Ticket, QKey),
 }
 
 pub struct Conn {
@@ -324,6 +333,33 @@ pub struct Conn {
     stalled: bool,
     responses: ResponseTracker,
     pub events: Vec<Value>,
+    /// The sandbox's live rules and questions ([`crate::live`]).
+    live: Option<Arc<Live>>,
+    /// Questions a person said yes to for this connection (at most
+    /// [`MAX_APPROVED`]).
+    approved: Vec<QKey>,
+    /// Set by `judge`: the request is to be held on this question.
+    to_hold: Option<(QKey, Option<AskRule>)>,
+    /// The rule of the last refusal, for the deny answer.
+    denied_rule: Option<String>,
+}
+
+/// Questions remembered as approved on one connection.
+pub const MAX_APPROVED: usize = 8;
+
+/// The one deny signal: a 403 with a short JSON body naming the rule, the
+/// host and the command that would allow it (`NAME`: the sandbox).
+fn denied_response(reason: &str, rule: Option<&str>, host: Option<&str>, sandbox: &str) -> Vec<u8> {
+    let ask = host.map(|h| format!("sbx policy allow {sandbox} {h}"));
+    let body = json!({"error": "sbx_denied", "rule": rule, "host": host, "ask": ask,
+        "reason": format!("request refused: {reason}")})
+    .to_string()
+        + "\n";
+    let len = body.len();
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}"
+    )
+    .into_bytes()
 }
 
 /// A short plain-text response that closes the connection.
@@ -332,10 +368,6 @@ fn plain_response(status: &str, text: &str) -> Vec<u8> {
     let len = body.len();
     format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}")
         .into_bytes()
-}
-
-fn forbidden(reason: &str) -> Vec<u8> {
-    plain_response("403 Forbidden", &format!("request refused: {reason}"))
 }
 
 fn bad_gateway(e: &UpstreamError) -> Vec<u8> {
@@ -435,7 +467,23 @@ impl Conn {
             stalled: false,
             responses: ResponseTracker::default(),
             events: Vec::new(),
+            live: None,
+            approved: Vec::new(),
+            to_hold: None,
+            denied_rule: None,
         }
+    }
+
+    /// The same connection, judged with the sandbox's live rules and able
+    /// to hold requests for a person ([`crate::live`]).
+    pub fn with_live(mut self, live: Option<Arc<Live>>) -> Conn {
+        self.live = live;
+        self
+    }
+
+    /// True while a request waits for a person's answer.
+    pub fn is_held(&self) -> bool {
+        matches!(self.phase, Phase::Held(..))
     }
 
     /// The same connection, able to terminate TLS and inject credentials.
@@ -460,7 +508,7 @@ impl Conn {
         let phase_reads = match self.phase {
             Phase::Head => !self.stalled,
             Phase::Body(_) | Phase::Splice(_) | Phase::Connecting(..) => true,
-            Phase::Draining | Phase::Refusing | Phase::Reset => false,
+            Phase::Draining | Phase::Refusing | Phase::Reset | Phase::Held(..) => false,
         };
         phase_reads && self.inbox.len() < MAX_BUFFERED && self.to_upstream.len() < MAX_BUFFERED
     }
@@ -536,7 +584,9 @@ impl Conn {
         self.inbox.clear();
         self.stalled = false;
         if self.speaks_http() {
-            self.refusal = Some(forbidden(&reason));
+            let sandbox = self.live.as_ref().map_or("NAME", |l| l.sandbox.as_str());
+            let host = self.name.as_ref().map(|n| n.as_str());
+            self.refusal = Some(denied_response(&reason, self.denied_rule.as_deref(), host, sandbox));
             self.phase = Phase::Refusing;
             self.release_refusal();
         } else {
@@ -558,7 +608,7 @@ impl Conn {
         loop {
             let http = self.speaks_http();
             match &mut self.phase {
-                Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) => return,
+                Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) | Phase::Held(..) => return,
                 Phase::Splice(watch) => {
                     let watched = watch.as_mut().map(|w| w.feed(&self.inbox).map(|()| w.is_done()));
                     match watched {
@@ -702,11 +752,16 @@ impl Conn {
         } else if let (true, Err(e)) = (policy.has_path_rules(&head.host, self.port), &path) {
             Some(format!("path rules apply to {} and {e}", head.host))
         } else {
-            let checked = path.as_deref().unwrap_or(&head.target);
-            self.judge(policy, &head.host, Some((&head.method, checked)), &mut event)
+            // As sent: judged on its normalised path (and query, for ask
+            // rules' `?KEY=VALUE`).
+            self.judge(policy, &head.host, Some((&head.method, &head.target)), &mut event)
         };
         if let Some(reason) = refusal {
             self.deny(event, reason);
+            return false;
+        }
+        if let Some((key, ask)) = self.to_hold.take() {
+            self.hold(key, ask, Some((&head.method, &head.target)), event);
             return false;
         }
         event["decision"] = json!("allow");
@@ -761,12 +816,93 @@ impl Conn {
         self.poll_connect(policy, resolver);
     }
 
-    /// The policy's decision for this request, noted in `event`; the
-    /// refusal text if it is denied.
-    fn judge(&self, policy: &Policy, host: &HostName, http: Option<(&str, &str)>, event: &mut Value) -> Option<String> {
-        let decision = policy.decide(&Request { host, port: self.port, http });
-        event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
-        (decision.action == Action::Deny).then(|| decision.to_string())
+    /// The decision for this request ([`live::judge`]: live rules, the
+    /// policy, ask rules), noted in `event`; the refusal text if it is
+    /// denied. A request to be held is noted in `to_hold`.
+    fn judge(
+        &mut self,
+        policy: &Policy,
+        host: &HostName,
+        http: Option<(&str, &str)>,
+        event: &mut Value,
+    ) -> Option<String> {
+        let req = Request { host, port: self.port, http };
+        let j = match &self.live {
+            Some(l) => l.judge(policy, &req),
+            None => live::judge(policy, &LiveRules::default(), &req, 0),
+        };
+        self.verdict(j, event)
+    }
+
+    /// Acts on a judgement: a use of a live grant counted, an approved
+    /// question let through, a question to hold noted.
+    fn verdict(&mut self, j: Judgement, event: &mut Value) -> Option<String> {
+        event["rule"] = json!(j.rule);
+        match j.verdict {
+            Verdict::Allow => {
+                if let (Some(l), Some(g)) = (&self.live, j.grant) {
+                    l.consume(g);
+                }
+                None
+            }
+            Verdict::Deny => {
+                self.denied_rule = j.rule;
+                Some(j.reason)
+            }
+            Verdict::Ask(key) if self.approved.contains(&key) => {
+                event["approved"] = json!(true);
+                None
+            }
+            Verdict::Ask(_) if self.live.is_none() => Some(format!("{}, but nobody can answer here", j.reason)),
+            Verdict::Ask(key) => {
+                self.to_hold = Some((key, j.ask));
+                None
+            }
+        }
+    }
+
+    /// Holds the request (head or ClientHello still in the inbox) on the
+    /// question for `key`; denied if the bounds are reached.
+    fn hold(&mut self, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>, mut event: Value) {
+        let Some(live) = self.live.clone() else { return };
+        match live.hold(key.clone(), ask, http) {
+            Ok(ticket) => {
+                event["decision"] = json!("held");
+                event["question"] = json!(ticket.id);
+                self.events.push(event);
+                self.phase = Phase::Held(ticket, key);
+            }
+            Err(reason) => self.deny(event, reason),
+        }
+    }
+
+    /// Moves a held request along once a person answered (or the time
+    /// ran out): approved, it is judged again and goes ahead; otherwise
+    /// it gets the deny answer. Called each poll.
+    pub fn poll_held(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
+        let (Phase::Held(ticket, key), Some(live)) = (&self.phase, &self.live) else { return };
+        let (id, answer) = (ticket.id, live.answer(ticket.id));
+        let reason = match answer {
+            Answer::Pending => return,
+            Answer::Approved { .. } => {
+                if self.approved.len() < MAX_APPROVED && !self.approved.contains(key) {
+                    self.approved.push(key.clone());
+                }
+                if self.approved.contains(key) {
+                    self.phase = Phase::Head;
+                    self.process(policy, resolver);
+                    return;
+                }
+                "approved, but this connection remembers too many answers".to_string()
+            }
+            Answer::Rejected { by } => format!("held, then rejected by uid {by}"),
+            Answer::TimedOut => "held, and nobody answered in time".to_string(),
+            Answer::Gone => "held, and the question is gone".to_string(),
+        };
+        let event = json!({"event": if self.speaks_http() { "http" } else { "tls" }, "dst": self.dst.to_string(),
+            "host": self.name.as_ref().map(|n| n.as_str()), "question": id});
+        self.phase = Phase::Head;
+        self.deny(event, reason);
     }
 
     /// Logs a refused request and refuses it.
@@ -790,21 +926,29 @@ impl Conn {
             }
         };
         let mut event = json!({"event": "tls", "sni": sni.as_str(), "dst": self.dst.to_string()});
-        let terminate = self
-            .termination
-            .as_ref()
-            .is_some_and(|t| policy.terminates(&sni, self.port) || t.credentials.any_bound_to(&sni));
+        let port = self.port;
+        let terminates = match &self.live {
+            Some(l) => l.terminates(policy, &sni, port),
+            None => policy.terminates(&sni, port),
+        };
+        let terminate = self.termination.as_ref().is_some_and(|t| terminates || t.credentials.any_bound_to(&sni));
         let refusal = if self.name.as_ref() != Some(&sni) {
             Some("SNI is not the name this address was resolved for".to_string())
         } else if terminate {
-            let decision = policy.reachable(&sni, self.port);
-            event["rule"] = json!(decision.rule.as_ref().map(|r| r.to_string()));
-            (decision.action == Action::Deny).then(|| decision.to_string())
+            let j = match &self.live {
+                Some(l) => l.judge_reachable(policy, &sni, port),
+                None => live::judge_reachable(policy, &LiveRules::default(), &sni, port, 0),
+            };
+            self.verdict(j, &mut event)
         } else {
             self.judge(policy, &sni, None, &mut event)
         };
         if let Some(reason) = refusal {
             self.deny(event, reason);
+            return;
+        }
+        if let Some((key, ask)) = self.to_hold.take() {
+            self.hold(key, ask, None, event);
             return;
         }
         if terminate {

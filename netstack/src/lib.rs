@@ -21,6 +21,8 @@
 //! - [`credential`]: secrets bound to hosts and a header, injected in place
 //!   of a placeholder on terminated connections only; placeholders sent
 //!   elsewhere refused as leak attempts; echoed values masked;
+//! - [`live`]: live rules, held requests a person approves, time-boxed
+//!   grants, ask rules, and the one decision function ([`live::judge`]);
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
@@ -43,6 +45,7 @@ pub mod dns;
 pub mod host;
 pub mod http;
 pub mod limits;
+pub mod live;
 pub mod policy;
 pub mod sim;
 pub mod stack;

@@ -128,6 +128,7 @@ use thiserror::Error;
 use crate::credential::{self, CredentialRule, FileCredential};
 use crate::host::{self, HostName};
 use crate::http::{self, PathError};
+use crate::live::{self, Approval, AskRule};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -137,7 +138,7 @@ pub enum Error {
     Version(u32),
     #[error("Unknown preset '{0}' (expected locked, balanced or open)")]
     Preset(String),
-    #[error("Rule {0}: give exactly one of 'allow' or 'deny'")]
+    #[error("Rule {0}: give exactly one of 'allow', 'deny' or 'ask' (ask rules take ports, methods and path only)")]
     RuleAction(usize),
     #[error("Rule {0}: bad host pattern '{1}': {2}")]
     Pattern(usize, String, String),
@@ -167,6 +168,14 @@ pub enum Error {
         "Rule {0}: 'passthrough' cannot be combined with 'methods' or 'path_prefix' (those are checked only on terminated TLS); give them in separate rules"
     )]
     PassthroughNarrowed(usize),
+    #[error("Rule {0}: {1}")]
+    Ask(usize, live::Error),
+    #[error("Rule {0}: 'path' patterns are for ask rules (use path_prefix on allow and deny rules)")]
+    PathOnAllowDeny(usize),
+    #[error("Unknown approval '{0}' (expected ask or deny)")]
+    Approval(String),
+    #[error("Unknown include '{0}' (expected ask:github or ask:gitlab)")]
+    Include(String),
 }
 
 /// What netstack does with HTTPS to an allowed host that has neither a
@@ -319,6 +328,10 @@ impl fmt::Display for Decision {
 struct FileRule {
     allow: Option<String>,
     deny: Option<String>,
+    /// Held for a person's yes ([`crate::live`]).
+    ask: Option<String>,
+    /// A path pattern (ask rules; see [`crate::live::PathPattern`]).
+    path: Option<String>,
     ports: Option<Vec<u16>>,
     methods: Option<Vec<String>>,
     path_prefix: Option<String>,
@@ -336,6 +349,11 @@ struct File {
     https: Option<String>,
     #[serde(default)]
     credential: Vec<FileCredential>,
+    /// "ask" or "deny" (default): see [`crate::live`].
+    approval: Option<String>,
+    /// Ask presets: "ask:github", "ask:gitlab".
+    #[serde(default)]
+    include: Vec<String>,
 }
 
 const DEFAULT_PORTS: [u16; 2] = [80, 443];
@@ -371,6 +389,10 @@ pub struct Policy {
     pub https: Https,
     /// Which secrets go to which hosts, in which header.
     pub credentials: Vec<CredentialRule>,
+    /// What happens to a request no rule allows ([`crate::live`]).
+    pub approval: Approval,
+    /// Rules that hold matching requests for a person ([`crate::live`]).
+    pub asks: Vec<AskRule>,
 }
 
 fn preset_rules(name: &'static str) -> Vec<Rule> {
@@ -485,7 +507,7 @@ impl Policy {
             .map(|p| allow_rule(p, Origin::Agent(name)))
             .collect();
         let credentials = agent_credentials(name);
-        Ok(Policy { rules, https: Https::default(), credentials })
+        Ok(Policy { rules, https: Https::default(), credentials, approval: Approval::default(), asks: Vec::new() })
     }
 
     /// Adds what an agent needs, after the rules already there (a deny
@@ -511,7 +533,13 @@ impl Policy {
 
     /// A preset alone.
     pub fn preset(name: &str) -> Result<Policy, Error> {
-        Ok(Policy { rules: preset_rules(preset_name(name)?), https: Https::default(), credentials: Vec::new() })
+        Ok(Policy {
+            rules: preset_rules(preset_name(name)?),
+            https: Https::default(),
+            credentials: Vec::new(),
+            approval: Approval::default(),
+            asks: Vec::new(),
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Policy, Error> {
@@ -520,8 +548,26 @@ impl Policy {
             return Err(Error::Version(file.version));
         }
         let mut rules = preset_rules(preset_name(file.preset.as_deref().unwrap_or("locked"))?);
+        let mut asks = Vec::new();
+        for inc in &file.include {
+            let preset = inc.strip_prefix("ask:").and_then(live::ask_preset);
+            asks.extend(preset.ok_or_else(|| Error::Include(inc.clone()))?);
+        }
         for (i, r) in file.rule.into_iter().enumerate() {
             let n = i + 1;
+            if let Some(host) = r.ask {
+                if r.allow.is_some() || r.deny.is_some() || r.path_prefix.is_some() || r.addresses.is_some() {
+                    return Err(Error::RuleAction(n));
+                }
+                let methods = r.methods.unwrap_or_default();
+                let ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), format!("rule {n}"))
+                    .map_err(|e| Error::Ask(n, e))?;
+                asks.push(ask);
+                continue;
+            }
+            if r.path.is_some() {
+                return Err(Error::PathOnAllowDeny(n));
+            }
             let (action, raw) = match (r.allow, r.deny) {
                 (Some(a), None) => (Action::Allow, a),
                 (None, Some(d)) => (Action::Deny, d),
@@ -573,7 +619,11 @@ impl Policy {
             }
             credentials.push(c);
         }
-        Ok(Policy { rules, https, credentials })
+        let approval = match file.approval.as_deref() {
+            None => Approval::default(),
+            Some(a) => Approval::parse(a).ok_or_else(|| Error::Approval(a.to_string()))?,
+        };
+        Ok(Policy { rules, https, credentials, approval, asks })
     }
 
     /// Whether netstack terminates TLS to `host` on `port` (given a CA):

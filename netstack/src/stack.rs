@@ -8,7 +8,11 @@
 //! and logged. No host socket is ever opened for a dropped frame.
 //!
 //! TCP to ports 80 and 443 of those addresses is terminated here and
-//! handled per connection by [`crate::conn`].
+//! handled per connection by [`crate::conn`]. With [`NetStack::with_live`],
+//! DNS and connections are judged with the sandbox's live rules, and held
+//! requests wait for a person ([`crate::live`]): the live state's clock is
+//! this stack's, its audit events are written here each poll, and
+//! [`NetStack::poll_at`] wakes for the next grant or hold to end.
 //!
 //! Upstream connections never reach the host's own network by accident:
 //! a name resolved on the host is connected to only at a global unicast
@@ -54,7 +58,8 @@ use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNE
 use crate::dns::{self, NameTable};
 use crate::host::HostName;
 use crate::limits::{Burst, NetCounters, Watch, GUEST_HANDSHAKE_MS};
-use crate::policy::{Action, Policy};
+use crate::live::{self, Live, LiveRules};
+use crate::policy::Policy;
 use crate::terminate::Termination;
 
 /// Frames waiting in one direction before more are dropped.
@@ -421,6 +426,8 @@ pub struct NetStack<W: Write> {
     connect_slots: Arc<ConnectSlots>,
     /// TLS termination and credentials, if given ([`NetStack::terminating`]).
     termination: Option<Arc<Termination>>,
+    /// Live rules and held requests ([`NetStack::with_live`]).
+    live: Option<Arc<Live>>,
     now_ms: u64,
     /// SYNs to each policed port queued since the last poll: each gets a
     /// listener if the connection cap allows.
@@ -481,6 +488,7 @@ impl<W: Write> NetStack<W> {
             next_conn_id: 0,
             connect_slots: ConnectSlots::new(MAX_CONNECT_THREADS),
             termination: None,
+            live: None,
             now_ms: 0,
             syns: [0; POLICED_PORTS.len()],
             counters: NetCounters::default(),
@@ -496,6 +504,13 @@ impl<W: Write> NetStack<W> {
     /// it, HTTPS is only ever spliced by SNI (tests, benchmarks).
     pub fn terminating(mut self, termination: Arc<Termination>) -> NetStack<W> {
         self.termination = Some(termination);
+        self
+    }
+
+    /// The same stack, judging with `live`'s rules and holding requests
+    /// for a person ([`crate::live`]).
+    pub fn with_live(mut self, live: Arc<Live>) -> NetStack<W> {
+        self.live = Some(live);
         self
     }
 
@@ -559,6 +574,9 @@ impl<W: Write> NetStack<W> {
     /// Calls `waker` (from another thread) whenever a connect thread ends:
     /// the stack then has its result to take ([`NetStack::poll`]).
     pub fn set_waker(&self, waker: crate::conn::Waker) {
+        if let Some(l) = &self.live {
+            l.set_waker(waker.clone());
+        }
         self.connect_slots.set_waker(waker);
     }
 
@@ -582,7 +600,8 @@ impl<W: Write> NetStack<W> {
                 watch.due(conn.activity(), self.sockets.get::<tcp::Socket>(*h).send_queue())
             })
             .min();
-        [smol, idle, slots, limits].into_iter().flatten().min()
+        let live = self.live.as_ref().and_then(|l| l.next_due());
+        [smol, idle, slots, limits, live].into_iter().flatten().min()
     }
 
     /// The upstream sockets and whether each has work for
@@ -600,6 +619,9 @@ impl<W: Write> NetStack<W> {
     /// clock; tests drive it by hand).
     pub fn poll(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        if let Some(l) = &self.live {
+            l.tick(now_ms);
+        }
         let now = Instant::from_millis(now_ms as i64);
         self.make_room_for_syns();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
@@ -610,6 +632,9 @@ impl<W: Write> NetStack<W> {
         self.replenish_listeners();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
         self.sweep_closed();
+        for e in self.live.as_ref().map(|l| l.take_events()).unwrap_or_default() {
+            self.log(e);
+        }
     }
 
     /// Forgets connections whose sockets are closed, after the last
@@ -732,7 +757,8 @@ impl<W: Write> NetStack<W> {
                 Some(IpAddress::Ipv4(dst)) => {
                     let name = self.names.name_of(dst).cloned();
                     let conn = Conn::with_slots(port, dst, name, self.connect_slots.clone())
-                        .with_termination(self.termination.clone());
+                        .with_termination(self.termination.clone())
+                        .with_live(self.live.clone());
                     self.conns.push((h, conn, self.now_ms, self.next_conn_id, Watch::new(self.now_ms)));
                     self.next_conn_id += 1;
                     self.counters.accepted += 1;
@@ -755,6 +781,7 @@ impl<W: Write> NetStack<W> {
             }
             let before = (conn.bytes_up, conn.bytes_down);
             conn.poll_connect(&self.policy, &self.resolver);
+            conn.poll_held(&self.policy, &self.resolver);
             while conn.wants_guest_bytes() && socket.can_recv() {
                 match socket.recv_slice(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -790,7 +817,8 @@ impl<W: Write> NetStack<W> {
                 *last_active = self.now_ms;
             }
             events.append(&mut conn.events);
-            if conn.is_reset() || self.now_ms.saturating_sub(*last_active) > IDLE_MS {
+            let abort = conn.is_reset() || self.now_ms.saturating_sub(*last_active) > IDLE_MS;
+            if abort {
                 socket.abort();
             } else if conn.finished() {
                 socket.close();
@@ -814,6 +842,9 @@ impl<W: Write> NetStack<W> {
             eprintln!("netstack: the audit log cannot be written; every new request is refused from now on");
             if let Ok(none) = Policy::from_toml("version = 1\n") {
                 self.policy = none;
+            }
+            if let Some(l) = &self.live {
+                l.fail();
             }
         }
     }
@@ -919,7 +950,7 @@ impl<W: Write> NetStack<W> {
                         continue;
                     }
                 };
-                let (reply, event) = answer(&query, &self.policy, &mut self.names);
+                let (reply, event) = answer(&query, &self.policy, self.live.as_deref(), &mut self.names);
                 replies.push((reply, meta.endpoint));
                 events.push(event);
             }
@@ -950,14 +981,22 @@ fn syn_port(frame: &[u8]) -> Option<u16> {
 }
 
 /// The answer to one query and its audit line.
-fn answer(query: &dns::Query, policy: &Policy, names: &mut NameTable) -> (Vec<u8>, serde_json::Value) {
+fn answer(
+    query: &dns::Query,
+    policy: &Policy,
+    live: Option<&Live>,
+    names: &mut NameTable,
+) -> (Vec<u8>, serde_json::Value) {
     let Some(host) = query.host() else {
         let event = serde_json::json!({"event": "dns", "name": query.raw_name, "decision": "deny", "reason": "not a host name (IP literal or malformed)"});
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     };
-    let decision = policy.resolvable(&host);
-    let rule = decision.rule.as_ref().map(|r| r.to_string());
-    if decision.action == Action::Deny {
+    let decision = match live {
+        Some(l) => l.judge_resolvable(policy, &host),
+        None => live::judge_resolvable(policy, &LiveRules::default(), &host, 0),
+    };
+    let rule = decision.rule.clone();
+    if !decision.allowed() {
         let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "deny", "rule": rule});
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     }
@@ -2099,5 +2138,306 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         interests.clear();
         net.upstream_interests(&mut interests);
         assert_eq!(interests.iter().map(|i| i.0).collect::<Vec<_>>(), vec![id], "the same id while it lives");
+    }
+
+    // ---- held requests (crate::live) ----
+
+    use crate::live::{Answer, Grant, Live, LiveRules};
+
+    const ASK: &str = "version = 1\napproval = \"ask\"\n[[rule]]\ndeny = \"bad.example.com\"\n";
+
+    fn held_net(routes: &[(&str, u16, SocketAddr)], hold_ms: u64) -> (Net, Arc<Live>) {
+        let live = Live::with_hold("sb", LiveRules::default(), hold_ms);
+        (net_with(ASK, routes).with_live(live.clone()), live)
+    }
+
+    /// A guest connection to `to` with `data` sent.
+    fn open_and_send(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        to: (Ipv4Addr, u16),
+        data: &[u8],
+    ) -> SocketHandle {
+        let buf = || tcp::SocketBuffer::new(vec![0; 64 * 1024]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        static PORT: AtomicUsize = AtomicUsize::new(40100);
+        let local = PORT.fetch_add(1, Ordering::SeqCst) as u16;
+        socket.connect(guest.iface.context(), to, local).unwrap();
+        let h = guest.sockets.add(socket);
+        let mut sent = 0;
+        for _ in 0..1000 {
+            pump(net, guest, now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).unwrap_or(0);
+            }
+            if sent == data.len() {
+                pump(net, guest, now);
+                return h;
+            }
+        }
+        panic!("could not send");
+    }
+
+    /// Pumps (real time passing for the connect threads) until `done`
+    /// holds for what each connection received, or 10 s pass.
+    fn collect(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        hs: &[SocketHandle],
+        done: impl Fn(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        collect_for(net, guest, now, hs, done, std::time::Duration::from_secs(10))
+    }
+
+    /// What comes back within a short while (for connections expected to
+    /// get nothing: a property, not a timing).
+    fn settle(net: &mut Net, guest: &mut Guest, now: &mut u64, hs: &[SocketHandle]) -> Vec<Vec<u8>> {
+        collect_for(net, guest, now, hs, |_| false, std::time::Duration::from_millis(300))
+    }
+
+    fn collect_for(
+        net: &mut Net,
+        guest: &mut Guest,
+        now: &mut u64,
+        hs: &[SocketHandle],
+        done: impl Fn(&[Vec<u8>]) -> bool,
+        limit: std::time::Duration,
+    ) -> Vec<Vec<u8>> {
+        let mut got = vec![Vec::new(); hs.len()];
+        let deadline = std::time::Instant::now() + limit;
+        let mut rx = vec![0u8; 64 * 1024];
+        while !done(&got) && std::time::Instant::now() < deadline {
+            pump(net, guest, now);
+            for (i, h) in hs.iter().enumerate() {
+                let s = guest.sockets.get_mut::<tcp::Socket>(*h);
+                while s.can_recv() {
+                    match s.recv_slice(&mut rx) {
+                        Ok(n) if n > 0 => got[i].extend_from_slice(&rx[..n]),
+                        _ => break,
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        got
+    }
+
+    #[test]
+    fn held_requests_wait_on_one_question_and_go_upstream_once_each_when_approved() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let reply = resolve(&mut net, &mut guest, "held.example.com", &mut now);
+        assert_eq!(reply[3] & 0xf, 0, "a held name resolves");
+        let addr = a_record(&reply);
+        let denied = resolve(&mut net, &mut guest, "bad.example.com", &mut now);
+        assert_eq!(denied[3] & 0xf, dns::RCODE_REFUSED, "a denied name does not");
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let waiting = settle(&mut net, &mut guest, &mut now, &[a, b]);
+        assert!(waiting.iter().all(Vec::is_empty), "nothing comes back while held");
+        let qs = live.questions();
+        assert_eq!(qs.len(), 1, "one question for both");
+        assert_eq!(
+            (qs[0].count, qs[0].waiting, qs[0].method.as_deref(), qs[0].path.as_deref()),
+            (2, 2, Some("GET"), Some("/x"))
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
+        assert_eq!(net.connect_threads(), 0, "not even a connect");
+        live.approve(qs[0].id, Grant::Once, 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a, b], |g| g.iter().all(|g| contains(g, "echo GET /x")));
+        assert!(got.iter().all(|g| contains(g, "echo GET /x 0")), "{got:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 2, "each held request went upstream once");
+        let log = audit(&net);
+        assert!(
+            log.contains("\"decision\":\"held\"")
+                && log.contains("\"answer\":\"approved\"")
+                && log.contains("\"by_uid\":1000"),
+            "{log}"
+        );
+        assert!(live.rules().0.list().is_empty(), "--once remembers nothing");
+        // A new connection asks again.
+        let c = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        settle(&mut net, &mut guest, &mut now, &[c]);
+        assert_eq!(live.questions().iter().filter(|q| q.answer == Answer::Pending).count(), 1);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_rejected_or_timed_out_request_gets_the_deny_answer_and_nothing_goes_upstream() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 5_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "held.example.com", &mut now));
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        let id = live.questions()[0].id;
+        live.reject(id, 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a], |g| contains(&g[0], "\n\n") || contains(&g[0], "}\n"));
+        let text = String::from_utf8_lossy(&got[0]).to_string();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden") && text.contains("application/json"), "{text}");
+        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+        assert_eq!(body["error"], "sbx_denied");
+        assert_eq!(body["host"], "held.example.com");
+        assert_eq!(body["ask"], "sbx policy allow sb held.example.com");
+        assert!(body["reason"].as_str().unwrap().contains("rejected by uid 1000"), "{body}");
+        // Time-out: the clock passes the hold (the fake clock: pump adds 1 ms a round).
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        now += 5_000;
+        let got = collect(&mut net, &mut guest, &mut now, &[b], |g| contains(&g[0], "}\n"));
+        assert!(contains(&got[0], "403 Forbidden") && contains(&got[0], "nobody answered in time"), "{got:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        let log = audit(&net);
+        assert!(log.contains("\"answer\":\"rejected\"") && log.contains("\"answer\":\"timed out\""), "{log}");
+    }
+
+    #[test]
+    fn approval_after_the_guest_went_away_sends_nothing_and_a_grant_lets_later_requests_through() {
+        let (up, count) = http_upstream();
+        let (mut net, live) = held_net(&[("held.example.com", 80, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "held.example.com", &mut now));
+        let req = b"GET /x HTTP/1.1\r\nHost: held.example.com\r\n\r\n";
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), req);
+        guest.sockets.get_mut::<tcp::Socket>(a).abort();
+        for _ in 0..5 {
+            pump(&mut net, &mut guest, &mut now);
+        }
+        assert_eq!(net.connections(), 0, "the held connection ended with the guest's");
+        let q = &live.questions()[0];
+        assert_eq!(q.waiting, 0);
+        live.approve(q.id, Grant::ForSecs(600), 1000).unwrap();
+        settle(&mut net, &mut guest, &mut now, &[]);
+        assert_eq!(count.load(Ordering::SeqCst), 0, "nobody waited: nothing went upstream");
+        // The grant: the next connection goes through without asking.
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), req, |g| contains(g, "echo GET /x"));
+        assert!(contains(&got, "echo GET /x 0"));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn explain_and_enforcement_are_one_decision() {
+        use crate::live::{judge, RuleSpec, Verdict};
+        let (up, _) = http_upstream();
+        let policy = "version = 1\napproval = \"ask\"\n[[rule]]\nallow = \"*.example.com\"\n\
+            [[rule]]\ndeny = \"b.example.com\"\nmethods = [\"DELETE\"]\n\
+            [[rule]]\nallow = \"files.example.net\"\nmethods = [\"GET\"]\npath_prefix = \"/pub/\"\n\
+            [[rule]]\nask = \"c.example.com\"\nmethods = [\"POST\"]\npath = \"/repos/*/merge\"\n";
+        let names = [
+            "a.example.com",
+            "b.example.com",
+            "c.example.com",
+            "d.example.com",
+            "e.example.org",
+            "files.example.net",
+            "f.example.org",
+        ];
+        let routes: Vec<(&str, u16, SocketAddr)> = names.iter().map(|n| (*n, 80, up)).collect();
+        let live = Live::with_hold("sb", LiveRules::default(), 600_000);
+        let rule = |action: &str, host: &str| RuleSpec {
+            action: action.into(),
+            host: host.into(),
+            methods: vec![],
+            path: None,
+            for_secs: None,
+            uses: None,
+            until_exit: false,
+        };
+        live.add_rule(&rule("deny", "d.example.com"), None).unwrap();
+        live.add_rule(&rule("allow", "e.example.org:80"), None).unwrap();
+        let mut net = net_with(policy, &routes).with_live(live.clone());
+        let static_policy = Policy::from_toml(policy).unwrap();
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let cases = [
+            ("a.example.com", "GET", "/"),
+            ("b.example.com", "DELETE", "/x"),
+            ("b.example.com", "GET", "/x"),
+            ("c.example.com", "POST", "/repos/r/merge"),
+            ("c.example.com", "POST", "/repos/r/other"),
+            ("d.example.com", "GET", "/"),
+            ("e.example.org", "GET", "/"),
+            ("files.example.net", "GET", "/pub/a"),
+            ("files.example.net", "GET", "/pub/../priv"),
+            ("f.example.org", "GET", "/"),
+        ];
+        for (h, method, path) in cases {
+            let name = HostName::parse(h).unwrap();
+            // What `sbx policy explain` says (the same function, the same rules).
+            let (rules, clock) = live.rules();
+            let said = judge(
+                &static_policy,
+                &rules,
+                &crate::policy::Request { host: &name, port: 80, http: Some((method, path)) },
+                clock,
+            )
+            .verdict;
+            // What the stack does.
+            let reply = resolve(&mut net, &mut guest, h, &mut now);
+            let done = if reply[3] & 0xf != 0 {
+                "deny"
+            } else {
+                let questions = live.questions().len();
+                let req = format!("{method} {path} HTTP/1.1\r\nHost: {h}\r\nContent-Length: 0\r\n\r\n");
+                let c = open_and_send(&mut net, &mut guest, &mut now, (a_record(&reply), 80), req.as_bytes());
+                let got = collect_for(
+                    &mut net,
+                    &mut guest,
+                    &mut now,
+                    &[c],
+                    |g| contains(&g[0], "echo ") || contains(&g[0], "}\n"),
+                    std::time::Duration::from_millis(1500),
+                );
+                guest.sockets.get_mut::<tcp::Socket>(c).abort();
+                if contains(&got[0], "echo ") {
+                    "allow"
+                } else if contains(&got[0], "403 Forbidden") {
+                    "deny"
+                } else if got[0].is_empty() && live.questions().len() == questions + 1 {
+                    "ask"
+                } else {
+                    "other"
+                }
+            };
+            let want = match said {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+                Verdict::Ask(_) => "ask",
+            };
+            assert_eq!(done, want, "{method} {h}{path}");
+        }
+    }
+
+    #[test]
+    fn a_held_tls_connection_is_spliced_once_approved_and_reset_when_rejected() {
+        let (up, count) = echo_upstream();
+        let (mut net, live) = held_net(&[("tls.example.com", 443, up)], 60_000);
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "tls.example.com", &mut now));
+        let mut hello = crate::tls::tests::hello(&[crate::tls::tests::sni_ext(&["tls.example.com"])]);
+        // The client's ChangeCipherSpec ends what the splice watches.
+        hello.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
+        hello.extend_from_slice(b"opaque application data");
+        let a = open_and_send(&mut net, &mut guest, &mut now, (addr, 443), &hello);
+        assert!(settle(&mut net, &mut guest, &mut now, &[a])[0].is_empty());
+        assert_eq!(count.load(Ordering::SeqCst), 0, "no upstream while held");
+        let q = live.questions()[0].clone();
+        assert_eq!((q.key.port, q.method.as_deref()), (443, None), "SNI only: no method or path");
+        live.approve(q.id, Grant::Once, 0).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[a], |g| g[0].len() >= hello.len());
+        assert_eq!(got[0], hello, "spliced, bytes untouched, once approved");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 443), &hello);
+        let id = live.questions().iter().find(|q| q.answer == Answer::Pending).map(|q| q.id).unwrap();
+        live.reject(id, 0).unwrap();
+        for _ in 0..20 {
+            pump(&mut net, &mut guest, &mut now);
+        }
+        let s = guest.sockets.get_mut::<tcp::Socket>(b);
+        assert_eq!(s.state(), tcp::State::Closed, "a rejected TLS connection is reset");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 }

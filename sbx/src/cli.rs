@@ -50,6 +50,14 @@ pub enum Command {
     /// Network policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Requests held for a person (`approval = "ask"`, ask rules): what
+    /// waits, in sandbox NAME or in every running sandbox.
+    Approvals { name: Option<String> },
+    /// Let held question ID of sandbox NAME go ahead.
+    Approve(ApproveArgs),
+    /// Refuse held question ID of sandbox NAME (the guest gets the deny
+    /// answer).
+    Reject { name: String, id: u64 },
     /// Secrets netstack puts into the guest's requests to the hosts the
     /// policy binds them to (the guest only ever sees a placeholder).
     #[command(subcommand)]
@@ -148,8 +156,74 @@ pub enum SecretCommand {
     },
 }
 
+#[derive(clap::Args)]
+pub struct ApproveArgs {
+    pub name: String,
+    pub id: u64,
+    /// Only what waits now (the default).
+    #[arg(long, conflicts_with_all = ["for_", "always"])]
+    pub once: bool,
+    /// Also allow that host (and the ask rule's methods and path) for
+    /// this long: 90s, 10m, 2h, 1d.
+    #[arg(long = "for", value_name = "DURATION", conflicts_with = "always")]
+    pub for_: Option<String>,
+    /// Also allow it from now on (kept with the sandbox until
+    /// `sbx policy reset`).
+    #[arg(long)]
+    pub always: bool,
+}
+
+/// `sbx policy allow|deny`: a live rule.
+#[derive(clap::Args)]
+pub struct LiveRuleArgs {
+    /// The sandbox.
+    pub name: String,
+    /// HOST or HOST:PORT (default ports 80 and 443); *.DOMAIN for names
+    /// below DOMAIN.
+    pub host: String,
+    /// Only this method (repeatable; HTTP, or HTTPS netstack terminates).
+    #[arg(long = "method", value_name = "M")]
+    pub methods: Vec<String>,
+    /// Only paths matching this pattern (`*` one segment, `**` any rest).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// For this long only: 90s, 10m, 2h, 1d.
+    #[arg(long = "for", value_name = "DURATION", conflicts_with_all = ["uses", "until_exit"])]
+    pub for_: Option<String>,
+    /// For this many requests only.
+    #[arg(long, conflicts_with = "until_exit")]
+    pub uses: Option<u32>,
+    /// Until the running sandbox stops (not kept).
+    #[arg(long)]
+    pub until_exit: bool,
+}
+
 #[derive(Subcommand)]
 pub enum PolicyCommand {
+    /// Allow HOST in sandbox NAME now (running or not; kept with the
+    /// sandbox unless --until-exit). Precedence: live deny > the policy
+    /// file's deny > live allow > ask rules > the file's allow > default.
+    Allow(LiveRuleArgs),
+    /// Deny HOST in sandbox NAME now (beats every other rule).
+    Deny(LiveRuleArgs),
+    /// The rules sandbox NAME runs with: live ones (id, expiry or uses
+    /// left, who added them) and, while it runs, the static ones.
+    Ls { name: String },
+    /// Remove live rule ID of sandbox NAME.
+    Rm { name: String, id: u64 },
+    /// Remove every live rule of sandbox NAME.
+    Reset { name: String },
+    /// Policy rules for what sandbox NAME's audit log shows was held,
+    /// learned (`sbx run --learn`) or denied by default (TOML to review).
+    Suggest { name: String },
+    /// Replays sandbox NAME's logged requests through a candidate policy:
+    /// what it would decide differently.
+    Test {
+        name: String,
+        /// The candidate policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+    },
     /// Explain whether a URL is allowed: every matching rule, in order.
     Explain {
         url: String,
@@ -162,6 +236,9 @@ pub enum PolicyCommand {
         /// The HTTP method (plain HTTP only).
         #[arg(long, default_value = "GET")]
         method: String,
+        /// Also the live rules of this sandbox.
+        #[arg(long, value_name = "NAME")]
+        sandbox: Option<String>,
     },
     /// Show the network rules a sandbox runs with (the policy file or the
     /// locked preset, then the agent's own needs) and its credentials.
@@ -288,6 +365,18 @@ pub struct RunArgs {
     /// histogram by kernel function to this file (a boot profiler).
     #[arg(long, hide = true)]
     pub profile: Option<PathBuf>,
+    /// What happens to a request no rule allows: deny (default), or ask
+    /// (held for `sbx approve`; overrides the policy file's `approval`).
+    #[arg(long, value_name = "ask|deny")]
+    pub approval: Option<String>,
+    /// Learn: every request that would be held (or denied by default)
+    /// goes ahead at once, until the run ends, and is recorded in the
+    /// audit log for `sbx policy suggest`. Deny rules still deny.
+    #[arg(long)]
+    pub learn: bool,
+    /// How long a held request waits for an answer, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub approval_wait: u64,
     /// Network policy file (TOML, see netstack/src/policy.rs). Default:
     /// deny everything but what the agent needs.
     #[arg(long)]

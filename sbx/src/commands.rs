@@ -56,6 +56,8 @@ pub enum CommandError {
     Files(vmm::fs::policy::Error),
     #[error("Cannot write to stdout: {0}")]
     Stdout(io::Error),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::Error),
 }
 
 type Result<T> = std::result::Result<T, CommandError>;
@@ -203,16 +205,29 @@ pub fn log(name: &str, audit: bool) -> Result<()> {
     io::stdout().write_all(escape::escape(&text, layout).as_bytes()).map_err(CommandError::Stdout)
 }
 
-/// `sbx policy explain`: the rules that match `url` and the decision;
-/// exit 0 if allowed, 1 if denied.
-pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str) -> Result<ExitCode> {
+/// `sbx policy explain`: the rules that match `url` and the decision —
+/// made by the stack's own decision function ([`netstack::live::judge`]),
+/// with sandbox `sandbox`'s kept live rules if given; exit 0 if allowed,
+/// 1 if denied or held.
+pub fn policy_explain(
+    url: &str,
+    file: Option<&Path>,
+    preset: &str,
+    method: &str,
+    sandbox: Option<&str>,
+) -> Result<ExitCode> {
     let policy = match file {
         Some(path) => SandboxPolicy::read(path)?.network,
         None => Policy::preset(preset).map_err(CommandError::Preset)?,
     };
+    let now = sandbox::now_unix_ms();
+    let live = match sandbox {
+        Some(name) => crate::admin::load(Sandbox::open(&sandbox::home(), name)?.dir(), now)?,
+        None => netstack::live::LiveRules::default(),
+    };
     let target = Target::parse_url(url).map_err(CommandError::Url)?;
     // HTTPS that netstack terminates is checked request by request.
-    let terminated = target.https && policy.terminates(&target.host, target.port);
+    let terminated = target.https && netstack::live::terminates(&policy, &live, &target.host, target.port);
     let http = (!target.https || terminated).then_some((method, target.path.as_str()));
     let req = Request { host: &target.host, port: target.port, http };
     let mut out = io::stdout().lock();
@@ -234,9 +249,14 @@ pub fn policy_explain(url: &str, file: Option<&Path>, preset: &str, method: &str
     for rule in matched {
         let _ = writeln!(out, "matches {rule}");
     }
-    let decision = policy.decide(&req);
-    let _ = writeln!(out, "{decision}");
-    Ok(if decision.action == Action::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    for action in [Action::Deny, Action::Allow] {
+        if let Some(r) = live.matching(action, &req, now) {
+            let _ = writeln!(out, "matches {r} ({})", r.limit_text(now));
+        }
+    }
+    let j = netstack::live::judge(&policy, &live, &req, now);
+    let _ = writeln!(out, "{}", j.reason);
+    Ok(if j.allowed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `sbx policy show`: the rules in order, then the credentials and where

@@ -7,6 +7,7 @@
 //! sandbox's resource limits (cgroup v2), the audit trail's commands
 //! (verify, anchor, export, follow).
 
+pub mod admin;
 pub mod agents;
 pub mod audit;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod client;
 pub mod commands;
 pub mod escape;
 pub mod folders;
+pub mod learn;
 pub mod limits;
 pub mod netback;
 pub mod policy_doc;

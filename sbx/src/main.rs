@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use sbx::cli::{Cli, Command, PolicyCommand};
+use sbx::admin::{self, Req};
+use sbx::cli::{ApproveArgs, Cli, Command, LiveRuleArgs, PolicyCommand};
 use sbx::escape::{self, Layout};
 use sbx::{audit, commands, run, secrets};
 
@@ -29,9 +30,19 @@ fn main() -> ExitCode {
             audit::print_log(&name, json, follow, until_stopped, &stop).map(|_| ExitCode::SUCCESS).map_err(Into::into)
         }
         Command::Audit(cmd) => audit::command(&cmd),
-        Command::Policy(PolicyCommand::Explain { url, policy, preset, method }) => {
-            commands::policy_explain(&url, policy.as_deref(), &preset, &method).map_err(Into::into)
+        Command::Policy(PolicyCommand::Explain { url, policy, preset, method, sandbox }) => {
+            commands::policy_explain(&url, policy.as_deref(), &preset, &method, sandbox.as_deref()).map_err(Into::into)
         }
+        Command::Policy(PolicyCommand::Allow(a)) => live_rule("allow", a),
+        Command::Policy(PolicyCommand::Deny(a)) => live_rule("deny", a),
+        Command::Policy(PolicyCommand::Ls { name }) => admin::command(&name, Req::Ls {}).map_err(Into::into),
+        Command::Policy(PolicyCommand::Rm { name, id }) => admin::command(&name, Req::Rm { id }).map_err(Into::into),
+        Command::Policy(PolicyCommand::Reset { name }) => admin::command(&name, Req::Reset {}).map_err(Into::into),
+        Command::Policy(PolicyCommand::Suggest { name }) => sbx::learn::suggest(&name).map_err(Into::into),
+        Command::Policy(PolicyCommand::Test { name, policy }) => sbx::learn::test(&name, &policy).map_err(Into::into),
+        Command::Approvals { name } => approvals(name.as_deref()),
+        Command::Approve(a) => approve(a),
+        Command::Reject { name, id } => admin::command(&name, Req::Reject { id }).map_err(Into::into),
         Command::Policy(PolicyCommand::Show { agent, policy }) => {
             commands::policy_show(&agent, policy.as_deref()).map(|_| ExitCode::SUCCESS).map_err(Into::into)
         }
@@ -49,6 +60,47 @@ fn main() -> ExitCode {
             ExitCode::from(run::EXIT_SBX_ERROR)
         }
     }
+}
+
+/// `sbx policy allow|deny NAME HOST …`.
+fn live_rule(action: &str, a: LiveRuleArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let for_secs = a.for_.as_deref().map(admin::parse_duration).transpose()?;
+    let rule = netstack::live::RuleSpec {
+        action: action.into(),
+        host: a.host,
+        methods: a.methods,
+        path: a.path,
+        for_secs,
+        uses: a.uses,
+        until_exit: a.until_exit,
+    };
+    Ok(admin::command(&a.name, Req::Add { rule })?)
+}
+
+/// `sbx approve NAME ID [--once | --for D | --always]`.
+fn approve(a: ApproveArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let grant = match (a.for_.as_deref(), a.always) {
+        (Some(d), _) => netstack::live::Grant::ForSecs(admin::parse_duration(d)?),
+        (None, true) => netstack::live::Grant::Always,
+        (None, false) => netstack::live::Grant::Once,
+    };
+    Ok(admin::command(&a.name, Req::Approve { id: a.id, grant })?)
+}
+
+/// `sbx approvals [NAME]`: one sandbox, or every running one.
+fn approvals(name: Option<&str>) -> Result<ExitCode, Box<dyn Error>> {
+    if let Some(name) = name {
+        return Ok(admin::command(name, Req::Approvals {})?);
+    }
+    for sb in sbx::sandbox::Sandbox::list(&sbx::sandbox::home())? {
+        if sb.running_pid().is_some() {
+            println!("{}:", escape::line(&sb.settings.name));
+            if let Err(e) = admin::command(&sb.settings.name, Req::Approvals {}) {
+                eprintln!("sbx: {}", escape::escape(e.to_string().as_bytes(), Layout::Lines));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An error and its sources, each once: "a: b: c" (a source whose text

@@ -48,7 +48,7 @@ fn policy_explain_refuses_ip_literals_and_bad_files() {
     std::fs::write(&file, "version = 1\n[[rule]]\nallow = \"a.com\"\ndeny = \"b.com\"\n").unwrap();
     let (code, _, err) = sbx(&["policy", "explain", "--policy", file.to_str().unwrap(), "http://a.com/"]);
     assert_eq!(code, Some(125));
-    assert!(err.contains("Rule 1: give exactly one of 'allow' or 'deny'"), "{err}");
+    assert!(err.contains("Rule 1: give exactly one of 'allow', 'deny' or 'ask'"), "{err}");
 }
 
 #[test]
@@ -439,4 +439,50 @@ fn secrets_keep_their_scope_expiry_and_rotation_and_log_each_change() {
     let (code, out, _) =
         sbx_in(&["audit", "verify", config.join("secrets-audit.log").to_str().unwrap()], &[], t.path());
     assert_eq!(code, Some(0), "{out}");
+}
+
+/// `sbx` with `home` as SBX_HOME.
+fn sbx_home(home: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sbx")).args(args).env("SBX_HOME", home).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn live_rules_of_a_stopped_sandbox_are_edited_in_its_file_and_explain_sees_them() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("sandboxes").join("box");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sandbox.json"), r#"{"name":"box","agent":"shell","workspace":"/tmp","created_unix":0}"#)
+        .unwrap();
+    let h = home.path();
+    let (code, out, err) = sbx_home(h, &["policy", "allow", "box", "api.example.com", "--for", "10m"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("live rule #1 added"), "{out}");
+    let (code, _, _) = sbx_home(h, &["policy", "deny", "box", "evil.example.com:443", "--method", "POST"]);
+    assert_eq!(code, Some(0));
+    let (_, out, _) = sbx_home(h, &["policy", "ls", "box"]);
+    assert!(out.contains("live #1: allow api.example.com ports 80,443") && out.contains("s left"), "{out}");
+    assert!(out.contains("live #2: deny evil.example.com ports 443 methods POST (until reset"), "{out}");
+    let (code, out, _) =
+        sbx_home(h, &["policy", "explain", "--preset", "locked", "--sandbox", "box", "https://api.example.com/"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("allowed by live #1"), "{out}");
+    let (code, _, err) = sbx_home(h, &["policy", "allow", "box", "a.com", "--until-exit"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("not running"), "{err}");
+    let (code, _, err) = sbx_home(h, &["approve", "box", "1"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("nothing waits"), "{err}");
+    assert!(sbx_home(h, &["policy", "rm", "box", "1"]).0 == Some(0));
+    let (code, _, err) = sbx_home(h, &["policy", "rm", "box", "1"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("no live rule #1"), "{err}");
+    // A hostile file is refused, naming the cure; reset is that cure.
+    std::fs::write(dir.join("live-policy.json"), "{\"version\":1,\"next_id\":1,\"rules\":[{}]}").unwrap();
+    let (code, _, err) = sbx_home(h, &["policy", "ls", "box"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("live-policy.json") && err.contains("sbx policy reset"), "{err}");
+    assert_eq!(sbx_home(h, &["policy", "reset", "box"]).0, Some(0));
+    let (_, out, _) = sbx_home(h, &["policy", "ls", "box"]);
+    assert!(!out.contains("live #"), "{out}");
 }

@@ -167,7 +167,13 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout.contains("placeholder=sbx-placeholder-testkey-"), "the guest holds a placeholder");
     assert!(stdout.contains("bound=key=ok\n"), "the bound host got the real key over TLS the guest verified");
-    assert!(stdout.contains("other=sbx: request refused") && stdout.contains("leak attempt"), "refused elsewhere");
+    // The one deny signal: a 403 with a JSON body (netstack::conn).
+    assert!(
+        stdout.contains("other={\"error\":\"sbx_denied\"")
+            && stdout.contains("request refused")
+            && stdout.contains("leak attempt"),
+        "refused elsewhere"
+    );
     assert!(stdout.contains("other_plain=key=wrong\n"), "another allowed host works, without any key");
     assert!(stdout.contains("env_hits=0\n") && stdout.contains("file_hits=0\n"), "not in the guest's env or files");
     assert!(!stdout.contains(&secret) && !text(&out.stderr).contains(&secret));

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netstack::audit::{AuditLog, SharedLog};
+use netstack::live::Live;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::Job;
 use thiserror::Error;
@@ -21,7 +22,7 @@ use vmm::devices::virtio::fs::{Counts, Fs};
 use vmm::fs::server::{AuditSink, FileServer};
 use vmm::fs::share::Share;
 use vmm::runner::{self, RunResult};
-use vmm::threads::{self, PathRule, Reach, ThreadKind};
+use vmm::threads::{self, PanicReport, PathRule, Reach, ThreadKind};
 
 use super::plan::{NetPlan, RunPlan};
 use crate::client::{self, Outcome};
@@ -63,6 +64,10 @@ pub enum LaunchError {
     VmPanicked,
     #[error("Cannot jail the control thread: {0}")]
     Jail(#[source] threads::JailError),
+    #[error("Cannot start sandbox '{0}': {1}")]
+    Live(String, #[source] crate::admin::Error),
+    #[error("Cannot open the admin socket in {0}: {1}")]
+    Admin(PathBuf, io::Error),
 }
 
 /// What came back from a run: the VM's result, the main session's (the
@@ -178,12 +183,20 @@ type NetStats = Arc<Mutex<netstack::limits::NetCounters>>;
 
 /// The sandbox's network: its policy and upstream overrides, and the
 /// sandbox's audit log (in `sandbox_dir`, which it rotates).
-fn guest_network(net: &NetPlan, audit: SharedLog<Box<dyn Write + Send>>, sandbox_dir: &Path) -> (GuestNet, NetStats) {
+fn guest_network(
+    net: &NetPlan,
+    audit: SharedLog<Box<dyn Write + Send>>,
+    sandbox_dir: &Path,
+    live: Option<Arc<Live>>,
+) -> (GuestNet, NetStats) {
     let mut resolver = Resolver { system: true, ..Resolver::default() };
     resolver.overrides.extend(net.overrides.iter().cloned());
     let cfg = NetConfig { mtu: GUEST_MTU, ..NetConfig::default() };
     let mtu = cfg.mtu as u16;
-    let stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    let mut stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
+    if let Some(live) = live {
+        stack = stack.with_live(live);
+    }
     // netstack's threads may read what the host's resolver reads
     // (resolv.conf, hosts, the NSS configuration and modules: not the rest
     // of /etc or /run), and nothing else of the host but the sandbox's
@@ -277,11 +290,36 @@ pub fn launch(
     let audit = opened.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
-    let (net, net_stats) = match plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir())) {
+    // Live rules and held requests, steered through the admin socket.
+    let live = match &plan.net {
+        Some(n) => {
+            let rules =
+                crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
+            let live = Live::with_hold(&name, rules, n.approval_wait_ms);
+            live.set_learn(n.learn);
+            // One line per new question, on stderr, only without a pty
+            // (a TUI's screen is never written over).
+            if !plan.interactive {
+                live.set_announce(Arc::new(|line: &str| eprintln!("{line}")));
+            }
+            Some(live)
+        }
+        None => None,
+    };
+    let (net, net_stats) = match plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir(), live.clone())) {
         Some((net, stats)) => (Some(net), Some((sb.net_stats(), stats))),
         None => (None, None),
     };
     publish_fs_stats(sb.fs_stats(), fs_counts.clone(), net_stats, control_reach.clone());
+    if let (Some(live), Some(n)) = (&live, &plan.net) {
+        let listener =
+            crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
+        let (live, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
+        threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), control_reach.clone(), move || {
+            crate::admin::serve(listener, live, policy, dir)
+        })
+        .map_err(LaunchError::Thread)?;
+    }
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;
     protocol::cpio::append_job(&mut initrd, &job).map_err(|e| LaunchError::Job(e.to_string()))?;
 
@@ -326,5 +364,11 @@ pub fn launch(
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);
     let result = vm.join().map_err(|_| LaunchError::VmPanicked)?;
+    // Uses counted and grants ended during the run are kept.
+    if let Some(live) = &live {
+        if let Err(e) = crate::admin::save(sb.dir(), &live.persisted()) {
+            eprintln!("sbx: {e}");
+        }
+    }
     Ok(Launched { result, session, report, fs_counts, running })
 }

@@ -50,6 +50,10 @@ pub enum PlanError {
     Policy(#[from] policy_doc::Error),
     #[error("The default network rules of agent '{0}': {1}")]
     Agent(String, netstack::policy::Error),
+    #[error("Bad --approval '{0}': use ask or deny")]
+    Approval(String),
+    #[error("Bad --approval-wait {0}: give 1 to {MAX_APPROVAL_WAIT} seconds")]
+    ApprovalWait(u64),
     #[error("--allow {0}: {1}")]
     Allow(String, netstack::policy::Error),
     #[error("--resolve {0}: {1}")]
@@ -85,6 +89,10 @@ pub struct SharePlan {
     pub policy: FsPolicy,
 }
 
+/// Longest `--approval-wait`, in seconds (the guest's connection is held
+/// open that long; its idle limit is longer).
+pub const MAX_APPROVAL_WAIT: u64 = 540;
+
 /// The guest's network, if it has one.
 #[derive(Debug, Clone)]
 pub struct NetPlan {
@@ -98,6 +106,10 @@ pub struct NetPlan {
     pub ca_cert: String,
     /// Each credential's variable with its placeholder, for the guest.
     pub guest_env: Vec<(String, String)>,
+    /// How long a held request waits for a person (`--approval-wait`).
+    pub approval_wait_ms: u64,
+    /// `--learn`: questions answered yes at once, recorded.
+    pub learn: bool,
 }
 
 /// Everything `sbx run` will do, checked.
@@ -209,6 +221,15 @@ pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanEr
 /// `--resolve`.
 fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Result<NetPlan, PlanError> {
     policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
+    if args.learn {
+        policy.approval = netstack::live::Approval::Ask;
+    }
+    if let Some(a) = args.approval.as_ref().filter(|_| !args.learn) {
+        policy.approval = netstack::live::Approval::parse(a).ok_or_else(|| PlanError::Approval(a.clone()))?;
+    }
+    if !(1..=MAX_APPROVAL_WAIT).contains(&args.approval_wait) {
+        return Err(PlanError::ApprovalWait(args.approval_wait));
+    }
     for host in &args.allow {
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
     }
@@ -231,7 +252,16 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
     }
     let ca_cert = authority.cert_pem().to_string();
     let termination = Arc::new(Termination::new(authority, roots, run.credentials)?);
-    Ok(NetPlan { policy, overrides, termination, ca_cert, guest_env: run.guest_env })
+    let approval_wait_ms = args.approval_wait * 1000;
+    Ok(NetPlan {
+        policy,
+        overrides,
+        termination,
+        ca_cert,
+        guest_env: run.guest_env,
+        approval_wait_ms,
+        learn: args.learn,
+    })
 }
 
 impl RunPlan {

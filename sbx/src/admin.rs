@@ -1,0 +1,602 @@
+//! Host side: a sandbox's admin endpoint and the commands that use it —
+//! `sbx policy allow|deny|ls|rm|reset`, `sbx approvals`, `sbx approve`,
+//! `sbx reject` (the live rules and held requests of `netstack::live`).
+//!
+//! Transport: `admin.sock`, a UNIX socket in the sandbox's directory
+//! (itself 0700), mode 0600, served by a control thread of the running
+//! `sbx run` ([`serve`], confined like the other control threads). Each
+//! connection carries one request: a line of JSON ([`Req`], parsed
+//! strictly, at most [`MAX_REQUEST`] bytes) and gets one line back
+//! ([`Reply`]). The peer's uid (SO_PEERCRED) must be the sandbox owner's
+//! (the uid sbx runs as) or root; anyone else is told so and nothing is
+//! done. When the sandbox is not running, the commands edit its persisted
+//! live rules (`live-policy.json`) directly, with the same checks.
+//!
+//! A new question is told on `sbx run`'s stderr in one line only when the
+//! session has no pty (`--no-tty`, or stdin/stdout not a terminal): a
+//! TUI's screen is never written over; with a pty, `sbx approvals` (from
+//! another terminal) is the way to see what waits. The socket is bound in
+//! the sandbox's 0700 directory and then made 0600, so no other user can
+//! reach it even in between.
+//!
+//! The guest can never reach the socket: its only ways out of the VM are
+//! netstack (which speaks TCP to ports 80/443 of names and never opens a
+//! host UNIX socket: upstreams are TCP only, by address), the vsock control
+//! channel (guest-init's session protocol, answered by sbx, which connects
+//! to the guest and never the other way) and the shared folders, whose
+//! file server refuses to create or open sockets and never exposes the
+//! sandbox's own directory (it is not shared). A socket file in a shared
+//! folder would not help either: connecting to a UNIX socket is done by
+//! the host kernel for a host process, never by the file server.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netstack::live::{Answer, Grant, Live, LiveRules, RuleSpec};
+use netstack::policy::Policy;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::escape;
+use crate::sandbox::{self, Sandbox};
+
+/// The socket's file name in the sandbox directory.
+pub const SOCKET: &str = "admin.sock";
+/// The persisted live rules' file name in the sandbox directory.
+pub const LIVE_FILE: &str = "live-policy.json";
+/// Bytes of one request line.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Bytes of one reply line (`sbx policy ls` of 10,000 rules fits).
+pub const MAX_REPLY: usize = 8 << 20;
+/// How long one connection may take to send its request or read the reply.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
+    #[error("Cannot reach sandbox '{0}' at {1}: {2} (is it still starting? try again)")]
+    Connect(String, PathBuf, io::Error),
+    #[error("The admin socket of sandbox '{0}' did not answer properly: {1}")]
+    Reply(String, String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("Cannot read {0}: {1}")]
+    Read(PathBuf, String),
+    #[error("Cannot write {0}: {1}")]
+    Write(PathBuf, io::Error),
+    #[error("Bad duration '{0}': use a number with s, m, h or d (e.g. 90s, 10m, 2h)")]
+    Duration(String),
+}
+
+/// One request to the admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Req {
+    /// `sbx policy allow|deny`.
+    Add { rule: RuleSpec },
+    /// `sbx policy ls`.
+    Ls {},
+    /// `sbx policy rm`.
+    Rm { id: u64 },
+    /// `sbx policy reset`.
+    Reset {},
+    /// `sbx approvals`.
+    Approvals {},
+    /// `sbx approve`.
+    Approve { id: u64, grant: Grant },
+    /// `sbx reject`.
+    Reject { id: u64 },
+}
+
+/// The answer: `ok` with text to print, or an error naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    pub ok: bool,
+    pub text: String,
+}
+
+/// The uid this process runs as (the sandbox's owner).
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The uid of the process at the other end of `stream` (SO_PEERCRED).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a valid socket for the call; cred and len point to
+    // writable memory of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Listens on the sandbox's admin socket (0600; any stale file removed).
+pub fn listen(dir: &Path) -> io::Result<UnixListener> {
+    let path = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Reads the persisted live rules (none if there is no file), checked as
+/// user input; notes for what was dropped.
+pub fn load(dir: &Path, now_ms: u64) -> Result<LiveRules, Error> {
+    let path = dir.join(LIVE_FILE);
+    let text = match std::fs::File::open(&path) {
+        Ok(f) => {
+            let mut text = Vec::new();
+            f.take(netstack::live::MAX_LIVE_FILE as u64 + 1)
+                .read_to_end(&mut text)
+                .map_err(|e| Error::Read(path.clone(), e.to_string()))?;
+            text
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LiveRules::default()),
+        Err(e) => return Err(Error::Read(path, e.to_string())),
+    };
+    let (rules, expired) = LiveRules::from_json(&text, now_ms).map_err(|e| Error::Read(path.clone(), e.to_string()))?;
+    if expired > 0 {
+        eprintln!("sbx: {expired} live grants of this sandbox had expired and are gone");
+    }
+    Ok(rules)
+}
+
+/// Writes the persisted live rules (0600, atomically).
+pub fn save(dir: &Path, json: &str) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LIVE_FILE);
+    let tmp = dir.join(format!("{LIVE_FILE}.tmp"));
+    let write = || -> io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(json.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| Error::Write(path.clone(), e))
+}
+
+/// Does what `req` asks of `live` on behalf of `uid`; the text to print.
+/// `policy`: the static rules the sandbox runs with, if known.
+pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Result<String, String> {
+    match req {
+        Req::Add { rule } => {
+            let id = live.add_rule(rule, Some(uid)).map_err(|e| e.to_string())?;
+            Ok(format!("live rule #{id} added"))
+        }
+        Req::Rm { id } => {
+            live.remove_rule(*id, Some(uid)).map(|_| format!("live rule #{id} removed")).map_err(|e| e.to_string())
+        }
+        Req::Reset {} => {
+            live.reset(Some(uid));
+            Ok("live rules reset".into())
+        }
+        Req::Ls {} => Ok(ls_text(live, policy)),
+        Req::Approvals {} => Ok(approvals_text(live)),
+        Req::Approve { id, grant } => match live.approve(*id, *grant, uid).map_err(|e| e.to_string())? {
+            Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added")),
+            None => Ok(format!("question #{id} approved once")),
+        },
+        Req::Reject { id } => {
+            live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn ls_text(live: &Live, policy: Option<&Policy>) -> String {
+    let mut out =
+        String::from("precedence: live deny > static deny > live allow > ask rules > static allow > default\n");
+    let (rules, now) = live.rules();
+    for r in rules.list() {
+        let by = r.by_uid.map(|u| format!(", by uid {u}")).unwrap_or_default();
+        let note = r.note.as_deref().map(|n| format!(", {n}")).unwrap_or_default();
+        out += &format!("  #{:<5} {r} ({}{by}{note})\n", r.id, r.limit_text(now));
+    }
+    match policy {
+        Some(p) => {
+            for r in &p.rules {
+                out += &format!("  static {r}\n");
+            }
+            for a in &p.asks {
+                out += &format!("  static {a}\n");
+            }
+            let default = match p.approval {
+                netstack::live::Approval::Ask => "held for a person (approval = ask)",
+                netstack::live::Approval::Deny => "denied",
+            };
+            out += &format!("  default: {default}\n");
+        }
+        None => out += "  (the sandbox is not running: its static rules are those of its next `sbx run`)\n",
+    }
+    out
+}
+
+fn approvals_text(live: &Live) -> String {
+    let qs = live.questions();
+    if qs.is_empty() {
+        return "nothing waits\n".into();
+    }
+    let now = live.now();
+    let mut out = format!(
+        "{:<5} {:<9} {:<40} {:<7} {:>6} {:>5}  ASKED BY\n",
+        "ID", "STATE", "HOST:PORT", "METHOD", "AGO", "COUNT"
+    );
+    for q in qs {
+        let state = match q.answer {
+            Answer::Pending => "waiting".to_string(),
+            Answer::Approved { by } => format!("yes:{by}"),
+            Answer::Rejected { by } => format!("no:{by}"),
+            Answer::TimedOut => "timed-out".into(),
+            Answer::Gone => "gone".into(),
+        };
+        let what = format!("{}:{}{}", q.key.host, q.key.port, q.path.as_deref().unwrap_or(""));
+        out += &format!(
+            "{:<5} {:<9} {:<40} {:<7} {:>5}s {:>5}  {}\n",
+            q.id,
+            state,
+            escape::line(&what),
+            q.method.as_deref().unwrap_or("TLS"),
+            now.saturating_sub(q.first_ms) / 1000,
+            q.count,
+            q.key.rule.as_deref().unwrap_or("default (approval = ask)")
+        );
+    }
+    out
+}
+
+/// Reads one request line of at most [`MAX_REQUEST`] bytes.
+fn read_request(stream: &UnixStream) -> Result<Req, String> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64 + 1));
+    reader.read_until(b'\n', &mut line).map_err(|e| format!("cannot read the request: {e}"))?;
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request refused: longer than {MAX_REQUEST} bytes"));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err("request refused: it must be one line of JSON ending in a newline".into());
+    }
+    serde_json::from_slice(&line).map_err(|e| format!("request refused: not a valid request: {e}"))
+}
+
+/// Answers one connection: the peer checked, the request read and done,
+/// and `keep` called after a change, before the reply (so that "added"
+/// means kept). Returns whether the live rules changed.
+pub fn handle(
+    stream: UnixStream,
+    live: &Live,
+    policy: Option<&Policy>,
+    owner: u32,
+    keep: &dyn Fn(&Live) -> Result<(), String>,
+) -> bool {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    // Read (bounded) before anything is answered, so that the peer is
+    // told why even when it is refused; nothing of it is acted on then.
+    let request = read_request(&stream);
+    let (result, changed) = match (peer_uid(&stream), request) {
+        (Err(e), _) => (Err(format!("cannot tell who is asking: {e}")), false),
+        (Ok(uid), _) if uid != owner && uid != 0 => {
+            (Err(format!("refused: uid {uid} is not this sandbox's owner (uid {owner}) or root")), false)
+        }
+        (Ok(uid), Ok(req)) => {
+            let changed = matches!(req, Req::Add { .. } | Req::Rm { .. } | Req::Reset {} | Req::Approve { .. });
+            (execute(&req, live, policy, uid), changed)
+        }
+        (Ok(_), Err(e)) => (Err(e), false),
+    };
+    let result = match result {
+        Ok(text) if changed => match keep(live) {
+            Ok(()) => Ok(text),
+            Err(e) => Err(format!("{text}, but it is not kept: {e}")),
+        },
+        other => other,
+    };
+    let reply = match result {
+        Ok(text) => Reply { ok: true, text },
+        Err(text) => Reply { ok: false, text },
+    };
+    let mut line = serde_json::to_string(&reply).unwrap_or_default();
+    line.push('\n');
+    let _ = (&stream).write_all(line.as_bytes());
+    changed
+}
+
+/// Serves the admin socket for as long as the process runs; persists the
+/// live rules to `dir` after each change.
+pub fn serve(listener: UnixListener, live: Arc<Live>, policy: Policy, dir: PathBuf) {
+    let owner = own_uid();
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: not a busy loop.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        // The stack's clock moves only when it runs: a grant `--for` a
+        // time counts from now, not from the guest's last packet.
+        live.tick(sandbox::now_unix_ms());
+        let keep = |live: &Live| match live.take_dirty() {
+            Some(json) => save(&dir, &json).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        handle(stream, &live, Some(&policy), owner, &keep);
+    }
+}
+
+/// Sends `req` to the admin socket at `path`; the reply.
+pub fn request(name: &str, path: &Path, req: &Req) -> Result<Reply, Error> {
+    let stream = UnixStream::connect(path).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT * 2));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let mut line = serde_json::to_string(req).map_err(|e| Error::Reply(name.into(), e.to_string()))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
+    let mut back = Vec::new();
+    BufReader::new((&stream).take(MAX_REPLY as u64))
+        .read_until(b'\n', &mut back)
+        .map_err(|e| Error::Reply(name.into(), e.to_string()))?;
+    serde_json::from_slice(&back).map_err(|e| Error::Reply(name.into(), e.to_string()))
+}
+
+/// Runs `req` for sandbox `name`: through its admin socket if it runs,
+/// else on its persisted live rules. Prints the reply (escaped).
+pub fn command(name: &str, req: Req) -> Result<ExitCode, Error> {
+    let sb = Sandbox::open(&sandbox::home(), name)?;
+    let reply =
+        if sb.running_pid().is_some() { request(name, &sb.dir().join(SOCKET), &req)? } else { offline(&sb, &req)? };
+    if !reply.ok {
+        return Err(Error::Refused(escape::escape(reply.text.as_bytes(), escape::Layout::Line)));
+    }
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(escape::escape(reply.text.as_bytes(), escape::Layout::Lines).as_bytes());
+    if !reply.text.ends_with('\n') {
+        let _ = writeln!(out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `req` on a stopped sandbox's persisted live rules.
+fn offline(sb: &Sandbox, req: &Req) -> Result<Reply, Error> {
+    let now = sandbox::now_unix_ms();
+    if matches!(req, Req::Reset {}) {
+        // Also the cure for a file that cannot be read back.
+        return match std::fs::remove_file(sb.dir().join(LIVE_FILE)) {
+            Ok(()) => Ok(Reply { ok: true, text: "live rules reset".into() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Reply { ok: true, text: "live rules reset".into() }),
+            Err(e) => Err(Error::Write(sb.dir().join(LIVE_FILE), e)),
+        };
+    }
+    let rules = load(sb.dir(), now)?;
+    let live = Live::new(&sb.settings.name, rules);
+    live.tick(now);
+    let result = match req {
+        Req::Add { rule } if rule.until_exit => {
+            Err(format!("sandbox '{}' is not running: an --until-exit rule would end at once", sb.settings.name))
+        }
+        Req::Approve { .. } | Req::Reject { .. } => {
+            Err(format!("sandbox '{}' is not running: nothing waits for an answer", sb.settings.name))
+        }
+        _ => execute(req, &live, None, own_uid()),
+    };
+    if result.is_ok() {
+        if let Some(json) = live.take_dirty() {
+            save(sb.dir(), &json)?;
+        }
+    }
+    Ok(match result {
+        Ok(text) => Reply { ok: true, text },
+        Err(text) => Reply { ok: false, text },
+    })
+}
+
+/// `10m`, `90s`, `2h`, `1d`, or plain seconds.
+pub fn parse_duration(raw: &str) -> Result<u64, Error> {
+    let bad = || Error::Duration(raw.to_string());
+    let (digits, unit) = match raw.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => raw.split_at(i),
+        None => (raw, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).filter(|s| *s > 0).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netstack::host::HostName;
+    use netstack::live::QKey;
+
+    fn spec(host: &str) -> RuleSpec {
+        RuleSpec {
+            action: "allow".into(),
+            host: host.into(),
+            methods: vec![],
+            path: None,
+            for_secs: None,
+            uses: None,
+            until_exit: false,
+        }
+    }
+
+    fn ask(path: &Path, line: &[u8]) -> Reply {
+        let s = UnixStream::connect(path).unwrap();
+        (&s).write_all(line).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut back = String::new();
+        BufReader::new(&s).read_line(&mut back).unwrap();
+        serde_json::from_str(&back).unwrap()
+    }
+
+    /// A served socket in a fresh directory, owned by `owner`.
+    fn served(owner: u32) -> (tempfile::TempDir, Arc<Live>) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = listen(dir.path()).unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        let l = live.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                handle(s, &l, None, owner, &|_| Ok(()));
+            }
+        });
+        (dir, live)
+    }
+
+    #[test]
+    fn the_socket_is_0600_and_answers_its_owner() {
+        let (dir, live) = served(own_uid());
+        let path = dir.path().join(SOCKET);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let r = request("sb", &path, &Req::Add { rule: spec("api.example.com:443") }).unwrap();
+        assert!(r.ok && r.text.contains("#1"), "{r:?}");
+        assert_eq!(live.rules().0.list().len(), 1);
+        let r = request("sb", &path, &Req::Ls {}).unwrap();
+        assert!(r.text.contains("live #1: allow api.example.com ports 443"), "{}", r.text);
+        assert!(request("sb", &path, &Req::Rm { id: 1 }).unwrap().ok);
+        assert!(!request("sb", &path, &Req::Rm { id: 1 }).unwrap().ok, "gone");
+    }
+
+    /// Connects to `sock` as uid `uid` (a perl child) and sends a request;
+    /// what it printed.
+    fn as_uid(uid: u32, sock: &Path) -> String {
+        use std::os::unix::process::CommandExt;
+        let script = r#"use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or die;
+            connect(S, sockaddr_un($ARGV[0])) or do { print "connect: $!\n"; exit 0 };
+            syswrite S, qq({"op":"add","rule":{"action":"allow","host":"a.com"}}\n); my $r = <S>; print $r;"#;
+        let out =
+            std::process::Command::new("perl").arg("-e").arg(script).arg(sock).uid(uid).gid(uid).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    #[test]
+    fn another_uid_is_refused_and_nothing_is_done() {
+        let me = own_uid();
+        if me == 0 && Path::new("/usr/bin/perl").exists() {
+            // Root: another uid (nobody) cannot even connect to the 0600
+            // socket; let in by the file mode, it is refused by its uid.
+            let (dir, live) = served(0);
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let sock = dir.path().join(SOCKET);
+            let out = as_uid(65534, &sock);
+            assert!(out.contains("connect: Permission denied"), "{out}");
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+            let out = as_uid(65534, &sock);
+            assert!(out.contains("uid 65534 is not this sandbox's owner (uid 0) or root"), "{out}");
+            assert!(live.rules().0.list().is_empty());
+            return;
+        }
+        let (dir, live) = served(me + 1);
+        let r = request("sb", &dir.path().join(SOCKET), &Req::Add { rule: spec("a.com") }).unwrap();
+        assert!(!r.ok && r.text.contains(&format!("uid {me} is not this sandbox's owner")), "{r:?}");
+        assert!(live.rules().0.list().is_empty());
+    }
+
+    #[test]
+    fn oversized_garbage_and_unknown_requests_are_refused_with_a_clear_error() {
+        let (dir, live) = served(own_uid());
+        let path = dir.path().join(SOCKET);
+        let mut big = vec![b' '; MAX_REQUEST + 10];
+        big.push(b'\n');
+        let r = ask(&path, &big);
+        assert!(!r.ok && r.text.contains("longer than 65536 bytes"), "{r:?}");
+        for (line, want) in [
+            (&b"garbage\n"[..], "not a valid request"),
+            (b"{\"op\":\"ls\",\"x\":1}\n", "not a valid request"),
+            (b"{\"op\":\"format_disk\"}\n", "not a valid request"),
+            (b"{\"op\":\"ls\"}", "ending in a newline"),
+            (b"{\"op\":\"add\",\"rule\":{\"action\":\"allow\",\"host\":\"127.0.0.1\"}}\n", "IP address"),
+            (b"{\"op\":\"add\",\"rule\":{\"action\":\"allow\",\"host\":\"a.com\",\"for_secs\":0}}\n", "--for must be"),
+            (b"{\"op\":\"approve\",\"id\":7,\"grant\":\"once\"}\n", "no question #7"),
+        ] {
+            let r = ask(&path, line);
+            assert!(!r.ok && r.text.contains(want), "{}: {r:?}", String::from_utf8_lossy(line));
+        }
+        assert!(live.rules().0.list().is_empty());
+    }
+
+    #[test]
+    fn approvals_list_and_answer_held_questions() {
+        let (dir, live) = served(own_uid());
+        let path = dir.path().join(SOCKET);
+        live.tick(1_000);
+        let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None };
+        let t = live.hold(key, None, Some(("POST", "/v1/things"))).unwrap();
+        let r = request("sb", &path, &Req::Approvals {}).unwrap();
+        assert!(
+            r.text.contains("x.com:443/v1/things") && r.text.contains("waiting") && r.text.contains("POST"),
+            "{}",
+            r.text
+        );
+        let r = request("sb", &path, &Req::Approve { id: t.id, grant: Grant::Always }).unwrap();
+        assert!(r.ok && r.text.contains("live rule #1"), "{r:?}");
+        assert_eq!(live.answer(t.id), Answer::Approved { by: own_uid() });
+    }
+
+    #[test]
+    fn persisted_rules_round_trip_and_a_hostile_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        live.add_rule(&spec("a.com"), None).unwrap();
+        save(dir.path(), &live.persisted()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(LIVE_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load(dir.path(), 0).unwrap().list().len(), 1);
+        std::fs::write(dir.path().join(LIVE_FILE), b"{\"version\":1,\"next_id\":2,\"rules\":[{\"id\":1}]}").unwrap();
+        let e = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(e.contains(LIVE_FILE) && e.contains("sbx policy reset"), "{e}");
+    }
+
+    #[test]
+    fn a_grant_counts_from_now_though_the_stack_was_idle_and_changes_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = listen(dir.path()).unwrap();
+        // The stack last ran at ms 5 (it runs only when something happens).
+        let live = Live::new("sb", LiveRules::default());
+        live.tick(5);
+        let (l, d) = (live.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || serve(listener, l, Policy::from_toml("version = 1\n").unwrap(), d));
+        let rule = RuleSpec { for_secs: Some(600), ..spec("a.com") };
+        assert!(request("sb", &dir.path().join(SOCKET), &Req::Add { rule }).unwrap().ok);
+        let before = sandbox::now_unix_ms();
+        match live.rules().0.list()[0].limit {
+            netstack::live::Limit::Until(t) => assert!(t >= before + 590_000, "from now, not from ms 5: {t}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(load(dir.path(), before).unwrap().list().len(), 1, "kept at once");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), 600);
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        for bad in ["", "0s", "10x", "m", "-1m", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
