@@ -440,3 +440,26 @@ fn secrets_keep_their_scope_expiry_and_rotation_and_log_each_change() {
         sbx_in(&["audit", "verify", config.join("secrets-audit.log").to_str().unwrap()], &[], t.path());
     assert_eq!(code, Some(0), "{out}");
 }
+
+#[test]
+fn cp_refuses_bad_arguments_before_any_guest() {
+    // Usage errors: exit 2, with what to write instead.
+    let (code, _, err) = sbx(&["cp", "a:/x", "b:/y"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("both arguments are in a sandbox"), "{err}");
+    let (code, _, err) = sbx(&["cp", "./a", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("neither argument is NAME:PATH"), "{err}");
+    let (code, _, err) = sbx(&["cp", "box:/", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("name a file or directory in the guest"), "{err}");
+    let (code, _, err) = sbx(&["cp", "box:", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("give a path in the guest"), "{err}");
+    let (code, _, err) = sbx(&["cp", "--max-size", "0", "box:/x", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    // A sandbox that does not exist is sbx's failure, 125.
+    let (code, _, err) = sbx(&["cp", "nope:/etc/hostname", "/tmp/x"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("No sandbox named 'nope'"), "{err}");
+}
