@@ -51,7 +51,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -444,7 +444,8 @@ impl<W: Write> Packer<W> {
     /// The host path `src` (followed: the user named it) as `top`.
     pub fn pack(&mut self, src: &Path, top: &[u8], warn: &mut Warnings) -> Result<(), PackError> {
         let source = |e| PackError::Source(CopyError::Source(shown(src.as_os_str().as_bytes()), e));
-        let file = std::fs::File::open(src).map_err(source)?;
+        // O_NONBLOCK: naming a FIFO does not hang the open.
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(src).map_err(source)?;
         let meta = file.metadata().map_err(source)?;
         self.entry(file, &meta, top.to_vec(), 0, warn)
     }
@@ -702,9 +703,7 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
         let (stream, reader) =
             client::open_pipes(&socket, open(vec!["tar", "-C", &dir, "-c", "-f", "-", &member]), wait)?;
         let mut session = SessionOut::new(stream, reader);
-        let mut tar = TarReader::new(&mut session, limits);
-        let result = ex.extract(&mut tar, &mut warn);
-        drop(tar);
+        let result = ex.extract(&mut TarReader::new(&mut session, limits), &mut warn);
         match result {
             Ok(()) => {
                 if let Err(e) = session.drain() {
@@ -765,6 +764,10 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
         });
         let mut session = SessionOut::new(stream, reader);
         let drained = session.drain();
+        if session.outcome.is_some() {
+            // The guest's tar has ended: a send still under way stops.
+            let _ = session.stream.shutdown(std::net::Shutdown::Both);
+        }
         let (r, end, w) = sender
             .join()
             .unwrap_or_else(|_| (Err(PackError::Send(io::Error::other("panicked"))), Ok(()), Warnings::default()));
@@ -1034,6 +1037,12 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         run(dest.path(), "proj", &bytes, true, false).0.unwrap();
         assert!(std::fs::symlink_metadata(dest.path().join("proj/link")).unwrap().is_file());
+
+        // A FIFO named as the source is refused, not waited on.
+        let mut p = Packer::new(Vec::new(), Limits::default());
+        let before = w.count;
+        p.pack(&top.join("fifo"), b"fifo", &mut w).unwrap();
+        assert_eq!(w.count, before + 1);
 
         // Over the size cap: stopped.
         let mut p = Packer::new(Vec::new(), Limits { max_bytes: 5, max_entries: 100 });
