@@ -18,6 +18,11 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a command in a running sandbox, beside its first session.
     Exec(ExecArgs),
+    /// Copy files or directories between the host and a running sandbox:
+    /// `sbx cp NAME:GUEST_PATH HOST_PATH` or `sbx cp HOST_PATH
+    /// NAME:GUEST_PATH`. Exit 0 all copied, 1 partly (what was skipped is
+    /// said), 2 bad usage, 125 sbx failed.
+    Cp(CpArgs),
     /// List sandboxes.
     Ls,
     /// Stop a running sandbox.
@@ -285,6 +290,39 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct CpArgs {
+    /// NAME:GUEST_PATH or a host path (a host path with ':' starts with ./ or /).
+    #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub source: std::ffi::OsString,
+    /// NAME:GUEST_PATH or a host path; an existing directory receives the
+    /// source under its own name.
+    #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub dest: std::ffi::OsString,
+    /// Copy directories, and everything in them.
+    #[arg(short, long)]
+    pub recursive: bool,
+    /// Replace existing files (a link there is replaced, never followed).
+    #[arg(short, long)]
+    pub force: bool,
+    /// Into the guest: follow symbolic links in the source (default: skip them).
+    #[arg(short = 'L', long)]
+    pub dereference: bool,
+    /// Print each name copied.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Guest user the guest's tar runs as: a name or UID[:GID].
+    #[arg(short, long, default_value = "agent")]
+    pub user: String,
+    /// Copy at most SIZE bytes of file data in all (e.g. 500M, 10G); past
+    /// it the copy stops, keeping what came.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::limits::parse_size)]
+    pub max_size: u64,
+    /// How long to wait for a sandbox that is still booting, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub wait: u64,
 }
 
 #[derive(clap::Args)]

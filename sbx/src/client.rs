@@ -102,6 +102,14 @@ fn open_session(
     }
 }
 
+/// Opens a session in pipe mode (no terminal, no stdin relayed) for a
+/// caller that speaks the frames itself (`sbx cp`): the stream and the
+/// reader holding what arrived with the first frame.
+pub fn open_pipes(socket: &Path, mut open: Open, wait: Duration) -> Result<(UnixStream, Reader), Error> {
+    open.tty = None;
+    open_session(socket, &open, wait, &|| false)
+}
+
 fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
     w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f.encode()).is_ok()
 }

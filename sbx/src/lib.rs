@@ -13,6 +13,7 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod copy;
 pub mod escape;
 pub mod folders;
 pub mod learn;

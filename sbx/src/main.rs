@@ -12,13 +12,14 @@ use clap::Parser;
 use sbx::admin::{self, Req};
 use sbx::cli::{ApproveArgs, Cli, Command, LiveRuleArgs, PolicyCommand};
 use sbx::escape::{self, Layout};
-use sbx::{audit, commands, run, secrets};
+use sbx::{audit, commands, copy, run, secrets};
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let result: Result<ExitCode, Box<dyn Error>> = match Cli::parse().command {
         Command::Run(args) => run::run(&args, started).map_err(Into::into),
         Command::Exec(args) => commands::exec(args).map_err(Into::into),
+        Command::Cp(args) => copy::command(args).map_err(Into::into),
         Command::Ls => commands::ls().map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Stop { name } => commands::stop(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Rm { name } => commands::rm(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),

@@ -400,7 +400,8 @@ fn secret(config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, St
     cmd.arg("secret").args(args).env("SBX_CONFIG", config);
     cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    // A command that reads no input (ls, rm) may end first: no broken pipe.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     let out = child.wait_with_output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
@@ -485,4 +486,27 @@ fn live_rules_of_a_stopped_sandbox_are_edited_in_its_file_and_explain_sees_them(
     assert_eq!(sbx_home(h, &["policy", "reset", "box"]).0, Some(0));
     let (_, out, _) = sbx_home(h, &["policy", "ls", "box"]);
     assert!(!out.contains("live #"), "{out}");
+}
+
+#[test]
+fn cp_refuses_bad_arguments_before_any_guest() {
+    // Usage errors: exit 2, with what to write instead.
+    let (code, _, err) = sbx(&["cp", "a:/x", "b:/y"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("both arguments are in a sandbox"), "{err}");
+    let (code, _, err) = sbx(&["cp", "./a", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("neither argument is NAME:PATH"), "{err}");
+    let (code, _, err) = sbx(&["cp", "box:/", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("name a file or directory in the guest"), "{err}");
+    let (code, _, err) = sbx(&["cp", "box:", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("give a path in the guest"), "{err}");
+    let (code, _, err) = sbx(&["cp", "--max-size", "0", "box:/x", "/tmp/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    // A sandbox that does not exist is sbx's failure, 125.
+    let (code, _, err) = sbx(&["cp", "nope:/etc/hostname", "/tmp/x"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("No sandbox named 'nope'"), "{err}");
 }
