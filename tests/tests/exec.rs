@@ -3,7 +3,8 @@
 //! exit status, stdin, users, a terminal with its size and resizes, and
 //! interrupts; and, in the same boot, that guest processes keep their own
 //! extended CPU state (AVX, AVX-512) across context switches, signals and
-//! fork (tests/guest/xstate.c, built here with gcc). One boot.
+//! fork (tests/guest/xstate.c, built here with gcc); `sbx cp` both ways.
+//! One boot.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -109,6 +110,53 @@ fn check_extended_state(sbx: &Sbx, sandbox: &str) {
     assert_eq!(num(&sum, "failures"), 0, "{sum:?}");
     // Each guest process checked its AVX2 results against this scalar one.
     assert_eq!(sum["checksum"], host_sum, "the guest's checksum is the host's");
+}
+
+/// `sbx cp` both ways with a running sandbox: files and directories come
+/// out through sbx's own tar reader, links the guest made are not
+/// followed or made, set-id bits are dropped, a link at the destination
+/// is never written through; what goes in arrives whole.
+fn check_copy(sbx: &Sbx, sandbox: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let cp = |args: &[&str]| {
+        let out = sbx.run(&[&["cp"][..], args].concat(), b"");
+        (out.status.code(), text(&out.stderr))
+    };
+    let prep = "mkdir -p /tmp/src/sub && printf hi > /tmp/src/a && printf bee > /tmp/src/sub/b && \
+                chmod 4777 /tmp/src/a && ln -s /etc/passwd /tmp/src/link";
+    let out = sbx.run(&["exec", sandbox, "-T", "--", "sh", "-c", prep], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let p = |rel: &str| dir.join(rel).display().to_string();
+    let src = format!("{sandbox}:/tmp/src");
+    let (code, err) = cp(&[&format!("{src}/a"), &p("a")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "hi");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.join("a")).unwrap().permissions().mode() & 0o7777, 0o755, "no set-id");
+    let (code, err) = cp(&[&src, &p("out")]);
+    assert_eq!(code, Some(1), "a directory needs -r: {err}");
+    assert!(err.contains("-r") && !dir.join("out").exists(), "{err}");
+    let (code, err) = cp(&["-r", &src, &p("out")]);
+    assert_eq!(code, Some(1), "the link is skipped, said: {err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("out/sub/b")).unwrap(), "bee");
+    assert!(std::fs::symlink_metadata(dir.join("out/link")).is_err(), "no link made on the host");
+    let (code, err) = cp(&["-r", &src, &p("out")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("exists: not replaced"), "{err}");
+    let outside = dir.join("outside");
+    std::os::unix::fs::symlink(&outside, dir.join("out2")).unwrap();
+    let (code, _) = cp(&["-r", &src, &p("out2")]);
+    assert_ne!(code, Some(0));
+    assert!(!outside.exists(), "written through a link at the destination");
+    let (code, err) = cp(&["-r", &p("out"), &format!("{sandbox}:/tmp/back")]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = sbx.run(&["exec", sandbox, "-T", "--", "cat", "/tmp/back/sub/b"], b"");
+    assert_eq!(text(&out.stdout), "bee");
+    let (code, err) = cp(&["--max-size", "1", &format!("{src}/a"), &p("big")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--max-size"), "{err}");
 }
 
 /// The running VMM (process `pid`) is jailed: every thread that touches
@@ -223,6 +271,7 @@ fn exec_runs_sessions_beside_the_first_program() {
     assert_eq!(text(&out.stdout).trim(), "0", "no interrupted program is left running");
 
     check_extended_state(&sbx, "ex");
+    check_copy(&sbx, "ex");
 
     // The first program ran all along; stopping the sandbox ends it.
     assert!(sbx.cmd().args(["stop", "ex"]).status().unwrap().success());

@@ -1,0 +1,216 @@
+//! Host side: end-to-end test of steering a running sandbox — live policy
+//! and approval. A real guest's curl requests to hosts no rule allows are
+//! held (nothing goes upstream) until `sbx approve` or `sbx reject` from
+//! the host; an ask rule holds a DELETE to an allowed host; a `--uses 1`
+//! grant lets one request through; a live `sbx policy deny` stops a host
+//! that was allowed, and the live rules outlive the run. The upstream on
+//! the host's loopback records every request it got. One sandbox; a second
+//! short boot checks that the rules persist.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sbx_tests::{text, Sbx};
+
+/// An HTTP server on 127.0.0.1 that answers "echo METHOD PATH" and
+/// records each request (method, path); it stops by itself.
+fn upstream(for_how_long: Duration) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + for_how_long;
+        while Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let mut parts = first.split(' ');
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let body = format!("echo {method} {path}");
+            log.lock().unwrap().push(format!("{method} {path}"));
+            let _ =
+                write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+        }
+    });
+    (port, seen)
+}
+
+/// `sbx approvals NAME`'s waiting questions: (id, host:port+path, method).
+fn waiting(sbx: &Sbx, name: &str) -> Vec<(String, String, String)> {
+    let out = sbx.cmd().args(["approvals", name]).output().unwrap();
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[1] == "waiting").then(|| (f[0].to_string(), f[2].to_string(), f[3].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_person_steers_a_running_sandbox() {
+    let Some(sbx) = Sbx::new() else { return };
+    let (port, seen) = upstream(Duration::from_secs(900));
+    let conf = tempfile::tempdir().unwrap();
+    let policy = conf.path().join("ask.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\napproval = \"ask\"\n\
+         [[rule]]\nask = \"api.e2e.test\"\nmethods = [\"DELETE\"]\npath = \"/items/*\"\n\
+         [[rule]]\nallow = \"api.e2e.test\"\n",
+    )
+    .unwrap();
+    let script = "
+        echo \"a=$(curl -s http://held.e2e.test/a)\"
+        echo \"d1=$(curl -s -X DELETE http://api.e2e.test/items/1)\"
+        echo \"b=$(curl -s http://other.e2e.test/b)\"
+        echo \"d2=$(curl -s -X DELETE http://api.e2e.test/items/2)\"
+        echo \"u1=$(curl -s http://uses.e2e.test/1)\"
+        echo \"u2=$(curl -s http://uses.e2e.test/2)\"
+        echo ready_for_deny
+        i=0; while curl -s http://api.e2e.test/ok | grep -q echo && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+        echo \"after_deny=$(curl -s http://api.e2e.test/ok; echo \" rc=$?\")\"
+        exit 0
+    ";
+    let mut args = vec!["run", "shell", "--name", "live", "--timeout", "900", "--approval-wait", "120"];
+    let resolves: Vec<String> = ["api", "held", "other", "uses"]
+        .iter()
+        .flat_map(|h| ["--resolve".to_string(), format!("{h}.e2e.test:80:127.0.0.1:{port}")])
+        .collect();
+    args.extend(resolves.iter().map(String::as_str));
+    let mut child = sbx
+        .cmd()
+        .args(&args)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let errs = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    sbx.wait_running("live");
+    let ok = |args: &[&str]| {
+        let out = sbx.cmd().args(args).output().unwrap();
+        assert!(out.status.success(), "sbx {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    // Only the owner reaches the steering socket (the guest has no path
+    // to host UNIX sockets at all).
+    use std::os::unix::fs::PermissionsExt;
+    let sock = sbx.home.path().join("sandboxes/live/admin.sock");
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    ok(&["policy", "allow", "live", "uses.e2e.test", "--uses", "1"]);
+
+    // Answer each question as it comes; deny api.e2e.test live once the
+    // guest says it is ready.
+    let mut lines = Vec::new();
+    let mut answered = Vec::new();
+    let mut denied = false;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !lines.iter().any(|l: &String| l.starts_with("after_deny=")) {
+        assert!(Instant::now() < deadline, "the guest never finished: {lines:?}");
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        if !denied && lines.iter().any(|l| l == "ready_for_deny") {
+            ok(&["policy", "deny", "live", "api.e2e.test"]);
+            denied = true;
+        }
+        for (id, what, method) in waiting(&sbx, "live") {
+            let answer: &[&str] = match (what.as_str(), method.as_str()) {
+                ("held.e2e.test:80/a", "GET") => &["--once"],
+                ("api.e2e.test:80/items/1", "DELETE") => &["--for", "10m"],
+                ("other.e2e.test:80/b", "GET") | ("uses.e2e.test:80/2", "GET") => &[],
+                other => panic!("unexpected question {other:?} (lines so far: {lines:?})"),
+            };
+            if answer.is_empty() {
+                ok(&["reject", "live", &id]);
+            } else {
+                ok(&[&["approve", "live", &id][..], answer].concat());
+            }
+            answered.push(what);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = child.wait().unwrap();
+    let stderr = errs.join().unwrap();
+    let out = lines.join("\n") + "\n";
+    eprintln!("stdout:\n{out}\nstderr:\n{stderr}");
+    assert_eq!(status.code(), Some(0));
+    assert!(out.contains("a=echo GET /a\n"), "approved once, it went through");
+    assert!(out.contains("d1=echo DELETE /items/1\n"), "the ask rule held it until approved");
+    assert!(out.contains("b={\"error\":\"sbx_denied\""), "rejected: the deny answer");
+    assert!(out.contains("d2=echo DELETE /items/2\n"), "the --for grant covers the next DELETE, unasked");
+    assert!(out.contains("u1=echo GET /1\n"), "the --uses 1 grant let one through");
+    assert!(out.contains("u2={\"error\":\"sbx_denied\""), "and then no more");
+    let after = lines.iter().find(|l| l.starts_with("after_deny=")).cloned().unwrap_or_default();
+    assert!(!after.contains("echo") && !after.ends_with(" rc=0"), "a live deny stops an allowed host: {after}");
+    answered.sort();
+    assert_eq!(
+        answered,
+        ["api.e2e.test:80/items/1", "held.e2e.test:80/a", "other.e2e.test:80/b", "uses.e2e.test:80/2"],
+        "one question each, none for what a grant covered"
+    );
+    assert!(stderr.contains("sbx: request held: GET held.e2e.test:80/a"), "said on stderr, no pty");
+    let got: Vec<String> = seen.lock().unwrap().iter().filter(|r| !r.ends_with(" /ok")).cloned().collect();
+    assert_eq!(got, ["GET /a", "DELETE /items/1", "DELETE /items/2", "GET /1"], "the upstream got each once");
+
+    // The live rules outlive the run: listed with where they came from,
+    // and in force at the next run.
+    let ls = ok(&["policy", "ls", "live"]);
+    assert!(ls.contains("deny api.e2e.test") && ls.contains("DELETE"), "{ls}");
+    let again = sbx
+        .cmd()
+        .args(&args)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--", "sh", "-c", "echo \"ok=$(curl -s http://api.e2e.test/ok; echo \" rc=$?\")\""])
+        .output()
+        .unwrap();
+    let again = text(&again.stdout);
+    assert!(again.contains("ok=") && !again.contains("echo") && !again.contains(" rc=0"), "still denied: {again}");
+    ok(&["policy", "reset", "live"]);
+    assert!(!ok(&["policy", "ls", "live"]).contains("live #"));
+
+    // Every step is in the audit log, whose chain verifies.
+    let log = ok(&["log", "live", "--audit", "--json"]);
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().any(f);
+    assert!(has(&|v| v["event"] == "approval" && v["decision"] == "held" && v["host"] == "held.e2e.test"), "{log}");
+    assert!(has(&|v| v["event"] == "approval" && v["answer"] == "approved" && v["by_uid"].is_u64()), "{log}");
+    assert!(has(&|v| v["event"] == "approval" && v["answer"] == "rejected" && v["host"] == "other.e2e.test"), "{log}");
+    assert!(has(&|v| v["event"] == "live" && v["change"] == "added"), "{log}");
+    assert!(has(&|v| v["event"] == "live" && v["change"] == "used up"), "{log}");
+    let verify = sbx.cmd().args(["audit", "verify", "live"]).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
+}
