@@ -142,8 +142,8 @@ fn check_copy(sbx: &Sbx, sandbox: &str) {
     assert!(err.contains("symbolic link"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.join("out/sub/b")).unwrap(), "bee");
     assert!(std::fs::symlink_metadata(dir.join("out/link")).is_err(), "no link made on the host");
-    let (code, err) = cp(&["-r", &src, &p("out")]);
-    assert_eq!(code, Some(1));
+    let (code, err) = cp(&[&format!("{src}/a"), &p("a")]);
+    assert_eq!(code, Some(1), "an existing file is kept: {err}");
     assert!(err.contains("exists: not replaced"), "{err}");
     let outside = dir.join("outside");
     std::os::unix::fs::symlink(&outside, dir.join("out2")).unwrap();
