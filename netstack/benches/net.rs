@@ -181,7 +181,31 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn short_requests(n: usize, upstream: SocketAddr) {
+    short_requests_with(n, upstream, None);
+}
+
+/// Short requests with `live` live rules in force (none of them matching
+/// the request, so every one is looked at: the worst case), against the
+/// static policy alone (`None`).
+fn short_requests_with(n: usize, upstream: SocketAddr, live: Option<usize>) {
     let mut net = netstack(1500, upstream);
+    if let Some(count) = live {
+        let mut rules = netstack::live::LiveRules::default();
+        for i in 0..count {
+            let action = if i % 2 == 0 { "allow" } else { "deny" };
+            let spec = netstack::live::RuleSpec {
+                action: action.into(),
+                host: format!("h{i}.example.net"),
+                methods: vec![],
+                path: None,
+                for_secs: Some(3600),
+                uses: None,
+                until_exit: false,
+            };
+            rules.add(&spec, 0, None, None).unwrap();
+        }
+        net = net.with_live(netstack::live::Live::new("bench", rules));
+    }
     let mut guest = Guest::new(1500);
     let start = Instant::now();
     let addr = resolve(&mut net, &mut guest, start);
@@ -231,8 +255,12 @@ fn short_requests(n: usize, upstream: SocketAddr) {
         direct.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let (p50v, p50d) = (percentile(&mut via, 0.5), percentile(&mut direct, 0.5));
+    let what = match live {
+        None => "static policy".to_string(),
+        Some(k) => format!("{k} live rules"),
+    };
     println!(
-        "| {n} short requests, one connection each | {:.0} requests/s through netstack | p50 {:.0} us through netstack, {:.0} us direct: {:.0} us added | p99 {:.0} us through netstack |",
+        "| {n} short requests, one connection each, {what} | {:.0} requests/s through netstack | p50 {:.0} us through netstack, {:.0} us direct: {:.0} us added | p99 {:.0} us through netstack |",
         n as f64 / total,
         p50v,
         p50d,
@@ -257,6 +285,10 @@ fn main() {
         stream(mtu, mib << 20, upstream);
     }
     println!();
+    short_requests(2000, upstream);
+    for live in [1, 100, 10_000] {
+        short_requests_with(2000, upstream, Some(live));
+    }
     short_requests(2000, upstream);
     println!();
     tls::figures((mib / 4).max(16));
