@@ -169,7 +169,8 @@ fn the_real_key_reaches_the_bound_host_and_never_the_guest() {
     assert!(stdout.contains("bound=key=ok\n"), "the bound host got the real key over TLS the guest verified");
     // The one deny signal: a 403 with a JSON body (netstack::conn).
     assert!(
-        stdout.contains("other={\"error\":\"sbx_denied\"")
+        stdout.contains("other={")
+            && stdout.contains("\"error\":\"sbx_denied\"")
             && stdout.contains("request refused")
             && stdout.contains("leak attempt"),
         "refused elsewhere"
