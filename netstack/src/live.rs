@@ -629,11 +629,23 @@ struct StoredFile {
 }
 
 /// A sandbox's live rules, in the order they were added.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct LiveRules {
     rules: Vec<LiveRule>,
     next_id: u64,
+    /// The earliest `--for` expiry among `rules` (kept up to date by every
+    /// change): the stack's clock ticks every round, and with thousands of
+    /// rules a scan per round would cost more than the requests.
+    soonest: Option<u64>,
 }
+
+impl PartialEq for LiveRules {
+    fn eq(&self, other: &Self) -> bool {
+        self.rules == other.rules && self.next_id == other.next_id
+    }
+}
+
+impl Eq for LiveRules {}
 
 impl LiveRules {
     pub fn list(&self) -> &[LiveRule] {
@@ -656,17 +668,23 @@ impl LiveRules {
         rule.by_uid = by_uid;
         rule.note = note;
         self.next_id = id + 1;
+        if let Limit::Until(t) = rule.limit {
+            self.soonest = Some(self.soonest.map_or(t, |s| s.min(t)));
+        }
         self.rules.push(rule);
         Ok(id)
     }
 
     pub fn remove(&mut self, id: u64) -> Result<LiveRule, Error> {
         let i = self.rules.iter().position(|r| r.id == id).ok_or(Error::NoRule(id))?;
-        Ok(self.rules.remove(i))
+        let r = self.rules.remove(i);
+        self.refresh();
+        Ok(r)
     }
 
     pub fn reset(&mut self) {
         self.rules.clear();
+        self.soonest = None;
     }
 
     /// The first live rule of `action` that decides `req` at `now_ms`.
@@ -688,14 +706,23 @@ impl LiveRules {
 
     /// Takes out the rules whose time is up at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) -> Vec<LiveRule> {
+        if self.soonest.is_none_or(|t| now_ms < t) {
+            return Vec::new();
+        }
         let (gone, kept) = std::mem::take(&mut self.rules).into_iter().partition(|r| !r.live_at(now_ms));
         self.rules = kept;
+        self.refresh();
         gone
     }
 
     /// The earliest time a rule expires.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.rules.iter().filter_map(|r| if let Limit::Until(t) = r.limit { Some(t) } else { None }).min()
+        self.soonest
+    }
+
+    fn refresh(&mut self) {
+        self.soonest =
+            self.rules.iter().filter_map(|r| if let Limit::Until(t) = r.limit { Some(t) } else { None }).min();
     }
 
     /// The persisted form: every rule but `--until-exit` ones.
@@ -734,7 +761,7 @@ impl LiveRules {
         if file.rules.len() > MAX_LIVE_RULES {
             return Err(Error::TooMany);
         }
-        let mut out = LiveRules { rules: Vec::with_capacity(file.rules.len()), next_id: file.next_id };
+        let mut out = LiveRules { rules: Vec::with_capacity(file.rules.len()), next_id: file.next_id, soonest: None };
         let mut expired = 0;
         for (i, s) in file.rules.into_iter().enumerate() {
             let ctx = |e: Error| Error::File(format!("rule {}: {e}", i + 1));
@@ -771,6 +798,7 @@ impl LiveRules {
                 expired += 1;
             }
         }
+        out.refresh();
         Ok((out, expired))
     }
 }
