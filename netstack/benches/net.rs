@@ -7,8 +7,13 @@
 //! the first connection; a verified TLS session of its own upstream):
 //! throughput of one streamed connection, and the p50 of short requests
 //! on a kept-alive connection and on a new connection each.
+//! Then requests held for a person (`approval = "ask"`): the memory each
+//! held request costs the process (counted by this binary's allocator:
+//! the guest's sockets are made before counting starts), and the time
+//! from `Live::approve` to each held request reaching the upstream.
 //! Run: `cargo bench -p netstack --bench net`
-//! (`-- --mib N` for another size; default 1024 MiB each way).
+//! (`-- --mib N` for another size; default 1024 MiB each way; `-- --held`
+//! for the held-request figures alone).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,6 +27,38 @@ use netstack::stack::{Config, NetStack, Resolver};
 use smoltcp::socket::{tcp, udp};
 
 const NAME: &str = "bench.example";
+
+/// Counts the bytes live on the heap, for the held-request figure.
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call is passed on unchanged to the system allocator (which
+// upholds GlobalAlloc's contract); the counter is only arithmetic beside it.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's layout is passed on as given.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `ptr` came from this allocator with this layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as for dealloc and alloc.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_bytes() -> isize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 /// Upstream: for each request, a 200 whose body is the request's body,
 /// streamed back as it arrives (or "ok" for a body-less request).
@@ -277,6 +314,12 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
+    if args.iter().any(|a| a == "--held") {
+        for n in [1, 16, 200] {
+            held_requests(n);
+        }
+        return;
+    }
     let upstream = echo_server();
     println!("netstack figures (in-process simulated guest, upstream on 127.0.0.1)\n");
     println!("| path | size | time | throughput | CPU |");
@@ -291,7 +334,108 @@ fn main() {
     }
     short_requests(2000, upstream);
     println!();
+    for n in [1, 16, 200] {
+        held_requests(n);
+    }
+    println!();
     tls::figures((mib / 4).max(16));
+}
+
+/// An upstream that answers each request "ok" and sends the time its
+/// request line arrived.
+fn timing_server() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = tx.send(Instant::now());
+                while r.read_line(&mut line).unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+                let mut w = stream;
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// `n` guest requests to a host no rule allows, held on one question
+/// (`approval = "ask"`): the heap each costs while it waits, and the time
+/// from the approval to the first and the last of them at the upstream.
+fn held_requests(n: usize) {
+    use netstack::live::{Grant, Live, LiveRules};
+    let (upstream, arrived) = timing_server();
+    let mut resolver = Resolver::default();
+    resolver.overrides.insert((HostName::parse(NAME).unwrap(), 80), upstream);
+    let policy = Policy::from_toml("version = 1\napproval = \"ask\"\n").unwrap();
+    let live = Live::with_hold("bench", LiveRules::default(), 600_000);
+    let mut net = NetStack::new(Config::default(), policy, resolver, AuditLog::new(std::io::sink()).shared())
+        .with_live(live.clone());
+    let mut guest = Guest::new(1500);
+    let start = Instant::now();
+    let addr = resolve(&mut net, &mut guest, start);
+    let req = format!("GET /held HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n");
+    // The guest's side is made first, so that what is counted below is
+    // netstack's (and the little the guest's sockets add in flight).
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let buf = || tcp::SocketBuffer::new(vec![0; 4096]);
+            guest.sockets.add(tcp::Socket::new(buf(), buf()))
+        })
+        .collect();
+    for _ in 0..4 {
+        round(&mut net, &mut guest, start);
+    }
+    let before = live_bytes();
+    for (i, h) in handles.iter().enumerate() {
+        let s = guest.sockets.get_mut::<tcp::Socket>(*h);
+        s.connect(guest.iface.context(), (addr, 80), 30000 + i as u16).unwrap();
+    }
+    let mut sent = vec![false; n];
+    let waiting = |live: &Live| live.questions().first().map_or(0, |q| q.waiting);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while waiting(&live) < n {
+        assert!(Instant::now() < deadline, "only {} of {n} requests were held", waiting(&live));
+        round(&mut net, &mut guest, start);
+        for (i, h) in handles.iter().enumerate() {
+            let s = guest.sockets.get_mut::<tcp::Socket>(*h);
+            if !sent[i] && s.can_send() {
+                s.send_slice(req.as_bytes()).unwrap();
+                sent[i] = true;
+            }
+        }
+    }
+    for _ in 0..20 {
+        round(&mut net, &mut guest, start);
+    }
+    let per_held = (live_bytes() - before) as f64 / n as f64;
+    let questions = live.questions().len();
+    let id = live.questions()[0].id;
+    let approved = Instant::now();
+    live.approve(id, Grant::Once, 0).unwrap();
+    let mut times = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while times.len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} approved requests arrived", times.len());
+        round(&mut net, &mut guest, start);
+        while let Ok(t) = arrived.try_recv() {
+            times.push(t.duration_since(approved).as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "| {n} held request{} on {questions} question | {:.1} KiB of heap each while held | approve to the first at the upstream {:.2} ms, to the last {:.2} ms |",
+        if n == 1 { "" } else { "s" },
+        per_held / 1024.0,
+        times[0],
+        times[n - 1]
+    );
 }
 
 /// HTTPS: pass-through against terminated, in one run.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -96,6 +97,20 @@ impl Sbx {
             assert!(std::time::Instant::now() < deadline, "{name} never ran: {ls}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    }
+}
+
+impl Sbx {
+    /// `sbx approvals NAME`'s waiting questions: (id, host:port+path, method).
+    pub fn waiting(&self, name: &str) -> Vec<(String, String, String)> {
+        let out = self.cmd().args(["approvals", name]).output().expect("sbx approvals");
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4 && f[1] == "waiting").then(|| (f[0].to_string(), f[2].to_string(), f[3].to_string()))
+            })
+            .collect()
     }
 }
 

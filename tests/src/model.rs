@@ -182,7 +182,7 @@ const REQUEST_TIME: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(200);
 
 /// The one turn the model plays.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Script {
     /// The workspace as the agent sees it (absolute; the agent's current
     /// directory). Claude Code's and Gemini CLI's write tools take an
@@ -195,6 +195,12 @@ pub struct Script {
     pub content: String,
     /// The text the model ends the turn with.
     pub final_text: String,
+    /// When set, the tool call runs this shell command instead of writing
+    /// the file itself (Codex `exec_command` or `shell`, Claude Code
+    /// `Bash`, Gemini CLI `run_shell_command`, where the agent offers
+    /// one; else the file-writing tool as usual). The command is expected
+    /// to write [`Script::file`] (e.g. with curl).
+    pub command: Option<String>,
 }
 
 impl Script {
@@ -214,8 +220,12 @@ impl Script {
         p
     }
 
-    /// A shell command that writes the file byte for byte.
+    /// A shell command that writes the file: [`Script::command`], else
+    /// `printf` of the content byte for byte.
     fn shell(&self) -> String {
+        if let Some(c) = &self.command {
+            return c.clone();
+        }
         format!("printf '%s' {} > {}", sh_quote(&self.content), sh_quote(&self.absolute()))
     }
 }
@@ -669,7 +679,10 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
             .as_array()
             .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result" && b["tool_use_id"] == CALL_ID))
     });
-    let offers = body["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
+    let offers_tool = |name: &str| body["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == name));
+    // The scripted command goes through Bash where it is offered.
+    let bash = script.command.is_some() && offers_tool("Bash");
+    let offers = bash || offers_tool("Write");
     let turn = if has_result {
         Turn::Final
     } else if offers {
@@ -679,6 +692,12 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
     };
     let model = body["model"].as_str().unwrap_or("claude-sbx-scripted");
     let (block, stop_reason) = match turn {
+        Turn::ToolCall if bash => (
+            json!({"type": "tool_use", "id": CALL_ID, "name": "Bash",
+                   "input": {"command": script.shell(), "description": "Run the scripted command",
+                              "timeout": 600000}}),
+            "tool_use",
+        ),
         Turn::ToolCall => (
             json!({"type": "tool_use", "id": CALL_ID, "name": "Write",
                    "input": {"file_path": script.absolute(), "content": script.content}}),
@@ -705,7 +724,7 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
     );
     let (start, delta) = match turn {
         Turn::ToolCall => (
-            json!({"type": "tool_use", "id": CALL_ID, "name": "Write", "input": {}}),
+            json!({"type": "tool_use", "id": CALL_ID, "name": block["name"], "input": {}}),
             json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}),
         ),
         _ => (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": block["text"]})),
@@ -741,19 +760,27 @@ fn openai(body: &Value, script: &Script, id: usize) -> Reply {
     });
     let tools = body["tools"].as_array().map(Vec::as_slice).unwrap_or_default();
     let tool = |name: &str| tools.iter().find(|t| t["name"] == name);
-    let call = if let Some(t) = tool("apply_patch") {
+    let shell_call = || {
+        if tool("exec_command").is_some() {
+            Some(function_call(id, "exec_command", &json!({"cmd": script.shell()})))
+        } else if tool("shell").is_some() {
+            Some(function_call(id, "shell", &json!({"command": ["bash", "-c", script.shell()]})))
+        } else {
+            None
+        }
+    };
+    let scripted = script.command.as_ref().and_then(|_| shell_call());
+    let call = if scripted.is_some() {
+        scripted
+    } else if let Some(t) = tool("apply_patch") {
         if t["type"] == "custom" {
             Some(json!({"type": "custom_tool_call", "id": format!("ctc_sbx_{id}"), "status": "completed",
                         "call_id": CALL_ID, "name": "apply_patch", "input": script.patch()}))
         } else {
             Some(function_call(id, "apply_patch", &json!({"input": script.patch()})))
         }
-    } else if tool("exec_command").is_some() {
-        Some(function_call(id, "exec_command", &json!({"cmd": script.shell()})))
-    } else if tool("shell").is_some() {
-        Some(function_call(id, "shell", &json!({"command": ["bash", "-c", script.shell()]})))
     } else {
-        None
+        shell_call()
     };
     let (turn, item) = match (has_result, call) {
         (true, _) => (Turn::Final, output_message(id, &script.final_text)),
@@ -832,16 +859,29 @@ fn output_message(id: usize, text: &str) -> Value {
 fn gemini(body: &Value, script: &Script, id: usize, stream: bool) -> Reply {
     let contents = body["contents"].as_array().map(Vec::as_slice).unwrap_or_default();
     let has_result = contents.iter().any(|c| {
-        c["parts"].as_array().is_some_and(|parts| parts.iter().any(|p| p["functionResponse"]["name"] == "write_file"))
+        c["parts"].as_array().is_some_and(|parts| {
+            parts
+                .iter()
+                .any(|p| matches!(p["functionResponse"]["name"].as_str(), Some("write_file" | "run_shell_command")))
+        })
     });
-    let offers = body["tools"].as_array().is_some_and(|tools| {
-        tools
-            .iter()
-            .any(|t| t["functionDeclarations"].as_array().is_some_and(|f| f.iter().any(|f| f["name"] == "write_file")))
-    });
+    let offers_tool = |name: &str| {
+        body["tools"].as_array().is_some_and(|tools| {
+            tools
+                .iter()
+                .any(|t| t["functionDeclarations"].as_array().is_some_and(|f| f.iter().any(|f| f["name"] == name)))
+        })
+    };
+    let shell = script.command.is_some() && offers_tool("run_shell_command");
     let (turn, part) = if has_result {
         (Turn::Final, json!({"text": script.final_text}))
-    } else if offers {
+    } else if shell {
+        (
+            Turn::ToolCall,
+            json!({"functionCall": {"id": CALL_ID, "name": "run_shell_command",
+                   "args": {"command": script.shell(), "description": "Run the scripted command"}}}),
+        )
+    } else if offers_tool("write_file") {
         (
             Turn::ToolCall,
             json!({"functionCall": {"id": CALL_ID, "name": "write_file",
@@ -907,6 +947,7 @@ mod tests {
             file: "dir/it's.txt".into(),
             content: "one\ntwo\n".into(),
             final_text: "done".into(),
+            command: None,
         }
     }
 
@@ -976,6 +1017,42 @@ two
         let last = post(&server, "/v1/responses", &result);
         assert!(last.contains(r#""delta":"done""#), "{last}");
         assert_eq!(server.answered(Answer::FinalText).len(), 1);
+    }
+
+    #[test]
+    fn a_scripted_command_goes_through_each_agents_shell_tool() {
+        let cmd = "curl -s http://held.test/x -o sbx-proof.txt";
+        let script = Script { command: Some(cmd.into()), ..script() };
+        let server = ModelServer::start(script, Duration::from_secs(30)).unwrap();
+        // Codex: the shell tool even where apply_patch is offered too.
+        let both =
+            json!({"stream": false, "tools": [{"type": "custom", "name": "apply_patch"}, {"name": "exec_command"}]});
+        let answer = post(&server, "/v1/responses", &both);
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let item = &body["output"][0];
+        assert_eq!(item["name"], "exec_command", "{body}");
+        let args: Value = serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args["cmd"], cmd);
+        // Claude Code: Bash, streamed.
+        let claude = json!({"stream": true, "messages": [], "tools": [{"name": "Write"}, {"name": "Bash"}]});
+        let sse = post(&server, "/v1/messages", &claude);
+        assert!(sse.contains(r#""name":"Bash""#), "{sse}");
+        assert!(sse.contains("curl -s http://held.test/x -o sbx-proof.txt"), "{sse}");
+        // Gemini CLI: run_shell_command, and its result ends the turn.
+        let tools = json!([{"functionDeclarations": [{"name": "write_file"}, {"name": "run_shell_command"}]}]);
+        let first = post(&server, "/v1beta/models/m:streamGenerateContent?alt=sse", &json!({"tools": tools}));
+        let data = first.lines().find(|l| l.starts_with("data: ")).unwrap();
+        let chunk: Value = serde_json::from_str(&data[6..]).unwrap();
+        let call = &chunk["candidates"][0]["content"]["parts"][0]["functionCall"];
+        assert_eq!((call["name"].as_str(), call["args"]["command"].as_str()), (Some("run_shell_command"), Some(cmd)));
+        let result =
+            json!({"tools": tools, "contents": [{"parts": [{"functionResponse": {"name": "run_shell_command"}}]}]});
+        let last = post(&server, "/v1beta/models/m:streamGenerateContent?alt=sse", &result);
+        assert!(last.contains(r#"{"text":"done"}"#), "{last}");
+        // Without a shell tool on offer, the file-writing tool as before.
+        let only_write = json!({"stream": false, "messages": [], "tools": [{"name": "Write"}]});
+        assert!(post(&server, "/v1/messages", &only_write).contains(r#""name":"Write""#));
+        assert_eq!(server.answered(Answer::ToolCall).len(), 4);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use sbx_tests::model::{Answer, ModelServer, Script};
+use sbx_tests::upstream::Upstream;
 use sbx_tests::{text, Sbx};
 
 /// How long one agent's boot and run may take here (minutes on emulated
@@ -76,6 +77,7 @@ fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup
         file: "sbx-proof.txt".into(),
         content: format!("written by {agent} in a sandbox\n"),
         final_text: format!("sbx-done-{agent}"),
+        command: None,
     };
     let server = ModelServer::start(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60)).unwrap();
     let map = format!("{host}:80:127.0.0.1:{}", server.port());
@@ -191,4 +193,100 @@ fn gemini_writes_a_file_in_one_turn() {
             fs::write(ws.join(".gemini/settings.json"), settings).unwrap();
         },
     );
+}
+
+/// A real agent's tool call reaches for a host no rule allows: the
+/// request is held (the turn waits), a person approves it from a second
+/// process, and the turn completes with the fetched file written. Claude
+/// Code's Bash tool runs `curl` to `held.agent.test` (mapped to a
+/// recording upstream on the host's loopback); `--approval ask` holds it.
+#[test]
+fn claude_waits_for_a_person_then_its_curl_goes_through() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let Some(sbx) = Sbx::new() else { return };
+    let ws = sbx.work.path().canonicalize().unwrap();
+    let up = Upstream::start(Duration::from_secs(AGENT_TIMEOUT_S + 60));
+    let proof = ws.join("sbx-fetched.txt");
+    let script = Script {
+        workspace: ws.display().to_string(),
+        file: "sbx-fetched.txt".into(),
+        content: "echo GET /data".into(),
+        final_text: "sbx-done-approved".into(),
+        command: Some(format!("curl -sS --max-time 900 http://held.agent.test/data -o {}", proof.display())),
+    };
+    let server = ModelServer::start(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60)).unwrap();
+    let timeout = AGENT_TIMEOUT_S.to_string();
+    let model = format!("api.anthropic.com:80:127.0.0.1:{}", server.port());
+    let held = format!("held.agent.test:80:127.0.0.1:{}", up.port);
+    let name = "claude-approve";
+    let mut child = sbx
+        .cmd()
+        .args(["run", "claude", "--name", name, "--timeout", &timeout, "--resolve", &model, "--resolve", &held])
+        .args(["--approval", "ask", "--approval-wait", "540"])
+        .args(["--env", "ANTHROPIC_BASE_URL=http://api.anthropic.com", "--env", "ANTHROPIC_API_KEY=sk-ant-sbx-dummy"])
+        .args(["--env", "DISABLE_TELEMETRY=1", "--env", "DISABLE_ERROR_REPORTING=1"])
+        .args(["--", "-p", "Fetch http://held.agent.test/data into sbx-fetched.txt, then say you are done."])
+        .args(["--permission-mode", "acceptEdits", "--allowedTools", "Bash"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // Wait for the question, from this (second) process.
+    let deadline = Instant::now() + Duration::from_secs(AGENT_TIMEOUT_S);
+    let (id, what, method) = loop {
+        if let Some(q) = sbx.waiting(name).into_iter().next() {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "no request was ever held");
+        if let Some(status) = child.try_wait().unwrap() {
+            let (o, e) = (out.join().unwrap(), err.join().unwrap());
+            panic!("the run ended ({status}) before anything was held:\nstdout:\n{o}\nstderr:\n{e}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!((what.as_str(), method.as_str()), ("held.agent.test:80/data", "GET"));
+    assert!(up.seen().is_empty(), "nothing reached the upstream while held");
+    assert!(!proof.exists(), "the turn waits: the file is not there yet");
+    let asked = Instant::now();
+    let approve = sbx.cmd().args(["approve", name, &id, "--once"]).output().unwrap();
+    assert!(approve.status.success(), "sbx approve: {}", text(&approve.stderr));
+    let status = child.wait().unwrap();
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    for r in server.requests() {
+        eprintln!("model server: {}", r.summary());
+    }
+    assert_eq!(status.code(), Some(0), "claude's exit status is sbx's");
+    assert!(stdout.contains(&script.final_text), "the turn completed");
+    assert_eq!(fs::read_to_string(&proof).unwrap(), "echo GET /data", "the fetched file is in the workspace");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "the approved request reached the upstream once: {:?}", up.requests());
+    eprintln!(
+        "figure: `sbx approve` to the held request at the upstream: {:.0} ms",
+        seen[0].at.duration_since(asked).as_secs_f64() * 1000.0
+    );
+    assert!(!server.answered(Answer::FinalText).is_empty(), "the tool's result went back to the model");
+    let log = sbx.cmd().args(["log", name, "--audit", "--json"]).output().unwrap();
+    let lines: Vec<serde_json::Value> =
+        text(&log.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().any(f);
+    assert!(has(&|v| v["event"] == "approval" && v["decision"] == "held" && v["host"] == "held.agent.test"));
+    assert!(has(&|v| v["event"] == "approval" && v["answer"] == "approved"));
+    assert!(has(&|v| v["event"] == "http" && v["host"] == "held.agent.test" && v["decision"] == "allow"));
+    let verify = sbx.cmd().args(["audit", "verify", name]).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
 }

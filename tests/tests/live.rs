@@ -7,67 +7,19 @@
 //! the host's loopback records every request it got. One sandbox; a second
 //! short boot checks that the rules persist.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use sbx_tests::upstream::Upstream;
 use sbx_tests::{text, Sbx};
-
-/// An HTTP server on 127.0.0.1 that answers "echo METHOD PATH" and
-/// records each request (method, path); it stops by itself.
-fn upstream(for_how_long: Duration) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + for_how_long;
-        while Instant::now() < deadline {
-            let Ok((mut conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                line.clear();
-            }
-            let mut parts = first.split(' ');
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let body = format!("echo {method} {path}");
-            log.lock().unwrap().push(format!("{method} {path}"));
-            let _ =
-                write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let mut rest = Vec::new();
-            let _ = conn.read_to_end(&mut rest);
-        }
-    });
-    (port, seen)
-}
-
-/// `sbx approvals NAME`'s waiting questions: (id, host:port+path, method).
-fn waiting(sbx: &Sbx, name: &str) -> Vec<(String, String, String)> {
-    let out = sbx.cmd().args(["approvals", name]).output().unwrap();
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4 && f[1] == "waiting").then(|| (f[0].to_string(), f[2].to_string(), f[3].to_string()))
-        })
-        .collect()
-}
 
 #[test]
 fn a_person_steers_a_running_sandbox() {
     let Some(sbx) = Sbx::new() else { return };
-    let (port, seen) = upstream(Duration::from_secs(900));
+    let up = Upstream::start(Duration::from_secs(900));
+    let port = up.port;
     let conf = tempfile::tempdir().unwrap();
     let policy = conf.path().join("ask.toml");
     std::fs::write(
@@ -146,7 +98,7 @@ fn a_person_steers_a_running_sandbox() {
             ok(&["policy", "deny", "live", "api.e2e.test"]);
             denied = true;
         }
-        for (id, what, method) in waiting(&sbx, "live") {
+        for (id, what, method) in sbx.waiting("live") {
             let answer: &[&str] = match (what.as_str(), method.as_str()) {
                 ("held.e2e.test:80/a", "GET") => &["--once"],
                 ("api.e2e.test:80/items/1", "DELETE") => &["--for", "10m"],
@@ -183,7 +135,7 @@ fn a_person_steers_a_running_sandbox() {
         "one question each, none for what a grant covered"
     );
     assert!(stderr.contains("sbx: request held: GET held.e2e.test:80/a"), "said on stderr, no pty");
-    let got: Vec<String> = seen.lock().unwrap().iter().filter(|r| !r.ends_with(" /ok")).cloned().collect();
+    let got: Vec<String> = up.requests().into_iter().filter(|r| !r.ends_with(" /ok")).collect();
     assert_eq!(got, ["GET /a", "DELETE /items/1", "DELETE /items/2", "GET /1"], "the upstream got each once");
 
     // The live rules outlive the run: listed with where they came from,

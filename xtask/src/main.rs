@@ -68,6 +68,10 @@ enum Task {
         runs: usize,
         #[arg(long, default_value_t = 128)]
         memory: u64,
+        /// net: only the held-request figures (memory per held request,
+        /// approval to upstream).
+        #[arg(long)]
+        held: bool,
     },
     /// Build everything and run every test, end-to-end ones included.
     Test {
@@ -111,7 +115,17 @@ fn run(cli: Cli) -> Result<()> {
             let all: Vec<String> = image_agents::AGENTS.iter().map(|a| a.to_string()).collect();
             bench_agents::agents(if agents.is_empty() { &all } else { &agents })
         }
-        Task::Bench { .. } => util::run(cargo().args(["bench", "-p", "netstack", "--bench", "net"])),
+        Task::Bench { mib, held, .. } => {
+            let mut c = cargo();
+            c.args(["bench", "-p", "netstack", "--bench", "net", "--"]);
+            if let Some(m) = mib {
+                c.args(["--mib", &m.to_string()]);
+            }
+            if held {
+                c.arg("--held");
+            }
+            util::run(&mut c)
+        }
         Task::Test { args } => {
             kernel::build(false)?;
             image::build("shell", false)?;
