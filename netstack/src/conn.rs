@@ -58,8 +58,8 @@ use serde_json::{json, Value};
 use crate::credential::{LeakScanner, Rewrite, Scrubber};
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
-use crate::oauth;
 use crate::live::{self, Answer, AskRule, Judgement, Live, LiveRules, QKey, Ticket, Verdict};
+use crate::oauth;
 use crate::policy::{Policy, Request};
 use crate::stack::{classify_ip, AddrClass};
 use crate::terminate::{self, GuestTls, Termination, Upstream};
@@ -261,6 +261,10 @@ impl Drop for Cancel {
     }
 }
 
+/// An OAuth refresh's answer for the guest, how it was answered, the new
+/// expiry (Unix ms).
+type Refreshed = Result<(Vec<u8>, oauth::Outcome, u64), oauth::Error>;
+
 type Dialled = Result<(Upstream, SocketAddr), UpstreamError>;
 
 /// An upstream connection being set up.
@@ -299,7 +303,7 @@ enum Phase {
     /// An OAuth refresh is being answered on a helper thread
     /// ([`crate::oauth`]); its request's audit line waits with it. Nothing
     /// more is read; the answer closes the connection.
-    Exchanging(Receiver<Result<(Vec<u8>, oauth::Outcome, u64), oauth::Error>>, Box<Value>),
+    Exchanging(Receiver<Refreshed>, Box<Value>),
 }
 
 pub struct Conn {
@@ -813,8 +817,14 @@ impl Conn {
             };
             let (tx, rx) = mpsc::channel();
             let host = head.host.clone();
-            // If no thread can start, the channel is closed: an error.
+            // A connect slot: its end wakes the event loop. None free, or
+            // no thread: the channel closes, an error for the guest.
+            let Some(slot) = self.slots.try_acquire() else {
+                self.phase = Phase::Exchanging(rx, Box::new(event));
+                return false;
+            };
             let _ = std::thread::Builder::new().name("netstack-oauth".into()).spawn(move || {
+                let _slot = slot;
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
@@ -857,7 +867,7 @@ impl Conn {
     /// An OAuth refresh was answered: its audit lines (the request's and
     /// the refresh's, never a value) and the answer, which closes the
     /// connection after the responses before it.
-    fn oauth_done(&mut self, result: Result<(Vec<u8>, oauth::Outcome, u64), oauth::Error>, mut event: Value) {
+    fn oauth_done(&mut self, result: Refreshed, mut event: Value) {
         let credential = event["oauth"].clone();
         let sandbox = self.live.as_ref().map(|l| l.sandbox.clone());
         let mut refresh = json!({"event": "oauth", "credential": credential, "host": event["host"].clone(),
@@ -1034,9 +1044,10 @@ impl Conn {
             Some(l) => l.terminates(policy, &sni, port),
             None => policy.terminates(&sni, port),
         };
-        let terminate = self.termination.as_ref().is_some_and(|t| {
-            terminates || t.credentials.any_bound_to(&sni) || t.credentials.is_token_host(&sni)
-        });
+        let terminate = self
+            .termination
+            .as_ref()
+            .is_some_and(|t| terminates || t.credentials.any_bound_to(&sni) || t.credentials.is_token_host(&sni));
         let refusal = if self.name.as_ref() != Some(&sni) {
             Some("SNI is not the name this address was resolved for".to_string())
         } else if terminate {

@@ -796,13 +796,13 @@ impl Pieces {
             // At most MAX_CREDENTIALS: fits.
             let id = id as u16;
             for s in c.secrets() {
-            for f in forms(s.expose().as_bytes()) {
-                if f.len() < MIN_PIECE {
-                    short.push((f.len(), gram(&f), id));
-                } else {
-                    all.extend(f.windows(MIN_PIECE).map(|w| (gram(w), id)));
+                for f in forms(s.expose().as_bytes()) {
+                    if f.len() < MIN_PIECE {
+                        short.push((f.len(), gram(&f), id));
+                    } else {
+                        all.extend(f.windows(MIN_PIECE).map(|w| (gram(w), id)));
+                    }
                 }
-            }
             }
         }
         all.sort_unstable();

@@ -120,11 +120,7 @@ pub trait TokenStore: Send + Sync {
     /// sandbox on the host takes for that name; tokens `f` returns are
     /// stored before the lock is released. Returns the tokens stored
     /// after it.
-    fn update(
-        &self,
-        name: &str,
-        f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>,
-    ) -> Result<Tokens, Error>;
+    fn update(&self, name: &str, f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>) -> Result<Tokens, Error>;
 }
 
 /// One POST to a token endpoint: (status, body).
@@ -138,7 +134,9 @@ pub enum Error {
     RequestFraming,
     #[error("the token request is not a JSON object")]
     RequestJson,
-    #[error("only grant_type refresh_token goes to the token endpoint (sign in on the host: sbx secret oauth-import AGENT)")]
+    #[error(
+        "only grant_type refresh_token goes to the token endpoint (sign in on the host: sbx secret oauth-import AGENT)"
+    )]
     Grant,
     #[error("the refresh_token is not this run's placeholder")]
     Placeholder,
@@ -375,8 +373,8 @@ pub struct TlsExchange {
 impl Exchange for TlsExchange {
     fn post(&self, host: &HostName, path: &str, body: &[u8]) -> Result<(u16, Zeroizing<Vec<u8>>), Error> {
         let un = |e: String| Error::Unreachable(e);
-        let addr = choose_upstream(host, self.resolver.lookup(host, 443), &self.permitted)
-            .map_err(|e| un(e.to_string()))?;
+        let addr =
+            choose_upstream(host, self.resolver.lookup(host, 443), &self.permitted).map_err(|e| un(e.to_string()))?;
         let tcp = TcpStream::connect_timeout(&addr, EXCHANGE_TIMEOUT).map_err(|e| un(e.to_string()))?;
         tcp.set_read_timeout(Some(EXCHANGE_TIMEOUT)).map_err(|e| un(e.to_string()))?;
         tcp.set_write_timeout(Some(EXCHANGE_TIMEOUT)).map_err(|e| un(e.to_string()))?;
@@ -481,11 +479,7 @@ pub struct MemoryStore {
 }
 
 impl TokenStore for MemoryStore {
-    fn update(
-        &self,
-        name: &str,
-        f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>,
-    ) -> Result<Tokens, Error> {
+    fn update(&self, name: &str, f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>) -> Result<Tokens, Error> {
         let mut all = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let stored = all.get(name).ok_or_else(|| Error::Store(format!("no OAuth secret '{name}'")))?;
         match f(stored)? {
