@@ -59,6 +59,7 @@ use crate::credential::{LeakScanner, Rewrite, Scrubber};
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
 use crate::live::{self, Answer, AskRule, Judgement, Live, LiveRules, QKey, Ticket, Verdict};
+use crate::oauth;
 use crate::policy::{Policy, Request};
 use crate::stack::{classify_ip, AddrClass};
 use crate::terminate::{self, GuestTls, Termination, Upstream};
@@ -260,6 +261,10 @@ impl Drop for Cancel {
     }
 }
 
+/// An OAuth refresh's answer for the guest, how it was answered, the new
+/// expiry (Unix ms).
+type Refreshed = Result<(Vec<u8>, oauth::Outcome, u64), oauth::Error>;
+
 type Dialled = Result<(Upstream, SocketAddr), UpstreamError>;
 
 /// An upstream connection being set up.
@@ -295,6 +300,10 @@ enum Phase {
     /// Held for a person's answer ([`crate::live`]): the request head or
     /// ClientHello waits in the inbox, nothing is read or sent upstream.
     Held(Ticket, QKey),
+    /// An OAuth refresh is being answered on a helper thread
+    /// ([`crate::oauth`]); its request's audit line waits with it. Nothing
+    /// more is read; the answer closes the connection.
+    Exchanging(Receiver<Refreshed>, Box<Value>),
 }
 
 pub struct Conn {
@@ -508,7 +517,7 @@ impl Conn {
         let phase_reads = match self.phase {
             Phase::Head => !self.stalled,
             Phase::Body(_) | Phase::Splice(_) | Phase::Connecting(..) => true,
-            Phase::Draining | Phase::Refusing | Phase::Reset | Phase::Held(..) => false,
+            Phase::Draining | Phase::Refusing | Phase::Reset | Phase::Held(..) | Phase::Exchanging(..) => false,
         };
         phase_reads && self.inbox.len() < MAX_BUFFERED && self.to_upstream.len() < MAX_BUFFERED
     }
@@ -608,7 +617,12 @@ impl Conn {
         loop {
             let http = self.speaks_http();
             match &mut self.phase {
-                Phase::Refusing | Phase::Reset | Phase::Draining | Phase::Connecting(..) | Phase::Held(..) => return,
+                Phase::Refusing
+                | Phase::Reset
+                | Phase::Draining
+                | Phase::Connecting(..)
+                | Phase::Held(..)
+                | Phase::Exchanging(..) => return,
                 Phase::Splice(watch) => {
                     let watched = watch.as_mut().map(|w| w.feed(&self.inbox).map(|()| w.is_done()));
                     match watched {
@@ -731,6 +745,33 @@ impl Conn {
         if self.guest_tls.is_some() {
             event["tls"] = json!("terminated");
         }
+        // A refresh to an OAuth token endpoint: netstack answers it
+        // ([`crate::oauth`]) once its whole (small) body is here.
+        let session = match (&self.termination, &self.guest_tls) {
+            (Some(t), Some(_)) => {
+                t.credentials.oauth_for(&head.host, &head.method, path.as_deref().unwrap_or(&head.target)).cloned()
+            }
+            _ => None,
+        };
+        let mut oauth_body = None;
+        if let Some(session) = &session {
+            let n = match head.body {
+                http::Body::Length(n) if n <= oauth::MAX_TOKEN_REQUEST as u64 => n as usize,
+                _ => {
+                    let e = oauth::Error::RequestFraming;
+                    event["oauth"] = json!(session.name);
+                    event["decision"] = json!("deny");
+                    event["reason"] = json!(e.to_string());
+                    self.events.push(event);
+                    self.oauth_answer(oauth::error_response(&e));
+                    return false;
+                }
+            };
+            if self.inbox.len() < len + n {
+                return false;
+            }
+            oauth_body = Some(n);
+        }
         let rewrite = match &self.termination {
             Some(t) => t.credentials.rewrite(&head.host, &self.inbox[..len], self.guest_tls.is_some()),
             None => Rewrite::Unchanged,
@@ -765,6 +806,37 @@ impl Conn {
             return false;
         }
         event["decision"] = json!("allow");
+        if let (Some(session), Some(n), Some(t)) = (session, oauth_body, self.termination.clone()) {
+            let body = zeroize::Zeroizing::new(self.inbox[len..len + n].to_vec());
+            self.inbox.drain(..len + n);
+            event["oauth"] = json!(session.name);
+            let exchange = oauth::TlsExchange {
+                config: t.upstream_config().clone(),
+                resolver: resolver.clone(),
+                permitted: policy.permitted_addresses(&head.host, self.port),
+            };
+            let (tx, rx) = mpsc::channel();
+            let host = head.host.clone();
+            // A connect slot: its end wakes the event loop. None free, or
+            // no thread: the channel closes, an error for the guest.
+            let Some(slot) = self.slots.try_acquire() else {
+                self.phase = Phase::Exchanging(rx, Box::new(event));
+                return false;
+            };
+            let _ = std::thread::Builder::new().name("netstack-oauth".into()).spawn(move || {
+                let _slot = slot;
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let r = session.refresh(&host, &body, &exchange, now_ms);
+                if r.is_ok() {
+                    t.credentials.refreshed();
+                }
+                let _ = tx.send(r.map(|(b, o)| (b, o, session.expires_at_ms())));
+            });
+            self.phase = Phase::Exchanging(rx, Box::new(event));
+            return false;
+        }
         let sent = match rewrite {
             Rewrite::Injected { head: injected, credentials } => {
                 if !credentials.is_empty() {
@@ -790,6 +862,47 @@ impl Conn {
         }
         self.phase = next;
         true
+    }
+
+    /// An OAuth refresh was answered: its audit lines (the request's and
+    /// the refresh's, never a value) and the answer, which closes the
+    /// connection after the responses before it.
+    fn oauth_done(&mut self, result: Refreshed, mut event: Value) {
+        let credential = event["oauth"].clone();
+        let sandbox = self.live.as_ref().map(|l| l.sandbox.clone());
+        let mut refresh = json!({"event": "oauth", "credential": credential, "host": event["host"].clone(),
+            "sandbox": sandbox});
+        let response = match result {
+            Ok((body, outcome, expires_at_ms)) => {
+                refresh["outcome"] = json!(match outcome {
+                    oauth::Outcome::Exchanged => "exchanged",
+                    oauth::Outcome::FromStore => "from_store",
+                });
+                refresh["expires_at_ms"] = json!(expires_at_ms);
+                event["status"] = json!(200);
+                oauth::ok_response(&body)
+            }
+            Err(e) => {
+                refresh["outcome"] = json!("refused");
+                refresh["reason"] = json!(e.to_string());
+                event["status"] = json!(e.status().get(..3).and_then(|s| s.parse::<u16>().ok()));
+                oauth::error_response(&e)
+            }
+        };
+        event["bytes_down"] = json!(response.len());
+        self.events.push(event);
+        self.events.push(refresh);
+        self.oauth_answer(response);
+    }
+
+    /// Sends `response` after the responses to earlier requests; then the
+    /// connection closes.
+    fn oauth_answer(&mut self, response: Vec<u8>) {
+        self.inbox.clear();
+        self.stalled = false;
+        self.refusal = Some(response);
+        self.phase = Phase::Refusing;
+        self.release_refusal();
     }
 
     /// A request body carried the placeholder of `credential` to a host it
@@ -931,7 +1044,10 @@ impl Conn {
             Some(l) => l.terminates(policy, &sni, port),
             None => policy.terminates(&sni, port),
         };
-        let terminate = self.termination.as_ref().is_some_and(|t| terminates || t.credentials.any_bound_to(&sni));
+        let terminate = self
+            .termination
+            .as_ref()
+            .is_some_and(|t| terminates || t.credentials.any_bound_to(&sni) || t.credentials.is_token_host(&sni));
         let refusal = if self.name.as_ref() != Some(&sni) {
             Some("SNI is not the name this address was resolved for".to_string())
         } else if terminate {
@@ -1012,6 +1128,15 @@ impl Conn {
     /// slot is free, takes its result when it is there; then takes up a
     /// request that waited for an in-flight place.
     pub fn poll_connect(&mut self, policy: &Policy, resolver: &Arc<dyn Resolve>) {
+        if let Phase::Exchanging(rx, _) = &self.phase {
+            let result = match rx.try_recv() {
+                Err(TryRecvError::Empty) => return,
+                Ok(r) => r,
+                Err(TryRecvError::Disconnected) => Err(oauth::Error::Unreachable("the refresh thread ended".into())),
+            };
+            let Phase::Exchanging(_, event) = std::mem::replace(&mut self.phase, Phase::Refusing) else { return };
+            return self.oauth_done(result, *event);
+        }
         let result = match &mut self.phase {
             Phase::Connecting(dial, _) => {
                 if let Dial::Queued { name, permitted, tls, since } = dial {
@@ -1319,7 +1444,7 @@ impl Conn {
             && self.to_upstream.is_empty()
             && self.to_guest.is_empty()
             && !self.stalled
-            && !matches!(self.phase, Phase::Connecting(..))
+            && !matches!(self.phase, Phase::Connecting(..) | Phase::Exchanging(..))
             && self.guest_tls.as_ref().is_none_or(|t| t.wire_len() == 0)
     }
 }

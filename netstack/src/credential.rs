@@ -394,11 +394,42 @@ pub struct Credential {
     pub rule: CredentialRule,
     pub placeholder: String,
     secret: Secret,
+    /// A subscription sign-in: the value is the session's current access
+    /// token ([`crate::oauth`]).
+    pub oauth: Option<Arc<crate::oauth::OAuthSession>>,
 }
 
 impl Credential {
     pub fn new(rule: CredentialRule, placeholder: String, secret: Secret) -> Credential {
-        Credential { rule, placeholder, secret }
+        Credential { rule, placeholder, secret, oauth: None }
+    }
+
+    /// An OAuth credential: `rule` binds the access token (its
+    /// placeholder the session's), refreshes go to the session.
+    pub fn oauth(rule: CredentialRule, session: Arc<crate::oauth::OAuthSession>) -> Credential {
+        Credential {
+            rule,
+            placeholder: session.access_placeholder.clone(),
+            secret: session.access(),
+            oauth: Some(session),
+        }
+    }
+
+    /// The real values responses are scrubbed of.
+    fn secrets(&self) -> Vec<Secret> {
+        match &self.oauth {
+            Some(s) => s.known(),
+            None => vec![self.secret.clone()],
+        }
+    }
+
+    /// Whether `bytes` hold one of this credential's placeholders that
+    /// must not go to `host`.
+    fn leaks_to(&self, host: &HostName, bytes: &[u8]) -> bool {
+        if !self.rule.bound_to(host) && find(bytes, self.placeholder.as_bytes()) {
+            return true;
+        }
+        self.oauth.as_ref().is_some_and(|s| !s.is_token_host(host) && find(bytes, s.refresh_placeholder.as_bytes()))
     }
 
     pub fn name(&self) -> &str {
@@ -423,9 +454,11 @@ impl Credential {
     }
 
     fn injected_value(&self) -> Zeroizing<String> {
+        let current = self.oauth.as_ref().map(|s| s.access());
+        let secret = current.as_ref().unwrap_or(&self.secret);
         Zeroizing::new(match &self.rule.scheme {
-            Some(s) => format!("{s} {}", self.secret.expose()),
-            None => self.secret.expose().to_string(),
+            Some(s) => format!("{s} {}", secret.expose()),
+            None => secret.expose().to_string(),
         })
     }
 }
@@ -458,7 +491,9 @@ pub enum Rewrite {
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     list: Vec<Credential>,
-    pieces: Arc<Pieces>,
+    /// Recomputed when an OAuth refresh brings new values
+    /// ([`Credentials::refreshed`]).
+    pieces: Arc<std::sync::RwLock<Arc<Pieces>>>,
     /// Per credential (same order as `list`): responses, on any
     /// connection of this sandbox, in which pieces of it were masked.
     echoes: Arc<Vec<AtomicU32>>,
@@ -470,7 +505,7 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
 
 impl Credentials {
     pub fn new(list: Vec<Credential>) -> Credentials {
-        let pieces = Arc::new(Pieces::new(&list));
+        let pieces = Arc::new(std::sync::RwLock::new(Arc::new(Pieces::new(&list))));
         let echoes = Arc::new(list.iter().map(|_| AtomicU32::new(0)).collect());
         Credentials { list, pieces, echoes }
     }
@@ -486,6 +521,29 @@ impl Credentials {
         self.list.is_empty()
     }
 
+    /// An OAuth session's values changed: what responses are scrubbed of
+    /// is computed again (every connection's scrubber uses it from its
+    /// next read on).
+    pub fn refreshed(&self) {
+        let pieces = Arc::new(Pieces::new(&self.list));
+        *self.pieces.write().unwrap_or_else(|e| e.into_inner()) = pieces;
+    }
+
+    fn current_pieces(&self) -> Arc<Pieces> {
+        self.pieces.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The OAuth session whose token endpoint this request is.
+    pub fn oauth_for(&self, host: &HostName, method: &str, path: &str) -> Option<&Arc<crate::oauth::OAuthSession>> {
+        self.list.iter().filter_map(|c| c.oauth.as_ref()).find(|s| s.is_token_request(host, method, path))
+    }
+
+    /// Whether `host` is some OAuth session's token endpoint host (its TLS
+    /// is always terminated).
+    pub fn is_token_host(&self, host: &HostName) -> bool {
+        self.list.iter().filter_map(|c| c.oauth.as_ref()).any(|s| s.is_token_host(host))
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Credential> {
         self.list.iter()
     }
@@ -497,13 +555,14 @@ impl Credentials {
 
     /// The longest placeholder (what a scan across reads must remember).
     fn longest_placeholder(&self) -> usize {
-        self.list.iter().map(|c| c.placeholder.len()).max().unwrap_or(0)
+        let refresh = self.list.iter().filter_map(|c| c.oauth.as_ref()).map(|s| s.refresh_placeholder.len());
+        self.list.iter().map(|c| c.placeholder.len()).chain(refresh).max().unwrap_or(0)
     }
 
     /// The first credential not bound to `host` whose placeholder is in
     /// `bytes`.
     pub fn leaked_to(&self, host: &HostName, bytes: &[u8]) -> Option<&Credential> {
-        self.list.iter().find(|c| !c.rule.bound_to(host) && find(bytes, c.placeholder.as_bytes()))
+        self.list.iter().find(|c| c.leaks_to(host, bytes))
     }
 
     /// Decides what becomes of a request head (`raw`, as parsed by
@@ -736,11 +795,13 @@ impl Pieces {
         for (id, c) in list.iter().enumerate() {
             // At most MAX_CREDENTIALS: fits.
             let id = id as u16;
-            for f in forms(c.secret.expose().as_bytes()) {
-                if f.len() < MIN_PIECE {
-                    short.push((f.len(), gram(&f), id));
-                } else {
-                    all.extend(f.windows(MIN_PIECE).map(|w| (gram(w), id)));
+            for s in c.secrets() {
+                for f in forms(s.expose().as_bytes()) {
+                    if f.len() < MIN_PIECE {
+                        short.push((f.len(), gram(&f), id));
+                    } else {
+                        all.extend(f.windows(MIN_PIECE).map(|w| (gram(w), id)));
+                    }
                 }
             }
         }
@@ -889,7 +950,8 @@ impl Scrubber {
         if self.refused.is_some() {
             return Vec::new();
         }
-        let pieces = &creds.pieces;
+        let pieces = creds.current_pieces();
+        let pieces = &*pieces;
         let start = self.base + self.pending.len() as u64;
         self.pending.extend_from_slice(data);
         let mut released = self.base;

@@ -21,6 +21,9 @@
 //! - [`credential`]: secrets bound to hosts and a header, injected in place
 //!   of a placeholder on terminated connections only; placeholders sent
 //!   elsewhere refused as leak attempts; echoed values masked;
+//! - [`oauth`]: subscription sign-ins whose access and refresh tokens stay
+//!   on the host: the access token injected like a key, refreshes
+//!   performed by netstack and written back to the host store;
 //! - [`live`]: live rules, held requests a person approves, time-boxed
 //!   grants, ask rules, and the one decision function ([`live::judge`]);
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
@@ -46,6 +49,7 @@ pub mod host;
 pub mod http;
 pub mod limits;
 pub mod live;
+pub mod oauth;
 pub mod policy;
 pub mod sim;
 pub mod stack;

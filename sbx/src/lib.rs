@@ -19,6 +19,7 @@ pub mod folders;
 pub mod learn;
 pub mod limits;
 pub mod netback;
+pub mod oauth_secrets;
 pub mod policy_doc;
 pub mod run;
 pub mod sandbox;

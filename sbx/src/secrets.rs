@@ -34,8 +34,8 @@
 //! secret names). The scope in a file is checked against its name: a
 //! scoped file renamed to another scope's name is refused.
 //!
-//! Not here: the machine's admin policy and OAuth tokens (refreshing,
-//! their own expiry).
+//! Not here: the machine's admin policy; OAuth secrets (subscription
+//! sign-ins, refreshed by netstack) are [`crate::oauth_secrets`].
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -99,13 +99,13 @@ pub fn config_dir() -> PathBuf {
 }
 
 /// Makes `dir` (and its parents) with mode 0700 for the last one.
-fn private_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|e| Error::Io(dir.to_path_buf(), e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::Io(dir.to_path_buf(), e))
 }
 
 /// Writes `text` to `path` as a new 0600 file, replacing it atomically.
-fn write_private(path: &Path, text: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_private(path: &Path, text: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let io = |e| Error::Io(tmp.clone(), e);
@@ -115,7 +115,7 @@ fn write_private(path: &Path, text: &[u8]) -> Result<(), Error> {
 }
 
 /// Reads a file that must be private (no group or other access).
-fn read_private(path: &Path, limit: u64) -> Result<String, Error> {
+pub(crate) fn read_private(path: &Path, limit: u64) -> Result<String, Error> {
     let io = |e| Error::Io(path.to_path_buf(), e);
     let f = fs::File::open(path).map_err(io)?;
     let mode = f.metadata().map_err(io)?.permissions().mode() & 0o777;

@@ -253,6 +253,20 @@ impl Setup {
     /// netstack with `policy`, upstreams at `routes`, the test root trusted
     /// upstream, and the `anthropic` credential bound to api.example.com.
     fn new(policy: &str, routes: &[(&str, u16, SocketAddr)], upstream_root: &CertificateDer<'static>) -> Setup {
+        let creds = Credentials::new(vec![Credential::new(
+            rule("anthropic", &["api.example.com"], "x-api-key", None),
+            PLACEHOLDER.into(),
+            Secret::new(SECRET).unwrap(),
+        )]);
+        Setup::with_credentials(policy, routes, upstream_root, creds)
+    }
+
+    fn with_credentials(
+        policy: &str,
+        routes: &[(&str, u16, SocketAddr)],
+        upstream_root: &CertificateDer<'static>,
+        creds: Credentials,
+    ) -> Setup {
         let mut resolver = Resolver::default();
         for (name, port, addr) in routes {
             resolver.overrides.insert((HostName::parse(name).unwrap(), *port), *addr);
@@ -260,11 +274,6 @@ impl Setup {
         let ca = Arc::new(Authority::generate().unwrap());
         let mut roots = RootCertStore::empty();
         roots.add(upstream_root.clone()).unwrap();
-        let creds = Credentials::new(vec![Credential::new(
-            rule("anthropic", &["api.example.com"], "x-api-key", None),
-            PLACEHOLDER.into(),
-            Secret::new(SECRET).unwrap(),
-        )]);
         let termination = Arc::new(Termination::new(ca.clone(), roots, creds).unwrap());
         let log = AuditLog::new(Vec::new()).shared();
         let net = NetStack::new(Config::default(), Policy::from_toml(policy).unwrap(), resolver, log.clone())
@@ -272,7 +281,7 @@ impl Setup {
         Setup { net, guest: Guest::new(1500), now: 0, log, ca }
     }
 
-    fn audit(&self) -> String {
+    pub(super) fn audit(&self) -> String {
         String::from_utf8(self.log.lock().unwrap().get_ref().clone()).unwrap()
     }
 
@@ -891,3 +900,5 @@ fn a_placeholder_in_chunk_extensions_or_trailers_is_a_leak() {
         .all(|(h, b)| !h.contains(PLACEHOLDER) && !String::from_utf8_lossy(b).contains(PLACEHOLDER)));
     assert_eq!(s.audit().matches("\"leak\":\"anthropic\"").count(), 2);
 }
+
+mod oauth;

@@ -1,0 +1,524 @@
+//! Host side: subscription sign-ins (OAuth) whose tokens never enter the
+//! VM. The real access and refresh tokens live in the host's secret store
+//! ([`TokenStore`], sbx's `secrets/`); the guest's credential file holds
+//! two placeholders, unguessable and fresh for every run
+//! ([`OAuthSession::access_placeholder`], [`OAuthSession::refresh_placeholder`]),
+//! and the real expiry.
+//!
+//! - Access: the OAuth credential is an ordinary [`crate::credential`]
+//!   binding (`Authorization: Bearer`, the agent's API hosts) whose value
+//!   is the session's current access token: injected, scrubbed from
+//!   responses and audited exactly like an API key.
+//! - Refresh: a `POST` to the provider's token endpoint ([`PROVIDERS`])
+//!   over TLS netstack terminated never goes upstream as the guest sent
+//!   it. netstack reads its body (JSON, at most [`MAX_TOKEN_REQUEST`]
+//!   bytes, `Content-Length` framing only), requires `grant_type` =
+//!   `refresh_token` and `refresh_token` = the session's refresh
+//!   placeholder, and then, holding the store's lock for that secret
+//!   ([`TokenStore::update`], one lock for every sandbox on the host):
+//!   if the stored refresh token is no longer the one the guest's
+//!   placeholder stood for (another sandbox refreshed meanwhile), the
+//!   guest is answered from the store, with no exchange; otherwise
+//!   netstack performs the exchange itself ([`Exchange`]; the guest's
+//!   JSON with the real refresh token in place of the placeholder, every
+//!   other field as sent), reads the answer (at most
+//!   [`MAX_TOKEN_RESPONSE`] bytes, status 200, a JSON object with
+//!   `access_token`, optionally `refresh_token` and `expires_in`), and
+//!   writes the new tokens back to the store before the lock is
+//!   released. The guest gets `{access_token, refresh_token, expires_in,
+//!   token_type}` with its placeholders, plus the upstream answer's other
+//!   fields save any named `*token*`; a body that would still hold any
+//!   real token value is refused.
+//!
+//! Why netstack does the exchange itself rather than rewriting the
+//! request on the way up and the response on the way down: it must be
+//! able to answer without an exchange (the store is newer), to serialise
+//! exchanges across sandboxes, and to refuse a malformed answer before a
+//! byte of it reaches the guest; a rewritten stream can do none of these.
+//! Anything unexpected (not JSON, another grant, another placeholder, a
+//! non-200 or malformed answer, an unreachable endpoint) gets the guest a
+//! JSON error (`{"error":"sbx_oauth","reason":…}`, 400 for its own
+//! mistakes, 502 for the endpoint's), never a token; each refresh is an
+//! audit line (`"event":"oauth"`, the credential, `"outcome"`
+//! `exchanged`/`from_store`/`refused`, the new expiry; never a value).
+//! Every refresh answer closes its connection.
+//!
+//! The endpoints and field names are data, in [`PROVIDERS`] (taken from
+//! the agents' public behaviour, not from a specification: Claude Code's
+//! `console.anthropic.com`/`platform.claude.com` `/v1/oauth/token`,
+//! Codex's `auth.openai.com` `/oauth/token`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::conn::{choose_upstream, Resolve};
+use crate::credential::Secret;
+use crate::host::HostName;
+
+/// Largest token request body accepted from the guest.
+pub const MAX_TOKEN_REQUEST: usize = 16 * 1024;
+/// Largest token endpoint answer read (head and body).
+pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+/// Longest wait for the token endpoint (connect, and each read).
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Real token values remembered per session for scrubbing (the current
+/// ones and those they replaced).
+pub const MAX_KNOWN_TOKENS: usize = 8;
+/// Longest `expires_in` believed (a year), in seconds.
+pub const MAX_EXPIRES_IN: u64 = 365 * 24 * 3600;
+
+/// An agent's OAuth: where its API is, where it refreshes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Provider {
+    pub agent: &'static str,
+    /// Hosts the access token goes to (`Authorization: Bearer`).
+    pub api_hosts: &'static [&'static str],
+    /// Hosts of the token endpoint.
+    pub token_hosts: &'static [&'static str],
+    pub token_path: &'static str,
+}
+
+/// The agents whose sign-in netstack handles (see the module docs).
+pub const PROVIDERS: &[Provider] = &[
+    Provider {
+        agent: "claude",
+        api_hosts: &["api.anthropic.com"],
+        token_hosts: &["console.anthropic.com", "platform.claude.com"],
+        token_path: "/v1/oauth/token",
+    },
+    Provider {
+        agent: "codex",
+        api_hosts: &["api.openai.com", "chatgpt.com"],
+        token_hosts: &["auth.openai.com"],
+        token_path: "/oauth/token",
+    },
+];
+
+/// The provider of `agent`.
+pub fn provider(agent: &str) -> Option<&'static Provider> {
+    PROVIDERS.iter().find(|p| p.agent == agent)
+}
+
+/// An OAuth secret's real values.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub access: Secret,
+    pub refresh: Secret,
+    /// Unix milliseconds (0: unknown).
+    pub expires_at_ms: u64,
+}
+
+/// The host store of OAuth secrets.
+pub trait TokenStore: Send + Sync {
+    /// Calls `f` with the stored tokens of `name` under a lock that every
+    /// sandbox on the host takes for that name; tokens `f` returns are
+    /// stored before the lock is released. Returns the tokens stored
+    /// after it.
+    fn update(&self, name: &str, f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>) -> Result<Tokens, Error>;
+}
+
+/// One POST to a token endpoint: (status, body).
+pub trait Exchange: Send + Sync {
+    fn post(&self, host: &HostName, path: &str, body: &[u8]) -> Result<(u16, Zeroizing<Vec<u8>>), Error>;
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    #[error("the token request must be JSON with a Content-Length of at most {MAX_TOKEN_REQUEST} bytes")]
+    RequestFraming,
+    #[error("the token request is not a JSON object")]
+    RequestJson,
+    #[error(
+        "only grant_type refresh_token goes to the token endpoint (sign in on the host: sbx secret oauth-import AGENT)"
+    )]
+    Grant,
+    #[error("the refresh_token is not this run's placeholder")]
+    Placeholder,
+    #[error("the token endpoint answered {0}")]
+    Status(u16),
+    #[error("the token endpoint's answer is larger than {MAX_TOKEN_RESPONSE} bytes")]
+    TooLarge,
+    #[error("the token endpoint's answer is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("the token endpoint is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the answer would have carried a real token")]
+    WouldLeak,
+    #[error("the host's token store: {0}")]
+    Store(String),
+}
+
+impl Error {
+    /// The status the guest gets: 400 for its own request, 502 else.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Error::RequestFraming | Error::RequestJson | Error::Grant | Error::Placeholder => "400 Bad Request",
+            _ => "502 Bad Gateway",
+        }
+    }
+}
+
+/// How a refresh was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// netstack performed the exchange; the store has the new tokens.
+    Exchanged,
+    /// The store was newer than the guest's tokens: answered from it.
+    FromStore,
+}
+
+/// One OAuth secret in one sandbox run.
+pub struct OAuthSession {
+    /// The secret's (and credential's) name.
+    pub name: String,
+    pub provider: &'static Provider,
+    pub access_placeholder: String,
+    pub refresh_placeholder: String,
+    /// What the guest's placeholders stand for now.
+    current: Mutex<Tokens>,
+    /// Every real value of this run, for the scrubber (bounded).
+    known: Mutex<Vec<Secret>>,
+    store: Arc<dyn TokenStore>,
+    /// One refresh at a time in this sandbox (the store locks across).
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for OAuthSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthSession").field("name", &self.name).field("agent", &self.provider.agent).finish()
+    }
+}
+
+/// A fresh placeholder `sbx-oauth-KIND-<32 hex digits>`.
+pub fn new_placeholder(kind: &str) -> Result<String, crate::credential::Error> {
+    let p = crate::credential::new_placeholder(kind)?;
+    Ok(p.replacen(crate::credential::PLACEHOLDER_PREFIX, "sbx-oauth-", 1))
+}
+
+impl OAuthSession {
+    /// A session for secret `name` whose stored tokens are `tokens`, with
+    /// fresh placeholders.
+    pub fn new(
+        name: &str,
+        provider: &'static Provider,
+        tokens: Tokens,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<OAuthSession, crate::credential::Error> {
+        Ok(OAuthSession::with_placeholders(
+            name,
+            provider,
+            tokens,
+            store,
+            new_placeholder("access")?,
+            new_placeholder("refresh")?,
+        ))
+    }
+
+    /// The same with given placeholders (tests).
+    pub fn with_placeholders(
+        name: &str,
+        provider: &'static Provider,
+        tokens: Tokens,
+        store: Arc<dyn TokenStore>,
+        access_placeholder: String,
+        refresh_placeholder: String,
+    ) -> OAuthSession {
+        let known = vec![tokens.access.clone(), tokens.refresh.clone()];
+        OAuthSession {
+            name: name.to_string(),
+            provider,
+            access_placeholder,
+            refresh_placeholder,
+            current: Mutex::new(tokens),
+            known: Mutex::new(known),
+            store,
+            busy: Mutex::new(()),
+        }
+    }
+
+    /// The access token injected now.
+    pub fn access(&self) -> Secret {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).access.clone()
+    }
+
+    /// The expiry the guest's tokens have now (Unix ms).
+    pub fn expires_at_ms(&self) -> u64 {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).expires_at_ms
+    }
+
+    /// Every real value of this run (what responses are scrubbed of).
+    pub fn known(&self) -> Vec<Secret> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether `host` is this provider's token endpoint host.
+    pub fn is_token_host(&self, host: &HostName) -> bool {
+        self.provider.token_hosts.iter().any(|h| host.as_str().eq_ignore_ascii_case(h))
+    }
+
+    /// Whether a request is a refresh this session answers.
+    pub fn is_token_request(&self, host: &HostName, method: &str, path: &str) -> bool {
+        method == "POST" && self.is_token_host(host) && path.split('?').next() == Some(self.provider.token_path)
+    }
+
+    /// Answers the guest's refresh request `body` (see the module docs):
+    /// the JSON body for the guest and how it was answered.
+    pub fn refresh(
+        &self,
+        host: &HostName,
+        body: &[u8],
+        exchange: &dyn Exchange,
+        now_ms: u64,
+    ) -> Result<(Vec<u8>, Outcome), Error> {
+        let request: Map<String, Value> = match serde_json::from_slice(body) {
+            Ok(Value::Object(m)) => m,
+            _ => return Err(Error::RequestJson),
+        };
+        if request.get("grant_type").and_then(Value::as_str) != Some("refresh_token") {
+            return Err(Error::Grant);
+        }
+        if request.get("refresh_token").and_then(Value::as_str) != Some(self.refresh_placeholder.as_str()) {
+            return Err(Error::Placeholder);
+        }
+        let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.current.lock().unwrap_or_else(|e| e.into_inner()).refresh.clone();
+        let mut extra = Map::new();
+        let mut outcome = Outcome::FromStore;
+        let tokens = self.store.update(&self.name, &mut |stored| {
+            if stored.refresh.expose() != held.expose() {
+                return Ok(None);
+            }
+            let mut up = request.clone();
+            up.insert("refresh_token".into(), Value::String(stored.refresh.expose().to_string()));
+            let up = Zeroizing::new(serde_json::to_vec(&Value::Object(up)).map_err(|_| Error::RequestJson)?);
+            let (status, answer) = exchange.post(host, self.provider.token_path, &up)?;
+            if status != 200 {
+                return Err(Error::Status(status));
+            }
+            let (tokens, rest) = parse_answer(&answer, stored, now_ms)?;
+            extra = rest;
+            outcome = Outcome::Exchanged;
+            Ok(Some(tokens))
+        })?;
+        {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            for s in [&tokens.access, &tokens.refresh] {
+                if !known.iter().any(|k| k.expose() == s.expose()) {
+                    known.push(s.clone());
+                }
+            }
+            let excess = known.len().saturating_sub(MAX_KNOWN_TOKENS);
+            known.drain(..excess);
+        }
+        let expires_in = tokens.expires_at_ms.saturating_sub(now_ms) / 1000;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = tokens;
+        let mut out = extra;
+        out.insert("access_token".into(), json!(self.access_placeholder));
+        out.insert("refresh_token".into(), json!(self.refresh_placeholder));
+        out.insert("expires_in".into(), json!(expires_in));
+        out.entry("token_type").or_insert(json!("Bearer"));
+        let body = serde_json::to_vec(&Value::Object(out)).map_err(|_| Error::Malformed("unserialisable"))?;
+        let leaks = self.known().iter().any(|s| {
+            let s = s.expose().as_bytes();
+            body.windows(s.len()).any(|w| w == s)
+        });
+        if leaks {
+            return Err(Error::WouldLeak);
+        }
+        Ok((body, outcome))
+    }
+}
+
+/// The new tokens in an endpoint's answer, and its other fields (those
+/// not naming a token).
+fn parse_answer(answer: &[u8], old: &Tokens, now_ms: u64) -> Result<(Tokens, Map<String, Value>), Error> {
+    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(answer) else {
+        return Err(Error::Malformed("not a JSON object"));
+    };
+    let access = match m.remove("access_token") {
+        Some(Value::String(s)) => Secret::new(&s).map_err(|_| Error::Malformed("bad access_token"))?,
+        _ => return Err(Error::Malformed("no access_token")),
+    };
+    let refresh = match m.remove("refresh_token") {
+        Some(Value::String(s)) => Secret::new(&s).map_err(|_| Error::Malformed("bad refresh_token"))?,
+        None | Some(Value::Null) => old.refresh.clone(),
+        Some(_) => return Err(Error::Malformed("bad refresh_token")),
+    };
+    let expires_at_ms = match m.remove("expires_in") {
+        Some(v) => {
+            let secs = v.as_u64().filter(|s| *s <= MAX_EXPIRES_IN).ok_or(Error::Malformed("bad expires_in"))?;
+            now_ms.saturating_add(secs * 1000)
+        }
+        None => 0,
+    };
+    m.retain(|k, _| !k.to_ascii_lowercase().contains("token") || k == "token_type");
+    Ok((Tokens { access, refresh, expires_at_ms }, m))
+}
+
+/// The exchange over TLS from the host: the name resolved and checked
+/// like any upstream ([`choose_upstream`]), the certificate verified
+/// against `config`'s roots, one request, `Connection: close`.
+pub struct TlsExchange {
+    pub config: Arc<rustls::ClientConfig>,
+    pub resolver: Arc<dyn Resolve>,
+    pub permitted: Vec<std::net::IpAddr>,
+}
+
+impl Exchange for TlsExchange {
+    fn post(&self, host: &HostName, path: &str, body: &[u8]) -> Result<(u16, Zeroizing<Vec<u8>>), Error> {
+        let un = |e: String| Error::Unreachable(e);
+        let addr =
+            choose_upstream(host, self.resolver.lookup(host, 443), &self.permitted).map_err(|e| un(e.to_string()))?;
+        let tcp = TcpStream::connect_timeout(&addr, EXCHANGE_TIMEOUT).map_err(|e| un(e.to_string()))?;
+        tcp.set_read_timeout(Some(EXCHANGE_TIMEOUT)).map_err(|e| un(e.to_string()))?;
+        tcp.set_write_timeout(Some(EXCHANGE_TIMEOUT)).map_err(|e| un(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(host.as_str().to_string()).map_err(|e| un(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| un(e.to_string()))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut req = Zeroizing::new(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json\r\nAccept-Encoding: identity\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                host.as_str(),
+                body.len()
+            )
+            .into_bytes(),
+        );
+        req.extend_from_slice(body);
+        tls.write_all(&req).and_then(|_| tls.flush()).map_err(|e| un(e.to_string()))?;
+        let mut raw = Zeroizing::new(Vec::new());
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    if raw.len() > MAX_TOKEN_RESPONSE {
+                        return Err(Error::TooLarge);
+                    }
+                }
+                // An upstream that closes without close_notify: what came
+                // is judged by its framing below.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(un(e.to_string())),
+            }
+        }
+        parse_response(&raw)
+    }
+}
+
+/// Status and body of a whole HTTP/1.1 response (Content-Length,
+/// chunked, or to the end).
+pub fn parse_response(raw: &[u8]) -> Result<(u16, Zeroizing<Vec<u8>>), Error> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(Error::Malformed("no response head"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| Error::Malformed("response head not UTF-8"))?;
+    let rest = &raw[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1.1 ").or_else(|| l.strip_prefix("HTTP/1.0 ")))
+        .and_then(|l| l.get(..3))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or(Error::Malformed("bad status line"))?;
+    let (mut length, mut chunked) = (None, false);
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else { return Err(Error::Malformed("bad header line")) };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            length = Some(v.parse::<usize>().map_err(|_| Error::Malformed("bad Content-Length"))?);
+        } else if k.eq_ignore_ascii_case("transfer-encoding") {
+            if !v.eq_ignore_ascii_case("chunked") {
+                return Err(Error::Malformed("unknown transfer coding"));
+            }
+            chunked = true;
+        } else if k.eq_ignore_ascii_case("content-encoding") && !v.eq_ignore_ascii_case("identity") {
+            return Err(Error::Malformed("coded body"));
+        }
+    }
+    let body = if chunked {
+        let mut out = Zeroizing::new(Vec::new());
+        let mut at = rest;
+        loop {
+            let nl = at.windows(2).position(|w| w == b"\r\n").ok_or(Error::Malformed("truncated chunk"))?;
+            let size = std::str::from_utf8(&at[..nl]).map_err(|_| Error::Malformed("bad chunk size"))?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| Error::Malformed("bad chunk size"))?;
+            at = &at[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            if at.len() < size + 2 || &at[size..size + 2] != b"\r\n" {
+                return Err(Error::Malformed("truncated chunk"));
+            }
+            out.extend_from_slice(&at[..size]);
+            at = &at[size + 2..];
+        }
+        out
+    } else if let Some(n) = length {
+        if rest.len() < n {
+            return Err(Error::Malformed("truncated body"));
+        }
+        Zeroizing::new(rest[..n].to_vec())
+    } else {
+        Zeroizing::new(rest.to_vec())
+    };
+    Ok((status, body))
+}
+
+/// An in-memory [`TokenStore`] (tests, and one-process use).
+#[derive(Default)]
+pub struct MemoryStore {
+    pub tokens: Mutex<std::collections::HashMap<String, Tokens>>,
+    /// Updates that stored new tokens.
+    pub writes: std::sync::atomic::AtomicUsize,
+}
+
+impl TokenStore for MemoryStore {
+    fn update(&self, name: &str, f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, Error>) -> Result<Tokens, Error> {
+        let mut all = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = all.get(name).ok_or_else(|| Error::Store(format!("no OAuth secret '{name}'")))?;
+        match f(stored)? {
+            Some(new) => {
+                all.insert(name.to_string(), new.clone());
+                self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(new)
+            }
+            None => Ok(stored.clone()),
+        }
+    }
+}
+
+/// The JSON error the guest gets for a refused refresh.
+pub fn error_response(e: &Error) -> Vec<u8> {
+    let body = json!({"error": "sbx_oauth", "reason": e.to_string()}).to_string();
+    format!(
+        "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        e.status(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The guest's answer to a refresh.
+pub fn ok_response(body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Claude Code's credential file (`~/.claude/.credentials.json`) for the
+/// guest: the session's placeholders and the real expiry.
+pub fn claude_credentials_file(s: &OAuthSession, scopes: &[String], subscription: Option<&str>) -> String {
+    json!({"claudeAiOauth": {"accessToken": s.access_placeholder, "refreshToken": s.refresh_placeholder,
+        "expiresAt": s.expires_at_ms(), "scopes": scopes, "subscriptionType": subscription}})
+    .to_string()
+}
