@@ -510,6 +510,14 @@ impl Credentials {
         Credentials { list, pieces, echoes }
     }
 
+    /// These and `extra` (made before any connection: the counts start
+    /// again).
+    pub fn with(self, extra: Credential) -> Credentials {
+        let mut list = self.list;
+        list.push(extra);
+        Credentials::new(list)
+    }
+
     /// Echoes of credential `name` seen in this sandbox so far (each a
     /// response of which pieces were masked).
     pub fn echoes(&self, name: &str) -> u32 {

@@ -415,7 +415,7 @@ fn preset_name(name: &str) -> Result<&'static str, Error> {
 /// The hosts each agent needs to work at all (its own API and sign-in).
 const AGENTS: &[(&str, &[&str])] = &[
     ("shell", &[]),
-    ("claude", &["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com"]),
+    ("claude", &["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "platform.claude.com"]),
     ("codex", &["api.openai.com", "chatgpt.com", "auth.openai.com"]),
     ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
 ];

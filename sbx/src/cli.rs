@@ -159,6 +159,17 @@ pub enum SecretCommand {
         #[arg(long, default_value = "global")]
         scope: String,
     },
+    /// Move an agent's subscription sign-in (claude: ~/.claude/.credentials.json;
+    /// codex: ~/.codex/auth.json) into sbx's store as secret AGENT-oauth:
+    /// `sbx run AGENT` then gets placeholders, and netstack injects the
+    /// access token and performs each refresh on the host.
+    OauthImport {
+        /// claude or codex.
+        agent: String,
+        /// The agent's credential file (default: its usual place in your home).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]

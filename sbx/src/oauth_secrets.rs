@@ -14,6 +14,8 @@
 //! token).
 
 use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -80,15 +82,28 @@ pub fn read_agent_file(agent: &str, path: &Path) -> Result<(Tokens, Meta), Error
 }
 
 fn write(dir: &Path, name: &str, tokens: &Tokens, meta: &Meta) -> Result<(), Error> {
+    secrets::private_dir(dir)?;
+    secrets::private_dir(&oauth_dir(dir))?;
+    write_in_place(dir, name, tokens, meta)
+}
+
+/// Replaces OAuth secret `name`'s file atomically, with nothing but
+/// open, write, fsync and rename in its folder (what netstack's jailed
+/// threads may do there: see [`FileStore`]); the caller holds its lock,
+/// so the one temporary name is never written by two at once.
+fn write_in_place(dir: &Path, name: &str, tokens: &Tokens, meta: &Meta) -> Result<(), Error> {
     let body = Zeroizing::new(
         json!({"magic": OAUTH_MAGIC, "agent": meta.agent, "access": tokens.access.expose(),
             "refresh": tokens.refresh.expose(), "expires_at_ms": tokens.expires_at_ms,
             "scopes": meta.scopes, "subscription": meta.subscription})
         .to_string(),
     );
-    secrets::private_dir(dir)?;
-    secrets::private_dir(&oauth_dir(dir))?;
-    secrets::write_private(&oauth_dir(dir).join(name), body.as_bytes())
+    let path = oauth_dir(dir).join(name);
+    let tmp = oauth_dir(dir).join(format!("{name}.new"));
+    let io = |e| Error::Io(tmp.clone(), e);
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(body.as_bytes()).and_then(|_| f.sync_all()).map_err(io)?;
+    fs::rename(&tmp, &path).map_err(|e| Error::Io(path.clone(), e))
 }
 
 /// Reads OAuth secret `name`.
@@ -149,13 +164,19 @@ pub fn import(dir: &Path, agent: &str, from: &Path, name: Option<&str>) -> Resul
     Ok(name)
 }
 
-/// The exclusive lock on OAuth secret `name` (every sandbox of the host).
+/// The exclusive lock on OAuth secret `name` (every sandbox of the host),
+/// its folder made first.
 fn lock(dir: &Path, name: &str) -> Result<fs::File, Error> {
     secrets::private_dir(dir)?;
     secrets::private_dir(&oauth_dir(dir))?;
+    lock_in_place(dir, name)
+}
+
+/// The lock, in a folder that exists: open and flock only.
+fn lock_in_place(dir: &Path, name: &str) -> Result<fs::File, Error> {
     let path = oauth_dir(dir).join(format!("{name}.lock"));
     let io = |e| Error::Io(path.clone(), e);
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(io)?;
     f.lock().map_err(io)?;
     Ok(f)
 }
@@ -172,19 +193,36 @@ impl TokenStore for FileStore {
         name: &str,
         f: &mut dyn FnMut(&Tokens) -> Result<Option<Tokens>, oauth::Error>,
     ) -> Result<Tokens, oauth::Error> {
+        // This runs on netstack's jailed threads: Landlock lets them
+        // reach the oauth folder alone (`oauth_reach`), seccomp lets them
+        // open, flock, write, fsync and rename there — no mkdir, chmod or
+        // unlink, and not the secrets log in the folder above, so the
+        // refresh is recorded in the sandbox's audit log (`"event":
+        // "oauth"`, by netstack) and in the secret's file.
         let store = |e: Error| oauth::Error::Store(e.to_string());
-        let _lock = lock(&self.dir, name).map_err(store)?;
+        let _lock = lock_in_place(&self.dir, name).map_err(store)?;
         let (stored, meta) = read(&self.dir, name).map_err(store)?;
         match f(&stored)? {
             Some(new) => {
-                write(&self.dir, name, &new, &meta).map_err(store)?;
-                audit(&self.dir, "oauth-refresh", name, &meta.agent, new.expires_at_ms, Some(&self.sandbox))
-                    .map_err(store)?;
+                write_in_place(&self.dir, name, &new, &meta).map_err(store)?;
                 Ok(new)
             }
             None => Ok(stored),
         }
     }
+}
+
+/// What netstack's threads need of the host for OAuth secrets: the
+/// oauth folder, read-write (the store's files and their lock).
+pub fn oauth_reach(dir: &Path) -> std::path::PathBuf {
+    oauth_dir(dir)
+}
+
+/// The OAuth secret `AGENT-oauth` of an agent, if one was imported.
+pub fn imported(dir: &Path, agent: &str) -> Option<String> {
+    let name = format!("{agent}-oauth");
+    oauth::provider(agent)?;
+    oauth_dir(dir).join(&name).is_file().then_some(name)
 }
 
 /// For `sbx run AGENT` with OAuth secret `name`: the session netstack
@@ -226,7 +264,8 @@ mod tests {
         assert_eq!(o["expiresAt"], 1747909518727u64);
         assert_eq!(o["subscriptionType"], "max");
         assert!(session.access_placeholder.starts_with("sbx-oauth-access-"));
-        // A refresh through the store is written back and audited, no token.
+        // A refresh through the store is written back (no temporary file
+        // left; the sandbox's audit log records it, netstack's line).
         let store = FileStore { dir: cfg.clone(), sandbox: "sb1".into() };
         let new = Tokens {
             access: Secret::new("sk-ant-oat01-bbbb").unwrap(),
@@ -235,8 +274,10 @@ mod tests {
         };
         store.update(&name, &mut |_| Ok(Some(new.clone()))).unwrap();
         assert_eq!(read(&cfg, &name).unwrap().0.refresh.expose(), "sk-ant-ort01-ssss");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!cfg.join("oauth/claude-oauth.new").exists());
         let log = fs::read_to_string(cfg.join(secrets::SECRETS_AUDIT_LOG)).unwrap();
-        assert!(log.contains("oauth-import") && log.contains("oauth-refresh") && log.contains("sb1"), "{log}");
+        assert!(log.contains("oauth-import"), "{log}");
         assert!(!log.contains("sk-ant-"), "{log}");
         // An agent file readable by others is refused.
         fs::set_permissions(&from, fs::Permissions::from_mode(0o644)).unwrap();

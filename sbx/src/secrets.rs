@@ -786,6 +786,24 @@ pub fn command(cmd: &crate::cli::SecretCommand) -> Result<(), Box<dyn std::error
             remove_scoped(&dir, name, &scope)?;
             audit_change(&dir, &change_event("rm", name, None, &scope), now_ms)?;
         }
+        SecretCommand::OauthImport { agent, from } => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let from = match (from, agent.as_str()) {
+                (Some(f), _) => f.clone(),
+                (None, "claude") => home.join(".claude/.credentials.json"),
+                (None, "codex") => home.join(".codex/auth.json"),
+                (None, other) => {
+                    return Err(format!("No OAuth sign-in known for agent '{other}' (claude, codex)").into())
+                }
+            };
+            let name = crate::oauth_secrets::import(&dir, agent, &from, None)?;
+            eprintln!(
+                "sbx: {agent}'s sign-in from {} stored as secret '{name}'; `sbx run {agent}` uses it \
+                 (its tokens stay on the host). You may delete {} now.",
+                from.display(),
+                from.display()
+            );
+        }
     }
     Ok(())
 }

@@ -208,8 +208,11 @@ const SOCKET_IO: Sys = sys!(
 );
 
 /// netstack's connect threads: the host resolver (glibc's: files, DNS,
-/// perhaps NSS modules) and the upstream connection.
+/// perhaps NSS modules) and the upstream connection; and an OAuth
+/// refresh written back to the host's store (`flock` on its lock file,
+/// in the one folder Landlock gives them for it).
 const NET: Sys = sys!(
+    SYS_flock,
     SYS_connect,
     SYS_bind,
     SYS_uname,

@@ -203,6 +203,11 @@ fn guest_network(
     // directory (the audit log).
     let mut paths = vec![PathRule { path: sandbox_dir.to_path_buf(), write: true }];
     paths.extend(threads::resolver_reach());
+    // A sign-in kept on the host: its refreshed tokens are written back
+    // to their own folder of the store (never the rest of it).
+    if let Some(o) = &net.oauth {
+        paths.push(PathRule { path: o.store_dir.clone(), write: true });
+    }
     let backend = crate::netback::NetBackend::new(stack);
     let stats = backend.stats();
     (GuestNet { mac: GUEST_MAC, mtu, backend: Box::new(backend), reach: Reach::Only(paths) }, stats)

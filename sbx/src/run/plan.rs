@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use netstack::host::HostName;
-use netstack::policy::Policy;
+use netstack::policy::{Origin, Policy};
 use netstack::terminate::{self, Termination};
 use thiserror::Error;
 use vmm::arch::cpuid::{self, CpuTemplate};
@@ -110,7 +110,27 @@ pub struct NetPlan {
     pub approval_wait_ms: u64,
     /// `--learn`: questions answered yes at once, recorded.
     pub learn: bool,
+    /// A subscription sign-in kept on the host (`sbx secret
+    /// oauth-import`): the guest's credential file, with placeholders.
+    pub oauth: Option<OAuthRun>,
 }
+
+/// What a run with an OAuth secret does beside the injection itself.
+#[derive(Debug, Clone)]
+pub struct OAuthRun {
+    /// The secret's name (`claude-oauth`).
+    pub name: String,
+    /// The agent's credential file for the guest (placeholders only).
+    pub guest_file: String,
+    /// Where in the guest's home it goes.
+    pub guest_path: &'static str,
+    /// The host folder netstack's threads write refreshed tokens to.
+    pub store_dir: PathBuf,
+}
+
+/// The guest's variable carrying the OAuth credential file (placeholders:
+/// worthless outside this run) to the wrapper that writes it.
+pub const OAUTH_FILE_VAR: &str = "SBX_OAUTH_FILE";
 
 /// Everything `sbx run` will do, checked.
 pub struct RunPlan {
@@ -246,10 +266,42 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
     if let Some(extra) = &args.upstream_ca {
         terminate::add_pem_roots(&mut roots, extra)?;
     }
-    let run = secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest, scope, secrets::now_unix())?;
+    let mut run =
+        secrets::for_run(&config, &policy.credentials, &args.expose_secret_to_guest, scope, secrets::now_unix())?;
     for note in &run.notes {
         eprintln!("sbx: {note}");
     }
+    let oauth = match crate::oauth_secrets::imported(&config, &args.agent) {
+        Some(name) => {
+            let (session, guest_file) = crate::oauth_secrets::for_run(&config, &name, &scope.sandbox)?;
+            let raw = netstack::credential::FileCredential {
+                name: name.clone(),
+                hosts: session.provider.api_hosts.iter().map(|h| h.to_string()).collect(),
+                header: "authorization".into(),
+                scheme: Some("Bearer".into()),
+                env: None,
+            };
+            let origin = Origin::Agent(agents::find(&args.agent).map_or("agent", |a| a.name));
+            let rule = netstack::credential::CredentialRule::parse(raw, origin)
+                .map_err(|e| PlanError::Agent(args.agent.clone(), netstack::policy::Error::Credential(e)))?;
+            run.credentials = run.credentials.with(netstack::credential::Credential::oauth(rule, session));
+            // The agent would prefer an API key in its environment to the
+            // sign-in: the key's placeholder is not given.
+            let keys: Vec<String> = policy
+                .credentials
+                .iter()
+                .filter(|c| matches!(c.origin, Origin::Agent(_)))
+                .filter_map(|c| c.env.clone())
+                .collect();
+            run.guest_env.retain(|(k, _)| !keys.contains(k));
+            run.guest_env.push((OAUTH_FILE_VAR.to_string(), guest_file.clone()));
+            eprintln!("sbx: {} signs in with secret '{name}': its tokens stay on the host", args.agent);
+            let guest_path = if args.agent == "codex" { ".codex/auth.json" } else { ".claude/.credentials.json" };
+            let store_dir = crate::oauth_secrets::oauth_reach(&config);
+            Some(OAuthRun { name, guest_file, guest_path, store_dir })
+        }
+        None => None,
+    };
     let ca_cert = authority.cert_pem().to_string();
     let termination = Arc::new(Termination::new(authority, roots, run.credentials)?);
     let approval_wait_ms = args.approval_wait * 1000;
@@ -261,6 +313,7 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
         guest_env: run.guest_env,
         approval_wait_ms,
         learn: args.learn,
+        oauth,
     })
 }
 
@@ -367,6 +420,10 @@ impl RunPlan {
         }
 
         let (policy_sha256, policy_source) = policy_digest(args)?;
+        let argv = match net.as_ref().and_then(|n| n.oauth.as_ref()) {
+            Some(o) => oauth_argv(agent.argv(&args.command), o.guest_path),
+            None => agent.argv(&args.command),
+        };
         let interactive = !args.no_tty && terminal::is_tty(0) && terminal::is_tty(1);
         let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
         Ok(RunPlan {
@@ -392,7 +449,7 @@ impl RunPlan {
             report: args.report.clone(),
             shares,
             net,
-            argv: agent.argv(&args.command),
+            argv,
             user: args.user.clone(),
             interactive,
             rows,
@@ -403,9 +460,47 @@ impl RunPlan {
     }
 }
 
+/// The agent's command behind a small wrapper that first writes the
+/// OAuth credential file (from [`OAUTH_FILE_VAR`], placeholders only) to
+/// `guest_path` in the agent's home, private, then execs the agent with
+/// the variable gone.
+fn oauth_argv(argv: Vec<String>, guest_path: &str) -> Vec<String> {
+    let script = format!(
+        "umask 077 && f=\"$HOME/{guest_path}\" && mkdir -p \"${{f%/*}}\" && printf '%s' \"${OAUTH_FILE_VAR}\" > \"$f\" \
+         && unset {OAUTH_FILE_VAR} && exec \"$@\""
+    );
+    let mut out = vec!["/bin/sh".to_string(), "-c".to_string(), script, "sbx-oauth".to_string()];
+    out.extend(argv);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oauth_wrapper_writes_the_file_privately_then_runs_the_agent_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let argv = oauth_argv(
+            vec!["sh".into(), "-c".into(), "echo \"$0|$1|${SBX_OAUTH_FILE:-gone}\"".into(), "a b".into()],
+            ".claude/.credentials.json",
+        );
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("HOME", dir.path())
+            .env(OAUTH_FILE_VAR, "{\"claudeAiOauth\":{\"accessToken\":\"sbx-oauth-access-1\"}}")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b||gone\n", "arguments unchanged, the variable gone");
+        let file = dir.path().join(".claude/.credentials.json");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "{\"claudeAiOauth\":{\"accessToken\":\"sbx-oauth-access-1\"}}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 
     #[test]
     fn resolve_and_mount_arguments_are_checked() {
