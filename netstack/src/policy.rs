@@ -278,7 +278,7 @@ impl fmt::Display for Rule {
             Origin::File(i) => write!(f, "rule {i}: ")?,
             Origin::Agent(a) => write!(f, "agent {a}: ")?,
             Origin::CommandLine => write!(f, "--allow: ")?,
-            Origin::Admin(i) => write!(f, "admin policy rule {i}: ")?,
+            Origin::Admin(i) => write!(f, "{ADMIN_ASK_ORIGIN} {i}: ")?,
         }
         write!(f, "{verb} {}", self.pattern)?;
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
@@ -751,7 +751,8 @@ pub struct AdminLayer {
     pub sha256: String,
 }
 
-/// The origin text of an admin ask rule (see [`AskRule::is_admin`]).
+/// How every admin rule's text begins: the origin of an admin ask rule
+/// (see [`AskRule::is_admin`]) and what [`Origin::Admin`] displays.
 pub const ADMIN_ASK_ORIGIN: &str = "admin policy rule";
 
 impl AdminLayer {

@@ -421,6 +421,13 @@ fn offline(sb: &Sandbox, req: &Req) -> Result<Reply, Error> {
     let rules = load(sb.dir(), now)?;
     let live = Live::new(&sb.settings.name, rules);
     live.tick(now);
+    // The machine's admin rules refuse here as in a running sandbox (and
+    // at the next run's decisions, whatever is kept).
+    if let Some(machine) = crate::machine_policy::load(Path::new(crate::machine_policy::PATH))
+        .map_err(|e| Error::Refused(e.to_string()))?
+    {
+        live.set_admin(machine.network, "loaded");
+    }
     let result = match req {
         Req::Add { rule } if rule.until_exit => {
             Err(format!("sandbox '{}' is not running: an --until-exit rule would end at once", sb.settings.name))
