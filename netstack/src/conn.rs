@@ -359,7 +359,14 @@ pub const MAX_APPROVED: usize = 8;
 /// The one deny signal: a 403 with a short JSON body naming the rule, the
 /// host and the command that would allow it (`NAME`: the sandbox).
 fn denied_response(reason: &str, rule: Option<&str>, host: Option<&str>, sandbox: &str) -> Vec<u8> {
-    let ask = host.map(|h| format!("sbx policy allow {sandbox} {h}"));
+    // The machine's admin rules: no command of the sandbox's user lifts them.
+    let ask = match host {
+        _ if rule.is_some_and(|r| r.starts_with(crate::policy::ADMIN_ASK_ORIGIN)) => {
+            Some("the machine's administrator: its admin policy denies this, no sbx command lifts it".to_string())
+        }
+        Some(h) => Some(format!("sbx policy allow {sandbox} {h}")),
+        None => None,
+    };
     let body = json!({"error": "sbx_denied", "rule": rule, "host": host, "ask": ask,
         "reason": format!("request refused: {reason}")})
     .to_string()
@@ -1643,5 +1650,17 @@ mod tests {
         assert!(c.events.iter().any(|e| e["event"] == "upstream"));
         drop(taken);
         assert_eq!(slots.running(), 0);
+    }
+}
+
+#[cfg(test)]
+mod admin_deny_tests {
+    #[test]
+    fn an_admin_deny_points_to_the_administrator_not_to_sbx_policy_allow() {
+        let body =
+            |rule: &str| String::from_utf8(super::denied_response("x", Some(rule), Some("a.com"), "sb")).unwrap();
+        let admin = body("admin policy rule 1: deny a.com ports 80,443");
+        assert!(admin.contains("the machine's administrator") && !admin.contains("sbx policy allow"), "{admin}");
+        assert!(body("rule 1: deny a.com ports 80,443").contains("sbx policy allow sb a.com"));
     }
 }

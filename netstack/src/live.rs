@@ -24,10 +24,21 @@
 //!
 //! # Precedence
 //!
-//! live deny > static deny > live allow > static ask > static allow >
-//! default (held if `approval = "ask"`, else denied). A live allow thus
-//! lifts an ask rule (that is how "approve for 10 minutes" works) but never
-//! a deny of the policy file; a live deny beats everything.
+//! admin deny > live deny > static deny > admin ask > live allow >
+//! static ask > static allow > default (held if `approval = "ask"`, else
+//! denied). A live allow thus lifts an ask rule of the sandbox's own
+//! policy (that is how "approve for 10 minutes" works) but never a deny of
+//! the policy file; a live deny beats everything the user set.
+//!
+//! The admin layer ([`AdminLayer`]: the machine's `/etc/sbx/policy.toml`,
+//! read by sbx, kept with the live rules but never persisted with them,
+//! replaced whole by [`Live::set_admin`] when the file changes) is above
+//! all of it: its deny rules beat every allow of any kind, and its ask
+//! rules hold a request even when a live allow (`sbx policy allow`, `sbx
+//! approve --for|--always`, `--learn`) or the user's file allows it.
+//! `sbx approve` of a question an admin ask rule raised lets only what
+//! waits go (as `--once`: no grant is added, it would not lift the rule),
+//! and `--learn` never answers such a question.
 //!
 //! # Ask rules and held requests
 //!
@@ -100,7 +111,7 @@ use thiserror::Error;
 
 use crate::host::HostName;
 use crate::http;
-use crate::policy::{Action, Pattern, Policy, Request};
+use crate::policy::{Action, AdminLayer, Pattern, Policy, Request, ADMIN_ASK_ORIGIN};
 
 /// Live rules one sandbox may have.
 pub const MAX_LIVE_RULES: usize = 10_000;
@@ -400,6 +411,12 @@ impl AskRule {
             && self.ports.contains(&req.port)
             && narrowed_matches(&self.methods, self.path.as_ref(), req, true)
     }
+
+    /// Whether it is a rule of the machine's admin policy (which no live
+    /// allow lifts and `--learn` never answers).
+    pub fn is_admin(&self) -> bool {
+        self.origin.starts_with(ADMIN_ASK_ORIGIN)
+    }
 }
 
 /// The shipped ask presets, by name (`include = ["ask:github"]`).
@@ -637,6 +654,9 @@ pub struct LiveRules {
     /// change): the stack's clock ticks every round, and with thousands of
     /// rules a scan per round would cost more than the requests.
     soonest: Option<u64>,
+    /// The machine's admin layer (never persisted: sbx reads it from its
+    /// file at each run and when the file changes).
+    admin: Arc<AdminLayer>,
 }
 
 impl PartialEq for LiveRules {
@@ -650,6 +670,16 @@ impl Eq for LiveRules {}
 impl LiveRules {
     pub fn list(&self) -> &[LiveRule] {
         &self.rules
+    }
+
+    /// The admin layer these rules are judged under.
+    pub fn admin(&self) -> &AdminLayer {
+        &self.admin
+    }
+
+    /// Replaces the admin layer (see [`Live::set_admin`]).
+    pub fn set_admin(&mut self, admin: Arc<AdminLayer>) {
+        self.admin = admin;
     }
 
     /// Adds a rule; its id.
@@ -761,7 +791,12 @@ impl LiveRules {
         if file.rules.len() > MAX_LIVE_RULES {
             return Err(Error::TooMany);
         }
-        let mut out = LiveRules { rules: Vec::with_capacity(file.rules.len()), next_id: file.next_id, soonest: None };
+        let mut out = LiveRules {
+            rules: Vec::with_capacity(file.rules.len()),
+            next_id: file.next_id,
+            soonest: None,
+            admin: Arc::default(),
+        };
         let mut expired = 0;
         for (i, s) in file.rules.into_iter().enumerate() {
             let ctx = |e: Error| Error::File(format!("rule {}: {e}", i + 1));
@@ -852,10 +887,21 @@ fn held_by_default(host: &HostName, port: u16) -> Judgement {
     Judgement::new(Verdict::Ask(key), None, "held: no rule allows it (approval = ask)".into())
 }
 
+fn held_by(req: &Request<'_>, a: &AskRule) -> Judgement {
+    let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
+    let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), format!("held by {a}"));
+    j.ask = Some(a.clone());
+    j
+}
+
 /// THE decision for one request (HTTP method and target where readable):
-/// live deny > static deny > live allow > static ask > static allow >
-/// default. Both the stack and `sbx policy explain` call it.
+/// admin deny > live deny > static deny > admin ask > live allow > static
+/// ask > static allow > default. Both the stack and `sbx policy explain`
+/// call it.
 pub fn judge(policy: &Policy, live: &LiveRules, req: &Request<'_>, now_ms: u64) -> Judgement {
+    if let Some(r) = live.admin.deny_for(req) {
+        return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
+    }
     if let Some(r) = live.matching(Action::Deny, req, now_ms) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
@@ -863,16 +909,16 @@ pub fn judge(policy: &Policy, live: &LiveRules, req: &Request<'_>, now_ms: u64) 
     if let (Action::Deny, Some(rule)) = (d.action, &d.rule) {
         return Judgement::new(Verdict::Deny, Some(rule.to_string()), d.to_string());
     }
+    if let Some(a) = live.admin.asks.iter().find(|a| a.matches(req)) {
+        return held_by(req, a);
+    }
     if let Some(r) = live.matching(Action::Allow, req, now_ms) {
         let mut j = Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
         j.grant = Some(r.id);
         return j;
     }
     if let Some(a) = policy.asks.iter().find(|a| a.matches(req)) {
-        let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
-        let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), format!("held by {a}"));
-        j.ask = Some(a.clone());
-        return j;
+        return held_by(req, a);
     }
     if d.action == Action::Allow {
         return Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
@@ -889,6 +935,9 @@ pub fn judge(policy: &Policy, live: &LiveRules, req: &Request<'_>, now_ms: u64) 
 /// allowed or asked; else held or denied by default.
 pub fn judge_reachable(policy: &Policy, live: &LiveRules, host: &HostName, port: u16, now_ms: u64) -> Judgement {
     let req = Request { host, port, http: None };
+    if let Some(r) = live.admin.blanket_deny(host, port) {
+        return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
+    }
     if let Some(r) = live.rules.iter().find(|r| r.action == Action::Deny && r.blanket() && r.matches(&req, now_ms)) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
@@ -903,7 +952,8 @@ pub fn judge_reachable(policy: &Policy, live: &LiveRules, host: &HostName, port:
     if let Some(r) = live_allow {
         return Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
     }
-    if let Some(a) = policy.asks.iter().find(|a| a.pattern.matches(host) && a.ports.contains(&port)) {
+    let asks = live.admin.asks.iter().chain(&policy.asks);
+    if let Some(a) = asks.into_iter().find(|a| a.pattern.matches(host) && a.ports.contains(&port)) {
         return Judgement::new(Verdict::Allow, Some(a.to_string()), format!("reachable: {a}"));
     }
     if d.action == Action::Allow {
@@ -919,6 +969,9 @@ pub fn judge_reachable(policy: &Policy, live: &LiveRules, host: &HostName, port:
 /// ports 80 and 443) names it; yes if some rule could allow or ask a
 /// request to it, or approval is ask.
 pub fn judge_resolvable(policy: &Policy, live: &LiveRules, host: &HostName, now_ms: u64) -> Judgement {
+    if let Some(r) = live.admin.name_deny(host) {
+        return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
+    }
     let live_deny = live.rules.iter().find(|r| {
         r.action == Action::Deny
             && r.blanket()
@@ -941,7 +994,7 @@ pub fn judge_resolvable(policy: &Policy, live: &LiveRules, host: &HostName, now_
     if d.action == Action::Allow {
         return Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
     }
-    if let Some(a) = policy.asks.iter().find(|a| a.pattern.matches(host)) {
+    if let Some(a) = live.admin.asks.iter().chain(&policy.asks).find(|a| a.pattern.matches(host)) {
         return Judgement::new(Verdict::Allow, Some(a.to_string()), format!("resolvable: {a}"));
     }
     match policy.approval {
@@ -954,6 +1007,7 @@ pub fn judge_resolvable(policy: &Policy, live: &LiveRules, host: &HostName, now_
 /// policy says so, or an ask rule or a narrowed live rule names it.
 pub fn terminates(policy: &Policy, live: &LiveRules, host: &HostName, port: u16) -> bool {
     policy.terminates(host, port)
+        || live.admin.needs_requests(host, port)
         || policy.asks.iter().any(|a| a.pattern.matches(host) && a.ports.contains(&port))
         || live.rules.iter().any(|r| !r.blanket() && r.pattern.matches(host) && r.ports.contains(&port))
 }
@@ -1177,6 +1231,34 @@ impl Live {
         self.lock().learn = on;
     }
 
+    /// Puts the machine's admin layer in force (at start, and each time
+    /// its file changes: `change` says which), logged with the file's
+    /// SHA-256; the stack is woken to judge by it.
+    pub fn set_admin(&self, admin: AdminLayer, change: &str) {
+        let mut s = self.lock();
+        s.event(json!({"event": "admin_policy", "change": change, "sha256": admin.sha256,
+            "deny_rules": admin.denies.len(), "ask_rules": admin.asks.len()}));
+        s.rules.set_admin(Arc::new(admin));
+        drop(s);
+        self.wake();
+    }
+
+    /// The admin policy's file changed but cannot be used: logged; the
+    /// last good layer stays in force (never none because of a bad file).
+    pub fn admin_error(&self, error: &str) {
+        let mut s = self.lock();
+        let kept = s.rules.admin.sha256.clone();
+        s.event(json!({"event": "admin_policy", "change": "refused", "error": printable(error),
+            "kept_sha256": kept, "note": "the last good admin policy stays in force"}));
+        drop(s);
+        self.wake();
+    }
+
+    /// The admin layer in force.
+    pub fn admin(&self) -> Arc<AdminLayer> {
+        self.lock().rules.admin.clone()
+    }
+
     /// From now on everything is denied (the audit log cannot be written).
     pub fn fail(&self) {
         self.lock().failed = true;
@@ -1285,7 +1367,11 @@ impl Live {
             }
         };
         s.held_conns += 1;
-        let learn = s.learn && s.questions.iter().any(|q| q.id == id && q.answer == Answer::Pending);
+        // An admin ask rule's question is always a person's to answer.
+        let learn = s.learn
+            && s.questions
+                .iter()
+                .any(|q| q.id == id && q.answer == Answer::Pending && !q.ask.as_ref().is_some_and(AskRule::is_admin));
         drop(s);
         // Told outside the lock (a slow stderr never stalls the stack's
         // decisions).
@@ -1333,6 +1419,8 @@ impl Live {
             uses: None,
             until_exit: limit.1,
         };
+        // No grant lifts an admin ask rule: only what waits goes.
+        let grant = if q.ask.as_ref().is_some_and(AskRule::is_admin) { Grant::Once } else { grant };
         let rule = match grant {
             Grant::Once => None,
             Grant::ForSecs(secs) => Some(spec((Some(secs), false))),
@@ -1718,5 +1806,178 @@ mod tests {
         assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\npath = \"/x\"").contains("for ask rules"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\npath = \"x\"").contains("path pattern"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\nallow = \"a.com\"").contains("exactly one"));
+    }
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::*;
+    use crate::policy::{AdminLayer, AdminRule, Origin};
+
+    fn host(s: &str) -> HostName {
+        HostName::parse(s).unwrap()
+    }
+
+    fn spec(action: &str, h: &str) -> RuleSpec {
+        RuleSpec {
+            action: action.into(),
+            host: h.into(),
+            methods: vec![],
+            path: None,
+            for_secs: None,
+            uses: None,
+            until_exit: false,
+        }
+    }
+
+    /// The admin layer of a file's `[[rule]]` tables.
+    fn layer(toml_rules: &str) -> AdminLayer {
+        #[derive(serde::Deserialize)]
+        struct F {
+            rule: Vec<AdminRule>,
+        }
+        let f: F = toml::from_str(toml_rules).unwrap();
+        AdminLayer::parse(f.rule, "abc".into()).unwrap()
+    }
+
+    const ADMIN: &str = "[[rule]]\ndeny = \"evil.com\"\n[[rule]]\nask = \"api.github.com\"\nmethods = [\"DELETE\"]\n\
+                         [[rule]]\ndeny = \"files.corp\"\npath_prefix = \"/secret/\"\n";
+
+    fn verdict(p: &Policy, live: &LiveRules, h: &str, http: Option<(&str, &str)>) -> Judgement {
+        let h = host(h);
+        judge(p, live, &Request { host: &h, port: 443, http }, 0)
+    }
+
+    #[test]
+    fn admin_deny_beats_every_allow_and_admin_ask_holds_what_users_allow() {
+        // The user allows everything, by file, preset, --allow and agent.
+        let mut p = Policy::from_toml(
+            "version = 1\npreset = \"open\"\n[[rule]]\nallow = \"evil.com\"\n[[rule]]\nallow = \"api.github.com\"\n",
+        )
+        .unwrap();
+        p.allow("evil.com").unwrap();
+        p.add_agent("claude").unwrap();
+        let mut rules = LiveRules::default();
+        rules.add(&spec("allow", "evil.com"), 0, Some(1000), None).unwrap();
+        rules.add(&spec("allow", "api.github.com"), 0, Some(1000), None).unwrap();
+        rules.add(&spec("allow", "files.corp"), 0, Some(1000), None).unwrap();
+        // Without the admin layer: allowed.
+        assert!(verdict(&p, &rules, "evil.com", None).allowed());
+        assert!(verdict(&p, &rules, "api.github.com", Some(("DELETE", "/x"))).allowed());
+        rules.set_admin(Arc::new(layer(ADMIN)));
+        let j = verdict(&p, &rules, "evil.com", Some(("GET", "/")));
+        assert_eq!(j.verdict, Verdict::Deny, "admin deny beats file, preset, --allow and live allows");
+        assert_eq!(j.reason, "denied by admin policy rule 1: deny evil.com ports 80,443");
+        assert_eq!(verdict(&p, &rules, "evil.com", None).verdict, Verdict::Deny);
+        // Narrowed admin deny: that path only; unreadable path fails closed.
+        assert_eq!(verdict(&p, &rules, "files.corp", Some(("GET", "/secret/a"))).verdict, Verdict::Deny);
+        assert_eq!(verdict(&p, &rules, "files.corp", Some(("GET", "/x/../secret/a"))).verdict, Verdict::Deny);
+        assert!(verdict(&p, &rules, "files.corp", Some(("GET", "/public"))).allowed());
+        assert_eq!(verdict(&p, &rules, "files.corp", None).verdict, Verdict::Deny, "spliced: cannot see the path");
+        // Admin ask: held though the file, the preset and a live allow allow it.
+        let j = verdict(&p, &rules, "api.github.com", Some(("DELETE", "/repos/a/b")));
+        assert!(
+            matches!(&j.verdict, Verdict::Ask(k) if k.rule.as_deref() == Some("admin policy rule 2: ask api.github.com ports 80,443 methods DELETE")),
+            "{j:?}"
+        );
+        assert!(j.ask.as_ref().unwrap().is_admin());
+        assert!(verdict(&p, &rules, "api.github.com", Some(("GET", "/"))).allowed(), "narrowed to DELETE");
+        // A live deny still beats an admin ask (both narrow).
+        rules.add(&spec("deny", "api.github.com"), 0, None, None).unwrap();
+        assert_eq!(verdict(&p, &rules, "api.github.com", Some(("DELETE", "/"))).verdict, Verdict::Deny);
+        // DNS and connections follow.
+        assert_eq!(judge_resolvable(&p, &rules, &host("evil.com"), 0).verdict, Verdict::Deny);
+        assert_eq!(judge_resolvable(&p, &rules, &host("files.corp"), 0).verdict, Verdict::Allow, "narrowed");
+        assert_eq!(judge_reachable(&p, &rules, &host("evil.com"), 443, 0).verdict, Verdict::Deny);
+        assert!(terminates(&p, &rules, &host("files.corp"), 443), "a narrowed admin deny needs each request");
+        assert!(terminates(&p, &rules, &host("api.github.com"), 443), "an admin ask needs each request");
+        let pass = Policy::from_toml("version = 1\nhttps = \"passthrough\"\n").unwrap();
+        assert!(terminates(&pass, &rules, &host("files.corp"), 443));
+        assert!(!terminates(&pass, &rules, &host("other.org"), 443), "other hosts as the user set them");
+    }
+
+    #[test]
+    fn approve_always_and_learn_never_lift_admin_rules() {
+        let p = Policy::from_toml("version = 1\napproval = \"ask\"\n").unwrap();
+        let mut rules = LiveRules::default();
+        rules.set_admin(Arc::new(layer(ADMIN)));
+        let live = Live::new("sb", rules);
+        // A default-held question about a host the admin denies cannot
+        // arise (the deny decides first); approve --always of another
+        // host's question adds a live allow that the admin deny still beats.
+        let h = host("evil.com");
+        let j = live.judge(&p, &Request { host: &h, port: 443, http: None });
+        assert_eq!(j.verdict, Verdict::Deny, "admin deny before approval = ask");
+        let key = QKey { host: host("evil.com"), port: 443, rule: None };
+        let t = live.hold(key, None, None).unwrap();
+        assert_eq!(live.approve(t.id, Grant::Always, 1000).unwrap(), Some(1), "a grant was added");
+        assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
+        // Admin ask: approve --always lets what waits go, adds no grant.
+        let gh = host("api.github.com");
+        let req = Request { host: &gh, port: 443, http: Some(("DELETE", "/r")) };
+        let Verdict::Ask(key) = live.judge(&p, &req).verdict else { panic!("not held") };
+        let ask = live.judge(&p, &req).ask;
+        let t = live.hold(key.clone(), ask.clone(), Some(("DELETE", "/r"))).unwrap();
+        assert_eq!(live.approve(t.id, Grant::Always, 1000).unwrap(), None, "no grant lifts an admin ask");
+        assert_eq!(live.answer(t.id), Answer::Approved { by: 1000 });
+        assert!(matches!(live.judge(&p, &req).verdict, Verdict::Ask(_)), "the next such request is asked again");
+        // --learn answers no admin question.
+        live.set_learn(true);
+        let t = live.hold(key, ask, Some(("DELETE", "/r"))).unwrap();
+        assert_eq!(live.answer(t.id), Answer::Pending, "a person answers admin asks");
+        let other = live.hold(QKey { host: host("new.org"), port: 443, rule: None }, None, None).unwrap();
+        assert_eq!(live.answer(other.id), Answer::Approved { by: 0 }, "others are learned");
+        assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn the_admin_layer_is_replaced_whole_logged_and_never_persisted() {
+        let live = Live::new("sb", LiveRules::default());
+        let p = Policy::from_toml("version = 1\n[[rule]]\nallow = \"evil.com\"\n").unwrap();
+        let h = host("evil.com");
+        let req = Request { host: &h, port: 443, http: None };
+        live.set_admin(layer(ADMIN), "loaded");
+        assert_eq!(live.judge(&p, &req).verdict, Verdict::Deny);
+        live.admin_error("bad file");
+        assert_eq!(live.judge(&p, &req).verdict, Verdict::Deny, "a bad file keeps the last good layer");
+        live.set_admin(layer("[[rule]]\nask = \"other.org\"\n"), "reloaded");
+        assert!(live.judge(&p, &req).allowed(), "the deny is gone once the file drops it");
+        let events = live.take_events();
+        let changes: Vec<&str> = events.iter().filter_map(|e| e["change"].as_str()).collect();
+        assert_eq!(changes, ["loaded", "refused", "reloaded"]);
+        assert!(events.iter().all(|e| e["event"] == "admin_policy"));
+        assert_eq!(events[1]["kept_sha256"], "abc");
+        assert!(!live.persisted().contains("other.org"), "the admin layer is not a live rule");
+        assert_eq!(live.admin().denies.len(), 0);
+    }
+
+    #[test]
+    fn admin_rules_are_checked_and_conflicts_named() {
+        let l = layer(ADMIN);
+        assert_eq!(l.denies[0].origin, Origin::Admin(1));
+        assert_eq!(l.denies[1].to_string(), "admin policy rule 3: deny files.corp ports 80,443 path /secret/");
+        let (pat, ports) = parse_host_port("EVIL.com").unwrap();
+        assert_eq!(l.conflict(&pat, &ports).as_deref(), Some("admin policy rule 1: deny evil.com ports 80,443"));
+        let (pat, ports) = parse_host_port("*.com").unwrap();
+        assert!(l.conflict(&pat, &ports).is_some(), "a wildcard over a denied name");
+        let (pat, ports) = parse_host_port("api.github.com:8443").unwrap();
+        assert!(l.conflict(&pat, &ports).is_none(), "another port");
+        let (pat, ports) = parse_host_port("good.org").unwrap();
+        assert!(l.conflict(&pat, &ports).is_none());
+        let bad = |t: &str| {
+            #[derive(serde::Deserialize)]
+            struct F {
+                rule: Vec<AdminRule>,
+            }
+            match toml::from_str::<F>(t) {
+                Ok(f) => AdminLayer::parse(f.rule, String::new()).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            }
+        };
+        assert!(bad("[[rule]]\nallow = \"a.com\"\n").contains("unknown field"));
+        assert!(bad("[[rule]]\ndeny = \"a.com\"\nask = \"a.com\"\n").contains("Admin rule 1: give exactly one"));
+        assert!(bad("[[rule]]\ndeny = \"127.0.0.1\"\n").contains("Rule 1"));
+        assert!(bad("[[rule]]\ndeny = \"a.com\"\nports = [0]\n").contains("port 0"));
+        assert!(bad("[[rule]]\nask = \"a.com\"\npath = \"x\"\n").contains("Rule 1"));
     }
 }

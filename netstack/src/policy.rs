@@ -176,6 +176,8 @@ pub enum Error {
     Approval(String),
     #[error("Unknown include '{0}' (expected ask:github or ask:gitlab)")]
     Include(String),
+    #[error("Admin rule {0}: give exactly one of 'deny' or 'ask' (the admin policy has no allow rules; ask rules take path, deny rules path_prefix)")]
+    AdminAction(usize),
 }
 
 /// What netstack does with HTTPS to an allowed host that has neither a
@@ -246,6 +248,9 @@ pub enum Origin {
     Agent(&'static str),
     /// `sbx run --allow HOST`.
     CommandLine,
+    /// Rule N of the machine's admin policy (`/etc/sbx/policy.toml`, read
+    /// by sbx): see [`AdminLayer`].
+    Admin(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +278,7 @@ impl fmt::Display for Rule {
             Origin::File(i) => write!(f, "rule {i}: ")?,
             Origin::Agent(a) => write!(f, "agent {a}: ")?,
             Origin::CommandLine => write!(f, "--allow: ")?,
+            Origin::Admin(i) => write!(f, "{ADMIN_ASK_ORIGIN} {i}: ")?,
         }
         write!(f, "{verb} {}", self.pattern)?;
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
@@ -709,6 +715,146 @@ impl Policy {
             (None, Some(rule)) => Decision { action: Action::Allow, rule: Some(rule) },
             (None, None) => Decision { action: Action::Deny, rule: None },
         }
+    }
+}
+
+/// A rule of the machine's admin policy as its file gives it: `deny` or
+/// `ask` (never allow: the admin layer only narrows), with the same
+/// `ports`, `methods`, `path_prefix` (deny) and `path` (ask) as a
+/// sandbox's policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRule {
+    deny: Option<String>,
+    ask: Option<String>,
+    ports: Option<Vec<u16>>,
+    methods: Option<Vec<String>>,
+    path_prefix: Option<String>,
+    path: Option<String>,
+}
+
+/// The network part of the machine's admin policy, which every sandbox on
+/// the host obeys whatever its user asks: its deny rules win over every
+/// other rule (the user's file, `--allow`, presets, agents, live allows,
+/// `sbx approve --always`, `--learn`) and its ask rules hold requests even
+/// to hosts the user allows, and no live allow lifts them (each held
+/// request needs a person's yes, once: [`crate::live`]). Evaluated by
+/// [`crate::live::judge`] before anything else; replaced whole while a
+/// sandbox runs ([`crate::live::Live::set_admin`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminLayer {
+    /// Deny rules, origin [`Origin::Admin`].
+    pub denies: Vec<Rule>,
+    /// Ask rules, origin "admin policy rule N".
+    pub asks: Vec<AskRule>,
+    /// The SHA-256 (hex) of the file it was read from, for the audit log.
+    pub sha256: String,
+}
+
+/// How every admin rule's text begins: the origin of an admin ask rule
+/// (see [`AskRule::is_admin`]) and what [`Origin::Admin`] displays.
+pub const ADMIN_ASK_ORIGIN: &str = "admin policy rule";
+
+impl AdminLayer {
+    /// The layer of `rules` (numbered from 1 in file order), every field
+    /// checked as for a sandbox's policy file.
+    pub fn parse(rules: Vec<AdminRule>, sha256: String) -> Result<AdminLayer, Error> {
+        let mut layer = AdminLayer { sha256, ..AdminLayer::default() };
+        for (i, r) in rules.into_iter().enumerate() {
+            let n = i + 1;
+            let methods = r.methods.unwrap_or_default();
+            match (r.deny, r.ask) {
+                (Some(raw), None) => {
+                    if r.path.is_some() {
+                        return Err(Error::PathOnAllowDeny(n));
+                    }
+                    let pattern = Pattern::parse(&raw).map_err(|e| Error::Pattern(n, raw.clone(), e.to_string()))?;
+                    let ports = r.ports.unwrap_or_else(|| DEFAULT_PORTS.to_vec());
+                    if ports.is_empty() || ports.contains(&0) {
+                        return Err(Error::Port(n));
+                    }
+                    if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+                    {
+                        return Err(Error::Method(n, m.clone()));
+                    }
+                    let path_prefix = r.path_prefix.map(|p| normal_prefix(n, &p)).transpose()?;
+                    layer.denies.push(Rule {
+                        action: Action::Deny,
+                        pattern,
+                        ports,
+                        methods,
+                        path_prefix,
+                        addresses: vec![],
+                        passthrough: false,
+                        origin: Origin::Admin(n),
+                    });
+                }
+                (None, Some(host)) => {
+                    if r.path_prefix.is_some() {
+                        return Err(Error::RuleAction(n));
+                    }
+                    let origin = format!("{ADMIN_ASK_ORIGIN} {n}");
+                    let ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), origin)
+                        .map_err(|e| Error::Ask(n, e))?;
+                    layer.asks.push(ask);
+                }
+                _ => return Err(Error::AdminAction(n)),
+            }
+        }
+        Ok(layer)
+    }
+
+    /// The first admin deny rule that matches `req` (narrowed ones as
+    /// deny rules do: fail closed where method or path cannot be read).
+    pub fn deny_for(&self, req: &Request<'_>) -> Option<&Rule> {
+        let path = req.http.map(|(_, target)| http::normalize_path(target));
+        self.denies.iter().find(|r| rule_matches(r, req, path.as_ref()))
+    }
+
+    /// The first admin deny rule that refuses every request to `host` on
+    /// `port` (no methods, no path).
+    pub fn blanket_deny(&self, host: &HostName, port: u16) -> Option<&Rule> {
+        self.denies.iter().find(|r| {
+            r.methods.is_empty() && r.path_prefix.is_none() && r.pattern.matches(host) && r.ports.contains(&port)
+        })
+    }
+
+    /// The first admin deny rule that refuses `host` on ports 80 and 443
+    /// without narrowing (its name then does not resolve).
+    pub fn name_deny(&self, host: &HostName) -> Option<&Rule> {
+        self.denies.iter().find(|r| {
+            r.methods.is_empty()
+                && r.path_prefix.is_none()
+                && r.pattern.matches(host)
+                && DEFAULT_PORTS.iter().all(|p| r.ports.contains(p))
+        })
+    }
+
+    /// Whether some admin rule for `host` on `port` must see each request
+    /// (a narrowed deny, or an ask rule): the connection is terminated.
+    pub fn needs_requests(&self, host: &HostName, port: u16) -> bool {
+        let here = |p: &Pattern, ports: &[u16]| p.matches(host) && ports.contains(&port);
+        self.denies.iter().any(|r| (!r.methods.is_empty() || r.path_prefix.is_some()) && here(&r.pattern, &r.ports))
+            || self.asks.iter().any(|a| here(&a.pattern, &a.ports))
+    }
+
+    /// The admin rule that a live allow of `pattern` on `ports` (no
+    /// methods, no path: a blanket grant) would run into: an admin deny
+    /// or ask rule that matches a name the pattern names on one of those
+    /// ports. Used to refuse `sbx policy allow` early with a clear
+    /// message; [`crate::live::judge`] is the guarantee either way.
+    pub fn conflict(&self, pattern: &Pattern, ports: &[u16]) -> Option<String> {
+        let overlaps = |p: &Pattern| match (p, pattern) {
+            (Pattern::Any, _) | (_, Pattern::Any) => true,
+            (Pattern::Exact(a), Pattern::Exact(b)) => a == b,
+            (Pattern::Below(a), Pattern::Exact(b)) | (Pattern::Exact(b), Pattern::Below(a)) => b.is_strictly_below(a),
+            (Pattern::Below(a), Pattern::Below(b)) => a == b || a.is_strictly_below(b) || b.is_strictly_below(a),
+        };
+        let on_ports = |theirs: &[u16]| theirs.iter().any(|p| ports.contains(p));
+        if let Some(r) = self.denies.iter().find(|r| overlaps(&r.pattern) && on_ports(&r.ports)) {
+            return Some(r.to_string());
+        }
+        self.asks.iter().find(|a| overlaps(&a.pattern) && on_ports(&a.ports)).map(|a| a.to_string())
     }
 }
 

@@ -180,6 +180,16 @@ pub fn save(dir: &Path, json: &str) -> Result<(), Error> {
 pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Result<String, String> {
     match req {
         Req::Add { rule } => {
+            // Said at once; the admin rule wins at each decision anyway.
+            if rule.action == "allow" {
+                let (pattern, ports) = netstack::live::parse_host_port(&rule.host).map_err(|e| e.to_string())?;
+                if let Some(admin_rule) = live.admin().conflict(&pattern, &ports) {
+                    return Err(format!(
+                        "refused: the machine's admin policy ({}) has {admin_rule}, which no live allow can lift                          (ask the machine's administrator)",
+                        crate::machine_policy::PATH
+                    ));
+                }
+            }
             let id = live.add_rule(rule, Some(uid)).map_err(|e| e.to_string())?;
             Ok(format!("live rule #{id} added"))
         }
@@ -203,8 +213,19 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
 }
 
 fn ls_text(live: &Live, policy: Option<&Policy>) -> String {
-    let mut out =
-        String::from("precedence: live deny > static deny > live allow > ask rules > static allow > default\n");
+    let mut out = String::from(
+        "precedence: admin deny > live deny > static deny > admin ask > live allow > ask rules > static allow > default\n",
+    );
+    let admin = live.admin();
+    if !admin.sha256.is_empty() {
+        out += &format!("  admin policy {} (sha256 {}):\n", crate::machine_policy::PATH, admin.sha256);
+    }
+    for r in &admin.denies {
+        out += &format!("  admin  {r}\n");
+    }
+    for a in &admin.asks {
+        out += &format!("  admin  {a}\n");
+    }
     let (rules, now) = live.rules();
     for r in rules.list() {
         let by = r.by_uid.map(|u| format!(", by uid {u}")).unwrap_or_default();
@@ -214,10 +235,11 @@ fn ls_text(live: &Live, policy: Option<&Policy>) -> String {
     match policy {
         Some(p) => {
             for r in &p.rules {
-                out += &format!("  static {r}\n");
+                out += &format!("  {:<6} {r}\n", layer(&r.origin));
             }
             for a in &p.asks {
-                out += &format!("  static {a}\n");
+                let layer = if a.origin.starts_with("ask:") { "preset" } else { "file" };
+                out += &format!("  {layer:<6} {a}\n");
             }
             let default = match p.approval {
                 netstack::live::Approval::Ask => "held for a person (approval = ask)",
@@ -228,6 +250,18 @@ fn ls_text(live: &Live, policy: Option<&Policy>) -> String {
         None => out += "  (the sandbox is not running: its static rules are those of its next `sbx run`)\n",
     }
     out
+}
+
+/// The layer a static rule came from, for `sbx policy ls`.
+pub fn layer(origin: &netstack::policy::Origin) -> &'static str {
+    use netstack::policy::Origin;
+    match origin {
+        Origin::Preset(_) => "preset",
+        Origin::File(_) => "file",
+        Origin::Agent(_) => "agent",
+        Origin::CommandLine => "flag",
+        Origin::Admin(_) => "admin",
+    }
 }
 
 fn approvals_text(live: &Live) -> String {
@@ -387,6 +421,13 @@ fn offline(sb: &Sandbox, req: &Req) -> Result<Reply, Error> {
     let rules = load(sb.dir(), now)?;
     let live = Live::new(&sb.settings.name, rules);
     live.tick(now);
+    // The machine's admin rules refuse here as in a running sandbox (and
+    // at the next run's decisions, whatever is kept).
+    if let Some(machine) = crate::machine_policy::load(Path::new(crate::machine_policy::PATH))
+        .map_err(|e| Error::Refused(e.to_string()))?
+    {
+        live.set_admin(machine.network, "loaded");
+    }
     let result = match req {
         Req::Add { rule } if rule.until_exit => {
             Err(format!("sandbox '{}' is not running: an --until-exit rule would end at once", sb.settings.name))
@@ -598,5 +639,44 @@ mod tests {
         for bad in ["", "0s", "10x", "m", "-1m", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_live_allow_the_admin_policy_denies_is_refused_and_ls_names_each_layer() {
+        let admin = crate::machine_policy::parse(
+            Path::new(crate::machine_policy::PATH),
+            b"version = 1\n[[rule]]\ndeny = \"evil.example\"\n[[rule]]\nask = \"api.github.com\"\nmethods = [\"DELETE\"]\n",
+        )
+        .unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        live.set_admin(admin.network, "loaded");
+        for host in ["evil.example", "EVIL.example:443", "*.example", "api.github.com"] {
+            let e = execute(&Req::Add { rule: spec(host) }, &live, None, 0).unwrap_err();
+            assert!(e.contains("admin policy") && e.contains(crate::machine_policy::PATH), "{host}: {e}");
+        }
+        assert!(live.rules().0.list().is_empty(), "nothing was added");
+        assert!(execute(&Req::Add { rule: spec("good.example") }, &live, None, 0).is_ok());
+        let deny = RuleSpec { action: "deny".into(), ..spec("evil.example") };
+        assert!(execute(&Req::Add { rule: deny }, &live, None, 0).is_ok(), "a live deny narrows: allowed");
+        let mut policy = Policy::from_toml(
+            "version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n[[rule]]\nallow = \"a.example\"\n[[rule]]\nask = \"b.example\"\n",
+        )
+        .unwrap();
+        policy.add_agent("claude").unwrap();
+        policy.allow("c.example").unwrap();
+        let ls = execute(&Req::Ls {}, &live, Some(&policy), 0).unwrap();
+        for line in [
+            "  admin  admin policy rule 1: deny evil.example ports 80,443",
+            "  admin  admin policy rule 2: ask api.github.com ports 80,443 methods DELETE",
+            "  preset preset balanced: allow api.anthropic.com ports 80,443",
+            "  file   rule 1: allow a.example ports 80,443",
+            "  agent  agent claude: allow console.anthropic.com ports 80,443",
+            "  flag   --allow: allow c.example ports 80,443",
+            "  file   rule 2: ask b.example ports 80,443",
+            "  preset ask:github merge: ask api.github.com ports 80,443 methods PUT path /repos/*/*/pulls/*/merge",
+        ] {
+            assert!(ls.lines().any(|l| l == line), "{line:?} not in\n{ls}");
+        }
+        assert!(ls.contains("live #1: allow good.example") && ls.contains("admin deny > live deny"), "{ls}");
     }
 }

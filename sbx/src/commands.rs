@@ -24,6 +24,8 @@ use crate::terminal;
 #[derive(Debug, Error)]
 pub enum CommandError {
     #[error(transparent)]
+    MachinePolicy(#[from] crate::machine_policy::Error),
+    #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
     #[error("Sandbox '{0}' is not running (start it with `sbx run`)")]
     NotRunning(String),
@@ -221,10 +223,14 @@ pub fn policy_explain(
         None => Policy::preset(preset).map_err(CommandError::Preset)?,
     };
     let now = sandbox::now_unix_ms();
-    let live = match sandbox {
+    let mut live = match sandbox {
         Some(name) => crate::admin::load(Sandbox::open(&sandbox::home(), name)?.dir(), now)?,
         None => netstack::live::LiveRules::default(),
     };
+    // The machine's admin policy decides first here as in every sandbox.
+    if let Some(machine) = crate::machine_policy::load(Path::new(crate::machine_policy::PATH))? {
+        live.set_admin(std::sync::Arc::new(machine.network));
+    }
     let target = Target::parse_url(url).map_err(CommandError::Url)?;
     // HTTPS that netstack terminates is checked request by request.
     let terminated = target.https && netstack::live::terminates(&policy, &live, &target.host, target.port);
@@ -267,13 +273,30 @@ pub fn policy_show(agent: &str, file: Option<&Path>) -> Result<()> {
         None => SandboxPolicy::locked()?.network,
     };
     policy.add_agent(agent).map_err(CommandError::Preset)?;
+    let machine = crate::machine_policy::load(Path::new(crate::machine_policy::PATH))?;
     let mut out = io::stdout().lock();
+    if let Some(m) = &machine {
+        let _ = writeln!(out, "admin policy {} (sha256 {}): its deny rules beat every other rule, its ask rules hold what any other allows:", m.path.display(), m.sha256);
+        for rule in &m.network.denies {
+            let _ = writeln!(out, "  admin  {rule}");
+        }
+        for ask in &m.network.asks {
+            let _ = writeln!(out, "  admin  {ask}");
+        }
+        if !m.forbid.is_empty() {
+            let _ = writeln!(out, "  admin  forbids: {}", m.forbid.join(", "));
+        }
+    }
     let _ = writeln!(out, "network rules for agent '{agent}' (denied if a deny rule matches, else allowed if an allow rule does, else denied):");
     if policy.rules.is_empty() {
         let _ = writeln!(out, "  (none: everything is denied)");
     }
     for rule in &policy.rules {
-        let _ = writeln!(out, "  {rule}");
+        let _ = writeln!(out, "  {:<6} {rule}", crate::admin::layer(&rule.origin));
+    }
+    for ask in &policy.asks {
+        let layer = if ask.origin.starts_with("ask:") { "preset" } else { "file" };
+        let _ = writeln!(out, "  {layer:<6} {ask}");
     }
     for c in &policy.credentials {
         let hosts: Vec<String> = c.hosts.iter().map(|h| h.to_string()).collect();

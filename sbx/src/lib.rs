@@ -5,7 +5,8 @@
 //! which folders may be shared, escaping guest text for the terminal,
 //! kernel symbols for profiles, the secrets and CA netstack uses, the
 //! sandbox's resource limits (cgroup v2), the audit trail's commands
-//! (verify, anchor, export, follow).
+//! (verify, anchor, export, follow), the machine's admin policy
+//! (`/etc/sbx/policy.toml`).
 
 pub mod admin;
 pub mod agents;
@@ -18,6 +19,7 @@ pub mod escape;
 pub mod folders;
 pub mod learn;
 pub mod limits;
+pub mod machine_policy;
 pub mod netback;
 pub mod oauth_secrets;
 pub mod policy_doc;

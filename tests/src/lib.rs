@@ -117,3 +117,53 @@ impl Sbx {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Set in the environment of a test re-run by [`in_private_mount_namespace`].
+pub const IN_NAMESPACE: &str = "SBX_TESTS_IN_MOUNT_NAMESPACE";
+
+/// Runs test `test` of this test binary again, alone, in a new mount
+/// namespace (`unshare --mount --propagation private`, root only) with an
+/// empty root-owned tmpfs (0755) over `dir` — so that a test can write the
+/// machine's `/etc/sbx` without touching the host's. `dir` is made (empty)
+/// if the host has none: a mount needs a mount point.
+///
+/// Returns true in the re-run (the caller goes on with the test body);
+/// false in the caller's process once the re-run passed (it panics if the
+/// re-run failed), or when it cannot be done (not root, no unshare):
+/// then a failure under SBX_E2E_REQUIRED, else a printed skip.
+pub fn in_private_mount_namespace(test: &str, dir: &str) -> bool {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return true;
+    }
+    let why = if !Path::new("/proc/self/ns/mnt").exists() {
+        Some("no mount namespaces".to_string())
+    } else if Command::new("id").arg("-u").output().map(|o| text(&o.stdout).trim() != "0").unwrap_or(true) {
+        Some("not root (a mount namespace with a tmpfs needs it)".to_string())
+    } else if Command::new("unshare").arg("--version").output().is_err() {
+        Some("no unshare(1) (util-linux)".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if std::env::var_os("SBX_E2E_REQUIRED").is_some() {
+            panic!("end-to-end prerequisite missing: {why}");
+        }
+        eprintln!("SKIPPED: {why}");
+        return false;
+    }
+    if !Path::new(dir).is_dir() {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot make the mount point {dir}: {e}"));
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs -o mode=0755,uid=0,gid=0 sbx-test \"$1\" && shift && exec \"$@\"")
+        .args(["sh", dir])
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .expect("run unshare");
+    assert!(status.success(), "{test} failed in its mount namespace ({status})");
+    false
+}

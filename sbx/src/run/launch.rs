@@ -289,6 +289,7 @@ pub fn launch(
         "workspace": sb.settings.workspace.display().to_string(),
         "policy_sha256": plan.policy_sha256,
         "policy_source": plan.policy_source,
+        "admin_policy_sha256": plan.admin.as_ref().map(|a| a.sha256.clone()),
         "sbx_version": env!("CARGO_PKG_VERSION"),
     });
     opened.record(&header, sandbox::now_unix_ms()).map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
@@ -302,6 +303,9 @@ pub fn launch(
                 crate::admin::load(sb.dir(), sandbox::now_unix_ms()).map_err(|e| LaunchError::Live(name.clone(), e))?;
             let live = Live::with_hold(&name, rules, n.approval_wait_ms);
             live.set_learn(n.learn);
+            if let Some(admin) = &plan.admin {
+                live.set_admin(admin.network.clone(), "loaded");
+            }
             // One line per new question, on stderr, only without a pty
             // (a TUI's screen is never written over).
             if !plan.interactive {
@@ -319,10 +323,31 @@ pub fn launch(
     if let (Some(live), Some(n)) = (&live, &plan.net) {
         let listener =
             crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
-        let (live, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
+        let (served, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
         threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), control_reach.clone(), move || {
-            crate::admin::serve(listener, live, policy, dir)
+            crate::admin::serve(listener, served, policy, dir)
         })
+        .map_err(LaunchError::Thread)?;
+        // The machine's admin policy, watched: a changed file is put in
+        // force in this running sandbox (machine_policy's docs).
+        let watch = crate::machine_policy::Watch::new(Path::new(crate::machine_policy::PATH), plan.admin.as_ref());
+        let (live, interactive) = (live.clone(), plan.interactive);
+        threads::spawn(
+            ThreadKind::Control,
+            "sbx-admin-policy",
+            PanicReport::to(&stop),
+            control_reach.clone(),
+            move || {
+                // Told on stderr only without a pty (a TUI's screen is never
+                // written over); the audit log has it either way.
+                let tell = |line: &str| {
+                    if !interactive {
+                        eprintln!("{line}");
+                    }
+                };
+                watch.run(live, &tell)
+            },
+        )
         .map_err(LaunchError::Thread)?;
     }
     let mut initrd = std::fs::read(&plan.initrd).map_err(|e| LaunchError::Image(plan.initrd.clone(), e))?;

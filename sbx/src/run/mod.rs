@@ -91,6 +91,10 @@ fn control_reach(plan: &plan::RunPlan, cgroup: Option<&limits::Cgroup>) -> vmm::
         paths.push(rw(parent));
     }
     paths.extend(cgroup.map(|c| rw(&c.parent)));
+    // The machine's admin policy's folder, read-only: its file is watched
+    // while the sandbox runs (a folder made later is not seen).
+    let admin_dir = std::path::Path::new(crate::machine_policy::PATH).parent().filter(|d| d.is_dir());
+    paths.extend(admin_dir.map(ro));
     // SBX_AUDIT_ANCHORS: its folder, where the run's end appends (and locks).
     let anchors = crate::audit::anchors_from_env().and_then(|a| crate::folders::canonical_lenient(&a).ok());
     paths.extend(anchors.as_deref().and_then(|a| a.parent()).map(rw));

@@ -20,6 +20,7 @@ use crate::agents::{self, Agent};
 use crate::cli::RunArgs;
 use crate::folders;
 use crate::limits::Limits;
+use crate::machine_policy::{self, MachinePolicy};
 use crate::policy_doc::{self, SandboxPolicy};
 use crate::sandbox::{self, Sandbox, Settings};
 use crate::secrets;
@@ -76,6 +77,8 @@ pub enum PlanError {
     Tls(#[from] terminate::Error),
     #[error("sbx's config folder {0} (SBX_CONFIG): {1}")]
     Config(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] machine_policy::Error),
 }
 
 /// For one share, the file-policy patterns sbx adds: (hidden, read-only).
@@ -173,6 +176,9 @@ pub struct RunPlan {
     /// then each `--allow`, and where it came from.
     pub policy_sha256: String,
     pub policy_source: String,
+    /// The machine's admin policy ([`machine_policy::PATH`]), if there is
+    /// one: its network rules go to netstack, its file is watched.
+    pub admin: Option<MachinePolicy>,
 }
 
 /// The SHA-256 (hex) of the effective policy document's text: the file's
@@ -239,7 +245,12 @@ pub fn parse_resolve(text: &str) -> Result<((HostName, u16), SocketAddr), PlanEr
 
 /// The network: the policy's rules, the agent's needs, `--allow`,
 /// `--resolve`.
-fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Result<NetPlan, PlanError> {
+fn net_plan(
+    args: &RunArgs,
+    mut policy: Policy,
+    scope: &secrets::RunScope,
+    admin: Option<&MachinePolicy>,
+) -> Result<NetPlan, PlanError> {
     policy.add_agent(&args.agent).map_err(|e| PlanError::Agent(args.agent.clone(), e))?;
     if args.learn {
         policy.approval = netstack::live::Approval::Ask;
@@ -252,6 +263,9 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
     }
     for host in &args.allow {
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
+    }
+    if let Some(admin) = admin {
+        admin.check_network(&policy)?;
     }
     let overrides = args.resolve.iter().map(|r| parse_resolve(r)).collect::<Result<_, _>>()?;
     let config = secrets::config_dir();
@@ -321,7 +335,16 @@ impl RunPlan {
     /// Checks the arguments and opens (or makes) the sandbox.
     pub fn new(args: &RunArgs) -> Result<RunPlan, PlanError> {
         let agent: &Agent = agents::find(&args.agent).ok_or_else(|| PlanError::UnknownAgent(args.agent.clone()))?;
-        let memory_mib = args.memory.unwrap_or(agent.default_memory_mib);
+        // The machine's admin policy first: present but unusable, nothing runs.
+        let admin = machine_policy::load(Path::new(machine_policy::PATH))?;
+        if let Some(admin) = &admin {
+            admin.check_args(args, std::env::var_os(super::NO_JAIL).is_some())?;
+        }
+        let memory_mib = match &admin {
+            Some(a) => a.memory_mib(args.memory, agent.default_memory_mib)?,
+            None => args.memory.unwrap_or(agent.default_memory_mib),
+        };
+        let disk_gib = admin.as_ref().map_or(args.disk_size, |a| a.disk_gib(args.disk_size));
         let mut env = Vec::new();
         for kv in &args.env {
             let (k, v) = kv.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| PlanError::Env(kv.clone()))?;
@@ -368,7 +391,8 @@ impl RunPlan {
             Err(_) => workspace.clone(),
         };
         let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
-        let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope)?) };
+        let net =
+            if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope, admin.as_ref())?) };
 
         // sbx's own state and the files it boots from stay out of the
         // guest's reach: checked before the sandbox's folder is made, and
@@ -438,7 +462,7 @@ impl RunPlan {
             agent_env: agent.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             env,
             cpus: args.cpus,
-            disk_gib: args.disk_size,
+            disk_gib,
             limits: Limits { cpu: args.cpu_limit, pids: args.pids_limit },
             workspace_quota: args.workspace_quota.map(|bytes| Arc::new(Quota::new(bytes))),
             kernel_log: args.kernel_log,
@@ -456,6 +480,7 @@ impl RunPlan {
             cols,
             policy_sha256,
             policy_source,
+            admin,
         })
     }
 }
