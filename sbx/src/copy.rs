@@ -44,6 +44,7 @@
 //! or stopped at a limit: said on stderr); 2 bad usage; 125 sbx could not
 //! do it (no sandbox, no session, the destination cannot be written).
 
+#[allow(unsafe_code)]
 pub mod fs;
 pub mod tar;
 
@@ -819,6 +820,7 @@ fn guest_end(outcome: &Option<client::Outcome>, stderr: &[u8], what: &str) -> Re
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests {
     use super::tar::tests::{archive, header};
     use super::*;
