@@ -751,7 +751,7 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
         let (stream, reader) = client::open_pipes(&socket, open(argv), wait)?;
         let writer = FrameWriter { stream: stream.try_clone().map_err(CopyError::Send)?, buf: Vec::new() };
         let (src, recursive, follow, verbose) = (host.clone(), args.recursive, args.dereference, args.verbose);
-        let sender = std::thread::spawn(move || {
+        let sender = vmm::threads::spawn_helper("copy-send", move || {
             let mut w = Warnings { quiet: true, ..Warnings::default() };
             let mut p = Packer::new(writer, limits);
             (p.recursive, p.follow, p.verbose) = (recursive, follow, verbose);
@@ -762,7 +762,8 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
                 fw.stream.write_all(&Frame::StdinEof.encode())
             });
             (r, end, w)
-        });
+        })
+        .map_err(CopyError::Send)?;
         let mut session = SessionOut::new(stream, reader);
         let drained = session.drain();
         if session.outcome.is_some() {

@@ -13,6 +13,8 @@
 //! (the *at calls), `secrets` (terminal echo off), `signals` (sigwait,
 //! kill), `terminal` (raw mode, window size).
 #![deny(unsafe_code)]
+// Threads start at vmm's `threads::spawn`/`spawn_helper` only (clippy.toml).
+#![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
 #[allow(unsafe_code)]
 pub mod admin;

@@ -7,6 +7,8 @@
 //! (KVM's own `unsafe` API: registering guest memory, the `kvm_run`
 //! union); every block says why it is sound (`// SAFETY:`).
 #![deny(unsafe_code)]
+// Threads start at `threads::spawn`/`spawn_helper` only (clippy.toml).
+#![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
 pub mod arch;
 pub mod builder;
