@@ -21,6 +21,9 @@ pub mod admin;
 pub mod agents;
 #[allow(unsafe_code)]
 pub mod audit;
+// Its doc comments are clap's help text, plain text (`UID[:GID]`), not
+// Markdown links.
+#[allow(rustdoc::broken_intra_doc_links)]
 pub mod cli;
 pub mod client;
 pub mod commands;
