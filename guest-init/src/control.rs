@@ -143,7 +143,7 @@ struct User {
     name: String,
 }
 
-/// "" (root), a name from /etc/passwd, or "UID[:GID]".
+/// "" (root), a name from /etc/passwd, or `UID[:GID]`.
 fn lookup_user(spec: &str) -> Result<User, String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let entries: Vec<User> = passwd

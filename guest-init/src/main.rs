@@ -5,10 +5,14 @@
 //!
 //! It never panics: every failure is printed, reported as an error frame, and
 //! the VM still ends.
+//!
+//! `unsafe` lives in `sys` only (denied everywhere else).
+#![deny(unsafe_code)]
 
 mod control;
 mod net;
 mod root;
+#[allow(unsafe_code)]
 mod sys;
 mod trust;
 

@@ -5,7 +5,7 @@
 //! into the root the guest runs on (the sandbox's overlay), as its own
 //! file and as a marked block at the end of the system bundle, which
 //! replaces the block of an earlier boot. Programs are pointed at them by
-//! [`env`].
+//! [`env()`].
 
 use std::fs;
 use std::io::Write;

@@ -212,7 +212,7 @@ impl Default for Limits {
 /// `what`: TCP, UDP, ICMP, IPv6, malformed, …) and malformed DNS queries
 /// (`dns` with an `error`). Kinds are made only of names the host's code
 /// picks, never of addresses or paths the guest picks, and each part is
-/// cut at [`MAX_KIND_PART`] bytes.
+/// cut at `MAX_KIND_PART` bytes.
 pub fn refusal_kind(fields: &Map<String, Value>) -> Option<String> {
     let field = |k: &str| fields.get(k).and_then(Value::as_str);
     let event = field("event").unwrap_or("?");

@@ -18,7 +18,7 @@
 //! HOST","reason":"request refused: …"}`, or a reset for spliced TLS; no
 //! upstream socket is opened for a refused request. Decisions are
 //! [`crate::live::judge`]'s (live rules, the policy, ask rules); a request
-//! to be held waits in [`Phase::Held`], unread, until a person answers
+//! to be held waits in `Phase::Held`, unread, until a person answers
 //! ([`Conn::poll_held`]). A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
 //!

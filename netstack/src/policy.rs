@@ -1154,7 +1154,7 @@ mod tests {
     }
 }
 
-/// A URL as `sbx policy explain` takes it: http(s)://host[:port][/path].
+/// A URL as `sbx policy explain` takes it: `http(s)://host[:port][/path]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub host: HostName,

@@ -32,7 +32,7 @@
 //! guest stalls. [`NetStack::counters`] says how many are open, held,
 //! refused, reclaimed and timed out.
 //! Everything else that grows with guest input is bounded where it is
-//! parsed: [`MAX_NAMES`] bound names, the DNS socket's [`DNS_QUEUE`] messages,
+//! parsed: [`MAX_NAMES`] bound names, the DNS socket's `DNS_QUEUE` messages,
 //! heads and chunk lines in [`crate::http`], the ClientHello record in
 //! [`crate::tls`]; audit events are written out every poll.
 

@@ -165,7 +165,7 @@ pub fn run_session(
 
 /// Copies the user's input into Stdin frames; end of input is StdinEof.
 fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
-    let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
+    let _ = vmm::threads::spawn_helper("stdin", move || {
         let mut stdin = io::stdin().lock();
         let mut buf = vec![0u8; MAX_DATA];
         loop {

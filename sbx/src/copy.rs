@@ -44,6 +44,7 @@
 //! or stopped at a limit: said on stderr); 2 bad usage; 125 sbx could not
 //! do it (no sandbox, no session, the destination cannot be written).
 
+#[allow(unsafe_code)]
 pub mod fs;
 pub mod tar;
 
@@ -750,7 +751,7 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
         let (stream, reader) = client::open_pipes(&socket, open(argv), wait)?;
         let writer = FrameWriter { stream: stream.try_clone().map_err(CopyError::Send)?, buf: Vec::new() };
         let (src, recursive, follow, verbose) = (host.clone(), args.recursive, args.dereference, args.verbose);
-        let sender = std::thread::spawn(move || {
+        let sender = vmm::threads::spawn_helper("copy-send", move || {
             let mut w = Warnings { quiet: true, ..Warnings::default() };
             let mut p = Packer::new(writer, limits);
             (p.recursive, p.follow, p.verbose) = (recursive, follow, verbose);
@@ -761,7 +762,8 @@ pub fn command(args: CpArgs) -> Result<ExitCode, CopyError> {
                 fw.stream.write_all(&Frame::StdinEof.encode())
             });
             (r, end, w)
-        });
+        })
+        .map_err(CopyError::Send)?;
         let mut session = SessionOut::new(stream, reader);
         let drained = session.drain();
         if session.outcome.is_some() {
@@ -819,6 +821,7 @@ fn guest_end(outcome: &Option<client::Outcome>, stderr: &[u8], what: &str) -> Re
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests {
     use super::tar::tests::{archive, header};
     use super::*;

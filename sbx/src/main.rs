@@ -3,6 +3,7 @@
 //! cannot open …: permission denied"). The work is in the `sbx` library
 //! (`run`, `commands`) and the VMM library.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
 use std::error::Error;
 use std::process::ExitCode;

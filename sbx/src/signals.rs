@@ -3,8 +3,6 @@
 //! program; `sbx exec` passes them to its program), and `sbx stop`'s
 //! SIGTERM to a VMM.
 
-use std::thread;
-
 /// Signal numbers, for code that has no libc of its own (the CLI).
 pub mod names {
     pub const TERM: i32 = libc::SIGTERM;
@@ -32,7 +30,7 @@ pub fn forward(signals: &[libc::c_int], mut on_signal: impl FnMut(libc::c_int) +
     let set = set_of(signals);
     // SAFETY: set is valid; a null old-set pointer is allowed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
+    let _ = vmm::threads::spawn_helper("signals", move || loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: set is a valid sigset_t, sig a valid int to write.
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {

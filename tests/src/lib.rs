@@ -1,6 +1,14 @@
 //! Host side: helpers for sbx's end-to-end tests — finding the `sbx` binary
 //! and the built kernel and image, and running `sbx` with its own state
 //! directory. Each test boots real guests.
+//!
+//! Every test in tests/tests/ is `#[ignore = "what it needs"]`, so a plain
+//! `cargo test --workspace` lists it as ignored (never as passed without
+//! having run). `cargo xtask test` builds the kernel, the images and a
+//! release sbx, then runs them with `--ignored` (see xtask/src/main.rs);
+//! run one by hand with
+//! `cargo test -p sbx-tests --test boot -- --ignored`. Asked for, a test
+//! whose prerequisite is missing fails, naming the cure; none skips.
 #![forbid(unsafe_code)]
 
 pub mod model;
@@ -13,30 +21,21 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-/// The sbx binary and assets directory, or why the tests cannot run.
-/// Under `cargo xtask test` (SBX_E2E_REQUIRED=1) a missing prerequisite is
-/// a failure; otherwise the test prints why it is skipped.
-pub fn prerequisites() -> Option<(PathBuf, PathBuf)> {
+/// The sbx binary and assets directory, or why the tests cannot run here
+/// (naming the cure).
+pub fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
     let bin = std::env::var_os("SBX_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/release/sbx"));
     let assets = std::env::var_os("SBX_ASSETS").map(PathBuf::from).unwrap_or_else(|| root().join("target/sbx"));
-    let missing = if !bin.is_file() {
-        Some(format!("no sbx binary at {} (cargo build --release --bin sbx)", bin.display()))
+    if !bin.is_file() {
+        Err(format!("no sbx binary at {} (cargo build --release --bin sbx)", bin.display()))
     } else if !assets.join("kernel/vmlinux").is_file() {
-        Some(format!("no kernel in {} (cargo xtask kernel)", assets.display()))
+        Err(format!("no kernel in {} (cargo xtask kernel)", assets.display()))
     } else if !assets.join("images/shell/init.cpio").is_file() || !assets.join("images/shell/rootfs.ext4").is_file() {
-        Some(format!("no shell image in {} (cargo xtask image)", assets.display()))
+        Err(format!("no shell image in {} (cargo xtask image)", assets.display()))
     } else if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        Some("/dev/kvm is not available".to_string())
+        Err("/dev/kvm is not available to this user".to_string())
     } else {
-        None
-    };
-    match missing {
-        None => Some((bin, assets)),
-        Some(why) if std::env::var_os("SBX_E2E_REQUIRED").is_some() => panic!("end-to-end prerequisite missing: {why}"),
-        Some(why) => {
-            eprintln!("SKIPPED: {why}; `cargo xtask test` builds everything and runs these");
-            None
-        }
+        Ok((bin, assets))
     }
 }
 
@@ -50,10 +49,20 @@ pub struct Sbx {
 }
 
 impl Sbx {
-    pub fn new() -> Option<Sbx> {
-        let (bin, assets) = prerequisites()?;
+    /// Panics (the test fails) when a prerequisite is missing: the e2e
+    /// tests are `#[ignore]`d, so they only run when asked for, and then
+    /// they must really run.
+    // No Default: building one checks the host and may fail the test.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Sbx {
+        let (bin, assets) = match prerequisites() {
+            Ok(found) => found,
+            Err(why) => {
+                panic!("end-to-end prerequisite missing: {why}; `cargo xtask test` builds everything and runs these")
+            }
+        };
         let (home, work) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
-        Some(Sbx { bin, assets, home, work })
+        Sbx { bin, assets, home, work }
     }
 
     pub fn cmd(&self) -> Command {
@@ -128,9 +137,9 @@ pub const IN_NAMESPACE: &str = "SBX_TESTS_IN_MOUNT_NAMESPACE";
 /// if the host has none: a mount needs a mount point.
 ///
 /// Returns true in the re-run (the caller goes on with the test body);
-/// false in the caller's process once the re-run passed (it panics if the
-/// re-run failed), or when it cannot be done (not root, no unshare):
-/// then a failure under SBX_E2E_REQUIRED, else a printed skip.
+/// false in the caller's process once the re-run passed. It panics if the
+/// re-run failed, or when it cannot be done (not root, no unshare): the
+/// test is ignored unless asked for, and then it never passes silently.
 pub fn in_private_mount_namespace(test: &str, dir: &str) -> bool {
     if std::env::var_os(IN_NAMESPACE).is_some() {
         return true;
@@ -145,11 +154,7 @@ pub fn in_private_mount_namespace(test: &str, dir: &str) -> bool {
         None
     };
     if let Some(why) = why {
-        if std::env::var_os("SBX_E2E_REQUIRED").is_some() {
-            panic!("end-to-end prerequisite missing: {why}");
-        }
-        eprintln!("SKIPPED: {why}");
-        return false;
+        panic!("end-to-end prerequisite missing: {why}");
     }
     if !Path::new(dir).is_dir() {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot make the mount point {dir}: {e}"));
@@ -160,10 +165,52 @@ pub fn in_private_mount_namespace(test: &str, dir: &str) -> bool {
         .arg("mount -t tmpfs -o mode=0755,uid=0,gid=0 sbx-test \"$1\" && shift && exec \"$@\"")
         .args(["sh", dir])
         .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .args(["--exact", test, "--include-ignored", "--nocapture", "--test-threads", "1"])
         .env(IN_NAMESPACE, "1")
         .status()
         .expect("run unshare");
     assert!(status.success(), "{test} failed in its mount namespace ({status})");
     false
+}
+
+#[cfg(test)]
+mod tests {
+    /// The `#[test]`s in `source` that are not directly followed by an
+    /// `#[ignore = "REASON"]` with a reason, by line number.
+    fn unmarked(source: &str) -> Vec<usize> {
+        let lines: Vec<&str> = source.lines().map(str::trim).collect();
+        (0..lines.len())
+            .filter(|&i| lines[i] == "#[test]")
+            .filter(|&i| {
+                let next = lines.get(i + 1).copied().unwrap_or("");
+                let reason = next.strip_prefix("#[ignore = \"").and_then(|r| r.strip_suffix("\"]")).unwrap_or("");
+                reason.trim().is_empty()
+            })
+            .map(|i| i + 1)
+            .collect()
+    }
+
+    #[test]
+    fn the_marker_check_sees_a_test_that_would_skip() {
+        let bad = "#[test]\nfn a() {}\n#[test]\n#[ignore = \"\"]\nfn b() {}\n#[test]\n#[ignore]\nfn c() {}\n";
+        assert_eq!(unmarked(bad), vec![1, 3, 6]);
+        assert!(unmarked("#[test]\n#[ignore = \"boots a guest\"]\nfn a() {}\n").is_empty());
+    }
+
+    /// Every test in tests/tests/ needs something a plain `cargo test` may
+    /// not have (a guest, the agent CLIs): each is ignored with a reason, so
+    /// none is reported as passed without having run, and none may skip by
+    /// returning early (an asked-for test with a missing prerequisite fails).
+    #[test]
+    fn every_test_that_needs_more_than_the_host_is_ignored_with_a_reason() {
+        let dir = super::root().join("tests/tests");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.retain(|p| p.extension().is_some_and(|e| e == "rs"));
+        assert!(files.len() >= 8, "tests/tests/ has only {files:?}");
+        for f in files {
+            let source = std::fs::read_to_string(&f).unwrap();
+            assert_eq!(unmarked(&source), Vec::<usize>::new(), "{}: tests without #[ignore = \"reason\"]", f.display());
+            assert!(!source.contains("SKIPPED"), "{}: a test that skips passes without having run", f.display());
+        }
+    }
 }

@@ -88,6 +88,9 @@ fn serve(conn: std::net::TcpStream, log: &Mutex<Vec<Seen>>) {
     }
     let mut conn = conn;
     let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    // Our side is done (the client may read to the end); then whatever
+    // the client still sends is taken until it closes.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
     let mut rest = Vec::new();
     let _ = reader.read_to_end(&mut rest);
 }

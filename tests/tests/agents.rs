@@ -35,7 +35,7 @@ fn run(sbx: &Sbx, args: &[&str]) -> (Output, Duration) {
 
 /// `sbx run AGENT -- --version` prints the pinned version and exits 0.
 fn version(agent: &str, want: &str) {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let name = format!("{agent}-version");
     let timeout = AGENT_TIMEOUT_S.to_string();
     let (out, _) =
@@ -45,16 +45,19 @@ fn version(agent: &str, want: &str) {
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn claude_prints_its_version() {
     version("claude", "2.1.332 (Claude Code)");
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn gemini_prints_its_version() {
     version("gemini", "0.61.0");
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn codex_prints_its_version() {
     version("codex", "codex-cli 0.171.0");
 }
@@ -69,7 +72,7 @@ fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
 
 /// Like [`turn`], with `setup` run on the workspace first.
 fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup: impl FnOnce(&std::path::Path)) {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let ws = sbx.work.path().canonicalize().unwrap();
     setup(&ws);
     let script = Script {
@@ -120,6 +123,7 @@ fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn codex_writes_a_file_in_one_turn() {
     let base = "model_providers.sbx.base_url=http://api.openai.com/v1";
     turn(
@@ -152,6 +156,7 @@ fn codex_writes_a_file_in_one_turn() {
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn claude_writes_a_file_in_one_turn() {
     turn(
         "claude",
@@ -174,6 +179,7 @@ fn claude_writes_a_file_in_one_turn() {
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn gemini_writes_a_file_in_one_turn() {
     // Gemini CLI needs to be told to use an API key when its base URL is
     // set (else it picks a gateway sign-in and stops): the workspace's own
@@ -201,10 +207,11 @@ fn gemini_writes_a_file_in_one_turn() {
 /// Code's Bash tool runs `curl` to `held.agent.test` (mapped to a
 /// recording upstream on the host's loopback); `--approval ask` holds it.
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn claude_waits_for_a_person_then_its_curl_goes_through() {
     use std::io::Read;
     use std::process::Stdio;
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let ws = sbx.work.path().canonicalize().unwrap();
     let up = Upstream::start(Duration::from_secs(AGENT_TIMEOUT_S + 60));
     let proof = ws.join("sbx-fetched.txt");

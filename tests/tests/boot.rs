@@ -19,8 +19,9 @@ exit 7
 "#;
 
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn run_boots_runs_a_command_and_returns_its_status() {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let out =
         sbx.run(&["run", "shell", "--name", "e2e", "--timeout", "600", "--", "sh", "-c", SCRIPT], b"line-from-host\n");
     let stdout = text(&out.stdout);
@@ -56,8 +57,9 @@ fn run_boots_runs_a_command_and_returns_its_status() {
 }
 
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn a_kernel_panic_is_a_one_line_failure_with_the_log_kept() {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     // No init to run: the kernel panics ("No working init found").
     let out = sbx.run(
         &[
@@ -84,8 +86,9 @@ fn a_kernel_panic_is_a_one_line_failure_with_the_log_kept() {
 }
 
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn a_hung_guest_is_stopped_by_the_timeout() {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     // Two seconds is far too short to boot here, and on any host too short
     // for `sleep 600`.
     let started = std::time::Instant::now();
@@ -97,8 +100,9 @@ fn a_hung_guest_is_stopped_by_the_timeout() {
 }
 
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn bad_input_gets_a_clear_error() {
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let junk = sbx.home.path().join("not-a-kernel");
     std::fs::write(&junk, b"this is not an ELF file").unwrap();
     let out = sbx.run(&["run", "shell", "--kernel", junk.to_str().unwrap(), "--", "true"], b"");
@@ -117,9 +121,10 @@ fn bad_input_gets_a_clear_error() {
 }
 
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn stop_ends_a_running_sandbox_and_records_it() {
     use std::io::{BufRead, BufReader};
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let mut run = sbx
         .cmd()
         .args([
@@ -161,9 +166,10 @@ fn stop_ends_a_running_sandbox_and_records_it() {
 /// from one run to the next; a VMM killed mid-write leaves it mountable and
 /// the image's shared base untouched; `sbx rm` removes it.
 #[test]
+#[ignore = "boots a guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image` and a release sbx; run by `cargo xtask test`"]
 fn the_sandbox_disk_persists_and_survives_a_killed_vmm() {
     use std::io::{BufRead, BufReader};
-    let Some(sbx) = Sbx::new() else { return };
+    let sbx = Sbx::new();
     let rootfs = sbx.assets.join("images/shell/rootfs.ext4");
     let base_before = std::fs::read(&rootfs).unwrap();
     // Run 1: a file written and synced, then writes in flight when the VMM

@@ -4,7 +4,7 @@
 //! Installed by [`crate::threads`] on every thread it starts, before the
 //! thread touches guest memory or guest bytes; any other call traps
 //! (SIGSYS), the thread is stopped and the VM with it (see
-//! [`crate::threads::ViolationWatch`]).
+//! [`crate::threads::enable_jail`]).
 //!
 //! Built with `seccompiler` from plain tables here, so that a reviewer
 //! reads one list per kind. Each list is what that kind's code (and the

@@ -303,32 +303,30 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
         return Err(JailError::AlreadyEnabled);
     }
     let (mut rx, tx) = UnixStream::pair().map_err(JailError::Watcher)?;
-    thread::Builder::new()
-        .name("seccomp-watch".into())
-        .spawn(move || {
-            let mut b = [0u8; 1];
-            // One byte: a violation. The write end is never closed, so an
-            // end of file or an error means nothing can report any more.
-            loop {
-                match rx.read(&mut b) {
-                    Ok(1) => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    _ => return,
-                }
+    spawn_helper("seccomp-watch", move || {
+        let mut b = [0u8; 1];
+        // One byte: a violation. The write end is never closed, so an
+        // end of file or an error means nothing can report any more.
+        loop {
+            match rx.read(&mut b) {
+                Ok(1) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                _ => return,
             }
-            let (kind, nr) = violation().unwrap_or((None, -1));
-            stop.request(StopReason::SyscallForbidden {
-                thread: kind.map_or("helper", |k| k.as_str()).to_string(),
-                syscall: nr,
-                name: seccomp_filters::syscall_name(nr).map(str::to_string),
-            });
-            thread::sleep(VIOLATION_GRACE);
-            if let Some(code) = exit_code {
-                sys::write_raw(2, b"sbx: the VM did not stop in order after a seccomp violation; exiting\n");
-                sys::exit_now(code)
-            }
-        })
-        .map_err(JailError::Watcher)?;
+        }
+        let (kind, nr) = violation().unwrap_or((None, -1));
+        stop.request(StopReason::SyscallForbidden {
+            thread: kind.map_or("helper", |k| k.as_str()).to_string(),
+            syscall: nr,
+            name: seccomp_filters::syscall_name(nr).map(str::to_string),
+        });
+        thread::sleep(VIOLATION_GRACE);
+        if let Some(code) = exit_code {
+            sys::write_raw(2, b"sbx: the VM did not stop in order after a seccomp violation; exiting\n");
+            sys::exit_now(code)
+        }
+    })
+    .map_err(JailError::Watcher)?;
     // The write end lives for the process.
     VIOLATION_FD.store(std::mem::ManuallyDrop::new(tx).as_raw_fd(), Ordering::SeqCst);
     sys::install_sigsys_handler().map_err(JailError::Handler)?;
@@ -569,7 +567,7 @@ where
     F: FnOnce() -> T + Send + 'static,
 {
     let thread_name = name.to_string();
-    thread::Builder::new().name(name.into()).spawn(move || {
+    start(name, move || {
         if let Err(e) = confine_current(kind, &reach) {
             report.report(StopReason::ThreadPanicked { thread: thread_name, message: e.to_string() });
             return None;
@@ -583,6 +581,29 @@ where
             }
         }
     })
+}
+
+/// Starts helper thread `name` running `f`, of no kind: it is not confined
+/// by [`spawn`] (a thread keeps the seccomp filter of the thread that
+/// starts it, so a helper started from a confined thread stays confined).
+/// For the VMM's watcher and the CLI's own threads (signals, standard
+/// input, the copy sender), which run beside the VM, not in it.
+pub fn spawn_helper<T, F>(name: &str, f: F) -> io::Result<JoinHandle<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    start(name, f)
+}
+
+/// The one place threads of vmm and sbx start (clippy.toml).
+#[allow(clippy::disallowed_methods)]
+fn start<T, F>(name: &str, f: F) -> io::Result<JoinHandle<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    thread::Builder::new().name(name.into()).spawn(f)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ mod util;
 
 use std::process::{Command, ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -132,16 +132,107 @@ fn run(cli: Cli) -> Result<()> {
             // The agents' end-to-end tests run the real CLIs.
             image::build("claude", false)?;
             util::run(cargo().args(["build", "--release", "--bin", "sbx"]))?;
-            // The end-to-end tests must run here: a missing prerequisite is a
-            // failure, not a skip.
-            util::run(
-                cargo()
-                    .args(["test", "--workspace"])
-                    .args(&args)
-                    .env("SBX_E2E_REQUIRED", "1")
-                    .env("SBX_BIN", util::root().join("target/release/sbx"))
-                    .env("SBX_ASSETS", util::assets()),
-            )
+            let e2e = e2e_tests(&util::root().join("tests/tests"))?;
+            // First what runs anywhere (the e2e tests show as ignored), then
+            // the e2e tests themselves. Both must run here: a missing
+            // prerequisite is a failure, not a skip (SBX_E2E_REQUIRED is
+            // read by vmm/tests/pvm_native.rs; an asked-for e2e test fails
+            // on its own).
+            for phase in [test_args(&args, None), test_args(&args, Some(&e2e))] {
+                util::run(
+                    cargo()
+                        .args(&phase)
+                        .env("SBX_E2E_REQUIRED", "1")
+                        .env("SBX_BIN", util::root().join("target/release/sbx"))
+                        .env("SBX_ASSETS", util::assets()),
+                )?;
+            }
+            Ok(())
         }
+    }
+}
+
+/// Test files in tests/ that are developer tools, not run by `cargo xtask
+/// test` (agents_host needs the agent CLIs installed by npm on the host).
+const DEVELOPER_TESTS: &[&str] = &["agents_host"];
+
+/// The end-to-end test targets: every tests/tests/NAME.rs but the
+/// developer tools, sorted.
+fn e2e_tests(dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("Cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            if !DEVELOPER_TESTS.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The `cargo` arguments of one test phase. `user`: what followed
+/// `cargo xtask test --` (cargo's arguments, then after a `--` the test
+/// harness's). `e2e: None`: the whole workspace, ignored tests left out;
+/// `Some(targets)`: the e2e tests (sbx-tests, ignored in a plain `cargo
+/// test`) with `--ignored`, only the targets the user named with `--test`
+/// if any.
+fn test_args(user: &[String], e2e: Option<&[String]>) -> Vec<String> {
+    let split = user.iter().position(|a| a == "--").unwrap_or(user.len());
+    let (cargo_args, harness) = (&user[..split], user.get(split + 1..).unwrap_or(&[]));
+    let mut out: Vec<String> = vec!["test".into()];
+    match e2e {
+        None => out.push("--workspace".into()),
+        Some(targets) => {
+            out.extend(["-p".into(), "sbx-tests".into()]);
+            if !cargo_args.iter().any(|a| a == "--test" || a.starts_with("--test=")) {
+                for t in targets {
+                    out.extend(["--test".into(), t.clone()]);
+                }
+            }
+        }
+    }
+    out.extend(cargo_args.iter().cloned());
+    out.push("--".into());
+    if e2e.is_some() {
+        out.push("--ignored".into());
+    }
+    out.extend(harness.iter().cloned());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_e2e_phase_runs_the_ignored_tests_and_the_first_leaves_them_out() {
+        let e2e = strings(&["boot", "network"]);
+        assert_eq!(test_args(&[], None), strings(&["test", "--workspace", "--"]));
+        assert_eq!(
+            test_args(&[], Some(&e2e)),
+            strings(&["test", "-p", "sbx-tests", "--test", "boot", "--test", "network", "--", "--ignored"])
+        );
+        let user = strings(&["--test", "network", "--", "--nocapture"]);
+        assert_eq!(test_args(&user, None), strings(&["test", "--workspace", "--test", "network", "--", "--nocapture"]));
+        assert_eq!(
+            test_args(&user, Some(&e2e)),
+            strings(&["test", "-p", "sbx-tests", "--test", "network", "--", "--ignored", "--nocapture"])
+        );
+    }
+
+    #[test]
+    fn every_e2e_file_but_the_developer_tools_is_run() {
+        let names = e2e_tests(&util::root().join("tests/tests")).unwrap();
+        for want in ["agents", "boot", "credentials", "exec", "live", "network", "workspace"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "agents_host"), "{names:?}");
     }
 }

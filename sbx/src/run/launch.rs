@@ -150,7 +150,7 @@ fn shared_folders(
 /// Keeps `path` up to date (when changed) with the file servers' request
 /// counts, for benchmarks to read while the sandbox runs.
 fn publish_fs_stats(path: PathBuf, counts: Vec<Counts>, net: Option<(PathBuf, NetStats)>, reach: Reach) {
-    let _ = thread::Builder::new().name("fs-stats".into()).spawn(move || {
+    let _ = vmm::threads::spawn_helper("fs-stats", move || {
         if let Err(e) = threads::confine_current(ThreadKind::Control, &reach) {
             eprintln!("sbx: file server statistics: {e}");
             return;
@@ -383,8 +383,7 @@ pub fn launch(
         vcpu_reach: Reach::Only(vec![PathRule { path: sb.dir().to_path_buf(), write: true }]),
         control_reach: control_reach.clone(),
     };
-    let vm =
-        thread::Builder::new().name("vm".into()).spawn(move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
+    let vm = vmm::threads::spawn_helper("vm", move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
     // The program: the main session over the control channel, as long
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.

@@ -66,7 +66,7 @@ fn handle_signals(stop: Arc<Stop>, session: client::Writer) {
         sig::INT if client::send_to(&session, &Frame::Signal(s)) => {}
         _ if !stopping.swap(true, Ordering::SeqCst) && client::send_to(&session, &Frame::Signal(s)) => {
             let stop = stop.clone();
-            let _ = thread::Builder::new().name("stop-grace".into()).spawn(move || {
+            let _ = vmm::threads::spawn_helper("stop-grace", move || {
                 thread::sleep(STOP_GRACE);
                 stop.request(StopReason::HostSignal(s));
             });

@@ -201,7 +201,7 @@ fn policy_digest(args: &RunArgs) -> Result<(String, String), PlanError> {
 }
 
 /// Where `cargo xtask` puts kernels and images: $SBX_ASSETS, or target/sbx
-/// next to this binary's target/<profile>/ directory.
+/// next to this binary's `target/<profile>/` directory.
 pub fn assets_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SBX_ASSETS") {
         return PathBuf::from(dir);
