@@ -208,8 +208,11 @@ const SOCKET_IO: Sys = sys!(
 );
 
 /// netstack's connect threads: the host resolver (glibc's: files, DNS,
-/// perhaps NSS modules) and the upstream connection.
+/// perhaps NSS modules) and the upstream connection; and accepting on the
+/// published ports' listeners (bound to 127.0.0.1 before the jail, or by
+/// `sbx ports` and handed over: the network thread never listens).
 const NET: Sys = sys!(
+    SYS_accept4,
     SYS_connect,
     SYS_bind,
     SYS_uname,
@@ -585,6 +588,9 @@ mod tests {
                 }
             }
         }
+        // The network thread accepts on published ports' listeners, bound
+        // before the jail or handed over: it never listens itself.
+        assert!(has(ThreadKind::Net, libc::SYS_accept4));
         // vCPUs and file servers create no socket at all.
         for kind in [ThreadKind::Vcpu, ThreadKind::Fs] {
             assert!(!has(kind, libc::SYS_socket), "{kind:?} creates sockets");
