@@ -358,7 +358,8 @@ impl Forwarder {
                 Change::Add(map, listener) => {
                     self.listening.push(Listening { map, listener, id: *ids, refused: 0, refused_logged: None });
                     *ids += 1;
-                    self.events.push(serde_json::json!({"event": "publish", "host": format!("{LOOPBACK}:{}", map.host_port),
+                    self.events
+                        .push(serde_json::json!({"event": "publish", "host": format!("{LOOPBACK}:{}", map.host_port),
                         "host_port": map.host_port, "guest_port": map.guest_port}));
                 }
                 Change::Remove(host_port) => {
@@ -519,7 +520,9 @@ impl Forwarder {
             }
             let state = socket.state();
             let drained = f.to_host.is_empty() && !socket.can_recv();
-            if f.end.is_none() && matches!(state, tcp::State::Closed | tcp::State::TimeWait) && (drained || !f.established)
+            if f.end.is_none()
+                && matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+                && (drained || !f.established)
             {
                 f.end = Some(match (f.established, f.host_shut || f.fin_sent) {
                     (false, _) => "the guest refused or did not answer",
@@ -680,7 +683,10 @@ mod tests {
         let log = audit(&net);
         let publish = events(&log, "publish");
         assert_eq!(publish.len(), 1);
-        assert_eq!((publish[0]["host_port"].as_u64(), publish[0]["guest_port"].as_u64()), (Some(host_port as u64), Some(8000)));
+        assert_eq!(
+            (publish[0]["host_port"].as_u64(), publish[0]["guest_port"].as_u64()),
+            (Some(host_port as u64), Some(8000))
+        );
         assert_eq!(publish[0]["host"], format!("127.0.0.1:{host_port}"));
         let accepted = events(&log, "port_forward");
         assert_eq!(accepted.len(), 1);

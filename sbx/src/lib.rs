@@ -20,6 +20,7 @@ pub mod learn;
 pub mod limits;
 pub mod netback;
 pub mod policy_doc;
+pub mod ports;
 pub mod run;
 pub mod sandbox;
 pub mod secrets;

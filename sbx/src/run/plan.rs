@@ -58,6 +58,10 @@ pub enum PlanError {
     Allow(String, netstack::policy::Error),
     #[error("--resolve {0}: {1}")]
     Resolve(String, String),
+    #[error("-p needs the guest's network: drop --no-network, or -p")]
+    PublishNoNetwork,
+    #[error("Bad -p: {0}")]
+    Publish(#[source] netstack::forward::Error),
     #[error("sbx's state folder {0} (SBX_HOME): {1}")]
     State(PathBuf, std::io::Error),
     #[error("{0}: {1}")]
@@ -110,6 +114,8 @@ pub struct NetPlan {
     pub approval_wait_ms: u64,
     /// `--learn`: questions answered yes at once, recorded.
     pub learn: bool,
+    /// `-p HOSTPORT:GUESTPORT`: published on 127.0.0.1 (with the persisted).
+    pub publish: Vec<(u16, u16)>,
 }
 
 /// Everything `sbx run` will do, checked.
@@ -234,6 +240,11 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
         policy.allow(host).map_err(|e| PlanError::Allow(host.clone(), e))?;
     }
     let overrides = args.resolve.iter().map(|r| parse_resolve(r)).collect::<Result<_, _>>()?;
+    let publish = args
+        .publish
+        .iter()
+        .map(|m| netstack::forward::parse_mapping(m).map_err(PlanError::Publish))
+        .collect::<Result<_, _>>()?;
     let config = secrets::config_dir();
     let authority = Arc::new(secrets::authority(&config)?);
     let mut roots = match terminate::host_roots() {
@@ -260,6 +271,7 @@ fn net_plan(args: &RunArgs, mut policy: Policy, scope: &secrets::RunScope) -> Re
         ca_cert,
         guest_env: run.guest_env,
         approval_wait_ms,
+        publish,
         learn: args.learn,
     })
 }
@@ -315,6 +327,9 @@ impl RunPlan {
             Err(_) => workspace.clone(),
         };
         let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
+        if args.no_network && !args.publish.is_empty() {
+            return Err(PlanError::PublishNoNetwork);
+        }
         let net = if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope)?) };
 
         // sbx's own state and the files it boots from stay out of the
