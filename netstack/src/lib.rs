@@ -26,6 +26,9 @@
 //!   performed by netstack and written back to the host store;
 //! - [`live`]: live rules, held requests a person approves, time-boxed
 //!   grants, ask rules, and the one decision function ([`live::judge`]);
+//! - [`forward`]: published ports, the one way into the guest: a host
+//!   connection to 127.0.0.1:HOSTPORT (loopback only) spliced into a TCP
+//!   connection netstack opens to the guest's GUESTPORT, bounded, audited;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
@@ -45,6 +48,7 @@ pub mod ca;
 pub mod conn;
 pub mod credential;
 pub mod dns;
+pub mod forward;
 pub mod host;
 pub mod http;
 pub mod limits;

@@ -6,6 +6,9 @@
 //! ARP, ICMP to the gateway, DNS to the gateway and TCP to ports 80/443
 //! of addresses netstack handed out go further; everything else is dropped
 //! and logged. No host socket is ever opened for a dropped frame.
+//! The one exception going the other way: the guest's side of a
+//! connection netstack opened into it for a published port
+//! ([`crate::forward`]), passed for that connection's exact ports only.
 //!
 //! TCP to ports 80 and 443 of those addresses is terminated here and
 //! handled per connection by [`crate::conn`]. With [`NetStack::with_live`],
@@ -56,6 +59,7 @@ use smoltcp::wire::{
 use crate::audit::SharedLog;
 use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
+use crate::forward::{Forwarder, Ports};
 use crate::host::HostName;
 use crate::limits::{Burst, NetCounters, Watch, GUEST_HANDSHAKE_MS};
 use crate::live::{self, Live, LiveRules};
@@ -434,6 +438,8 @@ pub struct NetStack<W: Write> {
     syns: [usize; POLICED_PORTS.len()],
     counters: NetCounters,
     burst: Burst,
+    /// Published ports ([`NetStack::with_ports`]).
+    forwarder: Option<Forwarder>,
 }
 
 impl<W: Write> NetStack<W> {
@@ -493,6 +499,7 @@ impl<W: Write> NetStack<W> {
             syns: [0; POLICED_PORTS.len()],
             counters: NetCounters::default(),
             burst: Burst::default(),
+            forwarder: None,
         };
         net.replenish_listeners();
         net
@@ -512,6 +519,32 @@ impl<W: Write> NetStack<W> {
     pub fn with_live(mut self, live: Arc<Live>) -> NetStack<W> {
         self.live = Some(live);
         self
+    }
+
+    /// The same stack, serving `ports`' published ports into the guest at
+    /// `guest` ([`crate::forward`]).
+    pub fn with_ports(mut self, ports: Arc<Ports>, guest: Ipv4Addr) -> NetStack<W> {
+        self.forwarder = Some(Forwarder::new(ports, guest, self.cfg.gateway));
+        self
+    }
+
+    /// The published ports listened on now and each listener's address.
+    pub fn published(&self) -> Vec<(crate::forward::Mapping, SocketAddr)> {
+        self.forwarder.as_ref().map(|f| f.listening()).unwrap_or_default()
+    }
+
+    /// Forwarded connections into the guest open now.
+    pub fn forwards(&self) -> usize {
+        self.forwarder.as_ref().map_or(0, |f| f.open())
+    }
+
+    /// The audit lines written so far (tests).
+    #[cfg(test)]
+    pub(crate) fn audit_text(&self, out: &mut Vec<u8>)
+    where
+        W: AsRef<[u8]>,
+    {
+        out.extend_from_slice(self.audit.lock().unwrap().get_ref().as_ref());
     }
 
     /// Open guest TCP connections.
@@ -577,6 +610,9 @@ impl<W: Write> NetStack<W> {
         if let Some(l) = &self.live {
             l.set_waker(waker.clone());
         }
+        if let Some(f) = &self.forwarder {
+            f.set_waker(waker.clone());
+        }
         self.connect_slots.set_waker(waker);
     }
 
@@ -601,7 +637,8 @@ impl<W: Write> NetStack<W> {
             })
             .min();
         let live = self.live.as_ref().and_then(|l| l.next_due());
-        [smol, idle, slots, limits, live].into_iter().flatten().min()
+        let forwards = self.forwarder.as_ref().and_then(|f| f.due());
+        [smol, idle, slots, limits, live, forwards].into_iter().flatten().min()
     }
 
     /// The upstream sockets and whether each has work for
@@ -612,6 +649,9 @@ impl<W: Write> NetStack<W> {
             if let Some((fd, read, write)) = conn.upstream_interest() {
                 out.push((*id, fd, read, write));
             }
+        }
+        if let Some(f) = &self.forwarder {
+            f.interests(&self.sockets, out);
         }
     }
 
@@ -624,14 +664,28 @@ impl<W: Write> NetStack<W> {
         }
         let now = Instant::from_millis(now_ms as i64);
         self.make_room_for_syns();
+        if let Some(f) = self.forwarder.as_mut() {
+            f.apply_changes(&mut self.sockets, &mut self.next_conn_id);
+            f.accept(&mut self.iface, &mut self.sockets, now_ms, &mut self.next_conn_id);
+        }
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
         self.syns = [0; POLICED_PORTS.len()];
         self.serve_dns();
         self.accept();
         self.serve_tcp();
+        if let Some(f) = self.forwarder.as_mut() {
+            f.serve(&mut self.sockets, now_ms);
+        }
         self.replenish_listeners();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
         self.sweep_closed();
+        if let Some(f) = self.forwarder.as_mut() {
+            f.sweep(&mut self.sockets);
+            let events = std::mem::take(&mut f.events);
+            for e in events {
+                self.log(e);
+            }
+        }
         for e in self.live.as_ref().map(|l| l.take_events()).unwrap_or_default() {
             self.log(e);
         }
@@ -880,6 +934,16 @@ impl<W: Write> NetStack<W> {
             },
             IpProtocol::Tcp => match TcpPacket::new_checked(ip.payload()) {
                 Ok(tcp) if matches!(tcp.dst_port(), 80 | 443) && self.names.name_of(dst).is_some() => Verdict::Pass,
+                // The guest's side of a forwarded connection into it.
+                Ok(tcp)
+                    if to_gateway
+                        && self
+                            .forwarder
+                            .as_ref()
+                            .is_some_and(|f| f.passes(ip.src_addr(), tcp.src_port(), tcp.dst_port())) =>
+                {
+                    Verdict::Pass
+                }
                 Ok(tcp) => {
                     let what = format!("TCP to {dst}:{}", tcp.dst_port());
                     match self.reset_for(guest_mac, &ip, &tcp) {

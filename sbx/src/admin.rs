@@ -92,6 +92,13 @@ pub enum Req {
     Approve { id: u64, grant: Grant },
     /// `sbx reject`.
     Reject { id: u64 },
+    /// `sbx ports NAME --publish`: the listener on 127.0.0.1:`host_port`
+    /// comes with the request (SCM_RIGHTS), bound by the command.
+    Publish { host_port: u16, guest_port: u16 },
+    /// `sbx ports NAME --unpublish`.
+    Unpublish { host_port: u16 },
+    /// `sbx ports NAME`.
+    Ports {},
 }
 
 /// The answer: `ok` with text to print, or an error naming the problem.
@@ -209,6 +216,9 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
         Req::Reject { id } => {
             live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string())
         }
+        Req::Publish { .. } | Req::Unpublish { .. } | Req::Ports {} => {
+            Err("ports are steered by `sbx ports`, not with the live rules".into())
+        }
     }
 }
 
@@ -297,11 +307,44 @@ fn approvals_text(live: &Live) -> String {
     out
 }
 
-/// Reads one request line of at most [`MAX_REQUEST`] bytes.
-fn read_request(stream: &UnixStream) -> Result<Req, String> {
+/// Reads one request line of at most [`MAX_REQUEST`] bytes, and the one
+/// descriptor that may come with it (SCM_RIGHTS; any more are closed).
+fn read_request(stream: &UnixStream) -> (Result<Req, String>, Option<std::os::fd::OwnedFd>) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut line = Vec::new();
-    let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64 + 1));
-    reader.read_until(b'\n', &mut line).map_err(|e| format!("cannot read the request: {e}"))?;
+    let mut fd = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let got =
+            rustix::net::recvmsg(stream, &mut [io::IoSliceMut::new(&mut buf)], &mut cmsg, RecvFlags::CMSG_CLOEXEC);
+        for msg in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                for f in fds {
+                    fd.get_or_insert(f);
+                }
+            }
+        }
+        let n = match got {
+            Ok(m) => m.bytes,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return (Err(format!("cannot read the request: {e}")), fd),
+        };
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end + 1);
+            break;
+        }
+        if n == 0 || line.len() > MAX_REQUEST {
+            break;
+        }
+    }
+    (parse_request(line), fd)
+}
+
+/// Checks and parses one request line.
+fn parse_request(line: Vec<u8>) -> Result<Req, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request refused: longer than {MAX_REQUEST} bytes"));
     }
@@ -309,6 +352,36 @@ fn read_request(stream: &UnixStream) -> Result<Req, String> {
         return Err("request refused: it must be one line of JSON ending in a newline".into());
     }
     serde_json::from_slice(&line).map_err(|e| format!("request refused: not a valid request: {e}"))
+}
+
+/// A running sandbox's published ports, for [`handle_with_ports`]: the
+/// ports and how to keep them after a change.
+pub struct PortsCtx<'a> {
+    pub ports: &'a netstack::forward::Ports,
+    pub keep: &'a dyn Fn(&netstack::forward::Ports) -> Result<(), String>,
+}
+
+/// Does a ports request (`fd`: the listener a publish came with).
+fn execute_ports(req: &Req, ctx: Option<&PortsCtx>, fd: Option<std::os::fd::OwnedFd>) -> Result<String, String> {
+    let Some(ctx) = ctx else {
+        return Err("this sandbox has no network: no port can be published".into());
+    };
+    let text = match req {
+        Req::Publish { host_port, guest_port } => {
+            let fd = fd.ok_or("publish refused: the listener must come with the request (use `sbx ports`)")?;
+            ctx.ports.publish(*host_port, *guest_port, std::net::TcpListener::from(fd)).map_err(|e| e.to_string())?;
+            format!("127.0.0.1:{host_port} -> guest port {guest_port}: published")
+        }
+        Req::Unpublish { host_port } => {
+            let guest = ctx.ports.unpublish(*host_port).map_err(|e| e.to_string())?;
+            format!("127.0.0.1:{host_port} -> guest port {guest}: unpublished")
+        }
+        _ => return Ok(crate::ports::list_text(&ctx.ports.list())),
+    };
+    match (ctx.keep)(ctx.ports) {
+        Ok(()) => Ok(text),
+        Err(e) => Err(format!("{text}, but it is not kept: {e}")),
+    }
 }
 
 /// Answers one connection: the peer checked, the request read and done,
@@ -321,15 +394,30 @@ pub fn handle(
     owner: u32,
     keep: &dyn Fn(&Live) -> Result<(), String>,
 ) -> bool {
+    handle_with_ports(stream, live, None, policy, owner, keep)
+}
+
+/// [`handle`], with the sandbox's published ports.
+pub fn handle_with_ports(
+    stream: UnixStream,
+    live: &Live,
+    ports: Option<&PortsCtx>,
+    policy: Option<&Policy>,
+    owner: u32,
+    keep: &dyn Fn(&Live) -> Result<(), String>,
+) -> bool {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     // Read (bounded) before anything is answered, so that the peer is
     // told why even when it is refused; nothing of it is acted on then.
-    let request = read_request(&stream);
+    let (request, mut fd) = read_request(&stream);
     let (result, changed) = match (peer_uid(&stream), request) {
         (Err(e), _) => (Err(format!("cannot tell who is asking: {e}")), false),
         (Ok(uid), _) if uid != owner && uid != 0 => {
             (Err(format!("refused: uid {uid} is not this sandbox's owner (uid {owner}) or root")), false)
+        }
+        (Ok(_), Ok(req @ (Req::Publish { .. } | Req::Unpublish { .. } | Req::Ports {}))) => {
+            (execute_ports(&req, ports, fd.take()), false)
         }
         (Ok(uid), Ok(req)) => {
             let changed = matches!(req, Req::Add { .. } | Req::Rm { .. } | Req::Reset {} | Req::Approve { .. });
@@ -357,7 +445,23 @@ pub fn handle(
 /// Serves the admin socket for as long as the process runs; persists the
 /// live rules to `dir` after each change.
 pub fn serve(listener: UnixListener, live: Arc<Live>, policy: Policy, dir: PathBuf) {
+    serve_with_ports(listener, live, None, policy, dir)
+}
+
+/// [`serve`], with the sandbox's published ports (kept in `dir` too).
+pub fn serve_with_ports(
+    listener: UnixListener,
+    live: Arc<Live>,
+    ports: Option<Arc<netstack::forward::Ports>>,
+    policy: Policy,
+    dir: PathBuf,
+) {
     let owner = own_uid();
+    let keep_ports = |p: &netstack::forward::Ports| match p.take_dirty() {
+        Some(json) => crate::ports::save(&dir, &json).map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let ctx = ports.as_deref().map(|ports| PortsCtx { ports, keep: &keep_ports });
     for stream in listener.incoming() {
         let Ok(stream) = stream else {
             // Out of descriptors, say: not a busy loop.
@@ -371,18 +475,38 @@ pub fn serve(listener: UnixListener, live: Arc<Live>, policy: Policy, dir: PathB
             Some(json) => save(&dir, &json).map_err(|e| e.to_string()),
             None => Ok(()),
         };
-        handle(stream, &live, Some(&policy), owner, &keep);
+        handle_with_ports(stream, &live, ctx.as_ref(), Some(&policy), owner, &keep);
     }
 }
 
 /// Sends `req` to the admin socket at `path`; the reply.
 pub fn request(name: &str, path: &Path, req: &Req) -> Result<Reply, Error> {
+    request_with_fd(name, path, req, None)
+}
+
+/// [`request`], `fd` going with the request's first bytes (SCM_RIGHTS).
+pub fn request_with_fd(
+    name: &str,
+    path: &Path,
+    req: &Req,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Reply, Error> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let stream = UnixStream::connect(path).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT * 2));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut line = serde_json::to_string(req).map_err(|e| Error::Reply(name.into(), e.to_string()))?;
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        let fds = [fd];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+        sent = rustix::net::sendmsg(&stream, &[io::IoSlice::new(line.as_bytes())], &mut cmsg, SendFlags::NOSIGNAL)
+            .map_err(|e| Error::Connect(name.into(), path.into(), e.into()))?;
+    }
+    (&stream).write_all(&line.as_bytes()[sent..]).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
     let mut back = Vec::new();
     BufReader::new((&stream).take(MAX_REPLY as u64))
         .read_until(b'\n', &mut back)

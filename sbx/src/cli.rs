@@ -70,6 +70,23 @@ pub enum Command {
     /// Audit trail tools: verify the hash chains, anchor them, export them.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Published ports of sandbox NAME: a guest TCP service reached on the
+    /// host's 127.0.0.1:HOSTPORT only (never another address), audited;
+    /// live on a running sandbox, kept for its next runs. Without options:
+    /// list them.
+    Ports(PortsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct PortsArgs {
+    pub name: String,
+    /// Publish guest port GUESTPORT on the host's 127.0.0.1:HOSTPORT
+    /// (HOSTPORT:GUESTPORT, or 127.0.0.1:HOSTPORT:GUESTPORT).
+    #[arg(long, value_name = "HOSTPORT:GUESTPORT", conflicts_with = "unpublish")]
+    pub publish: Option<String>,
+    /// Stop publishing HOSTPORT (its open connections end).
+    #[arg(long, value_name = "HOSTPORT")]
+    pub unpublish: Option<u16>,
 }
 
 // ---- `sbx audit` (governance: docs/audit.md) ----
@@ -374,6 +391,10 @@ pub struct RunArgs {
     /// Copy the guest kernel console to stderr.
     #[arg(long)]
     pub console: bool,
+    /// Publish guest port GUESTPORT on the host's 127.0.0.1:HOSTPORT
+    /// (loopback only; kept with the sandbox, see `sbx ports`). Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
+    pub publish: Vec<String>,
     /// Let the guest kernel log everything (slower boot).
     #[arg(long)]
     pub kernel_log: bool,

@@ -37,6 +37,7 @@ pub mod machine_policy;
 pub mod netback;
 pub mod oauth_secrets;
 pub mod policy_doc;
+pub mod ports;
 pub mod run;
 pub mod sandbox;
 #[allow(unsafe_code)]

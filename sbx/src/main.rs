@@ -52,6 +52,14 @@ fn main() -> ExitCode {
             commands::explain_file(&path, policy.as_deref()).map(|_| ExitCode::SUCCESS).map_err(Into::into)
         }
         Command::Secret(cmd) => secrets::command(&cmd).map(|_| ExitCode::SUCCESS),
+        Command::Ports(a) => {
+            let action = match (a.publish, a.unpublish) {
+                (Some(m), _) => sbx::ports::Action::Publish(m),
+                (None, Some(p)) => sbx::ports::Action::Unpublish(p),
+                (None, None) => sbx::ports::Action::List,
+            };
+            sbx::ports::command(&a.name, action).map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,

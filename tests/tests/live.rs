@@ -168,3 +168,71 @@ fn a_person_steers_a_running_sandbox() {
     let verify = sbx.cmd().args(["audit", "verify", "live"]).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
 }
+
+/// A free port on the host's loopback (bound, then let go).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.0 GET to `addr`; the answer, or the error.
+fn http_get(addr: std::net::SocketAddr) -> Result<String, std::io::Error> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// `sbx ports`: a guest service published live on the host's 127.0.0.1,
+/// reached there (and audited), never on the host's other addresses;
+/// unpublished live.
+#[test]
+fn a_published_port_reaches_the_guests_service_on_loopback_only() {
+    let Some(sbx) = Sbx::new() else { return };
+    let script = "mkdir -p /tmp/www && echo hello-from-guest > /tmp/www/index.html
+        busybox httpd -p 8000 -h /tmp/www && echo serving; sleep 600";
+    let mut child = sbx
+        .cmd()
+        .args(["run", "shell", "--name", "ports", "--timeout", "900", "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sbx.wait_running("ports");
+    let run = |args: &[&str]| sbx.cmd().args(args).output().unwrap();
+    let host_port = free_port();
+    let out = run(&["ports", "ports", "--publish", "0.0.0.0:18080:8000"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("127.0.0.1 only"), "{}", text(&out.stderr));
+    let out = run(&["ports", "ports", "--publish", &format!("{host_port}:8000")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ls = text(&run(&["ports", "ports"]).stdout);
+    assert!(ls.contains(&format!("127.0.0.1:{host_port}")) && ls.contains("8000"), "{ls}");
+    // The guest's httpd may still be starting.
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let answer = loop {
+        match http_get(loopback) {
+            Ok(a) if a.contains("hello-from-guest") => break a,
+            other => assert!(Instant::now() < deadline, "never answered: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
+    // The host's own non-loopback address (the route out; no packet sent).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    if probe.connect("192.0.2.1:9").is_ok() {
+        let ip = probe.local_addr().unwrap().ip();
+        if !ip.is_loopback() && !ip.is_unspecified() {
+            let wide = std::net::SocketAddr::new(ip, host_port);
+            assert!(http_get(wide).is_err(), "reachable on {wide}: published beyond loopback");
+        }
+    }
+    assert!(run(&["ports", "ports", "--unpublish", &host_port.to_string()]).status.success());
+    assert!(http_get(loopback).is_err(), "unpublished, nothing listens");
+    let log = text(&run(&["log", "ports", "--audit", "--json"]).stdout);
+    assert!(log.contains("\"event\":\"publish\"") && log.contains("\"event\":\"unpublish\""), "{log}");
+    assert!(log.contains("\"event\":\"port_forward\"") && log.contains("\"peer\":\"127.0.0.1:"), "{log}");
+    assert!(run(&["stop", "ports"]).status.success());
+    let _ = child.wait();
+}

@@ -208,10 +208,13 @@ const SOCKET_IO: Sys = sys!(
 );
 
 /// netstack's connect threads: the host resolver (glibc's: files, DNS,
-/// perhaps NSS modules) and the upstream connection; and an OAuth
-/// refresh written back to the host's store (`flock` on its lock file,
-/// in the one folder Landlock gives them for it).
+/// perhaps NSS modules) and the upstream connection; accepting on the
+/// published ports' listeners (bound to 127.0.0.1 before the jail, or by
+/// `sbx ports` and handed over: the network thread never listens); and an
+/// OAuth refresh written back to the host's store (`flock` on its lock
+/// file, in the one folder Landlock gives them for it).
 const NET: Sys = sys!(
+    SYS_accept4,
     SYS_flock,
     SYS_connect,
     SYS_bind,
@@ -588,6 +591,9 @@ mod tests {
                 }
             }
         }
+        // The network thread accepts on published ports' listeners, bound
+        // before the jail or handed over: it never listens itself.
+        assert!(has(ThreadKind::Net, libc::SYS_accept4));
         // vCPUs and file servers create no socket at all.
         for kind in [ThreadKind::Vcpu, ThreadKind::Fs] {
             assert!(!has(kind, libc::SYS_socket), "{kind:?} creates sockets");

@@ -785,7 +785,12 @@ fn a_secret_split_across_pipelined_responses_is_masked() {
     let joined = got.concat();
     assert_eq!(joined.len(), SECRET.len(), "lengths unchanged: {joined}");
     assert!(longest_piece(&joined) < crate::credential::MIN_PIECE, "{joined}");
-    assert_eq!(&joined[..7], &SECRET[..7], "the first response's 7 bytes had left before the rest came (the residue)");
+    // The first response's 7 bytes leave unmasked when they went out
+    // before the rest came (the residue, shorter than a piece), masked
+    // when the responses arrived together: either is safe, which one is
+    // the scheduler's.
+    let first = &joined[..7];
+    assert!(first == &SECRET[..7] || first.bytes().all(|b| b == b'*'), "{joined}");
     assert!(joined[7..].bytes().all(|b| b == b'*'), "{joined}");
     let log = s.audit();
     assert!(log.contains("\"leak\":\"anthropic\"") && log.contains("echoed"), "{log}");

@@ -68,6 +68,8 @@ pub enum LaunchError {
     Live(String, #[source] crate::admin::Error),
     #[error("Cannot open the admin socket in {0}: {1}")]
     Admin(PathBuf, io::Error),
+    #[error(transparent)]
+    Ports(#[from] crate::ports::Error),
 }
 
 /// What came back from a run: the VM's result, the main session's (the
@@ -188,6 +190,7 @@ fn guest_network(
     audit: SharedLog<Box<dyn Write + Send>>,
     sandbox_dir: &Path,
     live: Option<Arc<Live>>,
+    ports: Option<Arc<netstack::forward::Ports>>,
 ) -> (GuestNet, NetStats) {
     let mut resolver = Resolver { system: true, ..Resolver::default() };
     resolver.overrides.extend(net.overrides.iter().cloned());
@@ -196,6 +199,9 @@ fn guest_network(
     let mut stack = NetStack::new(cfg, net.policy.clone(), resolver, audit).terminating(net.termination.clone());
     if let Some(live) = live {
         stack = stack.with_live(live);
+    }
+    if let Some(ports) = ports {
+        stack = stack.with_ports(ports, GUEST_IP);
     }
     // netstack's threads may read what the host's resolver reads
     // (resolv.conf, hosts, the NSS configuration and modules: not the rest
@@ -315,17 +321,23 @@ pub fn launch(
         }
         None => None,
     };
-    let (net, net_stats) = match plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir(), live.clone())) {
-        Some((net, stats)) => (Some(net), Some((sb.net_stats(), stats))),
-        None => (None, None),
+    // Published ports: listened on now, before any thread is jailed.
+    let ports = match &plan.net {
+        Some(n) => Some(crate::ports::open_all(sb.dir(), &name, &n.publish)?),
+        None => None,
     };
+    let (net, net_stats) =
+        match plan.net.as_ref().map(|n| guest_network(n, audit.clone(), sb.dir(), live.clone(), ports.clone())) {
+            Some((net, stats)) => (Some(net), Some((sb.net_stats(), stats))),
+            None => (None, None),
+        };
     publish_fs_stats(sb.fs_stats(), fs_counts.clone(), net_stats, control_reach.clone());
     if let (Some(live), Some(n)) = (&live, &plan.net) {
         let listener =
             crate::admin::listen(sb.dir()).map_err(|e| LaunchError::Admin(sb.dir().join(crate::admin::SOCKET), e))?;
-        let (served, policy, dir) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf());
+        let (served, policy, dir, ports) = (live.clone(), n.policy.clone(), sb.dir().to_path_buf(), ports.clone());
         threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), control_reach.clone(), move || {
-            crate::admin::serve(listener, served, policy, dir)
+            crate::admin::serve_with_ports(listener, served, ports, policy, dir)
         })
         .map_err(LaunchError::Thread)?;
         // The machine's admin policy, watched: a changed file is put in

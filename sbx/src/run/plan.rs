@@ -59,6 +59,10 @@ pub enum PlanError {
     Allow(String, netstack::policy::Error),
     #[error("--resolve {0}: {1}")]
     Resolve(String, String),
+    #[error("-p needs the guest's network: drop --no-network, or -p")]
+    PublishNoNetwork,
+    #[error("Bad -p: {0}")]
+    Publish(#[source] netstack::forward::Error),
     #[error("sbx's state folder {0} (SBX_HOME): {1}")]
     State(PathBuf, std::io::Error),
     #[error("{0}: {1}")]
@@ -116,6 +120,8 @@ pub struct NetPlan {
     /// A subscription sign-in kept on the host (`sbx secret
     /// oauth-import`): the guest's credential file, with placeholders.
     pub oauth: Option<OAuthRun>,
+    /// `-p HOSTPORT:GUESTPORT`: published on 127.0.0.1 (with the persisted).
+    pub publish: Vec<(u16, u16)>,
 }
 
 /// What a run with an OAuth secret does beside the injection itself.
@@ -268,6 +274,11 @@ fn net_plan(
         admin.check_network(&policy)?;
     }
     let overrides = args.resolve.iter().map(|r| parse_resolve(r)).collect::<Result<_, _>>()?;
+    let publish = args
+        .publish
+        .iter()
+        .map(|m| netstack::forward::parse_mapping(m).map_err(PlanError::Publish))
+        .collect::<Result<_, _>>()?;
     let config = secrets::config_dir();
     let authority = Arc::new(secrets::authority(&config)?);
     let mut roots = match terminate::host_roots() {
@@ -326,6 +337,7 @@ fn net_plan(
         ca_cert,
         guest_env: run.guest_env,
         approval_wait_ms,
+        publish,
         learn: args.learn,
         oauth,
     })
@@ -391,6 +403,9 @@ impl RunPlan {
             Err(_) => workspace.clone(),
         };
         let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
+        if args.no_network && !args.publish.is_empty() {
+            return Err(PlanError::PublishNoNetwork);
+        }
         let net =
             if args.no_network { None } else { Some(net_plan(args, policy.network.clone(), &scope, admin.as_ref())?) };
 
