@@ -42,6 +42,7 @@ pub mod ca;
 pub mod conn;
 pub mod credential;
 pub mod dns;
+pub mod graphql;
 pub mod host;
 pub mod http;
 pub mod limits;
