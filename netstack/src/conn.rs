@@ -19,7 +19,10 @@
 //! upstream socket is opened for a refused request. Decisions are
 //! [`crate::live::judge`]'s (live rules, the policy, ask rules); a request
 //! to be held waits in [`Phase::Held`], unread, until a person answers
-//! ([`Conn::poll_held`]). A credential's placeholder on its way to
+//! ([`Conn::poll_held`]). A request a GraphQL ask rule may hold (its
+//! head matches one, [`Judgement::needs_body`]) is judged only once its
+//! whole body (at most [`crate::graphql::MAX_BODY`]) is in the inbox; a
+//! chunked, encoded or larger body is judged unreadable, so held. A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
 //!
 //! Upstream: the name is resolved once per connection on a connect thread
@@ -350,7 +353,8 @@ pub struct Conn {
 /// chunked, encoded or too large bodies are not awaited (errors, so held).
 fn graphql_body(head: &http::RequestHead, rest: &[u8]) -> Option<graphql::Scan> {
     let coded = head.headers.iter().find(|(k, v)| {
-        k == "content-encoding" && v.split(',').any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+        k == "content-encoding"
+            && v.split(',').any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
     });
     if let Some((_, v)) = coded {
         return Some(Err(graphql::Error::Encoded(v.chars().take(40).collect())));

@@ -688,22 +688,25 @@ mod tests {
         serde_json::to_vec(&serde_json::json!({ "query": query, "variables": {"a": 1} })).unwrap()
     }
 
-    /// (kind, fields) of each operation, or the error.
-    fn ops(b: &[u8]) -> Result<Vec<(Kind, Vec<String>, bool)>, Error> {
+    /// (kind, fields, opaque) of one operation.
+    type Op = (Kind, Vec<String>, bool);
+
+    /// Each operation, or the error.
+    fn ops(b: &[u8]) -> Result<Vec<Op>, Error> {
         scan_body(b).map(|v| v.into_iter().map(|o| (o.kind, o.fields, o.opaque)).collect())
     }
 
-    fn m(fields: &[&str]) -> (Kind, Vec<String>, bool) {
+    fn m(fields: &[&str]) -> Op {
         (Kind::Mutation, fields.iter().map(|s| s.to_string()).collect(), false)
     }
 
-    fn q() -> (Kind, Vec<String>, bool) {
+    fn q() -> Op {
         (Kind::Query, vec![], false)
     }
 
     #[test]
     fn operations_and_first_level_mutation_fields_are_found() {
-        let table: &[(&str, Vec<(Kind, Vec<String>, bool)>)] = &[
+        let table: &[(&str, Vec<Op>)] = &[
             ("mutation { mergePullRequest(input: {pullRequestId: \"x\"}) { clientMutationId } }", vec![m(&["mergePullRequest"])]),
             ("mutation M($id: ID!) { a: mergePullRequest(input: {pullRequestId: $id}) { pullRequest { id } } }", vec![m(&["mergePullRequest"])]),
             ("mutation{x:deleteRef(input:{refId:\"r\"}){clientMutationId},updateRef(input:{}){__typename}}", vec![m(&["deleteRef", "updateRef"])]),
@@ -783,7 +786,10 @@ mod tests {
         let names: Vec<NamePattern> =
             ["mergePullRequest", "delete*", "*Destroy"].iter().map(|n| NamePattern::parse(n).unwrap()).collect();
         let ask = |doc: &str| asked(&scan_body(&body(doc)), &names);
-        assert_eq!(ask("mutation { a: mergePullRequest(input: {}) { x } }").as_deref(), Some("mutation mergePullRequest"));
+        assert_eq!(
+            ask("mutation { a: mergePullRequest(input: {}) { x } }").as_deref(),
+            Some("mutation mergePullRequest")
+        );
         assert_eq!(ask("mutation { DELETEREF(input: {}) { x } }").as_deref(), Some("mutation DELETEREF"));
         assert_eq!(ask("mutation { noteDestroy(input: {}) { x } }").as_deref(), Some("mutation noteDestroy"));
         assert_eq!(ask("mutation { addStar(input: {}) { x } }"), None, "an unlisted mutation");

@@ -88,8 +88,65 @@
 //! Writing an ask preset: a list of [`AskRule`]s in [`ask_preset`]; each is
 //! a host pattern, ports (default 80, 443), methods (none: every method)
 //! and a path pattern. Cover the upstream's aliases (GitHub's API also
-//! takes `/repositories/ID/...`; GraphQL mutations at `POST /graphql` are
-//! not readable by path and are not asked by the shipped presets).
+//! takes `/repositories/ID/...`).
+//!
+//! # GraphQL mutations
+//!
+//! GitHub's and GitLab's GraphQL APIs do what their REST rows ask about
+//! (`gh pr merge` is the mutation `mergePullRequest`), at one path that
+//! reads use too (`gh pr list`). An ask rule with `graphql_mutations`
+//! holds only the GraphQL requests with a listed mutation among their
+//! operations' first-level fields ([`crate::graphql`]):
+//!
+//! ```toml
+//! [[rule]]
+//! ask = "api.github.com"
+//! methods = ["POST"]
+//! path = "/graphql"
+//! graphql_mutations = ["mergePullRequest", "delete*"]   # or ["*"]: every mutation
+//! ```
+//!
+//! A name is exact, `prefix*`, `*suffix` or `*`, compared without regard
+//! to case. A body that cannot be read with certainty (not JSON, no
+//! `query` string, invalid GraphQL, a fragment spread among a mutation's
+//! fields, chunked, `Content-Encoding`, over [`graphql::MAX_BODY`]) is held
+//! as if it were listed (fail closed). If any operation of a document or
+//! batch is a listed mutation the request is held, whatever
+//! `operationName` picks. A GET (or HEAD) is judged by its `query=`
+//! parameter (`%`-decoded; no body is allowed on them), a POST by its body
+//! and any `query=` parameter. For such a request the stack waits,
+//! unread, for the whole body in its inbox (Content-Length up to
+//! [`graphql::MAX_BODY`], bounded in time as a slow request head is) and
+//! then judges it with [`judge_body`]; requests no GraphQL ask rule's
+//! host, port, methods and path match are judged on their head as
+//! before, with nothing buffered. [`judge`] without a body (`sbx policy
+//! explain`, `sbx policy test`) reports such a request as held "if its
+//! body is one of its GraphQL mutations" ([`Judgement::needs_body`]). The
+//! question shows the mutations found ([`Question::detail`], "mutation
+//! mergePullRequest"). An approval `--for`/`--always` grants the rule's
+//! methods and path (every GraphQL request to the host) for that time.
+//!
+//! The shipped GraphQL rows (on POST and GET; each named like the REST
+//! rows, "ask:github graphql merge"):
+//!
+//! | preset | path | what | mutations |
+//! |---|---|---|---|
+//! | ask:github | api.github.com `/graphql` | merge | mergePullRequest, mergeBranch, enablePullRequestAutoMerge, enqueuePullRequest |
+//! | | | delete | `delete*` |
+//! | | | branch/ref change | createRef, updateRef, updateRefs, createCommitOnBranch, updatePullRequestBranch |
+//! | | | branch change | createBranchProtectionRule, updateBranchProtectionRule, createRepositoryRuleset, updateRepositoryRuleset |
+//! | | | permission change | updateTeamsRepository, removeOutsideCollaborator, addEnterpriseAdmin, inviteEnterpriseAdmin, removeEnterpriseAdmin, updateEnterpriseAdministratorRole |
+//! | | | organisation change | `updateOrganization*`, `updateEnterprise*` |
+//! | | | repository settings | updateRepository, archiveRepository, unarchiveRepository, transferRepository, updateRepositoryWebCommitSignoffSetting, updateEnvironment |
+//! | ask:gitlab | gitlab.com `/api/graphql` | merge | mergeRequestAccept |
+//! | | | delete | `destroy*`, `*Delete`, `*Destroy` |
+//! | | | branch change | commitCreate, branchCreate, `branchRule*` |
+//! | | | permission change | `projectMember*`, `groupMember*` |
+//! | | | project settings | projectSetLocked, projectSettingsUpdate, projectCiCdSettingsUpdate, ciCdSettingsUpdate |
+//!
+//! These lists are what is high-impact today, not every mutation the
+//! APIs have or will have: for a strict setup add a rule with
+//! `graphql_mutations = ["*"]` (every mutation asks, reads do not).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -498,7 +555,12 @@ type GraphqlRow = (&'static [&'static str], &'static str, &'static [&'static str
 const GRAPHQL_METHODS: &[&str] = &["POST", "GET"];
 
 const GITHUB_GRAPHQL: &[GraphqlRow] = &[
-    (&["api.github.com"], "/graphql", &["mergePullRequest", "mergeBranch", "enablePullRequestAutoMerge", "enqueuePullRequest"], "merge"),
+    (
+        &["api.github.com"],
+        "/graphql",
+        &["mergePullRequest", "mergeBranch", "enablePullRequestAutoMerge", "enqueuePullRequest"],
+        "merge",
+    ),
     (&["api.github.com"], "/graphql", &["delete*"], "delete"),
     (
         &["api.github.com"],
@@ -509,7 +571,12 @@ const GITHUB_GRAPHQL: &[GraphqlRow] = &[
     (
         &["api.github.com"],
         "/graphql",
-        &["createBranchProtectionRule", "updateBranchProtectionRule", "createRepositoryRuleset", "updateRepositoryRuleset"],
+        &[
+            "createBranchProtectionRule",
+            "updateBranchProtectionRule",
+            "createRepositoryRuleset",
+            "updateRepositoryRuleset",
+        ],
         "branch change",
     ),
     (

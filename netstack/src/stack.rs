@@ -2321,7 +2321,10 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
 
     /// An upstream that records each request's method, target and body
     /// and answers "ok".
-    fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    /// ("METHOD TARGET", body) of each request an upstream received.
+    type Seen = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+    fn recording_upstream() -> (SocketAddr, Seen) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -2399,7 +2402,8 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         };
         // A read goes straight through, body intact.
         let read = br#"{"query": "query { viewer { login } }"}"#.to_vec();
-        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &post(&read), |g| contains(g, "\r\n\r\nok"));
+        let (got, _) =
+            exchange(&mut net, &mut guest, &mut now, (addr, 80), &post(&read), |g| contains(g, "\r\n\r\nok"));
         assert!(contains(&got, "200 OK"), "{got:?}");
         assert_eq!(seen.lock().unwrap().clone(), vec![("POST /graphql".to_string(), read)]);
         assert!(live.questions().is_empty(), "a read asks nothing");
