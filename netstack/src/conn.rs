@@ -19,7 +19,10 @@
 //! upstream socket is opened for a refused request. Decisions are
 //! [`crate::live::judge`]'s (live rules, the policy, ask rules); a request
 //! to be held waits in `Phase::Held`, unread, until a person answers
-//! ([`Conn::poll_held`]). A credential's placeholder on its way to
+//! ([`Conn::poll_held`]). A request a GraphQL ask rule may hold (its
+//! head matches one, [`Judgement::needs_body`]) is judged only once its
+//! whole body (at most [`crate::graphql::MAX_BODY`]) is in the inbox; a
+//! chunked, encoded or larger body is judged unreadable, so held. A credential's placeholder on its way to
 //! a host it is not bound to (head or body) is refused as a leak attempt.
 //!
 //! Upstream: the name is resolved once per connection on a connect thread
@@ -56,6 +59,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::credential::{LeakScanner, Rewrite, Scrubber};
+use crate::graphql;
 use crate::host::HostName;
 use crate::http::{self, BodyScanner, Parsed, ResponseTracker};
 use crate::live::{self, Answer, AskRule, Judgement, Live, LiveRules, QKey, Ticket, Verdict};
@@ -348,9 +352,28 @@ pub struct Conn {
     /// [`MAX_APPROVED`]).
     approved: Vec<QKey>,
     /// Set by `judge`: the request is to be held on this question.
-    to_hold: Option<(QKey, Option<AskRule>)>,
+    to_hold: Option<(QKey, Option<AskRule>, Option<String>)>,
     /// The rule of the last refusal, for the deny answer.
     denied_rule: Option<String>,
+}
+
+/// What a request's body (`rest`: the inbox after its head) says for
+/// GraphQL ask rules: None while a body of known length is still arriving;
+/// chunked, encoded or too large bodies are not awaited (errors, so held).
+fn graphql_body(head: &http::RequestHead, rest: &[u8]) -> Option<graphql::Scan> {
+    let coded = head.headers.iter().find(|(k, v)| {
+        k == "content-encoding"
+            && v.split(',').any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+    });
+    if let Some((_, v)) = coded {
+        return Some(Err(graphql::Error::Encoded(v.chars().take(40).collect())));
+    }
+    match head.body {
+        http::Body::Chunked => Some(Err(graphql::Error::Chunked)),
+        http::Body::Length(n) if n > graphql::MAX_BODY as u64 => Some(Err(graphql::Error::TooLarge(n))),
+        http::Body::Length(n) => rest.get(..n as usize).map(graphql::scan_body),
+        http::Body::None => Some(graphql::scan_body(b"")),
+    }
 }
 
 /// Questions remembered as approved on one connection.
@@ -801,15 +824,20 @@ impl Conn {
             Some(format!("path rules apply to {} and {e}", head.host))
         } else {
             // As sent: judged on its normalised path (and query, for ask
-            // rules' `?KEY=VALUE`).
-            self.judge(policy, &head.host, Some((&head.method, &head.target)), &mut event)
+            // rules' `?KEY=VALUE`), and its body where a GraphQL ask
+            // rule needs it.
+            match self.judge_request(policy, &head, len, &mut event) {
+                Some(refusal) => refusal,
+                // The rest of the body is awaited (still unread).
+                None => return false,
+            }
         };
         if let Some(reason) = refusal {
             self.deny(event, reason);
             return false;
         }
-        if let Some((key, ask)) = self.to_hold.take() {
-            self.hold(key, ask, Some((&head.method, &head.target)), event);
+        if let Some((key, ask, detail)) = self.to_hold.take() {
+            self.hold(key, ask, Some((&head.method, &head.target)), detail, event);
             return false;
         }
         event["decision"] = json!("allow");
@@ -954,6 +982,36 @@ impl Conn {
         self.verdict(j, event)
     }
 
+    /// [`Conn::judge`] for a request head (`len` bytes at the start of the
+    /// inbox). Where a GraphQL ask rule needs the body
+    /// ([`Judgement::needs_body`]), it is awaited in the inbox, unread
+    /// (None until it is whole; at most [`graphql::MAX_BODY`] bytes, the
+    /// wait bounded as a slow head's is), and the request judged with it;
+    /// a body that cannot be awaited or read is judged as unreadable
+    /// (held). Any other request is judged on its head alone, as before.
+    fn judge_request(
+        &mut self,
+        policy: &Policy,
+        head: &http::RequestHead,
+        len: usize,
+        event: &mut Value,
+    ) -> Option<Option<String>> {
+        let req = Request { host: &head.host, port: self.port, http: Some((&head.method, &head.target)) };
+        let judge = |body: Option<&graphql::Scan>| match &self.live {
+            Some(l) => l.judge_body(policy, &req, body),
+            None => live::judge_body(policy, &LiveRules::default(), &req, body, 0),
+        };
+        let mut j = judge(None);
+        if j.needs_body {
+            let scan = graphql_body(head, self.inbox.get(len..).unwrap_or_default())?;
+            j = judge(Some(&scan));
+        }
+        if let Some(d) = &j.detail {
+            event["graphql"] = json!(d);
+        }
+        Some(self.verdict(j, event))
+    }
+
     /// Acts on a judgement: a use of a live grant counted, an approved
     /// question let through, a question to hold noted.
     fn verdict(&mut self, j: Judgement, event: &mut Value) -> Option<String> {
@@ -975,7 +1033,7 @@ impl Conn {
             }
             Verdict::Ask(_) if self.live.is_none() => Some(format!("{}, but nobody can answer here", j.reason)),
             Verdict::Ask(key) => {
-                self.to_hold = Some((key, j.ask));
+                self.to_hold = Some((key, j.ask, j.detail));
                 None
             }
         }
@@ -983,9 +1041,16 @@ impl Conn {
 
     /// Holds the request (head or ClientHello still in the inbox) on the
     /// question for `key`; denied if the bounds are reached.
-    fn hold(&mut self, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>, mut event: Value) {
+    fn hold(
+        &mut self,
+        key: QKey,
+        ask: Option<AskRule>,
+        http: Option<(&str, &str)>,
+        detail: Option<String>,
+        mut event: Value,
+    ) {
         let Some(live) = self.live.clone() else { return };
-        match live.hold(key.clone(), ask, http) {
+        match live.hold_detail(key.clone(), ask, http, detail.as_deref()) {
             Ok(ticket) => {
                 event["decision"] = json!("held");
                 event["question"] = json!(ticket.id);
@@ -1070,8 +1135,8 @@ impl Conn {
             self.deny(event, reason);
             return;
         }
-        if let Some((key, ask)) = self.to_hold.take() {
-            self.hold(key, ask, None, event);
+        if let Some((key, ask, detail)) = self.to_hold.take() {
+            self.hold(key, ask, None, detail, event);
             return;
         }
         if terminate {

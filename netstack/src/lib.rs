@@ -49,6 +49,7 @@ pub mod conn;
 pub mod credential;
 pub mod dns;
 pub mod forward;
+pub mod graphql;
 pub mod host;
 pub mod http;
 pub mod limits;

@@ -99,8 +99,65 @@
 //! Writing an ask preset: a list of [`AskRule`]s in [`ask_preset`]; each is
 //! a host pattern, ports (default 80, 443), methods (none: every method)
 //! and a path pattern. Cover the upstream's aliases (GitHub's API also
-//! takes `/repositories/ID/...`; GraphQL mutations at `POST /graphql` are
-//! not readable by path and are not asked by the shipped presets).
+//! takes `/repositories/ID/...`).
+//!
+//! # GraphQL mutations
+//!
+//! GitHub's and GitLab's GraphQL APIs do what their REST rows ask about
+//! (`gh pr merge` is the mutation `mergePullRequest`), at one path that
+//! reads use too (`gh pr list`). An ask rule with `graphql_mutations`
+//! holds only the GraphQL requests with a listed mutation among their
+//! operations' first-level fields ([`crate::graphql`]):
+//!
+//! ```toml
+//! [[rule]]
+//! ask = "api.github.com"
+//! methods = ["POST"]
+//! path = "/graphql"
+//! graphql_mutations = ["mergePullRequest", "delete*"]   # or ["*"]: every mutation
+//! ```
+//!
+//! A name is exact, `prefix*`, `*suffix` or `*`, compared without regard
+//! to case. A body that cannot be read with certainty (not JSON, no
+//! `query` string, invalid GraphQL, a fragment spread among a mutation's
+//! fields, chunked, `Content-Encoding`, over [`graphql::MAX_BODY`]) is held
+//! as if it were listed (fail closed). If any operation of a document or
+//! batch is a listed mutation the request is held, whatever
+//! `operationName` picks. A GET (or HEAD) is judged by its `query=`
+//! parameter (`%`-decoded; no body is allowed on them), a POST by its body
+//! and any `query=` parameter. For such a request the stack waits,
+//! unread, for the whole body in its inbox (Content-Length up to
+//! [`graphql::MAX_BODY`], bounded in time as a slow request head is) and
+//! then judges it with [`judge_body`]; requests no GraphQL ask rule's
+//! host, port, methods and path match are judged on their head as
+//! before, with nothing buffered. [`judge`] without a body (`sbx policy
+//! explain`, `sbx policy test`) reports such a request as held "if its
+//! body is one of its GraphQL mutations" ([`Judgement::needs_body`]). The
+//! question shows the mutations found ([`Question::detail`], "mutation
+//! mergePullRequest"). An approval `--for`/`--always` grants the rule's
+//! methods and path (every GraphQL request to the host) for that time.
+//!
+//! The shipped GraphQL rows (on POST and GET; each named like the REST
+//! rows, "ask:github graphql merge"):
+//!
+//! | preset | path | what | mutations |
+//! |---|---|---|---|
+//! | ask:github | api.github.com `/graphql` | merge | mergePullRequest, mergeBranch, enablePullRequestAutoMerge, enqueuePullRequest |
+//! | | | delete | `delete*` |
+//! | | | branch/ref change | createRef, updateRef, updateRefs, createCommitOnBranch, updatePullRequestBranch |
+//! | | | branch change | createBranchProtectionRule, updateBranchProtectionRule, createRepositoryRuleset, updateRepositoryRuleset |
+//! | | | permission change | updateTeamsRepository, removeOutsideCollaborator, addEnterpriseAdmin, inviteEnterpriseAdmin, removeEnterpriseAdmin, updateEnterpriseAdministratorRole |
+//! | | | organisation change | `updateOrganization*`, `updateEnterprise*` |
+//! | | | repository settings | updateRepository, archiveRepository, unarchiveRepository, transferRepository, updateRepositoryWebCommitSignoffSetting, updateEnvironment |
+//! | ask:gitlab | gitlab.com `/api/graphql` | merge | mergeRequestAccept |
+//! | | | delete | `destroy*`, `*Delete`, `*Destroy` |
+//! | | | branch change | commitCreate, branchCreate, `branchRule*` |
+//! | | | permission change | `projectMember*`, `groupMember*` |
+//! | | | project settings | projectSetLocked, projectSettingsUpdate, projectCiCdSettingsUpdate, ciCdSettingsUpdate |
+//!
+//! These lists are what is high-impact today, not every mutation the
+//! APIs have or will have: for a strict setup add a rule with
+//! `graphql_mutations = ["*"]` (every mutation asks, reads do not).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -109,6 +166,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::graphql::{self, NamePattern};
 use crate::host::HostName;
 use crate::http;
 use crate::policy::{Action, AdminLayer, Pattern, Policy, Request, ADMIN_ASK_ORIGIN};
@@ -166,6 +224,8 @@ pub enum Error {
     File(String),
     #[error("the live-rule file is {0} bytes, more than {MAX_LIVE_FILE} (remove it with `sbx policy reset`)")]
     FileSize(usize),
+    #[error("{0}")]
+    Graphql(String),
 }
 
 // ---------------------------------------------------------------- paths
@@ -372,6 +432,9 @@ pub struct AskRule {
     pub path: Option<PathPattern>,
     /// "rule 4", "ask:github merge".
     pub origin: String,
+    /// `graphql_mutations`: the rule holds only GraphQL requests with one
+    /// of these mutations (or that cannot be read) — see [`crate::graphql`].
+    pub graphql: Option<Vec<NamePattern>>,
 }
 
 impl fmt::Display for AskRule {
@@ -383,11 +446,61 @@ impl fmt::Display for AskRule {
         if let Some(p) = &self.path {
             write!(f, " path {}", p.as_str())?;
         }
+        if let Some(names) = &self.graphql {
+            let names: Vec<&str> = names.iter().map(NamePattern::as_str).collect();
+            write!(f, " graphql mutations {}", names.join(","))?;
+        }
         Ok(())
     }
 }
 
+/// What a GraphQL ask rule makes of a request that matches its host, port,
+/// methods and path.
+enum GraphqlAsk {
+    /// Not a GraphQL rule (or the request is unreadable spliced TLS): held.
+    Plain,
+    /// Held: these listed mutations, or what could not be read.
+    Asked(String),
+    /// No listed mutation: the rule does not hold it.
+    NotListed,
+    /// The body decides and was not given.
+    Unread,
+}
+
 impl AskRule {
+    /// The same rule, holding only GraphQL requests with one of `names`
+    /// among their mutations ([`NamePattern`]; at most
+    /// [`graphql::MAX_PATTERNS`]).
+    pub fn with_graphql(mut self, names: &[String]) -> Result<AskRule, Error> {
+        if names.is_empty() || names.len() > graphql::MAX_PATTERNS {
+            return Err(Error::Graphql(format!(
+                "graphql_mutations needs from 1 to {} names (\"*\" for every mutation)",
+                graphql::MAX_PATTERNS
+            )));
+        }
+        let names = names.iter().map(|n| NamePattern::parse(n)).collect::<Result<Vec<_>, _>>();
+        self.graphql = Some(names.map_err(Error::Graphql)?);
+        Ok(self)
+    }
+
+    /// For a request this rule's host, port, methods and path match: a
+    /// listed mutation in the `query=` parameter of its target, or (not
+    /// GET or HEAD, which carry no body) in `body`.
+    fn graphql_asked(&self, req: &Request<'_>, body: Option<&graphql::Scan>) -> GraphqlAsk {
+        let (Some(names), Some((method, target))) = (&self.graphql, req.http) else { return GraphqlAsk::Plain };
+        if let Some(why) = graphql::scan_target(target).and_then(|s| graphql::asked(&s, names)) {
+            return GraphqlAsk::Asked(why);
+        }
+        if method == "GET" || method == "HEAD" {
+            return GraphqlAsk::NotListed;
+        }
+        match body.map(|b| graphql::asked(b, names)) {
+            None => GraphqlAsk::Unread,
+            Some(Some(why)) => GraphqlAsk::Asked(why),
+            Some(None) => GraphqlAsk::NotListed,
+        }
+    }
+
     /// An ask rule as the policy file gives it (`ports` None: 80 and 443).
     pub fn parse(
         host: &str,
@@ -403,7 +516,7 @@ impl AskRule {
         }
         check_methods(&methods)?;
         let path = path.map(PathPattern::parse).transpose()?;
-        Ok(AskRule { pattern, ports, methods, path, origin })
+        Ok(AskRule { pattern, ports, methods, path, origin, graphql: None })
     }
 
     fn matches(&self, req: &Request<'_>) -> bool {
@@ -452,11 +565,84 @@ const GITLAB: &[PresetRow] = &[
     (&["gitlab.com"], &[], "/**/info/refs?service=git-receive-pack", "git push"),
 ];
 
+/// (hosts, path, GraphQL mutations, what) of each shipped GraphQL ask
+/// rule; each asks on POST (the body) and GET (the `query=` parameter).
+type GraphqlRow = (&'static [&'static str], &'static str, &'static [&'static str], &'static str);
+
+const GRAPHQL_METHODS: &[&str] = &["POST", "GET"];
+
+const GITHUB_GRAPHQL: &[GraphqlRow] = &[
+    (
+        &["api.github.com"],
+        "/graphql",
+        &["mergePullRequest", "mergeBranch", "enablePullRequestAutoMerge", "enqueuePullRequest"],
+        "merge",
+    ),
+    (&["api.github.com"], "/graphql", &["delete*"], "delete"),
+    (
+        &["api.github.com"],
+        "/graphql",
+        &["createRef", "updateRef", "updateRefs", "createCommitOnBranch", "updatePullRequestBranch"],
+        "branch/ref change",
+    ),
+    (
+        &["api.github.com"],
+        "/graphql",
+        &[
+            "createBranchProtectionRule",
+            "updateBranchProtectionRule",
+            "createRepositoryRuleset",
+            "updateRepositoryRuleset",
+        ],
+        "branch change",
+    ),
+    (
+        &["api.github.com"],
+        "/graphql",
+        &[
+            "updateTeamsRepository",
+            "removeOutsideCollaborator",
+            "addEnterpriseAdmin",
+            "inviteEnterpriseAdmin",
+            "removeEnterpriseAdmin",
+            "updateEnterpriseAdministratorRole",
+        ],
+        "permission change",
+    ),
+    (&["api.github.com"], "/graphql", &["updateOrganization*", "updateEnterprise*"], "organisation change"),
+    (
+        &["api.github.com"],
+        "/graphql",
+        &[
+            "updateRepository",
+            "archiveRepository",
+            "unarchiveRepository",
+            "transferRepository",
+            "updateRepositoryWebCommitSignoffSetting",
+            "updateEnvironment",
+        ],
+        "repository settings",
+    ),
+];
+
+const GITLAB_GRAPHQL: &[GraphqlRow] = &[
+    (&["gitlab.com"], "/api/graphql", &["mergeRequestAccept"], "merge"),
+    (&["gitlab.com"], "/api/graphql", &["destroy*", "*Delete", "*Destroy"], "delete"),
+    (&["gitlab.com"], "/api/graphql", &["commitCreate", "branchCreate", "branchRule*"], "branch change"),
+    (&["gitlab.com"], "/api/graphql", &["projectMember*", "groupMember*"], "permission change"),
+    (
+        &["gitlab.com"],
+        "/api/graphql",
+        &["projectSetLocked", "projectSettingsUpdate", "projectCiCdSettingsUpdate", "ciCdSettingsUpdate"],
+        "project settings",
+    ),
+];
+
 /// The ask rules of preset `name` (see [`ASK_PRESETS`]).
 pub fn ask_preset(name: &str) -> Option<Vec<AskRule>> {
-    let rows = match name {
-        "github" => GITHUB,
-        "gitlab" => GITLAB,
+    let (rows, graphql_rows) = match name {
+        "github" => (GITHUB, GITHUB_GRAPHQL),
+        "gitlab" => (GITLAB, GITLAB_GRAPHQL),
         _ => return None,
     };
     let mut out = Vec::new();
@@ -465,6 +651,16 @@ pub fn ask_preset(name: &str) -> Option<Vec<AskRule>> {
             let methods = methods.iter().map(|m| m.to_string()).collect();
             // The tables are constant and tested to parse.
             if let Ok(r) = AskRule::parse(h, None, methods, Some(path), format!("ask:{name} {what}")) {
+                out.push(r);
+            }
+        }
+    }
+    for (hosts, path, mutations, what) in graphql_rows {
+        let names: Vec<String> = mutations.iter().map(|m| m.to_string()).collect();
+        for h in *hosts {
+            let methods = GRAPHQL_METHODS.iter().map(|m| m.to_string()).collect();
+            let origin = format!("ask:{name} graphql {what}");
+            if let Ok(r) = AskRule::parse(h, None, methods, Some(path), origin).and_then(|r| r.with_graphql(&names)) {
                 out.push(r);
             }
         }
@@ -870,11 +1066,17 @@ pub struct Judgement {
     pub grant: Option<u64>,
     /// The ask rule that holds it.
     pub ask: Option<AskRule>,
+    /// Held only because the body was not given: a GraphQL ask rule holds
+    /// the request if its body has a listed mutation. Judge again with the
+    /// body ([`judge_body`], at most [`graphql::MAX_BODY`] bytes).
+    pub needs_body: bool,
+    /// What a GraphQL ask rule found: "mutation mergePullRequest".
+    pub detail: Option<String>,
 }
 
 impl Judgement {
     fn new(verdict: Verdict, rule: Option<String>, reason: String) -> Judgement {
-        Judgement { verdict, rule, reason, grant: None, ask: None }
+        Judgement { verdict, rule, reason, grant: None, ask: None, needs_body: false, detail: None }
     }
 
     pub fn allowed(&self) -> bool {
@@ -887,21 +1089,46 @@ fn held_by_default(host: &HostName, port: u16) -> Judgement {
     Judgement::new(Verdict::Ask(key), None, "held: no rule allows it (approval = ask)".into())
 }
 
-fn held_by(req: &Request<'_>, a: &AskRule) -> Judgement {
-    let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
-    let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), format!("held by {a}"));
-    j.ask = Some(a.clone());
-    j
-}
-
 /// THE decision for one request (HTTP method and target where readable):
 /// admin deny > live deny > static deny > admin ask > live allow > static
 /// ask > static allow > default. Both the stack and `sbx policy explain`
-/// call it.
+/// call it. Without the body, a request a GraphQL ask rule might hold is
+/// held with [`Judgement::needs_body`] set (fail closed; the stack then
+/// reads the body and asks [`judge_body`]; explain says "if its body is
+/// one of its GraphQL mutations").
 pub fn judge(policy: &Policy, live: &LiveRules, req: &Request<'_>, now_ms: u64) -> Judgement {
+    judge_body(policy, live, req, None, now_ms)
+}
+
+/// [`judge`] with what the request's body holds ([`graphql::scan_body`],
+/// or the framing error that kept it from being read), for GraphQL ask
+/// rules; `None`: not read.
+pub fn judge_body(
+    policy: &Policy,
+    live: &LiveRules,
+    req: &Request<'_>,
+    body: Option<&graphql::Scan>,
+    now_ms: u64,
+) -> Judgement {
     if let Some(r) = live.admin.deny_for(req) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
+    let held = |a: &AskRule, detail: Option<String>| {
+        let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
+        let reason = match &detail {
+            Some(d) => format!("held by {a} ({d})"),
+            None => format!("held by {a}"),
+        };
+        let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), reason);
+        j.ask = Some(a.clone());
+        j.detail = detail;
+        j
+    };
+    let unread_body = |a: &AskRule| {
+        let mut j = held(a, Some("if its body is one of its GraphQL mutations".into()));
+        j.needs_body = true;
+        j
+    };
     if let Some(r) = live.matching(Action::Deny, req, now_ms) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
@@ -909,18 +1136,34 @@ pub fn judge(policy: &Policy, live: &LiveRules, req: &Request<'_>, now_ms: u64) 
     if let (Action::Deny, Some(rule)) = (d.action, &d.rule) {
         return Judgement::new(Verdict::Deny, Some(rule.to_string()), d.to_string());
     }
-    if let Some(a) = live.admin.asks.iter().find(|a| a.matches(req)) {
-        return held_by(req, a);
+    // The admin's ask rules ask whatever else allows it (a body not read
+    // yet is waited for).
+    for a in live.admin.asks.iter().filter(|a| a.matches(req)) {
+        match a.graphql_asked(req, body) {
+            GraphqlAsk::Plain => return held(a, None),
+            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::NotListed => {}
+            GraphqlAsk::Unread => return unread_body(a),
+        }
     }
     if let Some(r) = live.matching(Action::Allow, req, now_ms) {
         let mut j = Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
         j.grant = Some(r.id);
         return j;
     }
-    if let Some(a) = policy.asks.iter().find(|a| a.matches(req)) {
-        return held_by(req, a);
+    let mut unread = None;
+    for a in policy.asks.iter().filter(|a| a.matches(req)) {
+        match a.graphql_asked(req, body) {
+            GraphqlAsk::Plain => return held(a, None),
+            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::NotListed => {}
+            GraphqlAsk::Unread => unread = unread.or(Some(a)),
+        }
     }
     if d.action == Action::Allow {
+        if let Some(a) = unread {
+            return unread_body(a);
+        }
         return Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
     }
     match policy.approval {
@@ -1052,6 +1295,9 @@ pub struct Question {
     /// The first request's method and path, where readable.
     pub method: Option<String>,
     pub path: Option<String>,
+    /// What a GraphQL ask rule found in the first request
+    /// ("mutation mergePullRequest"), printable.
+    pub detail: Option<String>,
     pub first_ms: u64,
     /// Requests that joined it.
     pub count: u64,
@@ -1277,6 +1523,15 @@ impl Live {
         judge(policy, &s.rules, req, s.now_ms)
     }
 
+    /// [`judge_body`] with this sandbox's live rules at the stack's clock.
+    pub fn judge_body(&self, policy: &Policy, req: &Request<'_>, body: Option<&graphql::Scan>) -> Judgement {
+        let s = self.lock();
+        if s.failed {
+            return Live::failed_judgement();
+        }
+        judge_body(policy, &s.rules, req, body, s.now_ms)
+    }
+
     pub fn judge_reachable(&self, policy: &Policy, host: &HostName, port: u16) -> Judgement {
         let s = self.lock();
         if s.failed {
@@ -1315,6 +1570,18 @@ impl Live {
         ask: Option<AskRule>,
         http: Option<(&str, &str)>,
     ) -> Result<Ticket, String> {
+        self.hold_detail(key, ask, http, None)
+    }
+
+    /// [`Live::hold`], with what a GraphQL ask rule found (shown with a
+    /// new question: [`Question::detail`]).
+    pub fn hold_detail(
+        self: &Arc<Self>,
+        key: QKey,
+        ask: Option<AskRule>,
+        http: Option<(&str, &str)>,
+        detail: Option<&str>,
+    ) -> Result<Ticket, String> {
         let mut s = self.lock();
         if s.held_conns >= MAX_HELD_CONNS {
             return Err(format!("denied: {MAX_HELD_CONNS} connections already wait for an answer"));
@@ -1339,14 +1606,21 @@ impl Live {
                     None => (None, None),
                 };
                 let wait_ms = s.hold_ms;
-                s.event(json!({"event": "approval", "question": id, "host": key.host.as_str(), "port": key.port,
-                    "method": method, "path": path, "rule": key.rule, "decision": "held", "wait_ms": wait_ms}));
+                let detail: Option<String> = detail.map(|d| printable(d).chars().take(200).collect());
+                let mut event = json!({"event": "approval", "question": id, "host": key.host.as_str(),
+                    "port": key.port, "method": method, "path": path, "rule": key.rule, "decision": "held",
+                    "wait_ms": wait_ms});
+                if let Some(d) = &detail {
+                    event["graphql"] = json!(d);
+                }
+                s.event(event);
                 let line = format!(
-                    "sbx: request held: {} {}:{}{}: `sbx approve {} {id}` or `sbx reject {} {id}`",
+                    "sbx: request held: {} {}:{}{}{}: `sbx approve {} {id}` or `sbx reject {} {id}`",
                     method.as_deref().unwrap_or("TLS"),
                     key.host,
                     key.port,
                     path.as_deref().unwrap_or(""),
+                    detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
                     self.sandbox,
                     self.sandbox
                 );
@@ -1356,6 +1630,7 @@ impl Live {
                     ask,
                     method,
                     path,
+                    detail,
                     first_ms: now,
                     count: 1,
                     waiting: 1,
@@ -1769,11 +2044,12 @@ mod tests {
     #[test]
     fn shipped_ask_presets_parse_and_ask_what_they_say() {
         for name in ASK_PRESETS {
-            let rows = match *name {
-                "github" => GITHUB,
-                _ => GITLAB,
+            let (rows, graphql_rows) = match *name {
+                "github" => (GITHUB, GITHUB_GRAPHQL),
+                _ => (GITLAB, GITLAB_GRAPHQL),
             };
-            let want: usize = rows.iter().map(|r| r.0.len()).sum();
+            let want: usize =
+                rows.iter().map(|r| r.0.len()).sum::<usize>() + graphql_rows.iter().map(|r| r.0.len()).sum::<usize>();
             assert_eq!(ask_preset(name).unwrap().len(), want, "every row of {name} parses");
         }
         let p = Policy::from_toml(
@@ -1806,6 +2082,60 @@ mod tests {
         assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\npath = \"/x\"").contains("for ask rules"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\npath = \"x\"").contains("path pattern"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\nallow = \"a.com\"").contains("exactly one"));
+    }
+
+    #[test]
+    fn graphql_ask_rules_hold_listed_mutations_and_let_reads_through() {
+        let p = Policy::from_toml(
+            "version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\", \"ask:gitlab\"]\n[[rule]]\nallow = \"gitlab.com\"\n\
+             [[rule]]\nask = \"api.example.com\"\nmethods = [\"POST\"]\npath = \"/gql\"\ngraphql_mutations = [\"*\"]\n\
+             [[rule]]\nallow = \"api.example.com\"\n",
+        )
+        .unwrap();
+        let none = LiveRules::default();
+        let body = |q: &str| graphql::scan_body(&serde_json::to_vec(&json!({ "query": q })).unwrap());
+        let j = |h: &str, m: &str, path: &str, b: Option<&graphql::Scan>| {
+            let h = host(h);
+            judge_body(&p, &none, &Request { host: &h, port: 443, http: Some((m, path)) }, b, 0)
+        };
+        let merge = body("mutation { a: mergePullRequest(input: {pullRequestId: \"1\"}) { clientMutationId } }");
+        let read = body("query { viewer { login } }");
+        // Without the body: held, marked so that the stack reads it.
+        let head = j("api.github.com", "POST", "/graphql", None);
+        assert!(matches!(head.verdict, Verdict::Ask(_)) && head.needs_body, "{head:?}");
+        assert!(head.reason.contains("if its body is one of its GraphQL mutations"), "{}", head.reason);
+        let held = j("api.github.com", "POST", "/graphql", Some(&merge));
+        assert!(matches!(held.verdict, Verdict::Ask(_)) && !held.needs_body, "{held:?}");
+        assert_eq!(held.detail.as_deref(), Some("mutation mergePullRequest"));
+        assert!(held.reason.contains("ask:github graphql merge"), "{}", held.reason);
+        assert_eq!(j("api.github.com", "POST", "/graphql", Some(&read)).verdict, Verdict::Allow, "a read goes");
+        let add_star = body("mutation { addStar(input: {starrableId: \"1\"}) { clientMutationId } }");
+        assert_eq!(j("api.github.com", "POST", "/graphql", Some(&add_star)).verdict, Verdict::Allow, "not listed");
+        let del = body("mutation { deleteRef(input: {refId: \"1\"}) { clientMutationId } }");
+        assert!(j("api.github.com", "POST", "/graphql", Some(&del)).reason.contains("graphql delete"));
+        // Unreadable bodies are held (fail closed).
+        let chunked = Err(graphql::Error::Chunked);
+        assert!(matches!(j("api.github.com", "POST", "/graphql", Some(&chunked)).verdict, Verdict::Ask(_)));
+        assert!(matches!(j("api.github.com", "POST", "/graphql", Some(&body("mutation {"))).verdict, Verdict::Ask(_)));
+        // A GET's query= parameter needs no body.
+        let get = j("api.github.com", "GET", "/graphql?query=mutation%7BmergePullRequest%7Bx%7D%7D", None);
+        assert!(matches!(get.verdict, Verdict::Ask(_)) && !get.needs_body);
+        assert_eq!(j("api.github.com", "GET", "/graphql?query=%7Bviewer%7Blogin%7D%7D", None).verdict, Verdict::Allow);
+        // GitLab, and a rule of the policy file with "*".
+        let accept = body("mutation { mergeRequestAccept(input: {projectPath: \"a/b\", iid: \"1\"}) { errors } }");
+        assert!(matches!(j("gitlab.com", "POST", "/api/graphql", Some(&accept)).verdict, Verdict::Ask(_)));
+        let note = body("mutation { destroyNote(input: {id: \"1\"}) { errors } }");
+        assert!(matches!(j("gitlab.com", "POST", "/api/graphql", Some(&note)).verdict, Verdict::Ask(_)));
+        assert_eq!(j("gitlab.com", "POST", "/api/graphql", Some(&read)).verdict, Verdict::Allow);
+        assert!(matches!(j("api.example.com", "POST", "/gql", Some(&add_star)).verdict, Verdict::Ask(_)));
+        assert_eq!(j("api.example.com", "POST", "/gql", Some(&read)).verdict, Verdict::Allow);
+        // Other paths never wait for a body.
+        let rest = j("api.github.com", "POST", "/repos/o/r/issues", None);
+        assert!(rest.verdict == Verdict::Allow && !rest.needs_body);
+        let err = |t: &str| Policy::from_toml(t).unwrap_err().to_string();
+        assert!(err("version = 1\n[[rule]]\nallow = \"a.com\"\ngraphql_mutations = [\"x\"]").contains("for ask rules"));
+        assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = [\"a-b\"]").contains("mutation name"));
+        assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = []").contains("from 1 to"));
     }
 }
 

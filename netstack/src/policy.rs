@@ -172,6 +172,8 @@ pub enum Error {
     Ask(usize, live::Error),
     #[error("Rule {0}: 'path' patterns are for ask rules (use path_prefix on allow and deny rules)")]
     PathOnAllowDeny(usize),
+    #[error("Rule {0}: 'graphql_mutations' are for ask rules")]
+    GraphqlOnAllowDeny(usize),
     #[error("Unknown approval '{0}' (expected ask or deny)")]
     Approval(String),
     #[error("Unknown include '{0}' (expected ask:github or ask:gitlab)")]
@@ -338,6 +340,8 @@ struct FileRule {
     ask: Option<String>,
     /// A path pattern (ask rules; see [`crate::live::PathPattern`]).
     path: Option<String>,
+    /// GraphQL mutations an ask rule holds ([`crate::graphql`]).
+    graphql_mutations: Option<Vec<String>>,
     ports: Option<Vec<u16>>,
     methods: Option<Vec<String>>,
     path_prefix: Option<String>,
@@ -566,13 +570,19 @@ impl Policy {
                     return Err(Error::RuleAction(n));
                 }
                 let methods = r.methods.unwrap_or_default();
-                let ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), format!("rule {n}"))
+                let mut ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), format!("rule {n}"))
                     .map_err(|e| Error::Ask(n, e))?;
+                if let Some(names) = &r.graphql_mutations {
+                    ask = ask.with_graphql(names).map_err(|e| Error::Ask(n, e))?;
+                }
                 asks.push(ask);
                 continue;
             }
             if r.path.is_some() {
                 return Err(Error::PathOnAllowDeny(n));
+            }
+            if r.graphql_mutations.is_some() {
+                return Err(Error::GraphqlOnAllowDeny(n));
             }
             let (action, raw) = match (r.allow, r.deny) {
                 (Some(a), None) => (Action::Allow, a),

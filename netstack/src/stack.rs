@@ -2383,6 +2383,135 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
+    /// An upstream that records each request's method, target and body
+    /// and answers "ok".
+    /// ("METHOD TARGET", body) of each request an upstream received.
+    type Seen = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+    fn recording_upstream() -> (SocketAddr, Seen) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(stream.try_clone().unwrap());
+                    let mut w = stream;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h == "\r\n" || h.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        let what = line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                        log.lock().unwrap().push((what, body));
+                        if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Sends `data` on the guest connection `h`.
+    fn send_more(net: &mut Net, guest: &mut Guest, now: &mut u64, h: SocketHandle, data: &[u8]) {
+        let mut sent = 0;
+        for _ in 0..1000 {
+            pump(net, guest, now);
+            let s = guest.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).unwrap_or(0);
+            }
+            if sent == data.len() {
+                pump(net, guest, now);
+                return;
+            }
+        }
+        panic!("could not send");
+    }
+
+    #[test]
+    fn graphql_mutations_are_held_reads_go_through_and_an_unreadable_body_is_held() {
+        let (up, seen) = recording_upstream();
+        let policy = "version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n";
+        let live = Live::with_hold("sb", LiveRules::default(), 600_000);
+        let mut net = net_with(policy, &[("api.github.com", 80, up)]).with_live(live.clone());
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.github.com", &mut now));
+        let post = |body: &[u8]| {
+            let mut r = format!(
+                "POST /graphql HTTP/1.1\r\nHost: api.github.com\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(body);
+            r
+        };
+        // A read goes straight through, body intact.
+        let read = br#"{"query": "query { viewer { login } }"}"#.to_vec();
+        let (got, _) =
+            exchange(&mut net, &mut guest, &mut now, (addr, 80), &post(&read), |g| contains(g, "\r\n\r\nok"));
+        assert!(contains(&got, "200 OK"), "{got:?}");
+        assert_eq!(seen.lock().unwrap().clone(), vec![("POST /graphql".to_string(), read)]);
+        assert!(live.questions().is_empty(), "a read asks nothing");
+        // A mutation, in several TCP segments: nothing is decided (or sent)
+        // before the whole body is there; then it is held.
+        let pad = "x".repeat(4000);
+        let merge = serde_json::to_vec(&serde_json::json!({
+            "query": "mutation M($id: ID!) { a: mergePullRequest(input: {pullRequestId: $id}) { clientMutationId } }",
+            "variables": { "id": "PR_1", "pad": pad },
+        }))
+        .unwrap();
+        let whole = post(&merge);
+        let cut = whole.len() - 1000;
+        let c = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), &whole[..cut]);
+        assert!(settle(&mut net, &mut guest, &mut now, &[c])[0].is_empty());
+        assert!(live.questions().is_empty(), "not judged before the body is whole");
+        send_more(&mut net, &mut guest, &mut now, c, &whole[cut..]);
+        assert!(settle(&mut net, &mut guest, &mut now, &[c])[0].is_empty(), "nothing comes back while held");
+        let qs = live.questions();
+        assert_eq!(qs.len(), 1, "{qs:?}");
+        assert_eq!(
+            (qs[0].method.as_deref(), qs[0].path.as_deref(), qs[0].detail.as_deref()),
+            (Some("POST"), Some("/graphql"), Some("mutation mergePullRequest"))
+        );
+        assert!(qs[0].key.rule.as_deref().unwrap().contains("ask:github graphql merge"), "{:?}", qs[0].key);
+        assert_eq!(seen.lock().unwrap().len(), 1, "nothing went upstream");
+        live.approve(qs[0].id, Grant::Once, 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[c], |g| contains(&g[0], "\r\n\r\nok"));
+        assert!(contains(&got[0], "200 OK"), "{got:?}");
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2, "the approved mutation went upstream once");
+        assert_eq!(sent[1], ("POST /graphql".to_string(), merge), "with its body intact");
+        // Too large to read: held, not forwarded unasked.
+        let big = format!("{{\"query\": \"query {{ a }}\", \"pad\": \"{}\"}}", "y".repeat(crate::graphql::MAX_BODY));
+        let d = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), &post(big.as_bytes())[..8000]);
+        assert!(settle(&mut net, &mut guest, &mut now, &[d])[0].is_empty());
+        let pending: Vec<_> = live.questions().into_iter().filter(|q| q.answer == Answer::Pending).collect();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].detail.as_deref().unwrap().contains("more than"), "{:?}", pending[0].detail);
+        assert_eq!(seen.lock().unwrap().len(), 2, "nothing more went upstream");
+        let log = audit(&net);
+        assert!(log.contains("\"graphql\":\"mutation mergePullRequest\""), "{log}");
+    }
+
     #[test]
     fn explain_and_enforcement_are_one_decision() {
         use crate::live::{judge, RuleSpec, Verdict};

@@ -293,6 +293,11 @@ fn approvals_text(live: &Live) -> String {
             Answer::Gone => "gone".into(),
         };
         let what = format!("{}:{}{}", q.key.host, q.key.port, q.path.as_deref().unwrap_or(""));
+        // What a GraphQL ask rule found goes last, after the fixed fields.
+        let mut asked_by = q.key.rule.as_deref().unwrap_or("default (approval = ask)").to_string();
+        if let Some(d) = &q.detail {
+            asked_by += &format!(" ({})", escape::line(d));
+        }
         out += &format!(
             "{:<5} {:<9} {:<40} {:<7} {:>5}s {:>5}  {}\n",
             q.id,
@@ -301,7 +306,7 @@ fn approvals_text(live: &Live) -> String {
             q.method.as_deref().unwrap_or("TLS"),
             now.saturating_sub(q.first_ms) / 1000,
             q.count,
-            q.key.rule.as_deref().unwrap_or("default (approval = ask)")
+            asked_by
         );
     }
     out
@@ -720,6 +725,18 @@ mod tests {
         let r = request("sb", &path, &Req::Approve { id: t.id, grant: Grant::Always }).unwrap();
         assert!(r.ok && r.text.contains("live rule #1"), "{r:?}");
         assert_eq!(live.answer(t.id), Answer::Approved { by: own_uid() });
+    }
+
+    #[test]
+    fn approvals_show_the_graphql_mutations_after_the_fixed_fields() {
+        let live = Live::new("sb", LiveRules::default());
+        let key = QKey { host: HostName::parse("api.github.com").unwrap(), port: 443, rule: Some("r".into()) };
+        live.hold_detail(key, None, Some(("POST", "/graphql")), Some("mutation mergePullRequest")).unwrap();
+        let text = approvals_text(&live);
+        let line = text.lines().nth(1).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&fields[1..4], &["waiting", "api.github.com:443/graphql", "POST"], "{text}");
+        assert!(line.ends_with("r (mutation mergePullRequest)"), "{text}");
     }
 
     #[test]
