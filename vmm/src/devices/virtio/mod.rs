@@ -5,6 +5,8 @@
 //! walked with its bounds checks.
 
 pub mod block;
+pub mod chain;
+pub mod device;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -21,7 +23,7 @@ use crate::control::Stop;
 
 /// Feature bit every device must offer and the driver must accept: the
 /// modern (virtio 1.x) interface.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ActivateError {
