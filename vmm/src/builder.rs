@@ -264,7 +264,7 @@ fn attach_fs_devices(vm: &Vm, mmio: &mut VirtioMmio, shares: Vec<Fs>) -> Result<
 fn attach_block_devices(vm: &Vm, mmio: &mut VirtioMmio, disks: &[Disk]) -> Result<()> {
     for disk in disks {
         let block = Block::open(&disk.path, disk.read_only, &disk.id)?;
-        attach_virtio_device(vm, mmio, Box::new(block))?;
+        attach_virtio_device(vm, mmio, Box::new(block.device))?;
     }
     Ok(())
 }
