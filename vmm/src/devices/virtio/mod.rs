@@ -3,6 +3,17 @@
 //! ([`mmio::MmioTransport`]); a device knows nothing of MMIO. Queues are
 //! `virtio-queue`'s, so descriptor chains from the guest (untrusted) are
 //! walked with its bounds checks.
+//!
+//! One framework for every device: a device is a [`worker::QueueHandler`]
+//! (its work on its queues) run on a thread of its own kind by
+//! [`worker::Worker`], behind the one [`VirtioDevice`] implementation,
+//! [`device::WorkerDevice`] (its declaration, [`device::Spec`], and its
+//! config bytes). Chains are read and written through one bounded copier
+//! ([`chain::Chain`]). Protocol constants and config layouts come from
+//! `virtio-bindings` where it has them (IDs, feature bits, block request
+//! types and status, net and block config, the MMIO registers); vsock's
+//! and virtio-fs's are declared in their files (the crate has no header
+//! for them).
 
 pub mod block;
 pub mod chain;
