@@ -243,19 +243,19 @@ fn register_queue_notify(vm: &Vm, device: &dyn VirtioDevice, base: u64) {
 /// The guest's only NIC, backed by the caller's frame backend.
 fn attach_net_device(vm: &Vm, mmio: &mut VirtioMmio, net: GuestNet) -> Result<()> {
     let device = Net::new(net.mac, net.mtu, net.backend, net.reach).map_err(Error::Net)?;
-    attach_virtio_device(vm, mmio, Box::new(device))
+    attach_virtio_device(vm, mmio, Box::new(device.device))
 }
 
 /// The control channel to guest-init.
 fn attach_vsock_device(vm: &Vm, mmio: &mut VirtioMmio, listener: std::os::unix::net::UnixListener) -> Result<()> {
     let device = Vsock::new(listener).map_err(Error::Vsock)?;
-    attach_virtio_device(vm, mmio, Box::new(device))
+    attach_virtio_device(vm, mmio, Box::new(device.device))
 }
 
 /// The shared folders, each its own virtio-fs device (mounted by tag).
 fn attach_fs_devices(vm: &Vm, mmio: &mut VirtioMmio, shares: Vec<Fs>) -> Result<()> {
     for fs in shares {
-        attach_virtio_device(vm, mmio, Box::new(fs))?;
+        attach_virtio_device(vm, mmio, Box::new(fs.device))?;
     }
     Ok(())
 }
@@ -264,7 +264,7 @@ fn attach_fs_devices(vm: &Vm, mmio: &mut VirtioMmio, shares: Vec<Fs>) -> Result<
 fn attach_block_devices(vm: &Vm, mmio: &mut VirtioMmio, disks: &[Disk]) -> Result<()> {
     for disk in disks {
         let block = Block::open(&disk.path, disk.read_only, &disk.id)?;
-        attach_virtio_device(vm, mmio, Box::new(block))?;
+        attach_virtio_device(vm, mmio, Box::new(block.device))?;
     }
     Ok(())
 }

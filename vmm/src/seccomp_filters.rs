@@ -92,18 +92,9 @@ const BASE: Sys = sys!(
     SYS_getrandom,
 );
 
-/// Block I/O on the vCPU thread (virtio-blk is served there), and the
-/// console log's rotation.
+/// The console log's rotation on the vCPU thread (the serial ports are
+/// served there). virtio-blk's I/O is its own kind's ([`BLOCK`]).
 const VCPU: Sys = sys!(
-    SYS_pread64,
-    SYS_pwrite64,
-    SYS_preadv,
-    SYS_pwritev,
-    SYS_preadv2,
-    SYS_pwritev2,
-    SYS_fdatasync,
-    SYS_fsync,
-    SYS_fallocate,
     SYS_lseek,
     SYS_fstat,
     SYS_newfstatat,
@@ -114,6 +105,10 @@ const VCPU: Sys = sys!(
     SYS_renameat2,
     SYS_fcntl,
 );
+
+/// A virtio-blk worker: reads, writes and flushes of the disk file it
+/// was given (`read_exact_at`, `write_all_at`, `sync_data`).
+const BLOCK: Sys = sys!(SYS_pread64, SYS_pwrite64, SYS_fdatasync);
 
 /// A device worker's event loop (epoll, its timer, eventfds).
 const WORKER: Sys = sys!(SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_timerfd_settime, SYS_fcntl);
@@ -304,7 +299,7 @@ const OTHER_NAMES: Sys = sys!(
 
 /// The name of system call `nr` (for the message that names a violation).
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    [BASE, VCPU, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, OTHER_NAMES]
+    [BASE, VCPU, BLOCK, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, OTHER_NAMES]
         .iter()
         .flat_map(|t| t.iter())
         .find(|(n, _)| *n == nr)
@@ -439,6 +434,11 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Rules {
             r.allow(SOCKET_IO);
             r.allow(VSOCK);
             allow_ioctls(&mut r, &[libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD]);
+        }
+        ThreadKind::Block => {
+            allow_memory(&mut r, false);
+            r.allow(WORKER);
+            r.allow(BLOCK);
         }
         ThreadKind::Control => {
             allow_memory(&mut r, false);
@@ -594,10 +594,41 @@ mod tests {
         // The network thread accepts on published ports' listeners, bound
         // before the jail or handed over: it never listens itself.
         assert!(has(ThreadKind::Net, libc::SYS_accept4));
-        // vCPUs and file servers create no socket at all.
-        for kind in [ThreadKind::Vcpu, ThreadKind::Fs] {
+        // vCPUs, file servers and disks create no socket at all.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Fs, ThreadKind::Block] {
             assert!(!has(kind, libc::SYS_socket), "{kind:?} creates sockets");
             assert!(!has(kind, libc::SYS_connect), "{kind:?} connects");
+        }
+    }
+
+    #[test]
+    fn block_io_is_the_block_kinds_and_not_the_vcpus() {
+        let has = |kind, nr| rules(kind, &ctx()).0.contains_key(&nr);
+        let block_only = [
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_preadv2,
+            libc::SYS_pwritev2,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_fallocate,
+        ];
+        for nr in block_only {
+            assert!(!has(ThreadKind::Vcpu, nr), "a vCPU allows {:?}", syscall_name(nr));
+        }
+        for nr in [libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_epoll_wait] {
+            assert!(has(ThreadKind::Block, nr), "a disk worker needs {:?}", syscall_name(nr));
+        }
+        // The disk file is open before the worker starts: it opens,
+        // renames and removes nothing, and makes no KVM call.
+        for nr in [libc::SYS_openat, libc::SYS_rename, libc::SYS_unlinkat, libc::SYS_ioctl, libc::SYS_ftruncate] {
+            assert!(!has(ThreadKind::Block, nr), "a disk worker allows {:?}", syscall_name(nr));
+        }
+        // The console's rotation stays the vCPU's.
+        for nr in [libc::SYS_openat, libc::SYS_rename] {
+            assert!(has(ThreadKind::Vcpu, nr), "a vCPU needs {:?}", syscall_name(nr));
         }
     }
 }

@@ -44,7 +44,7 @@ use crate::sys;
 /// What a VMM thread runs; each kind has its own seccomp filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
-    /// Runs one vCPU (KVM_RUN and its exits, virtio-blk's I/O).
+    /// Runs one vCPU (KVM_RUN and its exits, the serial console's log).
     Vcpu,
     /// The virtio-net worker: netstack, its upstream connections and the
     /// threads that open them.
@@ -56,11 +56,14 @@ pub enum ThreadKind {
     /// The VM's control threads: the one waiting for the stop, `sbx run`'s
     /// session with the guest's program and the end of the run.
     Control,
+    /// A virtio-blk worker: reads, writes and flushes of one disk file
+    /// opened before it starts.
+    Block,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] =
-        [ThreadKind::Vcpu, ThreadKind::Net, ThreadKind::Fs, ThreadKind::Vsock, ThreadKind::Control];
+    pub const ALL: [ThreadKind; 6] =
+        [ThreadKind::Vcpu, ThreadKind::Net, ThreadKind::Fs, ThreadKind::Vsock, ThreadKind::Control, ThreadKind::Block];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -69,6 +72,7 @@ impl ThreadKind {
             ThreadKind::Fs => "file server",
             ThreadKind::Vsock => "control channel",
             ThreadKind::Control => "control",
+            ThreadKind::Block => "block",
         }
     }
 
@@ -438,6 +442,8 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
                 sys::become_user_this_thread(NOBODY, NOBODY).map_err(identity)?;
             }
             ThreadKind::Net => sys::restrict_capabilities(0, 0).map_err(identity)?,
+            // A disk worker uses the file it was given, nothing else.
+            ThreadKind::Block => sys::restrict_capabilities(0, 0).map_err(identity)?,
             // The other kinds never switch users: gone from this thread.
             _ => sys::restrict_capabilities(KEPT_CAPABILITIES, 0).map_err(identity)?,
         }

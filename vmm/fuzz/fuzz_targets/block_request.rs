@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::virtio::block::{Block, MAX_REQUEST_BYTES, SECTOR_SIZE};
-use vmm::devices::virtio::VirtioDevice;
+use vmm::devices::virtio::block::{queue_handler, MAX_REQUEST_BYTES, SECTOR_SIZE};
+use vmm::devices::virtio::worker::{Active, QueueHandler, Wake};
+use vmm::devices::virtio::Interrupt;
 use vmm_fuzz::{guest_memory, snapshot, CountingInterrupt, Input, Ring, DATA, F_NEXT, F_WRITE, MEM_SIZE};
 
 const T_IN: u32 = 0;
@@ -180,13 +181,13 @@ fuzz_target!(|data: &[u8]| {
     let mut disk = pattern()[..(sectors * SECTOR_SIZE) as usize].to_vec();
     let file = tempfile::NamedTempFile::new_in(vmm_fuzz::scratch()).unwrap();
     std::fs::write(file.path(), &disk).unwrap();
-    let mut block = Block::open(file.path(), read_only, ID).unwrap();
+    let mut block = queue_handler(file.path(), read_only, ID).unwrap();
     assert_eq!(block.sectors(), sectors);
 
     let mem = guest_memory();
     let mut ring = Ring::empty(0);
     let irq = Arc::new(CountingInterrupt::default());
-    block.activate(mem.clone(), vec![ring.queue()], irq.clone()).unwrap();
+    let mut active = Active { mem: mem.clone(), queues: vec![ring.queue()] };
 
     for n in 0..8u16 {
         if input.is_empty() {
@@ -246,7 +247,7 @@ fuzz_target!(|data: &[u8]| {
 
         let mut want_mem = snapshot(&mem);
         let want = model(&descs, &mut disk, read_only, &mut want_mem);
-        block.queue_notify(0);
+        notify(&mut block, &mut active, &irq);
 
         let used = ring.used_addr();
         let what = format!("{descs:?} kind {kind} sector {sector}: want {want:?}");
@@ -265,3 +266,11 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(block.refusals.len() <= 8);
 });
+
+/// What the disk's worker does on a notification: one round, and the
+/// interrupt if the handler asks for one.
+fn notify(block: &mut impl QueueHandler, active: &mut Active, irq: &CountingInterrupt) {
+    if block.handle(Some(active), &Wake { queues: true, ..Wake::default() }) {
+        irq.signal_used_queue();
+    }
+}

@@ -1,39 +1,54 @@
-//! Host side: virtio-blk (virtio 1.x, section 5.2) backed by a host file.
-//! Requests are served on the vCPU thread that notified the queue. Every
-//! descriptor chain comes from the guest (untrusted): its shape, the
-//! direction of each buffer, its sizes and the sector range are checked
-//! before any host I/O, a bad request fails with IOERR (or is returned
-//! unused when it has no status byte), nothing panics. A read-only disk is
-//! opened read-only on the host, so no guest request can change it.
+//! Host side: virtio-blk (virtio 1.x, section 5.2) backed by a host file,
+//! served on a worker thread of its own kind ([`ThreadKind::Block`]: its
+//! seccomp filter has the disk's reads, writes and flush, and the
+//! worker's event loop; the vCPUs' filter has no file I/O for it). The
+//! file is opened before the thread starts, so the thread reaches no host
+//! path (Landlock: none).
+//!
+//! Every descriptor chain comes from the guest (untrusted): it is walked
+//! once, bounded ([`super::chain`]); its shape, the direction of each
+//! buffer, its sizes and the sector range are checked before any host
+//! I/O; the request header is read through its declared layout
+//! ([`outhdr`], checked against virtio-bindings' `virtio_blk_outhdr`). A
+//! bad request fails with IOERR (or is returned unused when it has no
+//! status byte), nothing panics. A read-only disk is opened read-only on
+//! the host, so no guest request can change it.
 
 use std::fs::File;
+use std::mem::{offset_of, size_of};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, virtio_blk_outhdr, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::chain::{Buf, Chain};
+use super::device::{read_only_config, Spec, WorkerDevice};
+use super::worker::{Active, QueueHandler, Wake};
+use super::VIRTIO_F_VERSION_1;
+use crate::threads::{Reach, ThreadKind};
 
-pub const DEVICE_TYPE_BLOCK: u32 = 2;
+pub const DEVICE_TYPE_BLOCK: u32 = VIRTIO_ID_BLOCK;
 pub const SECTOR_SIZE: u64 = 512;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = VIRTIO_BLK_T_IN;
+const T_OUT: u32 = VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = VIRTIO_BLK_T_GET_ID;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
 /// Data segments per request we tell the driver it may use.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest data transfer of one request (bounds the bounce buffer).
@@ -41,7 +56,45 @@ pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 /// The bounce buffer between the disk file and guest memory.
 const BOUNCE_BYTES: usize = 64 * 1024;
 /// Length of the GET_ID answer.
-const ID_BYTES: usize = 20;
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Failed requests kept for tests and figures.
+const MAX_REFUSALS_KEPT: usize = 1024;
+/// The config space offered: `capacity`, `size_max`, `seg_max`.
+const CONFIG_LEN: usize = offset_of!(virtio_blk_config, seg_max) + 4;
+
+/// struct virtio_blk_outhdr, the request header, as it is on the wire
+/// (little endian): where each field is.
+pub mod outhdr {
+    use std::ops::Range;
+    pub const TYPE: Range<usize> = 0..4;
+    /// `ioprio` in the header; the spec's `reserved`: ignored.
+    pub const RESERVED: Range<usize> = 4..8;
+    pub const SECTOR: Range<usize> = 8..16;
+    pub const LEN: usize = 16;
+}
+
+// The declared layout is the kernel's (virtio-bindings').
+const _: () = assert!(size_of::<virtio_blk_outhdr>() == outhdr::LEN);
+const _: () = assert!(offset_of!(virtio_blk_outhdr, type_) == outhdr::TYPE.start);
+const _: () = assert!(offset_of!(virtio_blk_outhdr, ioprio) == outhdr::RESERVED.start);
+const _: () = assert!(offset_of!(virtio_blk_outhdr, sector) == outhdr::SECTOR.start);
+
+/// A request header, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutHdr {
+    pub kind: u32,
+    pub sector: u64,
+}
+
+impl OutHdr {
+    /// The header at the start of `b`; None if `b` is shorter than one.
+    pub fn parse(b: &[u8]) -> Option<OutHdr> {
+        let b = b.get(..outhdr::LEN)?;
+        let kind = u32::from_le_bytes(b.get(outhdr::TYPE)?.try_into().ok()?);
+        let sector = u64::from_le_bytes(b.get(outhdr::SECTOR)?.try_into().ok()?);
+        Some(OutHdr { kind, sector })
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -49,6 +102,8 @@ pub enum Error {
     Open(PathBuf, std::io::Error),
     #[error("Disk {0} is smaller than one sector")]
     Empty(PathBuf),
+    #[error("Cannot start the worker thread of disk {0}: {1}")]
+    Worker(PathBuf, std::io::Error),
 }
 
 /// Why a request failed (counted, and visible in tests).
@@ -66,23 +121,83 @@ pub enum Refusal {
     Unsupported,
 }
 
+/// A disk: the device, and its size.
 pub struct Block {
-    file: File,
+    pub device: WorkerDevice,
     sectors: u64,
-    read_only: bool,
-    id: [u8; ID_BYTES],
-    mem: Option<GuestMemoryMmap>,
-    queue: Option<Queue>,
-    interrupt: Option<Arc<dyn Interrupt>>,
-    buf: Vec<u8>,
-    /// Failed requests by cause (for tests and figures).
-    pub refusals: Vec<Refusal>,
 }
 
 impl Block {
     /// A disk backed by `path`; `id` is what GET_ID returns (truncated to
     /// 20 bytes). The host file is opened read-only when `read_only`.
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Block, Error> {
+        let handler = BlockHandler::open(path, read_only, id)?;
+        let sectors = handler.sectors;
+        let features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | if read_only { 1 << VIRTIO_BLK_F_RO } else { 0 };
+        let spec = Spec {
+            name: "block",
+            device_type: DEVICE_TYPE_BLOCK,
+            queue_sizes: QUEUE_SIZES,
+            queues_needed: 1,
+            features,
+            kind: ThreadKind::Block,
+            thread: "virtio-block",
+        };
+        // Nothing in the block config is writable (no WCE feature offered).
+        // The file is open already: the thread reaches no host path.
+        let device =
+            WorkerDevice::spawn(spec, config_bytes(sectors), read_only_config(), Reach::Only(Vec::new()), handler)
+                .map_err(|e| Error::Worker(path.to_path_buf(), e))?;
+        Ok(Block { device, sectors })
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+}
+
+/// struct virtio_blk_config up to `seg_max`.
+fn config_bytes(sectors: u64) -> Vec<u8> {
+    let mut c = vec![0u8; CONFIG_LEN];
+    let mut put = |at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
+    put(offset_of!(virtio_blk_config, capacity), &sectors.to_le_bytes());
+    put(offset_of!(virtio_blk_config, size_max), &(MAX_REQUEST_BYTES as u32).to_le_bytes());
+    put(offset_of!(virtio_blk_config, seg_max), &SEG_MAX.to_le_bytes());
+    c
+}
+
+/// The worker's part: the disk file and the requests on the one queue.
+pub struct BlockHandler {
+    file: File,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    buf: Vec<u8>,
+    /// Failed requests by cause, the first [`MAX_REFUSALS_KEPT`] (for
+    /// tests and figures).
+    pub refusals: Vec<Refusal>,
+}
+
+/// The worker's part alone, to drive by hand (the fuzz targets, `vmm/fuzz`).
+#[doc(hidden)]
+pub fn queue_handler(path: &Path, read_only: bool, id: &str) -> Result<BlockHandler, Error> {
+    BlockHandler::open(path, read_only, id)
+}
+
+impl QueueHandler for BlockHandler {
+    fn handle(&mut self, active: Option<&mut Active>, wake: &Wake) -> bool {
+        match active.filter(|_| wake.queues) {
+            Some(a) => self.process_queue(a),
+            None => false,
+        }
+    }
+}
+
+impl BlockHandler {
+    fn open(path: &Path, read_only: bool, id: &str) -> Result<BlockHandler, Error> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -95,14 +210,11 @@ impl Block {
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Block {
+        Ok(BlockHandler {
             file,
             sectors: len / SECTOR_SIZE,
             read_only,
             id: idb,
-            mem: None,
-            queue: None,
-            interrupt: None,
             buf: vec![0u8; BOUNCE_BYTES],
             refusals: Vec::new(),
         })
@@ -112,57 +224,40 @@ impl Block {
         self.sectors
     }
 
-    fn config_bytes(&self) -> [u8; 16] {
-        let mut c = [0u8; 16];
-        c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
-        c[8..12].copy_from_slice(&(MAX_REQUEST_BYTES as u32).to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c
-    }
-
-    /// Serves every available request; signals the guest if it wants it.
-    pub fn process_queue(&mut self) {
-        let (Some(mem), Some(mut queue)) = (self.mem.clone(), self.queue.take()) else { return };
+    /// Serves every available request. Returns whether the guest wants
+    /// an interrupt.
+    fn process_queue(&mut self, a: &mut Active) -> bool {
+        let mem = &a.mem;
+        let Some(queue) = a.queues.first_mut() else { return false };
         let mut used_any = false;
-        loop {
-            let chain = match queue.iter(&mem) {
-                Ok(mut it) => it.next(),
-                // The avail ring cannot be read: nothing more to do.
-                Err(_) => None,
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             // The iterator ends a chain that loops or leaves the table;
             // at most queue-size descriptors are collected.
-            let descs: Vec<(GuestAddress, u32, bool)> =
-                chain.take(QUEUE_SIZE as usize + 1).map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
-            let used_len = match self.serve(&mem, &descs) {
+            let chain = Chain::walk(chain, usize::from(QUEUE_SIZE) + 1);
+            let used_len = match self.serve(mem, &chain.bufs) {
                 Ok(len) => len,
                 Err((refusal, len)) => {
-                    if self.refusals.len() < 1024 {
+                    if self.refusals.len() < MAX_REFUSALS_KEPT {
                         self.refusals.push(refusal);
                     }
                     len
                 }
             };
             // A used ring we cannot write to: the guest broke its own queue.
-            if queue.add_used(&mem, head, used_len).is_err() {
+            if queue.add_used(mem, chain.head, used_len).is_err() {
                 break;
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(&mem).unwrap_or(true) {
-            if let Some(i) = &self.interrupt {
-                i.signal_used_queue();
-            }
-        }
-        self.queue = Some(queue);
+        used_any && queue.needs_notification(mem).unwrap_or(true)
     }
 
     /// Serves one request. Ok: bytes written into the chain; Err: why it
     /// failed and the bytes written (the status byte, if there is one).
-    fn serve(&mut self, mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)]) -> Result<u32, (Refusal, u32)> {
-        let Some(&(status_addr, status_len, true)) = descs.last().filter(|_| descs.len() >= 2) else {
+    fn serve(&mut self, mem: &GuestMemoryMmap, descs: &[Buf]) -> Result<u32, (Refusal, u32)> {
+        let Some(&Buf { addr: status_addr, len: status_len, writable: true }) =
+            descs.last().filter(|_| descs.len() >= 2)
+        else {
             return Err((Refusal::NoStatus, 0));
         };
         if status_len < 1 {
@@ -175,16 +270,15 @@ impl Block {
                 Err(_) => Err((Refusal::GuestMemory, 0)),
             }
         };
-        let (hdr_addr, hdr_len, hdr_writable) = descs[0];
-        if hdr_writable || hdr_len < 16 {
+        let first = descs[0];
+        if first.writable || (first.len as usize) < outhdr::LEN {
             return fail(mem, Refusal::BadHeader);
         }
-        let mut hdr = [0u8; 16];
-        if mem.read_slice(&mut hdr, hdr_addr).is_err() {
+        let mut hdr = [0u8; outhdr::LEN];
+        if mem.read_slice(&mut hdr, first.addr).is_err() {
             return fail(mem, Refusal::GuestMemory);
         }
-        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        let Some(OutHdr { kind, sector }) = OutHdr::parse(&hdr) else { return fail(mem, Refusal::BadHeader) };
         let data = &descs[1..descs.len() - 1];
         let result = match kind {
             T_IN => self.transfer(mem, data, sector, true),
@@ -205,17 +299,11 @@ impl Block {
 
     /// Reads (`to_guest`) or writes the data buffers at `sector`; returns
     /// the bytes written to guest memory.
-    fn transfer(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        data: &[(GuestAddress, u32, bool)],
-        sector: u64,
-        to_guest: bool,
-    ) -> Result<u32, Refusal> {
-        if data.iter().any(|d| d.2 != to_guest) {
+    fn transfer(&mut self, mem: &GuestMemoryMmap, data: &[Buf], sector: u64, to_guest: bool) -> Result<u32, Refusal> {
+        if data.iter().any(|d| d.writable != to_guest) {
             return Err(Refusal::BadDirection);
         }
-        let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+        let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
         if total == 0 || total > MAX_REQUEST_BYTES || !total.is_multiple_of(SECTOR_SIZE) {
             return Err(Refusal::BadLength);
         }
@@ -227,7 +315,7 @@ impl Block {
         // Through a fixed bounce buffer, a chunk at a time: the VMM's own
         // memory does not grow with the guest's request sizes.
         let mut offset = start;
-        for &(addr, len, _) in data {
+        for &Buf { addr, len, .. } in data {
             let mut done = 0u64;
             while done < u64::from(len) {
                 let n = (u64::from(len) - done).min(BOUNCE_BYTES as u64) as usize;
@@ -247,54 +335,11 @@ impl Block {
         Ok(if to_guest { total as u32 } else { 0 })
     }
 
-    fn get_id(&self, mem: &GuestMemoryMmap, data: &[(GuestAddress, u32, bool)]) -> Result<u32, Refusal> {
-        let &[(addr, len, true)] = data else { return Err(Refusal::BadDirection) };
+    fn get_id(&self, mem: &GuestMemoryMmap, data: &[Buf]) -> Result<u32, Refusal> {
+        let &[Buf { addr, len, writable: true }] = data else { return Err(Refusal::BadDirection) };
         let n = (len as usize).min(ID_BYTES);
         mem.write_slice(&self.id[..n], addr).map_err(|_| Refusal::GuestMemory)?;
         Ok(n as u32)
-    }
-}
-
-impl VirtioDevice for Block {
-    fn name(&self) -> &'static str {
-        "block"
-    }
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE_BLOCK
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_SEG_MAX | F_FLUSH | if self.read_only { F_RO } else { 0 }
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_bytes(), offset, data);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // Nothing in the block config is writable (no WCE feature offered).
-    }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount("block", 1, queues.len()));
-        }
-        self.queue = queues.pop();
-        self.mem = Some(mem);
-        self.interrupt = Some(interrupt);
-        Ok(())
-    }
-    fn queue_notify(&mut self, _index: u16) {
-        self.process_queue();
-    }
-    fn reset(&mut self) {
-        self.queue = None;
-        self.mem = None;
-        self.interrupt = None;
     }
 }
 
@@ -302,9 +347,14 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::CountingInterrupt as Count;
+    use crate::devices::virtio::{Interrupt, VirtioDevice};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
 
     const HDR: u64 = 0x10_000;
     const DATA: u64 = 0x20_000;
@@ -315,12 +365,25 @@ mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
     }
 
-    fn disk(sectors: u64, read_only: bool) -> (tempfile::NamedTempFile, Block) {
+    fn disk_file(sectors: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();
         let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(f.path(), data).unwrap();
-        let b = Block::open(f.path(), read_only, "sbx-test-disk").unwrap();
+        f
+    }
+
+    /// The worker's part, driven by hand on the test's thread.
+    fn disk(sectors: u64, read_only: bool) -> (tempfile::NamedTempFile, BlockHandler) {
+        let f = disk_file(sectors);
+        let b = BlockHandler::open(f.path(), read_only, "sbx-test-disk").unwrap();
         (f, b)
+    }
+
+    /// One round of the handler, as its worker runs it after a kick.
+    fn kick(b: &mut BlockHandler, active: &mut Active, irq: &Count) {
+        if b.handle(Some(active), &Wake { queues: true, ..Wake::default() }) {
+            irq.signal_used_queue();
+        }
     }
 
     fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
@@ -337,24 +400,30 @@ mod tests {
 
     /// Puts one request chain on a fresh queue, runs the device, returns
     /// (status byte, used length, interrupts).
-    fn run(b: &mut Block, m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u8, u32, usize) {
+    fn run(b: &mut BlockHandler, m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u8, u32, usize) {
         let mock = MockSplitQueue::create(m, GuestAddress(0x40_000), 16);
+        let mut chained = chain_at(0, descs);
+        mock.add_desc_chains(&chained, 0).unwrap();
+        let q: Queue = mock.create_queue().unwrap();
+        let irq = Count::default();
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        kick(b, &mut Active { mem: m.clone(), queues: vec![q] }, &irq);
+        chained.clear();
+        let used_len: u32 = m.read_obj(mock.used_addr().unchecked_add(8)).unwrap();
+        let status: u8 = m.read_obj(GuestAddress(STATUS)).unwrap();
+        (status, used_len, irq.count())
+    }
+
+    /// `descs` linked in order, the first at table index `base`.
+    fn chain_at(base: u16, descs: &[RawDescriptor]) -> Vec<RawDescriptor> {
         let mut chained = descs.to_vec();
         let n = chained.len();
         for (i, d) in chained.iter_mut().enumerate() {
             let sd = SplitDescriptor::from(*d);
             let flags = if i + 1 < n { sd.flags() | VRING_DESC_F_NEXT as u16 } else { sd.flags() };
-            *d = RawDescriptor::from(SplitDescriptor::new(sd.addr().0, sd.len(), flags, i as u16 + 1));
+            *d = RawDescriptor::from(SplitDescriptor::new(sd.addr().0, sd.len(), flags, base + i as u16 + 1));
         }
-        mock.add_desc_chains(&chained, 0).unwrap();
-        let q: Queue = mock.create_queue().unwrap();
-        let irq = Arc::new(Count::default());
-        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        b.activate(m.clone(), vec![q], irq.clone()).unwrap();
-        b.queue_notify(0);
-        let used_len: u32 = m.read_obj(mock.used_addr().unchecked_add(8)).unwrap();
-        let status: u8 = m.read_obj(GuestAddress(STATUS)).unwrap();
-        (status, used_len, irq.count())
+        chained
     }
 
     #[test]
@@ -395,7 +464,9 @@ mod tests {
 
     #[test]
     fn config_space_reports_capacity_and_is_bounded() {
-        let (_f, b) = disk(8, true);
+        let f = disk_file(8);
+        let b = Block::open(f.path(), true, "sbx-test-disk").unwrap();
+        let b = &b.device;
         let mut cap = [0u8; 8];
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
@@ -403,7 +474,7 @@ mod tests {
         b.read_config(12, &mut past);
         assert_eq!(&past[4..], &[0, 0, 0, 0], "past the end reads as zero");
         b.read_config(u64::MAX, &mut past);
-        assert_ne!(b.features() & F_RO, 0);
+        assert_ne!(b.features() & 1 << VIRTIO_BLK_F_RO, 0);
     }
 
     #[test]
@@ -484,8 +555,7 @@ mod tests {
         m.write_obj(0u16, mock.avail_addr().unchecked_add(4)).unwrap();
         m.write_obj(1u16, mock.avail_addr().unchecked_add(2)).unwrap();
         let q: Queue = mock.create_queue().unwrap();
-        b.activate(m.clone(), vec![q], Arc::new(Count::default())).unwrap();
-        b.queue_notify(0);
+        kick(&mut b, &mut Active { mem: m.clone(), queues: vec![q] }, &Count::default());
         assert_eq!(b.refusals.len(), 1, "the request failed: {:?}", b.refusals);
     }
 
@@ -496,5 +566,71 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         let e = Block::open(f.path(), true, "x").err().unwrap();
         assert!(e.to_string().contains("smaller than one sector"));
+    }
+
+    fn wait_used(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while m.read_obj::<u16>(q.used_addr().unchecked_add(2)).unwrap() != n {
+            assert!(Instant::now() < deadline, "timed out waiting for {n} used chains");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// (id, len) of used ring entry `i`.
+    fn used(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> (u32, u32) {
+        let at = q.used_addr().unchecked_add(4 + 8 * i);
+        (m.read_obj(at).unwrap(), m.read_obj(at.unchecked_add(4)).unwrap())
+    }
+
+    #[test]
+    fn requests_round_trip_through_the_disks_own_worker() {
+        let f = disk_file(8);
+        let mut b = Block::open(f.path(), false, "sbx-test-disk").unwrap();
+        assert_eq!(b.sectors(), 8);
+        let m = mem();
+        // Four requests, each with its own header and status byte: write
+        // sector 3, read it back, flush, and a read past the end.
+        let hdr = |i: u64| HDR + 0x100 * i;
+        let status = |i: u64| STATUS + 0x100 * i;
+        for (i, (kind, sector)) in [(T_OUT, 3u64), (T_IN, 3), (T_FLUSH, 0), (T_IN, 8)].into_iter().enumerate() {
+            let mut h = [0u8; outhdr::LEN];
+            h[outhdr::TYPE].copy_from_slice(&kind.to_le_bytes());
+            h[outhdr::SECTOR].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(hdr(i as u64))).unwrap();
+            m.write_obj(0xffu8, GuestAddress(status(i as u64))).unwrap();
+        }
+        m.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        let mut descs = chain_at(0, &[desc(hdr(0), 16, false), desc(DATA, 512, false), desc(status(0), 1, true)]);
+        descs.extend(chain_at(3, &[desc(hdr(1), 16, false), desc(DATA + 0x1000, 512, true), desc(status(1), 1, true)]));
+        descs.extend(chain_at(6, &[desc(hdr(2), 16, false), desc(status(2), 1, true)]));
+        descs.extend(chain_at(8, &[desc(hdr(3), 16, false), desc(DATA + 0x2000, 512, true), desc(status(3), 1, true)]));
+        let mock = MockSplitQueue::create(&m, GuestAddress(0x40_000), 16);
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let irq = Arc::new(Count::default());
+        b.device.activate(m.clone(), vec![mock.create_queue().unwrap()], irq.clone()).unwrap();
+        b.device.queue_notify(0);
+        wait_used(&m, &mock, 4);
+        let statuses: Vec<u8> = (0..4).map(|i| m.read_obj(GuestAddress(status(i))).unwrap()).collect();
+        assert_eq!(statuses, [S_OK, S_OK, S_OK, S_IOERR], "the read past the end fails with IOERR");
+        assert_eq!((0..4).map(|i| used(&m, &mock, i).1).collect::<Vec<_>>(), [1, 513, 1, 1]);
+        let mut back = [0u8; 512];
+        m.read_slice(&mut back, GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(back, [0x5a; 512], "what was written is read back");
+        let file = std::fs::read(f.path()).unwrap();
+        assert!(file[3 * 512..4 * 512].iter().all(|&x| x == 0x5a), "and is in the host file");
+        assert!(file[4 * 512..5 * 512].iter().all(|&x| x == 4), "the next sector is untouched");
+        assert!(irq.count() >= 1, "the guest was interrupted");
+        b.device.reset();
+        drop(b);
+    }
+
+    #[test]
+    fn the_header_is_read_through_its_declared_layout() {
+        let mut h = [0u8; outhdr::LEN + 4];
+        h[outhdr::TYPE].copy_from_slice(&T_GET_ID.to_le_bytes());
+        h[outhdr::RESERVED].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[outhdr::SECTOR].copy_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(OutHdr::parse(&h), Some(OutHdr { kind: T_GET_ID, sector: 0x0102_0304_0506_0708 }));
+        assert_eq!(OutHdr::parse(&h[..outhdr::LEN - 1]), None, "a short header is refused");
     }
 }

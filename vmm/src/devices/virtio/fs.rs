@@ -14,32 +14,38 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
-use super::worker::{Active, QueueHandler, Wake, Worker};
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::control::Stop;
+use super::chain::{Chain, ChainError};
+use super::device::{read_only_config, Spec, WorkerDevice};
+use super::worker::{Active, QueueHandler, Wake};
+use super::VIRTIO_F_VERSION_1;
 use crate::fs::server::{FileServer, MAX_WRITE};
 use crate::threads::{Reach, ThreadKind};
 
-pub const DEVICE_TYPE_FS: u32 = 26;
-/// The filesystem tag's room in config space.
+pub const DEVICE_TYPE_FS: u32 = VIRTIO_ID_FS;
+/// The filesystem tag's room in config space (struct virtio_fs_config:
+/// `tag[36]`, then `num_request_queues` as le32; virtio-bindings has no
+/// virtio_fs.h, so its layout is declared here).
 pub const TAG_LEN: usize = 36;
+const CONFIG_NUM_REQUEST_QUEUES: usize = TAG_LEN;
+const CONFIG_LEN: usize = TAG_LEN + 4;
 const HIPRIO_QUEUE_SIZE: u16 = 128;
 /// Large enough for a request of MAX_WRITE bytes in 4 KiB pages and its
 /// headers without indirect descriptors.
 const REQUEST_QUEUE_SIZE: u16 = 1024;
+const QUEUE_SIZES: &[u16] = &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE];
 /// The largest request gathered from a chain: a full write plus headers.
 const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
 
 /// Requests served, by kind: what the figures report.
 pub type Counts = Arc<Mutex<BTreeMap<&'static str, u64>>>;
 
+/// A shared folder: the device, and its request counts.
 pub struct Fs {
-    tag: [u8; TAG_LEN],
-    worker: Worker,
+    pub device: WorkerDevice,
     pub counts: Counts,
 }
 
@@ -50,60 +56,22 @@ impl Fs {
         if tag.is_empty() || tag.len() > TAG_LEN {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "filesystem tag must be 1-36 bytes"));
         }
-        let mut t = [0u8; TAG_LEN];
-        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        let mut config = vec![0u8; CONFIG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[CONFIG_NUM_REQUEST_QUEUES..].copy_from_slice(&1u32.to_le_bytes());
         let counts = Counts::default();
-        let for_thread = counts.clone();
-        let worker = Worker::spawn(ThreadKind::Fs, "virtio-fs", reach, FsHandler { server, counts: for_thread })?;
-        Ok(Fs { tag: t, worker, counts })
-    }
-
-    fn config_bytes(&self) -> [u8; TAG_LEN + 4] {
-        let mut c = [0u8; TAG_LEN + 4];
-        c[..TAG_LEN].copy_from_slice(&self.tag);
-        c[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        c
-    }
-}
-
-impl VirtioDevice for Fs {
-    fn name(&self) -> &'static str {
-        "fs"
-    }
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE_FS
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE]
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_bytes(), offset, data);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // Read-only config space.
-    }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        self.worker.activate("fs", 2, mem, queues, interrupt)
-    }
-    fn queue_notify(&mut self, _index: u16) {
-        self.worker.kick();
-    }
-    fn notify_event(&self) -> Option<EventFd> {
-        self.worker.notify_event()
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn attach_stop(&self, stop: &Arc<Stop>) {
-        self.worker.attach_stop(stop);
+        let spec = Spec {
+            name: "fs",
+            device_type: DEVICE_TYPE_FS,
+            queue_sizes: QUEUE_SIZES,
+            queues_needed: 2,
+            features: VIRTIO_F_VERSION_1,
+            kind: ThreadKind::Fs,
+            thread: "virtio-fs",
+        };
+        let handler = FsHandler { server, counts: counts.clone() };
+        let device = WorkerDevice::spawn(spec, config, read_only_config(), reach, handler)?;
+        Ok(Fs { device, counts })
     }
 }
 
@@ -139,18 +107,9 @@ impl QueueHandler for FsHandler {
 fn serve_queue(mem: &GuestMemoryMmap, q: &mut Queue, server: &mut FileServer) -> bool {
     let mut used = false;
     while let Some(chain) = q.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let written = match split_chain(mem, chain) {
-            Some((request, reply_bufs)) => {
-                let room = reply_bufs.iter().map(|&(_, len)| len as usize).sum::<usize>();
-                match server.handle(&request, room) {
-                    Some(reply) => write_reply(mem, &reply_bufs, &reply).unwrap_or(0),
-                    None => 0,
-                }
-            }
-            None => 0,
-        };
-        if q.add_used(mem, head, written).is_err() {
+        let chain = Chain::walk(chain, usize::from(REQUEST_QUEUE_SIZE));
+        let written = serve_chain(mem, &chain, server).unwrap_or(0);
+        if q.add_used(mem, chain.head, written).is_err() {
             break;
         }
         used = true;
@@ -158,56 +117,27 @@ fn serve_queue(mem: &GuestMemoryMmap, q: &mut Queue, server: &mut FileServer) ->
     used && q.needs_notification(mem).unwrap_or(true)
 }
 
-/// A guest buffer: address and length.
-type Buf = (GuestAddress, u32);
-
-/// The request bytes (readable part) and the reply buffers (writable
-/// part) of a chain; None if it is malformed or over the bounds.
-fn split_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<(Vec<u8>, Vec<Buf>)> {
-    let mut request = Vec::new();
-    let mut reply = Vec::new();
-    let mut room = 0usize;
-    for d in chain.take(usize::from(REQUEST_QUEUE_SIZE)) {
-        if d.is_write_only() {
-            room = room.checked_add(d.len() as usize)?;
-            if room > MAX_REQUEST {
-                return None;
-            }
-            reply.push((d.addr(), d.len()));
-        } else {
-            if !reply.is_empty() {
-                return None;
-            }
-            let start = request.len();
-            if start + d.len() as usize > MAX_REQUEST {
-                return None;
-            }
-            request.resize(start + d.len() as usize, 0);
-            mem.read_slice(&mut request[start..], d.addr()).ok()?;
-        }
+/// One request: the readable part (the request, bounded) to the server,
+/// its reply into the writable part (whose room is bounded too). The
+/// bytes written; an error for a chain malformed, out of guest memory or
+/// over the bounds (returned unused).
+fn serve_chain(mem: &GuestMemoryMmap, chain: &Chain, server: &mut FileServer) -> Result<u32, ChainError> {
+    let room = chain.room()?;
+    if room > MAX_REQUEST as u64 {
+        return Err(ChainError::TooLong { len: room, max: MAX_REQUEST as u64 });
     }
-    Some((request, reply))
-}
-
-/// Writes `reply` across the buffers; the bytes written, or None if they
-/// cannot hold it or are not guest memory.
-fn write_reply(mem: &GuestMemoryMmap, bufs: &[Buf], reply: &[u8]) -> Option<u32> {
-    let mut done = 0usize;
-    for &(addr, len) in bufs {
-        if done == reply.len() {
-            break;
-        }
-        let n = (len as usize).min(reply.len() - done);
-        mem.write_slice(&reply[done..done + n], addr).ok()?;
-        done += n;
+    let request = chain.read_all(mem, MAX_REQUEST)?;
+    match server.handle(&request, room as usize) {
+        Some(reply) => chain.write_all(mem, &[&reply]),
+        None => Ok(0),
     }
-    (done == reply.len()).then_some(done as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::CountingInterrupt as Count;
+    use crate::devices::virtio::VirtioDevice;
     use crate::fs::fuse::tests::request;
     use crate::fs::policy::FsPolicy;
     use crate::fs::share::Share;
@@ -215,7 +145,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Address;
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
@@ -276,9 +206,10 @@ mod tests {
         .unwrap();
         let mut fs = device(dir.path());
         let irq = Arc::new(Count::default());
-        fs.activate(mem.clone(), vec![hiprio.create_queue().unwrap(), req.create_queue().unwrap()], irq.clone())
+        fs.device
+            .activate(mem.clone(), vec![hiprio.create_queue().unwrap(), req.create_queue().unwrap()], irq.clone())
             .unwrap();
-        fs.queue_notify(1);
+        fs.device.queue_notify(1);
         wait_used(&mem, &req, 4);
         let (id, len) = used(&mem, &req, 0);
         assert_eq!((id, len), (0, 16 + 64), "out header and fuse_init_out");
@@ -296,7 +227,7 @@ mod tests {
             "{:?}",
             (0..4).map(|i| used(&mem, &req, i)).collect::<Vec<_>>()
         );
-        fs.reset();
+        fs.device.reset();
     }
 
     #[test]
@@ -304,7 +235,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = device(dir.path());
         let mut c = [0xffu8; TAG_LEN + 4];
-        fs.read_config(0, &mut c);
+        fs.device.read_config(0, &mut c);
         assert_eq!(&c[..5], b"sbx0\0");
         assert_eq!(u32::from_le_bytes(c[TAG_LEN..].try_into().unwrap()), 1);
         assert!(Fs::new(

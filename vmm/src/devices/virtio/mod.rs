@@ -3,8 +3,21 @@
 //! ([`mmio::MmioTransport`]); a device knows nothing of MMIO. Queues are
 //! `virtio-queue`'s, so descriptor chains from the guest (untrusted) are
 //! walked with its bounds checks.
+//!
+//! One framework for every device: a device is a [`worker::QueueHandler`]
+//! (its work on its queues) run on a thread of its own kind by
+//! [`worker::Worker`], behind the one [`VirtioDevice`] implementation,
+//! [`device::WorkerDevice`] (its declaration, [`device::Spec`], and its
+//! config bytes). Chains are read and written through one bounded copier
+//! ([`chain::Chain`]). Protocol constants and config layouts come from
+//! `virtio-bindings` where it has them (IDs, feature bits, block request
+//! types and status, net and block config, the MMIO registers); vsock's
+//! and virtio-fs's are declared in their files (the crate has no header
+//! for them).
 
 pub mod block;
+pub mod chain;
+pub mod device;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -21,7 +34,7 @@ use crate::control::Stop;
 
 /// Feature bit every device must offer and the driver must accept: the
 /// modern (virtio 1.x) interface.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ActivateError {

@@ -14,34 +14,39 @@
 //! (the backend queues the rest, bounded); every descriptor chain is read
 //! and written through vm-memory's checked accesses.
 
+use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    virtio_net_config, virtio_net_hdr_v1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
 
-use super::worker::{Active, Interest, QueueHandler, Wake, Worker};
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::control::Stop;
-use crate::threads::Reach;
+use super::chain::Chain;
+use super::device::{read_only_config, Spec, WorkerDevice};
+use super::worker::{Active, Interest, QueueHandler, Wake};
+use super::VIRTIO_F_VERSION_1;
+use crate::threads::{Reach, ThreadKind};
 
-pub const DEVICE_TYPE_NET: u32 = 1;
-
-const F_MTU: u64 = 1 << 3;
-const F_MAC: u64 = 1 << 5;
-const F_STATUS: u64 = 1 << 16;
-const S_LINK_UP: u16 = 1;
+pub const DEVICE_TYPE_NET: u32 = VIRTIO_ID_NET;
 
 /// struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, num_buffers.
-pub const HDR_LEN: usize = 12;
+pub const HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
+/// Where `num_buffers` is in the header.
+const HDR_NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// The Ethernet header every frame starts with.
 pub const ETH_HDR_LEN: usize = 14;
 const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE, QUEUE_SIZE];
 const RX: usize = 0;
 const TX: usize = 1;
+/// The config space offered: up to and including `mtu`.
+const CONFIG_LEN: usize = offset_of!(virtio_net_config, mtu) + 2;
 
 /// The other end of the guest's NIC: where the guest's frames go and
 /// where frames for it come from. The device's worker thread owns it and
@@ -73,78 +78,43 @@ pub struct NetCounters {
     pub rx_dropped: AtomicU64,
 }
 
+/// The NIC: the device, and its counters.
 pub struct Net {
-    mac: [u8; 6],
-    mtu: u16,
-    worker: Worker,
+    pub device: WorkerDevice,
     pub counters: Arc<NetCounters>,
 }
 
 impl Net {
-    /// A NIC with address `mac` whose peer is `backend` (MTU `mtu`).
-    /// A NIC whose frames go to `backend`, its worker reaching the host
-    /// paths `reach` allows (once the jail is on).
+    /// A NIC with address `mac` (MTU `mtu`) whose frames go to `backend`,
+    /// its worker reaching the host paths `reach` allows (once the jail
+    /// is on).
     pub fn new(mac: [u8; 6], mtu: u16, backend: Box<dyn FrameBackend>, reach: Reach) -> std::io::Result<Net> {
-        let counters = Arc::new(NetCounters::default());
-        let handler = NetHandler {
-            backend,
-            pending: None,
-            counters: counters.clone(),
-            max_frame: usize::from(mtu) + ETH_HDR_LEN,
+        let (handler, counters) = handler(mtu, backend);
+        let spec = Spec {
+            name: "net",
+            device_type: DEVICE_TYPE_NET,
+            queue_sizes: QUEUE_SIZES,
+            queues_needed: 2,
+            features: VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU,
+            kind: ThreadKind::Net,
+            thread: "virtio-net",
         };
-        let worker = Worker::spawn(crate::threads::ThreadKind::Net, "virtio-net", reach, handler)?;
-        Ok(Net { mac, mtu, worker, counters })
-    }
-
-    fn config_bytes(&self) -> [u8; 12] {
-        let mut c = [0u8; 12];
-        c[0..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
-        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        c
+        // The MAC is ours to choose (no VIRTIO_NET_F_CTRL_MAC_ADDR).
+        let device = WorkerDevice::spawn(spec, config_bytes(mac, mtu), read_only_config(), reach, handler)?;
+        Ok(Net { device, counters })
     }
 }
 
-impl VirtioDevice for Net {
-    fn name(&self) -> &'static str {
-        "net"
-    }
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE_NET
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_MTU
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_bytes(), offset, data);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // The MAC is ours to choose (no VIRTIO_NET_F_CTRL_MAC_ADDR).
-    }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        self.worker.activate("net", 2, mem, queues, interrupt)
-    }
-    fn queue_notify(&mut self, _index: u16) {
-        self.worker.kick();
-    }
-    fn notify_event(&self) -> Option<EventFd> {
-        self.worker.notify_event()
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn attach_stop(&self, stop: &Arc<Stop>) {
-        self.worker.attach_stop(stop);
-    }
+/// struct virtio_net_config up to `mtu`: the MAC, the link up, one queue
+/// pair, the MTU.
+fn config_bytes(mac: [u8; 6], mtu: u16) -> Vec<u8> {
+    let mut c = vec![0u8; CONFIG_LEN];
+    let mut put = |at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
+    put(offset_of!(virtio_net_config, mac), &mac);
+    put(offset_of!(virtio_net_config, status), &(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    put(offset_of!(virtio_net_config, max_virtqueue_pairs), &1u16.to_le_bytes());
+    put(offset_of!(virtio_net_config, mtu), &mtu.to_le_bytes());
+    c
 }
 
 /// The worker's part: the backend, and a frame that found no receive
@@ -160,6 +130,10 @@ struct NetHandler {
 /// and its counters.
 #[doc(hidden)]
 pub fn queue_handler(mtu: u16, backend: Box<dyn FrameBackend>) -> (impl QueueHandler, Arc<NetCounters>) {
+    handler(mtu, backend)
+}
+
+fn handler(mtu: u16, backend: Box<dyn FrameBackend>) -> (NetHandler, Arc<NetCounters>) {
     let counters = Arc::new(NetCounters::default());
     let max_frame = usize::from(mtu) + ETH_HDR_LEN;
     (NetHandler { backend, pending: None, counters: counters.clone(), max_frame }, counters)
@@ -204,8 +178,9 @@ fn transmit(a: &mut Active, backend: &mut dyn FrameBackend, max_frame: usize, c:
     let Some(q) = a.queues.get_mut(TX) else { return false };
     let mut used = false;
     while let Some(chain) = q.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        match read_frame(mem, chain, max_frame) {
+        let chain = Chain::walk(chain, usize::from(QUEUE_SIZE));
+        let head = chain.head;
+        match read_frame(mem, &chain, max_frame) {
             Some(frame) => {
                 c.tx_frames.fetch_add(1, Ordering::Relaxed);
                 backend.send_to_backend(frame);
@@ -224,21 +199,9 @@ fn transmit(a: &mut Active, backend: &mut dyn FrameBackend, max_frame: usize, c:
 
 /// The frame in a transmit chain (after the virtio-net header), or None
 /// if the chain is malformed, outside guest memory or over the limit.
-fn read_frame(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, max_frame: usize) -> Option<Vec<u8>> {
-    let limit = HDR_LEN + max_frame;
-    let mut bytes = Vec::new();
-    for d in chain.take(usize::from(QUEUE_SIZE)) {
-        if d.is_write_only() {
-            return None;
-        }
-        let len = d.len() as usize;
-        let start = bytes.len();
-        if start + len > limit {
-            return None;
-        }
-        bytes.resize(start + len, 0);
-        mem.read_slice(&mut bytes[start..], d.addr()).ok()?;
-    }
+fn read_frame(mem: &GuestMemoryMmap, chain: &Chain, max_frame: usize) -> Option<Vec<u8>> {
+    chain.readable_only().ok()?;
+    let mut bytes = chain.read_all(mem, HDR_LEN + max_frame).ok()?;
     if bytes.len() < HDR_LEN + ETH_HDR_LEN {
         return None;
     }
@@ -256,8 +219,9 @@ fn receive(a: &mut Active, backend: &mut dyn FrameBackend, pending: &mut Option<
             *pending = Some(frame);
             break;
         };
-        let head = chain.head_index();
-        let written = match write_frame(mem, chain, &frame) {
+        let chain = Chain::walk(chain, usize::from(QUEUE_SIZE));
+        let head = chain.head;
+        let written = match write_frame(mem, &chain, &frame) {
             Some(n) => {
                 c.rx_frames.fetch_add(1, Ordering::Relaxed);
                 n
@@ -277,34 +241,19 @@ fn receive(a: &mut Active, backend: &mut dyn FrameBackend, pending: &mut Option<
 
 /// Writes header and frame into a receive chain; the bytes written, or
 /// None if the chain cannot hold them or is not writable guest memory.
-fn write_frame(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, frame: &[u8]) -> Option<u32> {
+fn write_frame(mem: &GuestMemoryMmap, chain: &Chain, frame: &[u8]) -> Option<u32> {
+    chain.writable_only().ok()?;
     let mut hdr = [0u8; HDR_LEN];
     // num_buffers: the frame is in this one chain.
-    hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-    let total = HDR_LEN + frame.len();
-    let mut src = hdr.iter().chain(frame.iter()).copied();
-    let mut done = 0usize;
-    let mut chunk = Vec::new();
-    for d in chain.take(usize::from(QUEUE_SIZE)) {
-        if done == total {
-            break;
-        }
-        if !d.is_write_only() {
-            return None;
-        }
-        let n = (d.len() as usize).min(total - done);
-        chunk.clear();
-        chunk.extend(src.by_ref().take(n));
-        mem.write_slice(&chunk, d.addr()).ok()?;
-        done += n;
-    }
-    (done == total).then_some(total as u32)
+    hdr[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+    chain.write_all(mem, &[&hdr, frame]).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::CountingInterrupt as Count;
+    use crate::devices::virtio::VirtioDevice;
     use std::collections::VecDeque;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
@@ -314,7 +263,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x15];
     const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
@@ -443,8 +392,10 @@ mod tests {
         let (backend, seen) = fake(None);
         let mut net = Net::new([2, 0x73, 0x62, 0x78, 0, 2], 1500, backend, Reach::Unconfined).unwrap();
         let irq = Arc::new(Count::default());
-        net.activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone()).unwrap();
-        net.queue_notify(TX as u16);
+        net.device
+            .activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone())
+            .unwrap();
+        net.device.queue_notify(TX as u16);
         wait_for("the TX chain to be used", || used_idx(&mem, &txq) == 1);
         wait_for("the answer", || used_idx(&mem, &rxq) == 1);
         assert_eq!(seen.lock().unwrap().sent, vec![frame[HDR_LEN..].to_vec()], "the frame without its header");
@@ -470,7 +421,9 @@ mod tests {
         let (backend, seen) = fake(Some(mine));
         let mut net = Net::new(GUEST_MAC, 1500, backend, Reach::Unconfined).unwrap();
         let irq = Arc::new(Count::default());
-        net.activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone()).unwrap();
+        net.device
+            .activate(mem.clone(), vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()], irq.clone())
+            .unwrap();
         wait_for("the activation round", || seen.lock().unwrap().polls >= 1);
         // Idle: nothing runs the backend.
         let polls = seen.lock().unwrap().polls;
@@ -484,7 +437,7 @@ mod tests {
         let set_at = Instant::now();
         seen.lock().unwrap().deadline = Some(set_at + Duration::from_millis(30));
         // (The new deadline is read after the next round.)
-        net.queue_notify(RX as u16);
+        net.device.queue_notify(RX as u16);
         wait_for("the timer frame", || used_idx(&mem, &rxq) == 2);
         assert!(set_at.elapsed() >= Duration::from_millis(30), "not before its deadline");
         assert_eq!(&received(&mem, &rxq, 1)[14..], b"timer");
@@ -515,30 +468,31 @@ mod tests {
         .unwrap();
         let (backend, seen) = fake(None);
         let mut net = Net::new([2, 0, 0, 0, 0, 1], 1500, backend, Reach::Unconfined).unwrap();
-        net.activate(
-            mem.clone(),
-            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
-            Arc::new(Count::default()),
-        )
-        .unwrap();
-        net.queue_notify(TX as u16);
+        net.device
+            .activate(
+                mem.clone(),
+                vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+                Arc::new(Count::default()),
+            )
+            .unwrap();
+        net.device.queue_notify(TX as u16);
         wait_for("four drops", || net.counters.tx_dropped.load(Ordering::SeqCst) == 4);
         assert_eq!(net.counters.tx_frames.load(Ordering::SeqCst), 0);
         assert!(seen.lock().unwrap().sent.is_empty(), "nothing reached the backend");
         // Reset and drop (the worker thread ends) do not hang.
-        net.reset();
+        net.device.reset();
     }
 
     #[test]
     fn config_space_has_the_mac_link_and_mtu() {
         let net = Net::new([2, 1, 2, 3, 4, 5], 1500, fake(None).0, Reach::Unconfined).unwrap();
         let mut c = [0u8; 12];
-        net.read_config(0, &mut c);
+        net.device.read_config(0, &mut c);
         assert_eq!(&c[0..6], &[2, 1, 2, 3, 4, 5]);
-        assert_eq!(u16::from_le_bytes([c[6], c[7]]), S_LINK_UP);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP as u16);
         assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500);
         let mut past = [0xffu8; 4];
-        net.read_config(10, &mut past);
+        net.device.read_config(10, &mut past);
         assert_eq!(&past[2..], &[0, 0]);
     }
 }

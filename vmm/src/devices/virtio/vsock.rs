@@ -19,17 +19,17 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::QueueT;
 
-use super::worker::{Active, Interest, QueueHandler, Wake, Worker};
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::control::Stop;
+use super::chain::Chain;
+use super::device::{read_only_config, Spec, WorkerDevice};
+use super::worker::{Active, Interest, QueueHandler, Wake};
+use super::VIRTIO_F_VERSION_1;
+use crate::threads::{Reach, ThreadKind};
 
-pub const DEVICE_TYPE_VSOCK: u32 = 19;
+pub const DEVICE_TYPE_VSOCK: u32 = VIRTIO_ID_VSOCK;
 pub const HOST_CID: u64 = 2;
 /// What the guest's CID is; any value above 2 would do.
 pub const GUEST_CID: u64 = 3;
@@ -42,6 +42,9 @@ pub const MAX_CONNS: usize = 64;
 /// Largest payload read from a guest packet (the spec's 64 KiB).
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 const QUEUE_SIZE: u16 = 256;
+/// rx, tx, event (the event queue is never used: no transport resets
+/// are ever sent).
+const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE];
 const RX: usize = 0;
 const TX: usize = 1;
 const FIRST_HOST_PORT: u32 = 0x4000_0000;
@@ -49,6 +52,9 @@ const FIRST_HOST_PORT: u32 = 0x4000_0000;
 /// reset instead.
 const MAX_CONTROL_QUEUE: usize = 1024;
 
+// The packet header and its constants (linux/virtio_vsock.h), and the
+// config space (le64 guest_cid): virtio-bindings has no virtio_vsock.h,
+// so they are declared here.
 const TYPE_STREAM: u16 = 1;
 const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
@@ -111,65 +117,30 @@ impl Hdr {
     }
 }
 
-/// The device: a front for the worker thread that does the work.
+/// The control channel's device.
 pub struct Vsock {
-    worker: Worker,
+    pub device: WorkerDevice,
 }
 
 impl Vsock {
     /// A vsock device whose host end is `listener` (non-blocking).
     pub fn new(listener: UnixListener) -> std::io::Result<Vsock> {
         listener.set_nonblocking(true)?;
-        let worker = Worker::spawn(
-            crate::threads::ThreadKind::Vsock,
-            "virtio-vsock",
-            // It only accepts on a socket it already holds: no host path.
-            crate::threads::Reach::Only(Vec::new()),
-            VsockWorker::new(listener),
-        )?;
-        Ok(Vsock { worker })
-    }
-}
-
-impl VirtioDevice for Vsock {
-    fn name(&self) -> &'static str {
-        "vsock"
-    }
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE_VSOCK
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        // rx, tx, event (the event queue is never used: no transport
-        // resets are ever sent).
-        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&GUEST_CID.to_le_bytes(), offset, data);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        // rx and tx are needed; the event queue is never used.
-        self.worker.activate("vsock", 2, mem, queues, interrupt)
-    }
-    fn queue_notify(&mut self, _index: u16) {
-        self.worker.kick();
-    }
-    fn notify_event(&self) -> Option<EventFd> {
-        self.worker.notify_event()
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn attach_stop(&self, stop: &Arc<Stop>) {
-        self.worker.attach_stop(stop);
+        let spec = Spec {
+            name: "vsock",
+            device_type: DEVICE_TYPE_VSOCK,
+            queue_sizes: QUEUE_SIZES,
+            // rx and tx are needed; the event queue is never used.
+            queues_needed: 2,
+            features: VIRTIO_F_VERSION_1,
+            kind: ThreadKind::Vsock,
+            thread: "virtio-vsock",
+        };
+        let config = GUEST_CID.to_le_bytes().to_vec();
+        // It only accepts on a socket it already holds: no host path.
+        let reach = Reach::Only(Vec::new());
+        let device = WorkerDevice::spawn(spec, config, read_only_config(), reach, VsockWorker::new(listener))?;
+        Ok(Vsock { device })
     }
 }
 
@@ -304,23 +275,10 @@ impl VsockWorker {
         let mut used = false;
         if let Some(q) = a.queues.get_mut(TX) {
             while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                let mut bytes = Vec::new();
-                let mut ok = true;
-                for d in chain.take(usize::from(QUEUE_SIZE)) {
-                    let len = d.len() as usize;
-                    if d.is_write_only() || bytes.len() + len > HDR_LEN + MAX_PKT_PAYLOAD {
-                        ok = false;
-                        break;
-                    }
-                    let start = bytes.len();
-                    bytes.resize(start + len, 0);
-                    if a.mem.read_slice(&mut bytes[start..], d.addr()).is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                if ok {
+                let chain = Chain::walk(chain, usize::from(QUEUE_SIZE));
+                let head = chain.head;
+                if let Ok(bytes) = chain.readable_only().and_then(|_| chain.read_all(&a.mem, HDR_LEN + MAX_PKT_PAYLOAD))
+                {
                     packets.push(bytes);
                 }
                 if q.add_used(&a.mem, head, 0).is_err() {
@@ -450,11 +408,10 @@ impl VsockWorker {
                 self.rx_full = !self.control.is_empty() || self.conns.values().any(|c| c.state == State::Established);
                 break;
             };
-            let head = chain.head_index();
-            let descs: Vec<(GuestAddress, u32, bool)> =
-                chain.take(usize::from(QUEUE_SIZE)).map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
-            let capacity: usize = descs.iter().filter(|d| d.2).map(|d| d.1 as usize).sum();
-            let room = capacity.saturating_sub(HDR_LEN).min(MAX_PKT_PAYLOAD);
+            let chain = Chain::walk(chain, usize::from(QUEUE_SIZE));
+            let head = chain.head;
+            let capacity = chain.writable_only().map_or(0, |w| w.iter().map(|b| u64::from(b.len)).sum::<u64>());
+            let room = usize::try_from(capacity).unwrap_or(usize::MAX).saturating_sub(HDR_LEN).min(MAX_PKT_PAYLOAD);
             let Some((hdr, len)) = self.next_packet(room) else {
                 // Nothing to send: give the buffer back.
                 if let Some(q) = a.queues.get_mut(RX) {
@@ -462,7 +419,8 @@ impl VsockWorker {
                 }
                 break;
             };
-            let written = write_chain(&a.mem, &descs, &hdr.bytes(), &self.buf[..len]);
+            // A chain that cannot hold the packet: returned empty.
+            let written = chain.write_all(&a.mem, &[&hdr.bytes(), &self.buf[..len]]).unwrap_or(0);
             let Some(q) = a.queues.get_mut(RX) else { break };
             if q.add_used(&a.mem, head, written).is_err() {
                 break;
@@ -602,41 +560,13 @@ fn host_hdr(host_port: u32, guest_port: u32, op: u16, fwd_cnt: u32) -> Hdr {
     }
 }
 
-/// Writes `hdr` then `payload` across the chain's device-writable
-/// buffers; returns the bytes written (the header alone if the chain is
-/// too small for both, 0 if it cannot even hold that).
-fn write_chain(mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)], hdr: &[u8], payload: &[u8]) -> u32 {
-    let mut bytes = Vec::with_capacity(hdr.len() + payload.len());
-    bytes.extend_from_slice(hdr);
-    bytes.extend_from_slice(payload);
-    let mut done = 0usize;
-    for &(addr, len, writable) in descs {
-        if done == bytes.len() {
-            break;
-        }
-        if !writable {
-            return 0;
-        }
-        let n = (len as usize).min(bytes.len() - done);
-        if mem.write_slice(&bytes[done..done + n], addr).is_err() {
-            return 0;
-        }
-        done += n;
-    }
-    if done == bytes.len() {
-        done as u32
-    } else {
-        0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Address;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
     /// The guest's side of the device, driven by hand: receive buffers it
     /// posts, packets it sends.
