@@ -83,7 +83,7 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     let sbx = Sbx::new();
     let (port, seen) = upstream(Duration::from_secs(600));
     let first =
-        "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\n[[rule]]\ndeny = \"blocked.e2e.test\"\n";
+        "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\n[[rule]]\ndeny = \"blocked.e2e.test\"\nmethods = [\"GET\"]\n";
     write_admin(first);
     let resolve = format!("blocked.e2e.test:80:127.0.0.1:{port}");
 
@@ -98,7 +98,9 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     assert!(err.contains("admin policy") && err.contains("\"expose-secret-to-guest\""), "{err}");
     assert!(!sbx.home.path().join("sandboxes/gov/console.log").exists(), "nothing booted: {err}");
 
-    // One sandbox: the user allows the host; the admin denies it.
+    // One sandbox: the user allows the host; the admin denies its GETs
+    // (a narrowed deny: the name resolves, the request gets the 403; a
+    // blanket one would be refused at DNS already, as any deny is).
     let script = "
         echo \"first=$(curl -s http://blocked.e2e.test/a)\"
         echo ready
