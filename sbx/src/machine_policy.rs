@@ -10,6 +10,14 @@
 //! ```toml
 //! version = 1
 //!
+//! # What no run may use (each refused before boot, the flag named).
+//! # Top-level keys come first: after a [[rule]] header, keys are the rule's.
+//! forbid = ["expose-secret-to-guest", "allow-any", "no-jail", "passthrough", "learn"]
+//! max_preset = "balanced"     # a policy file's preset wider than this is refused
+//! max_memory_mib = 4096       # --memory above: refused; a default above: lowered to it
+//! max_cpus = 2                # --cpus above: refused
+//! max_disk_gib = 32           # --disk-size above: refused (the default lowered to it)
+//!
 //! # Network: deny rules win over everything (the user's policy, presets,
 //! # agents, --allow, `sbx policy allow`, `sbx approve`, --learn); ask
 //! # rules hold a request for a person's yes even when the user allows the
@@ -23,13 +31,6 @@
 //! [[rule]]
 //! ask = "api.github.com"
 //! methods = ["DELETE"]
-//!
-//! # What no run may use (each refused before boot, the flag named):
-//! forbid = ["expose-secret-to-guest", "allow-any", "no-jail", "passthrough", "learn"]
-//! max_preset = "balanced"     # a policy file's preset wider than this is refused
-//! max_memory_mib = 4096       # --memory above: refused; a default above: lowered to it
-//! max_cpus = 2                # --cpus above: refused
-//! max_disk_gib = 32           # --disk-size above: refused (the default lowered to it)
 //! ```
 //!
 //! `forbid` flags ([`FLAGS`]): `expose-secret-to-guest` (the real secret

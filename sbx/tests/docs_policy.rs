@@ -18,6 +18,8 @@ const MIN_BLOCKS: usize = 10;
 enum Expect {
     Parses,
     Refused,
+    /// The machine's admin policy (`toml,admin`).
+    Admin,
 }
 
 #[derive(Debug)]
@@ -57,8 +59,11 @@ fn toml_blocks(md: &str) -> Result<Vec<Block>, String> {
         let expect = match info.trim() {
             "toml" => Expect::Parses,
             "toml,refused" => Expect::Refused,
+            "toml,admin" => Expect::Admin,
             other if other.starts_with("toml") => {
-                return Err(format!("docs/policy.md line {n}: unknown marker ```{other} (use toml or toml,refused)"))
+                return Err(format!(
+                    "docs/policy.md line {n}: unknown marker ```{other} (use toml, toml,refused or toml,admin)"
+                ))
             }
             _ => {
                 in_other_fence = true;
@@ -80,8 +85,16 @@ fn every_toml_example_in_the_policy_reference_parses_as_marked() {
     let mut failures = Vec::new();
     for b in &blocks {
         let origin = format!("docs/policy.md line {}", b.line);
+        if b.expect == Expect::Admin {
+            // The machine's policy (/etc/sbx/policy.toml), its own parser.
+            if let Err(e) = sbx::machine_policy::parse(std::path::Path::new(&origin), b.text.as_bytes()) {
+                failures.push(format!("{origin}: does not parse as the machine policy: {e}"));
+            }
+            continue;
+        }
         match (SandboxPolicy::parse(&b.text, &origin), &b.expect) {
             (Ok(_), Expect::Parses) | (Err(_), Expect::Refused) => {}
+            (_, Expect::Admin) => {}
             (Err(e), Expect::Parses) => failures.push(format!("{origin}: does not parse: {e}")),
             (Ok(_), Expect::Refused) => failures.push(format!("{origin}: marked refused, but it parses")),
         }
