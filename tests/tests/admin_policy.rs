@@ -8,54 +8,17 @@
 //! sandbox reaches it (hot reload), logged with the new file's SHA-256.
 //! The upstream is on the host's loopback.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use sbx_tests::upstream::Upstream;
 use sbx_tests::{in_private_mount_namespace, text, Sbx};
 
 const ADMIN_DIR: &str = "/etc/sbx";
-
-/// An HTTP server on 127.0.0.1 answering "echo METHOD PATH", recording
-/// each request's path; it stops by itself.
-fn upstream(for_how_long: Duration) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + for_how_long;
-        while Instant::now() < deadline {
-            let Ok((mut conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                line.clear();
-            }
-            let mut parts = first.split(' ');
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let body = format!("echo {method} {path}");
-            log.lock().unwrap().push(path.to_string());
-            let _ =
-                write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let mut rest = Vec::new();
-            let _ = conn.read_to_end(&mut rest);
-        }
-    });
-    (port, seen)
-}
 
 /// Writes the admin policy as an administrator would: root-owned 0644,
 /// replaced atomically.
@@ -81,7 +44,8 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
         return;
     }
     let sbx = Sbx::new();
-    let (port, seen) = upstream(Duration::from_secs(600));
+    let up = Upstream::start(Duration::from_secs(600));
+    let port = up.port;
     let first =
         "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\n[[rule]]\ndeny = \"blocked.e2e.test\"\nmethods = [\"GET\"]\n";
     write_admin(first);
@@ -165,9 +129,9 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     let stderr = errs.join().unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("admin policy /etc/sbx/policy.toml reloaded"), "told without a pty: {stderr}");
-    let got = seen.lock().unwrap().clone();
-    assert!(!got.contains(&"/a".to_string()), "nothing went upstream while denied: {got:?}");
-    assert!(got.contains(&"/c".to_string()), "{got:?}");
+    let got = up.requests();
+    assert!(!got.contains(&"GET /a".to_string()), "nothing went upstream while denied: {got:?}");
+    assert!(got.contains(&"GET /c".to_string()), "{got:?}");
 
     // The audit log: the run names the admin policy, the reload is logged
     // with the new file's hash, and the chain verifies.
