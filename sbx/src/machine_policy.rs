@@ -17,6 +17,8 @@
 //! max_memory_mib = 4096       # --memory above: refused; a default above: lowered to it
 //! max_cpus = 2                # --cpus above: refused
 //! max_disk_gib = 32           # --disk-size above: refused (the default lowered to it)
+//! audit_copy = "/var/log/sbx" # each run's verified audit log copied to DIR/UID/NAME.jsonl
+//!                             # at its end; a run that cannot write there does not start
 //!
 //! # Network: deny rules win over everything (the user's policy, presets,
 //! # agents, --allow, `sbx policy allow`, `sbx approve`, --learn); ask
@@ -122,6 +124,8 @@ pub enum Error {
     Preset { asked: &'static str, max: &'static str },
     #[error("The machine's admin policy ({PATH}) caps {what} at {max}: {asked} asked (ask for less)")]
     Cap { what: &'static str, asked: u64, max: u64 },
+    #[error("The machine's admin policy ({PATH}) requires each run's audit log copied to {0}, which cannot be written: {1} (its administrator must make the folder, e.g. `install -d -m 1733 {2}`, or let this user write it)")]
+    AuditCopy(PathBuf, std::io::Error, PathBuf),
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +140,7 @@ struct File {
     max_memory_mib: Option<u64>,
     max_cpus: Option<u8>,
     max_disk_gib: Option<u64>,
+    audit_copy: Option<PathBuf>,
 }
 
 /// The admin policy, checked.
@@ -152,6 +157,10 @@ pub struct MachinePolicy {
     pub max_memory_mib: Option<u64>,
     pub max_cpus: Option<u8>,
     pub max_disk_gib: Option<u64>,
+    /// `audit_copy = "/var/log/sbx"`: where every run's verified audit
+    /// log is copied at its end ([`MachinePolicy::audit_copy_dir`]); a run
+    /// that could not write there does not start.
+    pub audit_copy: Option<PathBuf>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -225,6 +234,11 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MachinePolicy, Error> {
     if file.max_memory_mib == Some(0) || file.max_cpus == Some(0) || file.max_disk_gib == Some(0) {
         return Err(bad("a max_ cap of 0 would refuse every run (remove it, or give at least 1)".into()));
     }
+    if let Some(d) = &file.audit_copy {
+        if !d.is_absolute() || d.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(bad(format!("audit_copy {} is not an absolute path without '..'", d.display())));
+        }
+    }
     Ok(MachinePolicy {
         path: path.into(),
         sha256,
@@ -234,10 +248,30 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MachinePolicy, Error> {
         max_memory_mib: file.max_memory_mib,
         max_cpus: file.max_cpus,
         max_disk_gib: file.max_disk_gib,
+        audit_copy: file.audit_copy,
     })
 }
 
 impl MachinePolicy {
+    /// The run's audit copy folder for user `uid` (`AUDIT_COPY/UID`, made
+    /// 0700 if missing, checked writable), or None when none is required.
+    /// A folder that cannot be written refuses the run: the destination is
+    /// required, so a run without it does not start.
+    pub fn audit_copy_dir(&self, uid: u32) -> Result<Option<PathBuf>, Error> {
+        let Some(base) = &self.audit_copy else { return Ok(None) };
+        let dir = base.join(uid.to_string());
+        let fail = |e| Error::AuditCopy(dir.clone(), e, base.clone());
+        if !dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(fail)?;
+        }
+        // Writable: a probe file made and removed.
+        let probe = dir.join(".sbx-probe");
+        std::fs::write(&probe, b"").map_err(fail)?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Some(dir))
+    }
+
     fn forbids(&self, flag: &'static str) -> Result<(), Error> {
         match FLAGS.iter().find(|(name, _)| *name == flag) {
             Some((name, what)) if self.forbid.contains(name) => Err(Error::Forbidden { flag: name, what }),
@@ -457,6 +491,30 @@ mod tests {
         let sub = d.path().join("policy.toml.d");
         std::fs::create_dir(&sub).unwrap();
         assert!(matches!(load(&sub), Err(Error::NotFile(_))));
+    }
+
+    #[test]
+    fn a_required_audit_copy_is_a_private_folder_per_user_or_the_run_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("audit");
+        std::fs::create_dir(&base).unwrap();
+        let text = format!("version = 1\naudit_copy = \"{}\"\n", base.display());
+        let p = parse(Path::new("t"), text.as_bytes()).unwrap();
+        let dir = p.audit_copy_dir(1234).unwrap().unwrap();
+        assert_eq!(dir, base.join("1234"));
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the probe is gone");
+        // No destination: the run is refused (a file where the folder should be).
+        std::fs::remove_dir_all(&base).unwrap();
+        std::fs::write(&base, b"").unwrap();
+        let e = p.audit_copy_dir(1234).unwrap_err();
+        assert!(matches!(e, Error::AuditCopy(..)) && e.to_string().contains("install -d -m 1733"), "{e}");
+        // None asked: none made.
+        assert_eq!(parse(Path::new("t"), b"version = 1\n").unwrap().audit_copy_dir(1).unwrap(), None);
+        for bad in ["audit_copy = \"var/log\"", "audit_copy = \"/var/../etc\""] {
+            let e = parse(Path::new("t"), format!("version = 1\n{bad}\n").as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("absolute path"), "{e}");
+        }
     }
 
     #[test]

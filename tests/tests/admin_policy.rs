@@ -46,8 +46,9 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     let sbx = Sbx::new();
     let up = Upstream::start(Duration::from_secs(600));
     let port = up.port;
-    let first =
-        "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\n[[rule]]\ndeny = \"blocked.e2e.test\"\nmethods = [\"GET\"]\n";
+    let first = "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\naudit_copy = \"/etc/sbx/audit\"\n\
+         [[rule]]\ndeny = \"blocked.e2e.test\"\nmethods = [\"GET\"]\n";
+    std::fs::create_dir_all("/etc/sbx/audit").unwrap();
     write_admin(first);
     let resolve = format!("blocked.e2e.test:80:127.0.0.1:{port}");
 
@@ -146,4 +147,8 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
         "{lines:?}"
     );
     assert!(sbx.cmd().args(["audit", "verify", "gov"]).status().unwrap().success());
+    // The required audit destination got this run's log, the reload in it.
+    let copy = std::fs::read_to_string("/etc/sbx/audit/0/gov.jsonl").expect("the run's audit copy");
+    assert!(copy.contains("\"reloaded\"") && copy.contains(&sha256(second)), "{copy}");
+    assert!(copy.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
 }

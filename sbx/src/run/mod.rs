@@ -95,6 +95,8 @@ fn control_reach(plan: &plan::RunPlan, cgroup: Option<&limits::Cgroup>) -> vmm::
     // while the sandbox runs (a folder made later is not seen).
     let admin_dir = std::path::Path::new(crate::machine_policy::PATH).parent().filter(|d| d.is_dir());
     paths.extend(admin_dir.map(ro));
+    // The admin policy's audit copy: written at the run's end.
+    paths.extend(plan.audit_copy.as_deref().map(rw));
     // SBX_AUDIT_ANCHORS: its folder, where the run's end appends (and locks).
     let anchors = crate::audit::anchors_from_env().and_then(|a| crate::folders::canonical_lenient(&a).ok());
     paths.extend(anchors.as_deref().and_then(|a| a.parent()).map(rw));
@@ -151,6 +153,17 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
     }
     // SBX_AUDIT_ANCHORS: the chain heads kept outside the sandbox's state.
     crate::audit::anchor_after_run(&plan.sandbox);
+    // The admin policy's audit_copy: this sandbox's verified log, whole.
+    if let Some(dir) = &plan.audit_copy {
+        let to = dir.to_string_lossy();
+        match crate::audit::export(Some(&plan.sandbox.settings.name), false, "jsonl", &to) {
+            Ok(code) if code == ExitCode::SUCCESS => {}
+            Ok(_) => eprintln!("sbx: the audit copy to {to} stopped at a broken line (said above)"),
+            Err(e) => {
+                eprintln!("sbx: the audit copy to {to}: {}", escape::escape(e.to_string().as_bytes(), Layout::Line))
+            }
+        }
+    }
     let launched = match launched {
         Ok(l) => l,
         Err(e) => {

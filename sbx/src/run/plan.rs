@@ -185,6 +185,9 @@ pub struct RunPlan {
     /// The machine's admin policy ([`machine_policy::PATH`]), if there is
     /// one: its network rules go to netstack, its file is watched.
     pub admin: Option<MachinePolicy>,
+    /// The admin policy's `audit_copy` folder for this user: the run's
+    /// verified audit log is copied there at its end.
+    pub audit_copy: Option<PathBuf>,
 }
 
 /// The SHA-256 (hex) of the effective policy document's text: the file's
@@ -357,6 +360,10 @@ impl RunPlan {
             None => args.memory.unwrap_or(agent.default_memory_mib),
         };
         let disk_gib = admin.as_ref().map_or(args.disk_size, |a| a.disk_gib(args.disk_size));
+        let audit_copy = match &admin {
+            Some(a) => a.audit_copy_dir(crate::admin::own_uid())?,
+            None => None,
+        };
         let mut env = Vec::new();
         for kv in &args.env {
             let (k, v) = kv.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| PlanError::Env(kv.clone()))?;
@@ -496,6 +503,7 @@ impl RunPlan {
             policy_sha256,
             policy_source,
             admin,
+            audit_copy,
         })
     }
 }
