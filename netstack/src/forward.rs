@@ -10,7 +10,7 @@
 //! gateway; nothing special is needed in the guest (a service listening
 //! on 0.0.0.0:GUEST). The guest's answers pass the frame classifier of
 //! [`crate::stack`] only for the exact (guest port, local port) of an open
-//! forward ([`Forwarder::passes`]); every other TCP to the gateway is
+//! forward (`Forwarder::passes`); every other TCP to the gateway is
 //! refused as before.
 //!
 //! Loopback only: listeners are bound to 127.0.0.1 by [`bind_loopback`]

@@ -4,7 +4,7 @@
 //! It does not validate GraphQL; it finds each operation's type and, for
 //! mutations, the names of the fields of its first-level selection set
 //! (aliases resolved: `a: mergePullRequest(...)` is `mergePullRequest`).
-//! Anything it cannot read with certainty is an [`Error`], and an ask
+//! Anything it cannot read with certainty is an [`enum@Error`], and an ask
 //! rule treats an error as "might be a listed mutation" (fail closed).
 //!
 //! Input: a request body, JSON ([`scan_body`]): one object `{"query":

@@ -58,7 +58,7 @@ const BOUNCE_BYTES: usize = 64 * 1024;
 /// Length of the GET_ID answer.
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Failed requests kept for tests and figures.
-const MAX_REFUSALS_KEPT: usize = 1024;
+pub const MAX_REFUSALS_KEPT: usize = 1024;
 /// The config space offered: `capacity`, `size_max`, `seg_max`.
 const CONFIG_LEN: usize = offset_of!(virtio_blk_config, seg_max) + 4;
 
