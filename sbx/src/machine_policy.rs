@@ -261,9 +261,18 @@ impl MachinePolicy {
         let Some(base) = &self.audit_copy else { return Ok(None) };
         let dir = base.join(uid.to_string());
         let fail = |e| Error::AuditCopy(dir.clone(), e, base.clone());
-        if !dir.is_dir() {
+        if std::fs::symlink_metadata(&dir).is_err() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(fail)?;
+        }
+        // In a folder every user may write, another user could have made
+        // this user's folder first (or a link to a folder of theirs) to
+        // read the copies: only a real folder of this user's, private, is
+        // written to.
+        let meta = std::fs::symlink_metadata(&dir).map_err(fail)?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            let why = "not a private folder of this user's (a link, another user's, or open to others)";
+            return Err(fail(std::io::Error::other(why)));
         }
         // Writable: a probe file made and removed.
         let probe = dir.join(".sbx-probe");
@@ -496,19 +505,32 @@ mod tests {
     #[test]
     fn a_required_audit_copy_is_a_private_folder_per_user_or_the_run_is_refused() {
         let d = tempfile::tempdir().unwrap();
+        let me = crate::admin::own_uid();
         let base = d.path().join("audit");
         std::fs::create_dir(&base).unwrap();
         let text = format!("version = 1\naudit_copy = \"{}\"\n", base.display());
         let p = parse(Path::new("t"), text.as_bytes()).unwrap();
-        let dir = p.audit_copy_dir(1234).unwrap().unwrap();
-        assert_eq!(dir, base.join("1234"));
+        let dir = p.audit_copy_dir(me).unwrap().unwrap();
+        assert_eq!(dir, base.join(me.to_string()));
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the probe is gone");
         // No destination: the run is refused (a file where the folder should be).
         std::fs::remove_dir_all(&base).unwrap();
         std::fs::write(&base, b"").unwrap();
-        let e = p.audit_copy_dir(1234).unwrap_err();
+        let e = p.audit_copy_dir(me).unwrap_err();
         assert!(matches!(e, Error::AuditCopy(..)) && e.to_string().contains("install -d -m 1733"), "{e}");
+        // Made by someone else first, or a link: refused.
+        std::fs::remove_file(&base).unwrap();
+        std::fs::create_dir(&base).unwrap();
+        let elsewhere = d.path().join("theirs");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, base.join(me.to_string())).unwrap();
+        let e = p.audit_copy_dir(me).unwrap_err();
+        assert!(e.to_string().contains("not a private folder"), "{e}");
+        std::fs::remove_file(base.join(me.to_string())).unwrap();
+        std::fs::create_dir(base.join(me.to_string())).unwrap();
+        std::os::unix::fs::chown(base.join(me.to_string()), Some(me + 1), None).unwrap();
+        assert!(p.audit_copy_dir(me).is_err(), "another user's folder");
         // None asked: none made.
         assert_eq!(parse(Path::new("t"), b"version = 1\n").unwrap().audit_copy_dir(1).unwrap(), None);
         for bad in ["audit_copy = \"var/log\"", "audit_copy = \"/var/../etc\""] {
