@@ -66,6 +66,12 @@ pub enum Error {
          guest would reach the same files under two file policies); share only the outer folder, or both read-only"
     )]
     Overlapping { a: String, b: String },
+    #[error(
+        "Refusing to share {share} read-write: it {relation} {admin}, the machine's admin policy and its audit \
+         copies, which every sandbox obeys (a guest that could write there would rewrite the rules it runs \
+         under, and running sandboxes reload them); share it read-only (--mount DIR:ro) or another folder"
+    )]
+    OverlapsAdmin { share: String, admin: String, relation: &'static str },
     #[error("Cannot resolve {what} {path}: {source}")]
     Resolve { what: String, path: String, source: io::Error },
 }
@@ -163,6 +169,28 @@ pub fn check_state(state: &Path, shares: &[(PathBuf, bool)]) -> Result<()> {
             continue;
         };
         return Err(Error::OverlapsState { share: show(share), state: show(state), relation });
+    }
+    Ok(())
+}
+
+/// That no read-write share is, holds or is inside one of `admin`
+/// (canonical): the machine policy's folder and its `audit_copy` folder.
+/// Read-only shares of them are allowed: the policy is no secret from
+/// the user whose sandbox obeys it, and reading it changes nothing.
+pub fn check_admin(admin: &[PathBuf], shares: &[(PathBuf, bool)]) -> Result<()> {
+    for (share, read_only) in shares {
+        for a in admin.iter().filter(|_| !read_only) {
+            let relation = if share == a {
+                "is"
+            } else if a.starts_with(share) {
+                "holds"
+            } else if share.starts_with(a) {
+                "is inside"
+            } else {
+                continue;
+            };
+            return Err(Error::OverlapsAdmin { share: show(share), admin: show(a), relation });
+        }
     }
     Ok(())
 }
@@ -352,6 +380,28 @@ mod tests {
         assert!(e.contains("is inside"), "{e}");
         // A name that only starts the same is another folder.
         assert!(check_state(&state, &[(dir(t.path(), "state2"), false)]).is_ok());
+    }
+
+    #[test]
+    fn no_read_write_share_reaches_the_admin_policy_or_its_audit_copies() {
+        let t = tempfile::tempdir().unwrap();
+        let (etc, copies, ws) = (dir(t.path(), "etc/sbx"), dir(t.path(), "var/log/sbx"), dir(t.path(), "ws"));
+        let admin = [etc.clone(), copies.clone()];
+        assert!(check_admin(&admin, &[(ws.clone(), false)]).is_ok());
+        let cases = [
+            (etc.clone(), "is"),
+            (etc.parent().unwrap().to_path_buf(), "holds"),
+            (dir(&etc, "sub"), "is inside"),
+            (copies.clone(), "is"),
+            (dir(&copies, "1000"), "is inside"),
+        ];
+        for (share, relation) in cases {
+            let e = check_admin(&admin, &[(ws.clone(), false), (share.clone(), false)]).unwrap_err().to_string();
+            assert!(e.contains(&format!("{} read-write: it {relation} ", share.display())), "{e}");
+            assert!(e.contains("--mount DIR:ro"), "{e}");
+            // Read-only, it may be shared.
+            assert!(check_admin(&admin, &[(ws.clone(), false), (share, true)]).is_ok());
+        }
     }
 
     #[test]

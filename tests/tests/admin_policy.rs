@@ -62,6 +62,13 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("admin policy") && err.contains("\"expose-secret-to-guest\""), "{err}");
     assert!(!sbx.home.path().join("sandboxes/gov/console.log").exists(), "nothing booted: {err}");
+    // The admin policy's folder is never the guest's to write (running
+    // sandboxes reload it): a read-write share of it is refused.
+    let share =
+        sbx.cmd().args(["run", "shell", "--name", "gov", "--mount", "/etc/sbx:rw", "--", "true"]).output().unwrap();
+    let err = text(&share.stderr);
+    assert!(!share.status.success() && err.contains("Refusing to share /etc/sbx read-write"), "{err}");
+    assert!(!sbx.home.path().join("sandboxes/gov/console.log").exists(), "nothing booted: {err}");
 
     // One sandbox: the user allows the host; the admin denies its GETs
     // (a narrowed deny: the name resolves, the request gets the 403; a

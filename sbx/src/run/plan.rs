@@ -434,8 +434,18 @@ impl RunPlan {
         // What sbx reads at start from files the user named: read-only to
         // the guest wherever a read-write share holds them.
         let start_files: Vec<PathBuf> = args.policy.iter().chain(&args.upstream_ca).cloned().collect();
+        // The machine's admin policy, and where it copies audit logs:
+        // never writable by a guest (the policy is reloaded while running).
+        let admin_dirs = Path::new(machine_policy::PATH)
+            .parent()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .chain(admin.as_ref().and_then(|a| a.audit_copy.clone()))
+            .map(|p| folders::canonical_lenient(&p).map_err(|e| PlanError::BootFile(p.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
         let check_shares = |shares: &[(PathBuf, bool)]| -> Result<Vec<SharePatterns>, PlanError> {
             folders::check_state(&state, shares)?;
+            folders::check_admin(&admin_dirs, shares)?;
             folders::check_state(&config, shares)?;
             let hide = folders::boot_files_to_hide(&boot, shares)?;
             folders::check_overlaps(shares)?;
