@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod tls;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -120,6 +121,24 @@ impl Sbx {
                 (f.len() >= 4 && f[1] == "waiting").then(|| (f[0].to_string(), f[2].to_string(), f[3].to_string()))
             })
             .collect()
+    }
+}
+
+/// Whether the file at `path` holds `needle`, read in pieces (the
+/// sandbox's disk is large and sparse).
+pub fn file_contains(path: &std::path::Path, needle: &str) -> bool {
+    let mut f = std::fs::File::open(path).unwrap();
+    let (mut buf, mut carry) = (vec![0u8; 1 << 20], Vec::new());
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+        if n == 0 {
+            return false;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        if carry.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            return true;
+        }
+        carry.drain(..carry.len().saturating_sub(needle.len()));
     }
 }
 

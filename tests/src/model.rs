@@ -201,6 +201,10 @@ pub struct Script {
     /// one; else the file-writing tool as usual). The command is expected
     /// to write [`Script::file`] (e.g. with curl).
     pub command: Option<String>,
+    /// When set, `POST /v1/oauth/token` (any host) is answered 200 with
+    /// this JSON: a scripted OAuth token endpoint (Claude Code refreshes
+    /// its sign-in there), logged as [`Answer::Token`].
+    pub token: Option<Value>,
 }
 
 impl Script {
@@ -245,6 +249,8 @@ pub enum Answer {
     Side,
     /// Not a model request, answered 200 (probe, token count).
     Other,
+    /// The scripted OAuth token endpoint ([`Script::token`]).
+    Token,
     /// Unknown endpoint: 404.
     NotFound,
     /// Unparseable JSON body: 400.
@@ -291,6 +297,8 @@ struct Shared {
     deadline: Instant,
     connections: AtomicUsize,
     sequence: AtomicUsize,
+    /// Serve HTTPS with this configuration (else plain HTTP).
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Shared {
@@ -313,6 +321,21 @@ pub struct ModelServer {
 impl ModelServer {
     /// Starts serving `script` on 127.0.0.1 (a free port) for at most `lifetime`.
     pub fn start(script: Script, lifetime: Duration) -> io::Result<ModelServer> {
+        ModelServer::start_with(script, lifetime, None)
+    }
+
+    /// The same over TLS with `tls` (e.g. [`crate::tls::TestCa::server`]):
+    /// for agents whose API host netstack terminates TLS for, as it does
+    /// where it injects a credential.
+    pub fn start_tls(script: Script, lifetime: Duration, tls: Arc<rustls::ServerConfig>) -> io::Result<ModelServer> {
+        ModelServer::start_with(script, lifetime, Some(tls))
+    }
+
+    fn start_with(
+        script: Script,
+        lifetime: Duration,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<ModelServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -323,6 +346,7 @@ impl ModelServer {
             deadline: Instant::now() + lifetime,
             connections: AtomicUsize::new(0),
             sequence: AtomicUsize::new(0),
+            tls,
         });
         let state = shared.clone();
         let acceptor = std::thread::spawn(move || accept(listener, state));
@@ -392,7 +416,7 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
 /// A connection with a bounded read buffer that waits for data in ticks,
 /// giving up when the server stops or the wait is too long.
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn ReadWrite>,
     buf: Vec<u8>,
 }
 
@@ -465,10 +489,22 @@ impl Incoming {
     }
 }
 
+/// A connection's byte stream: TCP, or TLS over it.
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
 fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
     stream.set_write_timeout(Some(REQUEST_TIME))?;
+    let stream: Box<dyn ReadWrite> = match &shared.tls {
+        // rustls keeps a partly read record across the read timeouts.
+        Some(config) => Box::new(rustls::StreamOwned::new(
+            rustls::ServerConnection::new(config.clone()).map_err(|e| bad(&e.to_string()))?,
+            stream,
+        )),
+        None => Box::new(stream),
+    };
     let mut conn = Conn { stream, buf: Vec::new() };
     loop {
         let Some(req) = read_request(&mut conn, shared)? else { return Ok(()) };
@@ -632,6 +668,9 @@ fn answer(req: &Incoming, script: &Script, shared: &Shared) -> Reply {
     }
     if !post {
         return Reply::error(404, Answer::NotFound, "not found");
+    }
+    if let (Some(token), "/v1/oauth/token") = (&script.token, path) {
+        return Reply::json(Answer::Token, token);
     }
     if path.ends_with("/v1/messages/count_tokens") {
         return Reply::json(Answer::Other, &json!({"input_tokens": 1}));
@@ -948,6 +987,7 @@ mod tests {
             content: "one\ntwo\n".into(),
             final_text: "done".into(),
             command: None,
+            token: None,
         }
     }
 

@@ -81,6 +81,7 @@ fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup
         content: format!("written by {agent} in a sandbox\n"),
         final_text: format!("sbx-done-{agent}"),
         command: None,
+        token: None,
     };
     let server = ModelServer::start(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60)).unwrap();
     let map = format!("{host}:80:127.0.0.1:{}", server.port());
@@ -221,6 +222,7 @@ fn claude_waits_for_a_person_then_its_curl_goes_through() {
         content: "echo GET /data".into(),
         final_text: "sbx-done-approved".into(),
         command: Some(format!("curl -sS --max-time 900 http://held.agent.test/data -o {}", proof.display())),
+        token: None,
     };
     let server = ModelServer::start(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60)).unwrap();
     let timeout = AGENT_TIMEOUT_S.to_string();
@@ -294,6 +296,118 @@ fn claude_waits_for_a_person_then_its_curl_goes_through() {
     assert!(has(&|v| v["event"] == "approval" && v["decision"] == "held" && v["host"] == "held.agent.test"));
     assert!(has(&|v| v["event"] == "approval" && v["answer"] == "approved"));
     assert!(has(&|v| v["event"] == "http" && v["host"] == "held.agent.test" && v["decision"] == "allow"));
+    let verify = sbx.cmd().args(["audit", "verify", name]).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
+}
+
+/// Claude Code signed in with a subscription (OAuth) whose tokens stay on
+/// the host: `sbx secret oauth-import claude` stores them; the guest's
+/// `~/.claude/.credentials.json` holds placeholders and an expiry already
+/// past, so the real Claude Code refreshes first. Its refresh reaches the
+/// scripted token endpoint (TLS, `platform.claude.com`, through netstack,
+/// which put the real refresh token in) and the answer comes back to it
+/// with placeholders; its API requests then carry the NEW real access
+/// token, injected by netstack; the store on the host holds the rotated
+/// tokens; no real token is on the guest's disk, in its console or in the
+/// audit log.
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn claude_signs_in_with_tokens_that_stay_on_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let sbx = Sbx::new();
+    let config = tempfile::tempdir().unwrap();
+    let ws = sbx.work.path().canonicalize().unwrap();
+    let tag = format!("{:x}{:x}", std::process::id(), Instant::now().elapsed().as_nanos() ^ 0x0a07);
+    let (old_access, old_refresh) = (format!("sk-ant-oat01-e2e-old-{tag}"), format!("sk-ant-ort01-e2e-old-{tag}"));
+    let (new_access, new_refresh) = (format!("sk-ant-oat01-e2e-new-{tag}"), format!("sk-ant-ort01-e2e-new-{tag}"));
+    // The user's own sign-in file, as Claude Code writes it on the host.
+    let from = config.path().join("host-credentials.json");
+    let file = serde_json::json!({"claudeAiOauth": {"accessToken": old_access, "refreshToken": old_refresh,
+        "expiresAt": 1_000u64, "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}});
+    fs::write(&from, file.to_string()).unwrap();
+    fs::set_permissions(&from, fs::Permissions::from_mode(0o600)).unwrap();
+    let store = config.path().join("cfg");
+    let import = sbx
+        .cmd()
+        .env("SBX_CONFIG", &store)
+        .args(["secret", "oauth-import", "claude", "--from"])
+        .arg(&from)
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{}", text(&import.stderr));
+
+    let ca = sbx_tests::tls::TestCa::new(&["api.anthropic.com", "platform.claude.com", "console.anthropic.com"]);
+    let root = config.path().join("upstream-root.pem");
+    fs::write(&root, &ca.root_pem).unwrap();
+    let script = Script {
+        workspace: ws.display().to_string(),
+        file: "sbx-proof.txt".into(),
+        content: "written by claude signed in\n".into(),
+        final_text: "sbx-done-oauth".into(),
+        command: None,
+        token: Some(serde_json::json!({"access_token": new_access, "refresh_token": new_refresh,
+            "expires_in": 28800, "token_type": "Bearer", "scope": "user:inference user:profile"})),
+    };
+    let server =
+        ModelServer::start_tls(script.clone(), Duration::from_secs(AGENT_TIMEOUT_S + 60), ca.server.clone()).unwrap();
+    let map = |host: &str| format!("{host}:443:127.0.0.1:{}", server.port());
+    let timeout = AGENT_TIMEOUT_S.to_string();
+    let name = "claude-oauth";
+    let started = Instant::now();
+    let out = sbx
+        .cmd()
+        .env("SBX_CONFIG", &store)
+        .args(["run", "claude", "--name", name, "--timeout", &timeout, "--disk-size", "2", "--upstream-ca"])
+        .arg(&root)
+        .args(["--resolve", &map("api.anthropic.com"), "--resolve", &map("platform.claude.com")])
+        .args(["--resolve", &map("console.anthropic.com")])
+        .args(["--env", "DISABLE_TELEMETRY=1", "--env", "DISABLE_ERROR_REPORTING=1"])
+        .args(["--", "-p", "Write the file sbx-proof.txt, then say you are done."])
+        .args(["--permission-mode", "acceptEdits", "--allowedTools", "Write"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    eprintln!("took {:.0} s\nstdout:\n{stdout}\nstderr:\n{stderr}", started.elapsed().as_secs_f64());
+    for r in server.requests() {
+        eprintln!("model server: {} auth={:?}", r.summary(), r.header("authorization").map(|a| a.len()));
+    }
+    assert_eq!(out.status.code(), Some(0), "claude's exit status is sbx's");
+    assert!(stderr.contains("signs in with secret 'claude-oauth'"), "{stderr}");
+    assert!(stdout.contains(&script.final_text), "the signed-in turn completed");
+    assert_eq!(fs::read_to_string(ws.join(&script.file)).unwrap(), script.content, "the file is on the host");
+
+    // The refresh: the endpoint got the REAL refresh token (netstack's
+    // exchange), never a placeholder; once.
+    let refreshes = server.answered(Answer::Token);
+    assert_eq!(refreshes.len(), 1, "one exchange with the token endpoint");
+    let body = refreshes[0].json().expect("a JSON refresh request");
+    assert_eq!(body["grant_type"], "refresh_token");
+    assert_eq!(body["refresh_token"], old_refresh.as_str(), "netstack exchanged the real refresh token");
+    // The API requests carried the new real access token, injected.
+    let bearer = format!("Bearer {new_access}");
+    let turns: Vec<_> = server.requests().into_iter().filter(|r| r.path().ends_with("/v1/messages")).collect();
+    assert!(!turns.is_empty() && turns.iter().all(|r| r.header("authorization") == Some(bearer.as_str())));
+    assert!(!server.answered(Answer::FinalText).is_empty(), "the tool's result went back to the model");
+    // The rotated tokens are in the host's store.
+    let stored = fs::read_to_string(store.join("oauth/claude-oauth")).unwrap();
+    assert!(stored.contains(&new_refresh) && stored.contains(&new_access), "the store has the rotated tokens");
+
+    // No real token in the guest's disk, its console, sbx's output or the audit log.
+    let dir = sbx.home.path().join("sandboxes").join(name);
+    for real in [&old_access, &old_refresh, &new_access, &new_refresh] {
+        assert!(!stdout.contains(real.as_str()) && !stderr.contains(real.as_str()));
+        for f in ["disk.img", "console.log", "audit.log"] {
+            assert!(!sbx_tests::file_contains(&dir.join(f), real), "a real token is in {f}");
+        }
+    }
+    assert!(sbx_tests::file_contains(&dir.join("disk.img"), "sbx-oauth-refresh-"), "the guest's file has placeholders");
+    let log = sbx.cmd().args(["log", name, "--audit", "--json"]).output().unwrap();
+    let lines: Vec<serde_json::Value> =
+        text(&log.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(
+        lines.iter().any(|v| v["event"] == "oauth" && v["outcome"] == "exchanged"),
+        "the refresh is in the audit log"
+    );
     let verify = sbx.cmd().args(["audit", "verify", name]).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
 }

@@ -164,6 +164,7 @@ fn setup(agent: &str) -> Setup {
         content: format!("written by {agent} for the sbx scripted model\nsecond line\n"),
         final_text: format!("SBX-FINAL: {agent} wrote sbx-proof.txt"),
         command: None,
+        token: None,
     };
     let server = ModelServer::start(script.clone(), AGENT_TIMEOUT + Duration::from_secs(30)).expect("model server");
     Setup { home, work, workspace, script, server }

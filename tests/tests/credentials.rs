@@ -8,40 +8,21 @@
 //! environment, its disk, the console log and the audit log never hold
 //! it; the placeholder sent to another host is refused. One boot.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use sbx_tests::{text, Sbx};
+use sbx_tests::{file_contains, text, Sbx};
 
 /// A TLS server on 127.0.0.1 for `names`, its certificate signed by a
 /// fresh test root (returned, PEM). Answers "key=ok" when the request's
 /// x-api-key is `want`, "key=wrong" otherwise, and records every value it
 /// got. Stops by itself after `for_how_long`.
 fn upstream(names: &[&str], want: String, for_how_long: Duration) -> (u16, String, Arc<Mutex<Vec<String>>>) {
-    let root_key = rcgen::KeyPair::generate().unwrap();
-    let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    root_params.distinguished_name.push(rcgen::DnType::CommonName, "sbx e2e upstream root");
-    let root = root_params.self_signed(&root_key).unwrap();
-    let issuer = rcgen::Issuer::new(root_params, root_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &issuer).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap(),
-    );
+    let ca = sbx_tests::tls::TestCa::new(names);
+    let (config, root_pem) = (ca.server, ca.root_pem);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -76,25 +57,7 @@ fn upstream(names: &[&str], want: String, for_how_long: Duration) -> (u16, Strin
             let _ = w.flush();
         }
     });
-    (port, root.pem(), seen)
-}
-
-/// Whether the file at `path` holds `needle`, read in pieces (the
-/// sandbox's disk is large and sparse).
-fn file_contains(path: &std::path::Path, needle: &str) -> bool {
-    let mut f = std::fs::File::open(path).unwrap();
-    let (mut buf, mut carry) = (vec![0u8; 1 << 20], Vec::new());
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return false;
-        }
-        carry.extend_from_slice(&buf[..n]);
-        if carry.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            return true;
-        }
-        carry.drain(..carry.len().saturating_sub(needle.len()));
-    }
+    (port, root_pem, seen)
 }
 
 #[test]
