@@ -65,6 +65,11 @@ pub enum Error {
     AnchorsInside(PathBuf, PathBuf, &'static str),
     #[error("Cannot write the anchors file {0}: {1}")]
     AnchorWrite(PathBuf, String),
+    #[error(
+        "Cannot reach the system log at {0}: {1} (is a syslog daemon or systemd-journald running? name its \
+         socket with --to syslog:PATH)"
+    )]
+    Syslog(PathBuf, io::Error),
     #[error("Bad --format '{0}': expected jsonl or ocsf")]
     Format(String),
     #[error("Give a sandbox name or --all, not both")]
@@ -855,20 +860,88 @@ pub fn to_ocsf(v: &Map<String, Value>, context: &Value) -> Value {
     Value::Object(o)
 }
 
-/// One exported record in `format`.
-fn export_record(line: &str, format: &str, context: &Value) -> Option<String> {
+/// Whether an audit event is a refusal (a deny, a leak attempt, a
+/// refused exchange or change).
+fn is_refusal(v: &Map<String, Value>) -> bool {
+    v.get("decision").is_some_and(|d| d == "deny")
+        || v.contains_key("leak")
+        || v.get("outcome").is_some_and(|o| o == "refused")
+        || v.get("change").is_some_and(|c| c == "refused")
+}
+
+/// One exported record in `format`, and whether it is a refusal.
+fn export_record(line: &str, format: &str, context: &Value) -> Option<(String, bool)> {
     let Ok(Value::Object(v)) = serde_json::from_str::<Value>(line) else { return None };
-    Some(match format {
+    let refused = is_refusal(&v);
+    let rec = match format {
         "ocsf" => to_ocsf(&v, context).to_string(),
         _ => {
             let mut rec = context.as_object().cloned().unwrap_or_default();
             rec.insert("event".into(), Value::Object(v));
             Value::Object(rec).to_string()
         }
-    })
+    };
+    Some((rec, refused))
 }
 
-/// `sbx audit export NAME|--all --format jsonl|ocsf --to DIR|-`: every
+/// The system log socket `--to syslog` sends to (journald listens there too).
+pub const SYSLOG_SOCKET: &str = "/dev/log";
+/// Largest syslog message sent (a datagram each); a longer record is
+/// sent as a marker naming its sandbox and sequence number, never cut.
+pub const MAX_SYSLOG_MESSAGE: usize = 60 * 1024;
+/// `authpriv` (10): audit records may name what a person was asked.
+const SYSLOG_FACILITY: u8 = 10;
+
+/// Where `--to` sends: `syslog` or `syslog:PATH`, else a folder or `-`.
+fn syslog_target(to: &str) -> Option<PathBuf> {
+    match to {
+        "syslog" => Some(PathBuf::from(SYSLOG_SOCKET)),
+        t => t.strip_prefix("syslog:").map(PathBuf::from),
+    }
+}
+
+/// One record as an RFC 5424 message for `/dev/log`: severity notice for
+/// a refusal, info else; app name `sbx`, msgid `audit`; the record (JSON:
+/// every control character escaped by the encoder) as the message.
+pub fn syslog_message(record: &str, refused: bool, sandbox: &str, now_unix: u64) -> Vec<u8> {
+    let pri = SYSLOG_FACILITY * 8 + if refused { 5 } else { 6 };
+    let ts = crate::secrets::format_utc(now_unix);
+    let pid = std::process::id();
+    let body = if record.len() > MAX_SYSLOG_MESSAGE - 256 {
+        let seq =
+            serde_json::from_str::<Value>(record).ok().and_then(|v| v["event"]["seq"].as_u64().or(v["seq"].as_u64()));
+        json!({"schema": SCHEMA, "sandbox": sandbox, "sbx_too_long_for_syslog": record.len(), "seq": seq}).to_string()
+    } else {
+        record.to_string()
+    };
+    format!("<{pri}>1 {ts} - sbx {pid} audit - {body}").into_bytes()
+}
+
+/// Where exported records go.
+enum Sink {
+    Out(Box<dyn Write>),
+    Syslog(std::os::unix::net::UnixDatagram, PathBuf),
+}
+
+impl Sink {
+    fn send(&mut self, rec: &str, refused: bool, sandbox: &str) -> io::Result<()> {
+        match self {
+            Sink::Out(w) => writeln!(w, "{rec}"),
+            Sink::Syslog(sock, _) => {
+                sock.send(&syslog_message(rec, refused, sandbox, crate::secrets::now_unix())).map(|_| ())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Out(w) => w.flush(),
+            Sink::Syslog(..) => Ok(()),
+        }
+    }
+}
+
+/// `sbx audit export NAME|--all --format jsonl|ocsf --to DIR|-|syslog[:PATH]`: every
 /// verified line of each sandbox (the evidence file's lines the kept log
 /// no longer has first), with the sandbox, agent and workspace; a broken
 /// chain stops the export (exit 1), naming the line.
@@ -885,14 +958,18 @@ pub fn export(name: Option<&str>, all: bool, format: &str, to: &str) -> Result<E
     for sb in sandboxes {
         let path = sb.audit_log();
         let files = log::log_files(&path).map_err(|e| Error::Io(path.clone(), e))?;
-        let mut out: Box<dyn Write> = if to == "-" {
-            Box::new(io::stdout().lock())
+        let mut out = if let Some(socket) = syslog_target(to) {
+            let sock = std::os::unix::net::UnixDatagram::unbound().map_err(|e| Error::Syslog(socket.clone(), e))?;
+            sock.connect(&socket).map_err(|e| Error::Syslog(socket.clone(), e))?;
+            Sink::Syslog(sock, socket)
+        } else if to == "-" {
+            Sink::Out(Box::new(io::stdout().lock()))
         } else {
             let dir = Path::new(to);
             fs::create_dir_all(dir).map_err(|e| Error::Io(dir.to_path_buf(), e))?;
             let ext = if format == "ocsf" { "ocsf.jsonl" } else { "jsonl" };
             let file = dir.join(format!("{}.{ext}", sb.settings.name));
-            Box::new(io::BufWriter::new(File::create(&file).map_err(|e| Error::Io(file.clone(), e))?))
+            Sink::Out(Box::new(io::BufWriter::new(File::create(&file).map_err(|e| Error::Io(file.clone(), e))?)))
         };
         let mut context = json!({
             "schema": SCHEMA,
@@ -902,9 +979,10 @@ pub fn export(name: Option<&str>, all: bool, format: &str, to: &str) -> Result<E
             "log": "evidence",
         });
         let mut failed = None;
-        let mut write = |line: &str, context: &Value, out: &mut dyn Write| {
-            if let Some(rec) = export_record(line, format, context) {
-                if let Err(e) = writeln!(out, "{rec}") {
+        let name = sb.settings.name.clone();
+        let mut write = |line: &str, context: &Value, out: &mut Sink| {
+            if let Some((rec, refused)) = export_record(line, format, context) {
+                if let Err(e) = out.send(&rec, refused, &name) {
                     failed.get_or_insert(e);
                 }
             }
@@ -915,16 +993,19 @@ pub fn export(name: Option<&str>, all: bool, format: &str, to: &str) -> Result<E
                 .map_err(|e| Error::Io(path.clone(), io::Error::other(e.to_string())))?
             {
                 for line in String::from_utf8_lossy(&ev.older).lines() {
-                    write(line, &context, &mut *out);
+                    write(line, &context, &mut out);
                 }
             }
             context["log"] = json!("main");
             // Walked again, each line written once verified (a line appended
             // since the first walk is verified too).
-            walk(&files, true, &BTreeSet::new(), &mut |line| write(line, &context, &mut *out))?;
+            walk(&files, true, &BTreeSet::new(), &mut |line| write(line, &context, &mut out))?;
         }
         if let Some(e) = failed {
-            return Err(Error::Stdout(e));
+            return Err(match out {
+                Sink::Syslog(_, socket) => Error::Syslog(socket, e),
+                Sink::Out(_) => Error::Stdout(e),
+            });
         }
         out.flush().map_err(Error::Stdout)?;
     }
@@ -1127,6 +1208,22 @@ mod tests {
     }
 
     #[test]
+    fn a_syslog_message_is_never_cut_a_record_too_long_becomes_a_marker() {
+        let rec = json!({"schema": SCHEMA, "sandbox": "g", "event": {"seq": 7, "event": "http"}}).to_string();
+        let m = String::from_utf8(syslog_message(&rec, false, "g", 86_400)).unwrap();
+        assert!(m.starts_with("<86>1 1970-01-02T00:00:00Z - sbx ") && m.ends_with(&format!(" audit - {rec}")), "{m}");
+        let long = json!({"event": {"seq": 9, "path": "x".repeat(MAX_SYSLOG_MESSAGE)}}).to_string();
+        let m = syslog_message(&long, true, "g", 0);
+        assert!(m.len() < MAX_SYSLOG_MESSAGE && m.starts_with(b"<85>1 "));
+        let text = String::from_utf8(m).unwrap();
+        let marker: Value = serde_json::from_str(text.rsplit(" - ").next().unwrap()).unwrap();
+        assert_eq!(
+            (marker["seq"].as_u64(), marker["sbx_too_long_for_syslog"].as_u64()),
+            (Some(9), Some(long.len() as u64))
+        );
+    }
+
+    #[test]
     fn each_event_kind_maps_to_its_ocsf_class() {
         let context = json!({"schema": SCHEMA, "sandbox": "sb", "agent": "claude", "workspace": "/w", "log": "main"});
         let cases = [
@@ -1199,7 +1296,7 @@ mod tests {
         assert_eq!(http["http_request"]["url"]["path"], "/p");
         assert_eq!(http["src_endpoint"]["hostname"], "sb");
         let rec: Value =
-            serde_json::from_str(&export_record(r#"{"seq":1,"event":"dns"}"#, "jsonl", &context).unwrap()).unwrap();
+            serde_json::from_str(&export_record(r#"{"seq":1,"event":"dns"}"#, "jsonl", &context).unwrap().0).unwrap();
         assert_eq!(
             (rec["schema"].as_str(), rec["agent"].as_str(), rec["event"]["event"].as_str()),
             (Some(SCHEMA), Some("claude"), Some("dns"))

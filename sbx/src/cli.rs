@@ -126,7 +126,11 @@ pub enum AuditCommand {
         /// jsonl or ocsf.
         #[arg(long, default_value = "jsonl")]
         format: String,
-        #[arg(long, value_name = "DIR|-")]
+        /// A folder (one file per sandbox), `-` (stdout), or `syslog`: the
+        /// system log (`/dev/log`, where journald listens too; RFC 5424,
+        /// facility authpriv, one message per record; `syslog:PATH` names
+        /// another socket).
+        #[arg(long, value_name = "DIR|-|syslog[:PATH]")]
         to: String,
     },
 }

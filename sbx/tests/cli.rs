@@ -393,6 +393,47 @@ fn audit_export_writes_jsonl_and_ocsf_with_the_sandbox_it_came_from() {
     assert!(err.contains("expected jsonl or ocsf"), "{err}");
 }
 
+#[test]
+fn audit_export_to_syslog_sends_one_rfc5424_message_per_record() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    sandbox_with_audit(&home, 2);
+    let env = [("SBX_HOME", home.as_path())];
+    // A stand-in for /dev/log: the datagram socket journald or a syslog
+    // daemon would listen on.
+    let socket = t.path().join("log.sock");
+    let log = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    log.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let to = format!("syslog:{}", socket.display());
+    let (code, out, err) = sbx_in(&["audit", "export", "g", "--to", &to], &env, t.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 70 * 1024];
+    log.set_nonblocking(true).unwrap();
+    while let Ok(n) = log.recv(&mut buf) {
+        got.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    for m in &got {
+        // <PRI>1 TIMESTAMP HOST APP PID MSGID SD MSG, facility authpriv.
+        assert!(!m.chars().any(char::is_control), "the guest's bytes arrive escaped: {m:?}");
+        let parts: Vec<&str> = m.splitn(8, ' ').collect();
+        assert!(parts[0] == "<86>1" || parts[0] == "<85>1", "{m}");
+        assert!(parts[1].ends_with('Z') && parts[1].len() == 20, "{m}");
+        assert_eq!((parts[3], parts[5], parts[6]), ("sbx", "audit", "-"), "{m}");
+        let rec: serde_json::Value = serde_json::from_str(parts[7]).unwrap();
+        assert_eq!((rec["schema"].as_str(), rec["sandbox"].as_str()), (Some("sbx-audit/1"), Some("g")));
+    }
+    // The refusal (the last record, a denied name) is a notice, the rest info.
+    assert!(got[2].starts_with("<85>1 ") && got[0].starts_with("<86>1 "), "{got:?}");
+    // No listener: a clear error naming the socket.
+    drop(log);
+    let (code, _, err) = sbx_in(&["audit", "export", "g", "--to", &to], &env, t.path());
+    assert_ne!(code, Some(0));
+    assert!(err.contains("Cannot reach the system log at") && err.contains("log.sock"), "{err}");
+}
+
 /// `sbx secret ARGS` with the value `stdin`.
 fn secret(config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
     use std::io::Write;
