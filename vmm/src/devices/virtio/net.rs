@@ -1,13 +1,15 @@
 //! Host side: virtio-net (virtio 1.x, section 5.1) whose only peer is a
-//! [`FrameBackend`] in this process (sbx's is netstack): the guest's
-//! network is the backend's and nothing else (no TAP device, no host
-//! namespace). A worker thread ([`super::worker`]) owns the backend and,
-//! once the driver is up, both queues: it moves the guest's frames
-//! (untrusted: size-checked here, judged by the backend) into the backend
-//! and the backend's frames into the guest's receive buffers. It wakes
-//! only when the guest notifies a queue, when one of the backend's host
-//! descriptors is ready (an upstream socket, a finished connect), or at
-//! the backend's next deadline (its protocol timers): never to poll.
+//! [`FrameBackend`] in this process (sbx's is netstack's
+//! `netstack::backend::NetBackend`; the trait is the `frame-backend`
+//! crate's, so that vmm does not depend on netstack): the guest's network
+//! is the backend's and nothing else (no TAP device, no host namespace).
+//! A worker thread ([`super::worker`]) owns the backend and, once the
+//! driver is up, both queues: it moves the guest's frames (untrusted:
+//! size-checked here, judged by the backend) into the backend and the
+//! backend's frames into the guest's receive buffers. It wakes only when
+//! the guest notifies a queue, when one of the backend's host descriptors
+//! is ready (an upstream socket, a finished connect), or at the backend's
+//! next deadline (its protocol timers): never to poll.
 //!
 //! Bounds: a transmitted frame over the MTU (plus Ethernet header) is
 //! dropped and counted; at most one frame waits for a receive buffer here
