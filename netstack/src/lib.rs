@@ -40,10 +40,13 @@
 //!
 //! Fuzz targets for the parsers: `fuzz/` (cargo-fuzz, built in CI).
 //!
-//! The virtio-net device that feeds it guest frames is the VMM's.
+//! The virtio-net device that feeds it guest frames is the VMM's; it talks
+//! to a [`frame_backend::FrameBackend`], which [`backend::NetBackend`]
+//! implements over [`stack::NetStack`] (the CLI only wires the two).
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod backend;
 pub mod ca;
 pub mod conn;
 pub mod credential;

@@ -34,7 +34,6 @@ pub mod folders;
 pub mod learn;
 pub mod limits;
 pub mod machine_policy;
-pub mod netback;
 pub mod oauth_secrets;
 pub mod policy_doc;
 pub mod ports;

@@ -214,7 +214,7 @@ fn guest_network(
     if let Some(o) = &net.oauth {
         paths.push(PathRule { path: o.store_dir.clone(), write: true });
     }
-    let backend = crate::netback::NetBackend::new(stack);
+    let backend = netstack::backend::NetBackend::new(stack);
     let stats = backend.stats();
     (GuestNet { mac: GUEST_MAC, mtu, backend: Box::new(backend), reach: Reach::Only(paths) }, stats)
 }

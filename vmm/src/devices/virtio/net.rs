@@ -1,13 +1,15 @@
 //! Host side: virtio-net (virtio 1.x, section 5.1) whose only peer is a
-//! [`FrameBackend`] in this process (sbx's is netstack): the guest's
-//! network is the backend's and nothing else (no TAP device, no host
-//! namespace). A worker thread ([`super::worker`]) owns the backend and,
-//! once the driver is up, both queues: it moves the guest's frames
-//! (untrusted: size-checked here, judged by the backend) into the backend
-//! and the backend's frames into the guest's receive buffers. It wakes
-//! only when the guest notifies a queue, when one of the backend's host
-//! descriptors is ready (an upstream socket, a finished connect), or at
-//! the backend's next deadline (its protocol timers): never to poll.
+//! [`FrameBackend`] in this process (sbx's is netstack's
+//! `netstack::backend::NetBackend`; the trait is the `frame-backend`
+//! crate's, so that vmm does not depend on netstack): the guest's network
+//! is the backend's and nothing else (no TAP device, no host namespace).
+//! A worker thread ([`super::worker`]) owns the backend and, once the
+//! driver is up, both queues: it moves the guest's frames (untrusted:
+//! size-checked here, judged by the backend) into the backend and the
+//! backend's frames into the guest's receive buffers. It wakes only when
+//! the guest notifies a queue, when one of the backend's host descriptors
+//! is ready (an upstream socket, a finished connect), or at the backend's
+//! next deadline (its protocol timers): never to poll.
 //!
 //! Bounds: a transmitted frame over the MTU (plus Ethernet header) is
 //! dropped and counted; at most one frame waits for a receive buffer here
@@ -40,7 +42,7 @@ pub const HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
 /// Where `num_buffers` is in the header.
 const HDR_NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// The Ethernet header every frame starts with.
-pub const ETH_HDR_LEN: usize = 14;
+pub use frame_backend::ETH_HDR_LEN;
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE, QUEUE_SIZE];
 const RX: usize = 0;
@@ -48,26 +50,9 @@ const TX: usize = 1;
 /// The config space offered: up to and including `mtu`.
 const CONFIG_LEN: usize = offset_of!(virtio_net_config, mtu) + 2;
 
-/// The other end of the guest's NIC: where the guest's frames go and
-/// where frames for it come from. The device's worker thread owns it and
-/// calls it from that thread only. It is run by events: after frames
-/// arrive, when one of its [`FrameBackend::interests`] is ready, and at
-/// its [`FrameBackend::next_deadline`]; it must not need anything else.
-pub trait FrameBackend: Send + 'static {
-    /// A frame the guest sent (untrusted): an Ethernet frame, at least
-    /// [`ETH_HDR_LEN`] bytes and at most the MTU plus that.
-    fn send_to_backend(&mut self, frame: Vec<u8>);
-    /// The next frame for the guest, if one is ready.
-    fn receive(&mut self) -> Option<Vec<u8>>;
-    /// Runs the backend's protocols, timers and host I/O up to `now`.
-    fn poll(&mut self, now: Instant);
-    /// When [`FrameBackend::poll`] must run next even if nothing else
-    /// happens; None: only when something does.
-    fn next_deadline(&mut self, now: Instant) -> Option<Instant>;
-    /// Host descriptors whose readiness means `poll` has work (keys are
-    /// the backend's own, at most [`super::worker::MAX_INTEREST_KEY`]).
-    fn interests(&mut self, out: &mut Vec<Interest>);
-}
+/// The backend boundary (its own crate, so that vmm and netstack do not
+/// depend on each other): re-exported where the device is.
+pub use frame_backend::FrameBackend;
 
 /// Frames moved and dropped, for tests and figures.
 #[derive(Default, Debug)]

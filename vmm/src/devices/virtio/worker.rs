@@ -49,16 +49,9 @@ const FIRST_HANDLER_TOKEN: u64 = 4;
 /// Largest handler key ([`Interest::key`]).
 pub const MAX_INTEREST_KEY: u64 = u64::MAX - FIRST_HANDLER_TOKEN;
 
-/// A host descriptor a handler waits on, and for what. `key` names it to
-/// the handler; a new descriptor needs a new key (a closed descriptor's
-/// number can come back as another one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interest {
-    pub key: u64,
-    pub fd: RawFd,
-    pub read: bool,
-    pub write: bool,
-}
+/// A host descriptor a handler waits on, and for what (defined with the
+/// frame backend boundary, whose backends name theirs the same way).
+pub use frame_backend::Interest;
 
 /// One of the handler's descriptors that is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
