@@ -229,7 +229,9 @@ impl Error {
 pub enum Outcome {
     /// netstack performed the exchange; the store has the new tokens.
     Exchanged,
-    /// The store was newer than the guest's tokens: answered from it.
+    /// Answered from the store, with no exchange: it was newer than the
+    /// guest's tokens, or the secret's last exchange was too recent
+    /// ([`MIN_EXCHANGE_INTERVAL_MS`]).
     FromStore,
 }
 
@@ -463,7 +465,10 @@ fn parse_answer(
         None => 0,
     };
     let id_claims = match m.remove("id_token") {
-        Some(Value::String(s)) if provider.id_token => id_claims(&s)?,
+        // Unreadable, the claims stay as they were rather than the answer
+        // being refused: the exchange has already spent the old refresh
+        // token, and the guest needs the claims for display alone.
+        Some(Value::String(s)) if provider.id_token => id_claims(&s).unwrap_or_else(|_| old.id_claims.clone()),
         _ => old.id_claims.clone(),
     };
     m.retain(|k, _| !k.to_ascii_lowercase().contains("token") || k == "token_type");
@@ -879,5 +884,24 @@ mod tests {
         let _ = s.refresh(&host, &codex_request(&s), &up, late);
         assert_eq!(up.posts.load(Ordering::SeqCst), 2);
         assert!(!too_soon(late, late - 1) && too_soon(late, late) && !too_soon(0, 1));
+    }
+
+    #[test]
+    fn an_unreadable_new_id_token_keeps_the_old_claims_and_the_new_tokens() {
+        let store = Arc::new(MemoryStore::default());
+        let old = id_claims(&jwt(&json!({"email": "u@example.com"}), "s")).unwrap();
+        let s = codex_session(&store, old.clone());
+        let up = Fixed {
+            answer: json!({"id_token": "garbage", "access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH})
+                .to_string(),
+            posts: AtomicUsize::new(0),
+            last: Mutex::new(Vec::new()),
+        };
+        let host = HostName::parse("auth.openai.com").unwrap();
+        let (body, _) = s.refresh(&host, &codex_request(&s), &up, 9_000_000).unwrap();
+        let stored = store.tokens.lock().unwrap()["codex-oauth"].clone();
+        assert_eq!((stored.refresh.expose(), &stored.id_claims), (NEW_REFRESH, &old));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(codex_parse_id_token(v["id_token"].as_str().unwrap())["email"], "u@example.com");
     }
 }
