@@ -17,8 +17,10 @@
 //!   placeholder, and then, holding the store's lock for that secret
 //!   ([`TokenStore::update`], one lock for every sandbox on the host):
 //!   if the stored refresh token is no longer the one the guest's
-//!   placeholder stood for (another sandbox refreshed meanwhile), the
-//!   guest is answered from the store, with no exchange; otherwise
+//!   placeholder stood for (another sandbox refreshed meanwhile), or the
+//!   secret's last exchange is under [`MIN_EXCHANGE_INTERVAL_MS`] old
+//!   (the rate limit, below), the guest is answered from the store, with
+//!   no exchange; otherwise
 //!   netstack performs the exchange itself ([`Exchange`]; the guest's
 //!   JSON with the real refresh token in place of the placeholder, every
 //!   other field as sent), reads the answer (at most
@@ -27,8 +29,9 @@
 //!   writes the new tokens back to the store before the lock is
 //!   released. The guest gets `{access_token, refresh_token, expires_in,
 //!   token_type}` with its placeholders, plus the upstream answer's other
-//!   fields save any named `*token*`; a body that would still hold any
-//!   real token value is refused.
+//!   fields save any named `*token*` (and, for Codex, a synthetic
+//!   `id_token`: below); a body that would still hold any real token
+//!   value is refused.
 //!
 //! Why netstack does the exchange itself rather than rewriting the
 //! request on the way up and the response on the way down: it must be
@@ -42,6 +45,37 @@
 //! audit line (`"event":"oauth"`, the credential, `"outcome"`
 //! `exchanged`/`from_store`/`refused`, the new expiry; never a value).
 //! Every refresh answer closes its connection.
+//!
+//! Rate limit: at most one exchange per secret per
+//! [`MIN_EXCHANGE_INTERVAL_MS`], whatever its result, across every
+//! sandbox of the host. The time of the last attempt
+//! ([`Tokens::exchanged_at_ms`]) is part of the stored secret (sbx keeps
+//! it in the secret's file, written under the same lock), so a second
+//! sandbox sees it too. A refresh within the interval is answered from
+//! the store ([`Outcome::FromStore`]): the tokens an exchange moments ago
+//! produced, or, after a failed one, the tokens still held. Without it a
+//! hostile guest repeating its (valid) placeholder would have netstack
+//! spend the user's refresh token at the provider as fast as it can ask,
+//! rotating tokens, and with fields of its own choosing (the guest's
+//! `client_id`, `scope` go up as sent) each attempt could be made to
+//! fail; failures count for that reason. An interval rather than "only
+//! near expiry": the agents also refresh on a 401 (a token revoked
+//! early), and Codex's stored expiry may be unknown; a minute is longer
+//! than any agent's retry burst and far shorter than any token's life.
+//!
+//! Codex ([`Provider::id_token`]): its refresh answer and `auth.json`
+//! carry an OpenID `id_token`, a JWT whose payload Codex decodes without
+//! checking the signature, for the account's email, plan
+//! (`https://api.openai.com/auth` → `chatgpt_plan_type`) and ids
+//! (`chatgpt_account_id`, `chatgpt_user_id`). The guest never gets the
+//! real one: it is a signed identity assertion of the user, which
+//! another party might accept as proof of who they are, and the guest
+//! needs none of it but those claims. The store keeps the claims alone
+//! ([`Tokens::id_claims`], [`id_claims`], a fixed list [`ID_CLAIMS`]),
+//! replaced by those of each new real `id_token` an exchange returns; the
+//! guest gets [`synthetic_id_token`], an unsigned JWT (`alg` `none`, a
+//! fixed non-empty signature part, as Codex requires three non-empty
+//! parts) carrying them.
 //!
 //! The endpoints and field names are data, in [`PROVIDERS`] (taken from
 //! the agents' public behaviour, not from a specification: Claude Code's
@@ -72,6 +106,21 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_KNOWN_TOKENS: usize = 8;
 /// Longest `expires_in` believed (a year), in seconds.
 pub const MAX_EXPIRES_IN: u64 = 365 * 24 * 3600;
+/// Shortest time between two exchanges of one secret with its provider
+/// (any sandbox, any result); a refresh sooner is answered from the store.
+pub const MIN_EXCHANGE_INTERVAL_MS: u64 = 60_000;
+/// Largest `id_token` decoded.
+pub const MAX_ID_TOKEN: usize = 16 * 1024;
+/// The `id_token` claims kept (Codex's `IdClaims`): top-level names, and
+/// names inside [`OPENAI_AUTH_CLAIM`]. String values only.
+pub const ID_CLAIMS: &[&str] = &["email"];
+/// Codex's namespaced claim object in its `id_token`.
+pub const OPENAI_AUTH_CLAIM: &str = "https://api.openai.com/auth";
+/// The names kept inside [`OPENAI_AUTH_CLAIM`].
+pub const OPENAI_AUTH_CLAIMS: &[&str] = &["chatgpt_plan_type", "chatgpt_user_id", "user_id", "chatgpt_account_id"];
+/// The signature part of a [`synthetic_id_token`] (base64url of
+/// `sbx-unsigned`): not a signature, but Codex wants the part non-empty.
+pub const SYNTHETIC_SIGNATURE: &str = "c2J4LXVuc2lnbmVk";
 
 /// An agent's OAuth: where its API is, where it refreshes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +131,9 @@ pub struct Provider {
     /// Hosts of the token endpoint.
     pub token_hosts: &'static [&'static str],
     pub token_path: &'static str,
+    /// Its sign-in carries an OpenID `id_token` the agent decodes
+    /// (Codex): kept as claims, given to the guest synthetic (module docs).
+    pub id_token: bool,
 }
 
 /// The agents whose sign-in netstack handles (see the module docs).
@@ -91,12 +143,14 @@ pub const PROVIDERS: &[Provider] = &[
         api_hosts: &["api.anthropic.com"],
         token_hosts: &["console.anthropic.com", "platform.claude.com"],
         token_path: "/v1/oauth/token",
+        id_token: false,
     },
     Provider {
         agent: "codex",
         api_hosts: &["api.openai.com", "chatgpt.com"],
         token_hosts: &["auth.openai.com"],
         token_path: "/oauth/token",
+        id_token: true,
     },
 ];
 
@@ -112,6 +166,12 @@ pub struct Tokens {
     pub refresh: Secret,
     /// Unix milliseconds (0: unknown).
     pub expires_at_ms: u64,
+    /// Unix milliseconds of the last exchange attempted with the provider
+    /// (0: none known): the rate limit ([`MIN_EXCHANGE_INTERVAL_MS`]).
+    pub exchanged_at_ms: u64,
+    /// The provider's `id_token` claims the agent reads ([`id_claims`];
+    /// not secrets; empty without one).
+    pub id_claims: Map<String, Value>,
 }
 
 /// The host store of OAuth secrets.
@@ -169,7 +229,9 @@ impl Error {
 pub enum Outcome {
     /// netstack performed the exchange; the store has the new tokens.
     Exchanged,
-    /// The store was newer than the guest's tokens: answered from it.
+    /// Answered from the store, with no exchange: it was newer than the
+    /// guest's tokens, or the secret's last exchange was too recent
+    /// ([`MIN_EXCHANGE_INTERVAL_MS`]).
     FromStore,
 }
 
@@ -290,22 +352,28 @@ impl OAuthSession {
         let held = self.current.lock().unwrap_or_else(|e| e.into_inner()).refresh.clone();
         let mut extra = Map::new();
         let mut outcome = Outcome::FromStore;
+        let mut failed = None;
         let tokens = self.store.update(&self.name, &mut |stored| {
-            if stored.refresh.expose() != held.expose() {
+            if stored.refresh.expose() != held.expose() || too_soon(stored.exchanged_at_ms, now_ms) {
                 return Ok(None);
             }
-            let mut up = request.clone();
-            up.insert("refresh_token".into(), Value::String(stored.refresh.expose().to_string()));
-            let up = Zeroizing::new(serde_json::to_vec(&Value::Object(up)).map_err(|_| Error::RequestJson)?);
-            let (status, answer) = exchange.post(host, self.provider.token_path, &up)?;
-            if status != 200 {
-                return Err(Error::Status(status));
+            match self.exchange(host, &request, stored, exchange, now_ms) {
+                Ok((tokens, rest)) => {
+                    extra = rest;
+                    outcome = Outcome::Exchanged;
+                    Ok(Some(tokens))
+                }
+                // The attempt counts for the rate limit: stored, the
+                // tokens as they were.
+                Err(e) => {
+                    failed = Some(e);
+                    Ok(Some(Tokens { exchanged_at_ms: now_ms, ..stored.clone() }))
+                }
             }
-            let (tokens, rest) = parse_answer(&answer, stored, now_ms)?;
-            extra = rest;
-            outcome = Outcome::Exchanged;
-            Ok(Some(tokens))
         })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             for s in [&tokens.access, &tokens.refresh] {
@@ -317,12 +385,17 @@ impl OAuthSession {
             known.drain(..excess);
         }
         let expires_in = tokens.expires_at_ms.saturating_sub(now_ms) / 1000;
+        let id_token =
+            (self.provider.id_token && !tokens.id_claims.is_empty()).then(|| synthetic_id_token(&tokens.id_claims));
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = tokens;
         let mut out = extra;
         out.insert("access_token".into(), json!(self.access_placeholder));
         out.insert("refresh_token".into(), json!(self.refresh_placeholder));
         out.insert("expires_in".into(), json!(expires_in));
         out.entry("token_type").or_insert(json!("Bearer"));
+        if let Some(id_token) = id_token {
+            out.insert("id_token".into(), json!(id_token));
+        }
         let body = serde_json::to_vec(&Value::Object(out)).map_err(|_| Error::Malformed("unserialisable"))?;
         let leaks = self.known().iter().any(|s| {
             let s = s.expose().as_bytes();
@@ -335,9 +408,43 @@ impl OAuthSession {
     }
 }
 
+impl OAuthSession {
+    /// One exchange of `stored`'s refresh token: the guest's `request` with
+    /// the real refresh token in place of the placeholder; the new tokens
+    /// (stamped `now_ms`) and the answer's other fields.
+    fn exchange(
+        &self,
+        host: &HostName,
+        request: &Map<String, Value>,
+        stored: &Tokens,
+        exchange: &dyn Exchange,
+        now_ms: u64,
+    ) -> Result<(Tokens, Map<String, Value>), Error> {
+        let mut up = request.clone();
+        up.insert("refresh_token".into(), Value::String(stored.refresh.expose().to_string()));
+        let up = Zeroizing::new(serde_json::to_vec(&Value::Object(up)).map_err(|_| Error::RequestJson)?);
+        let (status, answer) = exchange.post(host, self.provider.token_path, &up)?;
+        if status != 200 {
+            return Err(Error::Status(status));
+        }
+        parse_answer(&answer, stored, self.provider, now_ms)
+    }
+}
+
+/// Whether an exchange at `last_ms` is too recent for another at `now_ms`
+/// ([`MIN_EXCHANGE_INTERVAL_MS`]; a clock set back does not hold it).
+pub fn too_soon(last_ms: u64, now_ms: u64) -> bool {
+    last_ms != 0 && now_ms >= last_ms && now_ms - last_ms < MIN_EXCHANGE_INTERVAL_MS
+}
+
 /// The new tokens in an endpoint's answer, and its other fields (those
 /// not naming a token).
-fn parse_answer(answer: &[u8], old: &Tokens, now_ms: u64) -> Result<(Tokens, Map<String, Value>), Error> {
+fn parse_answer(
+    answer: &[u8],
+    old: &Tokens,
+    provider: &Provider,
+    now_ms: u64,
+) -> Result<(Tokens, Map<String, Value>), Error> {
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(answer) else {
         return Err(Error::Malformed("not a JSON object"));
     };
@@ -357,8 +464,15 @@ fn parse_answer(answer: &[u8], old: &Tokens, now_ms: u64) -> Result<(Tokens, Map
         }
         None => 0,
     };
+    let id_claims = match m.remove("id_token") {
+        // Unreadable, the claims stay as they were rather than the answer
+        // being refused: the exchange has already spent the old refresh
+        // token, and the guest needs the claims for display alone.
+        Some(Value::String(s)) if provider.id_token => id_claims(&s).unwrap_or_else(|_| old.id_claims.clone()),
+        _ => old.id_claims.clone(),
+    };
     m.retain(|k, _| !k.to_ascii_lowercase().contains("token") || k == "token_type");
-    Ok((Tokens { access, refresh, expires_at_ms }, m))
+    Ok((Tokens { access, refresh, expires_at_ms, exchanged_at_ms: now_ms, id_claims }, m))
 }
 
 /// The exchange over TLS from the host: the name resolved and checked
@@ -521,4 +635,273 @@ pub fn claude_credentials_file(s: &OAuthSession, scopes: &[String], subscription
     json!({"claudeAiOauth": {"accessToken": s.access_placeholder, "refreshToken": s.refresh_placeholder,
         "expiresAt": s.expires_at_ms(), "scopes": scopes, "subscriptionType": subscription}})
     .to_string()
+}
+
+const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64url without padding (JWT parts).
+pub fn base64url(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(B64URL[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Decodes base64url, padded or not; `None` for any other character.
+pub fn unbase64url(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut n, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = B64URL.iter().position(|a| *a == c)? as u32;
+        n = n << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((n >> bits) as u8);
+            n &= (1 << bits) - 1;
+        }
+    }
+    // A lone 6-bit tail is no byte: not base64.
+    (bits < 6).then_some(out)
+}
+
+/// The claims of a JWT `id_token`'s payload the agent reads ([`ID_CLAIMS`],
+/// [`OPENAI_AUTH_CLAIMS`] in [`OPENAI_AUTH_CLAIM`]), its signature not
+/// checked (they are kept, not trusted: the guest gets them anyway).
+pub fn id_claims(jwt: &str) -> Result<Map<String, Value>, Error> {
+    let bad = Error::Malformed("bad id_token");
+    if jwt.len() > MAX_ID_TOKEN {
+        return Err(bad);
+    }
+    let mut parts = jwt.split('.');
+    let payload = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() && !s.is_empty() => p,
+        _ => return Err(bad),
+    };
+    let payload = Zeroizing::new(unbase64url(payload).ok_or(bad.clone())?);
+    let Ok(Value::Object(all)) = serde_json::from_slice::<Value>(&payload) else { return Err(bad) };
+    let strings = |from: &Map<String, Value>, names: &[&str]| -> Map<String, Value> {
+        names.iter().filter_map(|k| from.get(*k).and_then(Value::as_str).map(|v| (k.to_string(), json!(v)))).collect()
+    };
+    let mut out = strings(&all, ID_CLAIMS);
+    if let Some(Value::Object(auth)) = all.get(OPENAI_AUTH_CLAIM) {
+        let auth = strings(auth, OPENAI_AUTH_CLAIMS);
+        if !auth.is_empty() {
+            out.insert(OPENAI_AUTH_CLAIM.into(), Value::Object(auth));
+        }
+    }
+    Ok(out)
+}
+
+/// An unsigned JWT carrying `claims` (header `{"alg":"none","typ":"JWT"}`,
+/// signature part [`SYNTHETIC_SIGNATURE`]): the guest's `id_token`.
+pub fn synthetic_id_token(claims: &Map<String, Value>) -> String {
+    let header = base64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = base64url(Value::Object(claims.clone()).to_string().as_bytes());
+    format!("{header}.{payload}.{SYNTHETIC_SIGNATURE}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A token endpoint answering `answer` to every POST, counting them.
+    struct Fixed {
+        answer: String,
+        posts: AtomicUsize,
+        last: Mutex<Vec<u8>>,
+    }
+
+    impl Exchange for Fixed {
+        fn post(&self, _: &HostName, _: &str, body: &[u8]) -> Result<(u16, Zeroizing<Vec<u8>>), Error> {
+            self.posts.fetch_add(1, Ordering::SeqCst);
+            *self.last.lock().unwrap() = body.to_vec();
+            Ok((200, Zeroizing::new(self.answer.clone().into_bytes())))
+        }
+    }
+
+    fn jwt(payload: &Value, signature: &str) -> String {
+        format!(
+            "{}.{}.{signature}",
+            base64url(br#"{"alg":"RS256","kid":"k1"}"#),
+            base64url(payload.to_string().as_bytes())
+        )
+    }
+
+    /// Codex's `parse_id_token`: three non-empty parts, the payload
+    /// base64url without padding, JSON; its claims.
+    fn codex_parse_id_token(t: &str) -> Value {
+        let parts: Vec<&str> = t.split('.').collect();
+        assert_eq!(parts.len(), 3, "{t}");
+        assert!(parts.iter().all(|p| !p.is_empty()), "{t}");
+        assert!(!parts[1].contains('='), "no padding: {t}");
+        serde_json::from_slice(&unbase64url(parts[1]).unwrap()).unwrap()
+    }
+
+    const REAL_ACCESS: &str = "eyJreal-access-0001";
+    const REAL_REFRESH: &str = "rt_real-refresh-0001";
+    const NEW_ACCESS: &str = "eyJreal-access-0002";
+    const NEW_REFRESH: &str = "rt_real-refresh-0002";
+    const REAL_SIGNATURE: &str = "cmVhbC1yc2Etc2lnbmF0dXJlLWJ5LW9wZW5haQ";
+
+    fn codex_session(store: &Arc<MemoryStore>, claims: Map<String, Value>) -> OAuthSession {
+        let tokens = Tokens {
+            access: Secret::new(REAL_ACCESS).unwrap(),
+            refresh: Secret::new(REAL_REFRESH).unwrap(),
+            expires_at_ms: 0,
+            exchanged_at_ms: 0,
+            id_claims: claims,
+        };
+        store.tokens.lock().unwrap().insert("codex-oauth".into(), tokens.clone());
+        OAuthSession::with_placeholders(
+            "codex-oauth",
+            provider("codex").unwrap(),
+            tokens,
+            store.clone(),
+            format!("sbx-oauth-access-{:032x}", 1),
+            format!("sbx-oauth-refresh-{:032x}", 1),
+        )
+    }
+
+    fn codex_request(s: &OAuthSession) -> Vec<u8> {
+        json!({"client_id": "app_EMoamEEZ73f0CkXaXp7hrann", "grant_type": "refresh_token",
+            "refresh_token": s.refresh_placeholder, "scope": "openid profile email"})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn base64url_round_trips_every_length() {
+        for n in 0..40u8 {
+            let bytes: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37).wrapping_add(200)).collect();
+            let text = base64url(&bytes);
+            assert!(!text.contains('=') && !text.contains('+') && !text.contains('/'), "{text}");
+            assert_eq!(unbase64url(&text).unwrap(), bytes);
+        }
+        assert_eq!(base64url(b"sbx-unsigned"), SYNTHETIC_SIGNATURE);
+        assert!(unbase64url("a").is_none() && unbase64url("ab+c").is_none());
+    }
+
+    #[test]
+    fn only_the_claims_codex_reads_are_kept() {
+        let real = jwt(
+            &json!({"email": "u@example.com", "sub": "auth0|x", "aud": ["app"], "exp": 1,
+                "https://api.openai.com/auth": {"chatgpt_plan_type": "pro", "chatgpt_account_id": "acc-1",
+                "chatgpt_user_id": "user-1", "organizations": [{"id": "org"}]}}),
+            REAL_SIGNATURE,
+        );
+        let claims = id_claims(&real).unwrap();
+        assert_eq!(
+            Value::Object(claims),
+            json!({"email": "u@example.com", "https://api.openai.com/auth":
+                {"chatgpt_plan_type": "pro", "chatgpt_account_id": "acc-1", "chatgpt_user_id": "user-1"}})
+        );
+        for bad in ["", "a.b", "a..c", "a.b.c.d", "a.!!.c", &format!("a.{}.c", base64url(b"[1]"))] {
+            assert_eq!(id_claims(bad), Err(Error::Malformed("bad id_token")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_codex_refresh_answer_carries_a_synthetic_id_token_with_the_new_claims() {
+        let store = Arc::new(MemoryStore::default());
+        let old = id_claims(&jwt(
+            &json!({"email": "u@example.com",
+            "https://api.openai.com/auth": {"chatgpt_plan_type": "plus", "chatgpt_account_id": "acc-1"}}),
+            "s",
+        ))
+        .unwrap();
+        let s = codex_session(&store, old);
+        let real_id = jwt(
+            &json!({"email": "u@example.com", "sub": "auth0|x",
+                "https://api.openai.com/auth": {"chatgpt_plan_type": "pro", "chatgpt_account_id": "acc-1"}}),
+            REAL_SIGNATURE,
+        );
+        let up = Fixed {
+            answer: json!({"id_token": real_id, "access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH,
+                "expires_in": 864000})
+            .to_string(),
+            posts: AtomicUsize::new(0),
+            last: Mutex::new(Vec::new()),
+        };
+        let host = HostName::parse("auth.openai.com").unwrap();
+        let (body, outcome) = s.refresh(&host, &codex_request(&s), &up, 1_000_000).unwrap();
+        assert_eq!(outcome, Outcome::Exchanged);
+        let text = String::from_utf8(body).unwrap();
+        for real in [REAL_ACCESS, REAL_REFRESH, NEW_ACCESS, NEW_REFRESH, REAL_SIGNATURE, real_id.as_str()] {
+            assert!(!text.contains(real), "{real} reached the guest: {text}");
+        }
+        // What Codex's RefreshResponse reads: id_token, access_token, refresh_token.
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["access_token"], s.access_placeholder.as_str());
+        assert_eq!(v["refresh_token"], s.refresh_placeholder.as_str());
+        let id = v["id_token"].as_str().expect("an id_token");
+        assert!(id.ends_with(&format!(".{SYNTHETIC_SIGNATURE}")), "unsigned: {id}");
+        let claims = codex_parse_id_token(id);
+        assert_eq!(claims["https://api.openai.com/auth"]["chatgpt_plan_type"], "pro", "the new claims");
+        assert_eq!(claims["https://api.openai.com/auth"]["chatgpt_account_id"], "acc-1");
+        assert_eq!(claims["email"], "u@example.com");
+        assert!(claims.get("sub").is_none(), "only what Codex reads: {claims}");
+        // Upstream got the real refresh token and Codex's other fields.
+        let sent: Value = serde_json::from_slice(&up.last.lock().unwrap()).unwrap();
+        assert_eq!(
+            (sent["refresh_token"].as_str(), sent["scope"].as_str()),
+            (Some(REAL_REFRESH), Some("openid profile email"))
+        );
+        // The store has the new tokens and claims, stamped.
+        let stored = store.tokens.lock().unwrap()["codex-oauth"].clone();
+        assert_eq!((stored.access.expose(), stored.refresh.expose()), (NEW_ACCESS, NEW_REFRESH));
+        assert_eq!(stored.id_claims["https://api.openai.com/auth"]["chatgpt_plan_type"], "pro");
+        assert_eq!(stored.exchanged_at_ms, 1_000_000);
+    }
+
+    #[test]
+    fn two_refreshes_in_a_row_make_one_exchange() {
+        let store = Arc::new(MemoryStore::default());
+        let s = codex_session(&store, Map::new());
+        let up = Fixed {
+            answer: json!({"access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH}).to_string(),
+            posts: AtomicUsize::new(0),
+            last: Mutex::new(Vec::new()),
+        };
+        let host = HostName::parse("auth.openai.com").unwrap();
+        let t0 = 5_000_000;
+        assert_eq!(s.refresh(&host, &codex_request(&s), &up, t0).unwrap().1, Outcome::Exchanged);
+        let (body, outcome) = s.refresh(&host, &codex_request(&s), &up, t0 + 1).unwrap();
+        assert_eq!(outcome, Outcome::FromStore);
+        assert_eq!(up.posts.load(Ordering::SeqCst), 1);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["access_token"], s.access_placeholder.as_str());
+        assert!(v.get("id_token").is_none(), "no claims, no id_token: Codex keeps its own");
+        assert_eq!(s.access().expose(), NEW_ACCESS);
+        // After the interval, the next is exchanged; a clock set back too.
+        let late = t0 + MIN_EXCHANGE_INTERVAL_MS;
+        let _ = s.refresh(&host, &codex_request(&s), &up, late);
+        assert_eq!(up.posts.load(Ordering::SeqCst), 2);
+        assert!(!too_soon(late, late - 1) && too_soon(late, late) && !too_soon(0, 1));
+    }
+
+    #[test]
+    fn an_unreadable_new_id_token_keeps_the_old_claims_and_the_new_tokens() {
+        let store = Arc::new(MemoryStore::default());
+        let old = id_claims(&jwt(&json!({"email": "u@example.com"}), "s")).unwrap();
+        let s = codex_session(&store, old.clone());
+        let up = Fixed {
+            answer: json!({"id_token": "garbage", "access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH})
+                .to_string(),
+            posts: AtomicUsize::new(0),
+            last: Mutex::new(Vec::new()),
+        };
+        let host = HostName::parse("auth.openai.com").unwrap();
+        let (body, _) = s.refresh(&host, &codex_request(&s), &up, 9_000_000).unwrap();
+        let stored = store.tokens.lock().unwrap()["codex-oauth"].clone();
+        assert_eq!((stored.refresh.expose(), &stored.id_claims), (NEW_REFRESH, &old));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(codex_parse_id_token(v["id_token"].as_str().unwrap())["email"], "u@example.com");
+    }
 }

@@ -301,7 +301,7 @@ fn net_plan(
     }
     let oauth = match crate::oauth_secrets::imported(&config, &args.agent) {
         Some(name) => {
-            let (session, guest_file) = crate::oauth_secrets::for_run(&config, &name, &scope.sandbox)?;
+            let (session, guest_file, guest_path) = crate::oauth_secrets::for_run(&config, &name, &scope.sandbox)?;
             let raw = netstack::credential::FileCredential {
                 name: name.clone(),
                 hosts: session.provider.api_hosts.iter().map(|h| h.to_string()).collect(),
@@ -324,7 +324,6 @@ fn net_plan(
             run.guest_env.retain(|(k, _)| !keys.contains(k));
             run.guest_env.push((OAUTH_FILE_VAR.to_string(), guest_file.clone()));
             eprintln!("sbx: {} signs in with secret '{name}': its tokens stay on the host", args.agent);
-            let guest_path = if args.agent == "codex" { ".codex/auth.json" } else { ".claude/.credentials.json" };
             let store_dir = crate::oauth_secrets::oauth_reach(&config);
             Some(OAuthRun { name, guest_file, guest_path, store_dir })
         }

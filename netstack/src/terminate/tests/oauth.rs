@@ -14,6 +14,7 @@ const TEST_PROVIDER: Provider = Provider {
     api_hosts: &["api.example.com"],
     token_hosts: &["auth.example.com"],
     token_path: "/v1/oauth/token",
+    id_token: false,
 };
 static PROVIDER: Provider = TEST_PROVIDER;
 const OAUTH_NAMES: &[&str] = &["api.example.com", "auth.example.com"];
@@ -70,7 +71,13 @@ fn token_endpoint(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>, sc
 }
 
 fn tokens(access: &str, refresh: &str) -> Tokens {
-    Tokens { access: Secret::new(access).unwrap(), refresh: Secret::new(refresh).unwrap(), expires_at_ms: 1 }
+    Tokens {
+        access: Secret::new(access).unwrap(),
+        refresh: Secret::new(refresh).unwrap(),
+        expires_at_ms: 1,
+        exchanged_at_ms: 0,
+        id_claims: Default::default(),
+    }
 }
 
 struct Sandbox {
@@ -263,6 +270,9 @@ fn a_malformed_answer_or_request_gets_the_guest_an_error_and_no_token() {
     w.script.lock().unwrap().extend(answers.iter().cloned());
     let mut b = w.sandbox(1);
     for answer in &answers {
+        // Each attempt after the rate limit's interval (a failed attempt
+        // counts too: see `a_failed_exchange_holds_the_next_off`).
+        w.store.tokens.lock().unwrap().get_mut("claude-oauth").unwrap().exchanged_at_ms = 0;
         let out = b.refresh();
         assert!(out.starts_with("HTTP/1.1 502"), "{answer:.40}: {out}");
         assert_eq!(body_json(&out)["error"], "sbx_oauth");
@@ -280,9 +290,10 @@ fn a_malformed_answer_or_request_gets_the_guest_an_error_and_no_token() {
         no_real_token(&out);
     }
     assert_eq!(w.token_seen.lock().unwrap().len(), answers.len());
-    assert_eq!(w.store.writes.load(Ordering::SeqCst), 0, "nothing stored");
+    // Nothing stored but the attempts' times.
     let stored = w.store.tokens.lock().unwrap()["claude-oauth"].clone();
-    assert_eq!(stored.refresh.expose(), REFRESH);
+    assert_eq!((stored.access.expose(), stored.refresh.expose()), (ACCESS, REFRESH));
+    assert!(stored.exchanged_at_ms > 0);
     let log = b.s.audit();
     assert!(log.contains("\"outcome\":\"refused\""), "{log}");
     no_real_token(&log);
@@ -303,4 +314,38 @@ fn the_refresh_placeholder_elsewhere_is_a_leak_and_rotated_tokens_echoed_are_mas
     let out = b.api("/echo");
     assert!(out.contains(&format!("Authorization: Bearer {}", "*".repeat(NEW_ACCESS.len()))), "{out}");
     no_real_token(&out);
+}
+
+#[test]
+fn a_guest_repeating_its_refresh_gets_one_exchange() {
+    let w = world();
+    w.script
+        .lock()
+        .unwrap()
+        .push_back(format!(r#"{{"access_token":"{NEW_ACCESS}","refresh_token":"{NEW_REFRESH}","expires_in":3600}}"#));
+    let mut b = w.sandbox(1);
+    assert!(b.refresh().starts_with("HTTP/1.1 200 OK"));
+    for _ in 0..3 {
+        let out = b.refresh();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        no_real_token(&out);
+        assert_eq!(body_json(&out)["access_token"], b.session.access_placeholder.as_str());
+    }
+    assert_eq!(w.token_seen.lock().unwrap().len(), 1, "one exchange within the interval");
+    let stored = w.store.tokens.lock().unwrap()["claude-oauth"].clone();
+    assert_eq!(stored.refresh.expose(), NEW_REFRESH, "the rotated token is kept, not churned");
+    assert_eq!(b.s.audit().matches("\"outcome\":\"from_store\"").count(), 3, "{}", b.s.audit());
+}
+
+#[test]
+fn a_failed_exchange_holds_the_next_off() {
+    let w = world();
+    w.script.lock().unwrap().push_back("HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}".into());
+    let mut b = w.sandbox(1);
+    let mut c = w.sandbox(2);
+    assert!(b.refresh().starts_with("HTTP/1.1 502"));
+    // Neither b again nor another sandbox on the host reach the endpoint.
+    assert!(b.refresh().starts_with("HTTP/1.1 200 OK"));
+    assert!(c.refresh().starts_with("HTTP/1.1 200 OK"));
+    assert_eq!(w.token_seen.lock().unwrap().len(), 1);
 }
