@@ -191,6 +191,9 @@ pub const MAX_METHODS: usize = 16;
 pub const MAX_GRANT_SECS: u64 = 366 * 24 * 3600;
 /// Most uses of a `--uses` grant.
 pub const MAX_USES: u32 = 1_000_000;
+/// Most mutation names a live rule is scoped to (`--graphql-mutation`, or
+/// those a question found): a question with more gets no lasting grant.
+pub const MAX_GRANT_MUTATIONS: usize = 32;
 /// Resolved questions kept for `sbx approvals` to show what happened.
 const KEEP_ANSWERED: usize = 32;
 /// Audit events queued before the stack takes them (more are counted).
@@ -401,6 +404,29 @@ fn ports_text(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// The mutation fields of a request (its target's `query=` parameter, and
+/// its body unless GET or HEAD): None if the body is needed and was not
+/// given, Some(None) if they are not all known (unreadable, a fragment).
+fn request_mutations(method: &str, target: &str, body: Option<&graphql::Scan>) -> Option<Option<Vec<String>>> {
+    let mut all = match graphql::scan_target(target) {
+        Some(scan) => match graphql::known_mutations(&scan) {
+            Some(v) => v,
+            None => return Some(None),
+        },
+        None => Vec::new(),
+    };
+    if method != "GET" && method != "HEAD" {
+        match graphql::known_mutations(body?) {
+            Some(v) => {
+                let seen: std::collections::HashSet<String> = all.iter().cloned().collect();
+                all.extend(v.into_iter().filter(|f| !seen.contains(f)));
+            }
+            None => return Some(None),
+        }
+    }
+    Some(Some(all))
+}
+
 // ------------------------------------------------------------ ask rules
 
 /// Where requests wait for a person (see the module docs).
@@ -459,8 +485,9 @@ impl fmt::Display for AskRule {
 enum GraphqlAsk {
     /// Not a GraphQL rule (or the request is unreadable spliced TLS): held.
     Plain,
-    /// Held: these listed mutations, or what could not be read.
-    Asked(String),
+    /// Held: these listed mutations, or what could not be read; and the
+    /// listed fields, where all are known (what a grant may be scoped to).
+    Asked(String, Option<Vec<String>>),
     /// No listed mutation: the rule does not hold it.
     NotListed,
     /// The body decides and was not given.
@@ -488,15 +515,22 @@ impl AskRule {
     /// GET or HEAD, which carry no body) in `body`.
     fn graphql_asked(&self, req: &Request<'_>, body: Option<&graphql::Scan>) -> GraphqlAsk {
         let (Some(names), Some((method, target))) = (&self.graphql, req.http) else { return GraphqlAsk::Plain };
+        // The listed fields of the whole request (target and body), if all
+        // are known and few enough to scope a grant to.
+        let listed = || {
+            let all = request_mutations(method, target, body)??;
+            let listed: Vec<String> = all.into_iter().filter(|f| names.iter().any(|n| n.matches(f))).collect();
+            (!listed.is_empty() && listed.len() <= MAX_GRANT_MUTATIONS).then_some(listed)
+        };
         if let Some(why) = graphql::scan_target(target).and_then(|s| graphql::asked(&s, names)) {
-            return GraphqlAsk::Asked(why);
+            return GraphqlAsk::Asked(why, listed());
         }
         if method == "GET" || method == "HEAD" {
             return GraphqlAsk::NotListed;
         }
         match body.map(|b| graphql::asked(b, names)) {
             None => GraphqlAsk::Unread,
-            Some(Some(why)) => GraphqlAsk::Asked(why),
+            Some(Some(why)) => GraphqlAsk::Asked(why, listed()),
             Some(None) => GraphqlAsk::NotListed,
         }
     }
@@ -703,6 +737,10 @@ pub struct RuleSpec {
     pub uses: Option<u32>,
     #[serde(default)]
     pub until_exit: bool,
+    /// `--graphql-mutation`: only GraphQL requests with these mutations
+    /// (see [`LiveRule::graphql`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub graphql_mutations: Vec<String>,
 }
 
 /// A rule added while the sandbox lives (see the module docs).
@@ -720,6 +758,23 @@ pub struct LiveRule {
     pub by_uid: Option<u32>,
     /// Why it exists beyond a person's command: "approval of question 3".
     pub note: Option<String>,
+    /// Scoped to GraphQL mutations (`--graphql-mutation`, or the approval
+    /// of a GraphQL question): an allow matches only a request whose
+    /// mutations' first-level fields are all known and all named (case
+    /// compared), and lifts a GraphQL ask rule whose listed fields it all
+    /// names; a deny matches a request with a named mutation (without
+    /// regard to case), or whose mutations cannot be read (fail closed).
+    pub graphql: Option<Vec<NamePattern>>,
+}
+
+/// What a live rule scoped to GraphQL mutations makes of a request its
+/// host, port, methods and path match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scoped {
+    Matches,
+    No,
+    /// The body decides and was not given.
+    Unread,
 }
 
 impl fmt::Display for LiveRule {
@@ -732,11 +787,67 @@ impl fmt::Display for LiveRule {
         if let Some(p) = &self.path {
             write!(f, " path {}", p.as_str())?;
         }
+        if let Some(names) = &self.graphql {
+            write!(f, " graphql mutations {}", names_text(names))?;
+        }
         Ok(())
     }
 }
 
+fn names_text(names: &[NamePattern]) -> String {
+    names.iter().map(NamePattern::as_str).collect::<Vec<_>>().join(",")
+}
+
 impl LiveRule {
+    /// What it opens (or shuts), in words, for the audit log and `sbx
+    /// approve`: "graphql mutation createIssue on api.github.com:443/graphql",
+    /// "POST to api.github.com:443/graphql", "everything to a.com:80,443".
+    pub fn scope(&self) -> String {
+        let at =
+            format!("{}:{}{}", self.pattern, ports_text(&self.ports), self.path.as_ref().map_or("", |p| p.as_str()));
+        let methods = if self.methods.is_empty() { String::new() } else { format!(" ({})", self.methods.join(",")) };
+        match &self.graphql {
+            Some(names) => {
+                let s = if names.len() == 1 { "" } else { "s" };
+                format!("graphql mutation{s} {} on {at}{methods}", names_text(names))
+            }
+            None if self.blanket() => format!("everything to {at}"),
+            None if self.methods.is_empty() => format!("every method to {at}"),
+            None => format!("{} to {at}", self.methods.join(",")),
+        }
+    }
+
+    /// For a rule whose host, port, methods and path match `req`.
+    fn graphql_match(&self, req: &Request<'_>, body: Option<&graphql::Scan>) -> Scoped {
+        let Some(names) = &self.graphql else { return Scoped::Matches };
+        let deny = self.action == Action::Deny;
+        let Some((method, target)) = req.http else {
+            return if deny { Scoped::Matches } else { Scoped::No };
+        };
+        match request_mutations(method, target, body) {
+            None => Scoped::Unread,
+            Some(None) if deny => Scoped::Matches,
+            Some(None) => Scoped::No,
+            Some(Some(fields)) if deny => match fields.iter().any(|f| names.iter().any(|n| n.matches(f))) {
+                true => Scoped::Matches,
+                false => Scoped::No,
+            },
+            Some(Some(fields)) => {
+                match !fields.is_empty() && fields.iter().all(|f| names.iter().any(|n| n.matches_case(f))) {
+                    true => Scoped::Matches,
+                    false => Scoped::No,
+                }
+            }
+        }
+    }
+
+    /// A GraphQL allow that names every one of `listed` (the fields an ask
+    /// rule found), case compared.
+    fn names_all(&self, listed: &[String]) -> bool {
+        self.action == Action::Allow
+            && self.graphql.as_ref().is_some_and(|names| listed.iter().all(|f| names.iter().any(|n| n.matches_case(f))))
+    }
+
     /// What limits it, for `sbx policy ls`: "until reset", "12 s left",
     /// "3 uses left", "until the sandbox stops".
     pub fn limit_text(&self, now_ms: u64) -> String {
@@ -764,7 +875,7 @@ impl LiveRule {
     }
 
     fn blanket(&self) -> bool {
-        self.methods.is_empty() && self.path.is_none()
+        self.methods.is_empty() && self.path.is_none() && self.graphql.is_none()
     }
 
     /// Builds a rule from what a person asked (every field checked).
@@ -777,6 +888,24 @@ impl LiveRule {
         let (pattern, ports) = parse_host_port(&spec.host)?;
         check_methods(&spec.methods)?;
         let path = spec.path.as_deref().map(PathPattern::parse).transpose()?;
+        let graphql = match spec.graphql_mutations.as_slice() {
+            [] => None,
+            names if names.len() > MAX_GRANT_MUTATIONS => {
+                return Err(Error::Graphql(format!(
+                    "a live rule names at most {MAX_GRANT_MUTATIONS} GraphQL mutations"
+                )))
+            }
+            // A deny fails closed on a body it cannot read; on every
+            // path of the host that would be every POST of a REST API.
+            _ if action == Action::Deny && path.is_none() => {
+                return Err(Error::Graphql(
+                    "a deny with --graphql-mutation needs --path (the GraphQL endpoint, such as /graphql)".into(),
+                ))
+            }
+            names => Some(
+                names.iter().map(|n| NamePattern::parse(n)).collect::<Result<Vec<_>, _>>().map_err(Error::Graphql)?,
+            ),
+        };
         let limit = match (spec.for_secs, spec.uses, spec.until_exit) {
             (None, None, false) => Limit::Always,
             (Some(s), None, false) if (1..=MAX_GRANT_SECS).contains(&s) => Limit::Until(now_ms + s * 1000),
@@ -796,6 +925,7 @@ impl LiveRule {
             created_ms: now_ms,
             by_uid: None,
             note: None,
+            graphql,
         })
     }
 }
@@ -831,6 +961,8 @@ struct StoredRule {
     by_uid: Option<u32>,
     #[serde(default)]
     note: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    graphql_mutations: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -913,9 +1045,36 @@ impl LiveRules {
         self.soonest = None;
     }
 
-    /// The first live rule of `action` that decides `req` at `now_ms`.
+    /// The first live rule of `action` that decides `req` at `now_ms`
+    /// (one scoped to GraphQL mutations only with the body: [`LiveRules::matching_body`]).
     pub fn matching(&self, action: Action, req: &Request<'_>, now_ms: u64) -> Option<&LiveRule> {
-        self.rules.iter().find(|r| r.action == action && r.matches(req, now_ms))
+        self.matching_body(action, req, None, now_ms).0
+    }
+
+    /// [`LiveRules::matching`] with what the body holds; and whether a
+    /// rule scoped to GraphQL mutations needs the body, not given.
+    pub fn matching_body(
+        &self,
+        action: Action,
+        req: &Request<'_>,
+        body: Option<&graphql::Scan>,
+        now_ms: u64,
+    ) -> (Option<&LiveRule>, bool) {
+        let mut unread = false;
+        for r in self.rules.iter().filter(|r| r.action == action && r.matches(req, now_ms)) {
+            match r.graphql_match(req, body) {
+                Scoped::Matches => return (Some(r), unread),
+                Scoped::Unread => unread = true,
+                Scoped::No => {}
+            }
+        }
+        (None, unread)
+    }
+
+    /// A live GraphQL allow whose host, port, methods and path match
+    /// `req` and that names every one of `listed`.
+    fn covering(&self, req: &Request<'_>, listed: &[String], now_ms: u64) -> Option<&LiveRule> {
+        self.rules.iter().find(|r| r.names_all(listed) && r.matches(req, now_ms))
     }
 
     /// Counts one use of rule `id`; the rule if that was its last.
@@ -968,6 +1127,7 @@ impl LiveRules {
                 created_ms: r.created_ms,
                 by_uid: r.by_uid,
                 note: r.note.clone(),
+                graphql_mutations: r.graphql.iter().flatten().map(|n| n.as_str().to_string()).collect(),
             })
             .collect();
         let file = StoredFile { version: 1, next_id: self.next_id, rules };
@@ -1013,6 +1173,7 @@ impl LiveRules {
                 for_secs: None,
                 uses: None,
                 until_exit: false,
+                graphql_mutations: s.graphql_mutations,
             };
             let mut rule = LiveRule::from_spec(&spec, s.id, s.created_ms).map_err(ctx)?;
             rule.ports = s.ports;
@@ -1072,11 +1233,14 @@ pub struct Judgement {
     pub needs_body: bool,
     /// What a GraphQL ask rule found: "mutation mergePullRequest".
     pub detail: Option<String>,
+    /// The listed mutation fields a GraphQL ask rule holds it for, where
+    /// all are known: what a lasting approval is scoped to.
+    pub mutations: Option<Vec<String>>,
 }
 
 impl Judgement {
     fn new(verdict: Verdict, rule: Option<String>, reason: String) -> Judgement {
-        Judgement { verdict, rule, reason, grant: None, ask: None, needs_body: false, detail: None }
+        Judgement { verdict, rule, reason, grant: None, ask: None, needs_body: false, detail: None, mutations: None }
     }
 
     pub fn allowed(&self) -> bool {
@@ -1113,7 +1277,7 @@ pub fn judge_body(
     if let Some(r) = live.admin.deny_for(req) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
-    let held = |a: &AskRule, detail: Option<String>| {
+    let held = |a: &AskRule, detail: Option<String>, mutations: Option<Vec<String>>| {
         let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
         let reason = match &detail {
             Some(d) => format!("held by {a} ({d})"),
@@ -1122,15 +1286,27 @@ pub fn judge_body(
         let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), reason);
         j.ask = Some(a.clone());
         j.detail = detail;
+        j.mutations = mutations;
         j
     };
     let unread_body = |a: &AskRule| {
-        let mut j = held(a, Some("if its body is one of its GraphQL mutations".into()));
+        let mut j = held(a, Some("if its body is one of its GraphQL mutations".into()), None);
         j.needs_body = true;
         j
     };
-    if let Some(r) = live.matching(Action::Deny, req, now_ms) {
-        return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
+    match live.matching_body(Action::Deny, req, body, now_ms) {
+        (Some(r), _) => return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}")),
+        // Fail closed until the body is read (the stack reads it when told).
+        (None, true) => {
+            let mut j = Judgement::new(
+                Verdict::Deny,
+                None,
+                "denied by a live deny of GraphQL mutations if its body has one of them".into(),
+            );
+            j.needs_body = true;
+            return j;
+        }
+        (None, false) => {}
     }
     let d = policy.decide(req);
     if let (Action::Deny, Some(rule)) = (d.action, &d.rule) {
@@ -1140,22 +1316,30 @@ pub fn judge_body(
     // yet is waited for).
     for a in live.admin.asks.iter().filter(|a| a.matches(req)) {
         match a.graphql_asked(req, body) {
-            GraphqlAsk::Plain => return held(a, None),
-            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::Plain => return held(a, None, None),
+            GraphqlAsk::Asked(why, _) => return held(a, Some(why), None),
             GraphqlAsk::NotListed => {}
             GraphqlAsk::Unread => return unread_body(a),
         }
     }
-    if let Some(r) = live.matching(Action::Allow, req, now_ms) {
+    let (allow, allow_unread) = live.matching_body(Action::Allow, req, body, now_ms);
+    if let Some(r) = allow {
         let mut j = Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
         j.grant = Some(r.id);
         return j;
     }
     let mut unread = None;
+    // A live GraphQL allow naming every listed field an ask rule found
+    // lifts that rule (the person said yes to those mutations there).
+    let mut lifted: Option<&LiveRule> = None;
     for a in policy.asks.iter().filter(|a| a.matches(req)) {
         match a.graphql_asked(req, body) {
-            GraphqlAsk::Plain => return held(a, None),
-            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::Plain => return held(a, None, None),
+            GraphqlAsk::Asked(why, Some(listed)) => match live.covering(req, &listed, now_ms) {
+                Some(r) => lifted = lifted.or(Some(r)),
+                None => return held(a, Some(why), Some(listed)),
+            },
+            GraphqlAsk::Asked(why, None) => return held(a, Some(why), None),
             GraphqlAsk::NotListed => {}
             GraphqlAsk::Unread => unread = unread.or(Some(a)),
         }
@@ -1164,12 +1348,20 @@ pub fn judge_body(
         if let Some(a) = unread {
             return unread_body(a);
         }
-        return Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
+        let mut j = Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
+        if let Some(r) = lifted {
+            j.reason += &format!("; its asked GraphQL mutations granted by {r}");
+            j.grant = Some(r.id);
+        }
+        return j;
     }
-    match policy.approval {
+    let mut j = match policy.approval {
         Approval::Ask => held_by_default(req.host, req.port),
         Approval::Deny => Judgement::new(Verdict::Deny, None, d.to_string()),
-    }
+    };
+    // A live GraphQL allow may allow it once the body is read.
+    j.needs_body = allow_unread;
+    j
 }
 
 /// Whether a connection to `host:port` that netstack terminates is worth
@@ -1298,6 +1490,10 @@ pub struct Question {
     /// What a GraphQL ask rule found in the first request
     /// ("mutation mergePullRequest"), printable.
     pub detail: Option<String>,
+    /// The listed mutation fields of the first request, where all are
+    /// known ([`Judgement::mutations`]): a lasting approval grants these,
+    /// at the ask rule's methods and path, and no other mutation.
+    pub mutations: Option<Vec<String>>,
     pub first_ms: u64,
     /// Requests that joined it.
     pub count: u64,
@@ -1582,6 +1778,21 @@ impl Live {
         http: Option<(&str, &str)>,
         detail: Option<&str>,
     ) -> Result<Ticket, String> {
+        self.hold_graphql(key, ask, http, detail, None)
+    }
+
+    /// [`Live::hold_detail`], with the listed mutation fields a GraphQL ask
+    /// rule found ([`Judgement::mutations`]: what a lasting approval of a
+    /// new question is scoped to; without them, a GraphQL question is
+    /// approved only `--once`).
+    pub fn hold_graphql(
+        self: &Arc<Self>,
+        key: QKey,
+        ask: Option<AskRule>,
+        http: Option<(&str, &str)>,
+        detail: Option<&str>,
+        mutations: Option<Vec<String>>,
+    ) -> Result<Ticket, String> {
         let mut s = self.lock();
         if s.held_conns >= MAX_HELD_CONNS {
             return Err(format!("denied: {MAX_HELD_CONNS} connections already wait for an answer"));
@@ -1631,6 +1842,7 @@ impl Live {
                     method,
                     path,
                     detail,
+                    mutations,
                     first_ms: now,
                     count: 1,
                     waiting: 1,
@@ -1693,25 +1905,31 @@ impl Live {
             for_secs: limit.0,
             uses: None,
             until_exit: limit.1,
+            graphql_mutations: q.mutations.clone().unwrap_or_default(),
         };
-        // No grant lifts an admin ask rule: only what waits goes.
-        let grant = if q.ask.as_ref().is_some_and(AskRule::is_admin) { Grant::Once } else { grant };
+        // No grant lifts an admin ask rule: only what waits goes. A
+        // GraphQL question is granted its mutations only; one whose
+        // mutations are not all known (an unreadable body) has nothing to
+        // scope a grant to: only what waits goes.
+        let graphql_unscoped = q.ask.as_ref().is_some_and(|a| a.graphql.is_some()) && q.mutations.is_none();
+        let grant = if q.ask.as_ref().is_some_and(AskRule::is_admin) || graphql_unscoped { Grant::Once } else { grant };
         let rule = match grant {
             Grant::Once => None,
             Grant::ForSecs(secs) => Some(spec((Some(secs), false))),
             Grant::Always => Some(spec((None, false))),
             Grant::UntilExit => Some(spec((None, true))),
         };
-        let mut added = None;
+        let (mut added, mut scope) = (None, None);
         if let Some(r) = rule {
             let note = Some(format!("{word}: question {id}"));
             let rid = s.rules.add(&r, now, Some(by), note)?;
             added = Some(rid);
+            scope = s.rules.list().last().map(LiveRule::scope);
             s.dirty = true;
         }
         s.event(json!({"event": "approval", "question": id, "host": q.key.host.as_str(), "port": q.key.port,
             "decision": "allow", "answer": word, "by_uid": by, "method": q.method, "path": q.path, "rule": q.key.rule, "grant": format!("{grant:?}"),
-            "live_rule": added, "requests": q.count}));
+            "live_rule": added, "scope": scope, "requests": q.count}));
         drop(s);
         self.wake();
         Ok(added)
@@ -1739,7 +1957,8 @@ impl Live {
         let now = s.now_ms;
         let id = s.rules.add(spec, now, by, None)?;
         let text = s.rules.list().last().map(|r| r.to_string());
-        s.event(json!({"event": "live", "change": "added", "rule": text, "by_uid": by}));
+        let scope = s.rules.list().last().map(LiveRule::scope);
+        s.event(json!({"event": "live", "change": "added", "rule": text, "scope": scope, "by_uid": by}));
         s.dirty = true;
         drop(s);
         self.wake();
@@ -1797,6 +2016,7 @@ mod tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 
@@ -2157,6 +2377,7 @@ mod admin_tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 

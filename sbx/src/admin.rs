@@ -198,7 +198,7 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
                 }
             }
             let id = live.add_rule(rule, Some(uid)).map_err(|e| e.to_string())?;
-            Ok(format!("live rule #{id} added"))
+            Ok(format!("live rule #{id} added: {}", rule_scope(live, id)))
         }
         Req::Rm { id } => {
             live.remove_rule(*id, Some(uid)).map(|_| format!("live rule #{id} removed")).map_err(|e| e.to_string())
@@ -210,8 +210,12 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
         Req::Ls {} => Ok(ls_text(live, policy)),
         Req::Approvals {} => Ok(approvals_text(live)),
         Req::Approve { id, grant } => match live.approve(*id, *grant, uid).map_err(|e| e.to_string())? {
-            Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added")),
-            None => Ok(format!("question #{id} approved once")),
+            Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added: {}", rule_scope(live, rule))),
+            None if *grant == Grant::Once => Ok(format!("question #{id} approved once")),
+            None => Ok(format!(
+                "question #{id} approved once only: no lasting grant for a question of an admin ask rule, \
+                 or of a GraphQL request whose mutations could not all be read"
+            )),
         },
         Req::Reject { id } => {
             live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string())
@@ -219,6 +223,15 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
         Req::Publish { .. } | Req::Unpublish { .. } | Req::Ports {} => {
             Err("ports are steered by `sbx ports`, not with the live rules".into())
         }
+    }
+}
+
+/// What live rule `id` opens or shuts, and for how long, in words.
+fn rule_scope(live: &Live, id: u64) -> String {
+    let (rules, now) = live.rules();
+    match rules.list().iter().find(|r| r.id == id) {
+        Some(r) => format!("{} ({})", r.scope(), r.limit_text(now)),
+        None => "already gone".into(),
     }
 }
 
@@ -610,6 +623,7 @@ mod tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 
