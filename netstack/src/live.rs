@@ -8,7 +8,8 @@
 //! # Live rules
 //!
 //! `sbx policy allow|deny NAME HOST[:PORT] [--method M] [--path P]
-//! [--for 10m | --uses N | --until-exit]` adds a [`LiveRule`]; `sbx policy
+//! [--graphql-mutation NAME] [--for 10m | --uses N | --until-exit]` adds
+//! a [`LiveRule`]; `sbx policy
 //! rm NAME ID` and `sbx policy reset NAME` take them away. A running
 //! sandbox gets them through its admin socket (sbx's `admin` module) and
 //! sees a change at its next decision: each HTTP request (plain, or inside
@@ -58,7 +59,8 @@
 //! connection stays open, nothing goes upstream, for up to [`DEFAULT_HOLD`]
 //! (or the time given). An ask rule holds the requests it matches the
 //! same way, even to an allowed host. Requests to the same host and port
-//! (and ask rule) wait on one [`Question`]; `sbx approvals` lists them,
+//! (and ask rule, and for a GraphQL ask rule the same listed mutations:
+//! [`QKey::mutations`]) wait on one [`Question`]; `sbx approvals` lists them,
 //! `sbx approve NAME ID [--once | --for 10m | --always]` lets them go
 //! (as if allowed: the upstream connection is made then) and `sbx reject
 //! NAME ID` refuses them (the deny answer: a 403, or a reset for spliced
@@ -66,7 +68,8 @@
 //! further requests of the same kind on those connections), remembering
 //! nothing; `--for` adds a live allow grant for that long, `--always` one
 //! kept with the sandbox — for the host and port, narrowed to the ask
-//! rule's methods and path when an ask rule asked. Bounded:
+//! rule's methods and path when an ask rule asked (and, for a GraphQL ask
+//! rule, to the mutations the question found: see below). Bounded:
 //! [`MAX_QUESTIONS`] questions and [`MAX_HELD_CONNS`] held connections
 //! per sandbox; past that, a request that would be held is denied.
 //!
@@ -134,8 +137,38 @@
 //! explain`, `sbx policy test`) reports such a request as held "if its
 //! body is one of its GraphQL mutations" ([`Judgement::needs_body`]). The
 //! question shows the mutations found ([`Question::detail`], "mutation
-//! mergePullRequest"). An approval `--for`/`--always` grants the rule's
-//! methods and path (every GraphQL request to the host) for that time.
+//! mergePullRequest"). An approval `--for`/`--always` grants only those
+//! mutations ([`Question::mutations`]: the listed first-level fields of
+//! the first request, at most [`MAX_GRANT_MUTATIONS`]) at the rule's
+//! host, port, methods and path: a live allow scoped to GraphQL mutations
+//! ([`LiveRule::graphql`], shown as "graphql mutation createIssue on
+//! api.github.com:443/graphql" by `sbx approve`, in `sbx policy ls` and
+//! in the audit line's `scope`). Approving `createIssue` for 10 minutes
+//! thus lets later `createIssue` requests go (alone, or beside mutations
+//! no ask rule lists: the rule that asked is lifted), while
+//! `deleteRepository`, or `createIssue` beside `deleteRepository`, is
+//! still asked; reads are judged as before. Field names are compared with
+//! case for a grant (the ask rule compares without: `createissue` asks
+//! again). A request whose mutations are not all known (an unreadable
+//! body, a fragment among a mutation's fields) is never covered by such a
+//! grant, and a question about one gets no lasting grant at all: `sbx
+//! approve --for|--always` lets only what waits go, and says so. Grants
+//! recorded before this scoping (in `live-policy.json`, without
+//! `graphql_mutations`) keep the whole path they were made for.
+//!
+//! The same scope is given by hand with `sbx policy allow|deny NAME HOST
+//! --path /graphql --graphql-mutation NAME` (repeatable; `prefix*`,
+//! `*suffix` as in ask rules). A scoped allow matches a request only if
+//! every mutation field of it is named (and known); a scoped deny matches
+//! one with any named mutation (without regard to case), or whose
+//! mutations cannot be read (fail closed; so a scoped deny needs a
+//! `--path`, or it would deny every non-GraphQL POST of the host). A
+//! live deny of a mutation does not deny the host: reads and other
+//! mutations still go (deny the host with a plain `sbx policy deny NAME
+//! HOST`). `sbx reject` answers only what waits, as before (no lasting
+//! deny is made from a question). Until the body is read, a request a
+//! scoped rule might decide is marked [`Judgement::needs_body`] and the
+//! stack waits for its body, as for GraphQL ask rules.
 //!
 //! The shipped GraphQL rows (on POST and GET; each named like the REST
 //! rows, "ask:github graphql merge"):
@@ -1213,6 +1246,12 @@ pub struct QKey {
     pub host: HostName,
     pub port: u16,
     pub rule: Option<String>,
+    /// For a GraphQL ask rule: the listed mutations found
+    /// ([`Judgement::mutations`]). Requests with other mutations wait on
+    /// another question, so a yes to `createIssue` (and the further
+    /// requests of the same kind on those connections) never lets a
+    /// `deleteRepository` go.
+    pub mutations: Option<Vec<String>>,
 }
 
 /// A decision and why.
@@ -1249,7 +1288,7 @@ impl Judgement {
 }
 
 fn held_by_default(host: &HostName, port: u16) -> Judgement {
-    let key = QKey { host: host.clone(), port, rule: None };
+    let key = QKey { host: host.clone(), port, rule: None, mutations: None };
     Judgement::new(Verdict::Ask(key), None, "held: no rule allows it (approval = ask)".into())
 }
 
@@ -1278,7 +1317,8 @@ pub fn judge_body(
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
     let held = |a: &AskRule, detail: Option<String>, mutations: Option<Vec<String>>| {
-        let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
+        let key =
+            QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()), mutations: mutations.clone() };
         let reason = match &detail {
             Some(d) => format!("held by {a} ({d})"),
             None => format!("held by {a}"),
@@ -1317,7 +1357,8 @@ pub fn judge_body(
     for a in live.admin.asks.iter().filter(|a| a.matches(req)) {
         match a.graphql_asked(req, body) {
             GraphqlAsk::Plain => return held(a, None, None),
-            GraphqlAsk::Asked(why, _) => return held(a, Some(why), None),
+            // No grant lifts it; the mutations still tell its questions apart.
+            GraphqlAsk::Asked(why, listed) => return held(a, Some(why), listed),
             GraphqlAsk::NotListed => {}
             GraphqlAsk::Unread => return unread_body(a),
         }
@@ -2128,7 +2169,7 @@ mod tests {
             judge(&p, &live, &Request { host: &h, port: 80, http: Some((m, "/")) }, 0).verdict
         };
         let ask = |h: &str, rule: Option<&str>| {
-            Verdict::Ask(QKey { host: host(h), port: 80, rule: rule.map(str::to_string) })
+            Verdict::Ask(QKey { host: host(h), port: 80, rule: rule.map(str::to_string), mutations: None })
         };
         assert_eq!(v("ld.a.com", "GET"), Verdict::Deny, "live deny beats live allow and static allow");
         assert_eq!(v("bad.a.com", "GET"), Verdict::Deny, "static deny beats live allow");
@@ -2216,7 +2257,7 @@ mod tests {
     fn questions_gather_waiters_and_approval_adds_the_grant_asked_for() {
         let live = Live::new("sb", LiveRules::default());
         live.tick(1_000);
-        let key = QKey { host: host("x.com"), port: 443, rule: None };
+        let key = QKey { host: host("x.com"), port: 443, rule: None, mutations: None };
         let t1 = live.hold(key.clone(), None, None).unwrap();
         let t2 = live.hold(key.clone(), None, None).unwrap();
         assert_eq!(t1.id, t2.id, "one question for one host:port");
@@ -2231,17 +2272,19 @@ mod tests {
         let events = live.take_events();
         assert!(events.iter().any(|e| e["decision"] == "held") && events.iter().any(|e| e["by_uid"] == 1000));
         // Time-out, and the bounds.
-        let other = QKey { host: host("y.com"), port: 80, rule: None };
+        let other = QKey { host: host("y.com"), port: 80, rule: None, mutations: None };
         let t3 = live.hold(other, None, Some(("GET", "/a"))).unwrap();
         live.tick(1_000 + DEFAULT_HOLD_MS);
         assert_eq!(live.answer(t3.id), Answer::TimedOut);
         assert!(live.take_events().iter().any(|e| e["answer"] == "timed out"));
         let mut tickets = Vec::new();
         for i in 0..MAX_QUESTIONS {
-            tickets
-                .push(live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None }, None, None).unwrap());
+            tickets.push(
+                live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None, mutations: None }, None, None)
+                    .unwrap(),
+            );
         }
-        let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None }, None, None);
+        let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None, mutations: None }, None, None);
         assert!(over.unwrap_err().contains("questions already wait"));
         assert_eq!(live.reject(tickets[0].id, 0), Ok(()));
         assert_eq!(live.reject(999, 0), Err(Error::NoQuestion(999)));
@@ -2251,7 +2294,7 @@ mod tests {
     fn learning_answers_yes_at_once_until_exit_and_records_it() {
         let live = Live::new("sb", LiveRules::default());
         live.set_learn(true);
-        let key = QKey { host: host("new.com"), port: 443, rule: None };
+        let key = QKey { host: host("new.com"), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, Some(("GET", "/a"))).unwrap();
         assert_eq!(live.answer(t.id), Answer::Approved { by: 0 });
         let (rules, _) = live.rules();
@@ -2357,6 +2400,137 @@ mod tests {
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = [\"a-b\"]").contains("mutation name"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = []").contains("from 1 to"));
     }
+
+    /// A GraphQL request's body scanned, as the stack gives it.
+    fn gql(q: &str) -> graphql::Scan {
+        graphql::scan_body(&serde_json::to_vec(&json!({ "query": q })).unwrap())
+    }
+
+    /// Judges a POST /graphql to api.github.com:443 with `body`; a held
+    /// one is held as the stack holds it.
+    fn post_gql(p: &Policy, live: &Arc<Live>, body: Option<&graphql::Scan>) -> (Judgement, Option<Ticket>) {
+        let h = host("api.github.com");
+        let req = Request { host: &h, port: 443, http: Some(("POST", "/graphql")) };
+        let j = live.judge_body(p, &req, body);
+        let t = match (&j.verdict, j.needs_body) {
+            (Verdict::Ask(key), false) => Some(
+                live.hold_graphql(key.clone(), j.ask.clone(), req.http, j.detail.as_deref(), j.mutations.clone())
+                    .unwrap(),
+            ),
+            _ => None,
+        };
+        (j, t)
+    }
+
+    #[test]
+    fn a_graphql_grant_is_scoped_to_the_mutations_its_question_found() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n").unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        let merge = gql("mutation { mergePullRequest(input: {}) { clientMutationId } }");
+        let (j, t) = post_gql(&p, &live, Some(&merge));
+        assert_eq!(j.mutations, Some(vec!["mergePullRequest".to_string()]), "{j:?}");
+        let rid = live.approve(t.unwrap().id, Grant::ForSecs(600), 1000).unwrap().expect("a grant");
+        let (rules, _) = live.rules();
+        let r = rules.list().iter().find(|r| r.id == rid).unwrap();
+        assert_eq!(r.scope(), "graphql mutation mergePullRequest on api.github.com:443/graphql (POST,GET)");
+        assert!(r.to_string().ends_with("graphql mutations mergePullRequest"), "{r}");
+        let go = |q: &str| post_gql(&p, &live, Some(&gql(q))).0;
+        // The same mutation goes; with an unlisted one too (the rule is lifted).
+        assert_eq!(go("mutation { mergePullRequest(input: {}) { x } }").grant, Some(rid));
+        let with_star = go("mutation { mergePullRequest(input: {}) { x } addStar(input: {}) { x } }");
+        assert!(with_star.allowed() && with_star.reason.contains("granted by live #"), "{with_star:?}");
+        // Another listed mutation is asked, alone or beside the granted one.
+        for q in [
+            "mutation { deleteRepository(input: {}) { x } }",
+            "mutation { mergePullRequest(input: {}) { x } deleteRef(input: {}) { x } }",
+            "mutation { a: mergePullRequest(input: {}) { x } } mutation B { enqueuePullRequest(input: {}) { x } }",
+            // Case compared for a grant (the ask rule compares without).
+            "mutation { mergepullrequest(input: {}) { x } }",
+            // Unknown fields: never covered by a grant.
+            "mutation { mergePullRequest(input: {}) { x } ...F } fragment F on Mutation { deleteRef { x } }",
+        ] {
+            assert!(matches!(go(q).verdict, Verdict::Ask(_)), "{q}");
+        }
+        let unreadable = Err(graphql::Error::Chunked);
+        assert!(matches!(post_gql(&p, &live, Some(&unreadable)).0.verdict, Verdict::Ask(_)));
+        // Reads are unaffected.
+        assert!(go("query { viewer { login } }").allowed());
+        // Kept with the sandbox as scoped as it was made.
+        let (back, _) = LiveRules::from_json(live.persisted().as_bytes(), 0).unwrap();
+        assert_eq!(back.list()[0].graphql, rules.list()[0].graphql);
+        assert!(back.list()[0].graphql.is_some());
+    }
+
+    #[test]
+    fn a_graphql_question_whose_mutations_are_unknown_gets_no_lasting_grant() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n").unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        let (j, t) = post_gql(&p, &live, Some(&Err(graphql::Error::Chunked)));
+        assert!(matches!(j.verdict, Verdict::Ask(_)) && j.mutations.is_none(), "{j:?}");
+        assert_eq!(live.approve(t.unwrap().id, Grant::Always, 1000).unwrap(), None, "only what waits goes");
+        assert!(live.rules().0.list().is_empty());
+        let merge = gql("mutation { mergePullRequest(input: {}) { x } }");
+        assert!(matches!(post_gql(&p, &live, Some(&merge)).0.verdict, Verdict::Ask(_)));
+    }
+
+    #[test]
+    fn a_graphql_grant_to_a_host_the_policy_does_not_allow_waits_for_the_body() {
+        let p = Policy::from_toml(
+            "version = 1\npreset = \"locked\"\n[[rule]]\nask = \"api.github.com\"\npath = \"/graphql\"\n\
+             graphql_mutations = [\"createIssue\"]\n",
+        )
+        .unwrap();
+        let mut rules = LiveRules::default();
+        let scoped = RuleSpec { graphql_mutations: vec!["createIssue".into()], ..spec("allow", "api.github.com") };
+        rules.add(&scoped, 0, None, None).unwrap();
+        let h = host("api.github.com");
+        let req = Request { host: &h, port: 443, http: Some(("POST", "/graphql")) };
+        let head = judge(&p, &rules, &req, 0);
+        assert!(!head.allowed() && head.needs_body, "{head:?}");
+        let create = gql("mutation { createIssue(input: {}) { x } }");
+        assert!(judge_body(&p, &rules, &req, Some(&create), 0).allowed());
+        let other = gql("mutation { addStar(input: {}) { x } }");
+        assert_eq!(judge_body(&p, &rules, &req, Some(&other), 0).verdict, Verdict::Deny, "only createIssue");
+        assert_eq!(judge_body(&p, &rules, &req, Some(&gql("{ viewer { login } }")), 0).verdict, Verdict::Deny);
+        // Scoped rules are not blanket: connections are terminated to read them.
+        assert!(terminates(&p, &rules, &h, 443));
+    }
+
+    #[test]
+    fn a_live_deny_of_a_graphql_mutation_denies_that_mutation_not_the_host() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\n").unwrap();
+        let mut rules = LiveRules::default();
+        let deny = RuleSpec {
+            path: Some("/graphql".into()),
+            graphql_mutations: vec!["delete*".into()],
+            for_secs: Some(600),
+            ..spec("deny", "api.github.com")
+        };
+        let id = rules.add(&deny, 0, None, None).unwrap();
+        assert_eq!(rules.list()[0].scope(), "graphql mutation delete* on api.github.com:80,443/graphql");
+        let h = host("api.github.com");
+        let req = |m: &'static str, t: &'static str| Request { host: &h, port: 443, http: Some((m, t)) };
+        let j = |r: &Request<'_>, b: Option<&graphql::Scan>| judge_body(&p, &rules, r, b, 1000);
+        let head = j(&req("POST", "/graphql"), None);
+        assert!(head.verdict == Verdict::Deny && head.needs_body, "fails closed until the body is read: {head:?}");
+        let del = gql("mutation { createIssue(input: {}) { x } DeleteRepository(input: {}) { x } }");
+        let d = j(&req("POST", "/graphql"), Some(&del));
+        assert!(d.verdict == Verdict::Deny && d.reason.contains(&format!("live #{id}")), "{d:?}");
+        assert_eq!(j(&req("POST", "/graphql"), Some(&Err(graphql::Error::Chunked))).verdict, Verdict::Deny);
+        assert!(j(&req("POST", "/graphql"), Some(&gql("mutation { createIssue(input: {}) { x } }"))).allowed());
+        assert!(j(&req("POST", "/graphql"), Some(&gql("{ viewer { login } }"))).allowed());
+        assert!(j(&req("GET", "/graphql?query=%7Bviewer%7Blogin%7D%7D"), None).allowed());
+        let get_del = j(&req("GET", "/graphql?query=mutation%7BdeleteRef%7Bx%7D%7D"), None);
+        assert_eq!(get_del.verdict, Verdict::Deny);
+        // The rest of the host: not denied, nothing waited for.
+        let rest = j(&req("POST", "/repos/o/r/issues"), None);
+        assert!(rest.allowed() && !rest.needs_body, "{rest:?}");
+        assert_eq!(judge_reachable(&p, &rules, &h, 443, 1000).verdict, Verdict::Allow);
+        assert_eq!(judge_resolvable(&p, &rules, &h, 1000).verdict, Verdict::Allow);
+        // Without a path it would deny every unreadable POST of the host.
+        let blanket = RuleSpec { path: None, ..deny };
+        assert!(matches!(rules.add(&blanket, 0, None, None), Err(Error::Graphql(e)) if e.contains("needs --path")));
+    }
 }
 
 #[cfg(test)]
@@ -2459,7 +2633,7 @@ mod admin_tests {
         let h = host("evil.com");
         let j = live.judge(&p, &Request { host: &h, port: 443, http: None });
         assert_eq!(j.verdict, Verdict::Deny, "admin deny before approval = ask");
-        let key = QKey { host: host("evil.com"), port: 443, rule: None };
+        let key = QKey { host: host("evil.com"), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, None).unwrap();
         assert_eq!(live.approve(t.id, Grant::Always, 1000).unwrap(), Some(1), "a grant was added");
         assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
@@ -2476,7 +2650,8 @@ mod admin_tests {
         live.set_learn(true);
         let t = live.hold(key, ask, Some(("DELETE", "/r"))).unwrap();
         assert_eq!(live.answer(t.id), Answer::Pending, "a person answers admin asks");
-        let other = live.hold(QKey { host: host("new.org"), port: 443, rule: None }, None, None).unwrap();
+        let other =
+            live.hold(QKey { host: host("new.org"), port: 443, rule: None, mutations: None }, None, None).unwrap();
         assert_eq!(live.answer(other.id), Answer::Approved { by: 0 }, "others are learned");
         assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
     }

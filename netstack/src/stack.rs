@@ -2542,6 +2542,16 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         live.approve(q[0].id, Grant::ForSecs(600), 1000).unwrap();
         let got = collect(&mut net, &mut guest, &mut now, &[c], |g| contains(&g[0], "\r\n\r\nok"));
         assert!(contains(&got[0], "200 OK"), "{got:?}");
+        // On the same kept-alive connection, deleteRepository is not "the
+        // same kind" of request as the one approved: it is asked.
+        send_more(&mut net, &mut guest, &mut now, c, &post(delete));
+        assert!(
+            settle(&mut net, &mut guest, &mut now, &[c])[0].is_empty(),
+            "deleteRepository on that connection is held"
+        );
+        assert_eq!(pending(&live), 1);
+        let first_delete = live.questions().into_iter().find(|q| q.answer == Answer::Pending).unwrap().id;
+        live.reject(first_delete, 1000).unwrap();
         // Another createIssue goes at once, nothing asked.
         let (got, _) =
             exchange(&mut net, &mut guest, &mut now, (addr, 80), &post(create), |g| contains(g, "\r\n\r\nok"));

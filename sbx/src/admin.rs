@@ -728,7 +728,7 @@ mod tests {
         let (dir, live) = served(own_uid());
         let path = dir.path().join(SOCKET);
         live.tick(1_000);
-        let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None };
+        let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, Some(("POST", "/v1/things"))).unwrap();
         let r = request("sb", &path, &Req::Approvals {}).unwrap();
         assert!(
@@ -744,13 +744,58 @@ mod tests {
     #[test]
     fn approvals_show_the_graphql_mutations_after_the_fixed_fields() {
         let live = Live::new("sb", LiveRules::default());
-        let key = QKey { host: HostName::parse("api.github.com").unwrap(), port: 443, rule: Some("r".into()) };
+        let key = QKey {
+            host: HostName::parse("api.github.com").unwrap(),
+            port: 443,
+            rule: Some("r".into()),
+            mutations: None,
+        };
         live.hold_detail(key, None, Some(("POST", "/graphql")), Some("mutation mergePullRequest")).unwrap();
         let text = approvals_text(&live);
         let line = text.lines().nth(1).unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&fields[1..4], &["waiting", "api.github.com:443/graphql", "POST"], "{text}");
         assert!(line.ends_with("r (mutation mergePullRequest)"), "{text}");
+    }
+
+    #[test]
+    fn approving_a_graphql_question_names_the_scope_of_the_grant() {
+        let live = Live::new("sb", LiveRules::default());
+        let ask = netstack::live::AskRule::parse(
+            "api.github.com",
+            None,
+            vec!["POST".into()],
+            Some("/graphql"),
+            "rule 1".into(),
+        )
+        .and_then(|a| a.with_graphql(&["*".into()]))
+        .unwrap();
+        let key = QKey {
+            host: HostName::parse("api.github.com").unwrap(),
+            port: 443,
+            rule: Some(ask.to_string()),
+            mutations: Some(vec!["createIssue".into()]),
+        };
+        let http = Some(("POST", "/graphql"));
+        let t = live.hold_graphql(
+            key.clone(),
+            Some(ask.clone()),
+            http,
+            Some("mutation createIssue"),
+            Some(vec!["createIssue".into()]),
+        );
+        let grant = Grant::ForSecs(600);
+        let text = execute(&Req::Approve { id: t.unwrap().id, grant }, &live, None, 1000).unwrap();
+        assert!(
+            text.contains("graphql mutation createIssue on api.github.com:443/graphql (POST) (600 s left)"),
+            "{text}"
+        );
+        assert!(ls_text(&live, None).contains("graphql mutations createIssue"));
+        // Mutations not all known: said so, not a silent once.
+        let key = QKey { mutations: None, ..key };
+        let t = live.hold_graphql(key, Some(ask), http, Some("unreadable: chunked"), None);
+        let text = execute(&Req::Approve { id: t.unwrap().id, grant }, &live, None, 1000).unwrap();
+        assert!(text.contains("approved once only"), "{text}");
     }
 
     #[test]
