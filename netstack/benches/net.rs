@@ -238,6 +238,7 @@ fn short_requests_with(n: usize, upstream: SocketAddr, live: Option<usize>) {
                 for_secs: Some(3600),
                 uses: None,
                 until_exit: false,
+                graphql_mutations: vec![],
             };
             rules.add(&spec, 0, None, None).unwrap();
         }

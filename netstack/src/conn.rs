@@ -352,7 +352,7 @@ pub struct Conn {
     /// [`MAX_APPROVED`]).
     approved: Vec<QKey>,
     /// Set by `judge`: the request is to be held on this question.
-    to_hold: Option<(QKey, Option<AskRule>, Option<String>)>,
+    to_hold: Option<(QKey, Option<AskRule>, Hold)>,
     /// The rule of the last refusal, for the deny answer.
     denied_rule: Option<String>,
 }
@@ -360,6 +360,14 @@ pub struct Conn {
 /// What a request's body (`rest`: the inbox after its head) says for
 /// GraphQL ask rules: None while a body of known length is still arriving;
 /// chunked, encoded or too large bodies are not awaited (errors, so held).
+/// What a GraphQL ask rule found in a request to be held
+/// ([`Judgement::detail`], [`Judgement::mutations`]).
+#[derive(Debug, Default)]
+struct Hold {
+    detail: Option<String>,
+    mutations: Option<Vec<String>>,
+}
+
 fn graphql_body(head: &http::RequestHead, rest: &[u8]) -> Option<graphql::Scan> {
     let coded = head.headers.iter().find(|(k, v)| {
         k == "content-encoding"
@@ -836,8 +844,8 @@ impl Conn {
             self.deny(event, reason);
             return false;
         }
-        if let Some((key, ask, detail)) = self.to_hold.take() {
-            self.hold(key, ask, Some((&head.method, &head.target)), detail, event);
+        if let Some((key, ask, what)) = self.to_hold.take() {
+            self.hold(key, ask, Some((&head.method, &head.target)), what, event);
             return false;
         }
         event["decision"] = json!("allow");
@@ -1033,7 +1041,7 @@ impl Conn {
             }
             Verdict::Ask(_) if self.live.is_none() => Some(format!("{}, but nobody can answer here", j.reason)),
             Verdict::Ask(key) => {
-                self.to_hold = Some((key, j.ask, j.detail));
+                self.to_hold = Some((key, j.ask, Hold { detail: j.detail, mutations: j.mutations }));
                 None
             }
         }
@@ -1041,16 +1049,9 @@ impl Conn {
 
     /// Holds the request (head or ClientHello still in the inbox) on the
     /// question for `key`; denied if the bounds are reached.
-    fn hold(
-        &mut self,
-        key: QKey,
-        ask: Option<AskRule>,
-        http: Option<(&str, &str)>,
-        detail: Option<String>,
-        mut event: Value,
-    ) {
+    fn hold(&mut self, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>, what: Hold, mut event: Value) {
         let Some(live) = self.live.clone() else { return };
-        match live.hold_detail(key.clone(), ask, http, detail.as_deref()) {
+        match live.hold_graphql(key.clone(), ask, http, what.detail.as_deref(), what.mutations) {
             Ok(ticket) => {
                 event["decision"] = json!("held");
                 event["question"] = json!(ticket.id);
@@ -1135,8 +1136,8 @@ impl Conn {
             self.deny(event, reason);
             return;
         }
-        if let Some((key, ask, detail)) = self.to_hold.take() {
-            self.hold(key, ask, None, detail, event);
+        if let Some((key, ask, what)) = self.to_hold.take() {
+            self.hold(key, ask, None, what, event);
             return;
         }
         if terminate {

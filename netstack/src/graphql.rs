@@ -632,6 +632,21 @@ impl NamePattern {
         &self.raw
     }
 
+    /// [`NamePattern::matches`] with case compared (a live allow: the
+    /// name the person approved, as the server reads it).
+    pub fn matches_case(&self, field: &str) -> bool {
+        let r = self.raw.as_str();
+        if r == "*" {
+            true
+        } else if let Some(p) = r.strip_suffix('*') {
+            field.starts_with(p)
+        } else if let Some(s) = r.strip_prefix('*') {
+            field.ends_with(s)
+        } else {
+            field == r
+        }
+    }
+
     pub fn matches(&self, field: &str) -> bool {
         let (f, r) = (field.to_ascii_lowercase(), self.raw.to_ascii_lowercase());
         if r == "*" {
@@ -646,6 +661,25 @@ impl NamePattern {
     }
 }
 
+/// The first-level fields of every mutation of `scan`, each once, in
+/// order; None if they are not all known (`scan` is an error, or a
+/// fragment is among a mutation's fields).
+pub fn known_mutations(scan: &Scan) -> Option<Vec<String>> {
+    // A set beside the list: up to MAX_TOKENS names, never a square of them.
+    let (mut out, mut seen) = (Vec::new(), std::collections::HashSet::new());
+    for op in scan.as_ref().ok()?.iter().filter(|o| o.kind == Kind::Mutation) {
+        if op.opaque {
+            return None;
+        }
+        for f in &op.fields {
+            if seen.insert(f.as_str()) {
+                out.push(f.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Why a rule listing `names` asks about `scan`: the listed mutations
 /// found (`"mutation mergePullRequest"`), or what could not be read; None
 /// if no mutation of the request is listed.
@@ -654,13 +688,14 @@ pub fn asked(scan: &Scan, names: &[NamePattern]) -> Option<String> {
         Ok(ops) => ops,
         Err(e) => return Some(format!("unreadable: {e}")),
     };
-    let mut found: Vec<&str> = Vec::new();
+    let (mut found, mut seen): (Vec<&str>, std::collections::HashSet<&str>) = Default::default();
     for op in ops.iter().filter(|o| o.kind == Kind::Mutation) {
-        if op.opaque {
+        if op.opaque && seen.insert("") {
             found.push("(a fragment: fields unknown)");
         }
         for f in &op.fields {
-            if names.iter().any(|n| n.matches(f)) && !found.contains(&f.as_str()) {
+            if !seen.contains(f.as_str()) && names.iter().any(|n| n.matches(f)) {
+                seen.insert(f);
                 found.push(f);
             }
         }

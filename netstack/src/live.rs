@@ -8,7 +8,8 @@
 //! # Live rules
 //!
 //! `sbx policy allow|deny NAME HOST[:PORT] [--method M] [--path P]
-//! [--for 10m | --uses N | --until-exit]` adds a [`LiveRule`]; `sbx policy
+//! [--graphql-mutation NAME] [--for 10m | --uses N | --until-exit]` adds
+//! a [`LiveRule`]; `sbx policy
 //! rm NAME ID` and `sbx policy reset NAME` take them away. A running
 //! sandbox gets them through its admin socket (sbx's `admin` module) and
 //! sees a change at its next decision: each HTTP request (plain, or inside
@@ -58,7 +59,8 @@
 //! connection stays open, nothing goes upstream, for up to [`DEFAULT_HOLD`]
 //! (or the time given). An ask rule holds the requests it matches the
 //! same way, even to an allowed host. Requests to the same host and port
-//! (and ask rule) wait on one [`Question`]; `sbx approvals` lists them,
+//! (and ask rule, and for a GraphQL ask rule the same listed mutations:
+//! [`QKey::mutations`]) wait on one [`Question`]; `sbx approvals` lists them,
 //! `sbx approve NAME ID [--once | --for 10m | --always]` lets them go
 //! (as if allowed: the upstream connection is made then) and `sbx reject
 //! NAME ID` refuses them (the deny answer: a 403, or a reset for spliced
@@ -66,7 +68,8 @@
 //! further requests of the same kind on those connections), remembering
 //! nothing; `--for` adds a live allow grant for that long, `--always` one
 //! kept with the sandbox — for the host and port, narrowed to the ask
-//! rule's methods and path when an ask rule asked. Bounded:
+//! rule's methods and path when an ask rule asked (and, for a GraphQL ask
+//! rule, to the mutations the question found: see below). Bounded:
 //! [`MAX_QUESTIONS`] questions and [`MAX_HELD_CONNS`] held connections
 //! per sandbox; past that, a request that would be held is denied.
 //!
@@ -134,8 +137,38 @@
 //! explain`, `sbx policy test`) reports such a request as held "if its
 //! body is one of its GraphQL mutations" ([`Judgement::needs_body`]). The
 //! question shows the mutations found ([`Question::detail`], "mutation
-//! mergePullRequest"). An approval `--for`/`--always` grants the rule's
-//! methods and path (every GraphQL request to the host) for that time.
+//! mergePullRequest"). An approval `--for`/`--always` grants only those
+//! mutations ([`Question::mutations`]: the listed first-level fields of
+//! the first request, at most [`MAX_GRANT_MUTATIONS`]) at the rule's
+//! host, port, methods and path: a live allow scoped to GraphQL mutations
+//! ([`LiveRule::graphql`], shown as "graphql mutation createIssue on
+//! api.github.com:443/graphql" by `sbx approve`, in `sbx policy ls` and
+//! in the audit line's `scope`). Approving `createIssue` for 10 minutes
+//! thus lets later `createIssue` requests go (alone, or beside mutations
+//! no ask rule lists: the rule that asked is lifted), while
+//! `deleteRepository`, or `createIssue` beside `deleteRepository`, is
+//! still asked; reads are judged as before. Field names are compared with
+//! case for a grant (the ask rule compares without: `createissue` asks
+//! again). A request whose mutations are not all known (an unreadable
+//! body, a fragment among a mutation's fields) is never covered by such a
+//! grant, and a question about one gets no lasting grant at all: `sbx
+//! approve --for|--always` lets only what waits go, and says so. Grants
+//! recorded before this scoping (in `live-policy.json`, without
+//! `graphql_mutations`) keep the whole path they were made for.
+//!
+//! The same scope is given by hand with `sbx policy allow|deny NAME HOST
+//! --path /graphql --graphql-mutation NAME` (repeatable; `prefix*`,
+//! `*suffix` as in ask rules). A scoped allow matches a request only if
+//! every mutation field of it is named (and known); a scoped deny matches
+//! one with any named mutation (without regard to case), or whose
+//! mutations cannot be read (fail closed; so a scoped deny needs a
+//! `--path`, or it would deny every non-GraphQL POST of the host). A
+//! live deny of a mutation does not deny the host: reads and other
+//! mutations still go (deny the host with a plain `sbx policy deny NAME
+//! HOST`). `sbx reject` answers only what waits, as before (no lasting
+//! deny is made from a question). Until the body is read, a request a
+//! scoped rule might decide is marked [`Judgement::needs_body`] and the
+//! stack waits for its body, as for GraphQL ask rules.
 //!
 //! The shipped GraphQL rows (on POST and GET; each named like the REST
 //! rows, "ask:github graphql merge"):
@@ -191,6 +224,9 @@ pub const MAX_METHODS: usize = 16;
 pub const MAX_GRANT_SECS: u64 = 366 * 24 * 3600;
 /// Most uses of a `--uses` grant.
 pub const MAX_USES: u32 = 1_000_000;
+/// Most mutation names a live rule is scoped to (`--graphql-mutation`, or
+/// those a question found): a question with more gets no lasting grant.
+pub const MAX_GRANT_MUTATIONS: usize = 32;
 /// Resolved questions kept for `sbx approvals` to show what happened.
 const KEEP_ANSWERED: usize = 32;
 /// Audit events queued before the stack takes them (more are counted).
@@ -401,6 +437,29 @@ fn ports_text(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// The mutation fields of a request (its target's `query=` parameter, and
+/// its body unless GET or HEAD): None if the body is needed and was not
+/// given, Some(None) if they are not all known (unreadable, a fragment).
+fn request_mutations(method: &str, target: &str, body: Option<&graphql::Scan>) -> Option<Option<Vec<String>>> {
+    let mut all = match graphql::scan_target(target) {
+        Some(scan) => match graphql::known_mutations(&scan) {
+            Some(v) => v,
+            None => return Some(None),
+        },
+        None => Vec::new(),
+    };
+    if method != "GET" && method != "HEAD" {
+        match graphql::known_mutations(body?) {
+            Some(v) => {
+                let seen: std::collections::HashSet<String> = all.iter().cloned().collect();
+                all.extend(v.into_iter().filter(|f| !seen.contains(f)));
+            }
+            None => return Some(None),
+        }
+    }
+    Some(Some(all))
+}
+
 // ------------------------------------------------------------ ask rules
 
 /// Where requests wait for a person (see the module docs).
@@ -459,8 +518,9 @@ impl fmt::Display for AskRule {
 enum GraphqlAsk {
     /// Not a GraphQL rule (or the request is unreadable spliced TLS): held.
     Plain,
-    /// Held: these listed mutations, or what could not be read.
-    Asked(String),
+    /// Held: these listed mutations, or what could not be read; and the
+    /// listed fields, where all are known (what a grant may be scoped to).
+    Asked(String, Option<Vec<String>>),
     /// No listed mutation: the rule does not hold it.
     NotListed,
     /// The body decides and was not given.
@@ -488,15 +548,22 @@ impl AskRule {
     /// GET or HEAD, which carry no body) in `body`.
     fn graphql_asked(&self, req: &Request<'_>, body: Option<&graphql::Scan>) -> GraphqlAsk {
         let (Some(names), Some((method, target))) = (&self.graphql, req.http) else { return GraphqlAsk::Plain };
+        // The listed fields of the whole request (target and body), if all
+        // are known and few enough to scope a grant to.
+        let listed = || {
+            let all = request_mutations(method, target, body)??;
+            let listed: Vec<String> = all.into_iter().filter(|f| names.iter().any(|n| n.matches(f))).collect();
+            (!listed.is_empty() && listed.len() <= MAX_GRANT_MUTATIONS).then_some(listed)
+        };
         if let Some(why) = graphql::scan_target(target).and_then(|s| graphql::asked(&s, names)) {
-            return GraphqlAsk::Asked(why);
+            return GraphqlAsk::Asked(why, listed());
         }
         if method == "GET" || method == "HEAD" {
             return GraphqlAsk::NotListed;
         }
         match body.map(|b| graphql::asked(b, names)) {
             None => GraphqlAsk::Unread,
-            Some(Some(why)) => GraphqlAsk::Asked(why),
+            Some(Some(why)) => GraphqlAsk::Asked(why, listed()),
             Some(None) => GraphqlAsk::NotListed,
         }
     }
@@ -703,6 +770,10 @@ pub struct RuleSpec {
     pub uses: Option<u32>,
     #[serde(default)]
     pub until_exit: bool,
+    /// `--graphql-mutation`: only GraphQL requests with these mutations
+    /// (see [`LiveRule::graphql`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub graphql_mutations: Vec<String>,
 }
 
 /// A rule added while the sandbox lives (see the module docs).
@@ -720,6 +791,23 @@ pub struct LiveRule {
     pub by_uid: Option<u32>,
     /// Why it exists beyond a person's command: "approval of question 3".
     pub note: Option<String>,
+    /// Scoped to GraphQL mutations (`--graphql-mutation`, or the approval
+    /// of a GraphQL question): an allow matches only a request whose
+    /// mutations' first-level fields are all known and all named (case
+    /// compared), and lifts a GraphQL ask rule whose listed fields it all
+    /// names; a deny matches a request with a named mutation (without
+    /// regard to case), or whose mutations cannot be read (fail closed).
+    pub graphql: Option<Vec<NamePattern>>,
+}
+
+/// What a live rule scoped to GraphQL mutations makes of a request its
+/// host, port, methods and path match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scoped {
+    Matches,
+    No,
+    /// The body decides and was not given.
+    Unread,
 }
 
 impl fmt::Display for LiveRule {
@@ -732,11 +820,67 @@ impl fmt::Display for LiveRule {
         if let Some(p) = &self.path {
             write!(f, " path {}", p.as_str())?;
         }
+        if let Some(names) = &self.graphql {
+            write!(f, " graphql mutations {}", names_text(names))?;
+        }
         Ok(())
     }
 }
 
+fn names_text(names: &[NamePattern]) -> String {
+    names.iter().map(NamePattern::as_str).collect::<Vec<_>>().join(",")
+}
+
 impl LiveRule {
+    /// What it opens (or shuts), in words, for the audit log and `sbx
+    /// approve`: "graphql mutation createIssue on api.github.com:443/graphql",
+    /// "POST to api.github.com:443/graphql", "everything to a.com:80,443".
+    pub fn scope(&self) -> String {
+        let at =
+            format!("{}:{}{}", self.pattern, ports_text(&self.ports), self.path.as_ref().map_or("", |p| p.as_str()));
+        let methods = if self.methods.is_empty() { String::new() } else { format!(" ({})", self.methods.join(",")) };
+        match &self.graphql {
+            Some(names) => {
+                let s = if names.len() == 1 { "" } else { "s" };
+                format!("graphql mutation{s} {} on {at}{methods}", names_text(names))
+            }
+            None if self.blanket() => format!("everything to {at}"),
+            None if self.methods.is_empty() => format!("every method to {at}"),
+            None => format!("{} to {at}", self.methods.join(",")),
+        }
+    }
+
+    /// For a rule whose host, port, methods and path match `req`.
+    fn graphql_match(&self, req: &Request<'_>, body: Option<&graphql::Scan>) -> Scoped {
+        let Some(names) = &self.graphql else { return Scoped::Matches };
+        let deny = self.action == Action::Deny;
+        let Some((method, target)) = req.http else {
+            return if deny { Scoped::Matches } else { Scoped::No };
+        };
+        match request_mutations(method, target, body) {
+            None => Scoped::Unread,
+            Some(None) if deny => Scoped::Matches,
+            Some(None) => Scoped::No,
+            Some(Some(fields)) if deny => match fields.iter().any(|f| names.iter().any(|n| n.matches(f))) {
+                true => Scoped::Matches,
+                false => Scoped::No,
+            },
+            Some(Some(fields)) => {
+                match !fields.is_empty() && fields.iter().all(|f| names.iter().any(|n| n.matches_case(f))) {
+                    true => Scoped::Matches,
+                    false => Scoped::No,
+                }
+            }
+        }
+    }
+
+    /// A GraphQL allow that names every one of `listed` (the fields an ask
+    /// rule found), case compared.
+    fn names_all(&self, listed: &[String]) -> bool {
+        self.action == Action::Allow
+            && self.graphql.as_ref().is_some_and(|names| listed.iter().all(|f| names.iter().any(|n| n.matches_case(f))))
+    }
+
     /// What limits it, for `sbx policy ls`: "until reset", "12 s left",
     /// "3 uses left", "until the sandbox stops".
     pub fn limit_text(&self, now_ms: u64) -> String {
@@ -764,7 +908,7 @@ impl LiveRule {
     }
 
     fn blanket(&self) -> bool {
-        self.methods.is_empty() && self.path.is_none()
+        self.methods.is_empty() && self.path.is_none() && self.graphql.is_none()
     }
 
     /// Builds a rule from what a person asked (every field checked).
@@ -777,6 +921,24 @@ impl LiveRule {
         let (pattern, ports) = parse_host_port(&spec.host)?;
         check_methods(&spec.methods)?;
         let path = spec.path.as_deref().map(PathPattern::parse).transpose()?;
+        let graphql = match spec.graphql_mutations.as_slice() {
+            [] => None,
+            names if names.len() > MAX_GRANT_MUTATIONS => {
+                return Err(Error::Graphql(format!(
+                    "a live rule names at most {MAX_GRANT_MUTATIONS} GraphQL mutations"
+                )))
+            }
+            // A deny fails closed on a body it cannot read; on every
+            // path of the host that would be every POST of a REST API.
+            _ if action == Action::Deny && path.is_none() => {
+                return Err(Error::Graphql(
+                    "a deny with --graphql-mutation needs --path (the GraphQL endpoint, such as /graphql)".into(),
+                ))
+            }
+            names => Some(
+                names.iter().map(|n| NamePattern::parse(n)).collect::<Result<Vec<_>, _>>().map_err(Error::Graphql)?,
+            ),
+        };
         let limit = match (spec.for_secs, spec.uses, spec.until_exit) {
             (None, None, false) => Limit::Always,
             (Some(s), None, false) if (1..=MAX_GRANT_SECS).contains(&s) => Limit::Until(now_ms + s * 1000),
@@ -796,6 +958,7 @@ impl LiveRule {
             created_ms: now_ms,
             by_uid: None,
             note: None,
+            graphql,
         })
     }
 }
@@ -831,6 +994,8 @@ struct StoredRule {
     by_uid: Option<u32>,
     #[serde(default)]
     note: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    graphql_mutations: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -913,9 +1078,36 @@ impl LiveRules {
         self.soonest = None;
     }
 
-    /// The first live rule of `action` that decides `req` at `now_ms`.
+    /// The first live rule of `action` that decides `req` at `now_ms`
+    /// (one scoped to GraphQL mutations only with the body: [`LiveRules::matching_body`]).
     pub fn matching(&self, action: Action, req: &Request<'_>, now_ms: u64) -> Option<&LiveRule> {
-        self.rules.iter().find(|r| r.action == action && r.matches(req, now_ms))
+        self.matching_body(action, req, None, now_ms).0
+    }
+
+    /// [`LiveRules::matching`] with what the body holds; and whether a
+    /// rule scoped to GraphQL mutations needs the body, not given.
+    pub fn matching_body(
+        &self,
+        action: Action,
+        req: &Request<'_>,
+        body: Option<&graphql::Scan>,
+        now_ms: u64,
+    ) -> (Option<&LiveRule>, bool) {
+        let mut unread = false;
+        for r in self.rules.iter().filter(|r| r.action == action && r.matches(req, now_ms)) {
+            match r.graphql_match(req, body) {
+                Scoped::Matches => return (Some(r), unread),
+                Scoped::Unread => unread = true,
+                Scoped::No => {}
+            }
+        }
+        (None, unread)
+    }
+
+    /// A live GraphQL allow whose host, port, methods and path match
+    /// `req` and that names every one of `listed`.
+    fn covering(&self, req: &Request<'_>, listed: &[String], now_ms: u64) -> Option<&LiveRule> {
+        self.rules.iter().find(|r| r.names_all(listed) && r.matches(req, now_ms))
     }
 
     /// Counts one use of rule `id`; the rule if that was its last.
@@ -968,6 +1160,7 @@ impl LiveRules {
                 created_ms: r.created_ms,
                 by_uid: r.by_uid,
                 note: r.note.clone(),
+                graphql_mutations: r.graphql.iter().flatten().map(|n| n.as_str().to_string()).collect(),
             })
             .collect();
         let file = StoredFile { version: 1, next_id: self.next_id, rules };
@@ -1013,6 +1206,7 @@ impl LiveRules {
                 for_secs: None,
                 uses: None,
                 until_exit: false,
+                graphql_mutations: s.graphql_mutations,
             };
             let mut rule = LiveRule::from_spec(&spec, s.id, s.created_ms).map_err(ctx)?;
             rule.ports = s.ports;
@@ -1052,6 +1246,12 @@ pub struct QKey {
     pub host: HostName,
     pub port: u16,
     pub rule: Option<String>,
+    /// For a GraphQL ask rule: the listed mutations found
+    /// ([`Judgement::mutations`]). Requests with other mutations wait on
+    /// another question, so a yes to `createIssue` (and the further
+    /// requests of the same kind on those connections) never lets a
+    /// `deleteRepository` go.
+    pub mutations: Option<Vec<String>>,
 }
 
 /// A decision and why.
@@ -1072,11 +1272,14 @@ pub struct Judgement {
     pub needs_body: bool,
     /// What a GraphQL ask rule found: "mutation mergePullRequest".
     pub detail: Option<String>,
+    /// The listed mutation fields a GraphQL ask rule holds it for, where
+    /// all are known: what a lasting approval is scoped to.
+    pub mutations: Option<Vec<String>>,
 }
 
 impl Judgement {
     fn new(verdict: Verdict, rule: Option<String>, reason: String) -> Judgement {
-        Judgement { verdict, rule, reason, grant: None, ask: None, needs_body: false, detail: None }
+        Judgement { verdict, rule, reason, grant: None, ask: None, needs_body: false, detail: None, mutations: None }
     }
 
     pub fn allowed(&self) -> bool {
@@ -1085,7 +1288,7 @@ impl Judgement {
 }
 
 fn held_by_default(host: &HostName, port: u16) -> Judgement {
-    let key = QKey { host: host.clone(), port, rule: None };
+    let key = QKey { host: host.clone(), port, rule: None, mutations: None };
     Judgement::new(Verdict::Ask(key), None, "held: no rule allows it (approval = ask)".into())
 }
 
@@ -1113,8 +1316,9 @@ pub fn judge_body(
     if let Some(r) = live.admin.deny_for(req) {
         return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
     }
-    let held = |a: &AskRule, detail: Option<String>| {
-        let key = QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()) };
+    let held = |a: &AskRule, detail: Option<String>, mutations: Option<Vec<String>>| {
+        let key =
+            QKey { host: req.host.clone(), port: req.port, rule: Some(a.to_string()), mutations: mutations.clone() };
         let reason = match &detail {
             Some(d) => format!("held by {a} ({d})"),
             None => format!("held by {a}"),
@@ -1122,15 +1326,27 @@ pub fn judge_body(
         let mut j = Judgement::new(Verdict::Ask(key), Some(a.to_string()), reason);
         j.ask = Some(a.clone());
         j.detail = detail;
+        j.mutations = mutations;
         j
     };
     let unread_body = |a: &AskRule| {
-        let mut j = held(a, Some("if its body is one of its GraphQL mutations".into()));
+        let mut j = held(a, Some("if its body is one of its GraphQL mutations".into()), None);
         j.needs_body = true;
         j
     };
-    if let Some(r) = live.matching(Action::Deny, req, now_ms) {
-        return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}"));
+    match live.matching_body(Action::Deny, req, body, now_ms) {
+        (Some(r), _) => return Judgement::new(Verdict::Deny, Some(r.to_string()), format!("denied by {r}")),
+        // Fail closed until the body is read (the stack reads it when told).
+        (None, true) => {
+            let mut j = Judgement::new(
+                Verdict::Deny,
+                None,
+                "denied by a live deny of GraphQL mutations if its body has one of them".into(),
+            );
+            j.needs_body = true;
+            return j;
+        }
+        (None, false) => {}
     }
     let d = policy.decide(req);
     if let (Action::Deny, Some(rule)) = (d.action, &d.rule) {
@@ -1140,22 +1356,31 @@ pub fn judge_body(
     // yet is waited for).
     for a in live.admin.asks.iter().filter(|a| a.matches(req)) {
         match a.graphql_asked(req, body) {
-            GraphqlAsk::Plain => return held(a, None),
-            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::Plain => return held(a, None, None),
+            // No grant lifts it; the mutations still tell its questions apart.
+            GraphqlAsk::Asked(why, listed) => return held(a, Some(why), listed),
             GraphqlAsk::NotListed => {}
             GraphqlAsk::Unread => return unread_body(a),
         }
     }
-    if let Some(r) = live.matching(Action::Allow, req, now_ms) {
+    let (allow, allow_unread) = live.matching_body(Action::Allow, req, body, now_ms);
+    if let Some(r) = allow {
         let mut j = Judgement::new(Verdict::Allow, Some(r.to_string()), format!("allowed by {r}"));
         j.grant = Some(r.id);
         return j;
     }
     let mut unread = None;
+    // A live GraphQL allow naming every listed field an ask rule found
+    // lifts that rule (the person said yes to those mutations there).
+    let mut lifted: Option<&LiveRule> = None;
     for a in policy.asks.iter().filter(|a| a.matches(req)) {
         match a.graphql_asked(req, body) {
-            GraphqlAsk::Plain => return held(a, None),
-            GraphqlAsk::Asked(why) => return held(a, Some(why)),
+            GraphqlAsk::Plain => return held(a, None, None),
+            GraphqlAsk::Asked(why, Some(listed)) => match live.covering(req, &listed, now_ms) {
+                Some(r) => lifted = lifted.or(Some(r)),
+                None => return held(a, Some(why), Some(listed)),
+            },
+            GraphqlAsk::Asked(why, None) => return held(a, Some(why), None),
             GraphqlAsk::NotListed => {}
             GraphqlAsk::Unread => unread = unread.or(Some(a)),
         }
@@ -1164,12 +1389,20 @@ pub fn judge_body(
         if let Some(a) = unread {
             return unread_body(a);
         }
-        return Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
+        let mut j = Judgement::new(Verdict::Allow, d.rule.as_ref().map(|r| r.to_string()), d.to_string());
+        if let Some(r) = lifted {
+            j.reason += &format!("; its asked GraphQL mutations granted by {r}");
+            j.grant = Some(r.id);
+        }
+        return j;
     }
-    match policy.approval {
+    let mut j = match policy.approval {
         Approval::Ask => held_by_default(req.host, req.port),
         Approval::Deny => Judgement::new(Verdict::Deny, None, d.to_string()),
-    }
+    };
+    // A live GraphQL allow may allow it once the body is read.
+    j.needs_body = allow_unread;
+    j
 }
 
 /// Whether a connection to `host:port` that netstack terminates is worth
@@ -1298,6 +1531,10 @@ pub struct Question {
     /// What a GraphQL ask rule found in the first request
     /// ("mutation mergePullRequest"), printable.
     pub detail: Option<String>,
+    /// The listed mutation fields of the first request, where all are
+    /// known ([`Judgement::mutations`]): a lasting approval grants these,
+    /// at the ask rule's methods and path, and no other mutation.
+    pub mutations: Option<Vec<String>>,
     pub first_ms: u64,
     /// Requests that joined it.
     pub count: u64,
@@ -1582,6 +1819,21 @@ impl Live {
         http: Option<(&str, &str)>,
         detail: Option<&str>,
     ) -> Result<Ticket, String> {
+        self.hold_graphql(key, ask, http, detail, None)
+    }
+
+    /// [`Live::hold_detail`], with the listed mutation fields a GraphQL ask
+    /// rule found ([`Judgement::mutations`]: what a lasting approval of a
+    /// new question is scoped to; without them, a GraphQL question is
+    /// approved only `--once`).
+    pub fn hold_graphql(
+        self: &Arc<Self>,
+        key: QKey,
+        ask: Option<AskRule>,
+        http: Option<(&str, &str)>,
+        detail: Option<&str>,
+        mutations: Option<Vec<String>>,
+    ) -> Result<Ticket, String> {
         let mut s = self.lock();
         if s.held_conns >= MAX_HELD_CONNS {
             return Err(format!("denied: {MAX_HELD_CONNS} connections already wait for an answer"));
@@ -1631,6 +1883,7 @@ impl Live {
                     method,
                     path,
                     detail,
+                    mutations,
                     first_ms: now,
                     count: 1,
                     waiting: 1,
@@ -1693,25 +1946,31 @@ impl Live {
             for_secs: limit.0,
             uses: None,
             until_exit: limit.1,
+            graphql_mutations: q.mutations.clone().unwrap_or_default(),
         };
-        // No grant lifts an admin ask rule: only what waits goes.
-        let grant = if q.ask.as_ref().is_some_and(AskRule::is_admin) { Grant::Once } else { grant };
+        // No grant lifts an admin ask rule: only what waits goes. A
+        // GraphQL question is granted its mutations only; one whose
+        // mutations are not all known (an unreadable body) has nothing to
+        // scope a grant to: only what waits goes.
+        let graphql_unscoped = q.ask.as_ref().is_some_and(|a| a.graphql.is_some()) && q.mutations.is_none();
+        let grant = if q.ask.as_ref().is_some_and(AskRule::is_admin) || graphql_unscoped { Grant::Once } else { grant };
         let rule = match grant {
             Grant::Once => None,
             Grant::ForSecs(secs) => Some(spec((Some(secs), false))),
             Grant::Always => Some(spec((None, false))),
             Grant::UntilExit => Some(spec((None, true))),
         };
-        let mut added = None;
+        let (mut added, mut scope) = (None, None);
         if let Some(r) = rule {
             let note = Some(format!("{word}: question {id}"));
             let rid = s.rules.add(&r, now, Some(by), note)?;
             added = Some(rid);
+            scope = s.rules.list().last().map(LiveRule::scope);
             s.dirty = true;
         }
         s.event(json!({"event": "approval", "question": id, "host": q.key.host.as_str(), "port": q.key.port,
             "decision": "allow", "answer": word, "by_uid": by, "method": q.method, "path": q.path, "rule": q.key.rule, "grant": format!("{grant:?}"),
-            "live_rule": added, "requests": q.count}));
+            "live_rule": added, "scope": scope, "requests": q.count}));
         drop(s);
         self.wake();
         Ok(added)
@@ -1739,7 +1998,8 @@ impl Live {
         let now = s.now_ms;
         let id = s.rules.add(spec, now, by, None)?;
         let text = s.rules.list().last().map(|r| r.to_string());
-        s.event(json!({"event": "live", "change": "added", "rule": text, "by_uid": by}));
+        let scope = s.rules.list().last().map(LiveRule::scope);
+        s.event(json!({"event": "live", "change": "added", "rule": text, "scope": scope, "by_uid": by}));
         s.dirty = true;
         drop(s);
         self.wake();
@@ -1797,6 +2057,7 @@ mod tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 
@@ -1908,7 +2169,7 @@ mod tests {
             judge(&p, &live, &Request { host: &h, port: 80, http: Some((m, "/")) }, 0).verdict
         };
         let ask = |h: &str, rule: Option<&str>| {
-            Verdict::Ask(QKey { host: host(h), port: 80, rule: rule.map(str::to_string) })
+            Verdict::Ask(QKey { host: host(h), port: 80, rule: rule.map(str::to_string), mutations: None })
         };
         assert_eq!(v("ld.a.com", "GET"), Verdict::Deny, "live deny beats live allow and static allow");
         assert_eq!(v("bad.a.com", "GET"), Verdict::Deny, "static deny beats live allow");
@@ -1996,7 +2257,7 @@ mod tests {
     fn questions_gather_waiters_and_approval_adds_the_grant_asked_for() {
         let live = Live::new("sb", LiveRules::default());
         live.tick(1_000);
-        let key = QKey { host: host("x.com"), port: 443, rule: None };
+        let key = QKey { host: host("x.com"), port: 443, rule: None, mutations: None };
         let t1 = live.hold(key.clone(), None, None).unwrap();
         let t2 = live.hold(key.clone(), None, None).unwrap();
         assert_eq!(t1.id, t2.id, "one question for one host:port");
@@ -2011,17 +2272,19 @@ mod tests {
         let events = live.take_events();
         assert!(events.iter().any(|e| e["decision"] == "held") && events.iter().any(|e| e["by_uid"] == 1000));
         // Time-out, and the bounds.
-        let other = QKey { host: host("y.com"), port: 80, rule: None };
+        let other = QKey { host: host("y.com"), port: 80, rule: None, mutations: None };
         let t3 = live.hold(other, None, Some(("GET", "/a"))).unwrap();
         live.tick(1_000 + DEFAULT_HOLD_MS);
         assert_eq!(live.answer(t3.id), Answer::TimedOut);
         assert!(live.take_events().iter().any(|e| e["answer"] == "timed out"));
         let mut tickets = Vec::new();
         for i in 0..MAX_QUESTIONS {
-            tickets
-                .push(live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None }, None, None).unwrap());
+            tickets.push(
+                live.hold(QKey { host: host(&format!("h{i}.com")), port: 80, rule: None, mutations: None }, None, None)
+                    .unwrap(),
+            );
         }
-        let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None }, None, None);
+        let over = live.hold(QKey { host: host("over.com"), port: 80, rule: None, mutations: None }, None, None);
         assert!(over.unwrap_err().contains("questions already wait"));
         assert_eq!(live.reject(tickets[0].id, 0), Ok(()));
         assert_eq!(live.reject(999, 0), Err(Error::NoQuestion(999)));
@@ -2031,7 +2294,7 @@ mod tests {
     fn learning_answers_yes_at_once_until_exit_and_records_it() {
         let live = Live::new("sb", LiveRules::default());
         live.set_learn(true);
-        let key = QKey { host: host("new.com"), port: 443, rule: None };
+        let key = QKey { host: host("new.com"), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, Some(("GET", "/a"))).unwrap();
         assert_eq!(live.answer(t.id), Answer::Approved { by: 0 });
         let (rules, _) = live.rules();
@@ -2137,6 +2400,137 @@ mod tests {
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = [\"a-b\"]").contains("mutation name"));
         assert!(err("version = 1\n[[rule]]\nask = \"a.com\"\ngraphql_mutations = []").contains("from 1 to"));
     }
+
+    /// A GraphQL request's body scanned, as the stack gives it.
+    fn gql(q: &str) -> graphql::Scan {
+        graphql::scan_body(&serde_json::to_vec(&json!({ "query": q })).unwrap())
+    }
+
+    /// Judges a POST /graphql to api.github.com:443 with `body`; a held
+    /// one is held as the stack holds it.
+    fn post_gql(p: &Policy, live: &Arc<Live>, body: Option<&graphql::Scan>) -> (Judgement, Option<Ticket>) {
+        let h = host("api.github.com");
+        let req = Request { host: &h, port: 443, http: Some(("POST", "/graphql")) };
+        let j = live.judge_body(p, &req, body);
+        let t = match (&j.verdict, j.needs_body) {
+            (Verdict::Ask(key), false) => Some(
+                live.hold_graphql(key.clone(), j.ask.clone(), req.http, j.detail.as_deref(), j.mutations.clone())
+                    .unwrap(),
+            ),
+            _ => None,
+        };
+        (j, t)
+    }
+
+    #[test]
+    fn a_graphql_grant_is_scoped_to_the_mutations_its_question_found() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n").unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        let merge = gql("mutation { mergePullRequest(input: {}) { clientMutationId } }");
+        let (j, t) = post_gql(&p, &live, Some(&merge));
+        assert_eq!(j.mutations, Some(vec!["mergePullRequest".to_string()]), "{j:?}");
+        let rid = live.approve(t.unwrap().id, Grant::ForSecs(600), 1000).unwrap().expect("a grant");
+        let (rules, _) = live.rules();
+        let r = rules.list().iter().find(|r| r.id == rid).unwrap();
+        assert_eq!(r.scope(), "graphql mutation mergePullRequest on api.github.com:443/graphql (POST,GET)");
+        assert!(r.to_string().ends_with("graphql mutations mergePullRequest"), "{r}");
+        let go = |q: &str| post_gql(&p, &live, Some(&gql(q))).0;
+        // The same mutation goes; with an unlisted one too (the rule is lifted).
+        assert_eq!(go("mutation { mergePullRequest(input: {}) { x } }").grant, Some(rid));
+        let with_star = go("mutation { mergePullRequest(input: {}) { x } addStar(input: {}) { x } }");
+        assert!(with_star.allowed() && with_star.reason.contains("granted by live #"), "{with_star:?}");
+        // Another listed mutation is asked, alone or beside the granted one.
+        for q in [
+            "mutation { deleteRepository(input: {}) { x } }",
+            "mutation { mergePullRequest(input: {}) { x } deleteRef(input: {}) { x } }",
+            "mutation { a: mergePullRequest(input: {}) { x } } mutation B { enqueuePullRequest(input: {}) { x } }",
+            // Case compared for a grant (the ask rule compares without).
+            "mutation { mergepullrequest(input: {}) { x } }",
+            // Unknown fields: never covered by a grant.
+            "mutation { mergePullRequest(input: {}) { x } ...F } fragment F on Mutation { deleteRef { x } }",
+        ] {
+            assert!(matches!(go(q).verdict, Verdict::Ask(_)), "{q}");
+        }
+        let unreadable = Err(graphql::Error::Chunked);
+        assert!(matches!(post_gql(&p, &live, Some(&unreadable)).0.verdict, Verdict::Ask(_)));
+        // Reads are unaffected.
+        assert!(go("query { viewer { login } }").allowed());
+        // Kept with the sandbox as scoped as it was made.
+        let (back, _) = LiveRules::from_json(live.persisted().as_bytes(), 0).unwrap();
+        assert_eq!(back.list()[0].graphql, rules.list()[0].graphql);
+        assert!(back.list()[0].graphql.is_some());
+    }
+
+    #[test]
+    fn a_graphql_question_whose_mutations_are_unknown_gets_no_lasting_grant() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\ninclude = [\"ask:github\"]\n").unwrap();
+        let live = Live::new("sb", LiveRules::default());
+        let (j, t) = post_gql(&p, &live, Some(&Err(graphql::Error::Chunked)));
+        assert!(matches!(j.verdict, Verdict::Ask(_)) && j.mutations.is_none(), "{j:?}");
+        assert_eq!(live.approve(t.unwrap().id, Grant::Always, 1000).unwrap(), None, "only what waits goes");
+        assert!(live.rules().0.list().is_empty());
+        let merge = gql("mutation { mergePullRequest(input: {}) { x } }");
+        assert!(matches!(post_gql(&p, &live, Some(&merge)).0.verdict, Verdict::Ask(_)));
+    }
+
+    #[test]
+    fn a_graphql_grant_to_a_host_the_policy_does_not_allow_waits_for_the_body() {
+        let p = Policy::from_toml(
+            "version = 1\npreset = \"locked\"\n[[rule]]\nask = \"api.github.com\"\npath = \"/graphql\"\n\
+             graphql_mutations = [\"createIssue\"]\n",
+        )
+        .unwrap();
+        let mut rules = LiveRules::default();
+        let scoped = RuleSpec { graphql_mutations: vec!["createIssue".into()], ..spec("allow", "api.github.com") };
+        rules.add(&scoped, 0, None, None).unwrap();
+        let h = host("api.github.com");
+        let req = Request { host: &h, port: 443, http: Some(("POST", "/graphql")) };
+        let head = judge(&p, &rules, &req, 0);
+        assert!(!head.allowed() && head.needs_body, "{head:?}");
+        let create = gql("mutation { createIssue(input: {}) { x } }");
+        assert!(judge_body(&p, &rules, &req, Some(&create), 0).allowed());
+        let other = gql("mutation { addStar(input: {}) { x } }");
+        assert_eq!(judge_body(&p, &rules, &req, Some(&other), 0).verdict, Verdict::Deny, "only createIssue");
+        assert_eq!(judge_body(&p, &rules, &req, Some(&gql("{ viewer { login } }")), 0).verdict, Verdict::Deny);
+        // Scoped rules are not blanket: connections are terminated to read them.
+        assert!(terminates(&p, &rules, &h, 443));
+    }
+
+    #[test]
+    fn a_live_deny_of_a_graphql_mutation_denies_that_mutation_not_the_host() {
+        let p = Policy::from_toml("version = 1\npreset = \"balanced\"\n").unwrap();
+        let mut rules = LiveRules::default();
+        let deny = RuleSpec {
+            path: Some("/graphql".into()),
+            graphql_mutations: vec!["delete*".into()],
+            for_secs: Some(600),
+            ..spec("deny", "api.github.com")
+        };
+        let id = rules.add(&deny, 0, None, None).unwrap();
+        assert_eq!(rules.list()[0].scope(), "graphql mutation delete* on api.github.com:80,443/graphql");
+        let h = host("api.github.com");
+        let req = |m: &'static str, t: &'static str| Request { host: &h, port: 443, http: Some((m, t)) };
+        let j = |r: &Request<'_>, b: Option<&graphql::Scan>| judge_body(&p, &rules, r, b, 1000);
+        let head = j(&req("POST", "/graphql"), None);
+        assert!(head.verdict == Verdict::Deny && head.needs_body, "fails closed until the body is read: {head:?}");
+        let del = gql("mutation { createIssue(input: {}) { x } DeleteRepository(input: {}) { x } }");
+        let d = j(&req("POST", "/graphql"), Some(&del));
+        assert!(d.verdict == Verdict::Deny && d.reason.contains(&format!("live #{id}")), "{d:?}");
+        assert_eq!(j(&req("POST", "/graphql"), Some(&Err(graphql::Error::Chunked))).verdict, Verdict::Deny);
+        assert!(j(&req("POST", "/graphql"), Some(&gql("mutation { createIssue(input: {}) { x } }"))).allowed());
+        assert!(j(&req("POST", "/graphql"), Some(&gql("{ viewer { login } }"))).allowed());
+        assert!(j(&req("GET", "/graphql?query=%7Bviewer%7Blogin%7D%7D"), None).allowed());
+        let get_del = j(&req("GET", "/graphql?query=mutation%7BdeleteRef%7Bx%7D%7D"), None);
+        assert_eq!(get_del.verdict, Verdict::Deny);
+        // The rest of the host: not denied, nothing waited for.
+        let rest = j(&req("POST", "/repos/o/r/issues"), None);
+        assert!(rest.allowed() && !rest.needs_body, "{rest:?}");
+        assert_eq!(judge_reachable(&p, &rules, &h, 443, 1000).verdict, Verdict::Allow);
+        assert_eq!(judge_resolvable(&p, &rules, &h, 1000).verdict, Verdict::Allow);
+        // Without a path it would deny every unreadable POST of the host.
+        let blanket = RuleSpec { path: None, ..deny };
+        assert!(matches!(rules.add(&blanket, 0, None, None), Err(Error::Graphql(e)) if e.contains("needs --path")));
+    }
 }
 
 #[cfg(test)]
@@ -2157,6 +2551,7 @@ mod admin_tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 
@@ -2238,7 +2633,7 @@ mod admin_tests {
         let h = host("evil.com");
         let j = live.judge(&p, &Request { host: &h, port: 443, http: None });
         assert_eq!(j.verdict, Verdict::Deny, "admin deny before approval = ask");
-        let key = QKey { host: host("evil.com"), port: 443, rule: None };
+        let key = QKey { host: host("evil.com"), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, None).unwrap();
         assert_eq!(live.approve(t.id, Grant::Always, 1000).unwrap(), Some(1), "a grant was added");
         assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
@@ -2255,7 +2650,8 @@ mod admin_tests {
         live.set_learn(true);
         let t = live.hold(key, ask, Some(("DELETE", "/r"))).unwrap();
         assert_eq!(live.answer(t.id), Answer::Pending, "a person answers admin asks");
-        let other = live.hold(QKey { host: host("new.org"), port: 443, rule: None }, None, None).unwrap();
+        let other =
+            live.hold(QKey { host: host("new.org"), port: 443, rule: None, mutations: None }, None, None).unwrap();
         assert_eq!(live.answer(other.id), Answer::Approved { by: 0 }, "others are learned");
         assert_eq!(live.judge(&p, &Request { host: &h, port: 443, http: None }).verdict, Verdict::Deny);
     }

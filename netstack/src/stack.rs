@@ -2513,6 +2513,77 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     }
 
     #[test]
+    fn a_lasting_approval_of_a_graphql_mutation_grants_that_mutation_only() {
+        let (up, seen) = recording_upstream();
+        let policy = "version = 1\npreset = \"balanced\"\n[[rule]]\nask = \"api.github.com\"\nmethods = [\"POST\"]\n\
+                      path = \"/graphql\"\ngraphql_mutations = [\"*\"]\n";
+        let live = Live::with_hold("sb", LiveRules::default(), 600_000);
+        let mut net = net_with(policy, &[("api.github.com", 80, up)]).with_live(live.clone());
+        let (mut guest, mut now) = (Guest::new(1500), 0);
+        let addr = a_record(&resolve(&mut net, &mut guest, "api.github.com", &mut now));
+        let post = |query: &str| {
+            let body = serde_json::to_vec(&serde_json::json!({ "query": query })).unwrap();
+            let mut r = format!(
+                "POST /graphql HTTP/1.1\r\nHost: api.github.com\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        };
+        let create = "mutation { createIssue(input: {repositoryId: \"R\", title: \"t\"}) { issue { id } } }";
+        let delete = "mutation { deleteRepository(input: {repositoryId: \"R\"}) { clientMutationId } }";
+        let pending = |live: &Live| live.questions().into_iter().filter(|q| q.answer == Answer::Pending).count();
+        // createIssue is asked; approved for 10 minutes.
+        let c = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), &post(create));
+        assert!(settle(&mut net, &mut guest, &mut now, &[c])[0].is_empty(), "held");
+        let q = live.questions();
+        assert_eq!((q.len(), q[0].detail.as_deref()), (1, Some("mutation createIssue")), "{q:?}");
+        live.approve(q[0].id, Grant::ForSecs(600), 1000).unwrap();
+        let got = collect(&mut net, &mut guest, &mut now, &[c], |g| contains(&g[0], "\r\n\r\nok"));
+        assert!(contains(&got[0], "200 OK"), "{got:?}");
+        // On the same kept-alive connection, deleteRepository is not "the
+        // same kind" of request as the one approved: it is asked.
+        send_more(&mut net, &mut guest, &mut now, c, &post(delete));
+        assert!(
+            settle(&mut net, &mut guest, &mut now, &[c])[0].is_empty(),
+            "deleteRepository on that connection is held"
+        );
+        assert_eq!(pending(&live), 1);
+        let first_delete = live.questions().into_iter().find(|q| q.answer == Answer::Pending).unwrap().id;
+        live.reject(first_delete, 1000).unwrap();
+        // Another createIssue goes at once, nothing asked.
+        let (got, _) =
+            exchange(&mut net, &mut guest, &mut now, (addr, 80), &post(create), |g| contains(g, "\r\n\r\nok"));
+        assert!(contains(&got, "200 OK"), "{got:?}");
+        assert_eq!(pending(&live), 0);
+        // deleteRepository, to the same host and path, is still asked.
+        let d = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), &post(delete));
+        assert!(settle(&mut net, &mut guest, &mut now, &[d])[0].is_empty(), "deleteRepository is held");
+        let q: Vec<_> = live.questions().into_iter().filter(|q| q.answer == Answer::Pending).collect();
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!(q[0].detail.as_deref(), Some("mutation deleteRepository"));
+        // So is a request with both, and a read is unaffected.
+        let both =
+            "mutation { createIssue(input: {}) { issue { id } } deleteRepository(input: {}) { clientMutationId } }";
+        let b = open_and_send(&mut net, &mut guest, &mut now, (addr, 80), &post(both));
+        assert!(
+            settle(&mut net, &mut guest, &mut now, &[b])[0].is_empty(),
+            "createIssue does not carry deleteRepository"
+        );
+        let (got, _) = exchange(&mut net, &mut guest, &mut now, (addr, 80), &post("query { viewer { login } }"), |g| {
+            contains(g, "\r\n\r\nok")
+        });
+        assert!(contains(&got, "200 OK"), "{got:?}");
+        let sent: Vec<String> =
+            seen.lock().unwrap().iter().map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert!(sent.iter().all(|b| !b.contains("deleteRepository")), "{sent:?}");
+        let log = audit(&net);
+        assert!(log.contains("graphql mutation createIssue on api.github.com:80/graphql"), "{log}");
+    }
+
+    #[test]
     fn explain_and_enforcement_are_one_decision() {
         use crate::live::{judge, RuleSpec, Verdict};
         let (up, _) = http_upstream();
@@ -2539,6 +2610,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         };
         live.add_rule(&rule("deny", "d.example.com"), None).unwrap();
         live.add_rule(&rule("allow", "e.example.org:80"), None).unwrap();

@@ -198,7 +198,7 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
                 }
             }
             let id = live.add_rule(rule, Some(uid)).map_err(|e| e.to_string())?;
-            Ok(format!("live rule #{id} added"))
+            Ok(format!("live rule #{id} added: {}", rule_scope(live, id)))
         }
         Req::Rm { id } => {
             live.remove_rule(*id, Some(uid)).map(|_| format!("live rule #{id} removed")).map_err(|e| e.to_string())
@@ -210,8 +210,12 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
         Req::Ls {} => Ok(ls_text(live, policy)),
         Req::Approvals {} => Ok(approvals_text(live)),
         Req::Approve { id, grant } => match live.approve(*id, *grant, uid).map_err(|e| e.to_string())? {
-            Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added")),
-            None => Ok(format!("question #{id} approved once")),
+            Some(rule) => Ok(format!("question #{id} approved; live rule #{rule} added: {}", rule_scope(live, rule))),
+            None if *grant == Grant::Once => Ok(format!("question #{id} approved once")),
+            None => Ok(format!(
+                "question #{id} approved once only: no lasting grant for a question of an admin ask rule, \
+                 or of a GraphQL request whose mutations could not all be read"
+            )),
         },
         Req::Reject { id } => {
             live.reject(*id, uid).map(|_| format!("question #{id} rejected")).map_err(|e| e.to_string())
@@ -219,6 +223,15 @@ pub fn execute(req: &Req, live: &Live, policy: Option<&Policy>, uid: u32) -> Res
         Req::Publish { .. } | Req::Unpublish { .. } | Req::Ports {} => {
             Err("ports are steered by `sbx ports`, not with the live rules".into())
         }
+    }
+}
+
+/// What live rule `id` opens or shuts, and for how long, in words.
+fn rule_scope(live: &Live, id: u64) -> String {
+    let (rules, now) = live.rules();
+    match rules.list().iter().find(|r| r.id == id) {
+        Some(r) => format!("{} ({})", r.scope(), r.limit_text(now)),
+        None => "already gone".into(),
     }
 }
 
@@ -610,6 +623,7 @@ mod tests {
             for_secs: None,
             uses: None,
             until_exit: false,
+            graphql_mutations: vec![],
         }
     }
 
@@ -714,7 +728,7 @@ mod tests {
         let (dir, live) = served(own_uid());
         let path = dir.path().join(SOCKET);
         live.tick(1_000);
-        let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None };
+        let key = QKey { host: HostName::parse("x.com").unwrap(), port: 443, rule: None, mutations: None };
         let t = live.hold(key, None, Some(("POST", "/v1/things"))).unwrap();
         let r = request("sb", &path, &Req::Approvals {}).unwrap();
         assert!(
@@ -730,13 +744,58 @@ mod tests {
     #[test]
     fn approvals_show_the_graphql_mutations_after_the_fixed_fields() {
         let live = Live::new("sb", LiveRules::default());
-        let key = QKey { host: HostName::parse("api.github.com").unwrap(), port: 443, rule: Some("r".into()) };
+        let key = QKey {
+            host: HostName::parse("api.github.com").unwrap(),
+            port: 443,
+            rule: Some("r".into()),
+            mutations: None,
+        };
         live.hold_detail(key, None, Some(("POST", "/graphql")), Some("mutation mergePullRequest")).unwrap();
         let text = approvals_text(&live);
         let line = text.lines().nth(1).unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&fields[1..4], &["waiting", "api.github.com:443/graphql", "POST"], "{text}");
         assert!(line.ends_with("r (mutation mergePullRequest)"), "{text}");
+    }
+
+    #[test]
+    fn approving_a_graphql_question_names_the_scope_of_the_grant() {
+        let live = Live::new("sb", LiveRules::default());
+        let ask = netstack::live::AskRule::parse(
+            "api.github.com",
+            None,
+            vec!["POST".into()],
+            Some("/graphql"),
+            "rule 1".into(),
+        )
+        .and_then(|a| a.with_graphql(&["*".into()]))
+        .unwrap();
+        let key = QKey {
+            host: HostName::parse("api.github.com").unwrap(),
+            port: 443,
+            rule: Some(ask.to_string()),
+            mutations: Some(vec!["createIssue".into()]),
+        };
+        let http = Some(("POST", "/graphql"));
+        let t = live.hold_graphql(
+            key.clone(),
+            Some(ask.clone()),
+            http,
+            Some("mutation createIssue"),
+            Some(vec!["createIssue".into()]),
+        );
+        let grant = Grant::ForSecs(600);
+        let text = execute(&Req::Approve { id: t.unwrap().id, grant }, &live, None, 1000).unwrap();
+        assert!(
+            text.contains("graphql mutation createIssue on api.github.com:443/graphql (POST) (600 s left)"),
+            "{text}"
+        );
+        assert!(ls_text(&live, None).contains("graphql mutations createIssue"));
+        // Mutations not all known: said so, not a silent once.
+        let key = QKey { mutations: None, ..key };
+        let t = live.hold_graphql(key, Some(ask), http, Some("unreadable: chunked"), None);
+        let text = execute(&Req::Approve { id: t.unwrap().id, grant }, &live, None, 1000).unwrap();
+        assert!(text.contains("approved once only"), "{text}");
     }
 
     #[test]

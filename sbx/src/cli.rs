@@ -200,8 +200,9 @@ pub struct ApproveArgs {
     /// Only what waits now (the default).
     #[arg(long, conflicts_with_all = ["for_", "always"])]
     pub once: bool,
-    /// Also allow that host (and the ask rule's methods and path) for
-    /// this long: 90s, 10m, 2h, 1d.
+    /// Also allow that host (and the ask rule's methods and path; for a
+    /// GraphQL question only the mutations it found) for this long: 90s,
+    /// 10m, 2h, 1d.
     #[arg(long = "for", value_name = "DURATION", conflicts_with = "always")]
     pub for_: Option<String>,
     /// Also allow it from now on (kept with the sandbox until
@@ -224,6 +225,11 @@ pub struct LiveRuleArgs {
     /// Only paths matching this pattern (`*` one segment, `**` any rest).
     #[arg(long)]
     pub path: Option<String>,
+    /// Only GraphQL requests with this mutation (repeatable; `name`,
+    /// `prefix*`, `*suffix`): an allow needs every mutation of the request
+    /// named, a deny any one (or an unreadable body; a deny needs --path).
+    #[arg(long = "graphql-mutation", value_name = "NAME")]
+    pub graphql_mutations: Vec<String>,
     /// For this long only: 90s, 10m, 2h, 1d.
     #[arg(long = "for", value_name = "DURATION", conflicts_with_all = ["uses", "until_exit"])]
     pub for_: Option<String>,

@@ -83,6 +83,7 @@ fn live_rule(action: &str, a: LiveRuleArgs) -> Result<ExitCode, Box<dyn Error>> 
         for_secs,
         uses: a.uses,
         until_exit: a.until_exit,
+        graphql_mutations: a.graphql_mutations,
     };
     Ok(admin::command(&a.name, Req::Add { rule })?)
 }
