@@ -127,18 +127,34 @@ impl Sbx {
 /// Whether the file at `path` holds `needle`, read in pieces (the
 /// sandbox's disk is large and sparse).
 pub fn file_contains(path: &std::path::Path, needle: &str) -> bool {
+    file_holds(path, &[needle])[0]
+}
+
+/// For each of `needles`, whether the file at `path` holds it: one pass
+/// over the file, in pieces; all-zero pieces (a sparse disk's holes) are
+/// skipped without searching.
+pub fn file_holds(path: &std::path::Path, needles: &[&str]) -> Vec<bool> {
     let mut f = std::fs::File::open(path).unwrap();
+    let longest = needles.iter().map(|n| n.len()).max().unwrap_or(0);
     let (mut buf, mut carry) = (vec![0u8; 1 << 20], Vec::new());
+    let mut found = vec![false; needles.len()];
     loop {
         let n = std::io::Read::read(&mut f, &mut buf).unwrap();
         if n == 0 {
-            return false;
+            return found;
+        }
+        if buf[..n].iter().all(|&b| b == 0) && carry.iter().all(|&b| b == 0) {
+            carry.clear();
+            continue;
         }
         carry.extend_from_slice(&buf[..n]);
-        if carry.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            return true;
+        for (i, needle) in needles.iter().enumerate() {
+            let needle = needle.as_bytes();
+            if !found[i] && carry.windows(needle.len()).any(|w| w == needle) {
+                found[i] = true;
+            }
         }
-        carry.drain(..carry.len().saturating_sub(needle.len()));
+        carry.drain(..carry.len().saturating_sub(longest));
     }
 }
 
