@@ -35,6 +35,8 @@ pub mod metrics;
 pub mod runner;
 #[cfg(target_arch = "x86_64")]
 pub mod seccomp_filters;
+#[cfg(target_arch = "x86_64")]
+pub mod snapshot;
 #[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod sys;

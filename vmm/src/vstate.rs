@@ -1,9 +1,12 @@
 //! Host side: the KVM VM and its vCPUs — creation, guest memory
 //! registration, in-kernel interrupt controllers, and reading why a vCPU
 //! stopped. KVM's own `unsafe` (registering guest memory, reading the
-//! `kvm_run` union) lives here; libc calls are in `sys`.
+//! `kvm_run` union, KVM_GET/SET_XSAVE2 with its caller-sized buffer) lives
+//! here; libc calls are in `sys`.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, kvm_xsave, CpuId, Xsave, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -122,6 +125,66 @@ impl Vm {
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd> {
         self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("create a vCPU", e))
     }
+
+    /// The MSRs this host's KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
+    pub fn msr_index_list(&self) -> std::result::Result<Vec<u32>, kvm_ioctls::Error> {
+        self.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec())
+    }
+
+    /// Bytes of one vCPU's XSAVE area in this VM: KVM_CAP_XSAVE2's size
+    /// (which counts the host's AVX-512 and any dynamically enabled state),
+    /// never less than the legacy 4 KiB `kvm_xsave`.
+    pub fn xsave_size(&self) -> usize {
+        let size = usize::try_from(self.fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        size.max(std::mem::size_of::<kvm_xsave>())
+    }
+
+    /// The vCPU's whole XSAVE area, `xsave_size()` bytes (KVM_GET_XSAVE2
+    /// where KVM has it, else KVM_GET_XSAVE), in KVM's standard
+    /// (non-compacted) layout.
+    pub fn get_xsave(&self, vcpu: &VcpuFd) -> std::result::Result<Vec<u8>, kvm_ioctls::Error> {
+        use zerocopy::IntoBytes;
+        if self.fd.check_extension_int(Cap::Xsave2) <= 0 {
+            return Ok(vcpu.get_xsave()?.region.as_bytes().to_vec());
+        }
+        let size = self.xsave_size();
+        let mut xsave = Xsave::new(xsave_fam_len(size)).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        // SAFETY: `xsave` holds the 4 KiB kvm_xsave plus xsave_fam_len(size)
+        // u32s after it, at least `size` bytes: the size KVM_CAP_XSAVE2
+        // reports for this VM, which KVM never writes past. sbx enables no
+        // dynamic XSTATE (arch_prctl) that could grow it afterwards.
+        unsafe { vcpu.get_xsave2(&mut xsave) }?;
+        let mut bytes = xsave.as_fam_struct_ref().xsave.region.as_bytes().to_vec();
+        bytes.extend_from_slice(xsave.as_slice().as_bytes());
+        bytes.truncate(size);
+        Ok(bytes)
+    }
+
+    /// Loads an XSAVE area read by `get_xsave` into `vcpu`. Refused (EINVAL)
+    /// unless `bytes` is exactly this VM's `xsave_size()`: an area from a
+    /// host with other XSAVE features does not fit this one.
+    pub fn set_xsave(&self, vcpu: &VcpuFd, bytes: &[u8]) -> std::result::Result<(), kvm_ioctls::Error> {
+        use zerocopy::IntoBytes;
+        let size = self.xsave_size();
+        if bytes.len() != size {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        let mut xsave = Xsave::new(xsave_fam_len(size)).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        let tail = xsave.as_mut_slice().as_mut_bytes();
+        tail[..size - legacy].copy_from_slice(&bytes[legacy..]);
+        // SAFETY: `as_mut_fam_struct` only hands out the header; we write the
+        // fixed-size 4 KiB region in it and change no length field.
+        unsafe { xsave.as_mut_fam_struct() }.xsave.region.as_mut_bytes().copy_from_slice(&bytes[..legacy]);
+        // SAFETY: as in get_xsave: the buffer is at least the size KVM
+        // reports for this VM, so KVM_SET_XSAVE reads only memory we own.
+        unsafe { vcpu.set_xsave2(&xsave) }
+    }
+}
+
+/// u32 elements after the 4 KiB `kvm_xsave` for an XSAVE area of `size` bytes.
+fn xsave_fam_len(size: usize) -> usize {
+    size.saturating_sub(std::mem::size_of::<kvm_xsave>()).div_ceil(std::mem::size_of::<u32>())
 }
 
 /// The suberror of a KVM_EXIT_INTERNAL_ERROR that the vCPU just returned.
