@@ -649,7 +649,12 @@ where
 ///
 /// A thread started by a confined thread keeps that thread's filters
 /// and Landlock domain and adds its own: it can do only what both allow.
-pub fn spawn_confined<T, F>(kind: ThreadKind, name: &str, reach: Reach, f: F) -> Result<JoinHandle<Option<T>>, JailError>
+pub fn spawn_confined<T, F>(
+    kind: ThreadKind,
+    name: &str,
+    reach: Reach,
+    f: F,
+) -> Result<JoinHandle<Option<T>>, JailError>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,

@@ -659,17 +659,18 @@ fn all_filtered_child() {
     })
     .unwrap();
     let (worker_tx, worker_rx) = std::sync::mpsc::channel::<()>();
-    let worker = threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), Reach::Unconfined, move || {
-        // And one a confined thread starts (netstack's connect threads):
-        // it keeps its filter.
-        let helper = std::thread::spawn(move || {
-            let _ = worker_rx.recv();
-        });
-        // But it cannot start one of another kind: refused, not trapped.
-        let other = threads::spawn_confined(ThreadKind::Session, "other", Reach::Only(vec![]), || ()).map(drop);
-        (helper, other.map_err(|e| e.to_string()))
-    })
-    .unwrap();
+    let worker =
+        threads::spawn(ThreadKind::Control, "sbx-admin", PanicReport::to(&stop), Reach::Unconfined, move || {
+            // And one a confined thread starts (netstack's connect threads):
+            // it keeps its filter.
+            let helper = std::thread::spawn(move || {
+                let _ = worker_rx.recv();
+            });
+            // But it cannot start one of another kind: refused, not trapped.
+            let other = threads::spawn_confined(ThreadKind::Session, "other", Reach::Only(vec![]), || ()).map(drop);
+            (helper, other.map_err(|e| e.to_string()))
+        })
+        .unwrap();
     let (helper, other) = worker.join().unwrap().unwrap();
     assert!(other.as_ref().is_err_and(|e| e.contains("confined")), "{other:?}");
     threads::confine_current(ThreadKind::Control, &Reach::Unconfined).unwrap();
@@ -679,7 +680,8 @@ fn all_filtered_child() {
         .collect();
     names.sort();
     let harness = std::process::id();
-    let unfiltered: Vec<_> = threads::unfiltered_threads().unwrap().into_iter().filter(|(tid, _)| *tid != harness).collect();
+    let unfiltered: Vec<_> =
+        threads::unfiltered_threads().unwrap().into_iter().filter(|(tid, _)| *tid != harness).collect();
     println!("THREADS {names:?}");
     println!("UNFILTERED {unfiltered:?}");
     hold_tx.send(()).unwrap();
