@@ -31,7 +31,8 @@
 //! creates no socket and connects nowhere (it accepts on the control
 //! socket, bound before it starts); the control threads create UNIX
 //! sockets for one connect, the main session's to the control socket,
-//! and bind and listen on none. vCPUs and file servers create no socket.
+//! and bind and listen on none. vCPUs, file servers, disks, the signal
+//! thread and the input forwarder create no socket.
 //! Seccomp cannot read connect's path: where the kernel has Landlock ABI
 //! 9 the path is confined too, and abstract sockets are Landlock's on
 //! every kind ([`crate::threads`]).

@@ -1,6 +1,8 @@
 //! Host side: the one place the VMM starts threads ([`spawn`]) and jails
 //! them. Each thread has a [`ThreadKind`] saying what it runs (a vCPU, a
-//! device worker, the control threads); once [`enable_jail`] has been
+//! device worker, the control threads, and beside the VM the signal
+//! thread, the violation watcher and the input forwarder, started with
+//! [`spawn_confined`]); once [`enable_jail`] has been
 //! called, every thread is confined before its work starts: Landlock to
 //! the paths it was given (the file server: its shared folder; netstack:
 //! the resolver's files, [`resolver_reach`]) and to no abstract UNIX
