@@ -7,13 +7,14 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use protocol::session::{Frame, Open, Reader, MAX_DATA};
 
 use thiserror::Error;
+use vmm::threads::{Reach, ThreadKind};
 
 use crate::termfilter::TerminalFilter;
 use crate::terminal;
@@ -37,6 +38,8 @@ pub enum Error {
     Closed,
     #[error("Lost the session: {0}")]
     Lost(io::Error),
+    #[error("Cannot start the session's thread: {0}")]
+    Thread(#[source] vmm::threads::JailError),
 }
 
 /// How a session ended.
@@ -119,19 +122,29 @@ fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
 pub fn exec(socket: &Path, open: Open, interactive: bool, wait: Duration) -> Result<Outcome, Error> {
     let writer = Writer::default();
     let for_signals = writer.clone();
-    crate::signals::forward(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
-        let frame = if sig == libc::SIGWINCH { resize_frame() } else { Some(Frame::Signal(sig)) };
-        if let Some(f) = frame {
-            send_to(&for_signals, &f);
-        }
-    });
-    run_session(socket, open, interactive, wait, &writer, &|| false).map(|(o, _)| o)
+    let blocked = crate::signals::block(&[libc::SIGWINCH, libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    blocked
+        .forward(move |event| {
+            let frame = match event {
+                crate::signals::Event::Signal(libc::SIGWINCH) => resize_frame(),
+                crate::signals::Event::Signal(sig) => Some(Frame::Signal(sig)),
+                crate::signals::Event::Deadline => None,
+            };
+            if let Some(f) = frame {
+                send_to(&for_signals, &f);
+            }
+            None
+        })
+        .map_err(Error::Thread)?;
+    let input = Input::start().map_err(Error::Thread)?;
+    run_session(socket, open, interactive, wait, &writer, &|| false, input).map(|(o, _)| o)
 }
 
 /// Runs a session to its end; `writer` is filled in once it is open, for
 /// the caller's signal handling. With `interactive`, the user's terminal
 /// is put in raw mode (restored on return) and gives the session its
-/// size. Returns how it ended and when its first output arrived.
+/// size. `input` takes the user's input to the session once it is open.
+/// Returns how it ended and when its first output arrived.
 pub fn run_session(
     socket: &Path,
     mut open: Open,
@@ -139,6 +152,7 @@ pub fn run_session(
     wait: Duration,
     writer: &Writer,
     give_up: &dyn Fn() -> bool,
+    input: Input,
 ) -> Result<(Outcome, Option<Instant>), Error> {
     if interactive {
         open.tty = Some(terminal::size(1).unwrap_or((24, 80)));
@@ -147,7 +161,7 @@ pub fn run_session(
     let w = Arc::new(Mutex::new(stream.try_clone().map_err(Error::Io)?));
     *writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
     let raw = if interactive { terminal::RawMode::enter(0).ok() } else { None };
-    forward_stdin(w);
+    input.forward_to(w);
     let mut first_output = None;
     let mut filters = OutputFilters::for_terminals();
     let outcome = read_output(stream, &mut reader, &mut first_output, &mut filters);
@@ -163,25 +177,44 @@ pub fn run_session(
     outcome.map(|o| (o, first_output))
 }
 
-/// Copies the user's input into Stdin frames; end of input is StdinEof.
-fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
-    let _ = vmm::threads::spawn_helper("stdin", move || {
-        let mut stdin = io::stdin().lock();
-        let mut buf = vec![0u8; MAX_DATA];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    send(&w, &Frame::StdinEof);
-                    return;
-                }
-                Ok(n) => {
-                    if !send(&w, &Frame::Stdin(buf[..n].to_vec())) {
+/// The input forwarder: a thread of its own, confined as
+/// [`ThreadKind::Session`] once the jail is on (it reads standard input
+/// and writes to the session's socket: no path, no new socket, no
+/// thread), that copies the user's input into Stdin frames once it is
+/// given the session ([`Input::forward_to`]); end of input is StdinEof.
+/// Started before the session opens: in `sbx run`, before the main thread
+/// confines itself (a confined thread cannot start one of another kind).
+/// Dropped unused, the thread ends without reading.
+pub struct Input(mpsc::Sender<Arc<Mutex<UnixStream>>>);
+
+impl Input {
+    pub fn start() -> Result<Input, vmm::threads::JailError> {
+        let (tx, rx) = mpsc::channel::<Arc<Mutex<UnixStream>>>();
+        vmm::threads::spawn_confined(ThreadKind::Session, "stdin", Reach::Only(Vec::new()), move || {
+            let Ok(w) = rx.recv() else { return };
+            let mut stdin = io::stdin().lock();
+            let mut buf = vec![0u8; MAX_DATA];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        send(&w, &Frame::StdinEof);
                         return;
+                    }
+                    Ok(n) => {
+                        if !send(&w, &Frame::Stdin(buf[..n].to_vec())) {
+                            return;
+                        }
                     }
                 }
             }
-        }
-    });
+        })?;
+        Ok(Input(tx))
+    }
+
+    /// From now on the user's input goes to `w`.
+    fn forward_to(self, w: Arc<Mutex<UnixStream>>) {
+        let _ = self.0.send(w);
+    }
 }
 
 /// The session's stdout and stderr filters: one for each that is a

@@ -1,6 +1,8 @@
 //! Host side: the seccomp filter of each VMM thread kind — the system calls
 //! (and, where it matters, their arguments) that a vCPU, a device worker,
-//! the network stack, the file server and the control threads may make.
+//! the network stack, the file server, the control threads, and the
+//! threads beside the VM (`sbx run`'s signal thread and the violation
+//! watcher, its input forwarder) may make.
 //! Installed by [`crate::threads`] on every thread it starts, before the
 //! thread touches guest memory or guest bytes; any other call traps
 //! (SIGSYS), the thread is stopped and the VM with it (see
@@ -29,7 +31,8 @@
 //! creates no socket and connects nowhere (it accepts on the control
 //! socket, bound before it starts); the control threads create UNIX
 //! sockets for one connect, the main session's to the control socket,
-//! and bind and listen on none. vCPUs and file servers create no socket.
+//! and bind and listen on none. vCPUs, file servers, disks, the signal
+//! thread and the input forwarder create no socket.
 //! Seccomp cannot read connect's path: where the kernel has Landlock ABI
 //! 9 the path is confined too, and abstract sockets are Landlock's on
 //! every kind ([`crate::threads`]).
@@ -250,6 +253,16 @@ const CONTROL: Sys = sys!(
     SYS_wait4,
 );
 
+/// The signal thread and the violation watcher: waiting for a signal
+/// (sigwait and sigtimedwait are `rt_sigtimedwait`), and the sockets
+/// they hold (the session's, the watcher's; std's socket reads are
+/// `recvfrom`).
+const SIGNALS: Sys = sys!(SYS_rt_sigtimedwait, SYS_recvfrom, SYS_sendto);
+
+/// The input forwarder: standard input read (BASE's `read`), written to
+/// the session's socket it holds.
+const SESSION: Sys = sys!(SYS_recvfrom, SYS_sendto);
+
 /// The names of calls the tables do not list but messages may name.
 const OTHER_NAMES: Sys = sys!(
     SYS_execve,
@@ -299,7 +312,7 @@ const OTHER_NAMES: Sys = sys!(
 
 /// The name of system call `nr` (for the message that names a violation).
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    [BASE, VCPU, BLOCK, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, OTHER_NAMES]
+    [BASE, VCPU, BLOCK, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, SIGNALS, SESSION, OTHER_NAMES]
         .iter()
         .flat_map(|t| t.iter())
         .find(|(n, _)| *n == nr)
@@ -378,6 +391,12 @@ fn allow_memory(r: &mut Rules, exec: bool) {
         r.allow_if(libc::SYS_mmap, vec![masked(2, no_exec, 0)]);
         r.allow_if(libc::SYS_mprotect, vec![masked(2, no_exec, 0)]);
     }
+}
+
+/// `fcntl(fd, F_GETFD)` only: std's debug builds check that a
+/// descriptor is open before closing it (`OwnedFd`'s drop).
+fn allow_fd_check(r: &mut Rules) {
+    r.allow_if(libc::SYS_fcntl, vec![eq(1, libc::F_GETFD as u64)]);
 }
 
 /// Starting threads (never processes): `clone` with `CLONE_THREAD`.
@@ -465,6 +484,18 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Rules {
             allow_threads(&mut r);
             // The vCPU kick, to this process's own threads only.
             r.allow_if(libc::SYS_tgkill, vec![eq(0, ctx.pid as u64), eq(2, ctx.kick_signal as u64)]);
+        }
+        ThreadKind::Signals => {
+            allow_memory(&mut r, false);
+            allow_fd_check(&mut r);
+            r.allow(SIGNALS);
+            // The terminal's size, for a resize frame (SIGWINCH).
+            allow_ioctls(&mut r, &[libc::TIOCGWINSZ]);
+        }
+        ThreadKind::Session => {
+            allow_memory(&mut r, false);
+            allow_fd_check(&mut r);
+            r.allow(SESSION);
         }
     }
     r
@@ -629,6 +660,85 @@ mod tests {
         // The console's rotation stays the vCPU's.
         for nr in [libc::SYS_openat, libc::SYS_rename] {
             assert!(has(ThreadKind::Vcpu, nr), "a vCPU needs {:?}", syscall_name(nr));
+        }
+    }
+
+    #[test]
+    fn the_threads_beside_the_vm_wait_and_pass_on_and_nothing_else() {
+        let has = |kind, nr| rules(kind, &ctx()).0.contains_key(&nr);
+        for kind in [ThreadKind::Signals, ThreadKind::Session] {
+            // No file opened, made, renamed or removed; no directory read.
+            let files = [
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_openat2,
+                libc::SYS_creat,
+                libc::SYS_rename,
+                libc::SYS_renameat2,
+                libc::SYS_unlinkat,
+                libc::SYS_mkdirat,
+                libc::SYS_getdents64,
+                libc::SYS_truncate,
+                libc::SYS_ftruncate,
+                libc::SYS_fchmod,
+                libc::SYS_fchown,
+                libc::SYS_symlinkat,
+                libc::SYS_linkat,
+            ];
+            // No socket made, connected, bound or accepted on; no pipe,
+            // no descriptor duplicated over another.
+            let sockets = [
+                libc::SYS_socket,
+                libc::SYS_socketpair,
+                libc::SYS_connect,
+                libc::SYS_bind,
+                libc::SYS_listen,
+                libc::SYS_accept,
+                libc::SYS_accept4,
+                libc::SYS_pipe2,
+                libc::SYS_dup2,
+                libc::SYS_dup3,
+            ];
+            // No thread started, no signal sent but abort()'s, no handler
+            // changed, no other process waited for, no filter added.
+            let others = [
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_wait4,
+                libc::SYS_rt_sigaction,
+                libc::SYS_tkill,
+                libc::SYS_prlimit64,
+                libc::SYS_seccomp,
+                libc::SYS_landlock_restrict_self,
+                libc::SYS_mount,
+                libc::SYS_ptrace,
+                libc::SYS_execve,
+                libc::SYS_execveat,
+            ];
+            for nr in files.into_iter().chain(sockets).chain(others) {
+                assert!(!has(kind, nr), "{kind:?} allows {:?}", syscall_name(nr));
+            }
+            // tgkill: abort()'s SIGABRT to itself only.
+            let tgkill = rules(kind, &ctx()).0.remove(&libc::SYS_tgkill).flatten().unwrap_or_default();
+            assert_eq!(tgkill.len(), 1, "{kind:?}: tgkill is SIGABRT's only");
+            // What it does: read and write what it holds.
+            for nr in [libc::SYS_read, libc::SYS_write, libc::SYS_futex] {
+                assert!(has(kind, nr), "{kind:?} needs {:?}", syscall_name(nr));
+            }
+        }
+        // The signal thread waits for signals and asks the terminal's
+        // size (TIOCGWINSZ only, not TIOCSTI); the input forwarder does
+        // neither.
+        assert!(has(ThreadKind::Signals, libc::SYS_rt_sigtimedwait));
+        let ioctls = rules(ThreadKind::Signals, &ctx()).0.remove(&libc::SYS_ioctl).flatten().unwrap_or_default();
+        assert_eq!(ioctls.len(), 1, "the signal thread's one ioctl");
+        for nr in [libc::SYS_rt_sigtimedwait, libc::SYS_ioctl] {
+            assert!(!has(ThreadKind::Session, nr), "the input forwarder allows {:?}", syscall_name(nr));
+        }
+        // Both are far narrower than the control kind they replace.
+        let count = |kind| rules(kind, &ctx()).0.len();
+        for kind in [ThreadKind::Signals, ThreadKind::Session] {
+            assert!(count(kind) * 2 < count(ThreadKind::Control), "{kind:?}: {} calls", count(kind));
         }
     }
 }

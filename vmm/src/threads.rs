@@ -1,6 +1,8 @@
 //! Host side: the one place the VMM starts threads ([`spawn`]) and jails
 //! them. Each thread has a [`ThreadKind`] saying what it runs (a vCPU, a
-//! device worker, the control threads); once [`enable_jail`] has been
+//! device worker, the control threads, and beside the VM the signal
+//! thread, the violation watcher and the input forwarder, started with
+//! [`spawn_confined`]); once [`enable_jail`] has been
 //! called, every thread is confined before its work starts: Landlock to
 //! the paths it was given (the file server: its shared folder; netstack:
 //! the resolver's files, [`resolver_reach`]) and to no abstract UNIX
@@ -59,11 +61,28 @@ pub enum ThreadKind {
     /// A virtio-blk worker: reads, writes and flushes of one disk file
     /// opened before it starts.
     Block,
+    /// Waits for something to happen and tells the others: `sbx run`'s
+    /// signal thread (sigwait, a frame written to the session's socket,
+    /// the terminal's size, the stop asked for) and the jail's violation
+    /// watcher. Opens nothing, creates no socket, starts no thread.
+    Signals,
+    /// The client side of a session in `sbx run`'s process: the user's
+    /// input read and written to the session's socket, both open before
+    /// it starts. Opens nothing, creates no socket, starts no thread.
+    Session,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] =
-        [ThreadKind::Vcpu, ThreadKind::Net, ThreadKind::Fs, ThreadKind::Vsock, ThreadKind::Control, ThreadKind::Block];
+    pub const ALL: [ThreadKind; 8] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Net,
+        ThreadKind::Fs,
+        ThreadKind::Vsock,
+        ThreadKind::Control,
+        ThreadKind::Block,
+        ThreadKind::Signals,
+        ThreadKind::Session,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,6 +92,8 @@ impl ThreadKind {
             ThreadKind::Vsock => "control channel",
             ThreadKind::Control => "control",
             ThreadKind::Block => "block",
+            ThreadKind::Signals => "signals",
+            ThreadKind::Session => "session",
         }
     }
 
@@ -147,6 +168,9 @@ pub fn resolver_reach() -> Vec<PathRule> {
     rules
 }
 
+/// The violation watcher's thread name.
+pub const WATCHER: &str = "seccomp-watch";
+
 /// How long the VM has to stop in order after a thread made a forbidden
 /// call before the process exits.
 pub const VIOLATION_GRACE: Duration = Duration::from_secs(10);
@@ -190,6 +214,12 @@ pub enum JailError {
     AlreadyEnabled,
     #[error("Cannot install the seccomp filter of a {kind} thread: {source}")]
     Seccomp { kind: &'static str, source: seccompiler::Error },
+    #[error("Cannot start the {name} thread: {source}")]
+    Thread { name: String, source: io::Error },
+    #[error("The {name} thread ended before it was confined")]
+    NotConfined { name: String },
+    #[error("Cannot start the {name} thread from a confined thread: it could not be confined as its own kind (start it before confining the thread that starts it)")]
+    FromConfined { name: String },
     #[error("Cannot confine a {kind} thread with Landlock to {paths}: {message}")]
     Landlock { kind: &'static str, paths: String, message: String },
 }
@@ -307,7 +337,12 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
         return Err(JailError::AlreadyEnabled);
     }
     let (mut rx, tx) = UnixStream::pair().map_err(JailError::Watcher)?;
-    spawn_helper("seccomp-watch", move || {
+    // The write end lives for the process.
+    VIOLATION_FD.store(std::mem::ManuallyDrop::new(tx).as_raw_fd(), Ordering::SeqCst);
+    sys::install_sigsys_handler().map_err(JailError::Handler)?;
+    // The watcher under a filter of its own: it reads one byte, asks
+    // the stop, sleeps, writes a line and exits.
+    spawn_confined(ThreadKind::Signals, WATCHER, Reach::Only(Vec::new()), move || {
         let mut b = [0u8; 1];
         // One byte: a violation. The write end is never closed, so an
         // end of file or an error means nothing can report any more.
@@ -329,11 +364,7 @@ pub fn enable_jail(stop: Arc<Stop>, kick_signal: i32, exit_code: Option<i32>) ->
             sys::write_raw(2, b"sbx: the VM did not stop in order after a seccomp violation; exiting\n");
             sys::exit_now(code)
         }
-    })
-    .map_err(JailError::Watcher)?;
-    // The write end lives for the process.
-    VIOLATION_FD.store(std::mem::ManuallyDrop::new(tx).as_raw_fd(), Ordering::SeqCst);
-    sys::install_sigsys_handler().map_err(JailError::Handler)?;
+    })?;
     // A confined thread that panics says so in one line: the default
     // hook's backtrace (RUST_BACKTRACE) reads files and the working
     // directory, which its filter forbids.
@@ -442,8 +473,12 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
                 sys::become_user_this_thread(NOBODY, NOBODY).map_err(identity)?;
             }
             ThreadKind::Net => sys::restrict_capabilities(0, 0).map_err(identity)?,
-            // A disk worker uses the file it was given, nothing else.
-            ThreadKind::Block => sys::restrict_capabilities(0, 0).map_err(identity)?,
+            // A disk worker uses the file it was given, nothing else; the
+            // signal thread, the watcher and the input forwarder use the
+            // descriptors they hold.
+            ThreadKind::Block | ThreadKind::Signals | ThreadKind::Session => {
+                sys::restrict_capabilities(0, 0).map_err(identity)?
+            }
             // The other kinds never switch users: gone from this thread.
             _ => sys::restrict_capabilities(KEPT_CAPABILITIES, 0).map_err(identity)?,
         }
@@ -592,14 +627,80 @@ where
 /// Starts helper thread `name` running `f`, of no kind: it is not confined
 /// by [`spawn`] (a thread keeps the seccomp filter of the thread that
 /// starts it, so a helper started from a confined thread stays confined).
-/// For the VMM's watcher and the CLI's own threads (signals, standard
-/// input, the copy sender), which run beside the VM, not in it.
+/// A thread that confines itself first thing with a kind of its own
+/// (`sbx run`'s `fs-stats`, the `vm` thread once its vCPUs run), and the
+/// CLI's threads in processes that have no jail (`sbx cp`'s sender):
+/// a thread of `sbx run` that confines itself at once is
+/// [`spawn_confined`]'s.
 pub fn spawn_helper<T, F>(name: &str, f: F) -> io::Result<JoinHandle<T>>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
     start(name, f)
+}
+
+/// Starts thread `name` running `f`, confined as `kind` first thing
+/// ([`confine_current`]: Landlock to `reach`, its capabilities, its
+/// kind's seccomp filter), and returns once it is; if it cannot be, the
+/// error, and `f` never runs. For the threads that run beside the VM
+/// rather than in it and have no [`PanicReport`] (`sbx run`'s signal
+/// thread and input forwarder, the violation watcher); its result is
+/// `f`'s (None only where confining failed). Not confined before
+/// [`enable_jail`], as [`confine_current`].
+///
+/// A thread started by a confined thread keeps that thread's filters
+/// and Landlock domain and adds its own: it can do only what both allow.
+pub fn spawn_confined<T, F>(
+    kind: ThreadKind,
+    name: &str,
+    reach: Reach,
+    f: F,
+) -> Result<JoinHandle<Option<T>>, JailError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    // No filter allows adding one (seccomp(2), Landlock): a confined
+    // thread's new thread could never be confined as another kind.
+    if JAIL.get().is_some() && KIND.with(|k| k.get()) != 0 {
+        return Err(JailError::FromConfined { name: name.to_string() });
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let handle = start(name, move || {
+        let confined = confine_current(kind, &reach);
+        let ok = confined.is_ok();
+        let _ = tx.send(confined);
+        ok.then(f)
+    })
+    .map_err(|source| JailError::Thread { name: name.to_string(), source })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(JailError::NotConfined { name: name.to_string() }),
+    }
+}
+
+/// The threads of this process not under a seccomp filter (the
+/// `Seccomp:` field of /proc/self/task/TID/status is not 2): their ids
+/// and names. For tests and reports: once `sbx run`'s VM runs, only a
+/// thread documented as such may be in it (docs/jail.md).
+pub fn unfiltered_threads() -> io::Result<Vec<(u32, String)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let dir = entry?.path();
+        let Some(tid) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A thread that ended meanwhile has no files left: not counted.
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else { continue };
+        let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
+        if mode != Some("2") {
+            let name = status.lines().find_map(|l| l.strip_prefix("Name:")).map(str::trim).unwrap_or_default();
+            found.push((tid, name.to_string()));
+        }
+    }
+    Ok(found)
 }
 
 /// The one place threads of vmm and sbx start (clippy.toml).

@@ -399,11 +399,14 @@ pub fn launch(
     // The program: the main session over the control channel, as long
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.
+    // The user's input to it: a thread of its own kind, started while
+    // this one may still start it.
+    let input = client::Input::start().map_err(LaunchError::Jail)?;
     // This thread now only talks to the guest's program and ends the run.
     threads::confine_current(ThreadKind::Control, &control_reach).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();
     let session =
-        client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);
+        client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended, input);
     let result = vm.join().map_err(|_| LaunchError::VmPanicked)?;
     // Uses counted and grants ended during the run are kept.
     if let Some(live) = &live {

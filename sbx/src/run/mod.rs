@@ -9,9 +9,7 @@ pub mod launch;
 pub mod plan;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -49,30 +47,51 @@ pub enum RunError {
     Jail(#[source] vmm::threads::JailError),
 }
 
+/// The signals `sbx run` handles ([`handle_signals`]).
+const SIGNALS: [i32; 4] = [sig::TERM, sig::INT, sig::HUP, sig::WINCH];
+
 /// SIGTERM and SIGHUP (`sbx stop`) end the program through its session so
 /// that guest-init powers off in order (disk synced and clean); the VM is
-/// stopped hard after [`STOP_GRACE`], at once on a second signal, or at
-/// once if the session is not open yet. SIGINT goes to the program
-/// (without a terminal; with one, ^C is just a key). SIGWINCH resizes.
-fn handle_signals(stop: Arc<Stop>, session: client::Writer) {
+/// stopped hard after [`STOP_GRACE`] (the signal thread's own deadline:
+/// no thread of its own), at once on a second signal, or at once if the
+/// session is not open yet. SIGINT goes to the program (without a
+/// terminal; with one, ^C is just a key). SIGWINCH resizes.
+fn handle_signals(
+    blocked: crate::signals::Blocked,
+    stop: Arc<Stop>,
+    session: client::Writer,
+) -> Result<(), vmm::threads::JailError> {
+    use crate::signals::Event;
     use protocol::session::Frame;
-    let stopping = Arc::new(AtomicBool::new(false));
-    crate::signals::forward(&[sig::TERM, sig::INT, sig::HUP, sig::WINCH], move |s| match s {
-        sig::WINCH => {
+    let mut stopping = false;
+    // The signal whose grace is running.
+    let mut grace: Option<i32> = None;
+    blocked.forward(move |event| {
+        let s = match event {
+            Event::Deadline => {
+                if let Some(s) = grace.take() {
+                    stop.request(StopReason::HostSignal(s));
+                }
+                return None;
+            }
+            Event::Signal(s) => s,
+        };
+        if s == sig::WINCH {
             if let Some(f) = client::resize_frame() {
                 client::send_to(&session, &f);
             }
+            return None;
         }
-        sig::INT if client::send_to(&session, &Frame::Signal(s)) => {}
-        _ if !stopping.swap(true, Ordering::SeqCst) && client::send_to(&session, &Frame::Signal(s)) => {
-            let stop = stop.clone();
-            let _ = vmm::threads::spawn_helper("stop-grace", move || {
-                thread::sleep(STOP_GRACE);
-                stop.request(StopReason::HostSignal(s));
-            });
+        if s == sig::INT && client::send_to(&session, &Frame::Signal(s)) {
+            return None;
         }
-        _ => stop.request(StopReason::HostSignal(s)),
-    });
+        if !std::mem::replace(&mut stopping, true) && client::send_to(&session, &Frame::Signal(s)) {
+            grace = Some(s);
+            return Some(STOP_GRACE);
+        }
+        stop.request(StopReason::HostSignal(s));
+        None
+    })
 }
 
 /// The host paths the control threads reach once the VM runs (Landlock):
@@ -117,14 +136,16 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
              (for diagnosis and measurement only)"
         );
     }
-    // Then, before any thread exists and before the sandbox shows as
-    // running: from then on `sbx stop` (SIGTERM) must stop the VM in
-    // order, even while it is still being built.
+    // Then, before any thread exists (each started later inherits the
+    // block: none but the signal thread takes them) and before the
+    // sandbox shows as running: from then on `sbx stop` (SIGTERM) must
+    // stop the VM in order, even while it is still being built.
+    let blocked = crate::signals::block(&SIGNALS);
     let stop = Arc::new(Stop::default());
     let session = client::Writer::default();
-    handle_signals(stop.clone(), session.clone());
-    let plan = plan::RunPlan::new(args)?;
-    // Every VMM thread from now on runs under its kind's seccomp filter.
+    // Every thread from now on runs under its kind's seccomp filter:
+    // the jail's watcher, the signal thread (confined first thing, so
+    // after the jail is on), the VMM's.
     if jail {
         vmm::threads::enable_jail(stop.clone(), vmm::runner::kick_signal(), Some(EXIT_SBX_ERROR.into()))
             .map_err(RunError::Jail)?;
@@ -135,6 +156,8 @@ pub fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, RunError> {
             );
         }
     }
+    handle_signals(blocked, stop.clone(), session.clone()).map_err(RunError::Jail)?;
+    let plan = plan::RunPlan::new(args)?;
     // The limits asked for, before the VM and its threads exist (a
     // cgroup's limits bind all of a process's threads in any case).
     let cgroup = limits::apply(&plan.limits, &plan.sandbox.settings.name, &limits::Host::default())?;
