@@ -55,6 +55,10 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const MAX_REPLY: usize = 8 << 20;
 /// How long one connection may take to send its request or read the reply.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for the socket of a sandbox that is running
+/// but still starting (marked running before its network and this socket
+/// are up).
+pub const START_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -497,6 +501,25 @@ pub fn serve_with_ports(
     }
 }
 
+/// Connects to the admin socket at `path`; while it is not there yet but
+/// its sandbox runs (starting), tries again for up to [`START_WAIT`].
+fn connect_starting(name: &str, path: &Path) -> Result<UnixStream, Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+                    && started.elapsed() < START_WAIT
+                    && path.parent().and_then(sandbox::running_pid_in).is_some() =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(Error::Connect(name.into(), path.into(), e)),
+        }
+    }
+}
+
 /// Sends `req` to the admin socket at `path`; the reply.
 pub fn request(name: &str, path: &Path, req: &Req) -> Result<Reply, Error> {
     request_with_fd(name, path, req, None)
@@ -510,7 +533,7 @@ pub fn request_with_fd(
     fd: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<Reply, Error> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let stream = UnixStream::connect(path).map_err(|e| Error::Connect(name.into(), path.into(), e))?;
+    let stream = connect_starting(name, path)?;
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT * 2));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut line = serde_json::to_string(req).map_err(|e| Error::Reply(name.into(), e.to_string()))?;
@@ -663,6 +686,36 @@ mod tests {
         assert!(r.text.contains("live #1: allow api.example.com ports 443"), "{}", r.text);
         assert!(request("sb", &path, &Req::Rm { id: 1 }).unwrap().ok);
         assert!(!request("sb", &path, &Req::Rm { id: 1 }).unwrap().ok, "gone");
+    }
+
+    #[test]
+    fn a_request_waits_for_a_starting_sandboxs_socket_and_not_for_a_stopped_one() {
+        let home = tempfile::tempdir().unwrap();
+        let settings = sandbox::Settings {
+            name: "sb".into(),
+            agent: "shell".into(),
+            workspace: home.path().to_path_buf(),
+            created_unix: 0,
+        };
+        let sb = Sandbox::open_or_create(home.path(), settings).unwrap();
+        let path = sb.dir().join(SOCKET);
+        // Not running, no socket: refused at once, the cure named.
+        let e = request("sb", &path, &Req::Ls {}).unwrap_err().to_string();
+        assert!(e.contains("Cannot reach sandbox 'sb'"), "{e}");
+        // Running, its socket made a moment later (as `sbx run` does after
+        // marking the sandbox running): the request gets through.
+        let running = sb.mark_running().unwrap();
+        let (dir, live) = (sb.dir().to_path_buf(), Live::new("sb", LiveRules::default()));
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let listener = listen(&dir).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            handle(s, &live, None, own_uid(), &|_| Ok(()));
+        });
+        let r = request("sb", &path, &Req::Ls {}).unwrap();
+        assert!(r.ok, "{r:?}");
+        server.join().unwrap();
+        drop(running);
     }
 
     /// Connects to `sock` as uid `uid` (a perl child) and sends a request;

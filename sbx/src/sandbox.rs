@@ -283,18 +283,7 @@ impl Sandbox {
 
     /// The pid of the VMM running this sandbox, if one is alive.
     pub fn running_pid(&self) -> Option<i32> {
-        let lock = fs::File::open(self.dir.join(LOCK_FILE)).ok()?;
-        match lock.try_lock_shared() {
-            // Nobody holds the lock: nothing runs (the shared lock is
-            // dropped with `lock`).
-            Ok(()) => None,
-            Err(fs::TryLockError::WouldBlock) => {
-                // Locked but the pid not yet written: report it as running
-                // anyway, with pid 0 meaning "starting".
-                Some(fs::read_to_string(self.dir.join(PID_FILE)).ok()?.trim().parse().unwrap_or(0))
-            }
-            Err(fs::TryLockError::Error(_)) => None,
-        }
+        running_pid_in(&self.dir)
     }
 
     /// Marks the sandbox as run by this process until the returned guard
@@ -333,6 +322,23 @@ impl Sandbox {
             return Err(Error::Running(self.settings.name.clone(), pid));
         }
         fs::remove_dir_all(&self.dir).map_err(|e| Error::Io(self.dir.clone(), e))
+    }
+}
+
+/// The pid of the VMM running the sandbox whose folder is `dir`, if one
+/// is alive (0: starting, its pid not yet written).
+pub fn running_pid_in(dir: &Path) -> Option<i32> {
+    let lock = fs::File::open(dir.join(LOCK_FILE)).ok()?;
+    match lock.try_lock_shared() {
+        // Nobody holds the lock: nothing runs (the shared lock is
+        // dropped with `lock`).
+        Ok(()) => None,
+        Err(fs::TryLockError::WouldBlock) => {
+            // Locked but the pid not yet written: report it as running
+            // anyway, with pid 0 meaning "starting".
+            Some(fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().unwrap_or(0))
+        }
+        Err(fs::TryLockError::Error(_)) => None,
     }
 }
 
