@@ -195,8 +195,8 @@ pub fn valid_branch_ref(name: &str) -> bool {
         && valid_ref_format(name)
 }
 
-/// git check-ref-format's rules (with `refs/` and at least two
-/// components), in printable ASCII only.
+/// git check-ref-format's rules (at least two components), in printable
+/// ASCII only, no component ending with '.'.
 pub fn valid_ref_format(name: &str) -> bool {
     let bytes = name.as_bytes();
     if !bytes.iter().all(|b| b.is_ascii_graphic())
@@ -211,7 +211,8 @@ pub fn valid_ref_format(name: &str) -> bool {
     if bytes.iter().any(|b| matches!(b, b'~' | b'^' | b':' | b'?' | b'*' | b'[' | b'\\')) {
         return false;
     }
-    name.split('/').all(|c| !c.is_empty() && !c.starts_with('.') && !c.ends_with(".lock"))
+    // Stricter than git: no component ends with '.' either.
+    name.split('/').all(|c| !c.is_empty() && !c.starts_with('.') && !c.ends_with('.') && !c.ends_with(".lock"))
 }
 
 /// A bundle's header, checked.
@@ -356,20 +357,26 @@ pub fn guest_origin(url: &str) -> Option<String> {
 /// its bundle in the sandbox's folder. Returns the state to keep.
 pub fn prepare(sb: &Sandbox, user: &str) -> Result<CloneState, CloneError> {
     let repo = sb.settings.workspace.clone();
-    let top = git_output({
-        let mut c = host_git(&repo);
-        c.args(["rev-parse", "--show-toplevel"]);
-        c
-    }, "rev-parse")
+    let top = git_output(
+        {
+            let mut c = host_git(&repo);
+            c.args(["rev-parse", "--show-toplevel"]);
+            c
+        },
+        "rev-parse",
+    )
     .map_err(|_| CloneError::NotARepo(repo.clone()))?;
     if fs::canonicalize(&top).ok().as_deref() != Some(repo.as_path()) {
         return Err(CloneError::NotARepo(repo));
     }
-    let shallow = git_output({
-        let mut c = host_git(&repo);
-        c.args(["rev-parse", "--is-shallow-repository"]);
-        c
-    }, "rev-parse")?;
+    let shallow = git_output(
+        {
+            let mut c = host_git(&repo);
+            c.args(["rev-parse", "--is-shallow-repository"]);
+            c
+        },
+        "rev-parse",
+    )?;
     if shallow == "true" {
         return Err(CloneError::Shallow(repo));
     }
@@ -428,7 +435,8 @@ const CLONE: &str = "set -e; cd /var/lib/sbx-clone; rm -rf repo.tmp in.bundle; c
 
 /// As root, every start: the clone at the workspace's path `$1` (every
 /// folder on the way traversable), then ready.
-const MOUNT: &str = "set -e; [ -d /var/lib/sbx-clone/repo ] || { echo 'the clone is gone from the sandbox disk' >&2; exit 1; }; \
+const MOUNT: &str =
+    "set -e; [ -d /var/lib/sbx-clone/repo ] || { echo 'the clone is gone from the sandbox disk' >&2; exit 1; }; \
      mkdir -p \"$1\"; d=\"$1\"; while [ -n \"$d\" ]; do chmod a+x \"$d\" 2>/dev/null || true; d=\"${d%/*}\"; done; \
      mount --bind /var/lib/sbx-clone/repo \"$1\"; mkdir -p /run/sbx-clone; touch /run/sbx-clone/ready";
 
@@ -552,11 +560,11 @@ fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
 
 // ---- sbx fetch ----
 
-/// Copies at most [`MAX_BUNDLE_BYTES`] from `from` to `to`: past it,
-/// [`CloneError::TooLarge`].
-pub fn copy_bounded<R: Read, W: Write>(mut from: R, to: &mut W, temp: &Path) -> Result<u64, CloneError> {
-    let copied = io::copy(&mut from.by_ref().take(MAX_BUNDLE_BYTES), to).map_err(|e| CloneError::Temp(temp.into(), e))?;
-    if copied == MAX_BUNDLE_BYTES {
+/// Copies at most `max` bytes ([`MAX_BUNDLE_BYTES`]) from `from` to
+/// `to`: past it, [`CloneError::TooLarge`].
+pub fn copy_bounded<R: Read, W: Write>(mut from: R, to: &mut W, temp: &Path, max: u64) -> Result<u64, CloneError> {
+    let copied = io::copy(&mut from.by_ref().take(max), to).map_err(|e| CloneError::Temp(temp.into(), e))?;
+    if copied == max {
         let mut one = [0u8; 1];
         if from.read(&mut one).map_err(|e| CloneError::Temp(temp.into(), e))? > 0 {
             return Err(CloneError::TooLarge);
@@ -574,8 +582,8 @@ pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
         return Err(CloneError::GuestFailed("the sandbox has not made its clone yet (run it once)".into()));
     }
     let workspace = state.repo.to_string_lossy().into_owned();
-    let tmp = tempfile_dir()?;
-    let bundle = tmp.join("sbx-fetch.bundle");
+    let tmp = TempDir(tempfile_dir()?);
+    let bundle = tmp.0.join("sbx-fetch.bundle");
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -588,7 +596,7 @@ pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
         let (mut stream, reader) = client::open_pipes(&sb.control_socket(), o, Duration::from_secs(300))?;
         stream.write_all(&Frame::StdinEof.encode()).map_err(client::Error::Io)?;
         let mut s = SessionOut::new(stream, reader);
-        copy_bounded(&mut s, &mut file, &bundle)?;
+        copy_bounded(&mut s, &mut file, &bundle, MAX_BUNDLE_BYTES)?;
         s.drain().map_err(client::Error::Lost)?;
         check(GuestRun { outcome: s.outcome.clone(), stderr: s.stderr.clone() }, "git bundle create")
             .map_err(CloneError::GuestFailed)?;
@@ -604,7 +612,7 @@ pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
             .spawn()
             .map_err(CloneError::Start)?;
         let out = child.stdout.take().ok_or_else(|| CloneError::Start(io::Error::other("no stdout")))?;
-        let copied = copy_bounded(out, &mut file, &bundle);
+        let copied = copy_bounded(out, &mut file, &bundle, MAX_BUNDLE_BYTES);
         if copied.is_err() {
             let _ = child.kill();
         }
@@ -624,7 +632,6 @@ pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
         return Err(CloneError::NoBranches);
     }
     git_output(fetch_command(&state.repo, &bundle, &remote), "fetch from the guest's bundle")?;
-    let _ = fs::remove_dir_all(&tmp);
     for (oid, r) in &header.refs {
         let branch = r.trim_start_matches("refs/heads/");
         println!("{oid} refs/remotes/{remote}/{branch}");
@@ -635,7 +642,17 @@ pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A private temporary folder for the bundle.
+/// A temporary folder, removed (with the bundle) however the fetch ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private temporary folder for the bundle (0700, made new: never one
+/// that was there).
 fn tempfile_dir() -> Result<PathBuf, CloneError> {
     let base = std::env::temp_dir();
     for i in 0..100u32 {
@@ -671,5 +688,281 @@ fn audit_fetch(sb: &Sandbox, header: &BundleHeader, remote: &str) {
         });
     if let Err(e) = result {
         eprintln!("sbx: the fetch is not in the audit log {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn repo(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        git(dir, &["init", "-q"]);
+        fs::write(dir.join("f"), "one\n").unwrap();
+        git(dir, &["add", "f"]);
+        git(dir, &["commit", "-q", "-m", "one"]);
+    }
+
+    fn header(text: &str) -> Result<BundleHeader, CloneError> {
+        parse_bundle_header(text.as_bytes())
+    }
+
+    const OID: &str = "14b4c3f420e0ca2a08e5abb37073b34b39df566a";
+
+    #[test]
+    fn branch_refs_follow_gits_rules_and_stricter_ones() {
+        for ok in ["refs/heads/main", "refs/heads/feature/x-1", "refs/heads/a.b", "refs/heads/v1@2"] {
+            assert!(valid_branch_ref(ok), "{ok}");
+        }
+        let long = format!("refs/heads/{}", "x".repeat(MAX_REF_LEN));
+        for bad in [
+            "HEAD",
+            "refs/heads/",
+            "refs/tags/v1",
+            "refs/remotes/origin/main",
+            "refs/heads/../../config",
+            "refs/heads/a..b",
+            "refs/heads/.hidden",
+            "refs/heads/a/.b",
+            "refs/heads/a.lock",
+            "refs/heads/a//b",
+            "refs/heads/a/",
+            "refs/heads/a.",
+            "refs/heads/a@{1}",
+            "refs/heads/a b",
+            "refs/heads/a\tb",
+            "refs/heads/\x1b]0;x\x07",
+            "refs/heads/a~1",
+            "refs/heads/a^",
+            "refs/heads/a:b",
+            "refs/heads/a?",
+            "refs/heads/a*",
+            "refs/heads/a[",
+            "refs/heads/a\\b",
+            "refs/heads/caf\u{e9}",
+            long.as_str(),
+        ] {
+            assert!(!valid_branch_ref(bad), "{bad:?}");
+        }
+        // Never laxer than git's own check.
+        for ok in ["refs/heads/main", "refs/heads/feature/x-1", "refs/heads/a.b", "refs/heads/v1@2"] {
+            let status = Command::new("git").args(["check-ref-format", ok]).status().unwrap();
+            assert!(status.success(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_remote_name_is_a_valid_ref_component() {
+        assert_eq!(remote_name("a").unwrap(), "sbx-a");
+        assert_eq!(remote_name("shell-proj_1").unwrap(), "sbx-shell-proj_1");
+        for bad in ["x.lock", "a..b", "a.", "../x", ""] {
+            assert!(matches!(remote_name(bad), Err(CloneError::RemoteName(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_real_bundle_header_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path().join("r");
+        repo(&r);
+        git(&r, &["branch", "feature/x"]);
+        let bundle = dir.path().join("b.bundle");
+        git(&r, &["bundle", "create", "--quiet", bundle.to_str().unwrap(), "--branches"]);
+        let h = parse_bundle_header(io::BufReader::new(fs::File::open(&bundle).unwrap())).unwrap();
+        let head = git(&r, &["rev-parse", "HEAD"]);
+        assert_eq!(h.version, 2);
+        assert!(h.prerequisites.is_empty());
+        assert_eq!(
+            h.refs,
+            vec![(head.clone(), "refs/heads/feature/x".to_string()), (head, "refs/heads/main".to_string())]
+        );
+    }
+
+    #[test]
+    fn hostile_bundle_headers_fail_closed() {
+        assert!(header(&format!("# v2 git bundle\n{OID} refs/heads/main\n\nPACK")).is_ok());
+        assert!(header(&format!("# v3 git bundle\n@object-format=sha1\n-{OID} c\n{OID} refs/heads/m\n\n")).is_ok());
+        let many: String = (0..=MAX_BUNDLE_REFS).map(|i| format!("{OID} refs/heads/b{i}\n")).collect();
+        let huge = format!("# v2 git bundle\n{OID} refs/heads/{}\n\n", "x".repeat(MAX_BUNDLE_HEADER));
+        let cases = [
+            "".to_string(),
+            "PACK".to_string(),
+            "# v9 git bundle\n\n".to_string(),
+            format!("# v2 git bundle\n{OID} refs/heads/main\n"),
+            format!("# v2 git bundle\n{OID} refs/heads/main"),
+            format!("# v2 git bundle\n{OID} HEAD\n\n"),
+            format!("# v2 git bundle\n{OID} refs/tags/v1\n\n"),
+            format!("# v2 git bundle\n{OID} refs/remotes/sbx-b/main\n\n"),
+            format!("# v2 git bundle\n{OID} refs/heads/../../../HEAD\n\n"),
+            format!("# v2 git bundle\n{OID} refs/heads/\x1b[2J\n\n"),
+            format!("# v2 git bundle\n{OID} refs/heads/a\n{OID} refs/heads/a\n\n"),
+            format!("# v2 git bundle\nnothex refs/heads/a\n\n"),
+            format!("# v2 git bundle\n{} refs/heads/a\n\n", OID.to_uppercase()),
+            format!("# v2 git bundle\n@object-format=sha1\n{OID} refs/heads/a\n\n"),
+            format!("# v3 git bundle\n@filter=blob:none\n{OID} refs/heads/a\n\n"),
+            format!("# v2 git bundle\n-../x\n\n"),
+            format!("# v2 git bundle\n{many}\n"),
+            huge,
+        ];
+        for text in &cases {
+            let shown: String = text.chars().take(80).collect();
+            assert!(matches!(header(text), Err(CloneError::BadBundle(_))), "{shown:?}");
+        }
+        let bytes = [b"# v2 git bundle\n".as_slice(), OID.as_bytes(), b" refs/heads/\xff\n\n"].concat();
+        assert!(matches!(parse_bundle_header(bytes.as_slice()), Err(CloneError::BadBundle(_))));
+        // What the guest named is escaped in the message.
+        let e = header(&format!("# v2 git bundle\n{OID} refs/heads/\x1b]0;x\x07\n\n")).unwrap_err().to_string();
+        assert!(!e.contains('\x1b') && e.contains("\\x1b"), "{e}");
+    }
+
+    #[test]
+    fn the_copy_from_the_guest_is_bounded() {
+        let mut out = Vec::new();
+        assert_eq!(copy_bounded(&b"12345"[..], &mut out, Path::new("t"), 5).unwrap(), 5);
+        assert_eq!(out, b"12345");
+        let mut out = Vec::new();
+        assert!(matches!(copy_bounded(&b"123456"[..], &mut out, Path::new("t"), 5), Err(CloneError::TooLarge)));
+        assert!(MAX_BUNDLE_BYTES <= 1 << 30);
+    }
+
+    #[test]
+    fn the_fetch_command_takes_the_bundle_only_into_the_sandboxs_remote() {
+        let c = fetch_command(Path::new("/r"), Path::new("/tmp/x.bundle"), "sbx-a");
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.starts_with("-C /r -c transfer.fsckObjects=true -c fetch.fsckObjects=true"), "{joined}");
+        for flag in ["--no-tags", "--prune", "--no-write-fetch-head", "--recurse-submodules=no", "--no-auto-gc"] {
+            assert!(args.iter().any(|a| a == flag), "{flag}: {joined}");
+        }
+        let n = args.len();
+        assert_eq!(&args[n - 3..], ["--", "/tmp/x.bundle", "+refs/heads/*:refs/remotes/sbx-a/*"]);
+    }
+
+    #[test]
+    fn a_fetch_runs_nothing_of_the_guests_repository_and_leaves_the_host_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (host, guest) = (dir.path().join("host"), dir.path().join("guest"));
+        repo(&host);
+        git(dir.path(), &["clone", "-q", host.to_str().unwrap(), guest.to_str().unwrap()]);
+        // The guest's repository runs code wherever git reads its config
+        // or hooks: none of it may run on the host.
+        let marker = dir.path().join("ran");
+        let m = marker.display();
+        git(&guest, &["config", "core.fsmonitor", &format!("touch {m}")]);
+        git(&guest, &["config", "core.hooksPath", "hooks"]);
+        fs::create_dir_all(guest.join("hooks")).unwrap();
+        for hook in ["reference-transaction", "post-checkout", "post-merge"] {
+            fs::write(guest.join("hooks").join(hook), format!("#!/bin/sh\ntouch {m}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(guest.join("hooks").join(hook), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        git(&guest, &["checkout", "-q", "-b", "work"]);
+        fs::write(guest.join("g"), "guest\n").unwrap();
+        git(&guest, &["add", "g"]);
+        git(&guest, &["commit", "-q", "-m", "guest"]);
+        let _ = fs::remove_file(&marker);
+        let bundle = dir.path().join("out.bundle");
+        git(&guest, &["bundle", "create", "--quiet", bundle.to_str().unwrap(), "--branches"]);
+        let _ = fs::remove_file(&marker);
+        let head_before = fs::read(host.join(".git/HEAD")).unwrap();
+        let index_before = fs::read(host.join(".git/index")).unwrap();
+        let out = fetch_command(&host, &bundle, "sbx-g").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(git(&host, &["rev-parse", "refs/remotes/sbx-g/work"]), git(&guest, &["rev-parse", "work"]));
+        assert_eq!(git(&host, &["rev-parse", "refs/remotes/sbx-g/main"]), git(&host, &["rev-parse", "main"]));
+        assert!(!marker.exists(), "the guest's config or hooks ran on the host");
+        assert_eq!(fs::read(host.join(".git/HEAD")).unwrap(), head_before);
+        assert_eq!(fs::read(host.join(".git/index")).unwrap(), index_before);
+        assert!(!host.join("g").exists() && !host.join(".git/FETCH_HEAD").exists());
+        // A branch gone from the guest is pruned from its remote.
+        git(&guest, &["checkout", "-q", "main"]);
+        git(&guest, &["branch", "-q", "-D", "work"]);
+        git(&guest, &["bundle", "create", "--quiet", bundle.to_str().unwrap(), "--branches"]);
+        assert!(fetch_command(&host, &bundle, "sbx-g").output().unwrap().status.success());
+        assert!(git(&host, &["for-each-ref", "refs/remotes/sbx-g"]).lines().all(|l| !l.contains("work")));
+        // A damaged pack fails the fetch and changes no ref.
+        git(&guest, &["checkout", "-q", "-b", "later"]);
+        fs::write(guest.join("h"), "more\n").unwrap();
+        git(&guest, &["add", "h"]);
+        git(&guest, &["commit", "-q", "-m", "later"]);
+        git(&guest, &["bundle", "create", "--quiet", bundle.to_str().unwrap(), "--branches"]);
+        let mut bytes = fs::read(&bundle).unwrap();
+        let n = bytes.len();
+        bytes.truncate(n - 30);
+        fs::write(&bundle, bytes).unwrap();
+        assert!(!fetch_command(&host, &bundle, "sbx-g").output().unwrap().status.success());
+        assert!(git(&host, &["for-each-ref", "refs/remotes/sbx-g"]).lines().all(|l| !l.contains("later")));
+    }
+
+    #[test]
+    fn origin_urls_lose_their_credentials_and_local_paths() {
+        assert_eq!(guest_origin("https://me:tok@example.com/r.git").as_deref(), Some("https://example.com/r.git"));
+        assert_eq!(guest_origin("https://example.com/r.git").as_deref(), Some("https://example.com/r.git"));
+        assert_eq!(guest_origin("ssh://git@host:22/r").as_deref(), Some("ssh://host:22/r"));
+        assert_eq!(guest_origin("git@github.com:o/r.git").as_deref(), Some("git@github.com:o/r.git"));
+        for local in ["/srv/r.git", "../r", "file:///srv/r", ""] {
+            assert_eq!(guest_origin(local), None, "{local}");
+        }
+    }
+
+    fn sandbox_for(home: &Path, ws: &Path) -> Sandbox {
+        let settings = sandbox::Settings {
+            name: "c".into(),
+            agent: "shell".into(),
+            workspace: ws.canonicalize().unwrap(),
+            created_unix: 1,
+        };
+        Sandbox::open_or_create(home, settings).unwrap()
+    }
+
+    #[test]
+    fn prepare_bundles_the_repository_and_refuses_what_cannot_be_cloned() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let ws = dir.path().join("ws");
+        repo(&ws);
+        git(&ws, &["config", "remote.origin.url", "https://u:p@example.com/r"]);
+        git(&ws, &["tag", "v1"]);
+        fs::write(ws.join("untracked"), "x").unwrap();
+        let sb = sandbox_for(&home, &ws);
+        let state = prepare(&sb, "agent").unwrap();
+        assert_eq!(state.branch.as_deref(), Some("main"));
+        assert_eq!(state.origin.as_deref(), Some("https://example.com/r"));
+        assert!(!state.cloned);
+        assert_eq!(CloneState::load(sb.dir()).unwrap(), Some(state));
+        let bundle = sb.dir().join(IN_BUNDLE);
+        let listed = git(dir.path(), &["bundle", "list-heads", bundle.to_str().unwrap()]);
+        assert!(listed.contains("refs/heads/main") && listed.contains("refs/tags/v1") && listed.contains("HEAD"));
+        // A clone of it has the commits, not the untracked file.
+        git(dir.path(), &["clone", "-q", bundle.to_str().unwrap(), "out"]);
+        assert!(dir.path().join("out/f").exists() && !dir.path().join("out/untracked").exists());
+
+        // Not a repository's top, no commits, shallow: refused.
+        let sub = ws.join("sub");
+        fs::create_dir_all(&sub).unwrap();
+        let home2 = dir.path().join("home2");
+        assert!(matches!(prepare(&sandbox_for(&home2, &sub), "agent"), Err(CloneError::NotARepo(_))));
+        let empty = dir.path().join("empty");
+        fs::create_dir_all(&empty).unwrap();
+        git(&empty, &["init", "-q"]);
+        let home3 = dir.path().join("home3");
+        assert!(matches!(prepare(&sandbox_for(&home3, &empty), "agent"), Err(CloneError::NoCommits(_))));
+        git(&ws, &["commit", "-q", "--allow-empty", "-m", "two"]);
+        let shallow = dir.path().join("shallow");
+        git(dir.path(), &["clone", "-q", "--depth", "1", &format!("file://{}", ws.display()), "shallow"]);
+        let home4 = dir.path().join("home4");
+        assert!(matches!(prepare(&sandbox_for(&home4, &shallow), "agent"), Err(CloneError::Shallow(_))));
     }
 }

@@ -173,7 +173,8 @@ pub struct RunPlan {
     pub timeout: Option<Duration>,
     pub profile: Option<PathBuf>,
     pub report: Option<PathBuf>,
-    /// The workspace first, then each `--mount`.
+    /// The workspace first (unless `--clone`: not shared), then each
+    /// `--mount`.
     pub shares: Vec<SharePlan>,
     pub net: Option<NetPlan>,
     /// The program and how it talks to the user.
