@@ -438,7 +438,7 @@ const CLONE: &str = "set -e; cd /var/lib/sbx-clone; rm -rf repo.tmp in.bundle; c
 const MOUNT: &str =
     "set -e; [ -d /var/lib/sbx-clone/repo ] || { echo 'the clone is gone from the sandbox disk' >&2; exit 1; }; \
      mkdir -p \"$1\"; d=\"$1\"; while [ -n \"$d\" ]; do chmod a+x \"$d\" 2>/dev/null || true; d=\"${d%/*}\"; done; \
-     mount --bind /var/lib/sbx-clone/repo \"$1\"; mkdir -p /run/sbx-clone; touch /run/sbx-clone/ready";
+     mount -o bind /var/lib/sbx-clone/repo \"$1\"; mkdir -p /run/sbx-clone; touch /run/sbx-clone/ready";
 
 /// As root, when the setup failed: the reason, for the waiting program.
 const FAILED: &str = "mkdir -p /run/sbx-clone; printf 'sbx: %s\\n' \"$1\" > /run/sbx-clone/failed";

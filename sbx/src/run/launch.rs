@@ -445,11 +445,13 @@ pub fn launch(
     // The program: the main session over the control channel, as long
     // as the VM lives. Its outcome is the program's; the console only
     // tells of guest-init's failures before a session exists.
-    // This thread now only talks to the guest's program and ends the run.
-    threads::confine_current(ThreadKind::Control, &control_reach).map_err(LaunchError::Jail)?;
+    // A clone sandbox's setup: its thread confined on its own, so made
+    // before this one is (a confined thread cannot confine another).
     if let Some(state) = &plan.clone {
         clone_setup(plan, state.clone(), &audit, stopped, control_reach.clone())?;
     }
+    // This thread now only talks to the guest's program and ends the run.
+    threads::confine_current(ThreadKind::Control, &control_reach).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();
     let session =
         client::run_session(&sb.control_socket(), open, plan.interactive, Duration::MAX, session_writer, &ended);
