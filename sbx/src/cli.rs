@@ -23,6 +23,11 @@ pub enum Command {
     /// NAME:GUEST_PATH`. Exit 0 all copied, 1 partly (what was skipped is
     /// said), 2 bad usage, 125 sbx failed.
     Cp(CpArgs),
+    /// Fetch the branches of --clone sandbox NAME into the host
+    /// repository as refs/remotes/sbx-NAME/* (from a bundle the guest
+    /// writes, checked; the working tree, index and HEAD untouched).
+    /// Starts the sandbox briefly when it is not running.
+    Fetch { name: String },
     /// List sandboxes.
     Ls,
     /// Stop a running sandbox.
@@ -481,6 +486,13 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long, value_name = "NAME")]
     pub expose_secret_to_guest: Vec<String>,
+    /// Give the sandbox its own git clone of the workspace's repository
+    /// on its own disk, at the workspace's path, instead of sharing the
+    /// folder (committed history only: untracked and ignored files are
+    /// not copied). Only for a new sandbox; kept for its later runs.
+    /// Bring its branches back with `sbx fetch NAME`.
+    #[arg(long)]
+    pub clone: bool,
     /// Also share the host folder DIR at the same path, read-only (`:ro`,
     /// the default) or read-write (`:rw`), under the same file policy.
     /// Repeatable.

@@ -113,6 +113,18 @@ pub fn open_pipes(socket: &Path, mut open: Open, wait: Duration) -> Result<(Unix
     open_session(socket, &open, wait, &|| false)
 }
 
+/// As [`open_pipes`], giving up early when `give_up` says so (the VM
+/// has ended).
+pub fn open_pipes_until(
+    socket: &Path,
+    mut open: Open,
+    wait: Duration,
+    give_up: &dyn Fn() -> bool,
+) -> Result<(UnixStream, Reader), Error> {
+    open.tty = None;
+    open_session(socket, &open, wait, give_up)
+}
+
 fn send(w: &Mutex<UnixStream>, f: &Frame) -> bool {
     w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f.encode()).is_ok()
 }

@@ -27,6 +27,7 @@ pub mod audit;
 #[allow(rustdoc::broken_intra_doc_links)]
 pub mod cli;
 pub mod client;
+pub mod clone;
 pub mod commands;
 pub mod copy;
 pub mod escape;

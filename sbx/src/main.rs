@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args, started).map_err(Into::into),
         Command::Exec(args) => commands::exec(args).map_err(Into::into),
         Command::Cp(args) => copy::command(args).map_err(Into::into),
+        Command::Fetch { name } => sbx::clone::fetch(&name).map_err(Into::into),
         Command::Ls => commands::ls().map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Stop { name } => commands::stop(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Command::Rm { name } => commands::rm(&name).map(|_| ExitCode::SUCCESS).map_err(Into::into),

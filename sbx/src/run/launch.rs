@@ -249,13 +249,14 @@ fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
             dns: cfg.gateway,
         });
     }
-    let mut open = protocol::session::Open {
-        argv: plan.argv.clone(),
-        user: plan.user.clone(),
-        main: true,
-        cwd: job.shares[0].path.clone(),
-        ..Default::default()
+    // UTF-8 checked by the plan. A clone sandbox's program starts in /
+    // and enters the workspace once the clone is mounted there.
+    let workspace = plan.sandbox.settings.workspace.to_string_lossy().into_owned();
+    let (argv, cwd) = match &plan.clone {
+        Some(_) => (crate::clone::wrap_argv(&workspace, plan.argv.clone()), "/".to_string()),
+        None => (plan.argv.clone(), workspace),
     };
+    let mut open = protocol::session::Open { argv, user: plan.user.clone(), main: true, cwd, ..Default::default() };
     if plan.interactive {
         if let Ok(term) = std::env::var("TERM") {
             open.env.push(("TERM".into(), term));
@@ -263,6 +264,50 @@ fn job_and_session(plan: &RunPlan) -> (Job, protocol::session::Open) {
     }
     open.env.extend(plan.env.iter().cloned());
     (job, open)
+}
+
+/// A clone sandbox's setup, on its own thread beside the main session
+/// (whose program waits for it): the clone on the first start, the
+/// mount at every start (`clone::setup`), the clone recorded in the
+/// audit log.
+fn clone_setup(
+    plan: &RunPlan,
+    state: crate::clone::CloneState,
+    audit: &SharedLog<Box<dyn Write + Send>>,
+    stop: Arc<Stop>,
+    reach: Reach,
+) -> Result<(), LaunchError> {
+    let sb = sandbox::Sandbox { dir: plan.sandbox.dir.clone(), settings: plan.sandbox.settings.clone() };
+    let workspace = sb.settings.workspace.to_string_lossy().into_owned();
+    let log = audit.clone();
+    let report = PanicReport::to(&stop);
+    threads::spawn(ThreadKind::Control, "sbx-clone", report, reach, move || {
+        let give_up = || stop.is_requested();
+        let event = match crate::clone::setup(&sb, &state, &workspace, &give_up) {
+            Ok(done) => done.cloned.map(|(sha256, bytes)| {
+                serde_json::json!({
+                    "event": "clone",
+                    "repo": state.repo.display().to_string(),
+                    "branch": state.branch,
+                    "guest_path": workspace,
+                    "bundle_sha256": sha256,
+                    "bundle_bytes": bytes,
+                })
+            }),
+            Err(why) => {
+                eprintln!("sbx: --clone: {}", crate::escape::line(&why));
+                Some(serde_json::json!({"event": "clone", "repo": state.repo.display().to_string(), "error": why}))
+            }
+        };
+        if let Some(event) = event {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = log.record(&event, sandbox::now_unix_ms()) {
+                eprintln!("sbx: {e}");
+            }
+        }
+    })
+    .map(|_| ())
+    .map_err(LaunchError::Thread)
 }
 
 /// With `--console`, the guest's kernel console is copied to stderr,
@@ -386,6 +431,7 @@ pub fn launch(
         control: Some(sb.listen_control().map_err(|e| LaunchError::Sandbox(name.clone(), e))?),
         shares: fs_devices,
     };
+    let stopped = stop.clone();
     let mvm = builder::build_microvm_for_boot(spec, sinks, stop).map_err(LaunchError::Build)?;
     let opts = runner::RunOptions {
         timeout: plan.timeout,
@@ -402,6 +448,11 @@ pub fn launch(
     // The user's input to it: a thread of its own kind, started while
     // this one may still start it.
     let input = client::Input::start().map_err(LaunchError::Jail)?;
+    // A clone sandbox's setup: its thread confined on its own, so made
+    // before this one is (a confined thread cannot confine another).
+    if let Some(state) = &plan.clone {
+        clone_setup(plan, state.clone(), &audit, stopped, control_reach.clone())?;
+    }
     // This thread now only talks to the guest's program and ends the run.
     threads::confine_current(ThreadKind::Control, &control_reach).map_err(LaunchError::Jail)?;
     let ended = || vm.is_finished();

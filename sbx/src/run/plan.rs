@@ -83,6 +83,8 @@ pub enum PlanError {
     Config(PathBuf, std::io::Error),
     #[error(transparent)]
     Admin(#[from] machine_policy::Error),
+    #[error(transparent)]
+    Clone(#[from] crate::clone::CloneError),
 }
 
 /// For one share, the file-policy patterns sbx adds: (hidden, read-only).
@@ -144,6 +146,9 @@ pub const OAUTH_FILE_VAR: &str = "SBX_OAUTH_FILE";
 /// Everything `sbx run` will do, checked.
 pub struct RunPlan {
     pub sandbox: Sandbox,
+    /// `--clone` (now or when the sandbox was made): the workspace is not
+    /// shared; the guest has its own clone (see `clone`).
+    pub clone: Option<crate::clone::CloneState>,
     pub agent: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -168,7 +173,8 @@ pub struct RunPlan {
     pub timeout: Option<Duration>,
     pub profile: Option<PathBuf>,
     pub report: Option<PathBuf>,
-    /// The workspace first, then each `--mount`.
+    /// The workspace first (unless `--clone`: not shared), then each
+    /// `--mount`.
     pub shares: Vec<SharePlan>,
     pub net: Option<NetPlan>,
     /// The program and how it talks to the user.
@@ -404,10 +410,17 @@ impl RunPlan {
         // The secrets a run gets depend on its sandbox's name and workspace:
         // an existing sandbox keeps its own (checked below, before any start).
         let name = args.name.clone().unwrap_or_else(|| sandbox::default_name(&args.agent, &workspace));
-        let run_workspace = match Sandbox::open(&sandbox::home(), &name) {
-            Ok(sb) => sb.settings.workspace,
-            Err(_) => workspace.clone(),
+        let existing = Sandbox::open(&sandbox::home(), &name).ok();
+        let run_workspace = existing.as_ref().map_or_else(|| workspace.clone(), |sb| sb.settings.workspace.clone());
+        // A clone sandbox stays one; a sharing one never becomes one.
+        let stored_clone = match &existing {
+            Some(sb) => crate::clone::CloneState::load(sb.dir())?,
+            None => None,
         };
+        if args.clone && existing.is_some() && stored_clone.is_none() {
+            return Err(crate::clone::CloneError::NotACloneSandbox(name).into());
+        }
+        let clone_mode = args.clone || stored_clone.is_some();
         let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
         if args.no_network && !args.publish.is_empty() {
             return Err(PlanError::PublishNoNetwork);
@@ -451,7 +464,9 @@ impl RunPlan {
             let protect = folders::start_files_to_protect(&start_files, shares)?;
             Ok(hide.into_iter().zip(protect).collect())
         };
-        check_shares(&[vec![(workspace.clone(), false)], mounts.clone()].concat())?;
+        // With --clone the workspace is not shared at all.
+        let shared_workspace = |w: &PathBuf| if clone_mode { vec![] } else { vec![(w.clone(), false)] };
+        check_shares(&[shared_workspace(&workspace), mounts.clone()].concat())?;
         let settings = Settings { name, agent: args.agent.clone(), workspace, created_unix: sandbox::now_unix() };
         // The folder asked for: --workspace, or the current one when the
         // name comes from it.
@@ -463,7 +478,24 @@ impl RunPlan {
             let (name, has) = (sb.settings.name.clone(), sb.settings.workspace.clone());
             return Err(PlanError::KeepsWorkspace { name, has, asked });
         }
-        let folders = [vec![(sb.settings.workspace.clone(), false)], mounts].concat();
+        let clone = match stored_clone {
+            Some(state) => Some(state),
+            None if clone_mode => match crate::clone::prepare(&sb, &args.user) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    // Made now: not left behind as a sandbox sharing the folder.
+                    if existing.is_none() {
+                        let _ = sb.remove();
+                    }
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        if clone.is_some() && sb.settings.workspace.to_str().is_none() {
+            return Err(PlanError::NotUtf8(sb.settings.workspace.clone()));
+        }
+        let folders = [shared_workspace(&sb.settings.workspace), mounts].concat();
         let hide = check_shares(&folders)?;
         let mut shares = Vec::new();
         for ((dir, read_only), (hide, protect)) in folders.into_iter().zip(&hide) {
@@ -483,6 +515,7 @@ impl RunPlan {
         let (rows, cols) = terminal::size(1).unwrap_or((24, 80));
         Ok(RunPlan {
             sandbox: sb,
+            clone,
             agent: args.agent.clone(),
             kernel,
             initrd,
