@@ -159,18 +159,25 @@ pub fn canonical_lenient(path: &Path) -> io::Result<PathBuf> {
 /// sbx's state folder `state` (canonical), read-only or not.
 pub fn check_state(state: &Path, shares: &[(PathBuf, bool)]) -> Result<()> {
     for (share, _) in shares {
-        let relation = if share == state {
-            "is"
-        } else if state.starts_with(share) {
-            "holds"
-        } else if share.starts_with(state) {
-            "is inside"
-        } else {
-            continue;
-        };
-        return Err(Error::OverlapsState { share: show(share), state: show(state), relation });
+        if let Some(relation) = relation(share, state) {
+            return Err(Error::OverlapsState { share: show(share), state: show(state), relation });
+        }
     }
     Ok(())
+}
+
+/// How `share` overlaps `dir` (both canonical): "is", "holds", "is
+/// inside", or None.
+fn relation(share: &Path, dir: &Path) -> Option<&'static str> {
+    if share == dir {
+        Some("is")
+    } else if dir.starts_with(share) {
+        Some("holds")
+    } else if share.starts_with(dir) {
+        Some("is inside")
+    } else {
+        None
+    }
 }
 
 /// That no read-write share is, holds or is inside one of `admin`
@@ -180,16 +187,9 @@ pub fn check_state(state: &Path, shares: &[(PathBuf, bool)]) -> Result<()> {
 pub fn check_admin(admin: &[PathBuf], shares: &[(PathBuf, bool)]) -> Result<()> {
     for (share, read_only) in shares {
         for a in admin.iter().filter(|_| !read_only) {
-            let relation = if share == a {
-                "is"
-            } else if a.starts_with(share) {
-                "holds"
-            } else if share.starts_with(a) {
-                "is inside"
-            } else {
-                continue;
-            };
-            return Err(Error::OverlapsAdmin { share: show(share), admin: show(a), relation });
+            if let Some(relation) = relation(share, a) {
+                return Err(Error::OverlapsAdmin { share: show(share), admin: show(a), relation });
+            }
         }
     }
     Ok(())
