@@ -14,19 +14,18 @@
 //! Bounds: a transmitted frame over the MTU (plus Ethernet header) is
 //! dropped and counted; at most one frame waits for a receive buffer here
 //! (the backend queues the rest, bounded); every descriptor chain is read
-//! and written through vm-memory's checked accesses.
+//! and written through vm-memory's checked accesses. The header and config
+//! layouts are declared in `wire.rs`.
 
-use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{
-    virtio_net_config, virtio_net_hdr_v1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
+use zerocopy::IntoBytes;
 
 use super::chain::Chain;
 use super::device::{read_only_config, Spec, WorkerDevice};
@@ -34,21 +33,19 @@ use super::worker::{Active, Interest, QueueHandler, Wake};
 use super::VIRTIO_F_VERSION_1;
 use crate::threads::{Reach, ThreadKind};
 
+mod wire;
+
+use wire::config_bytes;
+pub use wire::{NetHdr, HDR_LEN};
+
 pub const DEVICE_TYPE_NET: u32 = VIRTIO_ID_NET;
 
-/// struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size,
-/// csum_start, csum_offset, num_buffers.
-pub const HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
-/// Where `num_buffers` is in the header.
-const HDR_NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// The Ethernet header every frame starts with.
 pub use frame_backend::ETH_HDR_LEN;
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE, QUEUE_SIZE];
 const RX: usize = 0;
 const TX: usize = 1;
-/// The config space offered: up to and including `mtu`.
-const CONFIG_LEN: usize = offset_of!(virtio_net_config, mtu) + 2;
 
 /// The backend boundary (its own crate, so that vmm and netstack do not
 /// depend on each other): re-exported where the device is.
@@ -88,18 +85,6 @@ impl Net {
         let device = WorkerDevice::spawn(spec, config_bytes(mac, mtu), read_only_config(), reach, handler)?;
         Ok(Net { device, counters })
     }
-}
-
-/// struct virtio_net_config up to `mtu`: the MAC, the link up, one queue
-/// pair, the MTU.
-fn config_bytes(mac: [u8; 6], mtu: u16) -> Vec<u8> {
-    let mut c = vec![0u8; CONFIG_LEN];
-    let mut put = |at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
-    put(offset_of!(virtio_net_config, mac), &mac);
-    put(offset_of!(virtio_net_config, status), &(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-    put(offset_of!(virtio_net_config, max_virtqueue_pairs), &1u16.to_le_bytes());
-    put(offset_of!(virtio_net_config, mtu), &mtu.to_le_bytes());
-    c
 }
 
 /// The worker's part: the backend, and a frame that found no receive
@@ -228,10 +213,9 @@ fn receive(a: &mut Active, backend: &mut dyn FrameBackend, pending: &mut Option<
 /// None if the chain cannot hold them or is not writable guest memory.
 fn write_frame(mem: &GuestMemoryMmap, chain: &Chain, frame: &[u8]) -> Option<u32> {
     chain.writable_only().ok()?;
-    let mut hdr = [0u8; HDR_LEN];
     // num_buffers: the frame is in this one chain.
-    hdr[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
-    chain.write_all(mem, &[&hdr, frame]).ok()
+    let hdr = NetHdr { num_buffers: 1.into(), ..NetHdr::default() };
+    chain.write_all(mem, &[hdr.as_bytes(), frame]).ok()
 }
 
 #[cfg(test)]
@@ -246,6 +230,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
