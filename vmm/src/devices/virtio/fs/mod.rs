@@ -9,7 +9,9 @@
 //! part (the request) is gathered up to a bound, the writable part (room
 //! for the reply) is measured, and both go through vm-memory's checked
 //! accesses. A chain over the bound, out of guest memory, or with readable
-//! after writable buffers is returned unused; nothing panics.
+//! after writable buffers is returned unused; nothing panics. The FUSE
+//! messages themselves are parsed by the file server ([`crate::fs::fuse`]);
+//! this device's own layout (its config space) is in `wire.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -25,13 +27,12 @@ use super::VIRTIO_F_VERSION_1;
 use crate::fs::server::{FileServer, MAX_WRITE};
 use crate::threads::{Reach, ThreadKind};
 
+mod wire;
+
+use wire::config_bytes;
+pub use wire::TAG_LEN;
+
 pub const DEVICE_TYPE_FS: u32 = VIRTIO_ID_FS;
-/// The filesystem tag's room in config space (struct virtio_fs_config:
-/// `tag[36]`, then `num_request_queues` as le32; virtio-bindings has no
-/// virtio_fs.h, so its layout is declared here).
-pub const TAG_LEN: usize = 36;
-const CONFIG_NUM_REQUEST_QUEUES: usize = TAG_LEN;
-const CONFIG_LEN: usize = TAG_LEN + 4;
 const HIPRIO_QUEUE_SIZE: u16 = 128;
 /// Large enough for a request of MAX_WRITE bytes in 4 KiB pages and its
 /// headers without indirect descriptors.
@@ -53,12 +54,9 @@ impl Fs {
     /// A device the guest mounts by `tag`, served by `server` on a thread
     /// that reaches the host paths `reach` allows (once the jail is on).
     pub fn new(tag: &str, server: FileServer, reach: Reach) -> std::io::Result<Fs> {
-        if tag.is_empty() || tag.len() > TAG_LEN {
+        let Some(config) = config_bytes(tag) else {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "filesystem tag must be 1-36 bytes"));
-        }
-        let mut config = vec![0u8; CONFIG_LEN];
-        config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config[CONFIG_NUM_REQUEST_QUEUES..].copy_from_slice(&1u32.to_le_bytes());
+        };
         let counts = Counts::default();
         let spec = Spec {
             name: "fs",
