@@ -9,11 +9,17 @@
 //! [`worker::Worker`], behind the one [`VirtioDevice`] implementation,
 //! [`device::WorkerDevice`] (its declaration, [`device::Spec`], and its
 //! config bytes). Chains are read and written through one bounded copier
-//! ([`chain::Chain`]). Protocol constants and config layouts come from
-//! `virtio-bindings` where it has them (IDs, feature bits, block request
-//! types and status, net and block config, the MMIO registers); vsock's
-//! and virtio-fs's are declared in their files (the crate has no header
-//! for them).
+//! ([`chain::Chain`]). Protocol constants come from `virtio-bindings`
+//! where it has them (IDs, feature bits, block request types and status,
+//! the MMIO registers).
+//!
+//! Each device is a folder: `<device>/mod.rs` (its [`worker::QueueHandler`]
+//! and [`device::Spec`]) and `<device>/wire.rs`, its declared wire layout
+//! (the headers it decodes from the guest and the config space it offers,
+//! as zerocopy structs of little-endian fields or named byte ranges,
+//! checked at compile time against virtio-bindings' structs where the
+//! crate has them; vsock's and virtio-fs's it has not). A header is
+//! decoded only through its layout, and a short buffer is refused.
 
 pub mod block;
 pub mod chain;
