@@ -40,9 +40,15 @@
 //! env = "ANTHROPIC_API_KEY"    # optional: the guest's variable for the placeholder
 //! ```
 //!
-//! This is the network part of a sandbox's policy document; the document
-//! itself (with its `[files]` table for the shared folders) belongs to
-//! sbx (`sbx/src/policy_doc.rs`), which hands each section to its owner.
+//! This is the network part of a sandbox's policy document (version 1:
+//! the keys above at the top level; version 2: the same keys in a
+//! `[network]` table). The document itself (with its `[files]` table for
+//! the shared folders) belongs to sbx (`sbx/src/policy_doc.rs`), which
+//! parses it once with positions kept and hands this part over as a
+//! [`NetworkSection`] to [`Policy::from_section`]; its errors
+//! ([`Located`]) carry the byte span of the offending value, so that sbx
+//! names the line and column. [`Policy::from_toml`] reads a version 1
+//! network-only file (tests, tools).
 //!
 //! Semantics: rules from the preset come first, then the file's, in order.
 //! A request is denied if any deny rule matches, else allowed if any allow
@@ -137,7 +143,7 @@ pub enum Error {
     #[error("Bad policy file: {0}")]
     Toml(String),
     #[error("Policy version {0} is not supported (expected 1)")]
-    Version(u32),
+    Version(i64),
     #[error("Unknown preset '{0}' (expected locked, balanced or open)")]
     Preset(String),
     #[error("Rule {0}: give exactly one of 'allow', 'deny' or 'ask' (ask rules take ports, methods and path only)")]
@@ -658,7 +664,7 @@ impl Policy {
         let version: i64 =
             serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(version)).map_err(with_input)?;
         if version != VERSION {
-            return Err(Error::Version(u32::try_from(version).unwrap_or(u32::MAX)));
+            return Err(Error::Version(version));
         }
         let rest = Spanned::new(span, root.into_inner());
         let section = NetworkSection::deserialize(toml::de::Deserializer::from(rest)).map_err(with_input)?;
