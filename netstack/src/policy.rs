@@ -40,9 +40,15 @@
 //! env = "ANTHROPIC_API_KEY"    # optional: the guest's variable for the placeholder
 //! ```
 //!
-//! This is the network part of a sandbox's policy document; the document
-//! itself (with its `[files]` table for the shared folders) belongs to
-//! sbx (`sbx/src/policy_doc.rs`), which hands each section to its owner.
+//! This is the network part of a sandbox's policy document (version 1:
+//! the keys above at the top level; version 2: the same keys in a
+//! `[network]` table). The document itself (with its `[files]` table for
+//! the shared folders) belongs to sbx (`sbx/src/policy_doc.rs`), which
+//! parses it once with positions kept and hands this part over as a
+//! [`NetworkSection`] to [`Policy::from_section`]; its errors
+//! ([`Located`]) carry the byte span of the offending value, so that sbx
+//! names the line and column. [`Policy::from_toml`] reads a version 1
+//! network-only file (tests, tools).
 //!
 //! Semantics: rules from the preset come first, then the file's, in order.
 //! A request is denied if any deny rule matches, else allowed if any allow
@@ -121,9 +127,11 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::Range;
 
 use serde::Deserialize;
 use thiserror::Error;
+use toml::Spanned;
 
 use crate::credential::{self, CredentialRule, FileCredential};
 use crate::host::{self, HostName};
@@ -135,7 +143,7 @@ pub enum Error {
     #[error("Bad policy file: {0}")]
     Toml(String),
     #[error("Policy version {0} is not supported (expected 1)")]
-    Version(u32),
+    Version(i64),
     #[error("Unknown preset '{0}' (expected locked, balanced or open)")]
     Preset(String),
     #[error("Rule {0}: give exactly one of 'allow', 'deny' or 'ask' (ask rules take ports, methods and path only)")]
@@ -349,21 +357,110 @@ struct FileRule {
     passthrough: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The network part of a policy document as written: every key of a
+/// version 1 document but `version` (the keys of `[network]` in version
+/// 2). sbx (`sbx/src/policy_doc.rs`) reads the document once, with
+/// positions kept, and hands this over to [`Policy::from_section`]; the
+/// spans are byte ranges in that document.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    version: u32,
-    preset: Option<String>,
+pub struct NetworkSection {
+    preset: Option<Spanned<String>>,
     #[serde(default)]
-    rule: Vec<FileRule>,
-    https: Option<String>,
+    rule: Vec<Spanned<FileRule>>,
+    https: Option<Spanned<String>>,
     #[serde(default)]
-    credential: Vec<FileCredential>,
+    credential: Vec<Spanned<FileCredential>>,
     /// "ask" or "deny" (default): see [`crate::live`].
-    approval: Option<String>,
+    approval: Option<Spanned<String>>,
     /// Ask presets: "ask:github", "ask:gitlab".
     #[serde(default)]
-    include: Vec<String>,
+    include: Vec<Spanned<String>>,
+}
+
+/// The keys of a [`NetworkSection`] (so that a document reader can tell
+/// a misplaced network key from an unknown one).
+pub const NETWORK_KEYS: &[&str] = &["preset", "rule", "https", "credential", "approval", "include"];
+
+/// The policy version [`Policy::from_toml`] reads.
+pub const VERSION: i64 = 1;
+
+/// An [`Error`] and where in the document it is: the byte range of the
+/// offending value (a rule's or credential's whole table for the checks
+/// that span it), when known.
+#[derive(Debug, Error)]
+#[error("{error}")]
+pub struct Located {
+    pub error: Error,
+    pub span: Option<Range<usize>>,
+}
+
+impl Located {
+    fn at(span: Range<usize>) -> impl FnOnce(Error) -> Located {
+        move |error| Located { error, span: Some(span) }
+    }
+}
+
+/// A `[[rule]]` table, checked: an ask rule or an allow/deny rule.
+enum Parsed {
+    Ask(AskRule),
+    Rule(Rule),
+}
+
+/// Checks rule `n` (1-based) of the file.
+fn file_rule(n: usize, r: FileRule) -> Result<Parsed, Error> {
+    if let Some(host) = r.ask {
+        if r.allow.is_some() || r.deny.is_some() || r.path_prefix.is_some() || r.addresses.is_some() {
+            return Err(Error::RuleAction(n));
+        }
+        let methods = r.methods.unwrap_or_default();
+        let mut ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), format!("rule {n}"))
+            .map_err(|e| Error::Ask(n, e))?;
+        if let Some(names) = &r.graphql_mutations {
+            ask = ask.with_graphql(names).map_err(|e| Error::Ask(n, e))?;
+        }
+        return Ok(Parsed::Ask(ask));
+    }
+    if r.path.is_some() {
+        return Err(Error::PathOnAllowDeny(n));
+    }
+    if r.graphql_mutations.is_some() {
+        return Err(Error::GraphqlOnAllowDeny(n));
+    }
+    let (action, raw) = match (r.allow, r.deny) {
+        (Some(a), None) => (Action::Allow, a),
+        (None, Some(d)) => (Action::Deny, d),
+        _ => return Err(Error::RuleAction(n)),
+    };
+    let pattern = Pattern::parse(&raw).map_err(|e| Error::Pattern(n, raw.clone(), e.to_string()))?;
+    let ports = r.ports.unwrap_or_else(|| DEFAULT_PORTS.to_vec());
+    if ports.contains(&0) {
+        return Err(Error::Port(n));
+    }
+    let methods = r.methods.unwrap_or_default();
+    for m in &methods {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Error::Method(n, m.clone()));
+        }
+    }
+    let path_prefix = r.path_prefix.map(|p| normal_prefix(n, &p)).transpose()?;
+    let mut addresses = Vec::new();
+    for raw in r.addresses.unwrap_or_default() {
+        let addr: IpAddr = raw.parse().map_err(|_| Error::Address(n, raw.clone()))?;
+        addresses.push(addr.to_canonical());
+    }
+    if action == Action::Deny && !addresses.is_empty() {
+        return Err(Error::AddressOnDeny(n));
+    }
+    let passthrough = r.passthrough.unwrap_or(false);
+    if passthrough && action == Action::Deny {
+        return Err(Error::PassthroughOnDeny(n));
+    }
+    if passthrough && (!methods.is_empty() || path_prefix.is_some()) {
+        return Err(Error::PassthroughNarrowed(n));
+    }
+    let origin = Origin::File(n);
+    Ok(Parsed::Rule(Rule { action, pattern, ports, methods, path_prefix, addresses, passthrough, origin }))
 }
 
 const DEFAULT_PORTS: [u16; 2] = [80, 443];
@@ -552,92 +649,76 @@ impl Policy {
         })
     }
 
+    /// A whole version 1 network policy file (no `[files]`: that is the
+    /// policy document's, `sbx/src/policy_doc.rs`).
     pub fn from_toml(text: &str) -> Result<Policy, Error> {
-        let file: File = toml::from_str(text).map_err(|e| Error::Toml(e.to_string()))?;
-        if file.version != 1 {
-            return Err(Error::Version(file.version));
+        let with_input = |mut e: toml::de::Error| {
+            e.set_input(Some(text));
+            Error::Toml(e.to_string())
+        };
+        let mut root = toml::de::DeTable::parse(text).map_err(with_input)?;
+        let span = root.span();
+        let Some(version) = root.get_mut().remove("version") else {
+            return Err(Error::Toml("missing field `version`".into()));
+        };
+        let version: i64 =
+            serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(version)).map_err(with_input)?;
+        if version != VERSION {
+            return Err(Error::Version(version));
         }
-        let mut rules = preset_rules(preset_name(file.preset.as_deref().unwrap_or("locked"))?);
+        let rest = Spanned::new(span, root.into_inner());
+        let section = NetworkSection::deserialize(toml::de::Deserializer::from(rest)).map_err(with_input)?;
+        Policy::from_section(section).map_err(|l| l.error)
+    }
+
+    /// The network part of a policy document, read by its owner (sbx);
+    /// errors say where.
+    pub fn from_section(file: NetworkSection) -> Result<Policy, Located> {
+        let preset = match &file.preset {
+            Some(p) => preset_name(p.get_ref()).map_err(Located::at(p.span()))?,
+            None => "locked",
+        };
+        let mut rules = preset_rules(preset);
         let mut asks = Vec::new();
         for inc in &file.include {
-            let preset = inc.strip_prefix("ask:").and_then(live::ask_preset);
-            asks.extend(preset.ok_or_else(|| Error::Include(inc.clone()))?);
+            let preset = inc.get_ref().strip_prefix("ask:").and_then(live::ask_preset);
+            asks.extend(preset.ok_or_else(|| Error::Include(inc.get_ref().clone())).map_err(Located::at(inc.span()))?);
         }
         for (i, r) in file.rule.into_iter().enumerate() {
-            let n = i + 1;
-            if let Some(host) = r.ask {
-                if r.allow.is_some() || r.deny.is_some() || r.path_prefix.is_some() || r.addresses.is_some() {
-                    return Err(Error::RuleAction(n));
-                }
-                let methods = r.methods.unwrap_or_default();
-                let mut ask = AskRule::parse(&host, r.ports, methods, r.path.as_deref(), format!("rule {n}"))
-                    .map_err(|e| Error::Ask(n, e))?;
-                if let Some(names) = &r.graphql_mutations {
-                    ask = ask.with_graphql(names).map_err(|e| Error::Ask(n, e))?;
-                }
-                asks.push(ask);
-                continue;
+            let span = r.span();
+            let rule = file_rule(i + 1, r.into_inner()).map_err(Located::at(span))?;
+            match rule {
+                Parsed::Ask(ask) => asks.push(ask),
+                Parsed::Rule(rule) => rules.push(rule),
             }
-            if r.path.is_some() {
-                return Err(Error::PathOnAllowDeny(n));
-            }
-            if r.graphql_mutations.is_some() {
-                return Err(Error::GraphqlOnAllowDeny(n));
-            }
-            let (action, raw) = match (r.allow, r.deny) {
-                (Some(a), None) => (Action::Allow, a),
-                (None, Some(d)) => (Action::Deny, d),
-                _ => return Err(Error::RuleAction(n)),
-            };
-            let pattern = Pattern::parse(&raw).map_err(|e| Error::Pattern(n, raw.clone(), e.to_string()))?;
-            let ports = r.ports.unwrap_or_else(|| DEFAULT_PORTS.to_vec());
-            if ports.contains(&0) {
-                return Err(Error::Port(n));
-            }
-            let methods = r.methods.unwrap_or_default();
-            for m in &methods {
-                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(Error::Method(n, m.clone()));
-                }
-            }
-            let path_prefix = r.path_prefix.map(|p| normal_prefix(n, &p)).transpose()?;
-            let mut addresses = Vec::new();
-            for raw in r.addresses.unwrap_or_default() {
-                let addr: IpAddr = raw.parse().map_err(|_| Error::Address(n, raw.clone()))?;
-                addresses.push(addr.to_canonical());
-            }
-            if action == Action::Deny && !addresses.is_empty() {
-                return Err(Error::AddressOnDeny(n));
-            }
-            let passthrough = r.passthrough.unwrap_or(false);
-            if passthrough && action == Action::Deny {
-                return Err(Error::PassthroughOnDeny(n));
-            }
-            if passthrough && (!methods.is_empty() || path_prefix.is_some()) {
-                return Err(Error::PassthroughNarrowed(n));
-            }
-            let origin = Origin::File(n);
-            rules.push(Rule { action, pattern, ports, methods, path_prefix, addresses, passthrough, origin });
         }
-        let https = match file.https.as_deref() {
-            None | Some("terminate") => Https::Terminate,
-            Some("passthrough") => Https::Passthrough,
-            Some(other) => return Err(Error::Https(other.to_string())),
+        let https = match &file.https {
+            None => Https::Terminate,
+            Some(h) => match h.get_ref().as_str() {
+                "terminate" => Https::Terminate,
+                "passthrough" => Https::Passthrough,
+                other => return Err(Located::at(h.span())(Error::Https(other.to_string()))),
+            },
         };
         if file.credential.len() > credential::MAX_CREDENTIALS {
-            return Err(credential::Error::TooMany.into());
+            let span = file.credential[credential::MAX_CREDENTIALS].span();
+            return Err(Located::at(span)(credential::Error::TooMany.into()));
         }
         let mut credentials: Vec<CredentialRule> = Vec::new();
         for (i, raw) in file.credential.into_iter().enumerate() {
-            let c = CredentialRule::parse(raw, Origin::File(i + 1))?;
+            let span = raw.span();
+            let c = CredentialRule::parse(raw.into_inner(), Origin::File(i + 1))
+                .map_err(|e| Located::at(span.clone())(e.into()))?;
             if credentials.iter().any(|have| have.name == c.name) {
-                return Err(credential::Error::Duplicate(c.name).into());
+                return Err(Located::at(span)(credential::Error::Duplicate(c.name).into()));
             }
             credentials.push(c);
         }
-        let approval = match file.approval.as_deref() {
+        let approval = match &file.approval {
             None => Approval::default(),
-            Some(a) => Approval::parse(a).ok_or_else(|| Error::Approval(a.to_string()))?,
+            Some(a) => Approval::parse(a.get_ref())
+                .ok_or_else(|| Error::Approval(a.get_ref().clone()))
+                .map_err(Located::at(a.span()))?,
         };
         Ok(Policy { rules, https, credentials, approval, asks })
     }
