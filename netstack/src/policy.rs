@@ -385,7 +385,7 @@ pub const NETWORK_KEYS: &[&str] = &["preset", "rule", "https", "credential", "ap
 /// The policy version [`Policy::from_toml`] reads.
 pub const VERSION: i64 = 1;
 
-/// An [`Error`] and where in the document it is: the byte range of the
+/// An [`enum@Error`] and where in the document it is: the byte range of the
 /// offending value (a rule's or credential's whole table for the checks
 /// that span it), when known.
 #[derive(Debug, Error)]

@@ -193,7 +193,7 @@ pub fn run_session(
 /// [`ThreadKind::Session`] once the jail is on (it reads standard input
 /// and writes to the session's socket: no path, no new socket, no
 /// thread), that copies the user's input into Stdin frames once it is
-/// given the session ([`Input::forward_to`]); end of input is StdinEof.
+/// given the session (`Input::forward_to`); end of input is StdinEof.
 /// Started before the session opens: in `sbx run`, before the main thread
 /// confines itself (a confined thread cannot start one of another kind).
 /// Dropped unused, the thread ends without reading.
