@@ -29,16 +29,16 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// Build a guest image (cached): shell, or claude, gemini, codex (one
-    /// image for the three agents, with their CLI versions pinned in
-    /// xtask/src/image_agents.rs).
+    /// Build a guest image (cached): shell, or claude, gemini, codex,
+    /// copilot, opencode, aider (one image for the agents, with their CLI
+    /// versions pinned in xtask/src/image_agents.rs).
     Image {
         #[arg(default_value = "shell")]
         name: String,
         #[arg(long)]
         force: bool,
         /// Use this version of the agent CLI NAME instead of the pinned
-        /// one (claude, gemini or codex).
+        /// one (claude, gemini, codex, copilot, opencode or aider).
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
         /// List the images built.
@@ -54,7 +54,7 @@ enum Task {
     Bench {
         #[arg(value_parser = ["boot", "net", "guest-net", "fs", "jail", "agents"])]
         what: String,
-        /// The agents to measure (agents; default: all three).
+        /// The agents to measure (agents; default: all of them).
         #[arg(long = "agent")]
         agents: Vec<String>,
         /// Size of the guest-net download (default 32) or of fs's big
