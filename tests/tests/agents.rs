@@ -1,16 +1,20 @@
-//! Host side: end-to-end tests of the agents — the real Claude Code, Codex
-//! and Gemini CLIs in their image, each booted by `sbx run AGENT`. One
-//! boot per check (each agent's CLI starts slowly on emulated-KVM hosts):
-//! `--version` for each, and one real turn against the scripted model
-//! server on the host's loopback (`sbx_tests::model`), reached through the
-//! agent's own API name mapped with `--resolve`: the agent writes a file
-//! into the workspace by a tool call, then prints the model's final text.
+//! Host side: end-to-end tests of the agents — the real Claude Code, Codex,
+//! Gemini, Copilot CLI, OpenCode and Aider in their image, each booted by
+//! `sbx run AGENT`. One boot per check (each agent's CLI starts slowly on
+//! emulated-KVM hosts): `--version`, and one real turn against the
+//! scripted model server on the host's loopback (`sbx_tests::model`),
+//! reached through an API name of the agent's policy mapped with
+//! `--resolve`: the agent writes a file into the workspace by a tool call
+//! (Aider: a whole-file listing), then prints the model's final text.
+//! OpenCode's and Aider's turns also prove the pinned version (its
+//! user-agent, its banner), so they have no `--version` boot of their own;
+//! Copilot CLI's turn does not show its version, so it has one.
 
 use std::fs;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use sbx_tests::model::{Answer, ModelServer, Script};
+use sbx_tests::model::{Answer, ModelServer, Request, Script};
 use sbx_tests::upstream::Upstream;
 use sbx_tests::{text, Sbx};
 
@@ -62,6 +66,11 @@ fn codex_prints_its_version() {
     version("codex", "codex-cli 0.171.0");
 }
 
+#[test]
+fn copilot_prints_its_version() {
+    version("copilot", "GitHub Copilot CLI 1.0.102");
+}
+
 /// One agent turn in a sandbox: the model (scripted, on the host) asks for
 /// a file to be written, then ends with `final_text`. `host`: the agent's
 /// API name, mapped to the server; `env` and `args`: how the agent is
@@ -72,6 +81,20 @@ fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
 
 /// Like [`turn`], with `setup` run on the workspace first.
 fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup: impl FnOnce(&std::path::Path)) {
+    turn_checked(agent, host, env, args, setup, true);
+}
+
+/// One turn; `final_request`: the agent sends the tool's result back for
+/// the final text (all but Aider, whose edit carries the final text with
+/// it). Returns the agent's stdout and the requests the model server got.
+fn turn_checked(
+    agent: &str,
+    host: &str,
+    env: &[String],
+    args: &[&str],
+    setup: impl FnOnce(&std::path::Path),
+    final_request: bool,
+) -> (String, Vec<Request>) {
     let sbx = Sbx::new();
     let ws = sbx.work.path().canonicalize().unwrap();
     setup(&ws);
@@ -104,7 +127,8 @@ fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup
     assert_eq!(out.status.code(), Some(0), "{agent}'s exit status is sbx's");
     assert!(text(&out.stdout).contains(&script.final_text), "the agent's final text reached sbx's stdout");
     assert_eq!(fs::read_to_string(ws.join(&script.file)).unwrap(), script.content, "the file is on the host");
-    assert!(!server.answered(Answer::ToolCall).is_empty() && !server.answered(Answer::FinalText).is_empty());
+    assert!(!server.answered(Answer::ToolCall).is_empty(), "the model's edit was served");
+    assert!(!final_request || !server.answered(Answer::FinalText).is_empty(), "the tool's result went back");
     // The audit log has the API requests and the file's creation.
     let log = sbx.cmd().args(["log", &name, "--audit"]).output().unwrap();
     assert!(log.status.success(), "{}", text(&log.stderr));
@@ -121,6 +145,7 @@ fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup
         "the audit log holds the file's creation"
     );
     eprintln!("{agent}: one scripted turn in {:.0} s", took.as_secs_f64());
+    (text(&out.stdout), server.requests())
 }
 
 #[test]
@@ -415,4 +440,73 @@ fn claude_signs_in_with_tokens_that_stay_on_the_host() {
     );
     let verify = sbx.cmd().args(["audit", "verify", name]).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
+}
+
+/// Copilot CLI with a model provider of one's own (BYOK: no GitHub
+/// sign-in), in the Anthropic format, at a Copilot API name its policy
+/// allows.
+#[test]
+fn copilot_writes_a_file_in_one_turn() {
+    turn(
+        "copilot",
+        "api.githubcopilot.com",
+        &[
+            "COPILOT_PROVIDER_BASE_URL=http://api.githubcopilot.com".into(),
+            "COPILOT_PROVIDER_TYPE=anthropic".into(),
+            "COPILOT_PROVIDER_API_KEY=sk-ant-sbx-dummy".into(),
+            "COPILOT_MODEL=claude-sonnet-4.5".into(),
+            "COPILOT_OFFLINE=true".into(),
+        ],
+        &["-p", "Write the file sbx-proof.txt, then say you are done.", "--allow-all-tools"],
+    );
+}
+
+/// OpenCode's anthropic provider, pointed at the server by the
+/// workspace's opencode.json; its user-agent names the pinned version.
+#[test]
+fn opencode_writes_a_file_in_one_turn() {
+    let config = serde_json::json!({
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {"anthropic": {"options": {"baseURL": "http://api.anthropic.com/v1",
+                                                "apiKey": "{env:ANTHROPIC_API_KEY}"}}},
+        "model": "anthropic/claude-sonnet-4-5",
+        "autoupdate": false,
+        "share": "disabled",
+    });
+    let (_, requests) = turn_checked(
+        "opencode",
+        "api.anthropic.com",
+        &["ANTHROPIC_API_KEY=sk-ant-sbx-dummy".into(), "OPENCODE_DISABLE_MODELS_FETCH=true".into()],
+        &["run", "Write the file sbx-proof.txt, then say you are done."],
+        |ws| fs::write(ws.join("opencode.json"), config.to_string()).unwrap(),
+        true,
+    );
+    let ua = requests.iter().find_map(|r| r.header("user-agent").map(str::to_string)).unwrap_or_default();
+    assert!(ua.starts_with("opencode/1.18.33 "), "the pinned OpenCode: {ua}");
+}
+
+/// Aider through litellm's Anthropic client, whole-file edits; its banner
+/// names the pinned version.
+#[test]
+fn aider_writes_a_file_in_one_turn() {
+    let mut args = vec![
+        "--model",
+        "anthropic/claude-sonnet-4-5",
+        "--edit-format",
+        "whole",
+        "--yes-always",
+        "--no-git",
+        "--no-show-model-warnings",
+        "--no-pretty",
+    ];
+    args.extend(["--message", "Write the file sbx-proof.txt, then say you are done."]);
+    let (stdout, _) = turn_checked(
+        "aider",
+        "api.anthropic.com",
+        &["ANTHROPIC_API_KEY=sk-ant-sbx-dummy".into(), "ANTHROPIC_API_BASE=http://api.anthropic.com".into()],
+        &args,
+        |_| {},
+        false,
+    );
+    assert!(stdout.contains("Aider v0.86.2"), "the pinned Aider");
 }

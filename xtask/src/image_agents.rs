@@ -301,7 +301,10 @@ fn link_agent_names() -> Result<()> {
 pub fn list() -> Result<()> {
     let dir = util::assets().join("images");
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        println!("no images yet in {} (cargo xtask image shell|claude|gemini|codex|copilot|opencode|aider)", dir.display());
+        println!(
+            "no images yet in {} (cargo xtask image shell|claude|gemini|codex|copilot|opencode|aider)",
+            dir.display()
+        );
         return Ok(());
     };
     let mut rows: Vec<(String, String)> = Vec::new();
