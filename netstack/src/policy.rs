@@ -593,6 +593,14 @@ const AGENT_CREDENTIALS: &[AgentCredential] = &[
     },
     // A GitHub token (fine-grained, "Copilot Requests"), which Copilot CLI
     // reads from COPILOT_GITHUB_TOKEN first, then GH_TOKEN, GITHUB_TOKEN.
+    // Its scheme is `Bearer`, as Copilot CLI 1.0.102 sends it (seen on the
+    // wire against a test TLS server): `Authorization: Bearer` (`bearer`
+    // for managed settings; the scheme matches in any case) to api.github.com
+    // (copilot_internal/user, team_customizations, managed_settings) and to
+    // the Copilot API (`/models`, the GitHub MCP server). Only its release
+    // check (GET /repos/github/copilot-cli/releases, Octokit's `token`
+    // scheme) differs: that one keeps the placeholder, is refused 401 by
+    // GitHub, and Copilot CLI retries it without a token.
     AgentCredential {
         agent: "copilot",
         name: "github",

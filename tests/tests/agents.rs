@@ -1,14 +1,23 @@
 //! Host side: end-to-end tests of the agents — the real Claude Code, Codex,
-//! Gemini, Copilot CLI, OpenCode and Aider in their image, each booted by
-//! `sbx run AGENT`. One boot per check (each agent's CLI starts slowly on
-//! emulated-KVM hosts): `--version`, and one real turn against the
-//! scripted model server on the host's loopback (`sbx_tests::model`),
-//! reached through an API name of the agent's policy mapped with
-//! `--resolve`: the agent writes a file into the workspace by a tool call
-//! (Aider: a whole-file listing), then prints the model's final text.
-//! OpenCode's and Aider's turns also prove the pinned version (its
-//! user-agent, its banner), so they have no `--version` boot of their own;
-//! Copilot CLI's turn does not show its version, so it has one.
+//! Gemini CLI, Copilot CLI, OpenCode and Aider in their image, each booted
+//! by `sbx run AGENT`. One boot per check (each agent's CLI starts slowly
+//! on emulated-KVM hosts): `--version` for each (the pinned version), and
+//! one real turn against the scripted model server on the host's loopback
+//! (`sbx_tests::model`), reached through an API name of the agent's policy
+//! mapped with `--resolve`: the agent writes a file into the workspace by
+//! a tool call (Aider: a whole-file listing), then prints the model's
+//! final text.
+//!
+//! CI time: every boot here is minutes on an emulated-KVM CI host, and the
+//! three agents added last were given about 15 minutes of CI in all (the
+//! image's growth included). OpenCode has only `--version` in a guest: its
+//! one scripted turn took 1238 s there (against 19 s on the host), far
+//! over that budget. Its turn, and every other agent's, runs against the
+//! same scripted model with the real CLI on the host in `agents_host.rs`
+//! (a developer tool, seconds each), which proves the scripted model
+//! speaks its API; what a guest turn adds (the policy, the audit log, the
+//! file through the shared workspace) is the same code for every agent
+//! and is covered by the other agents' turns here.
 
 use std::fs;
 use std::process::Output;
@@ -67,8 +76,21 @@ fn codex_prints_its_version() {
 }
 
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn copilot_prints_its_version() {
     version("copilot", "GitHub Copilot CLI 1.0.102");
+}
+
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn opencode_prints_its_version() {
+    version("opencode", "1.18.33");
+}
+
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn aider_prints_its_version() {
+    version("aider", "0.86.2");
 }
 
 /// One agent turn in a sandbox: the model (scripted, on the host) asks for
@@ -446,6 +468,7 @@ fn claude_signs_in_with_tokens_that_stay_on_the_host() {
 /// sign-in), in the Anthropic format, at a Copilot API name its policy
 /// allows.
 #[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn copilot_writes_a_file_in_one_turn() {
     turn(
         "copilot",
@@ -461,45 +484,26 @@ fn copilot_writes_a_file_in_one_turn() {
     );
 }
 
-/// OpenCode's anthropic provider, pointed at the server by the
-/// workspace's opencode.json; its user-agent names the pinned version.
+/// Aider through litellm's Anthropic client, whole-file edits (the
+/// arguments of agents_host.rs's Aider test); its banner names the pinned
+/// version.
 #[test]
-fn opencode_writes_a_file_in_one_turn() {
-    let config = serde_json::json!({
-        "$schema": "https://opencode.ai/config.json",
-        "provider": {"anthropic": {"options": {"baseURL": "http://api.anthropic.com/v1",
-                                                "apiKey": "{env:ANTHROPIC_API_KEY}"}}},
-        "model": "anthropic/claude-sonnet-4-5",
-        "autoupdate": false,
-        "share": "disabled",
-    });
-    let (_, requests) = turn_checked(
-        "opencode",
-        "api.anthropic.com",
-        &["ANTHROPIC_API_KEY=sk-ant-sbx-dummy".into(), "OPENCODE_DISABLE_MODELS_FETCH=true".into()],
-        &["run", "Write the file sbx-proof.txt, then say you are done."],
-        |ws| fs::write(ws.join("opencode.json"), config.to_string()).unwrap(),
-        true,
-    );
-    let ua = requests.iter().find_map(|r| r.header("user-agent").map(str::to_string)).unwrap_or_default();
-    assert!(ua.starts_with("opencode/1.18.33 "), "the pinned OpenCode: {ua}");
-}
-
-/// Aider through litellm's Anthropic client, whole-file edits; its banner
-/// names the pinned version.
-#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn aider_writes_a_file_in_one_turn() {
-    let mut args = vec![
+    let args = [
         "--model",
         "anthropic/claude-sonnet-4-5",
         "--edit-format",
         "whole",
         "--yes-always",
         "--no-git",
+        "--no-check-update",
+        "--no-analytics",
         "--no-show-model-warnings",
         "--no-pretty",
+        "--message",
+        "Write the file sbx-proof.txt, then say you are done.",
     ];
-    args.extend(["--message", "Write the file sbx-proof.txt, then say you are done."]);
     let (stdout, _) = turn_checked(
         "aider",
         "api.anthropic.com",
