@@ -60,8 +60,10 @@ pub const AGENTS: &[Agent] = &[
         min_memory_mib: 512,
         env: &[],
     },
-    // The native Copilot CLI unpacks itself into ~/.cache/copilot/pkg
-    // (235 MB) on its first run in a sandbox.
+    // The native Copilot CLI would unpack its package (235 MB) into
+    // ~/.cache/copilot/pkg on its first run in each sandbox (minutes in a
+    // guest); the image has it unpacked in /opt/sbx-copilot (xtask's
+    // image_agents::COPILOT_PKG_CACHE), which it only reads.
     Agent {
         name: "copilot",
         image: "agents",
@@ -69,7 +71,7 @@ pub const AGENTS: &[Agent] = &[
         state_dir: Some("~/.copilot"),
         default_memory_mib: 1024,
         min_memory_mib: 512,
-        env: &[("COPILOT_AUTO_UPDATE", "false")],
+        env: &[("COPILOT_AUTO_UPDATE", "false"), ("COPILOT_PKG_CACHE_HOME", "/opt/sbx-copilot")],
     },
     Agent {
         name: "opencode",

@@ -17,6 +17,8 @@
 //!
 //! - Copilot CLI and OpenCode ship native executables in per-platform npm
 //!   packages; the launchers on PATH run them directly (no Node start).
+//!   Copilot CLI's package is unpacked at build time into
+//!   `/opt/sbx-copilot` (see [`COPILOT_PKG_CACHE`]), not by each boot.
 //!   OpenCode's package installs both its `linux-x64` build and the
 //!   `-baseline` one (no AVX2); the image keeps only the baseline one: the
 //!   guest's CPUID may hide AVX2 (vmm `arch::cpuid`), where the other
@@ -44,7 +46,7 @@ use crate::util::{self, Fingerprint};
 pub const IMAGE: &str = "agents";
 /// The agents it carries.
 pub const AGENTS: &[&str] = &["claude", "gemini", "codex", "copilot", "opencode", "aider"];
-const RECIPE: &str = "agents-recipe-2";
+const RECIPE: &str = "agents-recipe-3";
 const MMDEBSTRAP: &str = "/usr/bin/mmdebstrap";
 const SUITE: &str = "bookworm";
 /// What an agent expects of a Linux userland, and a package manager it
@@ -101,6 +103,18 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("copilot", "opt/sbx-agents/node_modules/@github/copilot-linux-x64/copilot"),
     ("opencode", OPENCODE_BASELINE),
 ];
+/// Copilot CLI's native executable (in the image).
+const COPILOT_NATIVE: &str = "opt/sbx-agents/node_modules/@github/copilot-linux-x64/copilot";
+/// Where Copilot CLI's package is unpacked in the image: the native
+/// executable carries its JavaScript, native modules and tools packed
+/// and, on its first run, unpacks them (235 MB) into
+/// `$COPILOT_PKG_CACHE_HOME/pkg/linux-x64/VERSION` (else
+/// `~/.cache/copilot/pkg`). In a guest that is each boot, and it took more
+/// than 10 minutes on an emulated-KVM host (against 2 s on the host), so
+/// the build unpacks it once here and sbx sets COPILOT_PKG_CACHE_HOME to
+/// this folder (sbx/src/agents.rs); Copilot CLI only reads it (checked on
+/// a read-only mount).
+pub const COPILOT_PKG_CACHE: &str = "opt/sbx-copilot";
 /// OpenCode's build for x86-64 without AVX2.
 const OPENCODE_BASELINE: &str = "opt/sbx-agents/node_modules/opencode-linux-x64-baseline/bin/opencode";
 /// What the image keeps of OpenCode's other (AVX2) build: nothing.
@@ -265,6 +279,7 @@ fn finish_userland(stage: &Path) -> Result<()> {
             bail!("npm did not install the '{name}' program ({target})");
         }
     }
+    unpack_copilot(stage)?;
     let aider = stage.join("usr/local/bin/aider");
     std::fs::write(&aider, AIDER_LAUNCHER)?;
     std::fs::set_permissions(&aider, std::fs::Permissions::from_mode(0o755))?;
@@ -272,6 +287,45 @@ fn finish_userland(stage: &Path) -> Result<()> {
         bail!("pip did not install Aider into /{PYTHON_PREFIX}");
     }
     Ok(())
+}
+
+/// Unpacks Copilot CLI's package into COPILOT_PKG_CACHE: its native
+/// executable runs once on the build machine (the same x86-64 glibc
+/// build the guest runs), `--version` with nothing but a scratch HOME.
+fn unpack_copilot(stage: &Path) -> Result<()> {
+    let cache = stage.join(COPILOT_PKG_CACHE);
+    std::fs::create_dir_all(&cache)?;
+    let home = tempfile_dir(stage)?;
+    let out = Command::new(stage.join(COPILOT_NATIVE))
+        .arg("--version")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("COPILOT_PKG_CACHE_HOME", &cache)
+        .env("COPILOT_AUTO_UPDATE", "false")
+        .output()
+        .context("Cannot run Copilot CLI to unpack its package")?;
+    std::fs::remove_dir_all(&home)?;
+    let pkg = cache.join("pkg/linux-x64");
+    let unpacked = std::fs::read_dir(&pkg).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
+    match unpacked {
+        Some(dir) if out.status.success() && dir.join("index.js").is_file() => Ok(()),
+        _ => bail!(
+            "Copilot CLI did not unpack its package into /{COPILOT_PKG_CACHE}/pkg/linux-x64 ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+/// A scratch folder beside the stage, removed by the caller.
+fn tempfile_dir(stage: &Path) -> Result<PathBuf> {
+    let dir = stage.with_extension("copilot-home");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn append(stage: &Path, file: &str, line: &str) -> Result<()> {
