@@ -10,14 +10,18 @@
 //!
 //! CI time: every boot here is minutes on an emulated-KVM CI host, and the
 //! three agents added last were given about 15 minutes of CI in all (the
-//! image's growth included). OpenCode has only `--version` in a guest: its
-//! one scripted turn took 1238 s there (against 19 s on the host), far
-//! over that budget. Its turn, and every other agent's, runs against the
-//! same scripted model with the real CLI on the host in `agents_host.rs`
-//! (a developer tool, seconds each), which proves the scripted model
-//! speaks its API; what a guest turn adds (the policy, the audit log, the
-//! file through the shared workspace) is the same code for every agent
-//! and is covered by the other agents' turns here.
+//! image's growth included). OpenCode has only `--version` in a guest, and
+//! that one is left out of `cargo xtask test` unless SBX_E2E_SLOW=1
+//! (xtask's SLOW_E2E): OpenCode's runtime (Bun) spins on the vCPU there
+//! for ~14 minutes before it prints its version (868 s; its scripted turn
+//! took 1238 s), against under a second on the host, so it would take the
+//! whole budget alone; why Bun spins in the guest is open. OpenCode's turn,
+//! and every other agent's, runs against the same scripted model with the
+//! real CLI on the host in `agents_host.rs` (a developer tool, seconds
+//! each), which proves the scripted model speaks its API; what a guest
+//! turn adds (the policy, the audit log, the file through the shared
+//! workspace) is the same code for every agent and is covered by the other
+//! agents' turns here.
 
 use std::fs;
 use std::process::Output;
@@ -81,8 +85,9 @@ fn copilot_prints_its_version() {
     version("copilot", "GitHub Copilot CLI 1.0.102");
 }
 
+/// Slow (see the module docs): not in `cargo xtask test` unless SBX_E2E_SLOW=1.
 #[test]
-#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+#[ignore = "boots the agents' guest for ~14 minutes: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `SBX_E2E_SLOW=1 cargo xtask test`"]
 fn opencode_prints_its_version() {
     version("opencode", "1.18.33");
 }
