@@ -1,16 +1,19 @@
 //! Host side: end-to-end tests of the agents — the real Claude Code, Codex,
 //! Gemini CLI, Copilot CLI, OpenCode and Aider in their image, each booted
 //! by `sbx run AGENT`. One boot per check (each agent's CLI starts slowly
-//! on emulated-KVM hosts): `--version` for each (the pinned version), and
-//! one real turn against the scripted model server on the host's loopback
-//! (`sbx_tests::model`), reached through an API name of the agent's policy
-//! mapped with `--resolve`: the agent writes a file into the workspace by
-//! a tool call (Aider: a whole-file listing), then prints the model's
-//! final text.
+//! on emulated-KVM hosts): `--version` for each (the pinned version), and,
+//! where CI's time allows, one real turn against the scripted model server
+//! on the host's loopback (`sbx_tests::model`), reached through an API name
+//! of the agent's policy mapped with `--resolve`: the agent writes a file
+//! into the workspace by a tool call, then prints the model's final text.
 //!
 //! CI time: every boot here is minutes on an emulated-KVM CI host, and the
 //! three agents added last were given about 15 minutes of CI in all (the
-//! image's growth included). OpenCode has only `--version` in a guest, and
+//! image's growth included). Copilot CLI has `--version` and a turn in a
+//! guest (72 s and 411 s here). Aider has only `--version` (264 s): its
+//! Python start alone (litellm, numpy, scipy imported) spent over 5 minutes
+//! of vCPU before its first request in a guest, against 3 s on the host,
+//! so its turn did not fit. OpenCode has only `--version` in a guest, and
 //! that one is left out of `cargo xtask test` unless SBX_E2E_SLOW=1
 //! (xtask's SLOW_E2E): OpenCode's runtime (Bun) spins on the vCPU there
 //! for ~14 minutes before it prints its version (868 s; its scripted turn
@@ -27,7 +30,7 @@ use std::fs;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use sbx_tests::model::{Answer, ModelServer, Request, Script};
+use sbx_tests::model::{Answer, ModelServer, Script};
 use sbx_tests::upstream::Upstream;
 use sbx_tests::{text, Sbx};
 
@@ -108,20 +111,6 @@ fn turn(agent: &str, host: &str, env: &[String], args: &[&str]) {
 
 /// Like [`turn`], with `setup` run on the workspace first.
 fn turn_with_setup(agent: &str, host: &str, env: &[String], args: &[&str], setup: impl FnOnce(&std::path::Path)) {
-    turn_checked(agent, host, env, args, setup, true);
-}
-
-/// One turn; `final_request`: the agent sends the tool's result back for
-/// the final text (all but Aider, whose edit carries the final text with
-/// it). Returns the agent's stdout and the requests the model server got.
-fn turn_checked(
-    agent: &str,
-    host: &str,
-    env: &[String],
-    args: &[&str],
-    setup: impl FnOnce(&std::path::Path),
-    final_request: bool,
-) -> (String, Vec<Request>) {
     let sbx = Sbx::new();
     let ws = sbx.work.path().canonicalize().unwrap();
     setup(&ws);
@@ -154,8 +143,7 @@ fn turn_checked(
     assert_eq!(out.status.code(), Some(0), "{agent}'s exit status is sbx's");
     assert!(text(&out.stdout).contains(&script.final_text), "the agent's final text reached sbx's stdout");
     assert_eq!(fs::read_to_string(ws.join(&script.file)).unwrap(), script.content, "the file is on the host");
-    assert!(!server.answered(Answer::ToolCall).is_empty(), "the model's edit was served");
-    assert!(!final_request || !server.answered(Answer::FinalText).is_empty(), "the tool's result went back");
+    assert!(!server.answered(Answer::ToolCall).is_empty() && !server.answered(Answer::FinalText).is_empty());
     // The audit log has the API requests and the file's creation.
     let log = sbx.cmd().args(["log", &name, "--audit"]).output().unwrap();
     assert!(log.status.success(), "{}", text(&log.stderr));
@@ -172,7 +160,6 @@ fn turn_checked(
         "the audit log holds the file's creation"
     );
     eprintln!("{agent}: one scripted turn in {:.0} s", took.as_secs_f64());
-    (text(&out.stdout), server.requests())
 }
 
 #[test]
@@ -487,35 +474,4 @@ fn copilot_writes_a_file_in_one_turn() {
         ],
         &["-p", "Write the file sbx-proof.txt, then say you are done.", "--allow-all-tools"],
     );
-}
-
-/// Aider through litellm's Anthropic client, whole-file edits (the
-/// arguments of agents_host.rs's Aider test); its banner names the pinned
-/// version.
-#[test]
-#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
-fn aider_writes_a_file_in_one_turn() {
-    let args = [
-        "--model",
-        "anthropic/claude-sonnet-4-5",
-        "--edit-format",
-        "whole",
-        "--yes-always",
-        "--no-git",
-        "--no-check-update",
-        "--no-analytics",
-        "--no-show-model-warnings",
-        "--no-pretty",
-        "--message",
-        "Write the file sbx-proof.txt, then say you are done.",
-    ];
-    let (stdout, _) = turn_checked(
-        "aider",
-        "api.anthropic.com",
-        &["ANTHROPIC_API_KEY=sk-ant-sbx-dummy".into(), "ANTHROPIC_API_BASE=http://api.anthropic.com".into()],
-        &args,
-        |_| {},
-        false,
-    );
-    assert!(stdout.contains("Aider v0.86.2"), "the pinned Aider");
 }
