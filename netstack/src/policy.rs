@@ -96,7 +96,10 @@
 //! top-level domain, `*.co.uk`, `*.github.io`, `*.s3.amazonaws.com`: see
 //! [`crate::credential::shared_suffix`]); list those hosts instead. Agents come with theirs
 //! (`claude`: `anthropic` in `x-api-key`; `codex`: `openai` in
-//! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`); a
+//! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`;
+//! `copilot`: `github` in `Authorization: Bearer` to api.github.com and
+//! the Copilot API hosts; `opencode` and `aider`: both `anthropic` and
+//! `openai`); a
 //! file's credential of the same name replaces the agent's.
 //!
 //! Paths: `path_prefix` is compared, as a plain string prefix, with the
@@ -525,6 +528,25 @@ const AGENTS: &[(&str, &[&str])] = &[
     ("claude", &["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "platform.claude.com"]),
     ("codex", &["api.openai.com", "chatgpt.com", "auth.openai.com"]),
     ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
+    // GitHub's sign-in (device flow on github.com, the user and token on
+    // api.github.com) and the Copilot API of each plan (GitHub's Copilot
+    // allowlist reference); not its telemetry hosts.
+    ("copilot", COPILOT_HOSTS),
+    // OpenCode works with any provider: the two it is most used with, its
+    // own (OpenCode Zen) and its model catalogue.
+    ("opencode", &["api.anthropic.com", "api.openai.com", "opencode.ai", "models.dev"]),
+    ("aider", &["api.anthropic.com", "api.openai.com"]),
+];
+
+/// Copilot CLI's hosts (see [`AGENTS`]).
+const COPILOT_HOSTS: &[&str] = &[
+    "github.com",
+    "api.github.com",
+    "api.githubcopilot.com",
+    "api.individual.githubcopilot.com",
+    "api.business.githubcopilot.com",
+    "api.enterprise.githubcopilot.com",
+    "copilot-proxy.githubusercontent.com",
 ];
 
 /// The package registries every agent (not the bare shell) may install
@@ -537,7 +559,7 @@ const AGENT_REGISTRIES: &[&str] =
 struct AgentCredential {
     agent: &'static str,
     name: &'static str,
-    host: &'static str,
+    hosts: &'static [&'static str],
     header: &'static str,
     scheme: Option<&'static str>,
     /// The variable the agent reads its key from.
@@ -548,7 +570,7 @@ const AGENT_CREDENTIALS: &[AgentCredential] = &[
     AgentCredential {
         agent: "claude",
         name: "anthropic",
-        host: "api.anthropic.com",
+        hosts: &["api.anthropic.com"],
         header: "x-api-key",
         scheme: None,
         env: "ANTHROPIC_API_KEY",
@@ -556,7 +578,7 @@ const AGENT_CREDENTIALS: &[AgentCredential] = &[
     AgentCredential {
         agent: "codex",
         name: "openai",
-        host: "api.openai.com",
+        hosts: &["api.openai.com"],
         header: "authorization",
         scheme: Some("Bearer"),
         env: "OPENAI_API_KEY",
@@ -564,10 +586,66 @@ const AGENT_CREDENTIALS: &[AgentCredential] = &[
     AgentCredential {
         agent: "gemini",
         name: "gemini",
-        host: "generativelanguage.googleapis.com",
+        hosts: &["generativelanguage.googleapis.com"],
         header: "x-goog-api-key",
         scheme: None,
         env: "GEMINI_API_KEY",
+    },
+    // A GitHub token (fine-grained, "Copilot Requests"), which Copilot CLI
+    // reads from COPILOT_GITHUB_TOKEN first, then GH_TOKEN, GITHUB_TOKEN.
+    // Its scheme is `Bearer`, as Copilot CLI 1.0.102 sends it (seen on the
+    // wire against a test TLS server): `Authorization: Bearer` (`bearer`
+    // for managed settings; the scheme matches in any case) to api.github.com
+    // (copilot_internal/user, team_customizations, managed_settings) and to
+    // the Copilot API (`/models`, the GitHub MCP server). Only its release
+    // check (GET /repos/github/copilot-cli/releases, Octokit's `token`
+    // scheme) differs: that one keeps the placeholder, is refused 401 by
+    // GitHub, and Copilot CLI retries it without a token.
+    AgentCredential {
+        agent: "copilot",
+        name: "github",
+        hosts: &[
+            "api.github.com",
+            "api.githubcopilot.com",
+            "api.individual.githubcopilot.com",
+            "api.business.githubcopilot.com",
+            "api.enterprise.githubcopilot.com",
+        ],
+        header: "authorization",
+        scheme: Some("Bearer"),
+        env: "COPILOT_GITHUB_TOKEN",
+    },
+    AgentCredential {
+        agent: "opencode",
+        name: "anthropic",
+        hosts: &["api.anthropic.com"],
+        header: "x-api-key",
+        scheme: None,
+        env: "ANTHROPIC_API_KEY",
+    },
+    AgentCredential {
+        agent: "opencode",
+        name: "openai",
+        hosts: &["api.openai.com"],
+        header: "authorization",
+        scheme: Some("Bearer"),
+        env: "OPENAI_API_KEY",
+    },
+    AgentCredential {
+        agent: "aider",
+        name: "anthropic",
+        hosts: &["api.anthropic.com"],
+        header: "x-api-key",
+        scheme: None,
+        env: "ANTHROPIC_API_KEY",
+    },
+    AgentCredential {
+        agent: "aider",
+        name: "openai",
+        hosts: &["api.openai.com"],
+        header: "authorization",
+        scheme: Some("Bearer"),
+        env: "OPENAI_API_KEY",
     },
 ];
 
@@ -579,7 +657,7 @@ pub fn agent_credentials(agent: &str) -> Vec<CredentialRule> {
         .filter_map(|c| {
             let raw = FileCredential {
                 name: c.name.to_string(),
-                hosts: vec![c.host.to_string()],
+                hosts: c.hosts.iter().map(|h| h.to_string()).collect(),
                 header: c.header.to_string(),
                 scheme: c.scheme.map(str::to_string),
                 env: Some(c.env.to_string()),
@@ -1396,6 +1474,43 @@ mod tls_tests {
         p.add_agent("claude").unwrap();
         assert_eq!(p.credentials.len(), 1, "the file's credential of that name wins");
         assert_eq!(p.credentials[0].header, "x-key");
+    }
+
+    #[test]
+    fn copilot_opencode_and_aider_reach_their_apis_with_their_keys() {
+        let allowed = |agent: &str, h: &str| {
+            let p = Policy::for_agent(agent).unwrap();
+            let (h, port) = (HostName::parse(h).unwrap(), 443);
+            p.decide(&Request { host: &h, port, http: None }).action == Action::Allow
+        };
+        for h in ["github.com", "api.github.com", "api.githubcopilot.com", "api.individual.githubcopilot.com"] {
+            assert!(allowed("copilot", h), "copilot {h}");
+        }
+        assert!(!allowed("copilot", "copilot-telemetry.githubusercontent.com"), "no telemetry");
+        assert!(!allowed("copilot", "api.anthropic.com"));
+        for agent in ["opencode", "aider"] {
+            assert!(allowed(agent, "api.anthropic.com") && allowed(agent, "api.openai.com"), "{agent}");
+            assert!(allowed(agent, "pypi.org"), "{agent}: the registries, like every agent");
+            assert!(!allowed(agent, "github.com"), "{agent}");
+        }
+        assert!(allowed("opencode", "models.dev") && !allowed("aider", "models.dev"));
+        let copilot = Policy::for_agent("copilot").unwrap();
+        let c = &copilot.credentials[0];
+        assert_eq!(
+            (c.name.as_str(), c.header.as_str(), c.scheme.as_deref(), c.env.as_deref()),
+            ("github", "authorization", Some("Bearer"), Some("COPILOT_GITHUB_TOKEN"))
+        );
+        assert!(copilot.terminates(&host("api.github.com"), 443));
+        assert!(copilot.terminates(&host("api.individual.githubcopilot.com"), 443));
+        for agent in ["opencode", "aider"] {
+            let p = Policy::for_agent(agent).unwrap();
+            let names: Vec<_> = p.credentials.iter().map(|c| (c.name.as_str(), c.env.as_deref())).collect();
+            assert_eq!(
+                names,
+                [("anthropic", Some("ANTHROPIC_API_KEY")), ("openai", Some("OPENAI_API_KEY"))],
+                "{agent}"
+            );
+        }
     }
 
     #[test]

