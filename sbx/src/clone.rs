@@ -146,6 +146,8 @@ pub enum CloneError {
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
     Session(#[from] client::Error),
+    #[error(transparent)]
+    Admin(#[from] crate::machine_policy::Error),
 }
 
 /// What `clone.json` keeps.
@@ -575,6 +577,12 @@ pub fn copy_bounded<R: Read, W: Write>(mut from: R, to: &mut W, temp: &Path, max
 
 /// `sbx fetch NAME`.
 pub fn fetch(name: &str) -> Result<ExitCode, CloneError> {
+    // The admin policy's `forbid = ["clone"]` keeps guest commits out of
+    // host repositories, those of sandboxes made before it too.
+    let admin_path = std::path::Path::new(crate::machine_policy::PATH);
+    if let Some(admin) = crate::machine_policy::load(admin_path)? {
+        admin.forbids("clone")?;
+    }
     let sb = Sandbox::open(&sandbox::home(), name)?;
     let state = CloneState::load(sb.dir())?.ok_or_else(|| CloneError::FetchNotClone(name.to_string()))?;
     let remote = remote_name(name)?;

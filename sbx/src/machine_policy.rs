@@ -42,7 +42,9 @@
 //! (`--learn`), `upstream-ca` (`--upstream-ca`: more roots trusted
 //! upstream), `resolve` (`--resolve`: names sent to host addresses),
 //! `addresses` (allow rules' non-public `addresses`), `mount` (`--mount`:
-//! more host folders shared).
+//! more host folders shared), `clone` (`--clone`, a later run of a sandbox
+//! made with it, and `sbx fetch`: guest-made commits into the host's
+//! repository).
 //!
 //! Trust: the file must be a regular file owned by root and not writable
 //! by group or others, in a directory likewise (else anyone who can write
@@ -98,6 +100,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("resolve", "--resolve"),
     ("addresses", "non-public upstream addresses (an allow rule's addresses)"),
     ("mount", "--mount"),
+    ("clone", "git clones of the workspace in the guest and fetching their commits into it (--clone, sbx fetch)"),
 ];
 
 #[derive(Debug, Error)]
@@ -281,7 +284,8 @@ impl MachinePolicy {
         Ok(Some(dir))
     }
 
-    fn forbids(&self, flag: &'static str) -> Result<(), Error> {
+    /// Refuses `flag` (one of [`FLAGS`]) when the admin policy forbids it.
+    pub fn forbids(&self, flag: &'static str) -> Result<(), Error> {
         match FLAGS.iter().find(|(name, _)| *name == flag) {
             Some((name, what)) if self.forbid.contains(name) => Err(Error::Forbidden { flag: name, what }),
             _ => Ok(()),
@@ -299,6 +303,7 @@ impl MachinePolicy {
             ("upstream-ca", args.upstream_ca.is_some()),
             ("resolve", !args.resolve.is_empty()),
             ("mount", !args.mount.is_empty()),
+            ("clone", args.clone),
         ];
         for (flag, used) in asked {
             if used {
@@ -560,6 +565,14 @@ mod tests {
         assert!(refused(&["--learn"], false).contains("\"learn\""));
         assert!(refused(&[], true).contains("SBX_NO_JAIL"));
         assert!(refused(&["--allow", "*"], false).contains("\"allow-any\""));
+        let clone_forbidden = parse(Path::new(PATH), b"version = 1\nforbid = [\"clone\"]\n").unwrap();
+        let e = clone_forbidden.check_args(&run_args(&["--clone"]), false).unwrap_err().to_string();
+        assert!(e.contains("forbid = [\"clone\"]") && e.contains("--clone"), "{e}");
+        assert!(
+            clone_forbidden.forbids("clone").is_err(),
+            "a later run or sbx fetch of a clone sandbox is refused too"
+        );
+        assert!(p.check_args(&run_args(&["--clone"]), false).is_ok(), "not forbidden there");
         assert!(refused(&["--cpus", "3"], false).contains("caps --cpus at 2: 3 asked"));
         assert!(refused(&["--disk-size", "9"], false).contains("--disk-size"));
         assert!(p.check_args(&run_args(&["--cpus", "2", "--allow", "ok.example", "--mount", "/tmp"]), false).is_ok());

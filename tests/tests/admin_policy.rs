@@ -46,7 +46,8 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     let sbx = Sbx::new();
     let up = Upstream::start(Duration::from_secs(600));
     let port = up.port;
-    let first = "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\"]\naudit_copy = \"/etc/sbx/audit\"\n\
+    let first =
+        "version = 1\nforbid = [\"expose-secret-to-guest\", \"learn\", \"clone\"]\naudit_copy = \"/etc/sbx/audit\"\n\
          [[rule]]\ndeny = \"blocked.e2e.test\"\nmethods = [\"GET\"]\n";
     std::fs::create_dir_all("/etc/sbx/audit").unwrap();
     write_admin(first);
@@ -62,6 +63,14 @@ fn the_machines_admin_policy_governs_a_running_sandbox() {
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("admin policy") && err.contains("\"expose-secret-to-guest\""), "{err}");
     assert!(!sbx.home.path().join("sandboxes/gov/console.log").exists(), "nothing booted: {err}");
+    // Guest-made commits into host repositories: --clone and sbx fetch.
+    let cloned = sbx.cmd().args(["run", "shell", "--name", "gov", "--clone", "--", "true"]).output().unwrap();
+    let err = text(&cloned.stderr);
+    assert!(!cloned.status.success() && err.contains("forbid = [\"clone\"]"), "{err}");
+    assert!(!sbx.home.path().join("sandboxes/gov").exists(), "no sandbox made: {err}");
+    let fetched = sbx.cmd().args(["fetch", "gov"]).output().unwrap();
+    let err = text(&fetched.stderr);
+    assert!(!fetched.status.success() && err.contains("forbid = [\"clone\"]"), "{err}");
     // The admin policy's folder is never the guest's to write (running
     // sandboxes reload it): a read-write share of it is refused.
     let share =

@@ -421,6 +421,10 @@ impl RunPlan {
             return Err(crate::clone::CloneError::NotACloneSandbox(name).into());
         }
         let clone_mode = args.clone || stored_clone.is_some();
+        // A sandbox made with --clone before the admin forbade it runs no more.
+        if let (Some(admin), Some(_)) = (&admin, &stored_clone) {
+            admin.forbids("clone")?;
+        }
         let scope = secrets::RunScope { workspace: run_workspace, sandbox: name.clone() };
         if args.no_network && !args.publish.is_empty() {
             return Err(PlanError::PublishNoNetwork);
