@@ -137,7 +137,7 @@ impl<W: Write + Send + 'static> FrameBackend for NetBackend<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditLog, SharedLog};
+    use audit::{AuditLog, SharedLog};
     use crate::dns;
     use crate::policy::Policy;
     use crate::sim::{Guest, GUEST_IP};

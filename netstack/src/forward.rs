@@ -577,7 +577,7 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditLog;
+    use audit::AuditLog;
     use crate::policy::Policy;
     use crate::sim::{pump, Guest, GUEST_IP};
     use crate::stack::{Config, NetStack, Resolver};

@@ -56,7 +56,7 @@ use smoltcp::wire::{
     Ipv4Cidr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
 };
 
-use crate::audit::SharedLog;
+use audit::SharedLog;
 use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
 use crate::forward::{Forwarder, Ports};
@@ -1083,7 +1083,7 @@ mod resilience;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditLog;
+    use audit::AuditLog;
     use crate::sim::{pump, Guest, GUEST_IP};
     use smoltcp::socket::icmp;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress};
@@ -1134,7 +1134,7 @@ mod tests {
         let log = audit(&net);
         assert!(log.contains("\"name\":\"api.example.com\"") && log.contains(&format!("\"answer\":\"{addr}\"")));
         assert!(log.contains("\"decision\":\"deny\"") && log.contains("deny bad.example.com"));
-        assert_eq!(crate::audit::verify(log.as_bytes()).unwrap().lines, 4);
+        assert_eq!(audit::verify(log.as_bytes()).unwrap().lines, 4);
     }
 
     #[test]
@@ -1409,7 +1409,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert!(post.contains("\"status\":200"), "{post}");
         assert!(post.contains(&format!("\"bytes_up\":{},", post_request.len())), "{post}");
         assert!(post.contains(&format!("\"bytes_down\":{},", post_response.len())), "{post}");
-        assert!(crate::audit::verify(log.as_bytes()).is_ok());
+        assert!(audit::verify(log.as_bytes()).is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Host side: `sbx audit verify|anchor|export` and the reader behind
-//! `sbx log --audit --json|--follow`. Reads the hash-chained logs
-//! `netstack::audit` writes (a sandbox's `audit.log`, its rotated files
-//! and `audit-evidence.log`; `secrets-audit.log`; an anchors file),
+//! `sbx log --audit --json|--follow`. Reads the hash-chained logs the
+//! `audit` crate (`sbx-audit`) writes (a sandbox's `audit.log`, its
+//! rotated files and `audit-evidence.log`; `secrets-audit.log`; an anchors file),
 //! offline, never writing to them. Everything in them past sbx's own keys
 //! is the guest's to choose: printed escaped for the terminal unless
 //! machine output is asked for. See docs/audit.md for what each check
@@ -14,7 +14,7 @@
 //! the whole log deleted, its end cut back past the anchor (truncation, or
 //! the newest files deleted), the anchored line changed (history
 //! rewritten, or a restarted chain), and older files missing while fewer
-//! than `netstack::audit::KEEP_FILES` are kept (rotation drops the oldest
+//! than `audit::KEEP_FILES` are kept (rotation drops the oldest
 //! only once that many exist; an anchored seq older than the first kept
 //! line is otherwise expected). It cannot see lines appended after the
 //! last anchor being dropped, nor anything done by someone who can also
@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use netstack::audit::{self as log, LineChecker, TornTail, Verified, MAX_LINE};
+use audit::{self as log, LineChecker, TornTail, Verified, MAX_LINE};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -1036,7 +1036,7 @@ pub fn command(cmd: &crate::cli::AuditCommand) -> Result<ExitCode, Box<dyn std::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netstack::audit::Rotation;
+    use audit::Rotation;
 
     /// Writes `hosts` as allowed requests to the log at `path` (continuing
     /// it), rotated at `cap` bytes.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netstack::audit::{AuditLog, SharedLog};
+use audit::{AuditLog, SharedLog};
 use netstack::live::Live;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::Job;
@@ -93,9 +93,9 @@ fn share_tag(i: usize) -> String {
 /// continuing its chain. A torn last line is cut off, saying so; a log
 /// whose chain does not verify is kept aside, never overwritten.
 fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, LaunchError> {
-    let rotation = netstack::audit::Rotation::default();
+    let rotation = audit::Rotation::default();
     let opened =
-        netstack::audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
+        audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
             .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
     for note in &opened.notes {
         eprintln!("sbx: {note}");

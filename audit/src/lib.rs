@@ -1,6 +1,7 @@
-//! Host side: the sandbox's audit log — one JSON object per line, each
-//! carrying the SHA-256 of the line before it, so that editing, removing
-//! or reordering any line is detected by [`verify`]. Only the last line can
+//! Host side: the sandbox's audit log (crate `sbx-audit`, lib `audit`;
+//! used by netstack, the VMM's file server and the CLI) — one JSON object
+//! per line, each carrying the SHA-256 of the line before it, so that
+//! editing, removing or reordering any line is detected by [`verify`]. Only the last line can
 //! be changed unnoticed unless its hash is kept elsewhere: `verify` returns
 //! it for that purpose.
 //!
@@ -78,6 +79,8 @@
 //!   [`AuditFile`]. Either file whose chain does not verify is kept aside
 //!   (`….broken-<ms>`), never overwritten, and its chain starts anew with a
 //!   line saying why (in both files).
+
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;
