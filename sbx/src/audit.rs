@@ -274,7 +274,7 @@ pub fn anchor(log_path: &Path, sandbox_name: &str, to: &Path, now_ms: u64) -> Re
         return Err(write_err(format!("{verified}: fix or move it first")));
     }
     let mut chained = if verified.lines == 0 { log::AuditLog::new(f) } else { log::AuditLog::resume(f, &verified) };
-    chained.record(&event, now_ms).map_err(|e| write_err(e.to_string()))?;
+    chained.record(&log::Event::Untyped(event.clone()), now_ms).map_err(|e| write_err(e.to_string()))?;
     chained.flush_suppressed(now_ms).map_err(|e| write_err(e.to_string()))?;
     Ok(event)
 }
@@ -1047,10 +1047,16 @@ mod tests {
         for (i, h) in hosts.iter().enumerate() {
             opened
                 .log
-                .record(&json!({"event": "http", "method": "GET", "host": h, "decision": "allow"}), 10 + i as u64)
+                .record(
+                    &log::Event::Untyped(json!({"event": "http", "method": "GET", "host": h, "decision": "allow"})),
+                    10 + i as u64,
+                )
                 .unwrap();
         }
-        opened.log.record(&json!({"event": "dns", "name": "x.test", "decision": "deny"}), 100).unwrap();
+        opened
+            .log
+            .record(&log::Event::Untyped(json!({"event": "dns", "name": "x.test", "decision": "deny"})), 100)
+            .unwrap();
     }
 
     fn report(path: &Path, anchors: &Path) -> (Vec<String>, bool) {
@@ -1184,7 +1190,10 @@ mod tests {
             // About one rotation a round: fewer than KEEP_FILES between polls.
             for i in 0..3 {
                 let host = format!("h{round}-{i}.test");
-                opened.log.record(&json!({"event": "http", "host": host, "decision": "allow"}), 5).unwrap();
+                opened
+                    .log
+                    .record(&log::Event::Untyped(json!({"event": "http", "host": host, "decision": "allow"})), 5)
+                    .unwrap();
                 written += 1;
             }
             follower.poll(&mut collect).unwrap();
@@ -1196,7 +1205,13 @@ mod tests {
         let mut none = |_: &str| -> Result<(), Error> { Ok(()) };
         late.poll(&mut none).unwrap();
         for i in 0..40 {
-            opened.log.record(&json!({"event": "http", "host": format!("x{i}.test"), "decision": "allow"}), 5).unwrap();
+            opened
+                .log
+                .record(
+                    &log::Event::Untyped(json!({"event": "http", "host": format!("x{i}.test"), "decision": "allow"})),
+                    5,
+                )
+                .unwrap();
         }
         let e = late.poll(&mut none).err().unwrap();
         assert!(matches!(&e, Error::Broken(b) if b.why.contains("rotated away before they were read")), "{e}");

@@ -691,7 +691,7 @@ pub fn audit_change(dir: &Path, event: &serde_json::Value, now_ms: u64) -> Resul
     for file in [path.clone(), audit::evidence_path(&path)] {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(|e| Error::Io(file.clone(), e))?;
     }
-    opened.log.record(event, now_ms).map_err(audit)?;
+    opened.log.record(&audit::Event::Untyped(event.clone()), now_ms).map_err(audit)?;
     opened.log.flush_suppressed(now_ms).map_err(audit)
 }
 

@@ -13,8 +13,8 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 
 use super::*;
-use audit::AuditLog;
 use crate::sim::{pump, Guest, GUEST_IP};
+use audit::AuditLog;
 
 type Net = NetStack<Vec<u8>>;
 

@@ -13,13 +13,13 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Stream
 use smoltcp::socket::{tcp, udp};
 
 use super::Termination;
-use audit::{AuditLog, SharedLog};
 use crate::ca::Authority;
 use crate::credential::{tests::rule, Credential, Credentials, Secret};
 use crate::host::HostName;
 use crate::policy::Policy;
 use crate::sim::{pump, Guest, GUEST_IP};
 use crate::stack::{Config, NetStack, Resolver};
+use audit::{AuditLog, SharedLog};
 
 type Net = NetStack<Vec<u8>>;
 

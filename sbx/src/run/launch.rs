@@ -94,9 +94,8 @@ fn share_tag(i: usize) -> String {
 /// whose chain does not verify is kept aside, never overwritten.
 fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, LaunchError> {
     let rotation = audit::Rotation::default();
-    let opened =
-        audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
-            .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
+    let opened = audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
+        .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
     for note in &opened.notes {
         eprintln!("sbx: {note}");
     }
@@ -301,7 +300,7 @@ fn clone_setup(
         };
         if let Some(event) = event {
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = log.record(&event, sandbox::now_unix_ms()) {
+            if let Err(e) = log.record(&audit::Event::Untyped(event), sandbox::now_unix_ms()) {
                 eprintln!("sbx: {e}");
             }
         }
@@ -343,7 +342,9 @@ pub fn launch(
         "admin_policy_sha256": plan.admin.as_ref().map(|a| a.sha256.clone()),
         "sbx_version": env!("CARGO_PKG_VERSION"),
     });
-    opened.record(&header, sandbox::now_unix_ms()).map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
+    opened
+        .record(&audit::Event::Untyped(header), sandbox::now_unix_ms())
+        .map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
     let audit = opened.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;
