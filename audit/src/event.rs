@@ -17,6 +17,8 @@
 //! there): the kinds are named by the host's code either way, and the
 //! aggregation of an untyped event reads its JSON as it always did.
 
+use std::fmt;
+
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -320,6 +322,15 @@ impl Serialize for Event {
             Event::Timeout(e) => tagged(s, "timeout", e),
             Event::Untyped(v) => v.serialize(s),
         }
+    }
+}
+
+/// The event's JSON object, as the log writes it (without the chain's
+/// keys).
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+        write!(f, "{json}")
     }
 }
 
