@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use netstack::audit::AuditLog;
+use audit::AuditLog;
 use netstack::host::HostName;
 use netstack::policy::Policy;
 use netstack::sim::Guest;

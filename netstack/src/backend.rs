@@ -137,11 +137,11 @@ impl<W: Write + Send + 'static> FrameBackend for NetBackend<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditLog, SharedLog};
     use crate::dns;
     use crate::policy::Policy;
     use crate::sim::{Guest, GUEST_IP};
     use crate::stack::{Config, Resolver, MAX_QUEUED_FRAMES};
+    use audit::{AuditLog, SharedLog};
     use smoltcp::socket::{tcp, udp};
     use std::net::Ipv4Addr;
 

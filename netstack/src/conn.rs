@@ -56,7 +56,8 @@ use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use audit::{Decision, Event, Exchange};
+use serde_json::json;
 
 use crate::credential::{LeakScanner, Rewrite, Scrubber};
 use crate::graphql;
@@ -307,7 +308,7 @@ enum Phase {
     /// An OAuth refresh is being answered on a helper thread
     /// ([`crate::oauth`]); its request's audit line waits with it. Nothing
     /// more is read; the answer closes the connection.
-    Exchanging(Receiver<Refreshed>, Box<Value>),
+    Exchanging(Receiver<Refreshed>, Box<Exchange>),
 }
 
 pub struct Conn {
@@ -341,11 +342,11 @@ pub struct Conn {
     refusal: Option<Vec<u8>>,
     /// Allowed requests awaiting their response (at most
     /// [`MAX_IN_FLIGHT`]): audit line, HEAD?, bytes up.
-    pending: VecDeque<(Value, bool, u64)>,
+    pending: VecDeque<(Exchange, bool, u64)>,
     /// A request head waits in `inbox` for a free in-flight place.
     stalled: bool,
     responses: ResponseTracker,
-    pub events: Vec<Value>,
+    pub events: Vec<Event>,
     /// The sandbox's live rules and questions ([`crate::live`]).
     live: Option<Arc<Live>>,
     /// Questions a person said yes to for this connection (at most
@@ -576,9 +577,14 @@ impl Conn {
     /// The guest's TLS session failed (its alert is queued): logged, and
     /// the connection closes once the alert is out.
     fn tls_failed(&mut self, e: rustls::Error) {
-        self.events
-            .push(json!({"event": "tls", "dst": self.dst.to_string(), "sni": self.name.as_ref().map(|n| n.as_str()),
-            "terminated": true, "decision": "deny", "reason": format!("guest TLS failed: {e}")}));
+        self.events.push(Event::Tls(Exchange {
+            dst: Some(self.dst.to_string()),
+            sni: Some(self.name.as_ref().map(|n| n.to_string())),
+            terminated: Some(true),
+            decision: Some(Decision::Deny),
+            reason: Some(format!("guest TLS failed: {e}")),
+            ..Exchange::default()
+        }));
         self.inbox.clear();
         self.to_upstream.clear();
         self.refusal = None;
@@ -711,7 +717,11 @@ impl Conn {
                             }
                         }
                         Err(e) => {
-                            self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
+                            self.events.push(Event::Http(Exchange {
+                                decision: Some(Decision::Deny),
+                                reason: Some(e.to_string()),
+                                ..Exchange::default()
+                            }));
                             self.refuse(e.to_string());
                             return;
                         }
@@ -754,8 +764,12 @@ impl Conn {
     /// requests already sent get their responses, no further one is read,
     /// and the connection closes after the upstream's last byte.
     fn drain(&mut self) {
-        self.events.push(json!({"event": "http", "dst": self.dst.to_string(), "decision": "deny",
-            "reason": "upstream responses could not be delimited: no further requests on this connection"}));
+        self.events.push(Event::Http(Exchange {
+            dst: Some(self.dst.to_string()),
+            decision: Some(Decision::Deny),
+            reason: Some("upstream responses could not be delimited: no further requests on this connection".into()),
+            ..Exchange::default()
+        }));
         self.inbox.clear();
         self.stalled = false;
         self.phase = Phase::Draining;
@@ -767,21 +781,30 @@ impl Conn {
             Ok(Parsed::Incomplete) => return false,
             Ok(Parsed::Complete(head, len)) => (head, len),
             Err(e) => {
-                self.events.push(json!({"event": "http", "decision": "deny", "reason": e.to_string()}));
+                self.events.push(Event::Http(Exchange {
+                    decision: Some(Decision::Deny),
+                    reason: Some(e.to_string()),
+                    ..Exchange::default()
+                }));
                 self.refuse(e.to_string());
                 return false;
             }
         };
-        let mut event = json!({"event": "http", "method": head.method, "host": head.host.as_str(),
-            "path": head.target, "dst": self.dst.to_string()});
+        let mut event = Exchange {
+            method: Some(head.method.clone()),
+            host: Some(Some(head.host.to_string())),
+            path: Some(head.target.clone()),
+            dst: Some(self.dst.to_string()),
+            ..Exchange::default()
+        };
         let path = http::normalize_path(&head.target);
         if let Ok(p) = &path {
             if *p != head.target {
-                event["normalized_path"] = json!(p);
+                event.normalized_path = Some(p.clone());
             }
         }
         if self.guest_tls.is_some() {
-            event["tls"] = json!("terminated");
+            event.tls = Some("terminated".into());
         }
         // A refresh to an OAuth token endpoint: netstack answers it
         // ([`crate::oauth`]) once its whole (small) body is here.
@@ -797,10 +820,10 @@ impl Conn {
                 http::Body::Length(n) if n <= oauth::MAX_TOKEN_REQUEST as u64 => n as usize,
                 _ => {
                     let e = oauth::Error::RequestFraming;
-                    event["oauth"] = json!(session.name);
-                    event["decision"] = json!("deny");
-                    event["reason"] = json!(e.to_string());
-                    self.events.push(event);
+                    event.oauth = Some(session.name.clone());
+                    event.decision = Some(Decision::Deny);
+                    event.reason = Some(e.to_string());
+                    self.events.push(Event::Http(event));
                     self.oauth_answer(oauth::error_response(&e));
                     return false;
                 }
@@ -823,7 +846,7 @@ impl Conn {
         } else if head.host_port.is_some_and(|p| p != self.port) {
             Some("Host names another port".into())
         } else if let Rewrite::Leak { credential } = &rewrite {
-            event["leak"] = json!(credential);
+            event.leak = Some(credential.to_string());
             Some(format!(
                 "the placeholder of credential '{credential}' was sent to {}, which it is not bound to (leak attempt)",
                 head.host
@@ -841,18 +864,18 @@ impl Conn {
             }
         };
         if let Some(reason) = refusal {
-            self.deny(event, reason);
+            self.deny(Event::Http(event), reason);
             return false;
         }
         if let Some((key, ask, what)) = self.to_hold.take() {
-            self.hold(key, ask, Some((&head.method, &head.target)), what, event);
+            self.hold(key, ask, Some((&head.method, &head.target)), what, Event::Http(event));
             return false;
         }
-        event["decision"] = json!("allow");
+        event.decision = Some(Decision::Allow);
         if let (Some(session), Some(n), Some(t)) = (session, oauth_body, self.termination.clone()) {
             let body = zeroize::Zeroizing::new(self.inbox[len..len + n].to_vec());
             self.inbox.drain(..len + n);
-            event["oauth"] = json!(session.name);
+            event.oauth = Some(session.name.clone());
             let exchange = oauth::TlsExchange {
                 config: t.upstream_config().clone(),
                 resolver: resolver.clone(),
@@ -883,7 +906,7 @@ impl Conn {
         let sent = match rewrite {
             Rewrite::Injected { head: injected, credentials } => {
                 if !credentials.is_empty() {
-                    event["credential"] = json!(credentials.join(","));
+                    event.credential = Some(credentials.join(","));
                     self.injected = true;
                 }
                 self.inbox.drain(..len);
@@ -910,10 +933,10 @@ impl Conn {
     /// An OAuth refresh was answered: its audit lines (the request's and
     /// the refresh's, never a value) and the answer, which closes the
     /// connection after the responses before it.
-    fn oauth_done(&mut self, result: Refreshed, mut event: Value) {
-        let credential = event["oauth"].clone();
+    fn oauth_done(&mut self, result: Refreshed, mut event: Exchange) {
+        let credential = event.oauth.clone();
         let sandbox = self.live.as_ref().map(|l| l.sandbox.clone());
-        let mut refresh = json!({"event": "oauth", "credential": credential, "host": event["host"].clone(),
+        let mut refresh = json!({"event": "oauth", "credential": credential, "host": event.host.clone().flatten(),
             "sandbox": sandbox});
         let response = match result {
             Ok((body, outcome, expires_at_ms)) => {
@@ -922,19 +945,19 @@ impl Conn {
                     oauth::Outcome::FromStore => "from_store",
                 });
                 refresh["expires_at_ms"] = json!(expires_at_ms);
-                event["status"] = json!(200);
+                event.status = Some(Some(200));
                 oauth::ok_response(&body)
             }
             Err(e) => {
                 refresh["outcome"] = json!("refused");
                 refresh["reason"] = json!(e.to_string());
-                event["status"] = json!(e.status().get(..3).and_then(|s| s.parse::<u16>().ok()));
+                event.status = Some(e.status().get(..3).and_then(|s| s.parse::<u16>().ok()));
                 oauth::error_response(&e)
             }
         };
-        event["bytes_down"] = json!(response.len());
-        self.events.push(event);
-        self.events.push(refresh);
+        event.bytes_down = Some(response.len() as u64);
+        self.events.push(Event::Http(event));
+        self.events.push(Event::Untyped(refresh));
         self.oauth_answer(response);
     }
 
@@ -955,8 +978,14 @@ impl Conn {
         let reason = format!(
             "the placeholder of credential '{credential}' was sent to {host}, which it is not bound to (leak attempt, in a body)"
         );
-        self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(),
-            "decision": "deny", "leak": credential, "reason": reason}));
+        self.events.push(Event::Http(Exchange {
+            host: Some(Some(host.to_string())),
+            dst: Some(self.dst.to_string()),
+            decision: Some(Decision::Deny),
+            leak: Some(credential.to_string()),
+            reason: Some(reason.clone()),
+            ..Exchange::default()
+        }));
         self.refuse(reason);
     }
 
@@ -980,7 +1009,7 @@ impl Conn {
         policy: &Policy,
         host: &HostName,
         http: Option<(&str, &str)>,
-        event: &mut Value,
+        event: &mut Exchange,
     ) -> Option<String> {
         let req = Request { host, port: self.port, http };
         let j = match &self.live {
@@ -1002,7 +1031,7 @@ impl Conn {
         policy: &Policy,
         head: &http::RequestHead,
         len: usize,
-        event: &mut Value,
+        event: &mut Exchange,
     ) -> Option<Option<String>> {
         let req = Request { host: &head.host, port: self.port, http: Some((&head.method, &head.target)) };
         let judge = |body: Option<&graphql::Scan>| match &self.live {
@@ -1015,15 +1044,15 @@ impl Conn {
             j = judge(Some(&scan));
         }
         if let Some(d) = &j.detail {
-            event["graphql"] = json!(d);
+            event.graphql = Some(d.clone());
         }
         Some(self.verdict(j, event))
     }
 
     /// Acts on a judgement: a use of a live grant counted, an approved
     /// question let through, a question to hold noted.
-    fn verdict(&mut self, j: Judgement, event: &mut Value) -> Option<String> {
-        event["rule"] = json!(j.rule);
+    fn verdict(&mut self, j: Judgement, event: &mut Exchange) -> Option<String> {
+        event.rule = Some(j.rule.clone());
         match j.verdict {
             Verdict::Allow => {
                 if let (Some(l), Some(g)) = (&self.live, j.grant) {
@@ -1036,7 +1065,7 @@ impl Conn {
                 Some(j.reason)
             }
             Verdict::Ask(key) if self.approved.contains(&key) => {
-                event["approved"] = json!(true);
+                event.approved = Some(true);
                 None
             }
             Verdict::Ask(_) if self.live.is_none() => Some(format!("{}, but nobody can answer here", j.reason)),
@@ -1049,12 +1078,14 @@ impl Conn {
 
     /// Holds the request (head or ClientHello still in the inbox) on the
     /// question for `key`; denied if the bounds are reached.
-    fn hold(&mut self, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>, what: Hold, mut event: Value) {
+    fn hold(&mut self, key: QKey, ask: Option<AskRule>, http: Option<(&str, &str)>, what: Hold, mut event: Event) {
         let Some(live) = self.live.clone() else { return };
         match live.hold_graphql(key.clone(), ask, http, what.detail.as_deref(), what.mutations) {
             Ok(ticket) => {
-                event["decision"] = json!("held");
-                event["question"] = json!(ticket.id);
+                if let Some(e) = event.exchange_mut() {
+                    e.decision = Some(Decision::Held);
+                    e.question = Some(ticket.id);
+                }
                 self.events.push(event);
                 self.phase = Phase::Held(ticket, key);
             }
@@ -1085,16 +1116,23 @@ impl Conn {
             Answer::TimedOut => "held, and nobody answered in time".to_string(),
             Answer::Gone => "held, and the question is gone".to_string(),
         };
-        let event = json!({"event": if self.speaks_http() { "http" } else { "tls" }, "dst": self.dst.to_string(),
-            "host": self.name.as_ref().map(|n| n.as_str()), "question": id});
+        let event = Exchange {
+            dst: Some(self.dst.to_string()),
+            host: Some(self.name.as_ref().map(|n| n.to_string())),
+            question: Some(id),
+            ..Exchange::default()
+        };
+        let event = if self.speaks_http() { Event::Http(event) } else { Event::Tls(event) };
         self.phase = Phase::Head;
         self.deny(event, reason);
     }
 
     /// Logs a refused request and refuses it.
-    fn deny(&mut self, mut event: Value, reason: String) {
-        event["decision"] = json!("deny");
-        event["reason"] = json!(reason);
+    fn deny(&mut self, mut event: Event, reason: String) {
+        if let Some(e) = event.exchange_mut() {
+            e.decision = Some(Decision::Deny);
+            e.reason = Some(reason.clone());
+        }
         self.events.push(event);
         self.refuse(reason);
     }
@@ -1104,14 +1142,18 @@ impl Conn {
             Ok(tls::Parsed::Incomplete) => return,
             Ok(tls::Parsed::ServerName(name, len)) => (name, len),
             Err(e) => {
-                self.events.push(
-                    json!({"event": "tls", "dst": self.dst.to_string(), "decision": "deny", "reason": e.to_string()}),
-                );
+                self.events.push(Event::Tls(Exchange {
+                    dst: Some(self.dst.to_string()),
+                    decision: Some(Decision::Deny),
+                    reason: Some(e.to_string()),
+                    ..Exchange::default()
+                }));
                 self.refuse(e.to_string());
                 return;
             }
         };
-        let mut event = json!({"event": "tls", "sni": sni.as_str(), "dst": self.dst.to_string()});
+        let mut event =
+            Exchange { sni: Some(Some(sni.to_string())), dst: Some(self.dst.to_string()), ..Exchange::default() };
         let port = self.port;
         let terminates = match &self.live {
             Some(l) => l.terminates(policy, &sni, port),
@@ -1133,11 +1175,11 @@ impl Conn {
             self.judge(policy, &sni, None, &mut event)
         };
         if let Some(reason) = refusal {
-            self.deny(event, reason);
+            self.deny(Event::Tls(event), reason);
             return;
         }
         if let Some((key, ask, what)) = self.to_hold.take() {
-            self.hold(key, ask, None, what, event);
+            self.hold(key, ask, None, what, Event::Tls(event));
             return;
         }
         if terminate {
@@ -1151,11 +1193,11 @@ impl Conn {
         });
         let watch = match watch {
             Ok(w) => w,
-            Err(e) => return self.deny(event, e.to_string()),
+            Err(e) => return self.deny(Event::Tls(event), e.to_string()),
         };
-        event["decision"] = json!("allow");
-        event["spliced"] = json!(true);
-        self.events.push(event);
+        event.decision = Some(Decision::Allow);
+        event.spliced = Some(true);
+        self.events.push(Event::Tls(event));
         self.to_upstream.append(&mut self.inbox);
         self.start_connect(sni, policy, resolver, Phase::Splice(watch));
     }
@@ -1163,15 +1205,20 @@ impl Conn {
     /// A spliced connection's later handshake record was refused
     /// ([`tls::HandshakeWatch`]): logged, and the connection reset.
     fn handshake_refused(&mut self, e: tls::Error) {
-        self.events.push(json!({"event": "tls", "dst": self.dst.to_string(),
-            "sni": self.name.as_ref().map(|n| n.as_str()), "spliced": true, "decision": "deny",
-            "reason": format!("later handshake record refused: {e}")}));
+        self.events.push(Event::Tls(Exchange {
+            dst: Some(self.dst.to_string()),
+            sni: Some(self.name.as_ref().map(|n| n.to_string())),
+            spliced: Some(true),
+            decision: Some(Decision::Deny),
+            reason: Some(format!("later handshake record refused: {e}")),
+            ..Exchange::default()
+        }));
         self.refuse(e.to_string());
     }
 
     /// Ends the guest's TLS session here, with a leaf for `sni`: what it
     /// carries is read as HTTP from now on.
-    fn terminate(&mut self, sni: HostName, mut event: Value) {
+    fn terminate(&mut self, sni: HostName, mut event: Exchange) {
         let Some(t) = &self.termination else { return };
         let session = t
             .authority
@@ -1181,16 +1228,16 @@ impl Conn {
         let mut session = match session {
             Ok(s) => s,
             Err(e) => {
-                self.deny(event, format!("cannot terminate TLS: {e}"));
+                self.deny(Event::Tls(event), format!("cannot terminate TLS: {e}"));
                 return;
             }
         };
         let hello = std::mem::take(&mut self.inbox);
         let received = session.receive(&hello, &mut self.inbox);
-        event["alpn"] = json!(session.alpn().map(|p| String::from_utf8_lossy(p).into_owned()));
-        event["decision"] = json!("allow");
-        event["terminated"] = json!(true);
-        self.events.push(event);
+        event.alpn = Some(session.alpn().map(|p| String::from_utf8_lossy(p).into_owned()));
+        event.decision = Some(Decision::Allow);
+        event.terminated = Some(true);
+        self.events.push(Event::Tls(event));
         self.guest_tls = Some(session);
         if let Err(e) = received {
             self.tls_failed(e);
@@ -1255,20 +1302,30 @@ impl Conn {
                 self.process(policy, resolver);
             }
             Err(e) => {
-                let mut event = json!({"event": "upstream", "dst": self.dst.to_string(), "port": self.port,
-                    "name": self.name.as_ref().map(|n| n.as_str()), "error": e.to_string()});
+                let mut event = audit::Upstream {
+                    dst: self.dst.to_string(),
+                    port: Some(self.port),
+                    name: self.name.as_ref().map(|n| n.to_string()),
+                    error: e.to_string(),
+                    ..audit::Upstream::default()
+                };
                 if let UpstreamError::Tls(..) = &e {
-                    event["decision"] = json!("deny");
-                    event["tls"] = json!("upstream certificate or handshake refused");
+                    event.decision = Some(Decision::Deny);
+                    event.tls = Some("upstream certificate or handshake refused".into());
                 }
                 if let UpstreamError::NotGlobal { refused, .. } = &e {
-                    event["decision"] = json!("deny");
-                    event["refused"] = refused
-                        .iter()
-                        .map(|(addr, class)| json!({"addr": addr.to_string(), "class": class.to_string()}))
-                        .collect();
+                    event.decision = Some(Decision::Deny);
+                    event.refused = Some(
+                        refused
+                            .iter()
+                            .map(|(addr, class)| audit::RefusedAddr {
+                                addr: addr.to_string(),
+                                class: class.to_string(),
+                            })
+                            .collect(),
+                    );
                 }
-                self.events.push(event);
+                self.events.push(Event::Upstream(event));
                 self.to_upstream.clear();
                 self.inbox.clear();
                 self.stalled = false;
@@ -1330,8 +1387,12 @@ impl Conn {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
                     if e.kind() == ErrorKind::InvalidData {
-                        self.events.push(json!({"event": "upstream", "dst": self.dst.to_string(),
-                            "name": self.name.as_ref().map(|n| n.as_str()), "error": format!("upstream TLS: {e}")}));
+                        self.events.push(Event::Upstream(audit::Upstream {
+                            dst: self.dst.to_string(),
+                            name: self.name.as_ref().map(|n| n.to_string()),
+                            error: format!("upstream TLS: {e}"),
+                            ..audit::Upstream::default()
+                        }));
                     }
                     self.upstream_eof = true;
                 }
@@ -1383,8 +1444,16 @@ impl Conn {
                 "a response from {host} carried pieces of credential '{}' ({} bytes masked; {} such responses in this sandbox): its value was echoed (leak attempt)",
                 e.credential, e.masked, e.echoes
             );
-            self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(), "decision": "deny",
-                "leak": e.credential, "masked": e.masked, "echoes": e.echoes, "reason": reason}));
+            self.events.push(Event::Http(Exchange {
+                host: Some(Some(host.to_string())),
+                dst: Some(self.dst.to_string()),
+                decision: Some(Decision::Deny),
+                leak: Some(e.credential.to_string()),
+                masked: Some(e.masked),
+                echoes: Some(e.echoes),
+                reason: Some(reason),
+                ..Exchange::default()
+            }));
         }
         if let Some(coding) = self.scrubber.refused().map(str::to_string) {
             if !matches!(self.phase, Phase::Refusing) || !self.upstream_eof {
@@ -1404,8 +1473,13 @@ impl Conn {
         let reason = format!(
             "the response from {host}, which a credential is bound to, has {coding}; netstack asked for none, and a coded body cannot be searched for echoed secrets"
         );
-        self.events.push(json!({"event": "http", "host": host, "dst": self.dst.to_string(), "decision": "deny",
-            "reason": reason}));
+        self.events.push(Event::Http(Exchange {
+            host: Some(Some(host.clone())),
+            dst: Some(self.dst.to_string()),
+            decision: Some(Decision::Deny),
+            reason: Some(reason.clone()),
+            ..Exchange::default()
+        }));
         self.to_guest.extend_from_slice(&plain_response("502 Bad Gateway", &reason));
         self.upstream_eof = true;
         self.inbox.clear();
@@ -1438,28 +1512,33 @@ impl Conn {
 
     fn response_done(&mut self, r: http::Response) {
         if let Some((mut event, _, up)) = self.pending.pop_front() {
-            event["status"] = json!(r.status);
-            event["bytes_up"] = json!(up);
-            event["bytes_down"] = json!(r.bytes);
-            self.events.push(event);
+            event.status = Some(r.status);
+            event.bytes_up = Some(up);
+            event.bytes_down = Some(r.bytes);
+            self.events.push(Event::Http(event));
         }
     }
 
     /// The lines logged when the connection ends: requests that got no
     /// (complete) response, then the connection's totals.
-    pub fn end_events(&mut self) -> Vec<Value> {
-        let mut out: Vec<Value> = self
+    pub fn end_events(&mut self) -> Vec<Event> {
+        let mut out: Vec<Event> = self
             .pending
             .drain(..)
             .map(|(mut e, _, up)| {
-                e["status"] = Value::Null;
-                e["bytes_up"] = json!(up);
-                e
+                e.status = Some(None);
+                e.bytes_up = Some(up);
+                Event::Http(e)
             })
             .collect();
-        out.push(json!({"event": "conn_end", "dst": self.dst.to_string(), "port": self.port,
-            "name": self.name.as_ref().map(|n| n.as_str()), "upstream": self.upstream_addr.map(|a| a.to_string()),
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}));
+        out.push(Event::ConnEnd(audit::ConnEnd {
+            dst: self.dst.to_string(),
+            port: self.port,
+            name: self.name.as_ref().map(|n| n.to_string()),
+            upstream: self.upstream_addr.map(|a| a.to_string()),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+        }));
         out
     }
 }
@@ -1489,10 +1568,10 @@ impl Conn {
         self.stalled = false;
         self.refusal = None;
         for (mut e, _, up) in self.pending.drain(..) {
-            e["status"] = Value::Null;
-            e["bytes_up"] = json!(up);
-            e["timeout"] = json!(why.name());
-            self.events.push(e);
+            e.status = Some(None);
+            e.bytes_up = Some(up);
+            e.timeout = Some(why.name().to_string());
+            self.events.push(Event::Http(e));
         }
         let clean = self.speaks_http()
             && self.to_guest.is_empty()
@@ -1713,7 +1792,7 @@ mod tests {
         let text = String::from_utf8_lossy(&c.to_guest).to_string();
         assert!(text.starts_with("HTTP/1.1 502") && text.contains("no connect thread free"), "{text}");
         assert_eq!(held.lookups.load(Ordering::SeqCst), 0);
-        assert!(c.events.iter().any(|e| e["event"] == "upstream"));
+        assert!(c.events.iter().any(|e| matches!(e, Event::Upstream(_))));
         drop(taken);
         assert_eq!(slots.running(), 0);
     }

@@ -312,7 +312,7 @@ pub(crate) struct Forwarder {
     listening: Vec<Listening>,
     forwards: Vec<Forward>,
     next_local: u16,
-    pub(crate) events: Vec<serde_json::Value>,
+    pub(crate) events: Vec<audit::Event>,
 }
 
 fn peer_text(a: &SocketAddr) -> String {
@@ -358,9 +358,10 @@ impl Forwarder {
                 Change::Add(map, listener) => {
                     self.listening.push(Listening { map, listener, id: *ids, refused: 0, refused_logged: None });
                     *ids += 1;
-                    self.events
-                        .push(serde_json::json!({"event": "publish", "host": format!("{LOOPBACK}:{}", map.host_port),
-                        "host_port": map.host_port, "guest_port": map.guest_port}));
+                    self.events.push(audit::Event::Untyped(
+                        serde_json::json!({"event": "publish", "host": format!("{LOOPBACK}:{}", map.host_port),
+                        "host_port": map.host_port, "guest_port": map.guest_port}),
+                    ));
                 }
                 Change::Remove(host_port) => {
                     let before = self.listening.len();
@@ -371,7 +372,9 @@ impl Forwarder {
                             f.end.get_or_insert("unpublished");
                             sockets.get_mut::<tcp::Socket>(f.socket).abort();
                         }
-                        self.events.push(serde_json::json!({"event": "unpublish", "host_port": host_port}));
+                        self.events.push(audit::Event::Untyped(
+                            serde_json::json!({"event": "unpublish", "host_port": host_port}),
+                        ));
                     }
                 }
             }
@@ -411,10 +414,18 @@ impl Forwarder {
                     l.refused += 1;
                     if l.refused_logged.is_none_or(|t| now.saturating_sub(t) >= BURST_MS) {
                         l.refused_logged = Some(now);
-                        self.events.push(serde_json::json!({"event": "refused", "what": "forwarded connection",
-                            "host_port": map.host_port, "guest_port": map.guest_port, "peer": peer_text(&peer),
-                            "count": std::mem::take(&mut l.refused), "limit": "forwards_per_port",
-                            "reason": format!("{MAX_FORWARDS_PER_PORT} connections to this port are open (the limit); close some")}));
+                        self.events.push(audit::Event::Refused(audit::Refused {
+                            what: "forwarded connection".into(),
+                            host_port: Some(map.host_port),
+                            guest_port: Some(map.guest_port),
+                            peer: Some(peer_text(&peer)),
+                            count: Some(std::mem::take(&mut l.refused)),
+                            limit: Some("forwards_per_port".into()),
+                            reason: Some(format!(
+                                "{MAX_FORWARDS_PER_PORT} connections to this port are open (the limit); close some"
+                            )),
+                            ..Default::default()
+                        }));
                     }
                     continue;
                 };
@@ -428,8 +439,10 @@ impl Forwarder {
                     continue;
                 }
                 let socket = sockets.add(socket);
-                self.events.push(serde_json::json!({"event": "port_forward", "host_port": map.host_port,
-                    "guest_port": map.guest_port, "peer": peer_text(&peer)}));
+                self.events.push(audit::Event::Untyped(
+                    serde_json::json!({"event": "port_forward", "host_port": map.host_port,
+                    "guest_port": map.guest_port, "peer": peer_text(&peer)}),
+                ));
                 self.forwards.push(Forward {
                     map,
                     id: *ids,
@@ -547,9 +560,11 @@ impl Forwarder {
             if self.forwards[i].end.is_some() {
                 let f = self.forwards.swap_remove(i);
                 sockets.remove(f.socket);
-                self.events.push(serde_json::json!({"event": "port_forward_end", "host_port": f.map.host_port,
+                self.events.push(audit::Event::Untyped(
+                    serde_json::json!({"event": "port_forward_end", "host_port": f.map.host_port,
                     "guest_port": f.map.guest_port, "peer": peer_text(&f.peer), "bytes_to_guest": f.bytes_to_guest,
-                    "bytes_to_host": f.bytes_to_host, "reason": f.end}));
+                    "bytes_to_host": f.bytes_to_host, "reason": f.end}),
+                ));
             } else {
                 i += 1;
             }
@@ -577,10 +592,10 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditLog;
     use crate::policy::Policy;
     use crate::sim::{pump, Guest, GUEST_IP};
     use crate::stack::{Config, NetStack, Resolver};
+    use audit::AuditLog;
     use std::net::IpAddr;
 
     type Net = NetStack<Vec<u8>>;

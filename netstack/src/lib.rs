@@ -30,7 +30,8 @@
 //!   connection to 127.0.0.1:HOSTPORT (loopback only) spliced into a TCP
 //!   connection netstack opens to the guest's GUESTPORT, bounded, audited;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
-//!   never IP literals); the hash-chained [`audit`] log and its verifier.
+//!   never IP literals). The hash-chained audit log, its verifier and the
+//!   typed events the stack records are the `audit` crate's (`sbx-audit`).
 //!
 //! - [`limits`]: per-connection time limits (a hostile upstream or guest
 //!   holds at most its own connection, for a named time), the connection
@@ -45,7 +46,6 @@
 //! implements over [`stack::NetStack`] (the CLI only wires the two).
 #![forbid(unsafe_code)]
 
-pub mod audit;
 pub mod backend;
 pub mod ca;
 pub mod conn;

@@ -218,16 +218,23 @@ pub(crate) struct Burst {
 impl Burst {
     /// Counts `n` refusals at `now`; the audit line to write, if this
     /// starts a burst (or ends one that lasted over [`BURST_MS`]).
-    pub(crate) fn refused(&mut self, now: u64, n: u64) -> Option<serde_json::Value> {
+    pub(crate) fn refused(&mut self, now: u64, n: u64) -> Option<audit::Event> {
         self.since += n;
         match self.logged_at {
             Some(t) if now.saturating_sub(t) < BURST_MS => None,
             _ => {
                 self.logged_at = Some(now);
                 let count = std::mem::take(&mut self.since);
-                Some(serde_json::json!({"event": "refused", "what": "TCP connection",
-                    "reason": format!("{} guest connections are open (the limit); close some, or reuse them (keep-alive)", crate::stack::MAX_CONNS),
-                    "limit": "connections", "count": count}))
+                Some(audit::Event::Refused(audit::Refused {
+                    what: "TCP connection".into(),
+                    reason: Some(format!(
+                        "{} guest connections are open (the limit); close some, or reuse them (keep-alive)",
+                        crate::stack::MAX_CONNS
+                    )),
+                    limit: Some("connections".into()),
+                    count: Some(count),
+                    ..Default::default()
+                }))
             }
         }
     }
@@ -284,13 +291,13 @@ mod tests {
     #[test]
     fn cap_refusals_are_audited_once_per_burst() {
         let mut b = Burst::default();
-        let first = b.refused(100, 1).expect("the first refusal is logged");
+        let first = serde_json::to_value(b.refused(100, 1).expect("the first refusal is logged")).unwrap();
         assert_eq!(first["count"], 1);
         assert!(first["reason"].as_str().unwrap().contains("connections are open"));
         for t in 101..200 {
             assert!(b.refused(t, 10).is_none());
         }
-        let next = b.refused(100 + BURST_MS, 1).expect("a later burst");
+        let next = serde_json::to_value(b.refused(100 + BURST_MS, 1).expect("a later burst")).unwrap();
         assert_eq!(next["count"], 991);
     }
 }

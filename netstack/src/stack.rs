@@ -56,7 +56,6 @@ use smoltcp::wire::{
     Ipv4Cidr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
 };
 
-use crate::audit::SharedLog;
 use crate::conn::{Conn, ConnectSlots, Lookup, Resolve, MAX_CANDIDATES, MAX_CONNECT_THREADS};
 use crate::dns::{self, NameTable};
 use crate::forward::{Forwarder, Ports};
@@ -65,6 +64,7 @@ use crate::limits::{Burst, NetCounters, Watch, GUEST_HANDSHAKE_MS};
 use crate::live::{self, Live, LiveRules};
 use crate::policy::Policy;
 use crate::terminate::Termination;
+use audit::{Decision, Dns, Event, SharedLog};
 
 /// Frames waiting in one direction before more are dropped.
 pub const MAX_QUEUED_FRAMES: usize = 1024;
@@ -584,12 +584,12 @@ impl<W: Write> NetStack<W> {
                 self.frames.rx.push_back(frame)
             }
             Verdict::Pass => {}
-            Verdict::Drop(what) => self.log(serde_json::json!({"event": "refused", "what": what})),
+            Verdict::Drop(what) => self.log(Event::Refused(audit::Refused { what, ..Default::default() })),
             Verdict::Refuse(what, reset) => {
                 if self.frames.tx.len() < MAX_QUEUED_FRAMES {
                     self.frames.tx.push_back(reset);
                 }
-                self.log(serde_json::json!({"event": "refused", "what": what, "reset": true}));
+                self.log(Event::Refused(audit::Refused { what, reset: Some(true), ..Default::default() }));
             }
         }
     }
@@ -687,7 +687,7 @@ impl<W: Write> NetStack<W> {
             }
         }
         for e in self.live.as_ref().map(|l| l.take_events()).unwrap_or_default() {
-            self.log(e);
+            self.log(Event::Untyped(e));
         }
     }
 
@@ -785,8 +785,11 @@ impl<W: Write> NetStack<W> {
         let mut events = Vec::new();
         for i in gone.into_iter().rev() {
             let (h, mut conn, ..) = self.conns.swap_remove(i);
-            events.push(serde_json::json!({"event": "reclaimed", "dst": conn.dst.to_string(), "port": conn.port,
-                "reason": format!("idle, and {MAX_CONNS} connections were open (the limit)")}));
+            events.push(Event::Reclaimed(audit::Reclaimed {
+                dst: conn.dst.to_string(),
+                port: conn.port,
+                reason: format!("idle, and {MAX_CONNS} connections were open (the limit)"),
+            }));
             events.extend(conn.end_events());
             self.sockets.remove(h);
             self.counters.reclaimed += 1;
@@ -849,9 +852,14 @@ impl<W: Write> NetStack<W> {
             // A response may have freed an in-flight place.
             conn.resume(&self.policy, &self.resolver);
             if let Some(limit) = watch.check(self.now_ms, conn.activity(), socket.send_queue()) {
-                events.push(serde_json::json!({"event": "timeout", "limit": limit.name(), "limit_ms": limit.limit_ms(),
-                    "dst": conn.dst.to_string(), "port": conn.port, "name": self.names.name_of(conn.dst).map(|n| n.as_str()),
-                    "reason": limit.to_string()}));
+                events.push(Event::Timeout(audit::Timeout {
+                    limit: limit.name().to_string(),
+                    limit_ms: limit.limit_ms(),
+                    dst: conn.dst.to_string(),
+                    port: conn.port,
+                    name: self.names.name_of(conn.dst).map(|n| n.to_string()),
+                    reason: limit.to_string(),
+                }));
                 self.counters.timed_out += 1;
                 if !conn.time_out(&limit) {
                     socket.abort();
@@ -883,7 +891,7 @@ impl<W: Write> NetStack<W> {
         }
     }
 
-    fn log(&mut self, event: serde_json::Value) {
+    fn log(&mut self, event: Event) {
         let mut log = self.audit.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = log.record(&event, self.now_ms) {
             eprintln!("netstack: {e}");
@@ -1003,20 +1011,20 @@ impl<W: Write> NetStack<W> {
 
     fn serve_dns(&mut self) {
         let mut replies: Vec<(Vec<u8>, smoltcp::wire::IpEndpoint)> = Vec::new();
-        let mut events: Vec<serde_json::Value> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
         {
             let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
             while let Ok((data, meta)) = socket.recv() {
                 let query = match dns::parse_query(data) {
                     Ok(q) => q,
                     Err(e) => {
-                        events.push(serde_json::json!({"event": "dns", "error": e.to_string()}));
+                        events.push(Event::Dns(Dns { error: Some(e.to_string()), ..Dns::default() }));
                         continue;
                     }
                 };
                 let (reply, event) = answer(&query, &self.policy, self.live.as_deref(), &mut self.names);
                 replies.push((reply, meta.endpoint));
-                events.push(event);
+                events.push(Event::Dns(event));
             }
         }
         let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
@@ -1045,14 +1053,14 @@ fn syn_port(frame: &[u8]) -> Option<u16> {
 }
 
 /// The answer to one query and its audit line.
-fn answer(
-    query: &dns::Query,
-    policy: &Policy,
-    live: Option<&Live>,
-    names: &mut NameTable,
-) -> (Vec<u8>, serde_json::Value) {
+fn answer(query: &dns::Query, policy: &Policy, live: Option<&Live>, names: &mut NameTable) -> (Vec<u8>, Dns) {
     let Some(host) = query.host() else {
-        let event = serde_json::json!({"event": "dns", "name": query.raw_name, "decision": "deny", "reason": "not a host name (IP literal or malformed)"});
+        let event = Dns {
+            name: Some(query.raw_name.clone()),
+            decision: Some(Decision::Deny),
+            reason: Some("not a host name (IP literal or malformed)".into()),
+            ..Dns::default()
+        };
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     };
     let decision = match live {
@@ -1061,19 +1069,32 @@ fn answer(
     };
     let rule = decision.rule.clone();
     if !decision.allowed() {
-        let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "deny", "rule": rule});
+        let event =
+            Dns { name: Some(host.to_string()), decision: Some(Decision::Deny), rule: Some(rule), ..Dns::default() };
         return (dns::answer_empty(query, dns::RCODE_REFUSED), event);
     }
     let reply = match (query.qtype, names.bind(&host)) {
         (dns::TYPE_A, Some(addr)) => {
-            let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "allow", "rule": rule, "answer": addr.to_string()});
+            let event = Dns {
+                name: Some(host.to_string()),
+                decision: Some(Decision::Allow),
+                rule: Some(rule),
+                answer: Some(addr.to_string()),
+                ..Dns::default()
+            };
             return (dns::answer_a(query, addr, DNS_TTL), event);
         }
         (dns::TYPE_A, None) => dns::answer_empty(query, dns::RCODE_SERVFAIL),
         // The name exists, but only over IPv4.
         _ => dns::answer_empty(query, 0),
     };
-    let event = serde_json::json!({"event": "dns", "name": host.as_str(), "decision": "allow", "rule": rule, "qtype": query.qtype});
+    let event = Dns {
+        name: Some(host.to_string()),
+        decision: Some(Decision::Allow),
+        rule: Some(rule),
+        qtype: Some(query.qtype),
+        ..Dns::default()
+    };
     (reply, event)
 }
 
@@ -1083,8 +1104,8 @@ mod resilience;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditLog;
     use crate::sim::{pump, Guest, GUEST_IP};
+    use audit::AuditLog;
     use smoltcp::socket::icmp;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress};
 
@@ -1134,7 +1155,7 @@ mod tests {
         let log = audit(&net);
         assert!(log.contains("\"name\":\"api.example.com\"") && log.contains(&format!("\"answer\":\"{addr}\"")));
         assert!(log.contains("\"decision\":\"deny\"") && log.contains("deny bad.example.com"));
-        assert_eq!(crate::audit::verify(log.as_bytes()).unwrap().lines, 4);
+        assert_eq!(audit::verify(log.as_bytes()).unwrap().lines, 4);
     }
 
     #[test]
@@ -1409,7 +1430,7 @@ DELETE /c HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         assert!(post.contains("\"status\":200"), "{post}");
         assert!(post.contains(&format!("\"bytes_up\":{},", post_request.len())), "{post}");
         assert!(post.contains(&format!("\"bytes_down\":{},", post_response.len())), "{post}");
-        assert!(crate::audit::verify(log.as_bytes()).is_ok());
+        assert!(audit::verify(log.as_bytes()).is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Host side: `sbx audit verify|anchor|export` and the reader behind
-//! `sbx log --audit --json|--follow`. Reads the hash-chained logs
-//! `netstack::audit` writes (a sandbox's `audit.log`, its rotated files
-//! and `audit-evidence.log`; `secrets-audit.log`; an anchors file),
+//! `sbx log --audit --json|--follow`. Reads the hash-chained logs the
+//! `audit` crate (`sbx-audit`) writes (a sandbox's `audit.log`, its
+//! rotated files and `audit-evidence.log`; `secrets-audit.log`; an anchors file),
 //! offline, never writing to them. Everything in them past sbx's own keys
 //! is the guest's to choose: printed escaped for the terminal unless
 //! machine output is asked for. See docs/audit.md for what each check
@@ -14,7 +14,7 @@
 //! the whole log deleted, its end cut back past the anchor (truncation, or
 //! the newest files deleted), the anchored line changed (history
 //! rewritten, or a restarted chain), and older files missing while fewer
-//! than `netstack::audit::KEEP_FILES` are kept (rotation drops the oldest
+//! than `audit::KEEP_FILES` are kept (rotation drops the oldest
 //! only once that many exist; an anchored seq older than the first kept
 //! line is otherwise expected). It cannot see lines appended after the
 //! last anchor being dropped, nor anything done by someone who can also
@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use netstack::audit::{self as log, LineChecker, TornTail, Verified, MAX_LINE};
+use audit::{self as log, LineChecker, TornTail, Verified, MAX_LINE};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -274,7 +274,7 @@ pub fn anchor(log_path: &Path, sandbox_name: &str, to: &Path, now_ms: u64) -> Re
         return Err(write_err(format!("{verified}: fix or move it first")));
     }
     let mut chained = if verified.lines == 0 { log::AuditLog::new(f) } else { log::AuditLog::resume(f, &verified) };
-    chained.record(&event, now_ms).map_err(|e| write_err(e.to_string()))?;
+    chained.record(&log::Event::Untyped(event.clone()), now_ms).map_err(|e| write_err(e.to_string()))?;
     chained.flush_suppressed(now_ms).map_err(|e| write_err(e.to_string()))?;
     Ok(event)
 }
@@ -1036,7 +1036,7 @@ pub fn command(cmd: &crate::cli::AuditCommand) -> Result<ExitCode, Box<dyn std::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netstack::audit::Rotation;
+    use audit::Rotation;
 
     /// Writes `hosts` as allowed requests to the log at `path` (continuing
     /// it), rotated at `cap` bytes.
@@ -1047,10 +1047,16 @@ mod tests {
         for (i, h) in hosts.iter().enumerate() {
             opened
                 .log
-                .record(&json!({"event": "http", "method": "GET", "host": h, "decision": "allow"}), 10 + i as u64)
+                .record(
+                    &log::Event::Untyped(json!({"event": "http", "method": "GET", "host": h, "decision": "allow"})),
+                    10 + i as u64,
+                )
                 .unwrap();
         }
-        opened.log.record(&json!({"event": "dns", "name": "x.test", "decision": "deny"}), 100).unwrap();
+        opened
+            .log
+            .record(&log::Event::Untyped(json!({"event": "dns", "name": "x.test", "decision": "deny"})), 100)
+            .unwrap();
     }
 
     fn report(path: &Path, anchors: &Path) -> (Vec<String>, bool) {
@@ -1184,7 +1190,10 @@ mod tests {
             // About one rotation a round: fewer than KEEP_FILES between polls.
             for i in 0..3 {
                 let host = format!("h{round}-{i}.test");
-                opened.log.record(&json!({"event": "http", "host": host, "decision": "allow"}), 5).unwrap();
+                opened
+                    .log
+                    .record(&log::Event::Untyped(json!({"event": "http", "host": host, "decision": "allow"})), 5)
+                    .unwrap();
                 written += 1;
             }
             follower.poll(&mut collect).unwrap();
@@ -1196,7 +1205,13 @@ mod tests {
         let mut none = |_: &str| -> Result<(), Error> { Ok(()) };
         late.poll(&mut none).unwrap();
         for i in 0..40 {
-            opened.log.record(&json!({"event": "http", "host": format!("x{i}.test"), "decision": "allow"}), 5).unwrap();
+            opened
+                .log
+                .record(
+                    &log::Event::Untyped(json!({"event": "http", "host": format!("x{i}.test"), "decision": "allow"})),
+                    5,
+                )
+                .unwrap();
         }
         let e = late.poll(&mut none).err().unwrap();
         assert!(matches!(&e, Error::Broken(b) if b.why.contains("rotated away before they were read")), "{e}");

@@ -688,10 +688,9 @@ fn audit_fetch(sb: &Sandbox, header: &BundleHeader, remote: &str) {
     let event = serde_json::json!({"event": "fetch", "sandbox": sb.settings.name, "remote": remote, "refs": refs});
     let now = sandbox::now_unix_ms();
     let path = sb.audit_log();
-    let result = netstack::audit::open(&path, netstack::audit::Rotation::default(), now, |f| f)
-        .map_err(|e| e.to_string())
-        .and_then(|mut o| {
-            o.log.record(&event, now).map_err(|e| e.to_string())?;
+    let result =
+        audit::open(&path, audit::Rotation::default(), now, |f| f).map_err(|e| e.to_string()).and_then(|mut o| {
+            o.log.record(&audit::Event::Untyped(event), now).map_err(|e| e.to_string())?;
             o.log.flush_suppressed(now).map_err(|e| e.to_string())
         });
     if let Err(e) = result {

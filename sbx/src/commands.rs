@@ -47,7 +47,7 @@ pub enum CommandError {
     #[error("Cannot read {0}: there is no {1} yet")]
     NoLog(PathBuf, &'static str),
     #[error(transparent)]
-    Audit(#[from] netstack::audit::Error),
+    Audit(#[from] audit::Error),
     #[error(transparent)]
     Policy(#[from] policy_doc::Error),
     #[error("{0}")]
@@ -178,15 +178,15 @@ pub fn log(name: &str, audit: bool) -> Result<()> {
     let mut text = Vec::new();
     // Oldest first: the rotated files, then the current one.
     let files = if audit {
-        let files = netstack::audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
+        let files = audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
         if files.is_empty() {
             return Err(CommandError::NoLog(path, "audit log"));
         }
-        let verified = netstack::audit::verify_files(&files)?;
+        let verified = audit::verify_files(&files)?;
         if verified.first_seq > 1 || verified.torn_tail.is_some() {
             eprintln!("sbx: {}: {verified}", path.display());
         }
-        if let Some(evidence) = netstack::audit::evidence_report(&path, &verified)? {
+        if let Some(evidence) = audit::evidence_report(&path, &verified)? {
             if evidence.older_lines > 0 || evidence.verified.torn_tail.is_some() {
                 eprintln!("sbx: {evidence}");
             }

@@ -163,11 +163,11 @@ pub fn differences(policy: &netstack::policy::Policy, logged: &[Logged]) -> BTre
 fn audit_text(name: &str) -> Result<String, CommandError> {
     let sb = Sandbox::open(&sandbox::home(), name)?;
     let path = sb.audit_log();
-    let files = netstack::audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
+    let files = audit::log_files(&path).map_err(|e| CommandError::Read(path.clone(), e.to_string()))?;
     if files.is_empty() {
         return Err(CommandError::NoLog(path, "audit log"));
     }
-    netstack::audit::verify_files(&files)?;
+    audit::verify_files(&files)?;
     let mut text = String::new();
     for f in &files {
         let bytes = std::fs::read(f).map_err(|e| CommandError::Read(f.clone(), e.to_string()))?;

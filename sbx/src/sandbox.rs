@@ -230,8 +230,8 @@ impl Sandbox {
 
     /// The audit log: network and file decisions, hash-chained JSON lines
     /// kept across runs, rotated into `audit.log.1`, `.2`, …; its refusals
-    /// also kept, never rotated, in `audit-evidence.log` (see
-    /// `netstack::audit`).
+    /// also kept, never rotated, in `audit-evidence.log` (see the `audit`
+    /// crate).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
     }

@@ -22,7 +22,7 @@
 //!   scope, and the lifetime's length unless a new expiry is given.
 //! - Every change (set, rotate, rm) is appended to a host-side hash-chained
 //!   log, `secrets-audit.log` in the config folder ([`SECRETS_AUDIT_LOG`],
-//!   written by `netstack::audit`, so `sbx audit verify FILE` checks it):
+//!   written by the `audit` crate, so `sbx audit verify FILE` checks it):
 //!   name, action, scope, source kind, expiry; never a value.
 //!
 //! On disk, `secrets/NAME` is a global secret and `secrets/NAME@…` a
@@ -682,16 +682,16 @@ pub fn parse_expires(text: &str, now: u64) -> Result<u64, Error> {
 pub fn audit_change(dir: &Path, event: &serde_json::Value, now_ms: u64) -> Result<(), Error> {
     private_dir(dir)?;
     let path = dir.join(SECRETS_AUDIT_LOG);
-    let audit = |e: netstack::audit::Error| Error::Audit(path.clone(), e.to_string());
-    let rotation = netstack::audit::Rotation::default();
-    let mut opened = netstack::audit::open(&path, rotation, now_ms, |f| f).map_err(audit)?;
+    let audit = |e: audit::Error| Error::Audit(path.clone(), e.to_string());
+    let rotation = audit::Rotation::default();
+    let mut opened = audit::open(&path, rotation, now_ms, |f| f).map_err(audit)?;
     for note in &opened.notes {
         eprintln!("sbx: {note}");
     }
-    for file in [path.clone(), netstack::audit::evidence_path(&path)] {
+    for file in [path.clone(), audit::evidence_path(&path)] {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(|e| Error::Io(file.clone(), e))?;
     }
-    opened.log.record(event, now_ms).map_err(audit)?;
+    opened.log.record(&audit::Event::Untyped(event.clone()), now_ms).map_err(audit)?;
     opened.log.flush_suppressed(now_ms).map_err(audit)
 }
 
@@ -1020,7 +1020,7 @@ mod tests {
         audit_change(&d, &change_event("rm", "anthropic", None, &Scope::Global), 2000).unwrap();
         let path = d.join(SECRETS_AUDIT_LOG);
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let v = netstack::audit::verify_files(&netstack::audit::log_files(&path).unwrap()).unwrap();
+        let v = audit::verify_files(&audit::log_files(&path).unwrap()).unwrap();
         assert_eq!((v.first_seq, v.last_seq), (1, 2));
         let text = fs::read_to_string(&path).unwrap();
         assert!(!text.contains("sk-secret-value"));

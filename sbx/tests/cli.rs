@@ -159,10 +159,10 @@ fn logs_print_guest_text_escaped() {
     );
 
     // The audit log: guest-chosen host and file names; still JSON lines.
-    let mut log = netstack::audit::AuditLog::new(Vec::new());
+    let mut log = audit::AuditLog::new(Vec::new());
     let event =
         serde_json::json!({ "event": "http", "host": "a\u{9b}b.com", "path": "x\u{1b}]52;c;eA==\u{7}\u{202e}" });
-    log.record(&event, 1).unwrap();
+    log.record(&audit::Event::Untyped(event.clone()), 1).unwrap();
     std::fs::write(dir.join("audit.log"), log.get_ref()).unwrap();
     let (code, out, err) = sbx_in(&["log", "t", "--audit"], &env, t.path());
     assert_eq!(code, Some(0), "{err}");
@@ -279,16 +279,24 @@ fn run_checks_a_sandbox_settings_like_user_input() {
 /// a refusal, as netstack writes them.
 fn sandbox_with_audit(home: &Path, n: usize) -> PathBuf {
     let dir = make_sandbox(home, "g", &settings_json("g", "/w"));
-    let rotation = netstack::audit::Rotation::default();
-    let mut opened = netstack::audit::open(&dir.join("audit.log"), rotation, 1, |f| f).unwrap();
+    let rotation = audit::Rotation::default();
+    let mut opened = audit::open(&dir.join("audit.log"), rotation, 1, |f| f).unwrap();
     for i in 0..n {
         let host = format!("h{i}.test\u{1b}]0;x\u{7}");
         opened
             .log
-            .record(&serde_json::json!({"event": "http", "method": "GET", "host": host, "decision": "allow"}), 5)
+            .record(
+                &audit::Event::Untyped(
+                    serde_json::json!({"event": "http", "method": "GET", "host": host, "decision": "allow"}),
+                ),
+                5,
+            )
             .unwrap();
     }
-    opened.log.record(&serde_json::json!({"event": "dns", "name": "evil.test", "decision": "deny"}), 6).unwrap();
+    opened
+        .log
+        .record(&audit::Event::Untyped(serde_json::json!({"event": "dns", "name": "evil.test", "decision": "deny"})), 6)
+        .unwrap();
     dir
 }
 

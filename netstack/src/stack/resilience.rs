@@ -13,8 +13,8 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 
 use super::*;
-use crate::audit::AuditLog;
 use crate::sim::{pump, Guest, GUEST_IP};
+use audit::AuditLog;
 
 type Net = NetStack<Vec<u8>>;
 
@@ -276,7 +276,7 @@ fn a_hostile_upstream_never_starves_the_next_ordinary_request() {
         assert!(log.contains(&format!("\"limit\":\"{limit}\"")), "{limit} not audited");
     }
     assert_eq!(log.matches("\"limit\":\"upstream_idle\"").count(), 40);
-    assert!(crate::audit::verify(log.as_bytes()).is_ok());
+    assert!(audit::verify(log.as_bytes()).is_ok());
 }
 
 /// A guest opening far more connections than the cap: the stack holds at

@@ -13,13 +13,13 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Stream
 use smoltcp::socket::{tcp, udp};
 
 use super::Termination;
-use crate::audit::{AuditLog, SharedLog};
 use crate::ca::Authority;
 use crate::credential::{tests::rule, Credential, Credentials, Secret};
 use crate::host::HostName;
 use crate::policy::Policy;
 use crate::sim::{pump, Guest, GUEST_IP};
 use crate::stack::{Config, NetStack, Resolver};
+use audit::{AuditLog, SharedLog};
 
 type Net = NetStack<Vec<u8>>;
 
@@ -465,7 +465,7 @@ fn the_guest_talks_http_through_terminated_tls_and_the_bound_host_gets_the_real_
     );
     assert!(log.contains("\"terminated\":true") && log.contains("\"alpn\":\"http/1.1\""), "{log}");
     assert!(!log.contains(SECRET), "the secret is never in the audit log");
-    assert!(crate::audit::verify(log.as_bytes()).is_ok());
+    assert!(audit::verify(log.as_bytes()).is_ok());
 }
 
 #[test]

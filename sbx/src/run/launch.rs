@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netstack::audit::{AuditLog, SharedLog};
+use audit::{AuditLog, SharedLog};
 use netstack::live::Live;
 use netstack::stack::{Config as NetConfig, NetStack, Resolver};
 use protocol::Job;
@@ -93,10 +93,9 @@ fn share_tag(i: usize) -> String {
 /// continuing its chain. A torn last line is cut off, saying so; a log
 /// whose chain does not verify is kept aside, never overwritten.
 fn open_audit_log(path: &Path) -> Result<AuditLog<Box<dyn Write + Send>>, LaunchError> {
-    let rotation = netstack::audit::Rotation::default();
-    let opened =
-        netstack::audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
-            .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
+    let rotation = audit::Rotation::default();
+    let opened = audit::open(path, rotation, sandbox::now_unix_ms(), |f| Box::new(f) as Box<dyn Write + Send>)
+        .map_err(|e| LaunchError::AuditLog(path.to_path_buf(), e.to_string()))?;
     for note in &opened.notes {
         eprintln!("sbx: {note}");
     }
@@ -301,7 +300,7 @@ fn clone_setup(
         };
         if let Some(event) = event {
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = log.record(&event, sandbox::now_unix_ms()) {
+            if let Err(e) = log.record(&audit::Event::Untyped(event), sandbox::now_unix_ms()) {
                 eprintln!("sbx: {e}");
             }
         }
@@ -343,7 +342,9 @@ pub fn launch(
         "admin_policy_sha256": plan.admin.as_ref().map(|a| a.sha256.clone()),
         "sbx_version": env!("CARGO_PKG_VERSION"),
     });
-    opened.record(&header, sandbox::now_unix_ms()).map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
+    opened
+        .record(&audit::Event::Untyped(header), sandbox::now_unix_ms())
+        .map_err(|e| LaunchError::AuditLog(sb.audit_log(), e.to_string()))?;
     let audit = opened.shared();
     *audit_slot = Some(audit.clone());
     let (fs_devices, fs_counts) = shared_folders(plan, &audit)?;

@@ -33,16 +33,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
-
 use super::fuse::{self, Attr, InitOut, Op, OpenAccess, Out, ParseError, SetAttr, SetTime, StatFs};
 use super::policy::{Access, GIT_DIR, GIT_SHADOWED};
 use super::quota::{Quota, Refusal, OBJECT_COST};
 use super::share::{Entry, Kind, Listed, Refused, RenameMode, Share};
 use crate::sys;
+use audit::FileOp;
 
 /// Where audit events go (the sandbox's hash-chained log).
-pub type AuditSink = Box<dyn FnMut(Value) + Send>;
+pub type AuditSink = Box<dyn FnMut(audit::Event) + Send>;
 
 /// Largest write the guest may send and largest read it gets back.
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -236,12 +235,8 @@ impl FileServer {
         })
     }
 
-    fn record(&mut self, mut event: Value) {
-        if let Value::Object(m) = &mut event {
-            m.insert("event".into(), Value::from("file"));
-            m.entry("decision").or_insert_with(|| Value::from("allow"));
-        }
-        (self.audit)(event);
+    fn record(&mut self, event: FileOp) {
+        (self.audit)(audit::Event::File(event));
     }
 
     fn path_of(&self, rel: &Path) -> String {
@@ -252,7 +247,7 @@ impl FileServer {
     fn refused(&mut self, op: &str, r: Refused) -> i32 {
         if r.is_policy() {
             let path = r.path().map(|p| self.path_of(p));
-            let event = json!({ "op": op, "path": path, "decision": "deny", "reason": r.to_string() });
+            let event = FileOp::denied(op, path, r.to_string());
             self.record(event);
         }
         r.errno()
@@ -380,10 +375,12 @@ impl FileServer {
     /// A growth the quota refused: audited if it begins a burst; its errno.
     fn over_quota(&mut self, op: &str, path: String, r: Refusal) -> i32 {
         if r.first {
-            let event = json!({
-                "op": op, "path": path, "decision": "deny", "reason": r.reason(),
-                "quota": r.limit, "used": r.used, "asked": r.asked,
-            });
+            let event = FileOp {
+                quota: Some(r.limit),
+                used: Some(r.used),
+                asked: Some(r.asked),
+                ..FileOp::denied(op, Some(path), r.reason())
+            };
             self.record(event);
         }
         libc::EDQUOT
@@ -627,8 +624,10 @@ impl FileServer {
                 let made = self.share.symlink(&dir, name, target);
                 self.settle_new(taken, made.is_ok());
                 let entry = made.map_err(|r| self.refused_create("symlink", r))?;
-                let event =
-                    json!({ "op": "symlink", "path": self.path_of(&entry.rel), "target": target.to_string_lossy() });
+                let event = FileOp {
+                    target: Some(target.to_string_lossy().into_owned()),
+                    ..FileOp::allowed("symlink", self.path_of(&entry.rel))
+                };
                 self.record(event);
                 self.remember(entry, &mut out)?;
             }
@@ -644,7 +643,7 @@ impl FileServer {
                 let made = self.share.mkdir(&dir, name, mode);
                 self.settle_new(taken, made.is_ok());
                 let entry = made.map_err(|r| self.refused_create("mkdir", r))?;
-                let event = json!({ "op": "mkdir", "path": self.path_of(&entry.rel) });
+                let event = FileOp::allowed("mkdir", self.path_of(&entry.rel));
                 self.record(event);
                 self.remember(entry, &mut out)?;
             }
@@ -659,7 +658,7 @@ impl FileServer {
                 };
                 let gone = self.share.remove(&dir, name, is_dir).map_err(|r| self.refused("delete", r))?;
                 self.settle_freed(freed);
-                let event = json!({ "op": "delete", "path": self.path_of(&gone.rel) });
+                let event = FileOp::allowed("delete", self.path_of(&gone.rel));
                 self.record(event);
                 if let Some(id) = self.by_path.remove(&gone.rel) {
                     self.drop_paths_below(&gone.rel, id);
@@ -731,7 +730,7 @@ impl FileServer {
                 *wrote = true;
                 if first {
                     let path = self.nodes.get(&node).map(|n| self.path_of(&n.entry.rel)).unwrap_or_default();
-                    self.record(json!({ "op": "write", "path": path }));
+                    self.record(FileOp::allowed("write", path));
                 }
                 fuse::write_out(&mut out, data.len() as u32);
             }
@@ -796,7 +795,7 @@ impl FileServer {
                 let made = self.share.create(&dir, name, mode);
                 self.settle_new(taken, made.is_ok());
                 let (entry, fd) = made.map_err(|r| self.refused_create("create", r))?;
-                let event = json!({ "op": "create", "path": self.path_of(&entry.rel) });
+                let event = FileOp::allowed("create", self.path_of(&entry.rel));
                 self.record(event);
                 let rel = entry.rel.clone();
                 self.remember(entry, &mut out)?;
@@ -880,11 +879,11 @@ impl FileServer {
         if let Some(mode) = s.mode.filter(|m| (m & CHMOD_BITS) != (st.st_mode & CHMOD_BITS)) {
             self.share.chmod(entry, mode).map_err(|r| self.refused("chmod", r))?;
             let applied = mode & super::share::GUEST_MODE_BITS;
-            self.record(json!({ "op": "chmod", "path": path, "mode": format!("{applied:o}") }));
+            self.record(FileOp { mode: Some(format!("{applied:o}")), ..FileOp::allowed("chmod", path.clone()) });
         }
         if let Some((file, size)) = truncate {
             file.set_len(size).map_err(|e| errno_of(&e))?;
-            self.record(json!({ "op": "truncate", "path": path, "size": size }));
+            self.record(FileOp { size: Some(size), ..FileOp::allowed("truncate", path.clone()) });
         }
         let time = |t: Option<SetTime>| match t {
             None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
@@ -935,7 +934,7 @@ impl FileServer {
         self.settle_new(taken, done.is_ok());
         let moved = done.map_err(|r| self.refused_create("rename", r))?;
         self.settle_freed(freed);
-        let event = json!({ "op": "rename", "path": self.path_of(&old_rel), "to": self.path_of(&moved.rel) });
+        let event = FileOp { to: Some(self.path_of(&moved.rel)), ..FileOp::allowed("rename", self.path_of(&old_rel)) };
         self.record(event);
         // What the new name replaced is gone; what was under the old name
         // now lives under the new one.
@@ -1043,6 +1042,7 @@ mod tests {
     use crate::fs::fuse::Opcode;
     use crate::fs::policy::FsPolicy;
     use crate::fs::quota::OBJECT_COST;
+    use serde_json::Value;
     use std::fs;
     use std::sync::{Arc, Mutex};
 
@@ -1069,7 +1069,11 @@ mod tests {
             let log = Arc::new(Mutex::new(Vec::new()));
             let sink_log = log.clone();
             let share = Share::open(&w, FsPolicy::default(), false).unwrap();
-            let server = FileServer::new(share, w.clone(), Box::new(move |e| sink_log.lock().unwrap().push(e)));
+            let server = FileServer::new(
+                share,
+                w.clone(),
+                Box::new(move |e| sink_log.lock().unwrap().push(serde_json::to_value(&e).unwrap())),
+            );
             let mut g = Guest { server, unique: 0, log, _dir: t, root: w };
             // fuse_init_in of a 7.37 kernel: major, minor, max_readahead,
             // flags, then flags2 and unused.
@@ -1172,7 +1176,11 @@ mod tests {
             let quota = Arc::new(Quota::new(limit));
             let share = Share::open(&self.root, FsPolicy::default(), false).unwrap().with_git_shadow(shadow);
             let sink_log = self.log.clone();
-            let server = FileServer::new(share, self.root.clone(), Box::new(move |e| sink_log.lock().unwrap().push(e)));
+            let server = FileServer::new(
+                share,
+                self.root.clone(),
+                Box::new(move |e| sink_log.lock().unwrap().push(serde_json::to_value(&e).unwrap())),
+            );
             self.server = server.with_quota(Some(quota.clone()));
             quota
         }
@@ -1935,7 +1943,11 @@ mod tests {
     fn reopened(g: &mut Guest) {
         let share = Share::open(&g.root, FsPolicy::default(), false).unwrap();
         let log = g.log.clone();
-        g.server = FileServer::new(share, g.root.clone(), Box::new(move |e| log.lock().unwrap().push(e)));
+        g.server = FileServer::new(
+            share,
+            g.root.clone(),
+            Box::new(move |e| log.lock().unwrap().push(serde_json::to_value(&e).unwrap())),
+        );
     }
 
     #[test]

@@ -226,7 +226,7 @@ fn a_refresh_is_exchanged_on_the_host_and_the_guest_gets_placeholders() {
     assert_eq!((e["credential"].as_str(), e["outcome"].as_str()), (Some("claude-oauth"), Some("exchanged")));
     assert!(e["expires_at_ms"].as_u64().unwrap() > 0);
     no_real_token(&log);
-    assert!(crate::audit::verify(log.as_bytes()).is_ok());
+    assert!(audit::verify(log.as_bytes()).is_ok());
 }
 
 #[test]

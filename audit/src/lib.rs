@@ -1,6 +1,7 @@
-//! Host side: the sandbox's audit log — one JSON object per line, each
-//! carrying the SHA-256 of the line before it, so that editing, removing
-//! or reordering any line is detected by [`verify`]. Only the last line can
+//! Host side: the sandbox's audit log (crate `sbx-audit`, lib `audit`;
+//! used by netstack, the VMM's file server and the CLI) — one JSON object
+//! per line, each carrying the SHA-256 of the line before it, so that
+//! editing, removing or reordering any line is detected by [`verify`]. Only the last line can
 //! be changed unnoticed unless its hash is kept elsewhere: `verify` returns
 //! it for that purpose.
 //!
@@ -79,6 +80,8 @@
 //!   (`….broken-<ms>`), never overwritten, and its chain starts anew with a
 //!   line saying why (in both files).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -87,10 +90,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+mod event;
+pub use event::{
+    ConnEnd, Decision, Dns, Event, Exchange, FileOp, Nullable, Reclaimed, Refused, RefusedAddr, Timeout, Upstream,
+};
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -270,19 +277,19 @@ enum Class {
     Routine,
 }
 
-fn classify(fields: &Map<String, Value>) -> (String, Class) {
-    if let Some(kind) = refusal_kind(fields) {
+fn classify(event: &Event) -> (String, Class) {
+    if let Some(kind) = event.refusal_kind() {
         return (kind, Class::Refusal);
     }
-    if let Some(kind) = change_kind(fields) {
+    if let Some(kind) = event.change_kind() {
         return (kind, Class::Change);
     }
-    let class = match fields.get("event").and_then(Value::as_str) {
+    let class = match event.name() {
         Some("dns") => Class::Dns,
         Some("http" | "tls") => Class::Request,
         _ => Class::Routine,
     };
-    (allowed_kind(fields), class)
+    (event.allowed_kind(), class)
 }
 
 impl Limits {
@@ -690,17 +697,17 @@ impl<W: Write> AuditLog<W> {
         &self.out
     }
 
-    /// Appends one event (any serialisable struct or map) with its sequence
-    /// number, time and the previous line's hash. Keys `seq`, `ts`, `prev`
-    /// and `main_seq` are the log's own. Events may only be counted (see
-    /// the module's notes); summaries of windows over by `unix_ms` are
-    /// written first.
-    pub fn record<E: Serialize>(&mut self, event: &E, unix_ms: u64) -> Result<(), Error> {
-        let Value::Object(fields) = serde_json::to_value(event).map_err(|_| Error::NotAnObject)? else {
+    /// Appends one event (its JSON object: see [`Event`]) with its
+    /// sequence number, time and the previous line's hash. Keys `seq`,
+    /// `ts`, `prev` and `main_seq` are the log's own. Events may only be
+    /// counted (see the module's notes); summaries of windows over by
+    /// `unix_ms` are written first.
+    pub fn record(&mut self, event: &Event, unix_ms: u64) -> Result<(), Error> {
+        let Some(fields) = event.fields() else {
             return Err(Error::NotAnObject);
         };
         self.tick(unix_ms)?;
-        let (kind, class) = classify(&fields);
+        let (kind, class) = classify(event);
         let burst = self.limits.burst_of(class);
         let aggregator = if class == Class::Refusal { &mut self.refusals } else { &mut self.allowed };
         let Some(kind) = aggregator.admit(kind, burst, unix_ms, &fields) else {
@@ -1352,6 +1359,7 @@ pub fn open_with<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Serialize;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Serialize)]
@@ -1360,6 +1368,12 @@ mod tests {
         method: &'a str,
         host: &'a str,
         decision: &'a str,
+    }
+
+    /// `event` as the untyped event it serialises to (these tests check
+    /// the log itself, on any object, and on what is not one).
+    fn ev<T: Serialize>(event: T) -> Event {
+        Event::Untyped(serde_json::to_value(event).unwrap())
     }
 
     /// A directory removed at the end of the test.
@@ -1390,7 +1404,7 @@ mod tests {
         let mut log = AuditLog::new(Vec::new());
         for (i, host) in ["a.com", "b.com", "evil.com"].iter().enumerate() {
             let decision = if *host == "evil.com" { "deny" } else { "allow" };
-            log.record(&Http { event: "http", method: "GET", host, decision }, 1000 + i as u64).unwrap();
+            log.record(&ev(Http { event: "http", method: "GET", host, decision }), 1000 + i as u64).unwrap();
         }
         log.get_ref().clone()
     }
@@ -1478,7 +1492,7 @@ mod tests {
         let first = sample();
         let v = verify(&first[..]).unwrap();
         let mut log = AuditLog::resume(Vec::new(), &v);
-        log.record(&Http { event: "http", method: "POST", host: "a.com", decision: "allow" }, 2000).unwrap();
+        log.record(&ev(Http { event: "http", method: "POST", host: "a.com", decision: "allow" }), 2000).unwrap();
         let mut all = first;
         all.extend_from_slice(log.get_ref());
         assert_eq!(verify(&all[..]).unwrap().lines, 4);
@@ -1488,15 +1502,15 @@ mod tests {
     fn reserved_keys_cannot_be_forged_and_non_objects_are_refused() {
         let mut log = AuditLog::new(Vec::new());
         let forged = json!({"event": "x", "seq": 99, "prev": "ff", "main_seq": 1});
-        log.record(&forged, 1).unwrap();
+        log.record(&ev(forged), 1).unwrap();
         assert_eq!(verify(&log.get_ref()[..]).unwrap().lines, 1);
-        assert!(matches!(log.record(&"a string", 1), Err(Error::NotAnObject)));
+        assert!(matches!(log.record(&ev("a string"), 1), Err(Error::NotAnObject)));
     }
 
     #[test]
     fn long_strings_are_cut_saying_so() {
         let mut log = AuditLog::new(Vec::new());
-        log.record(&json!({"event": "file", "op": "write", "path": "é".repeat(MAX_FIELD)}), 1).unwrap();
+        log.record(&ev(json!({"event": "file", "op": "write", "path": "é".repeat(MAX_FIELD)})), 1).unwrap();
         let line = &lines_of(log.get_ref())[0];
         let path = line["path"].as_str().unwrap();
         assert!(path.len() < MAX_FIELD + 64 && path.ends_with(&format!("…[{} more bytes]", MAX_FIELD)), "{path}");
@@ -1527,9 +1541,10 @@ mod tests {
         let mut log = AuditLog::new(Vec::new()).with_limits(limits);
         // 10 000 refusals over 10 windows, each followed by an allowed write.
         for i in 0..10_000u64 {
-            log.record(&file_deny(&format!("/w/.env{i}")), i).unwrap();
+            log.record(&ev(file_deny(&format!("/w/.env{i}"))), i).unwrap();
             if i % 1000 == 0 {
-                log.record(&json!({"event": "file", "op": "write", "path": "/w/a", "decision": "allow"}), i).unwrap();
+                log.record(&ev(json!({"event": "file", "op": "write", "path": "/w/a", "decision": "allow"})), i)
+                    .unwrap();
             }
         }
         log.flush_suppressed(10_000).unwrap();
@@ -1562,7 +1577,7 @@ mod tests {
             } else {
                 json!({"event": "file", "op": format!("op{}", i % 500), "decision": "deny"})
             };
-            log.record(&event, 1_000 + i / 100).unwrap();
+            log.record(&ev(event), 1_000 + i / 100).unwrap();
         }
         let before = log.get_ref().len();
         log.flush_suppressed(2_000).unwrap();
@@ -1590,7 +1605,7 @@ mod tests {
             ..Limits::default()
         });
         for t in 0..50 {
-            log.record(&json!({"event": "refused", "what": "IPv6"}), t).unwrap();
+            log.record(&ev(json!({"event": "refused", "what": "IPv6"})), t).unwrap();
         }
         log.tick(99).unwrap();
         assert_eq!(lines_of(log.get_ref()).len(), 2, "the window is not over");
@@ -1610,7 +1625,7 @@ mod tests {
             let file = AuditFile::open(&dir.log(), Rotation::default()).unwrap();
             let log = AuditLog::new(file).with_limits(limits).shared();
             for t in 0..10 {
-                log.lock().unwrap().record(&file_deny("/w/.env"), 500 + t).unwrap();
+                log.lock().unwrap().record(&ev(file_deny("/w/.env")), 500 + t).unwrap();
             }
         }
         let bytes = fs::read(dir.log()).unwrap();
@@ -1630,7 +1645,7 @@ mod tests {
         let mut log = AuditLog::new(AuditFile::open(&dir.log(), rotation).unwrap()).with_limits(limits);
         let event = |i: u64| json!({"event": "http", "method": "GET", "host": format!("h{i}.example")});
         for i in 0..1000 {
-            log.record(&event(i), i).unwrap();
+            log.record(&ev(event(i)), i).unwrap();
         }
         drop(log);
         let files = log_files(&dir.log()).unwrap();
@@ -1676,8 +1691,11 @@ mod tests {
             assert_eq!(opened.resumed.map(|v| v.last_seq).unwrap_or(0), run * 100);
             let mut log = opened.log;
             for i in 0..100 {
-                log.record(&json!({"event": "dns", "name": format!("n{i}.com"), "decision": "allow"}), run * 1000 + i)
-                    .unwrap();
+                log.record(
+                    &ev(json!({"event": "dns", "name": format!("n{i}.com"), "decision": "allow"})),
+                    run * 1000 + i,
+                )
+                .unwrap();
             }
         }
         let files = log_files(&dir.log()).unwrap();
@@ -1771,12 +1789,12 @@ mod tests {
         let rotation = Rotation { cap: 1 << 20, keep: 2 };
         let file = AuditFile::open(&path, rotation).unwrap();
         let mut log = AuditLog::new(file);
-        log.record(&json!({"event": "http", "host": "exfil.example", "decision": "allow"}), 1).unwrap();
+        log.record(&ev(json!({"event": "http", "host": "exfil.example", "decision": "allow"})), 1).unwrap();
         let mut now = 2;
         for i in 0..20_000u64 {
             let op = if i % 2 == 0 { "create" } else { "delete" };
             let path = format!("/work/project/node_modules/some-package/lib/file-{i}.js");
-            log.record(&json!({"event": "file", "op": op, "path": path, "decision": "allow"}), now).unwrap();
+            log.record(&ev(json!({"event": "file", "op": op, "path": path, "decision": "allow"})), now).unwrap();
             now += 15;
         }
         log.flush_suppressed(now).unwrap();
@@ -1801,14 +1819,14 @@ mod tests {
         let opened = open(&path, Rotation::default(), 1, |f| f).unwrap();
         let mut log = opened.log;
         let refusal = json!({"event": "dns", "name": "exfil.evil.example", "decision": "deny", "rule": null});
-        log.record(&refusal, 1).unwrap();
+        log.record(&ev(refusal), 1).unwrap();
         // 200 000 answers in three minutes (~180 bytes a line whole: over
         // the 32 MiB kept).
         for i in 0..200_000u64 {
             let name = format!("n{i}.allowed-registry.example.com");
             let event = json!({"event": "dns", "name": name, "decision": "allow", "rule": "*.example.com",
                 "answer": "10.0.2.100"});
-            log.record(&event, 2 + i / 1000).unwrap();
+            log.record(&ev(event), 2 + i / 1000).unwrap();
         }
         drop(log);
         let files = log_files(&path).unwrap();
@@ -1846,7 +1864,7 @@ mod tests {
             .map(move |e| (e, t))
         };
         for (e, t) in refusals(1, 1) {
-            log.record(&e, t).unwrap();
+            log.record(&ev(e), t).unwrap();
         }
         // 200 000 allowed answers and 5 000 long allowed requests (each
         // with its connection's end) over 20 minutes, from 40 hosts.
@@ -1854,17 +1872,17 @@ mod tests {
         let (mut now, mut requests, mut bytes_up) = (10u64, 0u64, 0u64);
         for i in 0..200_000u64 {
             let name = format!("n{i}.registry.example.com");
-            log.record(&json!({"event": "dns", "name": name, "decision": "allow", "answer": "10.0.2.100"}), now)
+            log.record(&ev(json!({"event": "dns", "name": name, "decision": "allow", "answer": "10.0.2.100"})), now)
                 .unwrap();
             if i % 40 == 0 {
                 let host = format!("h{}.example.com", requests % 40);
                 let up = 8000 + requests;
                 let request = json!({"event": "http", "method": "GET", "host": host, "path": long_path,
                     "decision": "allow", "status": 200, "bytes_up": up, "bytes_down": 100});
-                log.record(&request, now).unwrap();
+                log.record(&ev(request), now).unwrap();
                 log.record(
-                    &json!({"event": "conn_end", "dst": "10.0.2.100:80", "name": host,
-                    "bytes_up": up, "bytes_down": 100}),
+                    &ev(json!({"event": "conn_end", "dst": "10.0.2.100:80", "name": host,
+                    "bytes_up": up, "bytes_down": 100})),
                     now,
                 )
                 .unwrap();
@@ -1874,7 +1892,7 @@ mod tests {
             now += 6;
         }
         for (e, t) in refusals(now, 2) {
-            log.record(&e, t).unwrap();
+            log.record(&ev(e), t).unwrap();
         }
         log.flush_suppressed(now).unwrap();
         drop(log);
@@ -1963,10 +1981,10 @@ mod tests {
             let mut log = opened.log;
             for _ in 0..events {
                 // 600 a minute: a burst whole in each window, the rest counted.
-                log.record(&file_deny(&format!("/work/secret-{now}")), now).unwrap();
+                log.record(&ev(file_deny(&format!("/work/secret-{now}"))), now).unwrap();
                 now += 100;
             }
-            log.record(&leak("paste.evil.example"), now).unwrap();
+            log.record(&ev(leak("paste.evil.example")), now).unwrap();
             log.flush_suppressed(now).unwrap();
         }
         let evidence = evidence_path(&path);
@@ -2003,7 +2021,7 @@ mod tests {
         let write = |t: u64, names: &[&str]| {
             let mut log = open(&path, Rotation::default(), t, |f| f).unwrap().log;
             for (i, n) in names.iter().enumerate() {
-                log.record(&json!({"event": "dns", "name": n, "decision": "deny"}), t + i as u64).unwrap();
+                log.record(&ev(json!({"event": "dns", "name": n, "decision": "deny"})), t + i as u64).unwrap();
             }
         };
         write(1, &["a.evil.example", "b.evil.example", "c.evil.example"]);
@@ -2064,8 +2082,8 @@ mod tests {
         let path = dir.log();
         {
             let mut log = open(&path, Rotation::default(), 1, |f| f).unwrap().log;
-            log.record(&leak("paste.evil.example"), 2).unwrap();
-            log.record(&json!({"event": "dns", "name": "ok.example", "decision": "allow"}), 3).unwrap();
+            log.record(&ev(leak("paste.evil.example")), 2).unwrap();
+            log.record(&ev(json!({"event": "dns", "name": "ok.example", "decision": "allow"})), 3).unwrap();
         }
         // The main log is tampered with: kept aside, a new chain (seq 1
         // again, so the old main_seq would look as if still there).
@@ -2073,7 +2091,7 @@ mod tests {
         fs::write(&path, text).unwrap();
         {
             let mut log = open(&path, Rotation::default(), 10, |f| f).unwrap().log;
-            log.record(&json!({"event": "refused", "what": "UDP to 192.0.2.9:53"}), 11).unwrap();
+            log.record(&ev(json!({"event": "refused", "what": "UDP to 192.0.2.9:53"})), 11).unwrap();
         }
         let main = verify_files(&log_files(&path).unwrap()).unwrap();
         let report = evidence_report(&path, &main).unwrap().unwrap();
@@ -2100,11 +2118,11 @@ mod tests {
         log = log.with_evidence(Box::new(Shared(sink.clone())), None, 0, EvidenceCap::default());
         for i in 0..1000u64 {
             let host = format!("h{}.example", i % 40);
-            log.record(&json!({"event": "http", "host": host, "decision": "allow", "bytes_up": 10}), i).unwrap();
-            log.record(&json!({"event": "tls", "sni": host, "decision": "allow"}), i).unwrap();
-            log.record(&json!({"event": "dns", "name": host, "decision": "allow"}), i).unwrap();
-            log.record(&json!({"event": "upstream", "dst": "192.0.2.1:443", "error": "refused"}), i).unwrap();
-            log.record(&json!({"event": "conn_end", "dst": "192.0.2.1:443", "name": host}), i).unwrap();
+            log.record(&ev(json!({"event": "http", "host": host, "decision": "allow", "bytes_up": 10})), i).unwrap();
+            log.record(&ev(json!({"event": "tls", "sni": host, "decision": "allow"})), i).unwrap();
+            log.record(&ev(json!({"event": "dns", "name": host, "decision": "allow"})), i).unwrap();
+            log.record(&ev(json!({"event": "upstream", "dst": "192.0.2.1:443", "error": "refused"})), i).unwrap();
+            log.record(&ev(json!({"event": "conn_end", "dst": "192.0.2.1:443", "name": host})), i).unwrap();
         }
         log.flush_suppressed(1000).unwrap();
         let lines = lines_of(log.get_ref());
@@ -2147,7 +2165,7 @@ mod tests {
         let mut log = AuditLog::new(Full);
         let flag = log.failure_flag();
         assert!(!log.failed() && !flag.load(Ordering::SeqCst));
-        assert!(log.record(&json!({"event": "http", "host": "a.example"}), 1).is_err());
+        assert!(log.record(&ev(json!({"event": "http", "host": "a.example"})), 1).is_err());
         assert!(log.failed() && flag.load(Ordering::SeqCst), "the disk is full: fail closed");
     }
 }
