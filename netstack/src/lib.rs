@@ -29,6 +29,8 @@
 //! - [`forward`]: published ports, the one way into the guest: a host
 //!   connection to 127.0.0.1:HOSTPORT (loopback only) spliced into a TCP
 //!   connection netstack opens to the guest's GUESTPORT, bounded, audited;
+//! - [`preset`]: the agent presets, data (`agents/presets.toml`): each
+//!   agent's hosts, credentials and sign-in, and what sbx starts;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals); the hash-chained [`audit`] log and its verifier.
 //!
@@ -58,6 +60,7 @@ pub mod http;
 pub mod limits;
 pub mod live;
 pub mod oauth;
+pub mod preset;
 pub mod policy;
 pub mod sim;
 pub mod stack;
