@@ -313,7 +313,9 @@ impl OAuthSession {
 
     /// Whether a request is a refresh this session answers.
     pub fn is_token_request(&self, host: &HostName, method: &str, path: &str) -> bool {
-        method == "POST" && self.is_token_host(host) && path.split('?').next() == Some(self.provider.token_path.as_str())
+        method == "POST"
+            && self.is_token_host(host)
+            && path.split('?').next() == Some(self.provider.token_path.as_str())
     }
 
     /// Answers the guest's refresh request `body` (see the module docs):

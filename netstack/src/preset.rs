@@ -100,7 +100,9 @@ pub enum Error {
     RegistriesShape(String),
     #[error("agent presets: agent '{agent}': image '{image}' must be 1 to {MAX_NAME} of a-z, 0-9 and '-'")]
     Image { agent: String, image: String },
-    #[error("agent presets: agent '{agent}': '{key}' must be 1 to {MAX_TEXT} characters, none of them control characters")]
+    #[error(
+        "agent presets: agent '{agent}': '{key}' must be 1 to {MAX_TEXT} characters, none of them control characters"
+    )]
     Text { agent: String, key: String },
     #[error("agent presets: agent '{agent}': '{key}' has more than {max} entries")]
     TooMany { agent: String, key: String, max: usize },
@@ -299,8 +301,9 @@ fn oauth(agent: &str, o: FileOAuth) -> Result<Provider, Error> {
         return Err(Error::TokenPath { agent: agent.to_string(), path: p.clone() });
     }
     let f = &o.credentials_file;
-    let below_home =
-        valid_text(f) && !f.starts_with('/') && f.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    let below_home = valid_text(f)
+        && !f.starts_with('/')
+        && f.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
     if !below_home {
         return Err(Error::CredentialsFile { agent: agent.to_string(), path: f.clone() });
     }

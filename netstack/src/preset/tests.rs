@@ -211,9 +211,13 @@ fn unknown_keys_are_refused_naming_agent_and_key() {
     let e = refused(&one("colour = \"blue\""));
     assert!(matches!(&e, Error::UnknownKey { agent, key, .. } if agent == "a" && key == "colour"), "{e}");
     assert!(e.to_string().contains("agent 'a'") && e.to_string().contains("'colour'"), "{e}");
-    let e = refused(&one("[[agent.credential]]\nname = \"k\"\nhosts = [\"a.com\"]\nheader = \"x\"\nenv = \"K\"\nsecret = \"v\""));
+    let e = refused(&one(
+        "[[agent.credential]]\nname = \"k\"\nhosts = [\"a.com\"]\nheader = \"x\"\nenv = \"K\"\nsecret = \"v\"",
+    ));
     assert!(matches!(&e, Error::UnknownKey { key, .. } if key == "credential.secret"), "{e}");
-    let e = refused(&one("").replace("memory_mib = { default = 2, min = 1 }", "memory_mib = { default = 2, min = 1, max = 3 }"));
+    let e = refused(
+        &one("").replace("memory_mib = { default = 2, min = 1 }", "memory_mib = { default = 2, min = 1, max = 3 }"),
+    );
     assert!(matches!(&e, Error::UnknownKey { key, .. } if key == "memory_mib.max"), "{e}");
     let e = refused(&one("[agent.oauth]\napi_hosts = [\"a.com\"]\ntoken_hosts = [\"a.com\"]\ntoken_path = \"/t\"\nid_token = false\ncredentials_file = \"f\"\nclient_secret = \"x\""));
     assert!(matches!(&e, Error::UnknownKey { key, .. } if key == "oauth.client_secret"), "{e}");
@@ -223,7 +227,10 @@ fn unknown_keys_are_refused_naming_agent_and_key() {
 #[test]
 fn bad_hosts_are_refused_with_the_host_parsers_reason() {
     let e = refused(&one("hosts = [\"127.0.0.1\"]"));
-    assert!(matches!(&e, Error::Host { agent, key, host, .. } if agent == "a" && key == "hosts" && host == "127.0.0.1"), "{e}");
+    assert!(
+        matches!(&e, Error::Host { agent, key, host, .. } if agent == "a" && key == "hosts" && host == "127.0.0.1"),
+        "{e}"
+    );
     assert!(e.to_string().contains("IP address"), "{e}");
     assert!(matches!(refused(&one("hosts = [\"a..b\"]")), Error::Host { .. }));
     assert!(matches!(refused(&one("hosts = [\"*\"]")), Error::AnyHost { .. }));
@@ -247,10 +254,16 @@ fn duplicates_are_refused() {
 fn counts_and_lengths_have_limits() {
     let hosts: Vec<String> = (0..=MAX_HOSTS).map(|i| format!("\"h{i}.example.com\"")).collect();
     let e = refused(&one(&format!("hosts = [{}]", hosts.join(", "))));
-    assert!(matches!(&e, Error::TooMany { agent, key, max } if agent == "a" && key == "hosts" && *max == MAX_HOSTS), "{e}");
+    assert!(
+        matches!(&e, Error::TooMany { agent, key, max } if agent == "a" && key == "hosts" && *max == MAX_HOSTS),
+        "{e}"
+    );
     let env: Vec<String> = (0..=MAX_ENV).map(|i| format!("\"K{i}=v\"")).collect();
-    assert!(matches!(refused(&one(&format!("env = [{}]", env.join(", ")))), Error::TooMany { key, .. } if key == "env"));
-    let agents: String = (0..=MAX_AGENTS).map(|i| one("").replace("name = \"a\"", &format!("name = \"a{i}\""))).collect();
+    assert!(
+        matches!(refused(&one(&format!("env = [{}]", env.join(", ")))), Error::TooMany { key, .. } if key == "env")
+    );
+    let agents: String =
+        (0..=MAX_AGENTS).map(|i| one("").replace("name = \"a\"", &format!("name = \"a{i}\""))).collect();
     assert!(matches!(refused(&agents), Error::TooManyAgents));
     let long = "x".repeat(MAX_TEXT + 1);
     assert!(matches!(refused(&one(&format!("program = \"{long}\""))), Error::Text { key, .. } if key == "program"));
