@@ -168,7 +168,7 @@ pub enum Error {
     #[error("Unknown agent '{0}'")]
     Agent(String),
     #[error("{0}")]
-    Presets(preset::Error),
+    Presets(&'static preset::Error),
     #[error("Bad credential: {0}")]
     Credential(#[from] credential::Error),
     #[error("Unknown https mode '{0}' (expected passthrough or terminate)")]
@@ -544,7 +544,7 @@ fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
 impl Policy {
     /// The default for an agent: deny everything but what the agent needs.
     pub fn for_agent(agent: &str) -> Result<Policy, Error> {
-        let presets = preset::embedded().map_err(|e| Error::Presets(e.clone()))?;
+        let presets = preset::embedded().map_err(Error::Presets)?;
         let preset = presets.find(agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
         let origin = Origin::Agent(preset.name.as_str());
         let rules = preset.network.hosts.iter().map(|p| allow_rule(p.clone(), origin.clone())).collect();
