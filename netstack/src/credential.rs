@@ -123,7 +123,7 @@ const PLACEHOLDER_RANDOM: usize = 16;
 /// What every placeholder starts with.
 pub const PLACEHOLDER_PREFIX: &str = "sbx-placeholder-";
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum Error {
     #[error("credential name '{0}' must be 1 to {MAX_NAME} of a-z, 0-9, '-' and '_', starting with a letter or digit")]
     Name(String),

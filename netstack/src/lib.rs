@@ -29,6 +29,8 @@
 //! - [`forward`]: published ports, the one way into the guest: a host
 //!   connection to 127.0.0.1:HOSTPORT (loopback only) spliced into a TCP
 //!   connection netstack opens to the guest's GUESTPORT, bounded, audited;
+//! - [`preset`]: the agent presets, data (`agents/presets.toml`): each
+//!   agent's hosts, credentials and sign-in, and what sbx starts;
 //! - [`policy`] (documented TOML, presets, explain) and [`host`] (names,
 //!   never IP literals). The hash-chained audit log, its verifier and the
 //!   typed events the stack records are the `audit` crate's (`sbx-audit`).
@@ -59,6 +61,7 @@ pub mod limits;
 pub mod live;
 pub mod oauth;
 pub mod policy;
+pub mod preset;
 pub mod sim;
 pub mod stack;
 pub mod terminate;

@@ -9,7 +9,8 @@
 //!   binding (`Authorization: Bearer`, the agent's API hosts) whose value
 //!   is the session's current access token: injected, scrubbed from
 //!   responses and audited exactly like an API key.
-//! - Refresh: a `POST` to the provider's token endpoint ([`PROVIDERS`])
+//! - Refresh: a `POST` to the provider's token endpoint ([`Provider`], from
+//!   `agents/presets.toml`)
 //!   over TLS netstack terminated never goes upstream as the guest sent
 //!   it. netstack reads its body (JSON, at most [`MAX_TOKEN_REQUEST`]
 //!   bytes, `Content-Length` framing only), requires `grant_type` =
@@ -77,10 +78,9 @@
 //! fixed non-empty signature part, as Codex requires three non-empty
 //! parts) carrying them.
 //!
-//! The endpoints and field names are data, in [`PROVIDERS`] (taken from
-//! the agents' public behaviour, not from a specification: Claude Code's
-//! `console.anthropic.com`/`platform.claude.com` `/v1/oauth/token`,
-//! Codex's `auth.openai.com` `/oauth/token`).
+//! The endpoints are data: each agent's `[agent.oauth]` table in
+//! `agents/presets.toml` ([`crate::preset`], [`provider`]), taken from
+//! the agents' public behaviour, not from a specification.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -122,41 +122,28 @@ pub const OPENAI_AUTH_CLAIMS: &[&str] = &["chatgpt_plan_type", "chatgpt_user_id"
 /// `sbx-unsigned`): not a signature, but Codex wants the part non-empty.
 pub const SYNTHETIC_SIGNATURE: &str = "c2J4LXVuc2lnbmVk";
 
-/// An agent's OAuth: where its API is, where it refreshes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An agent's OAuth: where its API is, where it refreshes. Data: the
+/// agent's `[agent.oauth]` table in `agents/presets.toml`
+/// ([`crate::preset`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
-    pub agent: &'static str,
+    pub agent: String,
     /// Hosts the access token goes to (`Authorization: Bearer`).
-    pub api_hosts: &'static [&'static str],
+    pub api_hosts: Vec<HostName>,
     /// Hosts of the token endpoint.
-    pub token_hosts: &'static [&'static str],
-    pub token_path: &'static str,
+    pub token_hosts: Vec<HostName>,
+    pub token_path: String,
     /// Its sign-in carries an OpenID `id_token` the agent decodes
     /// (Codex): kept as claims, given to the guest synthetic (module docs).
     pub id_token: bool,
+    /// The agent's credential file, relative to the home: imported from
+    /// the host's, written to the guest's (placeholders only).
+    pub credentials_file: String,
 }
 
-/// The agents whose sign-in netstack handles (see the module docs).
-pub const PROVIDERS: &[Provider] = &[
-    Provider {
-        agent: "claude",
-        api_hosts: &["api.anthropic.com"],
-        token_hosts: &["console.anthropic.com", "platform.claude.com"],
-        token_path: "/v1/oauth/token",
-        id_token: false,
-    },
-    Provider {
-        agent: "codex",
-        api_hosts: &["api.openai.com", "chatgpt.com"],
-        token_hosts: &["auth.openai.com"],
-        token_path: "/oauth/token",
-        id_token: true,
-    },
-];
-
-/// The provider of `agent`.
+/// The provider of `agent`: its preset's sign-in, if it has one.
 pub fn provider(agent: &str) -> Option<&'static Provider> {
-    PROVIDERS.iter().find(|p| p.agent == agent)
+    crate::preset::find(agent)?.network.oauth.as_ref()
 }
 
 /// An OAuth secret's real values.
@@ -321,12 +308,14 @@ impl OAuthSession {
 
     /// Whether `host` is this provider's token endpoint host.
     pub fn is_token_host(&self, host: &HostName) -> bool {
-        self.provider.token_hosts.iter().any(|h| host.as_str().eq_ignore_ascii_case(h))
+        self.provider.token_hosts.iter().any(|h| host.as_str().eq_ignore_ascii_case(h.as_str()))
     }
 
     /// Whether a request is a refresh this session answers.
     pub fn is_token_request(&self, host: &HostName, method: &str, path: &str) -> bool {
-        method == "POST" && self.is_token_host(host) && path.split('?').next() == Some(self.provider.token_path)
+        method == "POST"
+            && self.is_token_host(host)
+            && path.split('?').next() == Some(self.provider.token_path.as_str())
     }
 
     /// Answers the guest's refresh request `body` (see the module docs):
@@ -423,7 +412,7 @@ impl OAuthSession {
         let mut up = request.clone();
         up.insert("refresh_token".into(), Value::String(stored.refresh.expose().to_string()));
         let up = Zeroizing::new(serde_json::to_vec(&Value::Object(up)).map_err(|_| Error::RequestJson)?);
-        let (status, answer) = exchange.post(host, self.provider.token_path, &up)?;
+        let (status, answer) = exchange.post(host, &self.provider.token_path, &up)?;
         if status != 200 {
             return Err(Error::Status(status));
         }
@@ -627,14 +616,6 @@ pub fn ok_response(body: &[u8]) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(body);
     out
-}
-
-/// Claude Code's credential file (`~/.claude/.credentials.json`) for the
-/// guest: the session's placeholders and the real expiry.
-pub fn claude_credentials_file(s: &OAuthSession, scopes: &[String], subscription: Option<&str>) -> String {
-    json!({"claudeAiOauth": {"accessToken": s.access_placeholder, "refreshToken": s.refresh_placeholder,
-        "expiresAt": s.expires_at_ms(), "scopes": scopes, "subscriptionType": subscription}})
-    .to_string()
 }
 
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";

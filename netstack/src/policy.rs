@@ -94,12 +94,9 @@
 //! that carries a placeholder to any other host. A wildcard in `hosts`
 //! (`*.corp.example`) is refused where others can own names below it (a
 //! top-level domain, `*.co.uk`, `*.github.io`, `*.s3.amazonaws.com`: see
-//! [`crate::credential::shared_suffix`]); list those hosts instead. Agents come with theirs
-//! (`claude`: `anthropic` in `x-api-key`; `codex`: `openai` in
-//! `Authorization: Bearer`; `gemini`: `gemini` in `x-goog-api-key`;
-//! `copilot`: `github` in `Authorization: Bearer` to api.github.com and
-//! the Copilot API hosts; `opencode` and `aider`: both `anthropic` and
-//! `openai`); a
+//! [`crate::credential::shared_suffix`]); list those hosts instead. Agents come with theirs,
+//! and with the hosts they need: data, in `agents/presets.toml`
+//! ([`crate::preset`]; `sbx policy show --agent NAME` lists them); a
 //! file's credential of the same name replaces the agent's.
 //!
 //! Paths: `path_prefix` is compared, as a plain string prefix, with the
@@ -140,6 +137,7 @@ use crate::credential::{self, CredentialRule, FileCredential};
 use crate::host::{self, HostName};
 use crate::http::{self, PathError};
 use crate::live::{self, Approval, AskRule};
+use crate::preset;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -169,6 +167,8 @@ pub enum Error {
     Port(usize),
     #[error("Unknown agent '{0}'")]
     Agent(String),
+    #[error("{0}")]
+    Presets(&'static preset::Error),
     #[error("Bad credential: {0}")]
     Credential(#[from] credential::Error),
     #[error("Unknown https mode '{0}' (expected passthrough or terminate)")]
@@ -522,149 +522,10 @@ fn preset_name(name: &str) -> Result<&'static str, Error> {
     ["locked", "balanced", "open"].into_iter().find(|p| *p == name).ok_or_else(|| Error::Preset(name.to_string()))
 }
 
-/// The hosts each agent needs to work at all (its own API and sign-in).
-const AGENTS: &[(&str, &[&str])] = &[
-    ("shell", &[]),
-    ("claude", &["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "platform.claude.com"]),
-    ("codex", &["api.openai.com", "chatgpt.com", "auth.openai.com"]),
-    ("gemini", &["generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com"]),
-    // GitHub's sign-in (device flow on github.com, the user and token on
-    // api.github.com) and the Copilot API of each plan (GitHub's Copilot
-    // allowlist reference); not its telemetry hosts.
-    ("copilot", COPILOT_HOSTS),
-    // OpenCode works with any provider: the two it is most used with, its
-    // own (OpenCode Zen) and its model catalogue.
-    ("opencode", &["api.anthropic.com", "api.openai.com", "opencode.ai", "models.dev"]),
-    ("aider", &["api.anthropic.com", "api.openai.com"]),
-];
-
-/// Copilot CLI's hosts (see [`AGENTS`]).
-const COPILOT_HOSTS: &[&str] = &[
-    "github.com",
-    "api.github.com",
-    "api.githubcopilot.com",
-    "api.individual.githubcopilot.com",
-    "api.business.githubcopilot.com",
-    "api.enterprise.githubcopilot.com",
-    "copilot-proxy.githubusercontent.com",
-];
-
-/// The package registries every agent (not the bare shell) may install
-/// from inside its sandbox: npm, PyPI and its files, Debian's archive
-/// (apt).
-const AGENT_REGISTRIES: &[&str] =
-    &["registry.npmjs.org", "pypi.org", "files.pythonhosted.org", "deb.debian.org", "security.debian.org"];
-
-/// The credential an agent uses (see [`AGENT_CREDENTIALS`]).
-struct AgentCredential {
-    agent: &'static str,
-    name: &'static str,
-    hosts: &'static [&'static str],
-    header: &'static str,
-    scheme: Option<&'static str>,
-    /// The variable the agent reads its key from.
-    env: &'static str,
-}
-
-const AGENT_CREDENTIALS: &[AgentCredential] = &[
-    AgentCredential {
-        agent: "claude",
-        name: "anthropic",
-        hosts: &["api.anthropic.com"],
-        header: "x-api-key",
-        scheme: None,
-        env: "ANTHROPIC_API_KEY",
-    },
-    AgentCredential {
-        agent: "codex",
-        name: "openai",
-        hosts: &["api.openai.com"],
-        header: "authorization",
-        scheme: Some("Bearer"),
-        env: "OPENAI_API_KEY",
-    },
-    AgentCredential {
-        agent: "gemini",
-        name: "gemini",
-        hosts: &["generativelanguage.googleapis.com"],
-        header: "x-goog-api-key",
-        scheme: None,
-        env: "GEMINI_API_KEY",
-    },
-    // A GitHub token (fine-grained, "Copilot Requests"), which Copilot CLI
-    // reads from COPILOT_GITHUB_TOKEN first, then GH_TOKEN, GITHUB_TOKEN.
-    // Its scheme is `Bearer`, as Copilot CLI 1.0.102 sends it (seen on the
-    // wire against a test TLS server): `Authorization: Bearer` (`bearer`
-    // for managed settings; the scheme matches in any case) to api.github.com
-    // (copilot_internal/user, team_customizations, managed_settings) and to
-    // the Copilot API (`/models`, the GitHub MCP server). Only its release
-    // check (GET /repos/github/copilot-cli/releases, Octokit's `token`
-    // scheme) differs: that one keeps the placeholder, is refused 401 by
-    // GitHub, and Copilot CLI retries it without a token.
-    AgentCredential {
-        agent: "copilot",
-        name: "github",
-        hosts: &[
-            "api.github.com",
-            "api.githubcopilot.com",
-            "api.individual.githubcopilot.com",
-            "api.business.githubcopilot.com",
-            "api.enterprise.githubcopilot.com",
-        ],
-        header: "authorization",
-        scheme: Some("Bearer"),
-        env: "COPILOT_GITHUB_TOKEN",
-    },
-    AgentCredential {
-        agent: "opencode",
-        name: "anthropic",
-        hosts: &["api.anthropic.com"],
-        header: "x-api-key",
-        scheme: None,
-        env: "ANTHROPIC_API_KEY",
-    },
-    AgentCredential {
-        agent: "opencode",
-        name: "openai",
-        hosts: &["api.openai.com"],
-        header: "authorization",
-        scheme: Some("Bearer"),
-        env: "OPENAI_API_KEY",
-    },
-    AgentCredential {
-        agent: "aider",
-        name: "anthropic",
-        hosts: &["api.anthropic.com"],
-        header: "x-api-key",
-        scheme: None,
-        env: "ANTHROPIC_API_KEY",
-    },
-    AgentCredential {
-        agent: "aider",
-        name: "openai",
-        hosts: &["api.openai.com"],
-        header: "authorization",
-        scheme: Some("Bearer"),
-        env: "OPENAI_API_KEY",
-    },
-];
-
-/// The credential bindings an agent comes with.
+/// The credential bindings an agent comes with (its preset's, origin
+/// `agent NAME`; none for an agent sbx does not know).
 pub fn agent_credentials(agent: &str) -> Vec<CredentialRule> {
-    AGENT_CREDENTIALS
-        .iter()
-        .filter(|c| c.agent == agent)
-        .filter_map(|c| {
-            let raw = FileCredential {
-                name: c.name.to_string(),
-                hosts: c.hosts.iter().map(|h| h.to_string()).collect(),
-                header: c.header.to_string(),
-                scheme: c.scheme.map(str::to_string),
-                env: Some(c.env.to_string()),
-            };
-            CredentialRule::parse(raw, Origin::Agent(c.agent)).ok()
-        })
-        .collect()
+    preset::find(agent).map(|p| p.credentials()).unwrap_or_default()
 }
 
 fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
@@ -683,15 +544,11 @@ fn allow_rule(pattern: Pattern, origin: Origin) -> Rule {
 impl Policy {
     /// The default for an agent: deny everything but what the agent needs.
     pub fn for_agent(agent: &str) -> Result<Policy, Error> {
-        let (name, hosts) = AGENTS.iter().find(|(a, _)| *a == agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
-        let registries = if hosts.is_empty() { &[][..] } else { AGENT_REGISTRIES };
-        let rules = hosts
-            .iter()
-            .chain(registries)
-            .filter_map(|h| Pattern::parse(h).ok())
-            .map(|p| allow_rule(p, Origin::Agent(name)))
-            .collect();
-        let credentials = agent_credentials(name);
+        let presets = preset::embedded().map_err(Error::Presets)?;
+        let preset = presets.find(agent).ok_or_else(|| Error::Agent(agent.to_string()))?;
+        let origin = Origin::Agent(preset.name.as_str());
+        let rules = preset.network.hosts.iter().map(|p| allow_rule(p.clone(), origin.clone())).collect();
+        let credentials = preset.credentials();
         Ok(Policy { rules, https: Https::default(), credentials, approval: Approval::default(), asks: Vec::new() })
     }
 

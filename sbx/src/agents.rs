@@ -1,10 +1,16 @@
 //! Host side: the agents `sbx run` knows — which image each boots, the
 //! program it starts, how much memory it needs, the settings it runs
 //! with. Their network needs and credentials are the network policy's
-//! (`netstack::policy`, `sbx policy show --agent NAME`).
+//! (`netstack::policy`, `sbx policy show --agent NAME`). All of it is
+//! data, `agents/presets.toml` at the repository root, built in and
+//! parsed by [`netstack::preset`]; this module only borrows the parsed
+//! values.
 
-/// One agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use std::sync::OnceLock;
+
+/// One agent: its preset (`agents/presets.toml`, read by
+/// [`netstack::preset`]), borrowed for the life of the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
     pub name: &'static str,
     /// The image in `target/sbx/images/` (`cargo xtask image NAME`).
@@ -20,89 +26,52 @@ pub struct Agent {
     pub min_memory_mib: u64,
     /// Settings in its environment: no self-update (its files are in the
     /// read-only image), no telemetry (the policy would refuse it anyway).
-    pub env: &'static [(&'static str, &'static str)],
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
-pub const AGENTS: &[Agent] = &[
-    Agent {
-        name: "shell",
-        image: "shell",
-        program: None,
-        state_dir: None,
-        default_memory_mib: 128,
-        min_memory_mib: 64,
-        env: &[],
-    },
-    Agent {
-        name: "claude",
-        image: "agents",
-        program: Some("claude"),
-        state_dir: Some("~/.claude"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[("DISABLE_AUTOUPDATER", "1"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")],
-    },
-    Agent {
-        name: "gemini",
-        image: "agents",
-        program: Some("gemini"),
-        state_dir: Some("~/.gemini"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[("GEMINI_CLI_NO_RELAUNCH", "true")],
-    },
-    Agent {
-        name: "codex",
-        image: "agents",
-        program: Some("codex"),
-        state_dir: Some("~/.codex"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[],
-    },
-    // The native Copilot CLI would unpack its package (235 MB) into
-    // ~/.cache/copilot/pkg on its first run in each sandbox (minutes in a
-    // guest); the image has it unpacked in /opt/sbx-copilot (xtask's
-    // image_agents::COPILOT_PKG_CACHE), which it only reads.
-    Agent {
-        name: "copilot",
-        image: "agents",
-        program: Some("copilot"),
-        state_dir: Some("~/.copilot"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[("COPILOT_AUTO_UPDATE", "false"), ("COPILOT_PKG_CACHE_HOME", "/opt/sbx-copilot")],
-    },
-    Agent {
-        name: "opencode",
-        image: "agents",
-        program: Some("opencode"),
-        state_dir: Some("~/.local/share/opencode"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[("OPENCODE_DISABLE_AUTOUPDATE", "true")],
-    },
-    // Aider is Python (numpy, scipy and litellm loaded at start); litellm
-    // keeps its bundled model prices instead of fetching them from GitHub.
-    Agent {
-        name: "aider",
-        image: "agents",
-        program: Some("aider"),
-        state_dir: Some("~/.aider"),
-        default_memory_mib: 1024,
-        min_memory_mib: 512,
-        env: &[("AIDER_CHECK_UPDATE", "false"), ("AIDER_ANALYTICS", "false"), ("LITELLM_LOCAL_MODEL_COST_MAP", "True")],
-    },
-];
+impl Agent {
+    fn of(p: &'static netstack::preset::Preset) -> Agent {
+        Agent {
+            name: &p.name,
+            image: &p.image,
+            program: p.program.as_deref(),
+            state_dir: p.state_dir.as_deref(),
+            default_memory_mib: p.default_memory_mib,
+            min_memory_mib: p.min_memory_mib,
+            env: p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        }
+    }
+}
+
+static AGENTS: OnceLock<Vec<Agent>> = OnceLock::new();
+
+/// Every agent sbx knows, in the presets file's order (none if the
+/// built-in file were bad: [`load_error`] says why).
+pub fn all() -> &'static [Agent] {
+    AGENTS.get_or_init(|| match netstack::preset::embedded() {
+        Ok(p) => p.agents.iter().map(Agent::of).collect(),
+        Err(_) => Vec::new(),
+    })
+}
+
+/// Why the built-in presets could not be read, if they could not.
+pub fn load_error() -> Option<&'static netstack::preset::Error> {
+    netstack::preset::embedded().err()
+}
 
 /// The agent called `name`, if sbx knows it.
 pub fn find(name: &str) -> Option<&'static Agent> {
-    AGENTS.iter().find(|a| a.name == name)
+    all().iter().find(|a| a.name == name)
 }
 
 /// The agents' names, for errors and help.
 pub fn names() -> Vec<&'static str> {
-    AGENTS.iter().map(|a| a.name).collect()
+    all().iter().map(|a| a.name).collect()
+}
+
+/// The help of `sbx run AGENT`: the agents of the presets file.
+pub fn run_help() -> String {
+    format!("The agent: {} (agents/presets.toml).", names().join(", "))
 }
 
 impl Agent {
@@ -131,8 +100,16 @@ mod tests {
         assert!(find("cursor").is_none());
         assert_eq!(names(), vec!["shell", "claude", "gemini", "codex", "copilot", "opencode", "aider"]);
         assert_eq!(find("aider").unwrap().argv(&["--version".to_string()]), vec!["aider", "--version"]);
-        for a in AGENTS {
+        for a in all() {
             assert!(a.min_memory_mib <= a.default_memory_mib, "{}", a.name);
         }
+        assert!(load_error().is_none());
+        let copilot = find("copilot").unwrap();
+        assert_eq!(copilot.env, [("COPILOT_AUTO_UPDATE", "false"), ("COPILOT_PKG_CACHE_HOME", "/opt/sbx-copilot")]);
+        assert_eq!((copilot.default_memory_mib, find("shell").unwrap().min_memory_mib), (1024, 64));
+        assert_eq!(
+            run_help(),
+            "The agent: shell, claude, gemini, codex, copilot, opencode, aider (agents/presets.toml)."
+        );
     }
 }

@@ -370,7 +370,8 @@ pub struct CpArgs {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// The agent image: shell, claude, gemini or codex.
+    /// The agent (the list is built from agents/presets.toml).
+    #[arg(help = crate::agents::run_help())]
     pub agent: String,
     /// Sandbox name (default: AGENT-FOLDER).
     #[arg(long)]

@@ -115,7 +115,10 @@ pub fn read_agent_file(agent: &str, path: &Path) -> Result<(Tokens, Meta), Error
                 .map(str::to_string);
             Ok((tokens, Meta { agent: agent.into(), scopes: Vec::new(), subscription, account_id }))
         }
-        _ => Err(Error::NotFound(format!("{agent} (an agent with an OAuth sign-in: claude, codex)"))),
+        _ => Err(Error::NotFound(format!(
+            "{agent} (an agent with an OAuth sign-in: {})",
+            agents_with_oauth().join(", ")
+        ))),
     }
 }
 
@@ -278,13 +281,25 @@ pub fn imported(dir: &Path, agent: &str) -> Option<String> {
     oauth_dir(dir).join(&name).is_file().then_some(name)
 }
 
-/// Where in the guest's home `agent`'s credential file goes.
-pub fn guest_path(agent: &str) -> &'static str {
-    if agent == "codex" {
-        ".codex/auth.json"
-    } else {
-        ".claude/.credentials.json"
-    }
+/// Where in the guest's home `agent`'s credential file goes (its
+/// preset's `credentials_file`, `agents/presets.toml`), if it has an
+/// OAuth sign-in.
+pub fn guest_path(agent: &str) -> Option<&'static str> {
+    oauth::provider(agent).map(|p| p.credentials_file.as_str())
+}
+
+/// The agents with an OAuth sign-in netstack handles (their presets'
+/// `[agent.oauth]`), for errors and help.
+pub fn agents_with_oauth() -> Vec<&'static str> {
+    crate::agents::names().into_iter().filter(|a| oauth::provider(a).is_some()).collect()
+}
+
+/// Claude Code's credential file (`~/.claude/.credentials.json`) for the
+/// guest: the session's placeholders and the real expiry.
+pub fn claude_credentials_file(s: &OAuthSession, scopes: &[String], subscription: Option<&str>) -> String {
+    json!({"claudeAiOauth": {"accessToken": s.access_placeholder, "refreshToken": s.refresh_placeholder,
+        "expiresAt": s.expires_at_ms(), "scopes": scopes, "subscriptionType": subscription}})
+    .to_string()
 }
 
 /// Codex's `auth.json` for the guest: placeholders, a synthetic unsigned
@@ -313,9 +328,9 @@ pub fn for_run(dir: &Path, name: &str, sandbox: &str) -> Result<(Arc<OAuthSessio
     let session = Arc::new(OAuthSession::new(name, provider, tokens.clone(), store)?);
     let file = match meta.agent.as_str() {
         "codex" => codex_auth_file(&session, &tokens, meta.account_id.as_deref(), secrets::now_unix()),
-        _ => oauth::claude_credentials_file(&session, &meta.scopes, meta.subscription.as_deref()),
+        _ => claude_credentials_file(&session, &meta.scopes, meta.subscription.as_deref()),
     };
-    Ok((session, file, guest_path(&meta.agent)))
+    Ok((session, file, provider.credentials_file.as_str()))
 }
 
 #[cfg(test)]

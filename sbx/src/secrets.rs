@@ -788,12 +788,12 @@ pub fn command(cmd: &crate::cli::SecretCommand) -> Result<(), Box<dyn std::error
         }
         SecretCommand::OauthImport { agent, from } => {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-            let from = match (from, agent.as_str()) {
+            let from = match (from, crate::oauth_secrets::guest_path(agent)) {
                 (Some(f), _) => f.clone(),
-                (None, "claude") => home.join(".claude/.credentials.json"),
-                (None, "codex") => home.join(".codex/auth.json"),
-                (None, other) => {
-                    return Err(format!("No OAuth sign-in known for agent '{other}' (claude, codex)").into())
+                (None, Some(file)) => home.join(file),
+                (None, None) => {
+                    let known = crate::oauth_secrets::agents_with_oauth().join(", ");
+                    return Err(format!("No OAuth sign-in known for agent '{agent}' ({known})").into());
                 }
             };
             let name = crate::oauth_secrets::import(&dir, agent, &from, None)?;

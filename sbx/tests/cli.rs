@@ -559,3 +559,42 @@ fn cp_refuses_bad_arguments_before_any_guest() {
     assert_eq!(code, Some(125), "{err}");
     assert!(err.contains("No sandbox named 'nope'"), "{err}");
 }
+
+#[test]
+fn run_help_and_policy_show_come_from_the_agent_presets() {
+    let (code, out, _) = sbx(&["run", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("The agent: shell, claude, gemini, codex, copilot, opencode, aider"), "{out}");
+    // What the code tables gave copilot before they became data.
+    let (code, out, _) = sbx(&["policy", "show", "--agent", "copilot"]);
+    assert_eq!(code, Some(0));
+    let mut want = vec![
+        "network rules for agent 'copilot' (denied if a deny rule matches, else allowed if an allow rule does, else denied):"
+            .to_string(),
+    ];
+    for h in [
+        "github.com",
+        "api.github.com",
+        "api.githubcopilot.com",
+        "api.individual.githubcopilot.com",
+        "api.business.githubcopilot.com",
+        "api.enterprise.githubcopilot.com",
+        "copilot-proxy.githubusercontent.com",
+        "registry.npmjs.org",
+        "pypi.org",
+        "files.pythonhosted.org",
+        "deb.debian.org",
+        "security.debian.org",
+    ] {
+        want.push(format!("  agent  agent copilot: allow {h} ports 80,443"));
+    }
+    want.push("credential github: header 'authorization: Bearer <secret>' to api.github.com, api.githubcopilot.com, api.individual.githubcopilot.com, api.business.githubcopilot.com, api.enterprise.githubcopilot.com".into());
+    assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
+    let (code, out, _) = sbx(&["policy", "show", "--agent", "shell"]);
+    assert_eq!(code, Some(0));
+    assert!(!out.contains("agent shell:"), "the shell adds nothing: {out}");
+    // The OAuth sign-ins are the presets' too.
+    let (code, _, err) = sbx(&["secret", "oauth-import", "gemini"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("No OAuth sign-in known for agent 'gemini' (claude, codex)"), "{err}");
+}

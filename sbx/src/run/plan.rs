@@ -33,6 +33,8 @@ pub const MAX_DISK_GIB: u64 = 1 << 14;
 pub enum PlanError {
     #[error("Unknown agent '{0}' (expected one of: {list})", list = agents::names().join(", "))]
     UnknownAgent(String),
+    #[error("{0} (the presets built into this sbx are bad: rebuild it)")]
+    Presets(&'static netstack::preset::Error),
     #[error("Bad --env '{0}': use KEY=VALUE")]
     Env(String),
     #[error("--memory {got}: agent '{agent}' needs at least {min} MiB")]
@@ -354,7 +356,10 @@ fn net_plan(
 impl RunPlan {
     /// Checks the arguments and opens (or makes) the sandbox.
     pub fn new(args: &RunArgs) -> Result<RunPlan, PlanError> {
-        let agent: &Agent = agents::find(&args.agent).ok_or_else(|| PlanError::UnknownAgent(args.agent.clone()))?;
+        let agent: &Agent = agents::find(&args.agent).ok_or_else(|| match agents::load_error() {
+            Some(e) => PlanError::Presets(e),
+            None => PlanError::UnknownAgent(args.agent.clone()),
+        })?;
         // The machine's admin policy first: present but unusable, nothing runs.
         let admin = machine_policy::load(Path::new(machine_policy::PATH))?;
         if let Some(admin) = &admin {

@@ -9,14 +9,14 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::oauth::{MemoryStore, OAuthSession, Provider, Tokens};
 
-const TEST_PROVIDER: Provider = Provider {
-    agent: "claude",
-    api_hosts: &["api.example.com"],
-    token_hosts: &["auth.example.com"],
-    token_path: "/v1/oauth/token",
+static PROVIDER: std::sync::LazyLock<Provider> = std::sync::LazyLock::new(|| Provider {
+    agent: "claude".into(),
+    api_hosts: vec![HostName::parse("api.example.com").unwrap()],
+    token_hosts: vec![HostName::parse("auth.example.com").unwrap()],
+    token_path: "/v1/oauth/token".into(),
     id_token: false,
-};
-static PROVIDER: Provider = TEST_PROVIDER;
+    credentials_file: ".claude/.credentials.json".into(),
+});
 const OAUTH_NAMES: &[&str] = &["api.example.com", "auth.example.com"];
 const ACCESS: &str = "sk-ant-oat01-real-access-token-0001";
 const REFRESH: &str = "sk-ant-ort01-real-refresh-token-0001";
