@@ -424,8 +424,8 @@ const WRITING_OPEN_FLAGS: u64 = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC
 /// std's `File::open` is `O_RDONLY | O_CLOEXEC`. Compared on the low 32
 /// bits (flags are an `int`).
 fn allow_read_only_open(r: &mut Rules) {
-    let read_only = Cond::new(2, Len::Dword, Op::MaskedEq(WRITING_OPEN_FLAGS), libc::O_RDONLY as u64)
-        .expect("a valid condition");
+    let read_only =
+        Cond::new(2, Len::Dword, Op::MaskedEq(WRITING_OPEN_FLAGS), libc::O_RDONLY as u64).expect("a valid condition");
     r.allow_if(libc::SYS_openat, vec![read_only]);
 }
 
