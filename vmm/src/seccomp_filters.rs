@@ -232,9 +232,11 @@ const NET: Sys = sys!(
 /// The control channel's device: the host's connections to its socket.
 const VSOCK: Sys = sys!(SYS_accept4);
 
-/// The control threads (`sbx run`'s main thread once the VM runs, the VM
-/// thread once its vCPUs run): the session with the guest's program, the
-/// terminal, the sandbox's state files, the audit log, the end of the run.
+/// The control threads (`sbx run`'s main thread once the VM runs, the
+/// admin socket's, the admin policy's watcher, `fs-stats`, a clone's
+/// setup): the session with the guest's program, the terminal, the
+/// sandbox's state files, the audit log, the end of the run. The VM's
+/// own thread is the supervisor ([`SUPERVISOR`]), not one of these.
 const CONTROL: Sys = sys!(
     SYS_connect,
     SYS_accept4,

@@ -222,8 +222,12 @@ fn block_device_serves(disk: &std::path::Path) -> [u8; 2] {
 struct DeviceLike {
     _block: vmm::devices::virtio::block::Block,
     _mem: vm_memory::GuestMemoryMmap,
-    dropped_under: Arc<std::sync::Mutex<Option<(String, String)>>>,
+    dropped_under: DroppedUnder,
 }
+
+/// The `Seccomp:` and `CapEff:` fields of the thread that dropped a
+/// [`DeviceLike`], once one did.
+type DroppedUnder = Arc<std::sync::Mutex<Option<(String, String)>>>;
 
 impl Drop for DeviceLike {
     fn drop(&mut self) {
@@ -240,7 +244,7 @@ impl vmm::devices::BusDevice for DeviceLike {
 }
 
 /// A [`DeviceLike`] for a disk image in `dir`, with 1 MiB of memory.
-fn device_like(dir: &std::path::Path) -> (DeviceLike, Arc<std::sync::Mutex<Option<(String, String)>>>) {
+fn device_like(dir: &std::path::Path) -> (DeviceLike, DroppedUnder) {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 8192]).unwrap();
     let block = vmm::devices::virtio::block::Block::open(&disk, false, "supervisor").unwrap();
