@@ -71,9 +71,10 @@ pub struct RunOptions {
     /// The host paths vCPU threads may reach (once the jail is on): their
     /// disks are open already; the console log they write rotates.
     pub vcpu_reach: Reach,
-    /// The host paths this (the VM's control) thread reaches once the
-    /// vCPUs run.
-    pub control_reach: Reach,
+    /// The host paths this thread (the VM's supervisor) reaches once the
+    /// vCPUs run: [`threads::supervisor_reach`], /proc/self read-only,
+    /// for the memory figures at the end.
+    pub supervisor_reach: Reach,
 }
 
 /// What a vCPU thread hands back.
@@ -114,8 +115,9 @@ pub fn run(mvm: MicroVm, opts: RunOptions) -> RunResult {
         }
     }
 
-    // From here this thread only waits, kicks and counts: a control thread.
-    if let Err(e) = threads::confine_current(ThreadKind::Control, &opts.control_reach) {
+    // From here this thread only waits, kicks, joins, reads its figures
+    // and drops the VM and its devices: the supervisor kind.
+    if let Err(e) = threads::confine_current(ThreadKind::Supervisor, &opts.supervisor_reach) {
         stop.request(StopReason::ThreadPanicked { thread: "vm".into(), message: e.to_string() });
     }
     while !stop.is_requested() {

@@ -1,6 +1,7 @@
 //! Host side: the seccomp filter of each VMM thread kind — the system calls
 //! (and, where it matters, their arguments) that a vCPU, a device worker,
-//! the network stack, the file server, the control threads, and the
+//! the network stack, the file server, the VM's supervisor (the thread
+//! that waits for the stop and ends the run), the control threads, and the
 //! threads beside the VM (`sbx run`'s signal thread and the violation
 //! watcher, its input forwarder) may make.
 //! Installed by [`crate::threads`] on every thread it starts, before the
@@ -31,8 +32,9 @@
 //! creates no socket and connects nowhere (it accepts on the control
 //! socket, bound before it starts); the control threads create UNIX
 //! sockets for one connect, the main session's to the control socket,
-//! and bind and listen on none. vCPUs, file servers, disks, the signal
-//! thread and the input forwarder create no socket.
+//! and bind and listen on none. vCPUs, file servers, disks, the VM's
+//! supervisor, the signal thread and the input forwarder create no
+//! socket.
 //! Seccomp cannot read connect's path: where the kernel has Landlock ABI
 //! 9 the path is confined too, and abstract sockets are Landlock's on
 //! every kind ([`crate::threads`]).
@@ -230,9 +232,11 @@ const NET: Sys = sys!(
 /// The control channel's device: the host's connections to its socket.
 const VSOCK: Sys = sys!(SYS_accept4);
 
-/// The control threads (`sbx run`'s main thread once the VM runs, the VM
-/// thread once its vCPUs run): the session with the guest's program, the
-/// terminal, the sandbox's state files, the audit log, the end of the run.
+/// The control threads (`sbx run`'s main thread once the VM runs, the
+/// admin socket's, the admin policy's watcher, `fs-stats`, a clone's
+/// setup): the session with the guest's program, the terminal, the
+/// sandbox's state files, the audit log, the end of the run. The VM's
+/// own thread is the supervisor ([`SUPERVISOR`]), not one of these.
 const CONTROL: Sys = sys!(
     SYS_connect,
     SYS_accept4,
@@ -262,6 +266,19 @@ const SIGNALS: Sys = sys!(SYS_rt_sigtimedwait, SYS_recvfrom, SYS_sendto);
 /// The input forwarder: standard input read (BASE's `read`), written to
 /// the session's socket it holds.
 const SESSION: Sys = sys!(SYS_recvfrom, SYS_sendto);
+
+/// The VM's supervisor (`runner::run` once the vCPUs run): what reading
+/// /proc/self/smaps takes besides BASE's `read` and `close` (std's
+/// `read_to_string`: the file's size, `statx` or `fstat`/`newfstatat`
+/// where glibc makes fstat one, and its position, `lseek`); `openat`
+/// itself is allowed read-only only ([`allow_read_only_open`]). The rest
+/// of its work is BASE's: waiting for the stop and joining threads
+/// (`futex`), sleeping between kicks (`clock_nanosleep`, `nanosleep`),
+/// the devices' stop eventfds (`write`), the guest memory and the
+/// devices' buffers unmapped (`munmap`, `madvise`), their descriptors
+/// closed, messages on stderr (`write`), its own end (`exit`,
+/// `madvise`, `munmap`, `rt_sigprocmask`, `sigaltstack`).
+const SUPERVISOR: Sys = sys!(SYS_statx, SYS_fstat, SYS_newfstatat, SYS_lseek);
 
 /// The names of calls the tables do not list but messages may name.
 const OTHER_NAMES: Sys = sys!(
@@ -312,7 +329,7 @@ const OTHER_NAMES: Sys = sys!(
 
 /// The name of system call `nr` (for the message that names a violation).
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    [BASE, VCPU, BLOCK, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, SIGNALS, SESSION, OTHER_NAMES]
+    [BASE, VCPU, BLOCK, WORKER, AUDIT, FILES, SOCKET_IO, NET, VSOCK, CONTROL, SIGNALS, SESSION, SUPERVISOR, OTHER_NAMES]
         .iter()
         .flat_map(|t| t.iter())
         .find(|(n, _)| *n == nr)
@@ -397,6 +414,21 @@ fn allow_memory(r: &mut Rules, exec: bool) {
 /// descriptor is open before closing it (`OwnedFd`'s drop).
 fn allow_fd_check(r: &mut Rules) {
     r.allow_if(libc::SYS_fcntl, vec![eq(1, libc::F_GETFD as u64)]);
+}
+
+/// The `open` flags that make, change or write a file: with none of
+/// them, and the access mode `O_RDONLY`, an `openat` only reads
+/// (`O_TMPFILE` needs write access, so the access mode keeps it out).
+const WRITING_OPEN_FLAGS: u64 = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+
+/// `openat(dir, path, flags)` only read-only: no write access, no file
+/// made, truncated or appended to.
+/// std's `File::open` is `O_RDONLY | O_CLOEXEC`. Compared on the low 32
+/// bits (flags are an `int`).
+fn allow_read_only_open(r: &mut Rules) {
+    let read_only =
+        Cond::new(2, Len::Dword, Op::MaskedEq(WRITING_OPEN_FLAGS), libc::O_RDONLY as u64).expect("a valid condition");
+    r.allow_if(libc::SYS_openat, vec![read_only]);
 }
 
 /// Starting threads (never processes): `clone` with `CLONE_THREAD`.
@@ -496,6 +528,14 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Rules {
             allow_memory(&mut r, false);
             allow_fd_check(&mut r);
             r.allow(SESSION);
+        }
+        ThreadKind::Supervisor => {
+            allow_memory(&mut r, false);
+            allow_fd_check(&mut r);
+            allow_read_only_open(&mut r);
+            r.allow(SUPERVISOR);
+            // The vCPU kick, to this process's own threads only.
+            r.allow_if(libc::SYS_tgkill, vec![eq(0, ctx.pid as u64), eq(2, ctx.kick_signal as u64)]);
         }
     }
     r
@@ -740,5 +780,76 @@ mod tests {
         for kind in [ThreadKind::Signals, ThreadKind::Session] {
             assert!(count(kind) * 2 < count(ThreadKind::Control), "{kind:?}: {} calls", count(kind));
         }
+    }
+
+    #[test]
+    fn the_supervisor_waits_joins_reads_its_own_figures_and_nothing_else() {
+        let k = ThreadKind::Supervisor;
+        let r = rules(k, &ctx());
+        let has = |nr| r.0.contains_key(&nr);
+        // What ending a run takes: the wait and the joins, the sleep
+        // between kicks, the stop eventfds, unmapping, closing, stderr,
+        // smaps read (its size and position), its own end.
+        for nr in [
+            libc::SYS_futex,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_write,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_close,
+            libc::SYS_read,
+            libc::SYS_statx,
+            libc::SYS_lseek,
+            libc::SYS_exit,
+        ] {
+            assert!(has(nr), "the supervisor needs {:?}", syscall_name(nr));
+        }
+        // No socket, no pipe, no thread, no file made, renamed, removed or
+        // changed, no directory read, no ioctl (neither KVM's nor a
+        // terminal's), no handler changed, no filter added.
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_socketpair,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_bind,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_pipe2,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_open,
+            libc::SYS_openat2,
+            libc::SYS_creat,
+            libc::SYS_rename,
+            libc::SYS_renameat2,
+            libc::SYS_unlinkat,
+            libc::SYS_mkdirat,
+            libc::SYS_ftruncate,
+            libc::SYS_fchmod,
+            libc::SYS_fchown,
+            libc::SYS_pwrite64,
+            libc::SYS_getdents64,
+            libc::SYS_ioctl,
+            libc::SYS_dup2,
+            libc::SYS_rt_sigaction,
+            libc::SYS_wait4,
+            libc::SYS_prlimit64,
+            libc::SYS_epoll_wait,
+            libc::SYS_execve,
+            libc::SYS_seccomp,
+            libc::SYS_landlock_restrict_self,
+        ] {
+            assert!(!has(nr), "the supervisor allows {:?}", syscall_name(nr));
+        }
+        // openat: read-only only (one rule); tgkill: the vCPU kick and
+        // abort()'s SIGABRT, to this process; mmap never executable.
+        let conditional = |nr| r.0.get(&nr).and_then(|o| o.as_ref()).map(|v| v.len());
+        assert_eq!(conditional(libc::SYS_openat), Some(1), "openat is read-only's");
+        assert_eq!(conditional(libc::SYS_tgkill), Some(2), "tgkill: the kick and SIGABRT");
+        assert_eq!(conditional(libc::SYS_mmap), Some(1), "mmap without PROT_EXEC");
+        // Far narrower than the control kind it replaces on the VM thread.
+        let count = |kind| rules(kind, &ctx()).0.len();
+        assert!(count(k) * 2 < count(ThreadKind::Control), "{} calls", count(k));
     }
 }

@@ -1,7 +1,7 @@
 //! Host side: the one place the VMM starts threads ([`spawn`]) and jails
 //! them. Each thread has a [`ThreadKind`] saying what it runs (a vCPU, a
-//! device worker, the control threads, and beside the VM the signal
-//! thread, the violation watcher and the input forwarder, started with
+//! device worker, the VM's supervisor, the control threads, and beside
+//! the VM the signal thread, the violation watcher and the input forwarder, started with
 //! [`spawn_confined`]); once [`enable_jail`] has been
 //! called, every thread is confined before its work starts: Landlock to
 //! the paths it was given (the file server: its shared folder; netstack:
@@ -55,8 +55,10 @@ pub enum ThreadKind {
     Fs,
     /// The virtio-vsock worker: the control channel.
     Vsock,
-    /// The VM's control threads: the one waiting for the stop, `sbx run`'s
-    /// session with the guest's program and the end of the run.
+    /// `sbx run`'s control threads: its main thread's session with the
+    /// guest's program and the end of the run (state files, reports, the
+    /// audit log), the admin socket, the admin policy's watcher, the file
+    /// servers' statistics, a clone sandbox's setup.
     Control,
     /// A virtio-blk worker: reads, writes and flushes of one disk file
     /// opened before it starts.
@@ -70,10 +72,17 @@ pub enum ThreadKind {
     /// input read and written to the session's socket, both open before
     /// it starts. Opens nothing, creates no socket, starts no thread.
     Session,
+    /// The VM's own thread once its vCPUs run (`runner::run`): waits for
+    /// the stop, kicks the vCPUs out of KVM_RUN and joins them, reads
+    /// /proc/self/smaps for the figures at the end, and drops the VM, its
+    /// guest memory and its devices (which stops and joins their
+    /// workers). Opens files read-only only (and reaches /proc/self
+    /// only: [`supervisor_reach`]), creates no socket, starts no thread.
+    Supervisor,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::Net,
         ThreadKind::Fs,
@@ -82,6 +91,7 @@ impl ThreadKind {
         ThreadKind::Block,
         ThreadKind::Signals,
         ThreadKind::Session,
+        ThreadKind::Supervisor,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +104,7 @@ impl ThreadKind {
             ThreadKind::Block => "block",
             ThreadKind::Signals => "signals",
             ThreadKind::Session => "session",
+            ThreadKind::Supervisor => "supervisor",
         }
     }
 
@@ -166,6 +177,18 @@ pub fn resolver_reach() -> Vec<PathRule> {
     rules.extend(managed.map(ro));
     rules.extend(LIBRARY_DIRS.iter().map(PathBuf::from).filter(|p| p.exists()).map(ro));
     rules
+}
+
+/// This process's /proc directory, which the [`ThreadKind::Supervisor`]
+/// thread reads (smaps, for the memory figures at the end of a run).
+pub const PROC_SELF: &str = "/proc/self";
+
+/// What the VM's [`ThreadKind::Supervisor`] thread may reach: this
+/// process's /proc directory, read-only (a rule on /proc/self follows
+/// the link: /proc/PID, this process's own), and nothing else of the
+/// host.
+pub fn supervisor_reach() -> Reach {
+    Reach::Only(vec![PathRule { path: PathBuf::from(PROC_SELF), write: false }])
 }
 
 /// The violation watcher's thread name.
@@ -475,8 +498,10 @@ pub fn confine_current(kind: ThreadKind, reach: &Reach) -> Result<(), JailError>
             ThreadKind::Net => sys::restrict_capabilities(0, 0).map_err(identity)?,
             // A disk worker uses the file it was given, nothing else; the
             // signal thread, the watcher and the input forwarder use the
-            // descriptors they hold.
-            ThreadKind::Block | ThreadKind::Signals | ThreadKind::Session => {
+            // descriptors they hold; the VM's supervisor waits, joins,
+            // unmaps and reads its own /proc files (0444, and a process
+            // may always inspect itself).
+            ThreadKind::Block | ThreadKind::Signals | ThreadKind::Session | ThreadKind::Supervisor => {
                 sys::restrict_capabilities(0, 0).map_err(identity)?
             }
             // The other kinds never switch users: gone from this thread.
@@ -628,7 +653,8 @@ where
 /// by [`spawn`] (a thread keeps the seccomp filter of the thread that
 /// starts it, so a helper started from a confined thread stays confined).
 /// A thread that confines itself first thing with a kind of its own
-/// (`sbx run`'s `fs-stats`, the `vm` thread once its vCPUs run), and the
+/// (`sbx run`'s `fs-stats`; the `vm` thread, as the supervisor, once its
+/// vCPUs run), and the
 /// CLI's threads in processes that have no jail (`sbx cp`'s sender):
 /// a thread of `sbx run` that confines itself at once is
 /// [`spawn_confined`]'s.

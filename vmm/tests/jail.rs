@@ -215,6 +215,195 @@ fn block_device_serves(disk: &std::path::Path) -> [u8; 2] {
     [m.read_obj(GuestAddress(0x1800)).unwrap(), m.read_obj(GuestAddress(0x2800)).unwrap()]
 }
 
+/// A device as the VM's buses hold one: a virtio-blk device (its worker
+/// thread running) and a clone of the guest memory; dropping it stops
+/// and joins the worker and may unmap the memory. It tells, from the
+/// thread that drops it, that thread's `Seccomp:` and `CapEff:` fields.
+struct DeviceLike {
+    _block: vmm::devices::virtio::block::Block,
+    _mem: vm_memory::GuestMemoryMmap,
+    dropped_under: DroppedUnder,
+}
+
+/// The `Seccomp:` and `CapEff:` fields of the thread that dropped a
+/// [`DeviceLike`], once one did.
+type DroppedUnder = Arc<std::sync::Mutex<Option<(String, String)>>>;
+
+impl Drop for DeviceLike {
+    fn drop(&mut self) {
+        let fields = (status_field("Seccomp:"), status_field("CapEff:"));
+        *self.dropped_under.lock().unwrap() = Some(fields);
+    }
+}
+
+impl vmm::devices::BusDevice for DeviceLike {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// A [`DeviceLike`] for a disk image in `dir`, with 1 MiB of memory.
+fn device_like(dir: &std::path::Path) -> (DeviceLike, DroppedUnder) {
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 8192]).unwrap();
+    let block = vmm::devices::virtio::block::Block::open(&disk, false, "supervisor").unwrap();
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+    let dropped_under = Arc::new(std::sync::Mutex::new(None));
+    (DeviceLike { _block: block, _mem: mem, dropped_under: dropped_under.clone() }, dropped_under)
+}
+
+#[test]
+fn the_supervisor_ends_a_run_under_its_filter_and_reaches_only_proc_self() {
+    // What the VM thread does once its vCPUs run (runner::run): waits for
+    // the stop, joins threads, reads its memory figures from smaps, drops
+    // the devices (their workers stopped and joined) and guest memory,
+    // says things on stderr.
+    let t = tempfile::tempdir().unwrap();
+    let (device, dropped_under) = device_like(t.path());
+    let waited = Arc::new(Stop::default());
+    let w = waited.clone();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let vcpu_like = std::thread::spawn(move || {
+        let _ = go_rx.recv();
+        w.request(StopReason::GuestReset);
+        7u32
+    });
+    let secret = t.path().join("secret");
+    std::fs::write(&secret, "host secret").unwrap();
+    let before = euid();
+    let out = confined(ThreadKind::Supervisor, threads::supervisor_reach(), move || {
+        go_tx.send(()).unwrap();
+        let stopped = waited.wait(Some(Duration::from_secs(60)));
+        let joined = vcpu_like.join().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+        let rss = vmm::metrics::rss_outside_guest_kib(&[]);
+        eprintln!("sbx: test: the run ends");
+        drop(device);
+        // Read-only opens elsewhere: refused by Landlock, not by the
+        // filter (an errno, not a trap).
+        let etc = std::fs::read("/etc/hostname").map(drop).map_err(|e| e.raw_os_error());
+        let beside = std::fs::read(&secret).map(drop).map_err(|e| e.raw_os_error());
+        (stopped, joined, rss, etc, beside, status_field("Seccomp:"))
+    });
+    assert!(threads::violation().is_none(), "{:?}", threads::violation());
+    let (stopped, joined, rss, etc, beside, seccomp) = out;
+    assert!(stopped && joined == 7, "the stop was seen and the thread joined");
+    assert!(rss.is_some_and(|kib| kib > 0), "smaps read under the filter: {rss:?}");
+    assert_eq!(etc, Err(Some(libc::EACCES)), "the supervisor reaches /proc/self only");
+    assert_eq!(beside, Err(Some(libc::EACCES)), "the supervisor reaches /proc/self only");
+    assert_eq!(seccomp, "2");
+    let (seccomp, caps) = dropped_under.lock().unwrap().clone().expect("the device was dropped");
+    assert_eq!(seccomp, "2", "the device was dropped under the filter");
+    if before == 0 {
+        assert_eq!(caps, "0000000000000000", "as root, the supervisor keeps no capability");
+    }
+}
+
+/// The exit code the runner's child gives when there is no KVM to run on.
+const NO_KVM: i32 = 78;
+
+#[test]
+fn a_tiny_guest_runs_to_its_end_through_the_runner_under_the_jail() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "runner_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("SBX_JAIL_CHILD", "runner")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let case = format!("{:?}\nstdout {stdout}\nstderr {stderr}", out.status);
+    if out.status.code() == Some(NO_KVM) {
+        eprintln!("SKIPPED: /dev/kvm is not available to this user");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{case}");
+    assert!(!stderr.contains("made system call"), "no thread hit its filter: {case}");
+    assert!(stdout.contains("RUN ENDED"), "{case}");
+}
+
+/// A port the tiny guest writes to; what it got.
+#[derive(Default)]
+struct Port(Vec<u8>);
+
+impl vmm::devices::BusDevice for Port {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        self.0.extend_from_slice(data);
+    }
+}
+
+/// A real run in a process of its own (the jail is process-wide): a
+/// real-mode guest that writes a port and its serial console, then spins
+/// until the run's timeout; `runner::run` on a `vm` thread as sbx starts
+/// it, its vCPU confined as such and the thread itself as the supervisor
+/// (the stop, the kicks, the join, smaps, the VM and its devices dropped,
+/// a disk's worker among them).
+#[test]
+#[ignore = "a child of a_tiny_guest_runs_to_its_end_through_the_runner_under_the_jail"]
+fn runner_child() {
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm::devices::console::{ConsoleFile, ConsoleLog, SharedReport};
+    use vmm::devices::serial::SerialDevice;
+    use vmm::devices::Bus;
+    use vmm::runner::{self, RunOptions};
+
+    std::env::var("SBX_JAIL_CHILD").expect("run by its parent test");
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        std::process::exit(NO_KVM);
+    }
+    let stop = Arc::new(Stop::default());
+    threads::enable_jail(stop.clone(), runner::kick_signal(), Some(CHILD_EXIT)).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let vm = vmm::vstate::Vm::new(64 << 20).unwrap();
+    // mov al, 0x2a ; mov dx, 0x500 ; out dx, al ;
+    // mov al, 'A' ; mov dx, 0x3f8 ; out dx, al ; jmp $
+    let code = [0xb0, 0x2a, 0xba, 0x00, 0x05, 0xee, 0xb0, 0x41, 0xba, 0xf8, 0x03, 0xee, 0xeb, 0xfe];
+    vm.memory.write_slice(&code, GuestAddress(0x1000)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).unwrap();
+
+    let port = Arc::new(Mutex::new(Port::default()));
+    let console_path = t.path().join("console.log");
+    let console = ConsoleLog::new(Some(ConsoleFile::create(&console_path).unwrap()), None, SharedReport::default());
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, Box::new(console))));
+    let (mut device, dropped_under) = device_like(t.path());
+    device._mem = vm.memory.clone();
+    let mut pio = Bus::new();
+    pio.insert(port.clone(), 0x500, 1).unwrap();
+    pio.insert(serial, 0x3f8, 8).unwrap();
+    let mut mmio = Bus::new();
+    mmio.insert(Arc::new(Mutex::new(device)), 0xd000_0000, 0x1000).unwrap();
+    let mvm = vmm::builder::MicroVm { vm, vcpus: vec![vcpu], pio, mmio, stop: stop.clone() };
+    let opts = RunOptions {
+        // Ended by the timeout: the vCPU spins in KVM_RUN until kicked.
+        timeout: Some(Duration::from_millis(300)),
+        // The boot vCPU's RIP sampled: kicks while it runs too.
+        profile: Some(Duration::from_millis(5)),
+        vcpu_reach: Reach::Only(vec![PathRule { path: t.path().to_path_buf(), write: true }]),
+        supervisor_reach: threads::supervisor_reach(),
+    };
+    let vm_thread = threads::spawn_helper("vm", move || runner::run(mvm, opts)).unwrap();
+    let result = vm_thread.join().unwrap();
+    assert!(threads::violation().is_none(), "{:?}", threads::violation());
+    assert_eq!(result.reason, StopReason::Timeout(0), "{}", result.reason);
+    assert!(result.exits.0.get("intr").is_some_and(|n| *n >= 1), "kicked out of KVM_RUN: {:?}", result.exits.0);
+    assert_eq!(result.exits.0.get("io_out"), Some(&2), "{:?}", result.exits.0);
+    assert!(result.rss_outside_guest_kib.is_some_and(|kib| kib > 0), "smaps read by the supervisor");
+    assert_eq!(port.lock().unwrap().0, [0x2a], "the guest ran");
+    assert_eq!(std::fs::read(&console_path).unwrap(), b"A", "its console was written");
+    let (seccomp, _) = dropped_under.lock().unwrap().clone().expect("the devices were dropped at the run's end");
+    assert_eq!(seccomp, "2", "dropped on the supervisor, under its filter");
+    println!("RUN ENDED");
+}
+
 #[test]
 fn the_file_server_reaches_its_folder_and_nothing_else() {
     let t = tempfile::tempdir().unwrap();
@@ -472,6 +661,12 @@ const VIOLATIONS: &[(&str, &str, Option<&str>)] = &[
     ("signals", "thread", None),
     ("session", "inet-socket", Some("socket")),
     ("session", "open-file", Some("openat")),
+    // The VM's supervisor reads its own figures, nothing more: no
+    // socket, no file opened for writing, no ioctl, no thread.
+    ("supervisor", "inet-socket", Some("socket")),
+    ("supervisor", "write-file", Some("openat")),
+    ("supervisor", "tty-ioctl", Some("ioctl")),
+    ("supervisor", "thread", None),
 ];
 
 #[test]
@@ -550,6 +745,7 @@ fn violation_child() {
         "inet-socket" => drop(TcpListener::bind("127.0.0.1:0")),
         "panic" => panic!("a bug in a device"),
         "open-file" => drop(std::fs::File::open("/etc/hostname")),
+        "write-file" => drop(std::fs::File::create(std::env::temp_dir().join("sbx-jail-supervisor-write"))),
         "thread" => drop(std::thread::spawn(|| ())),
         "helper-tty-ioctl" => {
             // Parked, the helper never ends: not joined.
@@ -628,7 +824,7 @@ fn every_thread_of_a_jailed_process_runs_under_a_filter() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let case = format!("{:?}\nstdout {stdout}\nstderr {stderr}", out.status);
     assert_eq!(out.status.code(), Some(0), "{case}");
-    for name in ["seccomp-watch", "signals", "stdin"] {
+    for name in ["seccomp-watch", "signals", "stdin", "vm"] {
         assert!(stdout.contains(&format!("\"{name}\"")), "{name} among the threads: {case}");
     }
     assert!(stdout.contains("UNFILTERED []"), "{case}");
@@ -671,6 +867,16 @@ fn all_filtered_child() {
             (helper, other.map_err(|e| e.to_string()))
         })
         .unwrap();
+    // The VM's thread, confining itself as the supervisor (runner::run
+    // does once its vCPUs run).
+    let (vm_tx, vm_rx) = std::sync::mpsc::channel::<()>();
+    let (vm_ready_tx, vm_ready_rx) = std::sync::mpsc::channel();
+    let vm = threads::spawn_helper("vm", move || {
+        vm_ready_tx.send(threads::confine_current(ThreadKind::Supervisor, &threads::supervisor_reach())).unwrap();
+        let _ = vm_rx.recv();
+    })
+    .unwrap();
+    vm_ready_rx.recv().unwrap().unwrap();
     let (helper, other) = worker.join().unwrap().unwrap();
     assert!(other.as_ref().is_err_and(|e| e.contains("confined")), "{other:?}");
     threads::confine_current(ThreadKind::Control, &Reach::Unconfined).unwrap();
@@ -687,6 +893,8 @@ fn all_filtered_child() {
     hold_tx.send(()).unwrap();
     session_tx.send(()).unwrap();
     worker_tx.send(()).unwrap();
+    vm_tx.send(()).unwrap();
+    vm.join().unwrap();
     assert_eq!(signals.join().unwrap(), Some(()));
     assert_eq!(input.join().unwrap(), Some(()));
     helper.join().unwrap();

@@ -440,7 +440,7 @@ pub fn launch(
         // The console log it writes (and rotates) is in the sandbox's
         // directory; its disks are open already.
         vcpu_reach: Reach::Only(vec![PathRule { path: sb.dir().to_path_buf(), write: true }]),
-        control_reach: control_reach.clone(),
+        supervisor_reach: threads::supervisor_reach(),
     };
     let vm = vmm::threads::spawn_helper("vm", move || runner::run(mvm, opts)).map_err(LaunchError::Thread)?;
     // The program: the main session over the control channel, as long
