@@ -552,7 +552,7 @@ fuzz_target!(|data: &[u8]| {
     // Half the inputs run under a workspace quota (small enough to be hit),
     // so that check_accounting checks its count against the tree too.
     let quota = (setup & 2 != 0).then(|| Arc::new(Quota::new(64 * 1024 + u64::from(setup >> 2) * 4096)));
-    let mut server = FileServer::new(share, tree.work.clone(), Box::new(move |e| sink.lock().unwrap().push(e)))
+    let mut server = FileServer::new(share, tree.work.clone(), Box::new(move |e| sink.lock().unwrap().push(serde_json::to_value(&e).unwrap_or_default())))
         .fail_closed_on(failed.clone())
         .with_quota(quota);
 
